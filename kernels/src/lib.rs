@@ -1,0 +1,84 @@
+//! Reduction kernels for oxccl.
+//!
+//! This crate owns the element types ([`DType`]), the reduction operations
+//! ([`ReduceOp`]) and the reducers that apply them to byte buffers:
+//!
+//! * [`reference`]: naive element-by-element loops. It is the oracle every
+//!   other reducer and every collective is tested against.
+//! * [`cpu`]: the host reducer, written so that the compiler vectorizes it
+//!   (f16 and bf16 are widened to f32 in blocks).
+//!
+//! All reducers implement [`Reducer`], which works on byte slices plus a
+//! [`DType`] so that the collective engine and the C bindings can drive them
+//! without generics. Typed callers use the [`Element`] trait to map a Rust type
+//! to its [`DType`].
+//!
+//! # Semantics shared by every reducer
+//!
+//! * `Sum`, `Prod`, `Min`, `Max` are applied element-wise: `dst[i] = op(dst[i], src[i])`.
+//!   Integers wrap on overflow (two's complement), as in NCCL.
+//! * `Min` and `Max` propagate NaN: if either operand is NaN the result is NaN
+//!   (like `torch.maximum`, unlike C's `fmaxf`), so that a NaN in any rank's
+//!   gradient is never silently dropped.
+//! * f16 and bf16 are computed in f32 and rounded back to nearest-even after
+//!   each reduction.
+//! * `Avg` reduces as `Sum`; the caller then applies [`Reducer::finish_avg`]
+//!   once with the number of contributions. For floats that divides by the
+//!   count; for integers it is the sum divided by the count, truncated toward
+//!   zero (Rust's and C's integer division), computed on the wrapped sum.
+
+pub mod cpu;
+mod dtype;
+mod error;
+pub mod reference;
+
+pub use dtype::{DType, Element, ReduceOp};
+pub use error::KernelError;
+
+/// Applies reductions to buffers that live somewhere the reducer can reach.
+///
+/// Host reducers work on host byte slices. Both slices hold elements of
+/// `dtype` in native byte order; they need not be aligned.
+pub trait Reducer: Send + Sync + std::fmt::Debug {
+    /// Short name for logs ("reference", "cpu", ...).
+    fn name(&self) -> &'static str;
+
+    /// `dst[i] = op(dst[i], src[i])` for every element. `Avg` behaves as `Sum`.
+    ///
+    /// Errors when the lengths differ or are not a multiple of the element size.
+    fn reduce(
+        &self,
+        dtype: DType,
+        op: ReduceOp,
+        dst: &mut [u8],
+        src: &[u8],
+    ) -> Result<(), KernelError>;
+
+    /// Turns a sum of `contributions` values into their average, in place.
+    fn finish_avg(
+        &self,
+        dtype: DType,
+        dst: &mut [u8],
+        contributions: usize,
+    ) -> Result<(), KernelError>;
+}
+
+/// Checks the common preconditions of [`Reducer::reduce`] and returns the
+/// element count.
+pub fn check_reduce_args(dtype: DType, dst: &[u8], src: &[u8]) -> Result<usize, KernelError> {
+    if dst.len() != src.len() {
+        return Err(KernelError::LengthMismatch {
+            dst: dst.len(),
+            src: src.len(),
+        });
+    }
+    check_len(dtype, dst.len())
+}
+
+/// Checks that `bytes` is a whole number of `dtype` elements and returns the count.
+pub fn check_len(dtype: DType, bytes: usize) -> Result<usize, KernelError> {
+    if bytes % dtype.size() != 0 {
+        return Err(KernelError::Misaligned { dtype, bytes });
+    }
+    Ok(bytes / dtype.size())
+}
