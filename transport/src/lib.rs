@@ -1,1 +1,27 @@
-pub fn x() {}
+//! Byte transport for oxccl: links between ranks, their wire format, and the
+//! rendezvous stores ranks meet through.
+//!
+//! This crate moves bytes and knows nothing of dtypes or collectives. A
+//! [`Link`] is one ordered, reliable byte stream to one peer, driven without
+//! blocking: the collective engine writes and reads what it can and waits on
+//! several links at once with [`wait`]. Implementations:
+//!
+//! * TCP ([`tcp`]): socket2-configured sockets with a handshake that refuses
+//!   stray and mismatched connections ([`wire::Hello`]);
+//! * in-process ([`inproc`]): Unix socket pairs between threads of one
+//!   process, so that tests run the same engine code as TCP jobs;
+//! * rendezvous stores ([`store`]): in-memory, TCP (served by rank 0) and
+//!   file-system key-value stores.
+//!
+//! Frames on a link are a fixed [`wire::FrameHeader`] followed by a payload;
+//! the engine decides what the header's opaque descriptor bytes mean.
+
+mod error;
+pub mod inproc;
+mod link;
+pub mod store;
+pub mod tcp;
+pub mod wire;
+
+pub use error::TransportError;
+pub use link::{Link, Readiness, ShutdownHandle, StreamLink, wait};

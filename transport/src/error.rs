@@ -1,0 +1,64 @@
+use std::time::Duration;
+
+use crate::store::StoreError;
+
+/// Errors of links, handshakes and stores.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TransportError {
+    /// A system call on a link failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done, naming the peer ("sending to rank 2 over tcp 10.0.0.2:4000").
+        what: String,
+        /// The operating system's error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The peer closed the connection or reset it: it exited, was killed, or aborted.
+    #[error("rank {peer} closed the connection ({how})")]
+    PeerClosed {
+        /// The peer's rank.
+        peer: usize,
+        /// "end of stream", "connection reset", ...
+        how: String,
+    },
+    /// A deadline passed.
+    #[error("timed out after {waited:.1?} {what}")]
+    Timeout {
+        /// What was awaited, naming the peer.
+        what: String,
+        /// How long it was awaited.
+        waited: Duration,
+    },
+    /// A connection failed the handshake: a stray client, another job, or a
+    /// peer of another protocol version.
+    #[error("handshake with {addr} refused: {reason}")]
+    Handshake {
+        /// The remote address.
+        addr: String,
+        /// Why.
+        reason: String,
+    },
+    /// A peer sent bytes that do not follow the wire format.
+    #[error("protocol error from rank {peer}: {reason}")]
+    Protocol {
+        /// The peer's rank.
+        peer: usize,
+        /// What was wrong.
+        reason: String,
+    },
+    /// A rendezvous store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl TransportError {
+    /// Wraps an I/O error with a description of the operation.
+    pub fn io(what: impl Into<String>, source: std::io::Error) -> Self {
+        TransportError::Io {
+            what: what.into(),
+            source,
+        }
+    }
+}

@@ -1,0 +1,286 @@
+//! The link abstraction: one nonblocking, ordered byte stream to one peer.
+
+use std::fmt;
+use std::io::{self, IoSlice, IoSliceMut, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+use rustix::event::{PollFd, PollFlags, Timespec};
+
+use crate::TransportError;
+
+/// One ordered, reliable byte stream to one peer, used without blocking.
+///
+/// `try_write` and `try_read` never block: they return `Ok(0)` when the
+/// stream cannot take or give bytes now. A closed or reset stream is
+/// [`TransportError::PeerClosed`]. Callers wait for readiness with [`wait`].
+pub trait Link: Send + fmt::Debug {
+    /// The peer's rank.
+    fn peer(&self) -> usize;
+
+    /// Writes some bytes from `bufs` (in order), returning how many; `Ok(0)` if the stream is full.
+    fn try_write(&mut self, bufs: &[IoSlice<'_>]) -> Result<usize, TransportError>;
+
+    /// Reads some bytes into `bufs` (in order), returning how many; `Ok(0)` if none are available.
+    fn try_read(&mut self, bufs: &mut [IoSliceMut<'_>]) -> Result<usize, TransportError>;
+
+    /// The descriptor to wait on.
+    fn fd(&self) -> BorrowedFd<'_>;
+
+    /// A handle that can shut the link down from another thread, waking any waiter.
+    fn shutdown_handle(&self) -> Result<ShutdownHandle, TransportError>;
+
+    /// "tcp 127.0.0.1:5000 -> 127.0.0.1:6000", "in-process", ...
+    fn describe(&self) -> String;
+}
+
+/// The socket types a [`StreamLink`] can carry.
+#[derive(Debug)]
+enum Stream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+/// A [`Link`] over a stream socket (TCP or a Unix socket pair).
+#[derive(Debug)]
+pub struct StreamLink {
+    peer: usize,
+    stream: Stream,
+    description: String,
+}
+
+impl StreamLink {
+    /// Wraps a connected TCP stream (switching it to nonblocking mode).
+    pub fn tcp(peer: usize, stream: TcpStream) -> Result<StreamLink, TransportError> {
+        stream.set_nonblocking(true).map_err(|e| {
+            TransportError::io(format!("making the link to rank {peer} nonblocking"), e)
+        })?;
+        let description = match (stream.local_addr(), stream.peer_addr()) {
+            (Ok(l), Ok(p)) => format!("tcp {l} -> {p}"),
+            _ => "tcp".to_string(),
+        };
+        Ok(StreamLink {
+            peer,
+            stream: Stream::Tcp(stream),
+            description,
+        })
+    }
+
+    /// Wraps one end of a Unix socket pair (switching it to nonblocking mode).
+    pub fn unix(peer: usize, stream: UnixStream) -> Result<StreamLink, TransportError> {
+        stream.set_nonblocking(true).map_err(|e| {
+            TransportError::io(format!("making the link to rank {peer} nonblocking"), e)
+        })?;
+        Ok(StreamLink {
+            peer,
+            stream: Stream::Unix(stream),
+            description: "in-process socket pair".to_string(),
+        })
+    }
+
+    fn classify(&self, dir: &str, e: io::Error) -> Result<usize, TransportError> {
+        match e.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => Ok(0),
+            io::ErrorKind::ConnectionReset
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::NotConnected => Err(TransportError::PeerClosed {
+                peer: self.peer,
+                how: format!("{e} while {dir}"),
+            }),
+            _ => Err(TransportError::io(
+                format!("{dir} rank {} over {}", self.peer, self.description),
+                e,
+            )),
+        }
+    }
+}
+
+impl Link for StreamLink {
+    fn peer(&self) -> usize {
+        self.peer
+    }
+
+    fn try_write(&mut self, bufs: &[IoSlice<'_>]) -> Result<usize, TransportError> {
+        let r = match &mut self.stream {
+            Stream::Tcp(s) => s.write_vectored(bufs),
+            Stream::Unix(s) => s.write_vectored(bufs),
+        };
+        match r {
+            Ok(n) => Ok(n),
+            Err(e) => self.classify("sending to", e),
+        }
+    }
+
+    fn try_read(&mut self, bufs: &mut [IoSliceMut<'_>]) -> Result<usize, TransportError> {
+        let want: usize = bufs.iter().map(|b| b.len()).sum();
+        let r = match &mut self.stream {
+            Stream::Tcp(s) => s.read_vectored(bufs),
+            Stream::Unix(s) => s.read_vectored(bufs),
+        };
+        match r {
+            Ok(0) if want > 0 => Err(TransportError::PeerClosed {
+                peer: self.peer,
+                how: "end of stream".into(),
+            }),
+            Ok(n) => Ok(n),
+            Err(e) => self.classify("receiving from", e),
+        }
+    }
+
+    fn fd(&self) -> BorrowedFd<'_> {
+        match &self.stream {
+            Stream::Tcp(s) => s.as_fd(),
+            Stream::Unix(s) => s.as_fd(),
+        }
+    }
+
+    fn shutdown_handle(&self) -> Result<ShutdownHandle, TransportError> {
+        let what = || format!("duplicating the link to rank {}", self.peer);
+        let stream = match &self.stream {
+            Stream::Tcp(s) => {
+                Stream::Tcp(s.try_clone().map_err(|e| TransportError::io(what(), e))?)
+            }
+            Stream::Unix(s) => {
+                Stream::Unix(s.try_clone().map_err(|e| TransportError::io(what(), e))?)
+            }
+        };
+        Ok(ShutdownHandle { stream })
+    }
+
+    fn describe(&self) -> String {
+        self.description.clone()
+    }
+}
+
+/// Shuts a link down from any thread: both directions, so that the peer sees
+/// the end of the stream at once and a local waiter wakes up.
+#[derive(Debug)]
+pub struct ShutdownHandle {
+    stream: Stream,
+}
+
+impl ShutdownHandle {
+    /// Shuts both directions down. Errors (already closed) are ignored.
+    pub fn shutdown(&self) {
+        let _ = match &self.stream {
+            Stream::Tcp(s) => s.shutdown(Shutdown::Both),
+            Stream::Unix(s) => s.shutdown(Shutdown::Both),
+        };
+    }
+}
+
+/// What [`wait`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Readiness {
+    /// The link waited on for reading has bytes (or an error/hang-up) to report.
+    pub readable: bool,
+    /// The link waited on for writing has room (or an error/hang-up) to report.
+    pub writable: bool,
+}
+
+/// Waits until `read` is readable or `write` is writable, or `timeout` passes.
+///
+/// Either may be `None`. Hang-ups and errors count as ready, so that the next
+/// `try_read`/`try_write` reports them. Returns an empty [`Readiness`] on timeout.
+pub fn wait(
+    read: Option<&dyn Link>,
+    write: Option<&dyn Link>,
+    timeout: Duration,
+) -> Result<Readiness, TransportError> {
+    let mut fds: Vec<PollFd<'_>> = Vec::with_capacity(2);
+    let mut read_idx = None;
+    let mut write_idx = None;
+    if let Some(l) = read {
+        read_idx = Some(fds.len());
+        fds.push(PollFd::from_borrowed_fd(l.fd(), PollFlags::IN));
+    }
+    if let Some(l) = write {
+        write_idx = Some(fds.len());
+        fds.push(PollFd::from_borrowed_fd(l.fd(), PollFlags::OUT));
+    }
+    if fds.is_empty() {
+        std::thread::sleep(timeout);
+        return Ok(Readiness::default());
+    }
+    let ts = Timespec::try_from(timeout).unwrap_or(Timespec {
+        tv_sec: i64::MAX / 2,
+        tv_nsec: 0,
+    });
+    match rustix::event::poll(&mut fds, Some(&ts)) {
+        Ok(_) => {}
+        Err(rustix::io::Errno::INTR) => return Ok(Readiness::default()),
+        Err(e) => return Err(TransportError::io("waiting for links", e.into())),
+    }
+    let ready = |i: Option<usize>| i.is_some_and(|i| !fds[i].revents().is_empty());
+    Ok(Readiness {
+        readable: ready(read_idx),
+        writable: ready(write_idx),
+    })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn pair() -> (StreamLink, StreamLink) {
+        let (a, b) = UnixStream::pair().unwrap();
+        (
+            StreamLink::unix(1, a).unwrap(),
+            StreamLink::unix(0, b).unwrap(),
+        )
+    }
+
+    #[test]
+    fn bytes_flow_and_would_block_is_zero() {
+        let (mut a, mut b) = pair();
+        let mut buf = [0u8; 8];
+        assert_eq!(b.try_read(&mut [IoSliceMut::new(&mut buf)]).unwrap(), 0);
+        let n = a
+            .try_write(&[IoSlice::new(b"abc"), IoSlice::new(b"def")])
+            .unwrap();
+        assert_eq!(n, 6);
+        let r = wait(Some(&b), None, Duration::from_secs(5)).unwrap();
+        assert!(r.readable);
+        let n = b.try_read(&mut [IoSliceMut::new(&mut buf)]).unwrap();
+        assert_eq!(&buf[..n], b"abcdef");
+    }
+
+    #[test]
+    fn closed_peer_is_reported_with_its_rank() {
+        let (a, mut b) = pair();
+        drop(a);
+        let mut buf = [0u8; 4];
+        match b.try_read(&mut [IoSliceMut::new(&mut buf)]) {
+            Err(TransportError::PeerClosed { peer: 0, .. }) => {}
+            other => panic!("expected PeerClosed from rank 0, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn shutdown_handle_wakes_a_waiter() {
+        let (a, b) = pair();
+        let h = b.shutdown_handle().unwrap();
+        let t = std::thread::spawn(move || {
+            let r = wait(Some(&b), None, Duration::from_secs(10)).unwrap();
+            (r, b)
+        });
+        std::thread::sleep(Duration::from_millis(50));
+        h.shutdown();
+        let (r, _b) = t.join().unwrap();
+        assert!(r.readable);
+        drop(a);
+    }
+
+    #[test]
+    fn wait_times_out() {
+        let (_a, b) = pair();
+        let t0 = std::time::Instant::now();
+        let r = wait(Some(&b), None, Duration::from_millis(30)).unwrap();
+        assert_eq!(r, Readiness::default());
+        assert!(t0.elapsed() >= Duration::from_millis(25));
+    }
+}

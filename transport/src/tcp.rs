@@ -1,0 +1,533 @@
+//! TCP links: socket options, connecting and accepting with a handshake.
+//!
+//! Every connection starts with a [`Hello`] from the connecting side. The
+//! accepting side checks magic, protocol version, job id, world size and the
+//! sender's rank, answers with a [`HelloReply`], and only then hands the
+//! connection to the engine. Anything else that connects (a port scanner, a
+//! health check, a rank of another job) is logged and dropped while the
+//! accept goes on, so it cannot disturb the job. Handshakes of several
+//! connections proceed at once: a silent stray does not delay the real peer.
+
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use rustix::event::{PollFd, PollFlags, Timespec};
+use socket2::{Domain, Protocol, SockRef, Socket, Type};
+
+use crate::wire::{Hello, HelloReply, PROTOCOL_VERSION, refuse};
+use crate::{StreamLink, TransportError};
+
+/// Socket settings of TCP links.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TcpOptions {
+    /// SO_SNDBUF in bytes; `None` leaves the kernel's autotuning on (usually best:
+    /// setting it caps the buffer at `net.core.wmem_max`).
+    pub send_buffer: Option<usize>,
+    /// SO_RCVBUF in bytes; `None` leaves the kernel's autotuning on.
+    pub recv_buffer: Option<usize>,
+}
+
+impl TcpOptions {
+    fn apply(&self, stream: &TcpStream) -> io::Result<()> {
+        stream.set_nodelay(true)?;
+        let sock = SockRef::from(stream);
+        if let Some(n) = self.send_buffer {
+            sock.set_send_buffer_size(n)?;
+        }
+        if let Some(n) = self.recv_buffer {
+            sock.set_recv_buffer_size(n)?;
+        }
+        Ok(())
+    }
+}
+
+fn remaining(deadline: Instant) -> Duration {
+    deadline.saturating_duration_since(Instant::now())
+}
+
+/// A listening socket that accepts ring connections from peers.
+#[derive(Debug)]
+pub struct Listener {
+    inner: TcpListener,
+    addr: SocketAddr,
+}
+
+impl Listener {
+    /// Binds an ephemeral port on `ip`.
+    pub fn bind(ip: IpAddr) -> Result<Listener, TransportError> {
+        let what = || format!("binding a listening socket on {ip}");
+        let socket = Socket::new(
+            Domain::for_address(SocketAddr::new(ip, 0)),
+            Type::STREAM,
+            Some(Protocol::TCP),
+        )
+        .map_err(|e| TransportError::io(what(), e))?;
+        socket
+            .set_reuse_address(true)
+            .map_err(|e| TransportError::io(what(), e))?;
+        socket
+            .bind(&SocketAddr::new(ip, 0).into())
+            .map_err(|e| TransportError::io(what(), e))?;
+        socket
+            .listen(128)
+            .map_err(|e| TransportError::io(what(), e))?;
+        socket
+            .set_nonblocking(true)
+            .map_err(|e| TransportError::io(what(), e))?;
+        let inner: TcpListener = socket.into();
+        let addr = inner
+            .local_addr()
+            .map_err(|e| TransportError::io(what(), e))?;
+        Ok(Listener { inner, addr })
+    }
+
+    /// The address peers connect to.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Accepts the connection whose [`Hello`] equals `expect` (its `from` is the
+    /// expected peer), refusing and logging every other connection meanwhile.
+    ///
+    /// Returns the link and the number of connections refused.
+    pub fn accept_peer(
+        &self,
+        expect: Hello,
+        options: TcpOptions,
+        deadline: Instant,
+    ) -> Result<(StreamLink, usize), TransportError> {
+        struct Pending {
+            stream: TcpStream,
+            addr: SocketAddr,
+            buf: [u8; Hello::LEN],
+            filled: usize,
+            since: Instant,
+        }
+        const STRAY_PATIENCE: Duration = Duration::from_secs(10);
+        let start = Instant::now();
+        let mut pending: Vec<Pending> = Vec::new();
+        let mut refused = 0usize;
+        loop {
+            // Take every connection waiting in the backlog.
+            loop {
+                match self.inner.accept() {
+                    Ok((stream, addr)) => {
+                        if let Err(e) = stream.set_nonblocking(true) {
+                            tracing::warn!("dropping connection from {addr}: {e}");
+                            continue;
+                        }
+                        pending.push(Pending {
+                            stream,
+                            addr,
+                            buf: [0; Hello::LEN],
+                            filled: 0,
+                            since: Instant::now(),
+                        });
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        return Err(TransportError::io(format!("accepting on {}", self.addr), e));
+                    }
+                }
+            }
+            // Advance every handshake.
+            let mut i = 0;
+            while i < pending.len() {
+                let p = &mut pending[i];
+                let verdict: Option<Result<(), String>> =
+                    match p.stream.read(&mut p.buf[p.filled..]) {
+                        Ok(0) => Some(Err("closed before completing the handshake".into())),
+                        Ok(n) => {
+                            p.filled += n;
+                            if p.filled == Hello::LEN {
+                                Some(check_hello(&p.buf, &expect, &p.stream))
+                            } else {
+                                None
+                            }
+                        }
+                        Err(e)
+                            if matches!(
+                                e.kind(),
+                                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                            ) =>
+                        {
+                            if p.since.elapsed() > STRAY_PATIENCE {
+                                Some(Err(format!("sent no handshake within {STRAY_PATIENCE:?}")))
+                            } else {
+                                None
+                            }
+                        }
+                        Err(e) => Some(Err(format!("failed during the handshake: {e}"))),
+                    };
+                match verdict {
+                    None => i += 1,
+                    Some(Ok(())) => {
+                        let p = pending.swap_remove(i);
+                        for other in &pending {
+                            tracing::warn!(
+                                "dropping connection from {} on {}: the expected peer arrived first",
+                                other.addr,
+                                self.addr
+                            );
+                        }
+                        // The reply is 12 bytes on a fresh socket: it fits the send buffer.
+                        p.stream
+                            .set_nonblocking(false)
+                            .and_then(|_| {
+                                p.stream.set_write_timeout(Some(
+                                    remaining(deadline).max(Duration::from_millis(100)),
+                                ))
+                            })
+                            .and_then(|_| (&p.stream).write_all(&HelloReply::Accept.encode()))
+                            .and_then(|_| options.apply(&p.stream))
+                            .map_err(|e| {
+                                TransportError::io(
+                                    format!(
+                                        "answering the handshake of rank {} at {}",
+                                        expect.from, p.addr
+                                    ),
+                                    e,
+                                )
+                            })?;
+                        tracing::info!(
+                            "accepted rank {} from {} on {}",
+                            expect.from,
+                            p.addr,
+                            self.addr
+                        );
+                        return Ok((StreamLink::tcp(expect.from as usize, p.stream)?, refused));
+                    }
+                    Some(Err(reason)) => {
+                        let p = pending.swap_remove(i);
+                        tracing::warn!(
+                            "refused connection from {} on {}: {reason}",
+                            p.addr,
+                            self.addr
+                        );
+                        refused += 1;
+                    }
+                }
+            }
+            let left = remaining(deadline);
+            if left.is_zero() {
+                return Err(TransportError::Timeout {
+                    what: format!(
+                        "waiting for rank {} to connect to {}{}",
+                        expect.from,
+                        self.addr,
+                        if refused > 0 {
+                            format!(" ({refused} other connections refused)")
+                        } else {
+                            String::new()
+                        }
+                    ),
+                    waited: start.elapsed(),
+                });
+            }
+            let mut fds = Vec::with_capacity(pending.len() + 1);
+            fds.push(PollFd::new(&self.inner, PollFlags::IN));
+            for p in &pending {
+                fds.push(PollFd::new(&p.stream, PollFlags::IN));
+            }
+            // Wake at least once a second to expire silent strays.
+            let ts = Timespec::try_from(left.min(Duration::from_secs(1))).unwrap_or_default();
+            match rustix::event::poll(&mut fds, Some(&ts)) {
+                Ok(_) | Err(rustix::io::Errno::INTR) => {}
+                Err(e) => {
+                    return Err(TransportError::io(
+                        format!("waiting for connections on {}", self.addr),
+                        e.into(),
+                    ));
+                }
+            }
+        }
+    }
+}
+
+/// Checks a received hello against what is expected; on refusal tells the peer why.
+fn check_hello(buf: &[u8; Hello::LEN], expect: &Hello, stream: &TcpStream) -> Result<(), String> {
+    let hello = Hello::decode(buf)?;
+    let code = if hello.version != expect.version {
+        Some((
+            refuse::VERSION,
+            format!(
+                "protocol version {} (ours is {})",
+                hello.version, expect.version
+            ),
+        ))
+    } else if hello.job != expect.job {
+        Some((
+            refuse::JOB,
+            format!("job {:#x} (ours is {:#x})", hello.job, expect.job),
+        ))
+    } else if hello.world != expect.world {
+        Some((
+            refuse::WORLD,
+            format!("world {} (ours is {})", hello.world, expect.world),
+        ))
+    } else if hello.to != expect.to || hello.from != expect.from || hello.purpose != expect.purpose
+    {
+        Some((
+            refuse::RANK,
+            format!(
+                "rank {} connecting to rank {} (purpose {}), expected rank {} to rank {} (purpose {})",
+                hello.from, hello.to, hello.purpose, expect.from, expect.to, expect.purpose
+            ),
+        ))
+    } else {
+        None
+    };
+    match code {
+        None => Ok(()),
+        Some((code, why)) => {
+            // Best effort: tell a real oxccl peer why it was refused.
+            let _ = (&*stream).write(&HelloReply::Refuse(code).encode());
+            Err(format!("oxccl peer of {why}"))
+        }
+    }
+}
+
+/// A connection whose hello is sent and whose reply is still to be read.
+///
+/// Connecting is split in two so that every rank can first connect to its
+/// next peer and then accept from its previous one without a deadlock.
+#[derive(Debug)]
+pub struct PendingConnect {
+    stream: TcpStream,
+    addr: SocketAddr,
+    peer: usize,
+    options: TcpOptions,
+}
+
+/// Connects to `addr` (retrying while nobody listens there, until `deadline`)
+/// and sends `hello`.
+pub fn connect_start(
+    addr: SocketAddr,
+    hello: Hello,
+    options: TcpOptions,
+    deadline: Instant,
+) -> Result<PendingConnect, TransportError> {
+    let peer = hello.to as usize;
+    let start = Instant::now();
+    let mut backoff = Duration::from_millis(5);
+    let stream = loop {
+        let left = remaining(deadline);
+        if left.is_zero() {
+            return Err(TransportError::Timeout {
+                what: format!("connecting to rank {peer} at {addr}"),
+                waited: start.elapsed(),
+            });
+        }
+        match TcpStream::connect_timeout(&addr, left) {
+            Ok(s) => break s,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::ConnectionRefused
+                        | io::ErrorKind::ConnectionReset
+                        | io::ErrorKind::Interrupted
+                ) =>
+            {
+                std::thread::sleep(backoff.min(remaining(deadline)));
+                backoff = (backoff * 2).min(Duration::from_millis(100));
+            }
+            Err(e) if e.kind() == io::ErrorKind::TimedOut => continue,
+            Err(e) => {
+                return Err(TransportError::io(
+                    format!("connecting to rank {peer} at {addr}"),
+                    e,
+                ));
+            }
+        }
+    };
+    let what = || format!("sending the handshake to rank {peer} at {addr}");
+    stream
+        .set_write_timeout(Some(remaining(deadline).max(Duration::from_millis(100))))
+        .map_err(|e| TransportError::io(what(), e))?;
+    (&stream)
+        .write_all(&hello.encode())
+        .map_err(|e| TransportError::io(what(), e))?;
+    Ok(PendingConnect {
+        stream,
+        addr,
+        peer,
+        options,
+    })
+}
+
+impl PendingConnect {
+    /// Waits for the peer's reply and returns the link.
+    pub fn finish(self, deadline: Instant) -> Result<StreamLink, TransportError> {
+        let PendingConnect {
+            stream,
+            addr,
+            peer,
+            options,
+        } = self;
+        let start = Instant::now();
+        let mut buf = [0u8; HelloReply::LEN];
+        let mut filled = 0;
+        while filled < buf.len() {
+            let left = remaining(deadline);
+            if left.is_zero() {
+                return Err(TransportError::Timeout {
+                    what: format!("waiting for rank {peer} at {addr} to answer the handshake"),
+                    waited: start.elapsed(),
+                });
+            }
+            stream
+                .set_read_timeout(Some(left))
+                .map_err(|e| TransportError::io("setting a read timeout", e))?;
+            match (&stream).read(&mut buf[filled..]) {
+                Ok(0) => {
+                    return Err(TransportError::Handshake {
+                        addr: addr.to_string(),
+                        reason: format!("rank {peer} closed the connection during the handshake"),
+                    });
+                }
+                Ok(n) => filled += n,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock
+                            | io::ErrorKind::TimedOut
+                            | io::ErrorKind::Interrupted
+                    ) => {}
+                Err(e) => {
+                    return Err(TransportError::io(
+                        format!("reading the handshake reply of rank {peer} at {addr}"),
+                        e,
+                    ));
+                }
+            }
+        }
+        match HelloReply::decode(&buf) {
+            Ok(HelloReply::Accept) => {}
+            Ok(HelloReply::Refuse(code)) => {
+                return Err(TransportError::Handshake {
+                    addr: addr.to_string(),
+                    reason: format!("rank {peer} refused us: {}", HelloReply::reason(code)),
+                });
+            }
+            Err(reason) => {
+                return Err(TransportError::Handshake {
+                    addr: addr.to_string(),
+                    reason,
+                });
+            }
+        }
+        stream
+            .set_read_timeout(None)
+            .and_then(|_| stream.set_write_timeout(None))
+            .and_then(|_| options.apply(&stream))
+            .map_err(|e| TransportError::io(format!("configuring the link to rank {peer}"), e))?;
+        tracing::info!("connected to rank {peer} at {addr}");
+        StreamLink::tcp(peer, stream)
+    }
+}
+
+/// The hello a rank sends to `to`, for a connection of `purpose`.
+pub fn hello(job: u64, world: usize, from: usize, to: usize, purpose: u32) -> Hello {
+    Hello {
+        version: PROTOCOL_VERSION,
+        job,
+        world: world as u32,
+        from: from as u32,
+        to: to as u32,
+        purpose,
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::io::IoSlice;
+    use std::net::Ipv4Addr;
+
+    use super::*;
+    use crate::Link;
+
+    fn soon() -> Instant {
+        Instant::now() + Duration::from_secs(10)
+    }
+
+    #[test]
+    fn handshake_connects_and_strays_are_refused() {
+        let l = Listener::bind(IpAddr::V4(Ipv4Addr::LOCALHOST)).unwrap();
+        let addr = l.local_addr();
+        // A stray that sends garbage, one that stays silent, and a peer of another job.
+        let mut garbage = TcpStream::connect(addr).unwrap();
+        garbage.write_all(&[0xAB; 64]).unwrap();
+        let _silent = TcpStream::connect(addr).unwrap();
+        let other_job =
+            connect_start(addr, hello(99, 2, 0, 1, 0), TcpOptions::default(), soon()).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        let real = std::thread::spawn(move || {
+            let p =
+                connect_start(addr, hello(7, 2, 0, 1, 0), TcpOptions::default(), soon()).unwrap();
+            p.finish(soon()).unwrap()
+        });
+        let (mut link, refused) = l
+            .accept_peer(hello(7, 2, 0, 1, 0), TcpOptions::default(), soon())
+            .unwrap();
+        assert_eq!(link.peer(), 0);
+        assert!(refused >= 1, "refused {refused}");
+        let mut sender = real.join().unwrap();
+        assert_eq!(sender.peer(), 1);
+        assert_eq!(sender.try_write(&[IoSlice::new(b"ping")]).unwrap(), 4);
+        let mut buf = [0u8; 4];
+        while crate::wait(Some(&link), None, Duration::from_secs(5))
+            .unwrap()
+            .readable
+        {
+            if link
+                .try_read(&mut [std::io::IoSliceMut::new(&mut buf)])
+                .unwrap()
+                == 4
+            {
+                break;
+            }
+        }
+        assert_eq!(&buf, b"ping");
+        // The peer of the other job is told why it was refused... if it was
+        // processed before the real peer arrived; either way it gets an error.
+        assert!(
+            other_job
+                .finish(Instant::now() + Duration::from_secs(2))
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn accept_times_out_naming_the_rank() {
+        let l = Listener::bind(IpAddr::V4(Ipv4Addr::LOCALHOST)).unwrap();
+        let e = l
+            .accept_peer(
+                hello(1, 3, 2, 0, 0),
+                TcpOptions::default(),
+                Instant::now() + Duration::from_millis(100),
+            )
+            .unwrap_err();
+        assert!(e.to_string().contains("waiting for rank 2"), "{e}");
+    }
+
+    #[test]
+    fn connect_times_out_when_nobody_listens() {
+        // Bind then drop to find a port with no listener.
+        let addr = {
+            let l = TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let e = connect_start(
+            addr,
+            hello(1, 2, 0, 1, 0),
+            TcpOptions::default(),
+            Instant::now() + Duration::from_millis(200),
+        )
+        .unwrap_err();
+        assert!(matches!(e, TransportError::Timeout { .. }), "{e}");
+        assert!(e.to_string().contains("rank 1"), "{e}");
+    }
+}
