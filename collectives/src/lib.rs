@@ -1,1 +1,40 @@
-pub fn x() {}
+//! oxccl: collective communication for distributed training.
+//!
+//! A [`Communicator`] joins one rank to a world of ranks; its collectives
+//! (allreduce, broadcast, reduce, allgather, reduce-scatter, barrier) run as
+//! pipelined rings over TCP or, in one process, over socket pairs. Buffers
+//! are cut into chunks and slices so that sending, receiving and reducing
+//! overlap; every frame carries a descriptor of its call, so ranks that
+//! disagree fail with an error naming both calls; every wait has a deadline;
+//! a failing rank tells its neighbours at once and the communicator is then
+//! poisoned.
+//!
+//! ```
+//! use oxccl::{Config, ReduceOp, run_in_process};
+//!
+//! let sums = run_in_process(4, Config::default(), |comm| {
+//!     let mut grad = vec![comm.rank() as f32; 1000];
+//!     comm.all_reduce_in_place(&mut grad, ReduceOp::Sum).map(|_| grad[0])
+//! })
+//! .unwrap();
+//! assert!(sums.iter().all(|s| *s.as_ref().unwrap() == 6.0));
+//! ```
+
+#![forbid(unsafe_code)]
+
+mod bootstrap;
+mod comm;
+pub mod config;
+mod descriptor;
+mod engine;
+mod error;
+pub mod schedule;
+
+pub use bootstrap::{JOB_KEY, UniqueId, address_key, run_in_process};
+pub use comm::{AbortHandle, Communicator, Stats};
+pub use config::Config;
+pub use descriptor::Descriptor;
+pub use error::{Error, ErrorKind, Result};
+pub use half::{bf16, f16};
+pub use oxccl_kernels::{DType, Element, ReduceOp};
+pub use schedule::Kind;

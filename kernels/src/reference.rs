@@ -109,7 +109,6 @@ macro_rules! dispatch {
         }
     };
 }
-pub(crate) use dispatch;
 
 impl Reducer for ReferenceReducer {
     fn name(&self) -> &'static str {

@@ -1,0 +1,429 @@
+//! Creating communicators: from a launcher's environment, from a unique id,
+//! from a store the application brings, and as an in-process group.
+//!
+//! Ranks meet through a key-value store: each publishes the address of its
+//! listening socket, connects to the next rank and accepts the previous one
+//! (both handshakes checked, strays refused). Rank 0 serves the TCP store,
+//! or the ranks share a directory ([`Config::file_store`]).
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use oxccl_transport::store::{FileStore, MemStore, Store, TcpStore, TcpStoreServer};
+use oxccl_transport::tcp::{self, Listener, TcpOptions};
+use oxccl_transport::{TransportError, inproc};
+
+use crate::comm::{Communicator, Parts, RingLinks};
+use crate::config::{self, Config, Launch};
+use crate::{Error, Result};
+
+/// Prefix of every key oxccl writes to a store.
+const PREFIX: &str = "oxccl";
+/// The purpose code of ring connections in the handshake.
+const RING: u32 = 1;
+
+/// What every rank needs to find the others: the address of a store and a
+/// job id. Rank 0 (or any one process) creates it and hands it to the others,
+/// as with NCCL's `ncclGetUniqueId`. Its 128-byte form crosses process
+/// boundaries ([`UniqueId::to_bytes`], [`UniqueId::from_bytes`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UniqueId {
+    addr: SocketAddr,
+    job: u64,
+}
+
+/// Stores served by unique ids created in this process, until rank 0 of the
+/// id takes its own over.
+static SERVED: Mutex<Vec<(u64, TcpStoreServer)>> = Mutex::new(Vec::new());
+
+const ID_MAGIC: [u8; 8] = *b"OXCCLUID";
+
+impl UniqueId {
+    /// Size of the byte form.
+    pub const LEN: usize = 128;
+
+    /// Starts a store on `OXCCL_BOOTSTRAP_ADDR` (default 127.0.0.1) and returns its id.
+    pub fn new() -> Result<UniqueId> {
+        let config = Config::from_env()?;
+        UniqueId::new_on(config.bootstrap_addr)
+    }
+
+    /// Starts a store on `ip` (port chosen by the system) and returns its id.
+    pub fn new_on(ip: IpAddr) -> Result<UniqueId> {
+        let server = TcpStoreServer::bind(SocketAddr::new(ip, 0))
+            .map_err(|source| Error::Store { rank: 0, source })?;
+        let id = UniqueId {
+            addr: server.local_addr(),
+            job: random_job()?,
+        };
+        SERVED
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((id.job, server));
+        Ok(id)
+    }
+
+    /// The 128-byte form.
+    pub fn to_bytes(&self) -> [u8; Self::LEN] {
+        let mut b = [0u8; Self::LEN];
+        b[0..8].copy_from_slice(&ID_MAGIC);
+        b[8..10].copy_from_slice(&self.addr.port().to_le_bytes());
+        match self.addr.ip() {
+            IpAddr::V4(v4) => {
+                b[10] = 4;
+                b[16..20].copy_from_slice(&v4.octets());
+            }
+            IpAddr::V6(v6) => {
+                b[10] = 6;
+                b[16..32].copy_from_slice(&v6.octets());
+            }
+        }
+        b[32..40].copy_from_slice(&self.job.to_le_bytes());
+        b
+    }
+
+    /// Parses the 128-byte form.
+    pub fn from_bytes(b: &[u8; Self::LEN]) -> Result<UniqueId> {
+        if b[0..8] != ID_MAGIC {
+            return Err(Error::InvalidArgument(
+                "unique id: not an oxccl unique id (bad magic)".into(),
+            ));
+        }
+        let port = u16::from_le_bytes([b[8], b[9]]);
+        let ip = match b[10] {
+            4 => IpAddr::from([b[16], b[17], b[18], b[19]]),
+            6 => {
+                let mut o = [0u8; 16];
+                o.copy_from_slice(&b[16..32]);
+                IpAddr::from(o)
+            }
+            f => {
+                return Err(Error::InvalidArgument(format!(
+                    "unique id: unknown address family {f}"
+                )));
+            }
+        };
+        let mut job = [0u8; 8];
+        job.copy_from_slice(&b[32..40]);
+        Ok(UniqueId {
+            addr: SocketAddr::new(ip, port),
+            job: u64::from_le_bytes(job),
+        })
+    }
+
+    /// The store's address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+fn random_job() -> Result<u64> {
+    let mut b = [0u8; 8];
+    getrandom::getrandom(&mut b)
+        .map_err(|e| Error::Internal(format!("no randomness for a job id: {e}")))?;
+    Ok(u64::from_le_bytes(b))
+}
+
+impl Communicator {
+    /// Creates this process's communicator from its launcher's environment
+    /// (oxrun, torchrun, mpirun, srun; see [`config`](crate::config)).
+    pub fn from_env() -> Result<Communicator> {
+        let config = Config::from_env()?;
+        let launch = config::launch_from_lookup(&config::ProcessEnv)?;
+        Communicator::from_launch(&launch, config)
+    }
+
+    /// Creates a communicator for `launch` with `config`.
+    pub fn from_launch(launch: &Launch, config: Config) -> Result<Communicator> {
+        config::init_logging(&config.debug);
+        let (rank, world) = (launch.rank, launch.world);
+        tracing::info!(
+            "rank {rank} of {world}: bootstrap from {} variables",
+            launch.source
+        );
+        let deadline = Instant::now() + config.timeout;
+        if world == 1 {
+            return Communicator::with_store(Arc::new(MemStore::new()), rank, world, config);
+        }
+        if let Some(dir) = &config.file_store {
+            let store =
+                FileStore::new(dir.clone()).map_err(|source| Error::Store { rank, source })?;
+            return Communicator::with_store(Arc::new(store), rank, world, config);
+        }
+        let Some((host, port)) = &launch.master else {
+            return Err(Error::Config {
+                variable: "OXCCL_MASTER_ADDR".into(),
+                reason: format!(
+                    "is not set (nor MASTER_ADDR), and a world of {world} needs the address of rank 0 (or OXCCL_FILE_STORE)"
+                ),
+            });
+        };
+        let master = (host.as_str(), *port)
+            .to_socket_addrs()
+            .ok()
+            .and_then(|mut a| a.next())
+            .ok_or_else(|| Error::Config {
+                variable: "OXCCL_MASTER_ADDR".into(),
+                reason: format!("cannot resolve '{host}'"),
+            })?;
+        let server = if rank == 0 {
+            let any = match master.ip() {
+                IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+                IpAddr::V6(_) => IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+            };
+            Some(
+                TcpStoreServer::bind(SocketAddr::new(any, master.port()))
+                    .map_err(|source| Error::Store { rank, source })?,
+            )
+        } else {
+            None
+        };
+        let store =
+            TcpStore::connect(master, deadline).map_err(|source| Error::Store { rank, source })?;
+        let local_ip = store.local_addr().ip();
+        let job = if rank == 0 {
+            let job = random_job()?;
+            store
+                .set(&format!("{PREFIX}/job"), &job.to_le_bytes())
+                .map_err(|source| Error::Store { rank, source })?;
+            job
+        } else {
+            read_job(&store, rank, deadline)?
+        };
+        connect(
+            Arc::new(store),
+            server,
+            rank,
+            world,
+            config,
+            job,
+            Some(local_ip),
+        )
+    }
+
+    /// Creates rank `rank` of a world of `world` from a unique id (NCCL style).
+    pub fn init(id: &UniqueId, rank: usize, world: usize) -> Result<Communicator> {
+        Communicator::init_with_config(id, rank, world, Config::from_env()?)
+    }
+
+    /// [`init`](Self::init) with explicit settings.
+    pub fn init_with_config(
+        id: &UniqueId,
+        rank: usize,
+        world: usize,
+        config: Config,
+    ) -> Result<Communicator> {
+        config::init_logging(&config.debug);
+        check_rank(rank, world)?;
+        let deadline = Instant::now() + config.timeout;
+        let server = if rank == 0 {
+            let mut served = SERVED.lock().unwrap_or_else(|p| p.into_inner());
+            served
+                .iter()
+                .position(|(j, _)| *j == id.job)
+                .map(|i| served.swap_remove(i).1)
+        } else {
+            None
+        };
+        let store =
+            TcpStore::connect(id.addr, deadline).map_err(|source| Error::Store { rank, source })?;
+        let local_ip = store.local_addr().ip();
+        connect(
+            Arc::new(store),
+            server,
+            rank,
+            world,
+            config,
+            id.job,
+            Some(local_ip),
+        )
+    }
+
+    /// Creates rank `rank` of `world` through a store the application brings
+    /// (Gloo style). Every rank must pass a store that reaches the same data.
+    pub fn with_store(
+        store: Arc<dyn Store>,
+        rank: usize,
+        world: usize,
+        config: Config,
+    ) -> Result<Communicator> {
+        config::init_logging(&config.debug);
+        check_rank(rank, world)?;
+        let deadline = Instant::now() + config.timeout;
+        let job = if world == 1 {
+            0
+        } else if rank == 0 {
+            let job = random_job()?;
+            store
+                .set(&format!("{PREFIX}/job"), &job.to_le_bytes())
+                .map_err(|source| Error::Store { rank, source })?;
+            job
+        } else {
+            read_job(store.as_ref(), rank, deadline)?
+        };
+        connect(store, None, rank, world, config, job, None)
+    }
+
+    /// Creates a group of `world` communicators in this process, connected by
+    /// socket pairs, to be driven by one thread each.
+    pub fn in_process(world: usize, config: Config) -> Result<Vec<Communicator>> {
+        config::init_logging(&config.debug);
+        if world == 0 {
+            return Err(Error::InvalidArgument(
+                "in_process: world must be at least 1".into(),
+            ));
+        }
+        let store: Arc<dyn Store> = Arc::new(MemStore::new());
+        let links = inproc::ring(world).map_err(|source| Error::Bootstrap { rank: 0, source })?;
+        links
+            .into_iter()
+            .enumerate()
+            .map(|(rank, l)| {
+                Communicator::assemble(Parts {
+                    rank,
+                    world,
+                    config: config.clone(),
+                    ring: l.map(|l| RingLinks {
+                        next: Box::new(l.next),
+                        prev: Box::new(l.prev),
+                    }),
+                    store: store.clone(),
+                    key_prefix: PREFIX.into(),
+                    server: None,
+                    refused: 0,
+                })
+            })
+            .collect()
+    }
+}
+
+/// Runs `f` on each rank of an in-process group of `world`, one thread per
+/// rank, and returns the results in rank order.
+pub fn run_in_process<T, F>(world: usize, config: Config, f: F) -> Result<Vec<T>>
+where
+    T: Send,
+    F: Fn(&mut Communicator) -> T + Sync,
+{
+    let comms = Communicator::in_process(world, config)?;
+    let f = &f;
+    std::thread::scope(|s| {
+        let handles: Vec<_> = comms
+            .into_iter()
+            .map(|mut c| s.spawn(move || f(&mut c)))
+            .collect();
+        handles
+            .into_iter()
+            .enumerate()
+            .map(|(r, h)| {
+                h.join()
+                    .map_err(|_| Error::Internal(format!("in-process rank {r} panicked")))
+            })
+            .collect()
+    })
+}
+
+fn check_rank(rank: usize, world: usize) -> Result<()> {
+    if world == 0 || rank >= world {
+        return Err(Error::InvalidArgument(format!(
+            "rank {rank} is not in a world of {world}"
+        )));
+    }
+    Ok(())
+}
+
+fn read_job(store: &dyn Store, rank: usize, deadline: Instant) -> Result<u64> {
+    let v = store
+        .get(&format!("{PREFIX}/job"), deadline)
+        .map_err(|source| Error::Store { rank, source })?;
+    let b: [u8; 8] = v
+        .as_slice()
+        .try_into()
+        .map_err(|_| Error::Internal(format!("rank {rank}: malformed job id in the store")))?;
+    Ok(u64::from_le_bytes(b))
+}
+
+/// Publishes this rank's listener, connects to the next rank and accepts the previous one.
+fn connect(
+    store: Arc<dyn Store>,
+    server: Option<TcpStoreServer>,
+    rank: usize,
+    world: usize,
+    config: Config,
+    job: u64,
+    local_ip: Option<IpAddr>,
+) -> Result<Communicator> {
+    let deadline = Instant::now() + config.timeout;
+    let boot = |source: TransportError| Error::Bootstrap { rank, source };
+    let mut refused = 0;
+    let ring = if world > 1 {
+        let ip = config
+            .socket_addr
+            .or(local_ip)
+            .unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
+        let listener = Listener::bind(ip).map_err(boot)?;
+        let prefix = format!("{PREFIX}/{job:x}");
+        store
+            .set(
+                &format!("{prefix}/addr/{rank}"),
+                listener.local_addr().to_string().as_bytes(),
+            )
+            .map_err(|source| Error::Store { rank, source })?;
+        let next = (rank + 1) % world;
+        let prev = (rank + world - 1) % world;
+        let raw = store
+            .get(&format!("{prefix}/addr/{next}"), deadline)
+            .map_err(|source| Error::Store { rank, source })?;
+        let next_addr: SocketAddr = String::from_utf8_lossy(&raw).parse().map_err(|_| {
+            Error::Internal(format!(
+                "rank {rank}: malformed address of rank {next} in the store"
+            ))
+        })?;
+        let options = TcpOptions {
+            send_buffer: config.socket_buffer,
+            recv_buffer: config.socket_buffer,
+        };
+        let pending = tcp::connect_start(
+            next_addr,
+            tcp::hello(job, world, rank, next, RING),
+            options,
+            deadline,
+        )
+        .map_err(boot)?;
+        let (prev_link, n) = listener
+            .accept_peer(tcp::hello(job, world, prev, rank, RING), options, deadline)
+            .map_err(boot)?;
+        refused = n;
+        let next_link = pending.finish(deadline).map_err(boot)?;
+        tracing::info!(
+            "rank {rank}: ring connected over tcp (next rank {next} at {next_addr}, listening on {})",
+            listener.local_addr()
+        );
+        Some(RingLinks {
+            next: Box::new(next_link),
+            prev: Box::new(prev_link),
+        })
+    } else {
+        None
+    };
+    Communicator::assemble(Parts {
+        rank,
+        world,
+        config,
+        ring,
+        store,
+        key_prefix: format!("{PREFIX}/{job:x}"),
+        server,
+        refused,
+    })
+}
+
+/// Where rank `rank` of a store-based group publishes its listening address
+/// (for tests that impersonate strays).
+pub fn address_key(job_key: &[u8], rank: usize) -> Option<String> {
+    let b: [u8; 8] = job_key.try_into().ok()?;
+    Some(format!("{PREFIX}/{:x}/addr/{rank}", u64::from_le_bytes(b)))
+}
+
+/// The store key holding the job id of store-based groups.
+pub const JOB_KEY: &str = "oxccl/job";

@@ -1,0 +1,589 @@
+//! The communicator: a rank's place in a world, its links, and its state.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use oxccl_kernels::cpu::CpuReducer;
+use oxccl_kernels::{DType, Element, ReduceOp, Reducer};
+use oxccl_transport::store::{Store, TcpStoreServer};
+use oxccl_transport::{Link, ShutdownHandle, TransportError};
+
+use crate::config::Config;
+use crate::descriptor::Descriptor;
+use crate::engine::{self, EngineError, Job, Ring};
+use crate::schedule::{self, Kind, Shape, chunk_range};
+use crate::{Error, ErrorKind, Result};
+
+/// A rank's two ring links.
+#[derive(Debug)]
+pub(crate) struct RingLinks {
+    pub next: Box<dyn Link>,
+    pub prev: Box<dyn Link>,
+}
+
+/// Cancels a communicator's collectives from another thread.
+#[derive(Debug, Clone, Default)]
+pub struct AbortHandle {
+    inner: Arc<AbortInner>,
+}
+
+#[derive(Debug, Default)]
+struct AbortInner {
+    aborted: AtomicBool,
+    links: Vec<ShutdownHandle>,
+}
+
+impl AbortHandle {
+    /// Shuts the communicator's links down: a collective in progress on this
+    /// rank fails at once, its neighbours learn of it within milliseconds, and
+    /// every later call fails. Idempotent.
+    pub fn abort(&self) {
+        self.inner.aborted.store(true, Ordering::SeqCst);
+        for l in &self.inner.links {
+            l.shutdown();
+        }
+    }
+
+    /// Whether [`abort`](Self::abort) was called.
+    pub fn is_aborted(&self) -> bool {
+        self.inner.aborted.load(Ordering::SeqCst)
+    }
+}
+
+/// Counters a communicator keeps about itself.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Collectives started (the next call's sequence number).
+    pub collectives: u64,
+    /// Connections refused during bootstrap (strays, other jobs).
+    pub refused_connections: usize,
+}
+
+/// One rank of a group that runs collectives together.
+///
+/// Every rank of the world must make the same calls in the same order; a rank
+/// that disagrees gets an error naming both calls, and so do the others. After
+/// any failure the communicator is poisoned: later calls fail at once with
+/// [`ErrorKind::Aborted`] and the original cause, until it is rebuilt.
+///
+/// Buffers are host memory. For reductions, `Avg` divides the sum by the world
+/// size; on integers the division truncates toward zero.
+#[derive(Debug)]
+pub struct Communicator {
+    rank: usize,
+    world: usize,
+    config: Config,
+    ring: Option<RingLinks>,
+    store: Arc<dyn Store>,
+    key_prefix: String,
+    _server: Option<TcpStoreServer>,
+    reducer: Box<dyn Reducer>,
+    seq: u64,
+    poisoned: Option<(ErrorKind, String)>,
+    staging: Vec<u8>,
+    work: Vec<u8>,
+    stats: Stats,
+    abort: AbortHandle,
+}
+
+/// The parts bootstrap hands to [`Communicator::assemble`].
+pub(crate) struct Parts {
+    pub rank: usize,
+    pub world: usize,
+    pub config: Config,
+    pub ring: Option<RingLinks>,
+    pub store: Arc<dyn Store>,
+    pub key_prefix: String,
+    pub server: Option<TcpStoreServer>,
+    pub refused: usize,
+}
+
+impl Communicator {
+    pub(crate) fn assemble(p: Parts) -> Result<Communicator> {
+        let mut links = Vec::new();
+        if let Some(r) = &p.ring {
+            for l in [&r.next, &r.prev] {
+                links.push(l.shutdown_handle().map_err(|source| Error::Bootstrap {
+                    rank: p.rank,
+                    source,
+                })?);
+            }
+        }
+        Ok(Communicator {
+            rank: p.rank,
+            world: p.world,
+            config: p.config,
+            ring: p.ring,
+            store: p.store,
+            key_prefix: p.key_prefix,
+            _server: p.server,
+            reducer: Box::new(CpuReducer),
+            seq: 0,
+            poisoned: None,
+            staging: Vec::new(),
+            work: Vec::new(),
+            stats: Stats {
+                collectives: 0,
+                refused_connections: p.refused,
+            },
+            abort: AbortHandle {
+                inner: Arc::new(AbortInner {
+                    aborted: AtomicBool::new(false),
+                    links,
+                }),
+            },
+        })
+    }
+
+    /// This rank, in `0..world`.
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    /// Number of ranks.
+    pub fn world(&self) -> usize {
+        self.world
+    }
+
+    /// The settings in force.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Counters about this communicator.
+    pub fn stats(&self) -> Stats {
+        Stats {
+            collectives: self.seq,
+            ..self.stats
+        }
+    }
+
+    /// A handle that aborts this communicator from another thread.
+    pub fn abort_handle(&self) -> AbortHandle {
+        self.abort.clone()
+    }
+
+    /// The error that poisoned this communicator, if any.
+    pub fn poisoned(&self) -> Option<&str> {
+        self.poisoned.as_ref().map(|(_, m)| m.as_str())
+    }
+
+    /// Sums (or otherwise reduces) `input` over all ranks into `output` on every rank.
+    pub fn all_reduce<T: Element>(
+        &mut self,
+        input: &[T],
+        output: &mut [T],
+        op: ReduceOp,
+    ) -> Result<()> {
+        let d = self.desc(Kind::AllReduce, T::DTYPE, op, 0, input.len());
+        self.run_bytes(
+            d,
+            Some(bytemuck::cast_slice(input)),
+            bytemuck::cast_slice_mut(output),
+        )
+    }
+
+    /// [`all_reduce`](Self::all_reduce) with the result written over the input.
+    pub fn all_reduce_in_place<T: Element>(&mut self, buf: &mut [T], op: ReduceOp) -> Result<()> {
+        let d = self.desc(Kind::AllReduce, T::DTYPE, op, 0, buf.len());
+        self.run_bytes(d, None, bytemuck::cast_slice_mut(buf))
+    }
+
+    /// Copies the root's `input` into every rank's `output`. `input` is read on the root only.
+    pub fn broadcast<T: Element>(
+        &mut self,
+        input: &[T],
+        output: &mut [T],
+        root: usize,
+    ) -> Result<()> {
+        let d = self.desc(Kind::Broadcast, T::DTYPE, ReduceOp::Sum, root, output.len());
+        let input = if self.rank == root {
+            Some(bytemuck::cast_slice(input))
+        } else {
+            None
+        };
+        self.run_bytes(d, input, bytemuck::cast_slice_mut(output))
+    }
+
+    /// Copies the root's `buf` into every other rank's `buf`.
+    pub fn broadcast_in_place<T: Element>(&mut self, buf: &mut [T], root: usize) -> Result<()> {
+        let d = self.desc(Kind::Broadcast, T::DTYPE, ReduceOp::Sum, root, buf.len());
+        self.run_bytes(d, None, bytemuck::cast_slice_mut(buf))
+    }
+
+    /// Reduces `input` over all ranks into the root's `output`. Other ranks' `output` is untouched.
+    pub fn reduce<T: Element>(
+        &mut self,
+        input: &[T],
+        output: &mut [T],
+        op: ReduceOp,
+        root: usize,
+    ) -> Result<()> {
+        let d = self.desc(Kind::Reduce, T::DTYPE, op, root, input.len());
+        self.run_bytes(
+            d,
+            Some(bytemuck::cast_slice(input)),
+            bytemuck::cast_slice_mut(output),
+        )
+    }
+
+    /// [`reduce`](Self::reduce) with the root's result written over its `buf`; other ranks' `buf` is untouched.
+    pub fn reduce_in_place<T: Element>(
+        &mut self,
+        buf: &mut [T],
+        op: ReduceOp,
+        root: usize,
+    ) -> Result<()> {
+        let d = self.desc(Kind::Reduce, T::DTYPE, op, root, buf.len());
+        self.run_bytes(d, None, bytemuck::cast_slice_mut(buf))
+    }
+
+    /// Concatenates every rank's `input` in rank order into `output` (`world * input.len()` elements).
+    pub fn all_gather<T: Element>(&mut self, input: &[T], output: &mut [T]) -> Result<()> {
+        let d = self.desc(Kind::AllGather, T::DTYPE, ReduceOp::Sum, 0, input.len());
+        self.run_bytes(
+            d,
+            Some(bytemuck::cast_slice(input)),
+            bytemuck::cast_slice_mut(output),
+        )
+    }
+
+    /// [`all_gather`](Self::all_gather) where each rank's contribution already sits at
+    /// `buf[rank * n..(rank + 1) * n]`, `n = buf.len() / world`.
+    pub fn all_gather_in_place<T: Element>(&mut self, buf: &mut [T]) -> Result<()> {
+        let n = self.per_rank(buf.len(), "all_gather_in_place")?;
+        let d = self.desc(Kind::AllGather, T::DTYPE, ReduceOp::Sum, 0, n);
+        self.run_bytes(d, None, bytemuck::cast_slice_mut(buf))
+    }
+
+    /// Reduces `input` (`world * output.len()` elements) over all ranks; rank `r`
+    /// receives chunk `r` of the result in `output`.
+    pub fn reduce_scatter<T: Element>(
+        &mut self,
+        input: &[T],
+        output: &mut [T],
+        op: ReduceOp,
+    ) -> Result<()> {
+        let d = self.desc(Kind::ReduceScatter, T::DTYPE, op, 0, output.len());
+        self.run_bytes(
+            d,
+            Some(bytemuck::cast_slice(input)),
+            bytemuck::cast_slice_mut(output),
+        )
+    }
+
+    /// [`reduce_scatter`](Self::reduce_scatter) in place: rank `r`'s chunk of the
+    /// result lands in `buf[r * n..(r + 1) * n]`, `n = buf.len() / world`; the rest
+    /// of `buf` holds partial results.
+    pub fn reduce_scatter_in_place<T: Element>(
+        &mut self,
+        buf: &mut [T],
+        op: ReduceOp,
+    ) -> Result<()> {
+        let n = self.per_rank(buf.len(), "reduce_scatter_in_place")?;
+        let d = self.desc(Kind::ReduceScatter, T::DTYPE, op, 0, n);
+        self.run_bytes(d, None, bytemuck::cast_slice_mut(buf))
+    }
+
+    /// Returns once every rank has called it.
+    pub fn barrier(&mut self) -> Result<()> {
+        let d = self.desc(Kind::Barrier, DType::U8, ReduceOp::Sum, 0, 0);
+        self.run_bytes(d, None, &mut [])
+    }
+
+    fn desc(
+        &self,
+        kind: Kind,
+        dtype: DType,
+        op: ReduceOp,
+        root: usize,
+        count: usize,
+    ) -> Descriptor {
+        Descriptor {
+            kind,
+            dtype,
+            op,
+            root,
+            count,
+        }
+    }
+
+    fn per_rank(&self, len: usize, what: &str) -> Result<usize> {
+        if len % self.world != 0 {
+            return Err(Error::InvalidArgument(format!(
+                "rank {}: {what}: buffer of {len} elements does not divide by the world size {}",
+                self.rank, self.world
+            )));
+        }
+        Ok(len / self.world)
+    }
+
+    /// Runs the collective `d` on byte buffers: the entry point of the bindings.
+    ///
+    /// `input` is `None` for an in-place call. Lengths in bytes must be:
+    /// allreduce, broadcast, reduce: `count` elements for both buffers (the
+    /// root's output only, for reduce; the root's input only, for broadcast);
+    /// allgather: input `count`, output `world * count`; reduce-scatter: input
+    /// `world * count`, output `count`. In place, allgather and reduce-scatter
+    /// take the `world * count` buffer.
+    pub fn run_bytes(
+        &mut self,
+        d: Descriptor,
+        input: Option<&[u8]>,
+        output: &mut [u8],
+    ) -> Result<()> {
+        if let Some((kind, cause)) = &self.poisoned {
+            return Err(Error::Aborted {
+                rank: self.rank,
+                kind: *kind,
+                cause: cause.clone(),
+            });
+        }
+        self.validate(&d, input, output)?;
+        let seq = self.seq;
+        self.seq += 1;
+        tracing::debug!(rank = self.rank, "{}", d.call(seq));
+
+        let world = self.world;
+        let rank = self.rank;
+        let elem = d.dtype.size();
+        let in_place = input.is_none();
+        // Which buffer the ring works on, and where the caller's result is copied from.
+        let (count, use_work) = match d.kind {
+            Kind::AllGather | Kind::ReduceScatter => {
+                (d.count * world, d.kind == Kind::ReduceScatter && !in_place)
+            }
+            Kind::Reduce => (d.count, rank != d.root),
+            _ => (d.count, false),
+        };
+        let slice_elems = (self.config.slice_bytes / elem).max(1);
+        let out_of_place = !in_place || use_work;
+        let shape = Shape {
+            kind: d.kind,
+            world,
+            rank,
+            count,
+            elem,
+            root: d.root,
+            avg: d.reduces() && d.op == ReduceOp::Avg,
+            out_of_place,
+            slice_elems,
+        };
+        let plan = schedule::plan(&shape);
+
+        let Communicator {
+            ring,
+            reducer,
+            staging,
+            work,
+            config,
+            ..
+        } = self;
+        let result = {
+            let (job_input, job_output): (Option<&[u8]>, &mut [u8]) = if use_work {
+                if work.len() < count * elem {
+                    work.resize(count * elem, 0);
+                }
+                // In place on a non-root reduce, the caller's buffer is the input.
+                let inp: &[u8] = match input {
+                    Some(i) => i,
+                    None => &*output,
+                };
+                (Some(inp), &mut work[..count * elem])
+            } else {
+                (input, &mut *output)
+            };
+            let ring = ring.as_mut().map(|r| Ring {
+                next: r.next.as_mut(),
+                prev: r.prev.as_mut(),
+            });
+            engine::run(
+                ring,
+                Job {
+                    plan: &plan,
+                    seq,
+                    descriptor: d.encode(),
+                    input: job_input,
+                    output: job_output,
+                    dtype: d.dtype,
+                    op: d.op,
+                    world,
+                    reducer: reducer.as_ref(),
+                    staging,
+                    timeout: config.timeout,
+                },
+            )
+        };
+        match result {
+            Ok(()) => {
+                if use_work && d.kind == Kind::ReduceScatter {
+                    let own = chunk_range(count, world, rank);
+                    output.copy_from_slice(&self.work[own.start * elem..own.end * elem]);
+                }
+                Ok(())
+            }
+            Err(e) => Err(self.fail(&d, seq, e)),
+        }
+    }
+
+    fn validate(&self, d: &Descriptor, input: Option<&[u8]>, output: &[u8]) -> Result<()> {
+        let call = d.call(self.seq);
+        let rank = self.rank;
+        let elem = d.dtype.size();
+        if d.rooted() && d.root >= self.world {
+            return Err(Error::InvalidArgument(format!(
+                "rank {rank}: {call}: root {} is not below the world size {}",
+                d.root, self.world
+            )));
+        }
+        let full = d
+            .count
+            .checked_mul(self.world)
+            .and_then(|n| n.checked_mul(elem));
+        let one = d.count.checked_mul(elem);
+        let (Some(full), Some(one)) = (full, one) else {
+            return Err(Error::InvalidArgument(format!(
+                "rank {rank}: {call}: count overflows"
+            )));
+        };
+        let (want_in, want_out) = match (d.kind, input.is_some()) {
+            (Kind::AllGather, true) => (one, full),
+            (Kind::AllGather, false) => (0, full),
+            (Kind::ReduceScatter, true) => (full, one),
+            (Kind::ReduceScatter, false) => (0, full),
+            (Kind::Broadcast, _)
+            | (Kind::Reduce, _)
+            | (Kind::AllReduce, _)
+            | (Kind::Barrier, _) => (one, one),
+        };
+        let check = |what: &str, got: usize, want: usize| {
+            if got != want {
+                Err(Error::InvalidArgument(format!(
+                    "rank {rank}: {call}: {what} has {got} bytes, expected {want} ({} elements of {} bytes)",
+                    want / elem,
+                    elem
+                )))
+            } else {
+                Ok(())
+            }
+        };
+        // Buffers the call does not read may be of any length (NCCL ignores them).
+        let output_used = !(d.kind == Kind::Reduce && rank != d.root && input.is_some());
+        if output_used {
+            check("output", output.len(), want_out)?;
+        }
+        if let Some(i) = input {
+            let input_used = !(d.kind == Kind::Broadcast && rank != d.root);
+            if input_used {
+                check("input", i.len(), want_in)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Turns an engine failure into this call's error; poisons the
+    /// communicator, tells the other ranks (through the store) and closes the links.
+    fn fail(&mut self, d: &Descriptor, seq: u64, e: EngineError) -> Error {
+        let rank = self.rank;
+        let call = d.call(seq);
+        let aborted = self.abort.is_aborted();
+        let err = match e {
+            _ if aborted => {
+                Error::InvalidUsage(format!("rank {rank}: {call}: aborted by the application"))
+            }
+            EngineError::Transport(TransportError::PeerClosed { peer, how }) => {
+                match self.store.try_get(&self.abort_key(peer)) {
+                    Ok(Some(report)) => {
+                        let (origin, cause) =
+                            parse_report(&report).unwrap_or((peer, "an unreadable report".into()));
+                        Error::Remote {
+                            rank,
+                            call,
+                            origin,
+                            reporter: Some(peer),
+                            cause,
+                        }
+                    }
+                    other => {
+                        let store_note = match other {
+                            Err(_) => format!(
+                                " (the rendezvous store at {} is unreachable too)",
+                                self.store.describe()
+                            ),
+                            _ => String::new(),
+                        };
+                        Error::Remote {
+                            rank,
+                            call,
+                            origin: peer,
+                            reporter: None,
+                            cause: format!(
+                                "it closed its connection ({how}) without reporting an error: it exited, crashed or was killed{store_note}"
+                            ),
+                        }
+                    }
+                }
+            }
+            EngineError::Transport(source) => Error::Transport { rank, call, source },
+            EngineError::Timeout { what, waited } => Error::Timeout {
+                rank,
+                call,
+                what,
+                waited,
+            },
+            EngineError::Mismatch {
+                peer,
+                descriptor,
+                seq: their_seq,
+            } => Error::Mismatch {
+                rank,
+                call,
+                peer,
+                theirs: match Descriptor::decode(&descriptor) {
+                    Some(t) => t.call(their_seq),
+                    None => format!("an unknown call #{their_seq}"),
+                },
+            },
+            EngineError::Protocol { peer, reason } => Error::Transport {
+                rank,
+                call,
+                source: TransportError::Protocol { peer, reason },
+            },
+            EngineError::Kernel(source) => Error::Kernel { rank, call, source },
+        };
+        // Tell the others what happened before closing the links, so that a
+        // neighbour that sees the links close finds the cause in the store.
+        let (origin, cause) = match &err {
+            Error::Remote { origin, cause, .. } => (*origin, cause.clone()),
+            Error::Mismatch {
+                call, peer, theirs, ..
+            } => (
+                rank,
+                format!(
+                    "collective mismatch: rank {rank} called {call} but rank {peer} called {theirs}"
+                ),
+            ),
+            other => (rank, other.to_string()),
+        };
+        if let Err(store_err) = self.store.set(
+            &self.abort_key(rank),
+            format!("{origin}\n{cause}").as_bytes(),
+        ) {
+            tracing::warn!("rank {rank}: could not report the failure to the store: {store_err}");
+        }
+        self.abort.abort();
+        tracing::warn!("{err}");
+        self.poisoned = Some((err.kind(), err.to_string()));
+        err
+    }
+
+    fn abort_key(&self, rank: usize) -> String {
+        format!("{}/abort/{rank}", self.key_prefix)
+    }
+}
+
+fn parse_report(report: &[u8]) -> Option<(usize, String)> {
+    let text = String::from_utf8_lossy(report);
+    let (origin, cause) = text.split_once('\n')?;
+    Some((origin.parse().ok()?, cause.to_string()))
+}

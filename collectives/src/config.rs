@@ -1,0 +1,567 @@
+//! Every setting of oxccl, read from the environment in this one module.
+//!
+//! [`VARIABLES`] lists each `OXCCL_*` variable with its default; the README's
+//! table is checked against it by a test. Programmatic settings override the
+//! environment: build a [`Config`] with [`Config::from_env`] and change its
+//! fields, or start from [`Config::default`].
+//!
+//! Launchers are recognised by their variables, in this order: our own
+//! (`OXCCL_RANK`, `OXCCL_WORLD_SIZE`), torchrun (`RANK`, `WORLD_SIZE`),
+//! Open MPI (`OMPI_COMM_WORLD_RANK`, `OMPI_COMM_WORLD_SIZE`), PMI
+//! (`PMI_RANK`, `PMI_SIZE`) and Slurm (`SLURM_PROCID`, `SLURM_NTASKS`).
+//! Families that are set must agree; a family set by half is an error.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::{Error, Result};
+
+/// One documented environment variable.
+#[derive(Debug, Clone, Copy)]
+pub struct Variable {
+    /// Its name.
+    pub name: &'static str,
+    /// Its default, as text.
+    pub default: &'static str,
+    /// What it does.
+    pub doc: &'static str,
+}
+
+/// Every `OXCCL_*` variable oxccl reads.
+pub const VARIABLES: &[Variable] = &[
+    Variable {
+        name: "OXCCL_RANK",
+        default: "(from the launcher)",
+        doc: "This process's rank. Also read: RANK, OMPI_COMM_WORLD_RANK, PMI_RANK, SLURM_PROCID.",
+    },
+    Variable {
+        name: "OXCCL_WORLD_SIZE",
+        default: "(from the launcher)",
+        doc: "Number of ranks. Also read: WORLD_SIZE, OMPI_COMM_WORLD_SIZE, PMI_SIZE, SLURM_NTASKS.",
+    },
+    Variable {
+        name: "OXCCL_LOCAL_RANK",
+        default: "(from the launcher)",
+        doc: "Rank among the processes of this host. Also read: LOCAL_RANK, OMPI_COMM_WORLD_LOCAL_RANK, SLURM_LOCALID.",
+    },
+    Variable {
+        name: "OXCCL_MASTER_ADDR",
+        default: "(required if world > 1)",
+        doc: "Host of rank 0, which serves the rendezvous store. Also read: MASTER_ADDR.",
+    },
+    Variable {
+        name: "OXCCL_MASTER_PORT",
+        default: "(required if world > 1)",
+        doc: "Port of the rendezvous store on rank 0. Also read: MASTER_PORT.",
+    },
+    Variable {
+        name: "OXCCL_FILE_STORE",
+        default: "(unset)",
+        doc: "Directory on a shared filesystem to rendezvous through instead of rank 0's TCP store.",
+    },
+    Variable {
+        name: "OXCCL_SOCKET_ADDR",
+        default: "the address that reaches the master",
+        doc: "Local IP address that ranks listen on for ring connections.",
+    },
+    Variable {
+        name: "OXCCL_BOOTSTRAP_ADDR",
+        default: "127.0.0.1",
+        doc: "IP address a unique id (UniqueId::new) serves its store on; set it to an address other hosts can reach.",
+    },
+    Variable {
+        name: "OXCCL_TIMEOUT",
+        default: "300",
+        doc: "Seconds any wait may go without progress (bootstrap, every collective) before it fails naming what it awaited.",
+    },
+    Variable {
+        name: "OXCCL_SLICE_BYTES",
+        default: "524288",
+        doc: "Largest pipeline slice in bytes (suffixes K, M); smaller slices overlap more, larger ones cost fewer frames.",
+    },
+    Variable {
+        name: "OXCCL_SOCKET_BUFFER",
+        default: "0 (kernel autotuning)",
+        doc: "SO_SNDBUF and SO_RCVBUF of TCP links in bytes; 0 leaves the kernel's autotuning on.",
+    },
+    Variable {
+        name: "OXCCL_DEBUG",
+        default: "warn",
+        doc: "Log level: error, warn, info (bootstrap, peers, transport), debug, trace (every frame).",
+    },
+];
+
+/// Settings of a communicator.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// How long any wait may go without progress.
+    pub timeout: Duration,
+    /// Largest pipeline slice in bytes.
+    pub slice_bytes: usize,
+    /// SO_SNDBUF/SO_RCVBUF of TCP links; `None` for kernel autotuning.
+    pub socket_buffer: Option<usize>,
+    /// Local address to listen on for ring connections.
+    pub socket_addr: Option<IpAddr>,
+    /// Address a unique id's store is served on.
+    pub bootstrap_addr: IpAddr,
+    /// Directory of a file store, instead of the TCP store.
+    pub file_store: Option<PathBuf>,
+    /// Log level (a `tracing` level name).
+    pub debug: String,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            timeout: Duration::from_secs(300),
+            slice_bytes: 512 * 1024,
+            socket_buffer: None,
+            socket_addr: None,
+            bootstrap_addr: IpAddr::from([127, 0, 0, 1]),
+            file_store: None,
+            debug: "warn".into(),
+        }
+    }
+}
+
+/// Where a process sits in its job, as a launcher describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Launch {
+    /// This process's rank.
+    pub rank: usize,
+    /// Number of ranks.
+    pub world: usize,
+    /// Rank among the processes of this host, if the launcher says.
+    pub local_rank: Option<usize>,
+    /// Host and port of rank 0's store, if given.
+    pub master: Option<(String, u16)>,
+    /// Which launcher's variables were used ("oxccl", "torchrun", ...).
+    pub source: &'static str,
+}
+
+/// Reads variables through a lookup function, so that tests need not touch
+/// the process environment.
+pub trait Env {
+    /// The value of `name`, if set.
+    fn var(&self, name: &str) -> Option<String>;
+}
+
+/// The process environment.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProcessEnv;
+
+impl Env for ProcessEnv {
+    fn var(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok().filter(|v| !v.is_empty())
+    }
+}
+
+impl<F: Fn(&str) -> Option<String>> Env for F {
+    fn var(&self, name: &str) -> Option<String> {
+        self(name)
+    }
+}
+
+fn bad(variable: &str, reason: impl Into<String>) -> Error {
+    Error::Config {
+        variable: variable.into(),
+        reason: reason.into(),
+    }
+}
+
+fn parse_usize(variable: &str, v: &str) -> Result<usize> {
+    v.trim()
+        .parse()
+        .map_err(|_| bad(variable, format!("'{v}' is not a non-negative integer")))
+}
+
+/// Parses a byte count with an optional K, M or G suffix (powers of 1024).
+pub fn parse_bytes(variable: &str, v: &str) -> Result<usize> {
+    let t = v.trim();
+    let (num, mult) = match t.chars().last().map(|c| c.to_ascii_uppercase()) {
+        Some('K') => (&t[..t.len() - 1], 1usize << 10),
+        Some('M') => (&t[..t.len() - 1], 1 << 20),
+        Some('G') => (&t[..t.len() - 1], 1 << 30),
+        _ => (t, 1),
+    };
+    parse_usize(variable, num)?
+        .checked_mul(mult)
+        .ok_or_else(|| bad(variable, format!("'{v}' is too large")))
+}
+
+impl Config {
+    /// Reads the process environment.
+    pub fn from_env() -> Result<Config> {
+        Config::from_lookup(&ProcessEnv)
+    }
+
+    /// Reads settings through `env`.
+    pub fn from_lookup(env: &dyn Env) -> Result<Config> {
+        let mut c = Config::default();
+        if let Some(v) = env.var("OXCCL_TIMEOUT") {
+            let secs: f64 = v
+                .trim()
+                .parse()
+                .ok()
+                .filter(|s: &f64| s.is_finite() && *s > 0.0)
+                .ok_or_else(|| {
+                    bad(
+                        "OXCCL_TIMEOUT",
+                        format!("'{v}' is not a positive number of seconds"),
+                    )
+                })?;
+            c.timeout = Duration::from_secs_f64(secs.min(1e9));
+        }
+        if let Some(v) = env.var("OXCCL_SLICE_BYTES") {
+            let n = parse_bytes("OXCCL_SLICE_BYTES", &v)?;
+            if n == 0 || n > 1 << 30 {
+                return Err(bad(
+                    "OXCCL_SLICE_BYTES",
+                    format!("'{v}' must be between 1 byte and 1G"),
+                ));
+            }
+            c.slice_bytes = n;
+        }
+        if let Some(v) = env.var("OXCCL_SOCKET_BUFFER") {
+            let n = parse_bytes("OXCCL_SOCKET_BUFFER", &v)?;
+            c.socket_buffer = (n > 0).then_some(n);
+        }
+        if let Some(v) = env.var("OXCCL_SOCKET_ADDR") {
+            c.socket_addr =
+                Some(v.trim().parse().map_err(|_| {
+                    bad("OXCCL_SOCKET_ADDR", format!("'{v}' is not an IP address"))
+                })?);
+        }
+        if let Some(v) = env.var("OXCCL_BOOTSTRAP_ADDR") {
+            c.bootstrap_addr = v.trim().parse().map_err(|_| {
+                bad(
+                    "OXCCL_BOOTSTRAP_ADDR",
+                    format!("'{v}' is not an IP address"),
+                )
+            })?;
+        }
+        c.file_store = env.var("OXCCL_FILE_STORE").map(PathBuf::from);
+        if let Some(v) = env.var("OXCCL_DEBUG") {
+            let l = v.trim().to_ascii_lowercase();
+            let l = match l.as_str() {
+                "version" | "warning" => "warn".to_string(),
+                "none" | "off" => "off".to_string(),
+                "error" | "warn" | "info" | "debug" | "trace" => l,
+                _ => {
+                    return Err(bad(
+                        "OXCCL_DEBUG",
+                        format!("'{v}' is not one of off, error, warn, info, debug, trace"),
+                    ));
+                }
+            };
+            c.debug = l;
+        }
+        Ok(c)
+    }
+}
+
+/// One launcher's pair of variables.
+struct Family {
+    source: &'static str,
+    rank: &'static str,
+    world: &'static str,
+    local: &'static str,
+}
+
+const FAMILIES: &[Family] = &[
+    Family {
+        source: "oxccl",
+        rank: "OXCCL_RANK",
+        world: "OXCCL_WORLD_SIZE",
+        local: "OXCCL_LOCAL_RANK",
+    },
+    Family {
+        source: "torchrun",
+        rank: "RANK",
+        world: "WORLD_SIZE",
+        local: "LOCAL_RANK",
+    },
+    Family {
+        source: "Open MPI",
+        rank: "OMPI_COMM_WORLD_RANK",
+        world: "OMPI_COMM_WORLD_SIZE",
+        local: "OMPI_COMM_WORLD_LOCAL_RANK",
+    },
+    Family {
+        source: "PMI",
+        rank: "PMI_RANK",
+        world: "PMI_SIZE",
+        local: "MPI_LOCALRANKID",
+    },
+    Family {
+        source: "Slurm",
+        rank: "SLURM_PROCID",
+        world: "SLURM_NTASKS",
+        local: "SLURM_LOCALID",
+    },
+];
+
+/// Reads the rank, world and master address from launcher variables.
+pub fn launch_from_lookup(env: &dyn Env) -> Result<Launch> {
+    let mut found: Option<(&Family, usize, usize)> = None;
+    for f in FAMILIES {
+        let (rank, world) = match (env.var(f.rank), env.var(f.world)) {
+            (None, None) => continue,
+            (Some(_), None) => return Err(bad(f.world, format!("is not set, but {} is", f.rank))),
+            (None, Some(_)) => return Err(bad(f.rank, format!("is not set, but {} is", f.world))),
+            (Some(r), Some(w)) => (parse_usize(f.rank, &r)?, parse_usize(f.world, &w)?),
+        };
+        if world == 0 {
+            return Err(bad(f.world, "must be at least 1"));
+        }
+        if rank >= world {
+            return Err(bad(
+                f.rank,
+                format!("rank {rank} is not below {}={world}", f.world),
+            ));
+        }
+        match found {
+            None => found = Some((f, rank, world)),
+            Some((first, r0, w0)) => {
+                if (r0, w0) != (rank, world) {
+                    return Err(bad(
+                        f.rank,
+                        format!(
+                            "{}={rank} and {}={world} contradict {}={r0} and {}={w0}",
+                            f.rank, f.world, first.rank, first.world
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+    let Some((family, rank, world)) = found else {
+        return Err(bad(
+            "OXCCL_RANK",
+            "no launcher variables found: set OXCCL_RANK and OXCCL_WORLD_SIZE, or start the job with oxrun, torchrun, mpirun or srun",
+        ));
+    };
+    let local_rank = match env
+        .var(family.local)
+        .or_else(|| env.var("OXCCL_LOCAL_RANK"))
+    {
+        Some(v) => Some(parse_usize(family.local, &v)?),
+        None => None,
+    };
+    let addr = pick(env, "OXCCL_MASTER_ADDR", "MASTER_ADDR")?;
+    let port = pick(env, "OXCCL_MASTER_PORT", "MASTER_PORT")?;
+    let master = match (addr, port) {
+        (Some((_, a)), Some((pv, p))) => {
+            let port: u16 = p
+                .trim()
+                .parse()
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| bad(pv, format!("'{p}' is not a port number (1-65535)")))?;
+            Some((a.trim().to_string(), port))
+        }
+        (None, None) => None,
+        (Some((av, _)), None) => {
+            return Err(bad(
+                "OXCCL_MASTER_PORT",
+                format!("is not set (nor MASTER_PORT), but {av} is"),
+            ));
+        }
+        (None, Some((pv, _))) => {
+            return Err(bad(
+                "OXCCL_MASTER_ADDR",
+                format!("is not set (nor MASTER_ADDR), but {pv} is"),
+            ));
+        }
+    };
+    Ok(Launch {
+        rank,
+        world,
+        local_rank,
+        master,
+        source: family.source,
+    })
+}
+
+/// The value of `ours` or else `theirs`; an error naming both if they differ.
+fn pick(
+    env: &dyn Env,
+    ours: &'static str,
+    theirs: &'static str,
+) -> Result<Option<(&'static str, String)>> {
+    match (env.var(ours), env.var(theirs)) {
+        (Some(a), Some(b)) if a.trim() != b.trim() => {
+            Err(bad(ours, format!("'{a}' contradicts {theirs}='{b}'")))
+        }
+        (Some(a), _) => Ok(Some((ours, a))),
+        (None, Some(b)) => Ok(Some((theirs, b))),
+        (None, None) => Ok(None),
+    }
+}
+
+/// Installs a stderr logger for oxccl's crates at `level`, unless the
+/// application installed a `tracing` subscriber already.
+pub fn init_logging(level: &str) {
+    let filter = format!("oxccl={level},oxccl_transport={level},oxccl_kernels={level}");
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let m: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k: &str| m.get(k).cloned()
+    }
+
+    fn err(pairs: &[(&str, &str)]) -> String {
+        launch_from_lookup(&env(pairs)).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn each_launcher_is_recognised() {
+        let cases: [(&[(&str, &str)], &str); 5] = [
+            (&[("OXCCL_RANK", "1"), ("OXCCL_WORLD_SIZE", "4")], "oxccl"),
+            (
+                &[("RANK", "1"), ("WORLD_SIZE", "4"), ("LOCAL_RANK", "1")],
+                "torchrun",
+            ),
+            (
+                &[("OMPI_COMM_WORLD_RANK", "1"), ("OMPI_COMM_WORLD_SIZE", "4")],
+                "Open MPI",
+            ),
+            (&[("PMI_RANK", "1"), ("PMI_SIZE", "4")], "PMI"),
+            (
+                &[
+                    ("SLURM_PROCID", "1"),
+                    ("SLURM_NTASKS", "4"),
+                    ("SLURM_LOCALID", "0"),
+                ],
+                "Slurm",
+            ),
+        ];
+        for (vars, source) in cases {
+            let l = launch_from_lookup(&env(vars)).unwrap();
+            assert_eq!((l.rank, l.world, l.source), (1, 4, source));
+        }
+    }
+
+    #[test]
+    fn master_from_either_name() {
+        let l = launch_from_lookup(&env(&[
+            ("RANK", "0"),
+            ("WORLD_SIZE", "2"),
+            ("MASTER_ADDR", "h"),
+            ("MASTER_PORT", "29500"),
+        ]))
+        .unwrap();
+        assert_eq!(l.master, Some(("h".into(), 29500)));
+        let l = launch_from_lookup(&env(&[
+            ("SLURM_PROCID", "0"),
+            ("SLURM_NTASKS", "2"),
+            ("OXCCL_MASTER_ADDR", "h"),
+            ("OXCCL_MASTER_PORT", "1"),
+        ]))
+        .unwrap();
+        assert_eq!(l.master, Some(("h".into(), 1)));
+    }
+
+    #[test]
+    fn missing_and_contradictory_settings_name_the_variable() {
+        assert!(err(&[]).starts_with("OXCCL_RANK: no launcher variables found"));
+        assert!(err(&[("RANK", "0")]).starts_with("WORLD_SIZE: is not set, but RANK is"));
+        assert!(
+            err(&[("OXCCL_RANK", "4"), ("OXCCL_WORLD_SIZE", "4")])
+                .contains("OXCCL_RANK: rank 4 is not below OXCCL_WORLD_SIZE=4")
+        );
+        assert!(
+            err(&[("OXCCL_RANK", "x"), ("OXCCL_WORLD_SIZE", "4")])
+                .contains("OXCCL_RANK: 'x' is not a non-negative integer")
+        );
+        let e = err(&[
+            ("OXCCL_RANK", "1"),
+            ("OXCCL_WORLD_SIZE", "4"),
+            ("RANK", "2"),
+            ("WORLD_SIZE", "4"),
+        ]);
+        assert!(e.contains("RANK=2") && e.contains("OXCCL_RANK=1"), "{e}");
+        let e = err(&[
+            ("RANK", "0"),
+            ("WORLD_SIZE", "2"),
+            ("OXCCL_MASTER_ADDR", "a"),
+            ("MASTER_ADDR", "b"),
+            ("MASTER_PORT", "1"),
+        ]);
+        assert!(
+            e.starts_with("OXCCL_MASTER_ADDR: 'a' contradicts MASTER_ADDR='b'"),
+            "{e}"
+        );
+        let e = err(&[("RANK", "0"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "a")]);
+        assert!(e.starts_with("OXCCL_MASTER_PORT: is not set"), "{e}");
+        let e = err(&[
+            ("RANK", "0"),
+            ("WORLD_SIZE", "2"),
+            ("MASTER_ADDR", "a"),
+            ("MASTER_PORT", "99999"),
+        ]);
+        assert!(e.starts_with("MASTER_PORT: '99999' is not a port"), "{e}");
+    }
+
+    #[test]
+    fn settings_parse_and_reject_garbage() {
+        let c = Config::from_lookup(&env(&[
+            ("OXCCL_TIMEOUT", "2.5"),
+            ("OXCCL_SLICE_BYTES", "64K"),
+            ("OXCCL_DEBUG", "INFO"),
+            ("OXCCL_SOCKET_BUFFER", "4M"),
+        ]))
+        .unwrap();
+        assert_eq!(c.timeout, Duration::from_millis(2500));
+        assert_eq!(c.slice_bytes, 65536);
+        assert_eq!(c.socket_buffer, Some(4 << 20));
+        assert_eq!(c.debug, "info");
+        assert_eq!(Config::from_lookup(&env(&[])).unwrap(), Config::default());
+        for (k, v) in [
+            ("OXCCL_TIMEOUT", "-1"),
+            ("OXCCL_TIMEOUT", "soon"),
+            ("OXCCL_SLICE_BYTES", "0"),
+            ("OXCCL_DEBUG", "loud"),
+            ("OXCCL_SOCKET_ADDR", "here"),
+        ] {
+            let e = Config::from_lookup(&env(&[(k, v)]))
+                .unwrap_err()
+                .to_string();
+            assert!(e.starts_with(k), "{e}");
+        }
+    }
+
+    #[test]
+    fn readme_documents_every_variable() {
+        let readme = include_str!("../../README.md");
+        for v in VARIABLES {
+            assert!(
+                readme.contains(&format!("`{}`", v.name)),
+                "README lacks {}",
+                v.name
+            );
+            assert!(
+                readme.contains(v.default),
+                "README lacks the default of {}: {}",
+                v.name,
+                v.default
+            );
+        }
+    }
+}

@@ -1,0 +1,291 @@
+//! Drives a [`Plan`] over the ring's two links and a reducer.
+//!
+//! One thread per rank does everything: it writes the next allowed frame to
+//! the next rank, reads the next frame from the previous rank, and reduces a
+//! slice as soon as it has arrived, with nonblocking sockets, so both
+//! directions stay busy while the kernel's socket buffers carry the slices in
+//! flight. When neither direction can move it sleeps in `poll` on exactly the
+//! sockets that can unblock it. This suits few cores (no thread hand-offs, no
+//! copies between threads) and needs no `unsafe`: the engine is the only
+//! borrower of the caller's buffers.
+//!
+//! Payloads go straight from the caller's buffer to the socket, and copies
+//! (allgather, broadcast) are received straight into place; only slices that
+//! are reduced pass through one staging buffer.
+
+use std::io::{IoSlice, IoSliceMut};
+use std::time::{Duration, Instant};
+
+use oxccl_kernels::{DType, KernelError, ReduceOp, Reducer};
+use oxccl_transport::wire::{DESCRIPTOR_LEN, FrameHeader, Tag};
+use oxccl_transport::{Link, TransportError, wait};
+
+use crate::schedule::{Commit, Plan, Progress, Src};
+
+/// The two links of a rank in the ring.
+pub(crate) struct Ring<'a> {
+    /// To `rank + 1`.
+    pub next: &'a mut dyn Link,
+    /// From `rank - 1`.
+    pub prev: &'a mut dyn Link,
+}
+
+/// One collective for the engine to run.
+pub(crate) struct Job<'a> {
+    pub plan: &'a Plan,
+    pub seq: u64,
+    pub descriptor: [u8; DESCRIPTOR_LEN],
+    /// `None` for an in-place call.
+    pub input: Option<&'a [u8]>,
+    pub output: &'a mut [u8],
+    pub dtype: DType,
+    pub op: ReduceOp,
+    pub world: usize,
+    pub reducer: &'a dyn Reducer,
+    pub staging: &'a mut Vec<u8>,
+    pub timeout: Duration,
+}
+
+/// Why the engine stopped.
+#[derive(Debug)]
+pub(crate) enum EngineError {
+    Transport(TransportError),
+    Timeout {
+        what: String,
+        waited: Duration,
+    },
+    Mismatch {
+        peer: usize,
+        descriptor: [u8; DESCRIPTOR_LEN],
+        seq: u64,
+    },
+    Protocol {
+        peer: usize,
+        reason: String,
+    },
+    Kernel(KernelError),
+}
+
+impl From<TransportError> for EngineError {
+    fn from(e: TransportError) -> Self {
+        EngineError::Transport(e)
+    }
+}
+
+impl From<KernelError> for EngineError {
+    fn from(e: KernelError) -> Self {
+        EngineError::Kernel(e)
+    }
+}
+
+const HDR: usize = FrameHeader::LEN;
+
+/// Runs `job`. `ring` may be `None` only when the plan has no frames.
+pub(crate) fn run(ring: Option<Ring<'_>>, job: Job<'_>) -> Result<(), EngineError> {
+    let Job {
+        plan,
+        seq,
+        descriptor,
+        input,
+        output,
+        dtype,
+        op,
+        world,
+        reducer,
+        staging,
+        timeout,
+    } = job;
+    let off = plan.input_offset;
+    if let (Some(r), Some(inp)) = (plan.prologue_copy.clone(), input) {
+        output[r.clone()].copy_from_slice(&inp[r.start - off..r.end - off]);
+    }
+    if let Some(r) = plan.local_avg.clone() {
+        reducer.finish_avg(dtype, &mut output[r], world)?;
+    }
+    if plan.sends.is_empty() && plan.recvs.is_empty() {
+        return Ok(());
+    }
+    let Some(ring) = ring else {
+        return Err(EngineError::Protocol {
+            peer: 0,
+            reason: "a plan with frames but no links".into(),
+        });
+    };
+    let need = plan.staging_len();
+    if staging.len() < need {
+        staging.resize(need, 0);
+    }
+    let next_rank = ring.next.peer();
+    let prev_rank = ring.prev.peer();
+
+    let mut progress = Progress::default();
+    let mut send_hdr = [0u8; HDR];
+    let mut send_pos = 0usize; // bytes of the current frame written, header included
+    let mut recv_hdr = [0u8; HDR];
+    let mut recv_pos = 0usize; // bytes of the current frame read, header included
+    let mut empty = [0u8; 0];
+    let mut last_progress = Instant::now();
+
+    loop {
+        let mut moved = false;
+        let mut send_full = false;
+
+        // Send every frame that may go, until the socket is full.
+        while let Some(s) = progress.next_send(plan) {
+            let payload: &[u8] = match (s.src, input) {
+                (Src::Input, Some(inp)) => &inp[s.range.start - off..s.range.end - off],
+                _ => &output[s.range.clone()],
+            };
+            if send_pos == 0 {
+                send_hdr = FrameHeader {
+                    tag: Tag {
+                        seq,
+                        step: s.step,
+                        slice: s.slice,
+                    },
+                    len: payload.len() as u32,
+                    descriptor,
+                }
+                .encode();
+            }
+            let n = if send_pos < HDR {
+                ring.next
+                    .try_write(&[IoSlice::new(&send_hdr[send_pos..]), IoSlice::new(payload)])?
+            } else {
+                ring.next
+                    .try_write(&[IoSlice::new(&payload[send_pos - HDR..])])?
+            };
+            if n == 0 {
+                send_full = true;
+                break;
+            }
+            moved = true;
+            send_pos += n;
+            if send_pos == HDR + payload.len() {
+                tracing::trace!(
+                    seq,
+                    step = s.step,
+                    slice = s.slice,
+                    bytes = payload.len(),
+                    to = next_rank,
+                    "sent"
+                );
+                progress.handle_sent();
+                send_pos = 0;
+            }
+        }
+
+        // Receive every frame available.
+        while let Some(r) = progress.next_recv(plan) {
+            let len = r.range.len();
+            let target: &mut [u8] = match r.commit {
+                Commit::Copy => &mut output[r.range.clone()],
+                Commit::Reduce { .. } => &mut staging[..len],
+                Commit::Discard => &mut empty,
+            };
+            let was_header = recv_pos < HDR;
+            let n = if was_header {
+                ring.prev.try_read(&mut [
+                    IoSliceMut::new(&mut recv_hdr[recv_pos..]),
+                    IoSliceMut::new(target),
+                ])?
+            } else {
+                ring.prev
+                    .try_read(&mut [IoSliceMut::new(&mut target[recv_pos - HDR..])])?
+            };
+            if n == 0 {
+                break;
+            }
+            moved = true;
+            recv_pos += n;
+            if was_header && recv_pos >= HDR {
+                check_header(&recv_hdr, seq, &descriptor, r.step, r.slice, len, prev_rank)?;
+            }
+            if recv_pos == HDR + len {
+                if let Commit::Reduce { with, finish_avg } = r.commit {
+                    let dst = &mut output[r.range.clone()];
+                    if let (Src::Input, Some(inp)) = (with, input) {
+                        dst.copy_from_slice(&inp[r.range.start - off..r.range.end - off]);
+                    }
+                    reducer.reduce(dtype, op, dst, &staging[..len])?;
+                    if finish_avg {
+                        reducer.finish_avg(dtype, dst, world)?;
+                    }
+                }
+                tracing::trace!(
+                    seq,
+                    step = r.step,
+                    slice = r.slice,
+                    bytes = len,
+                    from = prev_rank,
+                    "received"
+                );
+                progress.handle_received();
+                recv_pos = 0;
+            }
+        }
+
+        if progress.done(plan) {
+            return Ok(());
+        }
+        if moved {
+            last_progress = Instant::now();
+            continue;
+        }
+        let waited = last_progress.elapsed();
+        let want_read = progress.next_recv(plan);
+        if waited >= timeout {
+            let what = match want_read {
+                Some(r) => format!(
+                    "data from rank {prev_rank} (step {}, slice {}; {} of {} frames received)",
+                    r.step,
+                    r.slice,
+                    progress.received(),
+                    plan.recvs.len()
+                ),
+                None => format!(
+                    "rank {next_rank} to take data ({} of {} frames sent)",
+                    progress.sent(),
+                    plan.sends.len()
+                ),
+            };
+            return Err(EngineError::Timeout { what, waited });
+        }
+        let read_link: Option<&dyn Link> = if want_read.is_some() {
+            Some(&*ring.prev)
+        } else {
+            None
+        };
+        let write_link: Option<&dyn Link> = if send_full { Some(&*ring.next) } else { None };
+        wait(read_link, write_link, timeout - waited)?;
+    }
+}
+
+fn check_header(
+    raw: &[u8; HDR],
+    seq: u64,
+    descriptor: &[u8; DESCRIPTOR_LEN],
+    step: u32,
+    slice: u32,
+    len: usize,
+    peer: usize,
+) -> Result<(), EngineError> {
+    let h = FrameHeader::decode(raw).map_err(|reason| EngineError::Protocol { peer, reason })?;
+    if h.descriptor != *descriptor || h.tag.seq != seq {
+        return Err(EngineError::Mismatch {
+            peer,
+            descriptor: h.descriptor,
+            seq: h.tag.seq,
+        });
+    }
+    if h.tag.step != step || h.tag.slice != slice || h.len as usize != len {
+        return Err(EngineError::Protocol {
+            peer,
+            reason: format!(
+                "expected frame step {step} slice {slice} of {len} bytes, got step {} slice {} of {} bytes",
+                h.tag.step, h.tag.slice, h.len
+            ),
+        });
+    }
+    Ok(())
+}

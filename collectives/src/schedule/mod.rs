@@ -1,0 +1,515 @@
+//! Pure, sans-IO schedules of the collectives.
+//!
+//! A [`Plan`] lists, for one rank, the frames it sends to the next rank of
+//! the ring and the frames it receives from the previous one, each with the
+//! byte range it covers and the dependency that orders it. [`Progress`] walks
+//! a plan: it is fed completions (`handle_sent`, `handle_received`) and
+//! polled for the next frame that may go (`next_send`, `next_recv`). There are
+//! no sockets, threads or clocks here: the engine drives a plan over links,
+//! and the simulator in this module's tests drives `world` plans against each
+//! other with a seeded delivery order.
+//!
+//! # The ring algorithms
+//!
+//! The buffer of `count` elements is cut into `world` chunks (chunk `c` is
+//! elements `c*count/world .. (c+1)*count/world`: counts need not divide by
+//! the world and chunks may be empty). Each chunk travels as slices of at
+//! most `slice_elems` elements; an empty chunk still travels as one empty
+//! slice so that every step carries a frame and its descriptor.
+//!
+//! * reduce-scatter, `world - 1` steps: at step `k` rank `r` sends chunk
+//!   `r-k-1` and receives chunk `r-k-2`, reducing it into its own. Step 0 is a
+//!   *send*; the later steps are *recv-reduce-send*: the slice sent at step
+//!   `k` is the one received and reduced at step `k-1`, so slice `j` of step
+//!   `k` may go as soon as slice `j` of step `k-1` has been reduced. After the
+//!   last step rank `r` holds the fully reduced chunk `r`.
+//! * allgather, `world - 1` steps: at step `k` rank `r` sends chunk `r-k` and
+//!   receives chunk `r-k-1` straight into place (*recv-copy-send*); step 0
+//!   sends the rank's own chunk.
+//! * allreduce: reduce-scatter then allgather, `2(world-1)` steps, one
+//!   pipeline: the allgather's first step sends the slices of chunk `r` as
+//!   they finish their last reduction.
+//! * broadcast: a chain `root, root+1, ..., root-1`; every rank but the root
+//!   receives each slice and forwards it (*recv-copy-send*); the last rank
+//!   answers the root with an empty frame, so the root too learns of a
+//!   mismatched or failed call.
+//! * reduce: a chain `root+1, ..., root`; every rank but the first receives
+//!   each slice, reduces it with its input and forwards it; the root receives
+//!   last. The root sends the first rank an empty frame for the same reason.
+
+mod layout;
+
+pub use layout::{chunk_range, slices};
+
+use std::ops::Range;
+
+/// Which collective a call is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum Kind {
+    /// Every rank gets the reduction of every rank's buffer.
+    AllReduce = 1,
+    /// Every rank gets the root's buffer.
+    Broadcast = 2,
+    /// The root gets the reduction of every rank's buffer.
+    Reduce = 3,
+    /// Every rank gets the concatenation of every rank's buffer.
+    AllGather = 4,
+    /// Rank `r` gets chunk `r` of the reduction of every rank's buffer.
+    ReduceScatter = 5,
+    /// Returns once every rank has entered.
+    Barrier = 6,
+}
+
+impl Kind {
+    /// Every kind.
+    pub const ALL: [Kind; 6] = [
+        Kind::AllReduce,
+        Kind::Broadcast,
+        Kind::Reduce,
+        Kind::AllGather,
+        Kind::ReduceScatter,
+        Kind::Barrier,
+    ];
+
+    /// The name used in messages ("all_reduce", ...).
+    pub const fn name(self) -> &'static str {
+        match self {
+            Kind::AllReduce => "all_reduce",
+            Kind::Broadcast => "broadcast",
+            Kind::Reduce => "reduce",
+            Kind::AllGather => "all_gather",
+            Kind::ReduceScatter => "reduce_scatter",
+            Kind::Barrier => "barrier",
+        }
+    }
+
+    /// The kind with discriminant `v`.
+    pub fn from_u8(v: u8) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| *k as u8 == v)
+    }
+}
+
+/// The buffer a frame's bytes come from, or a reduction's local operand.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Src {
+    /// The caller's input (the output itself for an in-place call).
+    Input,
+    /// The output buffer.
+    Output,
+}
+
+/// One frame to send to the next rank.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SendOp {
+    /// Ring step.
+    pub step: u32,
+    /// Slice within the step.
+    pub slice: u32,
+    /// Buffer the payload comes from.
+    pub src: Src,
+    /// Byte range of the payload in that buffer (may be empty).
+    pub range: Range<usize>,
+    /// Index of the receive that must have completed before this frame goes.
+    pub after_recv: Option<usize>,
+}
+
+/// What to do with a received frame's payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Commit {
+    /// Received straight into the output range.
+    Copy,
+    /// Received into staging, then `output[range] = op(with[range], staging)`.
+    Reduce {
+        /// The local operand.
+        with: Src,
+        /// Then turn the sums of this range into averages (the range is final).
+        finish_avg: bool,
+    },
+    /// An empty frame that only carries its header (synchronisation).
+    Discard,
+}
+
+/// One frame to receive from the previous rank.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecvOp {
+    /// Ring step.
+    pub step: u32,
+    /// Slice within the step.
+    pub slice: u32,
+    /// Byte range of the output the payload lands in (may be empty).
+    pub range: Range<usize>,
+    /// What to do with it.
+    pub commit: Commit,
+}
+
+/// Everything one rank sends and receives in one collective.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// Frames to the next rank, in order.
+    pub sends: Vec<SendOp>,
+    /// Frames from the previous rank, in order.
+    pub recvs: Vec<RecvOp>,
+    /// Copy `input[range]` to `output[range]` before anything else (out of place only).
+    pub prologue_copy: Option<Range<usize>>,
+    /// Finish averaging `output[range]` locally (a world of one rank, nothing received).
+    pub local_avg: Option<Range<usize>>,
+    /// Where the input buffer sits in the output's byte coordinates: ranges
+    /// that read [`Src::Input`] of an out-of-place call are shifted down by
+    /// it. Non-zero only for allgather, whose input is the rank's own chunk.
+    pub input_offset: usize,
+}
+
+impl Plan {
+    /// The largest payload of any received frame that goes through staging.
+    pub fn staging_len(&self) -> usize {
+        self.recvs
+            .iter()
+            .filter(|r| matches!(r.commit, Commit::Reduce { .. }))
+            .map(|r| r.range.len())
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+/// The shape of one call, as the schedule needs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shape {
+    /// Which collective.
+    pub kind: Kind,
+    /// Ranks in the ring.
+    pub world: usize,
+    /// This rank.
+    pub rank: usize,
+    /// Elements of the whole output buffer the ring works on (allgather and
+    /// reduce-scatter: `world` times the per-rank count).
+    pub count: usize,
+    /// Bytes per element.
+    pub elem: usize,
+    /// Root of broadcast and reduce.
+    pub root: usize,
+    /// Whether the op is an average (the last reduction of a range finishes it).
+    pub avg: bool,
+    /// Whether input and output are distinct buffers.
+    pub out_of_place: bool,
+    /// Largest slice, in elements (at least 1).
+    pub slice_elems: usize,
+}
+
+/// Builds the plan of one rank.
+pub fn plan(s: &Shape) -> Plan {
+    assert!(s.world >= 1 && s.rank < s.world && s.root < s.world && s.slice_elems >= 1);
+    let mut p = Plan::default();
+    let whole = 0..s.count * s.elem;
+    let own = || byte_range(s, chunk_range(s.count, s.world, s.rank));
+    match s.kind {
+        Kind::AllReduce | Kind::Barrier => {
+            ring_reduce_scatter(s, &mut p, 0);
+            let rs_steps = (s.world - 1) as u32;
+            let tail = (!p.recvs.is_empty()).then(|| p.recvs.len());
+            ring_all_gather(s, &mut p, rs_steps, tail);
+            if s.world == 1 && s.out_of_place {
+                p.prologue_copy = Some(whole.clone());
+            }
+            if s.world == 1 && s.avg {
+                p.local_avg = Some(whole);
+            }
+        }
+        Kind::ReduceScatter => {
+            ring_reduce_scatter(s, &mut p, 0);
+            if s.world == 1 {
+                if s.out_of_place {
+                    p.prologue_copy = Some(own());
+                }
+                if s.avg {
+                    p.local_avg = Some(own());
+                }
+            }
+        }
+        Kind::AllGather => {
+            if s.out_of_place {
+                p.prologue_copy = Some(own());
+                p.input_offset = own().start;
+            }
+            ring_all_gather(s, &mut p, 0, None);
+        }
+        Kind::Broadcast => chain_broadcast(s, &mut p),
+        Kind::Reduce => chain_reduce(s, &mut p),
+    }
+    p
+}
+
+fn byte_range(s: &Shape, elems: Range<usize>) -> Range<usize> {
+    elems.start * s.elem..elems.end * s.elem
+}
+
+fn wrap(s: &Shape, x: isize) -> usize {
+    x.rem_euclid(s.world as isize) as usize
+}
+
+/// The reduce-scatter steps, numbered from `first_step`.
+fn ring_reduce_scatter(s: &Shape, p: &mut Plan, first_step: u32) {
+    let r = s.rank as isize;
+    // Index in p.recvs of each slice received at the previous step.
+    let mut prev_recvs: Vec<usize> = Vec::new();
+    for k in 0..s.world.saturating_sub(1) {
+        let step = first_step + k as u32;
+        let send_chunk = wrap(s, r - k as isize - 1);
+        let recv_chunk = wrap(s, r - k as isize - 2);
+        for (j, elems) in
+            slices(chunk_range(s.count, s.world, send_chunk), s.slice_elems).enumerate()
+        {
+            p.sends.push(SendOp {
+                step,
+                slice: j as u32,
+                src: if k == 0 { Src::Input } else { Src::Output },
+                range: byte_range(s, elems),
+                after_recv: if k == 0 { None } else { Some(prev_recvs[j]) },
+            });
+        }
+        let last = k + 2 == s.world;
+        prev_recvs.clear();
+        for (j, elems) in
+            slices(chunk_range(s.count, s.world, recv_chunk), s.slice_elems).enumerate()
+        {
+            prev_recvs.push(p.recvs.len());
+            p.recvs.push(RecvOp {
+                step,
+                slice: j as u32,
+                range: byte_range(s, elems),
+                commit: Commit::Reduce {
+                    with: Src::Input,
+                    finish_avg: last && s.avg,
+                },
+            });
+        }
+    }
+}
+
+/// The allgather steps, numbered from `first_step`. When it follows a
+/// reduce-scatter, `after` is the number of receives before it: the own
+/// chunk's slices were the last ones received.
+fn ring_all_gather(s: &Shape, p: &mut Plan, first_step: u32, after: Option<usize>) {
+    let r = s.rank as isize;
+    let mut prev_recvs: Vec<usize> = Vec::new();
+    if let Some(end) = after {
+        let own = slices(chunk_range(s.count, s.world, s.rank), s.slice_elems).count();
+        prev_recvs.extend(end - own..end);
+    }
+    for k in 0..s.world.saturating_sub(1) {
+        let step = first_step + k as u32;
+        let send_chunk = wrap(s, r - k as isize);
+        let recv_chunk = wrap(s, r - k as isize - 1);
+        for (j, elems) in
+            slices(chunk_range(s.count, s.world, send_chunk), s.slice_elems).enumerate()
+        {
+            let (src, after_recv) = if k == 0 {
+                match after {
+                    Some(_) => (Src::Output, Some(prev_recvs[j])),
+                    None => (Src::Input, None),
+                }
+            } else {
+                (Src::Output, Some(prev_recvs[j]))
+            };
+            p.sends.push(SendOp {
+                step,
+                slice: j as u32,
+                src,
+                range: byte_range(s, elems),
+                after_recv,
+            });
+        }
+        prev_recvs.clear();
+        for (j, elems) in
+            slices(chunk_range(s.count, s.world, recv_chunk), s.slice_elems).enumerate()
+        {
+            prev_recvs.push(p.recvs.len());
+            p.recvs.push(RecvOp {
+                step,
+                slice: j as u32,
+                range: byte_range(s, elems),
+                commit: Commit::Copy,
+            });
+        }
+    }
+}
+
+/// Broadcast as a pipelined chain from the root.
+fn chain_broadcast(s: &Shape, p: &mut Plan) {
+    let n = s.world;
+    let pos = wrap(s, s.rank as isize - s.root as isize);
+    if n == 1 {
+        if s.out_of_place {
+            p.prologue_copy = Some(0..s.count * s.elem);
+        }
+        return;
+    }
+    let all = 0..s.count;
+    if pos == 0 {
+        if s.out_of_place {
+            p.prologue_copy = Some(0..s.count * s.elem);
+        }
+        for (j, elems) in slices(all, s.slice_elems).enumerate() {
+            p.sends.push(SendOp {
+                step: 0,
+                slice: j as u32,
+                src: Src::Input,
+                range: byte_range(s, elems),
+                after_recv: None,
+            });
+        }
+        p.recvs.push(done_frame(1));
+        return;
+    }
+    for (j, elems) in slices(all, s.slice_elems).enumerate() {
+        p.recvs.push(RecvOp {
+            step: 0,
+            slice: j as u32,
+            range: byte_range(s, elems.clone()),
+            commit: Commit::Copy,
+        });
+        if pos + 1 < n {
+            p.sends.push(SendOp {
+                step: 0,
+                slice: j as u32,
+                src: Src::Output,
+                range: byte_range(s, elems),
+                after_recv: Some(j),
+            });
+        }
+    }
+    if pos + 1 == n {
+        p.sends.push(SendOp {
+            step: 1,
+            slice: 0,
+            src: Src::Output,
+            range: 0..0,
+            after_recv: Some(p.recvs.len() - 1),
+        });
+    }
+}
+
+/// Reduce as a pipelined chain ending at the root.
+fn chain_reduce(s: &Shape, p: &mut Plan) {
+    let n = s.world;
+    if n == 1 {
+        if s.out_of_place {
+            p.prologue_copy = Some(0..s.count * s.elem);
+        }
+        if s.avg {
+            p.local_avg = Some(0..s.count * s.elem);
+        }
+        return;
+    }
+    // Position in the chain: 0 is root+1, n-1 is the root.
+    let pos = wrap(s, s.rank as isize - s.root as isize - 1);
+    let all = 0..s.count;
+    if pos == 0 {
+        for (j, elems) in slices(all, s.slice_elems).enumerate() {
+            p.sends.push(SendOp {
+                step: 0,
+                slice: j as u32,
+                src: Src::Input,
+                range: byte_range(s, elems),
+                after_recv: None,
+            });
+        }
+        p.recvs.push(done_frame(1));
+        return;
+    }
+    let root = pos + 1 == n;
+    if root {
+        p.sends.push(SendOp {
+            step: 1,
+            slice: 0,
+            src: Src::Output,
+            range: 0..0,
+            after_recv: None,
+        });
+    }
+    for (j, elems) in slices(all, s.slice_elems).enumerate() {
+        p.recvs.push(RecvOp {
+            step: 0,
+            slice: j as u32,
+            range: byte_range(s, elems.clone()),
+            commit: Commit::Reduce {
+                with: Src::Input,
+                finish_avg: root && s.avg,
+            },
+        });
+        if !root {
+            p.sends.push(SendOp {
+                step: 0,
+                slice: j as u32,
+                src: Src::Output,
+                range: byte_range(s, elems),
+                after_recv: Some(j),
+            });
+        }
+    }
+}
+
+fn done_frame(step: u32) -> RecvOp {
+    RecvOp {
+        step,
+        slice: 0,
+        range: 0..0,
+        commit: Commit::Discard,
+    }
+}
+
+/// Walks a [`Plan`]: which frame may be sent or received next.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Progress {
+    sent: usize,
+    received: usize,
+}
+
+impl Progress {
+    /// The next frame to send, if its dependency is met.
+    pub fn next_send<'p>(&self, plan: &'p Plan) -> Option<&'p SendOp> {
+        let op = plan.sends.get(self.sent)?;
+        match op.after_recv {
+            Some(i) if i >= self.received => None,
+            _ => Some(op),
+        }
+    }
+
+    /// The next frame to receive.
+    pub fn next_recv<'p>(&self, plan: &'p Plan) -> Option<&'p RecvOp> {
+        plan.recvs.get(self.received)
+    }
+
+    /// Whether a send is waiting for a receive to complete first.
+    pub fn send_blocked(&self, plan: &Plan) -> bool {
+        self.sent < plan.sends.len() && self.next_send(plan).is_none()
+    }
+
+    /// The frame returned by `next_send` has been written entirely.
+    pub fn handle_sent(&mut self) {
+        self.sent += 1;
+    }
+
+    /// The frame returned by `next_recv` has been received and committed.
+    pub fn handle_received(&mut self) {
+        self.received += 1;
+    }
+
+    /// Frames sent so far.
+    pub fn sent(&self) -> usize {
+        self.sent
+    }
+
+    /// Frames received so far.
+    pub fn received(&self) -> usize {
+        self.received
+    }
+
+    /// Whether every frame of `plan` went both ways.
+    pub fn done(&self, plan: &Plan) -> bool {
+        self.sent == plan.sends.len() && self.received == plan.recvs.len()
+    }
+}
+
+#[cfg(test)]
+mod sim;
