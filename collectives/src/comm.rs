@@ -525,12 +525,30 @@ impl Communicator {
                 }
             }
             EngineError::Transport(source) => Error::Transport { rank, call, source },
-            EngineError::Timeout { what, waited } => Error::Timeout {
-                rank,
-                call,
-                what,
-                waited,
-            },
+            EngineError::Timeout { what, waited, peer } => {
+                match self.store.try_get(&self.abort_key(peer)) {
+                    // The rank we waited for failed first (often: it timed out
+                    // waiting for the rank that is really stuck); its cause is the
+                    // better one.
+                    Ok(Some(report)) => {
+                        let (origin, cause) =
+                            parse_report(&report).unwrap_or((peer, "an unreadable report".into()));
+                        Error::Remote {
+                            rank,
+                            call,
+                            origin,
+                            reporter: Some(peer),
+                            cause,
+                        }
+                    }
+                    _ => Error::Timeout {
+                        rank,
+                        call,
+                        what,
+                        waited,
+                    },
+                }
+            }
             EngineError::Mismatch {
                 peer,
                 descriptor,

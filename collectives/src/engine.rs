@@ -51,6 +51,7 @@ pub(crate) struct Job<'a> {
 pub(crate) enum EngineError {
     Transport(TransportError),
     Timeout {
+        peer: usize,
         what: String,
         waited: Duration,
     },
@@ -235,6 +236,11 @@ pub(crate) fn run(ring: Option<Ring<'_>>, job: Job<'_>) -> Result<(), EngineErro
         let waited = last_progress.elapsed();
         let want_read = progress.next_recv(plan);
         if waited >= timeout {
+            let peer = if want_read.is_some() {
+                prev_rank
+            } else {
+                next_rank
+            };
             let what = match want_read {
                 Some(r) => format!(
                     "data from rank {prev_rank} (step {}, slice {}; {} of {} frames received)",
@@ -249,7 +255,7 @@ pub(crate) fn run(ring: Option<Ring<'_>>, job: Job<'_>) -> Result<(), EngineErro
                     plan.sends.len()
                 ),
             };
-            return Err(EngineError::Timeout { what, waited });
+            return Err(EngineError::Timeout { what, waited, peer });
         }
         let read_link: Option<&dyn Link> = if want_read.is_some() {
             Some(&*ring.prev)

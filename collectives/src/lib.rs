@@ -28,6 +28,7 @@ pub mod config;
 mod descriptor;
 mod engine;
 mod error;
+pub mod pattern;
 pub mod schedule;
 
 pub use bootstrap::{JOB_KEY, UniqueId, address_key, run_in_process};

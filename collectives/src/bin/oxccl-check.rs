@@ -1,0 +1,178 @@
+//! `oxccl-check`: runs collectives on every rank of a job, checks each
+//! result element against the exact expected value, and reports the time.
+//!
+//! Start it under a launcher: `oxrun -n 4 -- oxccl-check`.
+
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::Parser;
+use oxccl::config::parse_bytes;
+use oxccl::{Communicator, DType, Descriptor, Kind, ReduceOp, pattern};
+
+/// Runs collectives across the ranks of a job, checks every element of every
+/// result, and prints the median time and bandwidth (on rank 0).
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// Collective: all_reduce, broadcast, reduce, all_gather, reduce_scatter, barrier, or all.
+    #[arg(short, long, default_value = "all_reduce")]
+    collective: String,
+    /// Size in bytes as nccl-tests counts it (allgather: the gathered output;
+    /// reduce-scatter: the input); suffixes K, M, G.
+    #[arg(short, long, default_value = "64M", value_parser = |s: &str| parse_bytes("--bytes", s).map_err(|e| e.to_string()))]
+    bytes: usize,
+    /// Element type (f32, f16, bf16, f64, i8, u8, i32, u32, i64, u64, or nccl-tests' names).
+    #[arg(short, long, default_value = "f32")]
+    dtype: DType,
+    /// Reduction: sum, prod, min, max, avg.
+    #[arg(short, long, default_value = "sum")]
+    op: ReduceOp,
+    /// Root of broadcast and reduce.
+    #[arg(short, long, default_value_t = 0)]
+    root: usize,
+    /// Timed iterations.
+    #[arg(short, long, default_value_t = 5)]
+    iters: usize,
+    /// Untimed warm-up iterations.
+    #[arg(short, long, default_value_t = 1)]
+    warmup: usize,
+    /// Run in place (output over input).
+    #[arg(long)]
+    in_place: bool,
+}
+
+fn kinds(name: &str) -> Result<Vec<Kind>, String> {
+    if name == "all" {
+        return Ok(Kind::ALL.to_vec());
+    }
+    Kind::ALL
+        .into_iter()
+        .find(|k| k.name() == name || k.name().replace('_', "") == name)
+        .map(|k| vec![k])
+        .ok_or_else(|| format!("unknown collective '{name}'"))
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let kinds = match kinds(&args.collective) {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("oxccl-check: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut comm = match Communicator::from_env() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("oxccl-check: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut failed = false;
+    for kind in kinds {
+        if let Err(e) = run(&mut comm, &args, kind) {
+            eprintln!("oxccl-check: {e}");
+            failed = true;
+            break;
+        }
+    }
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+fn run(comm: &mut Communicator, args: &Args, kind: Kind) -> Result<(), String> {
+    let (world, rank) = (comm.world(), comm.rank());
+    let size = args.dtype.size();
+    let elems = args.bytes / size;
+    let count = match kind {
+        Kind::AllGather | Kind::ReduceScatter => elems / world,
+        Kind::Barrier => 0,
+        _ => elems,
+    };
+    let d = Descriptor {
+        kind,
+        dtype: args.dtype,
+        op: args.op,
+        root: args.root,
+        count,
+    };
+    let input = pattern::input(&d, world, rank);
+    let out_len = match kind {
+        Kind::AllGather => count * world * size,
+        _ => count * size,
+    };
+    let mut times = Vec::with_capacity(args.iters);
+    let mut wrong = 0;
+    let mut output = vec![
+        0u8;
+        if args.in_place && kind == Kind::ReduceScatter {
+            count * world * size
+        } else {
+            out_len
+        }
+    ];
+    for i in 0..args.warmup + args.iters {
+        let t = Instant::now();
+        if args.in_place {
+            // Lay the input where an in-place call expects it.
+            match kind {
+                Kind::AllGather => {
+                    output[rank * count * size..(rank + 1) * count * size].copy_from_slice(&input)
+                }
+                _ => output.copy_from_slice(&input),
+            }
+            comm.run_bytes(d, None, &mut output)
+                .map_err(|e| e.to_string())?;
+        } else {
+            comm.run_bytes(d, Some(&input), &mut output)
+                .map_err(|e| e.to_string())?;
+        }
+        if i >= args.warmup {
+            times.push(t.elapsed());
+        }
+        let result = match (kind, args.in_place) {
+            (Kind::ReduceScatter, true) => &output[rank * count * size..(rank + 1) * count * size],
+            _ => &output[..],
+        };
+        wrong += pattern::count_wrong(&d, world, rank, result);
+    }
+    if wrong > 0 {
+        return Err(format!(
+            "rank {rank}: {}: {wrong} wrong elements",
+            d.call(0)
+        ));
+    }
+    times.sort();
+    let median = times.get(times.len() / 2).copied().unwrap_or_default();
+    if rank == 0 {
+        let n = world as f64;
+        let factor = match kind {
+            Kind::AllReduce => 2.0 * (n - 1.0) / n,
+            Kind::AllGather | Kind::ReduceScatter => (n - 1.0) / n,
+            _ => 1.0,
+        };
+        let bytes = match kind {
+            Kind::AllGather | Kind::ReduceScatter => count * world * size,
+            _ => count * size,
+        };
+        let secs = median.as_secs_f64().max(1e-9);
+        let algbw = bytes as f64 / secs / 1e9;
+        println!(
+            "{:<14} {:>5} {:>4} {:>12} bytes, {world} ranks{}: median {:>10.1} us over {} iterations, algbw {:.2} GB/s, busbw {:.2} GB/s, result OK",
+            kind.name(),
+            args.dtype.nccl_name(),
+            if d.reduces() { args.op.name() } else { "-" },
+            bytes,
+            if args.in_place { ", in place" } else { "" },
+            secs * 1e6,
+            times.len(),
+            algbw,
+            algbw * factor,
+        );
+    }
+    Ok(())
+}

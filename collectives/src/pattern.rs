@@ -1,0 +1,135 @@
+//! Deterministic data for checking collectives without a second exchange.
+//!
+//! Rank `r`'s input element `i` is [`value`]`(op, r, i)`, small integers that
+//! every dtype represents exactly and whose sums and products stay exact in
+//! f16 and bf16 for worlds up to 8 (up to 2^8 for products), so any rank can
+//! compute any other rank's input and the exact expected result, and results
+//! are compared bit for bit whatever order the ring reduced in.
+
+use half::{bf16, f16};
+use oxccl_kernels::reference::ReferenceReducer;
+use oxccl_kernels::{DType, ReduceOp, Reducer};
+
+use crate::Descriptor;
+use crate::schedule::Kind;
+
+/// Element `index` of rank `rank`'s input, as a number.
+pub fn value(op: ReduceOp, rank: usize, index: usize) -> i64 {
+    let h = (index as u64)
+        .wrapping_mul(7)
+        .wrapping_add(rank as u64 * 13 + 3);
+    if op == ReduceOp::Prod {
+        [-2, -1, 1, 2][(h % 4) as usize]
+    } else {
+        (h % 17) as i64 - 8
+    }
+}
+
+/// Writes elements `first..first + out.len() / size` of rank `rank`'s input into `out`.
+pub fn fill(dtype: DType, op: ReduceOp, rank: usize, first: usize, out: &mut [u8]) {
+    let size = dtype.size();
+    for (k, e) in out.chunks_exact_mut(size).enumerate() {
+        let v = value(op, rank, first + k);
+        match dtype {
+            DType::I8 => e.copy_from_slice(&(v as i8).to_le_bytes()),
+            DType::U8 => e.copy_from_slice(&(v as u8).to_le_bytes()),
+            DType::I32 => e.copy_from_slice(&(v as i32).to_le_bytes()),
+            DType::U32 => e.copy_from_slice(&(v as u32).to_le_bytes()),
+            DType::I64 => e.copy_from_slice(&v.to_le_bytes()),
+            DType::U64 => e.copy_from_slice(&(v as u64).to_le_bytes()),
+            DType::F16 => e.copy_from_slice(&f16::from_f64(v as f64).to_le_bytes()),
+            DType::BF16 => e.copy_from_slice(&bf16::from_f64(v as f64).to_le_bytes()),
+            DType::F32 => e.copy_from_slice(&(v as f32).to_le_bytes()),
+            DType::F64 => e.copy_from_slice(&(v as f64).to_le_bytes()),
+        }
+    }
+}
+
+/// Rank `rank`'s input for the call `d` in a world of `world`.
+pub fn input(d: &Descriptor, world: usize, rank: usize) -> Vec<u8> {
+    let n = match d.kind {
+        Kind::ReduceScatter => d.count * world,
+        _ => d.count,
+    };
+    let mut v = vec![0u8; n * d.dtype.size()];
+    fill(d.dtype, d.op, rank, 0, &mut v);
+    v
+}
+
+/// Counts the elements of rank `rank`'s `output` of call `d` that differ from
+/// the exact result (NCCL tests' `#wrong`). Outputs that the call leaves
+/// undefined (a non-root's reduce) count nothing.
+pub fn count_wrong(d: &Descriptor, world: usize, rank: usize, output: &[u8]) -> usize {
+    let size = d.dtype.size();
+    const BLOCK: usize = 1 << 16;
+    let mut wrong = 0;
+    let mut want = vec![0u8; BLOCK * size];
+    let mut other = vec![0u8; BLOCK * size];
+    let reduced = |want: &mut [u8], other: &mut [u8], first: usize| {
+        fill(d.dtype, d.op, 0, first, want);
+        for r in 1..world {
+            fill(d.dtype, d.op, r, first, other);
+            // Same lengths and dtype: cannot fail.
+            let _ = ReferenceReducer.reduce(d.dtype, d.op, want, other);
+        }
+        if d.op == ReduceOp::Avg {
+            let _ = ReferenceReducer.finish_avg(d.dtype, want, world);
+        }
+    };
+    let mut compare = |out: &[u8], first: usize, source: &dyn Fn(&mut [u8], &mut [u8], usize)| {
+        for (b, chunk) in out.chunks(BLOCK * size).enumerate() {
+            let (w, o) = (&mut want[..chunk.len()], &mut other[..chunk.len()]);
+            source(w, o, first + b * BLOCK);
+            wrong += chunk
+                .chunks_exact(size)
+                .zip(w.chunks_exact(size))
+                .filter(|(x, y)| x != y)
+                .count();
+        }
+    };
+    match d.kind {
+        Kind::Barrier => {}
+        Kind::AllReduce => compare(output, 0, &reduced),
+        Kind::Reduce if rank == d.root => compare(output, 0, &reduced),
+        Kind::Reduce => {}
+        Kind::Broadcast => compare(output, 0, &|w, _, first| {
+            fill(d.dtype, d.op, d.root, first, w)
+        }),
+        Kind::ReduceScatter => compare(output, rank * d.count, &reduced),
+        Kind::AllGather => {
+            for r in 0..world {
+                let part = &output[r * d.count * size..(r + 1) * d.count * size];
+                compare(part, 0, &|w, _, first| fill(d.dtype, d.op, r, first, w));
+            }
+        }
+    }
+    wrong
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn detects_a_wrong_element() {
+        let d = Descriptor {
+            kind: Kind::AllReduce,
+            dtype: DType::F32,
+            op: ReduceOp::Sum,
+            root: 0,
+            count: 100,
+        };
+        let mut out = input(&d, 1, 0);
+        assert_eq!(count_wrong(&d, 1, 0, &out), 0);
+        out[4 * 37] ^= 1;
+        assert_eq!(count_wrong(&d, 1, 0, &out), 1);
+    }
+
+    #[test]
+    fn products_stay_exact_in_bf16() {
+        for i in 0..64 {
+            let p: i64 = (0..8).map(|r| value(ReduceOp::Prod, r, i)).product();
+            assert!(p.abs() <= 256);
+        }
+    }
+}

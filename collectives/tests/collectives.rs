@@ -1,0 +1,299 @@
+//! Every collective against the reference, with in-process ranks on threads
+//! (the same engine as TCP jobs, over socket pairs).
+
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use oxccl::pattern::{count_wrong, input};
+use oxccl::{Communicator, Config, DType, Descriptor, Kind, ReduceOp, run_in_process};
+use oxccl_kernels::Reducer;
+use oxccl_kernels::reference::ReferenceReducer;
+use proptest::prelude::*;
+
+fn config(slice_bytes: usize) -> Config {
+    Config {
+        slice_bytes,
+        timeout: Duration::from_secs(30),
+        ..Config::default()
+    }
+}
+
+/// Runs `d` on a fresh in-process world and returns each rank's wrong-element count.
+fn run(d: Descriptor, world: usize, slice_bytes: usize, in_place: bool) -> Vec<usize> {
+    run_in_process(world, config(slice_bytes), |comm: &mut Communicator| {
+        let (rank, size) = (comm.rank(), d.dtype.size());
+        let inp = input(&d, world, rank);
+        let out_len = match d.kind {
+            Kind::AllGather => d.count * world * size,
+            _ => d.count * size,
+        };
+        if in_place {
+            let mut buf = match d.kind {
+                Kind::AllGather => {
+                    let mut b = vec![0u8; out_len];
+                    b[rank * inp.len()..(rank + 1) * inp.len()].copy_from_slice(&inp);
+                    b
+                }
+                _ => inp.clone(),
+            };
+            comm.run_bytes(d, None, &mut buf).unwrap();
+            if d.kind == Kind::Reduce && rank != d.root {
+                assert_eq!(
+                    buf, inp,
+                    "a non-root's buffer is untouched by an in-place reduce"
+                );
+            }
+            let result = match d.kind {
+                Kind::ReduceScatter => &buf[rank * d.count * size..(rank + 1) * d.count * size],
+                _ => &buf[..],
+            };
+            count_wrong(&d, world, rank, result)
+        } else {
+            // Poison the output so that an element never written counts as wrong.
+            let mut out = vec![0xA5u8; out_len];
+            comm.run_bytes(d, Some(&inp), &mut out).unwrap();
+            assert_eq!(inp, input(&d, world, rank), "the input is not modified");
+            count_wrong(&d, world, rank, &out)
+        }
+    })
+    .unwrap()
+}
+
+fn assert_right(d: Descriptor, world: usize, slice_bytes: usize, in_place: bool) {
+    let wrong = run(d, world, slice_bytes, in_place);
+    assert!(
+        wrong.iter().all(|w| *w == 0),
+        "{} world {world} slice {slice_bytes} in_place {in_place}: wrong elements per rank {wrong:?}",
+        d.call(0)
+    );
+}
+
+#[test]
+fn every_kind_dtype_and_op() {
+    for kind in Kind::ALL {
+        for dtype in DType::ALL {
+            for op in ReduceOp::ALL {
+                if kind != Kind::AllReduce
+                    && kind != Kind::Reduce
+                    && kind != Kind::ReduceScatter
+                    && op != ReduceOp::Sum
+                {
+                    continue;
+                }
+                let count = if kind == Kind::Barrier { 0 } else { 37 };
+                let d = Descriptor {
+                    kind,
+                    dtype,
+                    op,
+                    root: 2,
+                    count,
+                };
+                assert_right(d, 3, 3 * dtype.size(), false);
+                assert_right(d, 4, 5 * dtype.size(), true);
+            }
+        }
+    }
+}
+
+#[test]
+fn edge_counts_and_worlds() {
+    for world in 1..=8 {
+        for count in [0, 1, world - 1, world, world + 1, 1001] {
+            for kind in [
+                Kind::AllReduce,
+                Kind::AllGather,
+                Kind::ReduceScatter,
+                Kind::Broadcast,
+                Kind::Reduce,
+            ] {
+                let d = Descriptor {
+                    kind,
+                    dtype: DType::I32,
+                    op: ReduceOp::Sum,
+                    root: world - 1,
+                    count,
+                };
+                assert_right(d, world, 4, false);
+                assert_right(d, world, 1 << 20, true);
+            }
+        }
+    }
+}
+
+#[test]
+fn large_odd_count_many_slices() {
+    let d = Descriptor {
+        kind: Kind::AllReduce,
+        dtype: DType::F32,
+        op: ReduceOp::Sum,
+        root: 0,
+        count: 1_000_003,
+    };
+    assert_right(d, 4, 4096, false);
+    assert_right(d, 3, 64 * 1024, true);
+    let d = Descriptor {
+        kind: Kind::AllReduce,
+        dtype: DType::BF16,
+        op: ReduceOp::Avg,
+        root: 0,
+        count: 300_007,
+    };
+    assert_right(d, 5, 1000, false);
+}
+
+/// Random floats (not exactly summable): within a tolerance of the reference.
+#[test]
+fn random_floats_within_tolerance() {
+    let world = 5;
+    let count = 10_007;
+    let inputs: Vec<Vec<f32>> = (0..world)
+        .map(|r| {
+            (0..count)
+                .map(|i| (((i * 2654435761usize + r * 97) % 100_000) as f32 / 7919.0) - 6.0)
+                .collect()
+        })
+        .collect();
+    let outs = run_in_process(world, config(4096), |comm| {
+        let mut out = vec![0f32; count];
+        comm.all_reduce(&inputs[comm.rank()], &mut out, ReduceOp::Sum)
+            .unwrap();
+        out
+    })
+    .unwrap();
+    let refs: Vec<&[f32]> = inputs.iter().map(|v| v.as_slice()).collect();
+    let want = oxccl_kernels::reference::reduce_all(ReduceOp::Sum, &refs);
+    // Five terms of magnitude <= 7: reordering changes a sum by a few ulps of 35.
+    let tol = 4.0 * world as f32 * f32::EPSILON * 35.0;
+    for out in &outs {
+        for (i, (a, b)) in out.iter().zip(&want).enumerate() {
+            assert!(
+                (a - b).abs() <= tol,
+                "element {i}: {a} vs {b} (tolerance {tol})"
+            );
+        }
+        assert_eq!(out, &outs[0], "every rank holds the same bits");
+    }
+}
+
+#[test]
+fn nan_and_infinity_propagate() {
+    let outs = run_in_process(3, config(8), |comm| {
+        let mut v = match comm.rank() {
+            0 => vec![f32::NAN, 1.0, f32::INFINITY, 2.0],
+            1 => vec![1.0, f32::NAN, 1.0, f32::NEG_INFINITY],
+            _ => vec![1.0, 2.0, 3.0, 4.0],
+        };
+        comm.all_reduce_in_place(&mut v, ReduceOp::Max).unwrap();
+        v
+    })
+    .unwrap();
+    for v in outs {
+        assert!(v[0].is_nan() && v[1].is_nan());
+        assert_eq!(v[2], f32::INFINITY);
+        assert_eq!(v[3], 4.0);
+    }
+}
+
+#[test]
+fn typed_api_shapes() {
+    let outs = run_in_process(4, config(16), |comm| {
+        let r = comm.rank() as u64;
+        let mut gathered = vec![0u64; 8];
+        comm.all_gather(&[r, r * 10], &mut gathered).unwrap();
+        let mut mine = [0i32; 2];
+        comm.reduce_scatter(&[1, 2, 3, 4, 5, 6, 7, 8], &mut mine, ReduceOp::Sum)
+            .unwrap();
+        let mut b = vec![r as i8; 3];
+        comm.broadcast_in_place(&mut b, 3).unwrap();
+        let mut avg = [r as f64];
+        comm.all_reduce_in_place(&mut avg, ReduceOp::Avg).unwrap();
+        let mut iavg = [r as i32 * 2 + 1];
+        comm.all_reduce_in_place(&mut iavg, ReduceOp::Avg).unwrap();
+        let mut red = [0u8; 1];
+        comm.reduce(&[r as u8 + 1], &mut red, ReduceOp::Prod, 1)
+            .unwrap();
+        comm.barrier().unwrap();
+        (
+            gathered,
+            mine,
+            b,
+            avg[0],
+            iavg[0],
+            red[0],
+            comm.stats().collectives,
+        )
+    })
+    .unwrap();
+    for (rank, (gathered, mine, b, avg, iavg, red, n)) in outs.into_iter().enumerate() {
+        assert_eq!(gathered, vec![0, 0, 1, 10, 2, 20, 3, 30]);
+        let c = rank as i32 * 2;
+        assert_eq!(mine, [4 * (c + 1), 4 * (c + 2)]);
+        assert_eq!(b, vec![3i8; 3]);
+        assert_eq!(avg, 1.5);
+        assert_eq!(
+            iavg,
+            (1 + 3 + 5 + 7) / 4,
+            "integer avg is the truncated mean"
+        );
+        if rank == 1 {
+            assert_eq!(red, 24);
+        } else {
+            assert_eq!(red, 0, "a non-root's output is untouched");
+        }
+        assert_eq!(n, 7);
+    }
+}
+
+#[test]
+fn reference_oracle_agrees_with_pattern() {
+    // The pattern's expectations and the reference reducer agree on a case
+    // computed by hand: 3 ranks, sum, element 0 is 3 + 16 + 29 (mod 17) - 24.
+    let d = Descriptor {
+        kind: Kind::AllReduce,
+        dtype: DType::I64,
+        op: ReduceOp::Sum,
+        root: 0,
+        count: 1,
+    };
+    let want: i64 = (0..3).map(|r| ((r * 13 + 3) % 17) as i64 - 8).sum();
+    let mut acc = input(&d, 3, 0);
+    for r in 1..3 {
+        ReferenceReducer
+            .reduce(DType::I64, ReduceOp::Sum, &mut acc, &input(&d, 3, r))
+            .unwrap();
+    }
+    assert_eq!(i64::from_le_bytes(acc.clone().try_into().unwrap()), want);
+    assert_eq!(count_wrong(&d, 3, 0, &acc), 0);
+}
+
+fn kinds() -> impl Strategy<Value = Kind> {
+    prop::sample::select(vec![
+        Kind::AllReduce,
+        Kind::Broadcast,
+        Kind::Reduce,
+        Kind::AllGather,
+        Kind::ReduceScatter,
+        Kind::Barrier,
+    ])
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(96))]
+    #[test]
+    fn random_calls_match_the_reference(
+        kind in kinds(),
+        dtype in prop::sample::select(DType::ALL.to_vec()),
+        op in prop::sample::select(ReduceOp::ALL.to_vec()),
+        world in 1usize..=8,
+        count in prop_oneof![Just(0usize), Just(1), 2usize..64, 64usize..5000],
+        root in 0usize..8,
+        slice_elems in prop_oneof![Just(1usize), 2usize..16, Just(1 << 16)],
+        in_place: bool,
+    ) {
+        let count = if kind == Kind::Barrier { 0 } else { count };
+        let d = Descriptor { kind, dtype, op, root: root % world, count };
+        let wrong = run(d, world, slice_elems * dtype.size(), in_place);
+        prop_assert!(wrong.iter().all(|w| *w == 0), "{}: {:?}", d.call(0), wrong);
+    }
+}

@@ -1,0 +1,239 @@
+//! Failures: mismatched calls, timeouts, aborts, bad arguments and stray
+//! connections. Each asserts the error text and that it arrives quickly.
+
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use oxccl::{Communicator, Config, ErrorKind, ReduceOp, run_in_process};
+use oxccl_transport::store::{MemStore, Store};
+use oxccl_transport::tcp::{self, TcpOptions};
+
+fn quick(timeout_ms: u64) -> Config {
+    Config {
+        timeout: Duration::from_millis(timeout_ms),
+        slice_bytes: 256,
+        ..Config::default()
+    }
+}
+
+#[test]
+fn mismatched_collective_is_an_error_naming_both_calls_on_every_rank() {
+    let t0 = Instant::now();
+    let errors = run_in_process(4, quick(20_000), |comm| {
+        let mut buf = vec![1.0f32; 1000];
+        let first = if comm.rank() == 1 {
+            let mut out = vec![0f32; 4000];
+            comm.all_gather(&buf, &mut out)
+        } else {
+            comm.all_reduce_in_place(&mut buf, ReduceOp::Sum)
+        };
+        let e = first.unwrap_err();
+        // Poisoned: the next call fails at once with the original cause.
+        let again = comm.barrier().unwrap_err();
+        (
+            e.to_string(),
+            e.kind(),
+            again.kind(),
+            again.cause_kind(),
+            again.to_string(),
+        )
+    })
+    .unwrap();
+    assert!(
+        t0.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        t0.elapsed()
+    );
+    for (rank, (msg, kind, again, cause, again_msg)) in errors.into_iter().enumerate() {
+        assert!(
+            msg.contains("all_gather #0") && msg.contains("all_reduce #0"),
+            "rank {rank}: {msg}"
+        );
+        assert!(
+            msg.starts_with(&format!("rank {rank}: ")),
+            "rank {rank}: {msg}"
+        );
+        assert!(
+            matches!(kind, ErrorKind::InvalidUsage | ErrorKind::Remote),
+            "rank {rank}: {kind:?}"
+        );
+        assert_eq!(again, ErrorKind::Aborted);
+        assert_eq!(cause, kind);
+        assert!(
+            again_msg.contains("all_gather #0"),
+            "rank {rank}: {again_msg}"
+        );
+    }
+}
+
+#[test]
+fn differing_counts_are_an_error_on_every_rank() {
+    let errors = run_in_process(3, quick(20_000), |comm| {
+        let n = if comm.rank() == 2 { 100 } else { 99 };
+        let mut buf = vec![1i64; n];
+        comm.all_reduce_in_place(&mut buf, ReduceOp::Sum)
+            .unwrap_err()
+            .to_string()
+    })
+    .unwrap();
+    for (rank, msg) in errors.iter().enumerate() {
+        assert!(
+            msg.contains("100 elements") && msg.contains("99 elements"),
+            "rank {rank}: {msg}"
+        );
+    }
+}
+
+#[test]
+fn a_rank_that_never_calls_times_out_naming_it() {
+    let t0 = Instant::now();
+    let out = run_in_process(3, quick(500), |comm| {
+        if comm.rank() == 2 {
+            std::thread::sleep(Duration::from_millis(1500));
+            return None;
+        }
+        let mut buf = vec![0u32; 64];
+        let e = comm
+            .all_reduce_in_place(&mut buf, ReduceOp::Sum)
+            .unwrap_err();
+        Some((e.kind(), e.to_string(), t0.elapsed()))
+    })
+    .unwrap();
+    let (kind0, msg0, at0) = out[0].clone().unwrap();
+    assert_eq!(kind0, ErrorKind::Timeout, "{msg0}");
+    assert!(
+        msg0.contains("data from rank 2") && msg0.contains("OXCCL_TIMEOUT"),
+        "{msg0}"
+    );
+    assert!(at0 < Duration::from_millis(1400), "{at0:?}");
+    // Rank 1 waits on rank 0, which is waiting on rank 2: it times out too,
+    // or learns rank 0's cause first (through rank 0's closed links or the store).
+    let (kind1, msg1, at1) = out[1].clone().unwrap();
+    assert!(
+        matches!(kind1, ErrorKind::Timeout | ErrorKind::Remote),
+        "{msg1}"
+    );
+    assert!(
+        msg1.contains("rank 2") || msg1.contains("data from rank 0"),
+        "{msg1}"
+    );
+    assert!(at1 < Duration::from_millis(1400), "{at1:?}");
+}
+
+#[test]
+fn abort_handle_stops_a_blocked_collective() {
+    let out = run_in_process(2, quick(30_000), |comm| {
+        if comm.rank() == 1 {
+            // Never joins; its communicator is dropped, closing its links, only
+            // after rank 0 has been aborted.
+            std::thread::sleep(Duration::from_millis(800));
+            return None;
+        }
+        let h = comm.abort_handle();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            h.abort();
+        });
+        let t0 = Instant::now();
+        let e = comm.barrier().unwrap_err();
+        t.join().unwrap();
+        Some((e.to_string(), t0.elapsed()))
+    })
+    .unwrap();
+    let (msg, took) = out[0].clone().unwrap();
+    assert!(msg.contains("aborted by the application"), "{msg}");
+    assert!(took < Duration::from_millis(700), "{took:?}");
+}
+
+#[test]
+fn bad_arguments_are_refused_without_communicating() {
+    let out = run_in_process(2, quick(5_000), |comm| {
+        let mut small = vec![0f32; 3];
+        let e1 = comm
+            .all_reduce(&[1.0f32; 4], &mut small, ReduceOp::Sum)
+            .unwrap_err();
+        let e2 = comm.broadcast_in_place(&mut small, 5).unwrap_err();
+        let e3 = comm.all_gather_in_place(&mut small).unwrap_err();
+        // Nothing was sent: the communicator still works.
+        let mut ok = vec![1u8; 5];
+        comm.all_reduce_in_place(&mut ok, ReduceOp::Sum).unwrap();
+        (
+            e1.kind(),
+            e1.to_string(),
+            e2.to_string(),
+            e3.to_string(),
+            ok,
+        )
+    })
+    .unwrap();
+    for (k, m1, m2, m3, ok) in out {
+        assert_eq!(k, ErrorKind::InvalidArgument);
+        assert!(m1.contains("output has 12 bytes, expected 16"), "{m1}");
+        assert!(m2.contains("root 5 is not below the world size 2"), "{m2}");
+        assert!(m3.contains("does not divide by the world size"), "{m3}");
+        assert_eq!(ok, vec![2u8; 5]);
+    }
+}
+
+#[test]
+fn stray_connections_are_refused_and_the_job_completes() {
+    let store = Arc::new(MemStore::new());
+    let cfg = Config {
+        timeout: Duration::from_secs(20),
+        ..Config::default()
+    };
+    let start = |rank: usize| {
+        let (store, cfg) = (store.clone(), cfg.clone());
+        std::thread::spawn(move || {
+            let mut c = Communicator::with_store(store, rank, 3, cfg).unwrap();
+            let mut v = vec![rank as i32 + 1; 10_000];
+            c.all_reduce_in_place(&mut v, ReduceOp::Sum).unwrap();
+            (v, c.stats().refused_connections)
+        })
+    };
+    // Ranks 0 and 1 start; rank 0 then waits for rank 2 (its previous rank) to connect.
+    let r0 = start(0);
+    let r1 = start(1);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let job = store.get(oxccl::JOB_KEY, deadline).unwrap();
+    let addr_key = oxccl::address_key(&job, 0).unwrap();
+    let addr: SocketAddr = String::from_utf8(store.get(&addr_key, deadline).unwrap())
+        .unwrap()
+        .parse()
+        .unwrap();
+    // Garbage, a silent connection, and an oxccl peer of another job.
+    let mut garbage = std::net::TcpStream::connect(addr).unwrap();
+    std::io::Write::write_all(
+        &mut garbage,
+        b"GET / HTTP/1.0\r\n\r\n and more bytes than a hello",
+    )
+    .unwrap();
+    let _silent = std::net::TcpStream::connect(addr).unwrap();
+    let job_id = u64::from_le_bytes(job.as_slice().try_into().unwrap());
+    let other = tcp::connect_start(
+        addr,
+        tcp::hello(job_id ^ 1, 3, 2, 0, 1),
+        TcpOptions::default(),
+        deadline,
+    )
+    .unwrap();
+    let refusal = other.finish(deadline).unwrap_err().to_string();
+    assert!(refusal.contains("another job"), "{refusal}");
+    // Now the real rank 2.
+    let r2 = start(2);
+    let results: Vec<_> = [r0, r1, r2]
+        .into_iter()
+        .map(|t| t.join().unwrap())
+        .collect();
+    for (v, _) in &results {
+        assert!(v.iter().all(|x| *x == 6));
+    }
+    assert!(
+        results[0].1 >= 2,
+        "rank 0 refused {} connections",
+        results[0].1
+    );
+}
