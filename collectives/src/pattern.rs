@@ -13,6 +13,9 @@ use oxccl_kernels::{DType, ReduceOp, Reducer};
 use crate::Descriptor;
 use crate::schedule::Kind;
 
+/// Writes the expected elements `first..` into its first buffer (the second is scratch).
+type Expected<'a> = dyn Fn(&mut [u8], &mut [u8], usize) + 'a;
+
 /// Element `index` of rank `rank`'s input, as a number.
 pub fn value(op: ReduceOp, rank: usize, index: usize) -> i64 {
     let h = (index as u64)
@@ -76,7 +79,7 @@ pub fn count_wrong(d: &Descriptor, world: usize, rank: usize, output: &[u8]) -> 
             let _ = ReferenceReducer.finish_avg(d.dtype, want, world);
         }
     };
-    let mut compare = |out: &[u8], first: usize, source: &dyn Fn(&mut [u8], &mut [u8], usize)| {
+    let mut compare = |out: &[u8], first: usize, source: &Expected<'_>| {
         for (b, chunk) in out.chunks(BLOCK * size).enumerate() {
             let (w, o) = (&mut want[..chunk.len()], &mut other[..chunk.len()]);
             source(w, o, first + b * BLOCK);

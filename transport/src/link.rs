@@ -91,7 +91,7 @@ impl StreamLink {
                 how: format!("{e} while {dir}"),
             }),
             _ => Err(TransportError::io(
-                format!("{dir} rank {} over {}", self.peer, self.description),
+                format!("{dir} (rank {} over {})", self.peer, self.description),
                 e,
             )),
         }
@@ -110,7 +110,7 @@ impl Link for StreamLink {
         };
         match r {
             Ok(n) => Ok(n),
-            Err(e) => self.classify("sending to", e),
+            Err(e) => self.classify("sending", e),
         }
     }
 
@@ -126,7 +126,7 @@ impl Link for StreamLink {
                 how: "end of stream".into(),
             }),
             Ok(n) => Ok(n),
-            Err(e) => self.classify("receiving from", e),
+            Err(e) => self.classify("receiving", e),
         }
     }
 

@@ -206,7 +206,7 @@ pub fn plan(s: &Shape) -> Plan {
         Kind::AllReduce | Kind::Barrier => {
             ring_reduce_scatter(s, &mut p, 0);
             let rs_steps = (s.world - 1) as u32;
-            let tail = (!p.recvs.is_empty()).then(|| p.recvs.len());
+            let tail = (!p.recvs.is_empty()).then_some(p.recvs.len());
             ring_all_gather(s, &mut p, rs_steps, tail);
             if s.world == 1 && s.out_of_place {
                 p.prologue_copy = Some(whole.clone());

@@ -174,19 +174,18 @@ fn shape(
     }
 }
 
-fn check(
-    kind: Kind,
-    world: usize,
-    count: usize,
-    root: usize,
-    op: ReduceOp,
-    oop: bool,
-    slice: usize,
-    seed: u64,
-) {
+fn check(s: Shape, op: ReduceOp, seed: u64) {
+    let Shape {
+        kind,
+        world,
+        count,
+        root,
+        out_of_place: oop,
+        slice_elems: slice,
+        ..
+    } = s;
     let ins = inputs(world, count);
     let refs: Vec<&[i64]> = ins.iter().map(|v| v.as_slice()).collect();
-    let s = shape(kind, world, count, root, op, oop, slice);
     let raw: Vec<Vec<u8>> = ins
         .iter()
         .enumerate()
@@ -239,7 +238,11 @@ fn edge_cases() {
                 for oop in [false, true] {
                     for slice in [1, 2, 1000] {
                         let count = if kind == Kind::Barrier { 0 } else { count };
-                        check(kind, world, count, world / 2, ReduceOp::Sum, oop, slice, 42);
+                        check(
+                            shape(kind, world, count, world / 2, ReduceOp::Sum, oop, slice),
+                            ReduceOp::Sum,
+                            42,
+                        );
                     }
                 }
             }
@@ -251,8 +254,8 @@ fn edge_cases() {
 fn every_op() {
     for op in ReduceOp::ALL {
         for kind in [Kind::AllReduce, Kind::Reduce, Kind::ReduceScatter] {
-            check(kind, 4, 23, 1, op, true, 3, 7);
-            check(kind, 3, 23, 2, op, false, 3, 8);
+            check(shape(kind, 4, 23, 1, op, true, 3), op, 7);
+            check(shape(kind, 3, 23, 2, op, false, 3), op, 8);
         }
     }
 }
@@ -295,6 +298,6 @@ proptest! {
         seed: u64,
     ) {
         let count = if kind == Kind::Barrier { 0 } else { count };
-        check(kind, world, count, root % world, op, oop, slice, seed);
+        check(shape(kind, world, count, root % world, op, oop, slice), op, seed);
     }
 }

@@ -1,0 +1,201 @@
+//! Real processes over loopback TCP: jobs started through `oxrun`, through
+//! torchrun-style variables, and a rank killed with SIGKILL mid-allreduce.
+
+#![allow(clippy::unwrap_used)]
+
+use std::io::Read;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const OXRUN: &str = env!("CARGO_BIN_EXE_oxrun");
+const CHECK: &str = env!("CARGO_BIN_EXE_oxccl-check");
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn oxrun(n: usize, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(OXRUN)
+        .args(["-n", &n.to_string(), "--timeout", "120", "--", CHECK])
+        .args(args)
+        .env("OXCCL_TIMEOUT", "60")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn every_collective_through_oxrun_with_2_and_4_ranks() {
+    for n in [2, 4] {
+        for args in [
+            &["-c", "all", "-b", "1M", "-i", "2"][..],
+            &[
+                "-c",
+                "all",
+                "-b",
+                "4100",
+                "-d",
+                "bf16",
+                "-o",
+                "avg",
+                "-r",
+                "1",
+                "--in-place",
+            ][..],
+            &["-c", "all", "-b", "999", "-d", "i8", "-o", "max", "-r", "1"][..],
+        ] {
+            let (ok, stdout, stderr) = oxrun(n, args);
+            assert!(ok, "{n} ranks {args:?}:\n{stdout}\n{stderr}");
+            for kind in [
+                "all_reduce",
+                "broadcast",
+                "reduce ",
+                "all_gather",
+                "reduce_scatter",
+                "barrier",
+            ] {
+                let line = stdout
+                    .lines()
+                    .find(|l| l.starts_with("[0] ") && l.contains(kind));
+                let line = line
+                    .unwrap_or_else(|| panic!("{n} ranks {args:?}: no line for {kind}:\n{stdout}"));
+                assert!(
+                    line.contains(&format!("{n} ranks")) && line.ends_with("result OK"),
+                    "{line}"
+                );
+            }
+        }
+    }
+}
+
+/// Starts `n` ranks of `oxccl-check` with the environment `vars(rank)` sets.
+fn spawn_ranks(
+    n: usize,
+    args: &[&str],
+    vars: impl Fn(usize) -> Vec<(String, String)>,
+) -> Vec<Child> {
+    (0..n)
+        .map(|r| {
+            Command::new(CHECK)
+                .args(args)
+                .envs(vars(r))
+                .env("OXCCL_TIMEOUT", "60")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect()
+}
+
+fn stderr_of(c: &mut Child) -> String {
+    let mut s = String::new();
+    c.stderr.take().unwrap().read_to_string(&mut s).unwrap();
+    s
+}
+
+#[test]
+fn torchrun_variables_are_enough() {
+    let port = free_port().to_string();
+    let mut ranks = spawn_ranks(3, &["-c", "all_reduce", "-b", "64K"], |r| {
+        vec![
+            ("RANK".into(), r.to_string()),
+            ("WORLD_SIZE".into(), "3".into()),
+            ("MASTER_ADDR".into(), "127.0.0.1".into()),
+            ("MASTER_PORT".into(), port.clone()),
+        ]
+    });
+    for c in &mut ranks {
+        let status = c.wait().unwrap();
+        let err = stderr_of(c);
+        assert!(status.success(), "{err}");
+    }
+}
+
+#[test]
+fn a_rank_killed_mid_allreduce_is_named_by_every_survivor_within_10s() {
+    let port = free_port().to_string();
+    // 64 MiB allreduces, back to back, long enough to be killed in the middle of one.
+    let mut ranks = spawn_ranks(
+        4,
+        &[
+            "-c",
+            "all_reduce",
+            "-b",
+            "64M",
+            "-i",
+            "100000",
+            "-w",
+            "0",
+            "--no-check",
+        ],
+        |r| {
+            vec![
+                ("OXCCL_RANK".into(), r.to_string()),
+                ("OXCCL_WORLD_SIZE".into(), "4".into()),
+                ("OXCCL_MASTER_ADDR".into(), "127.0.0.1".into()),
+                ("OXCCL_MASTER_PORT".into(), port.clone()),
+            ]
+        },
+    );
+    std::thread::sleep(Duration::from_millis(2500));
+    for c in &mut ranks {
+        assert!(
+            c.try_wait().unwrap().is_none(),
+            "a rank ended before the kill: {}",
+            stderr_of(c)
+        );
+    }
+    ranks[2].kill().unwrap(); // SIGKILL
+    let killed_at = Instant::now();
+    ranks[2].wait().unwrap();
+    for (r, c) in ranks.iter_mut().enumerate() {
+        if r == 2 {
+            continue;
+        }
+        let status = loop {
+            if let Some(s) = c.try_wait().unwrap() {
+                break s;
+            }
+            if killed_at.elapsed() > Duration::from_secs(10) {
+                let _ = c.kill();
+                panic!("rank {r} still running 10 s after rank 2 was killed");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let err = stderr_of(c);
+        assert!(!status.success(), "rank {r} succeeded");
+        assert!(
+            err.contains("rank 2 failed") || err.contains("rank 2 closed"),
+            "rank {r}: {err}"
+        );
+        eprintln!(
+            "rank {r} after {:?}: {}",
+            killed_at.elapsed(),
+            err.lines().last().unwrap_or("")
+        );
+    }
+}
+
+#[test]
+fn a_missing_launcher_variable_is_named() {
+    let out = Command::new(CHECK)
+        .env_remove("OXCCL_RANK")
+        .env("OXCCL_WORLD_SIZE", "2")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("OXCCL_RANK: is not set, but OXCCL_WORLD_SIZE is"),
+        "{err}"
+    );
+}
