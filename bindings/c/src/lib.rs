@@ -1,0 +1,1 @@
+//! The C ABI of oxccl (see include/oxccl.h).
