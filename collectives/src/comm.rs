@@ -347,6 +347,13 @@ impl Communicator {
         let world = self.world;
         let rank = self.rank;
         let elem = d.dtype.size();
+        if d.kind == Kind::AllReduce
+            && world > 1
+            && d.count > 0
+            && d.count.saturating_mul(elem).saturating_mul(world) <= self.config.small_bytes
+        {
+            return self.small_all_reduce(d, seq, input, output);
+        }
         let in_place = input.is_none();
         // Which buffer the ring works on, and where the caller's result is copied from.
         let (count, use_work) = match d.kind {
@@ -411,6 +418,7 @@ impl Communicator {
                     reducer: reducer.as_ref(),
                     staging,
                     timeout: config.timeout,
+                    spin: config.spin,
                 },
             )
         };
@@ -424,6 +432,76 @@ impl Communicator {
             }
             Err(e) => Err(self.fail(&d, seq, e)),
         }
+    }
+
+    /// Allreduce of a small buffer: one allgather of every rank's buffer (one
+    /// frame per step, `world - 1` steps instead of `2 (world - 1)`), then
+    /// every rank reduces the gathered buffers itself, in rank order, so all
+    /// ranks get the same bits.
+    fn small_all_reduce(
+        &mut self,
+        d: Descriptor,
+        seq: u64,
+        input: Option<&[u8]>,
+        output: &mut [u8],
+    ) -> Result<()> {
+        let (world, rank) = (self.world, self.rank);
+        let bytes = output.len();
+        let Communicator {
+            ring,
+            reducer,
+            staging,
+            work,
+            config,
+            ..
+        } = self;
+        if work.len() < bytes * world {
+            work.resize(bytes * world, 0);
+        }
+        let work = &mut work[..bytes * world];
+        work[rank * bytes..(rank + 1) * bytes].copy_from_slice(input.unwrap_or(&*output));
+        let plan = schedule::plan(&Shape {
+            kind: Kind::AllGather,
+            world,
+            rank,
+            count: d.count * world,
+            elem: d.dtype.size(),
+            root: 0,
+            avg: false,
+            out_of_place: false,
+            slice_elems: d.count,
+        });
+        let result = engine::run(
+            ring.as_mut().map(|r| Ring {
+                next: r.next.as_mut(),
+                prev: r.prev.as_mut(),
+            }),
+            Job {
+                plan: &plan,
+                seq,
+                descriptor: d.encode(),
+                input: None,
+                output: work,
+                dtype: d.dtype,
+                op: d.op,
+                world,
+                reducer: reducer.as_ref(),
+                staging,
+                timeout: config.timeout,
+                spin: config.spin,
+            },
+        )
+        .and_then(|()| {
+            output.copy_from_slice(&work[..bytes]);
+            for r in 1..world {
+                reducer.reduce(d.dtype, d.op, output, &work[r * bytes..(r + 1) * bytes])?;
+            }
+            if d.op == ReduceOp::Avg {
+                reducer.finish_avg(d.dtype, output, world)?;
+            }
+            Ok(())
+        });
+        result.map_err(|e| self.fail(&d, seq, e))
     }
 
     fn validate(&self, d: &Descriptor, input: Option<&[u8]>, output: &[u8]) -> Result<()> {

@@ -81,6 +81,16 @@ pub const VARIABLES: &[Variable] = &[
         doc: "Largest pipeline slice in bytes (suffixes K, M); smaller slices overlap more, larger ones cost fewer frames.",
     },
     Variable {
+        name: "OXCCL_SPIN_US",
+        default: "50",
+        doc: "Microseconds a rank busy-polls its links before sleeping in poll: shorter latency for small messages; 0 never spins.",
+    },
+    Variable {
+        name: "OXCCL_SMALL_BYTES",
+        default: "65536",
+        doc: "Allreduces whose gathered size (bytes times ranks) is at most this take the small-message path: one allgather and a local reduction in rank order.",
+    },
+    Variable {
         name: "OXCCL_SOCKET_BUFFER",
         default: "0 (kernel autotuning)",
         doc: "SO_SNDBUF and SO_RCVBUF of TCP links in bytes; 0 leaves the kernel's autotuning on.",
@@ -89,6 +99,31 @@ pub const VARIABLES: &[Variable] = &[
         name: "OXCCL_DEBUG",
         default: "warn",
         doc: "Log level: error, warn, info (bootstrap, peers, transport), debug, trace (every frame).",
+    },
+    Variable {
+        name: "OXCCL_CYCLE_TIME_MS",
+        default: "5",
+        doc: "Milliseconds between two negotiation cycles of the fusion engine (an enqueue on an idle engine starts one at once).",
+    },
+    Variable {
+        name: "OXCCL_FUSION_THRESHOLD",
+        default: "8M",
+        doc: "Largest fusion buffer in bytes (suffixes K, M, G); larger tensors are reduced alone, in place; 0 disables fusion.",
+    },
+    Variable {
+        name: "OXCCL_STALL_WARNING_SECS",
+        default: "60",
+        doc: "Seconds a tensor may wait for other ranks to submit it before rank 0 warns which ranks miss which tensors.",
+    },
+    Variable {
+        name: "OXCCL_STALL_SHUTDOWN_SECS",
+        default: "0 (never)",
+        doc: "Seconds after which a stalled tensor fails every pending handle of the fusion engine on every rank; 0 never does.",
+    },
+    Variable {
+        name: "OXCCL_TIMELINE",
+        default: "(unset)",
+        doc: "Path of a Chrome trace (JSON) of the fusion engine's phases per tensor; rank r > 0 writes PATH.r.",
     },
 ];
 
@@ -101,6 +136,10 @@ pub struct Config {
     pub slice_bytes: usize,
     /// SO_SNDBUF/SO_RCVBUF of TCP links; `None` for kernel autotuning.
     pub socket_buffer: Option<usize>,
+    /// How long to busy-poll links before sleeping.
+    pub spin: Duration,
+    /// Largest gathered size (bytes times ranks) of an allreduce on the small-message path.
+    pub small_bytes: usize,
     /// Local address to listen on for ring connections.
     pub socket_addr: Option<IpAddr>,
     /// Address a unique id's store is served on.
@@ -109,6 +148,16 @@ pub struct Config {
     pub file_store: Option<PathBuf>,
     /// Log level (a `tracing` level name).
     pub debug: String,
+    /// Fusion engine: time between negotiation cycles.
+    pub cycle_time: Duration,
+    /// Fusion engine: largest fusion buffer in bytes (0: no fusion).
+    pub fusion_threshold: usize,
+    /// Fusion engine: how long a tensor may wait for other ranks before a warning.
+    pub stall_warning: Duration,
+    /// Fusion engine: how long a tensor may wait before every handle fails (`None`: never).
+    pub stall_shutdown: Option<Duration>,
+    /// Fusion engine: path of the Chrome trace to write.
+    pub timeline: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -117,10 +166,17 @@ impl Default for Config {
             timeout: Duration::from_secs(300),
             slice_bytes: 512 * 1024,
             socket_buffer: None,
+            spin: Duration::from_micros(50),
+            small_bytes: 64 * 1024,
             socket_addr: None,
             bootstrap_addr: IpAddr::from([127, 0, 0, 1]),
             file_store: None,
             debug: "warn".into(),
+            cycle_time: Duration::from_millis(5),
+            fusion_threshold: 8 << 20,
+            stall_warning: Duration::from_secs(60),
+            stall_shutdown: None,
+            timeline: None,
         }
     }
 }
@@ -176,6 +232,19 @@ fn parse_usize(variable: &str, v: &str) -> Result<usize> {
         .map_err(|_| bad(variable, format!("'{v}' is not a non-negative integer")))
 }
 
+/// Parses a finite, non-negative number (positive unless `zero_ok`), at most 1e9.
+fn parse_secs(variable: &str, v: &str, zero_ok: bool) -> Result<f64> {
+    v.trim()
+        .parse()
+        .ok()
+        .filter(|s: &f64| s.is_finite() && (*s > 0.0 || (zero_ok && *s == 0.0)))
+        .map(|s| s.min(1e9))
+        .ok_or_else(|| {
+            let what = if zero_ok { "non-negative" } else { "positive" };
+            bad(variable, format!("'{v}' is not a {what} number"))
+        })
+}
+
 /// Parses a byte count with an optional K, M or G suffix (powers of 1024).
 pub fn parse_bytes(variable: &str, v: &str) -> Result<usize> {
     let t = v.trim();
@@ -223,6 +292,12 @@ impl Config {
             }
             c.slice_bytes = n;
         }
+        if let Some(v) = env.var("OXCCL_SPIN_US") {
+            c.spin = Duration::from_micros(parse_usize("OXCCL_SPIN_US", &v)? as u64);
+        }
+        if let Some(v) = env.var("OXCCL_SMALL_BYTES") {
+            c.small_bytes = parse_bytes("OXCCL_SMALL_BYTES", &v)?;
+        }
         if let Some(v) = env.var("OXCCL_SOCKET_BUFFER") {
             let n = parse_bytes("OXCCL_SOCKET_BUFFER", &v)?;
             c.socket_buffer = (n > 0).then_some(n);
@@ -257,6 +332,22 @@ impl Config {
             };
             c.debug = l;
         }
+        if let Some(v) = env.var("OXCCL_CYCLE_TIME_MS") {
+            c.cycle_time =
+                Duration::from_secs_f64(parse_secs("OXCCL_CYCLE_TIME_MS", &v, true)? / 1e3);
+        }
+        if let Some(v) = env.var("OXCCL_FUSION_THRESHOLD") {
+            c.fusion_threshold = parse_bytes("OXCCL_FUSION_THRESHOLD", &v)?;
+        }
+        if let Some(v) = env.var("OXCCL_STALL_WARNING_SECS") {
+            c.stall_warning =
+                Duration::from_secs_f64(parse_secs("OXCCL_STALL_WARNING_SECS", &v, false)?);
+        }
+        if let Some(v) = env.var("OXCCL_STALL_SHUTDOWN_SECS") {
+            let secs = parse_secs("OXCCL_STALL_SHUTDOWN_SECS", &v, true)?;
+            c.stall_shutdown = (secs > 0.0).then(|| Duration::from_secs_f64(secs));
+        }
+        c.timeline = env.var("OXCCL_TIMELINE").map(PathBuf::from);
         Ok(c)
     }
 }
@@ -539,6 +630,36 @@ mod tests {
             ("OXCCL_SLICE_BYTES", "0"),
             ("OXCCL_DEBUG", "loud"),
             ("OXCCL_SOCKET_ADDR", "here"),
+        ] {
+            let e = Config::from_lookup(&env(&[(k, v)]))
+                .unwrap_err()
+                .to_string();
+            assert!(e.starts_with(k), "{e}");
+        }
+    }
+
+    #[test]
+    fn fusion_settings_parse_and_reject_garbage() {
+        let c = Config::from_lookup(&env(&[
+            ("OXCCL_CYCLE_TIME_MS", "2.5"),
+            ("OXCCL_FUSION_THRESHOLD", "1M"),
+            ("OXCCL_STALL_WARNING_SECS", "0.5"),
+            ("OXCCL_STALL_SHUTDOWN_SECS", "3"),
+            ("OXCCL_TIMELINE", "/tmp/t.json"),
+        ]))
+        .unwrap();
+        assert_eq!(c.cycle_time, Duration::from_micros(2500));
+        assert_eq!(c.fusion_threshold, 1 << 20);
+        assert_eq!(c.stall_warning, Duration::from_millis(500));
+        assert_eq!(c.stall_shutdown, Some(Duration::from_secs(3)));
+        assert_eq!(c.timeline, Some(PathBuf::from("/tmp/t.json")));
+        let c = Config::from_lookup(&env(&[("OXCCL_STALL_SHUTDOWN_SECS", "0")])).unwrap();
+        assert_eq!(c.stall_shutdown, None);
+        for (k, v) in [
+            ("OXCCL_CYCLE_TIME_MS", "-1"),
+            ("OXCCL_FUSION_THRESHOLD", "big"),
+            ("OXCCL_STALL_WARNING_SECS", "0"),
+            ("OXCCL_STALL_SHUTDOWN_SECS", "never"),
         ] {
             let e = Config::from_lookup(&env(&[(k, v)]))
                 .unwrap_err()

@@ -44,6 +44,8 @@ pub(crate) struct Job<'a> {
     pub reducer: &'a dyn Reducer,
     pub staging: &'a mut Vec<u8>,
     pub timeout: Duration,
+    /// How long to busy-poll before sleeping in `poll`.
+    pub spin: Duration,
 }
 
 /// Why the engine stopped.
@@ -95,6 +97,7 @@ pub(crate) fn run(ring: Option<Ring<'_>>, job: Job<'_>) -> Result<(), EngineErro
         reducer,
         staging,
         timeout,
+        spin,
     } = job;
     let off = plan.input_offset;
     if let (Some(r), Some(inp)) = (plan.prologue_copy.clone(), input) {
@@ -126,6 +129,8 @@ pub(crate) fn run(ring: Option<Ring<'_>>, job: Job<'_>) -> Result<(), EngineErro
     let mut recv_pos = 0usize; // bytes of the current frame read, header included
     let mut empty = [0u8; 0];
     let mut last_progress = Instant::now();
+    // When the current stretch without progress began (for busy-polling).
+    let mut idle_since: Option<Instant> = None;
 
     loop {
         let mut moved = false;
@@ -231,6 +236,14 @@ pub(crate) fn run(ring: Option<Ring<'_>>, job: Job<'_>) -> Result<(), EngineErro
         }
         if moved {
             last_progress = Instant::now();
+            idle_since = None;
+            continue;
+        }
+        // Busy-poll a little before sleeping: a wake-up from poll costs tens
+        // of microseconds, more than a small message takes to arrive.
+        let now = Instant::now();
+        if now.duration_since(*idle_since.get_or_insert(now)) < spin {
+            std::thread::yield_now();
             continue;
         }
         let waited = last_progress.elapsed();

@@ -11,62 +11,77 @@ use oxccl_kernels::Reducer;
 use oxccl_kernels::reference::ReferenceReducer;
 use proptest::prelude::*;
 
-fn config(slice_bytes: usize) -> Config {
+/// `small_bytes` 0 sends every allreduce around the ring; a large one sends
+/// small allreduces through the gather path.
+fn config(slice_bytes: usize, small_bytes: usize) -> Config {
     Config {
         slice_bytes,
+        small_bytes,
         timeout: Duration::from_secs(30),
         ..Config::default()
     }
 }
 
 /// Runs `d` on a fresh in-process world and returns each rank's wrong-element count.
-fn run(d: Descriptor, world: usize, slice_bytes: usize, in_place: bool) -> Vec<usize> {
-    run_in_process(world, config(slice_bytes), |comm: &mut Communicator| {
-        let (rank, size) = (comm.rank(), d.dtype.size());
-        let inp = input(&d, world, rank);
-        let out_len = match d.kind {
-            Kind::AllGather => d.count * world * size,
-            _ => d.count * size,
-        };
-        if in_place {
-            let mut buf = match d.kind {
-                Kind::AllGather => {
-                    let mut b = vec![0u8; out_len];
-                    b[rank * inp.len()..(rank + 1) * inp.len()].copy_from_slice(&inp);
-                    b
+fn run(
+    d: Descriptor,
+    world: usize,
+    slice_bytes: usize,
+    in_place: bool,
+    small_bytes: usize,
+) -> Vec<usize> {
+    run_in_process(
+        world,
+        config(slice_bytes, small_bytes),
+        |comm: &mut Communicator| {
+            let (rank, size) = (comm.rank(), d.dtype.size());
+            let inp = input(&d, world, rank);
+            let out_len = match d.kind {
+                Kind::AllGather => d.count * world * size,
+                _ => d.count * size,
+            };
+            if in_place {
+                let mut buf = match d.kind {
+                    Kind::AllGather => {
+                        let mut b = vec![0u8; out_len];
+                        b[rank * inp.len()..(rank + 1) * inp.len()].copy_from_slice(&inp);
+                        b
+                    }
+                    _ => inp.clone(),
+                };
+                comm.run_bytes(d, None, &mut buf).unwrap();
+                if d.kind == Kind::Reduce && rank != d.root {
+                    assert_eq!(
+                        buf, inp,
+                        "a non-root's buffer is untouched by an in-place reduce"
+                    );
                 }
-                _ => inp.clone(),
-            };
-            comm.run_bytes(d, None, &mut buf).unwrap();
-            if d.kind == Kind::Reduce && rank != d.root {
-                assert_eq!(
-                    buf, inp,
-                    "a non-root's buffer is untouched by an in-place reduce"
-                );
+                let result = match d.kind {
+                    Kind::ReduceScatter => &buf[rank * d.count * size..(rank + 1) * d.count * size],
+                    _ => &buf[..],
+                };
+                count_wrong(&d, world, rank, result)
+            } else {
+                // Poison the output so that an element never written counts as wrong.
+                let mut out = vec![0xA5u8; out_len];
+                comm.run_bytes(d, Some(&inp), &mut out).unwrap();
+                assert_eq!(inp, input(&d, world, rank), "the input is not modified");
+                count_wrong(&d, world, rank, &out)
             }
-            let result = match d.kind {
-                Kind::ReduceScatter => &buf[rank * d.count * size..(rank + 1) * d.count * size],
-                _ => &buf[..],
-            };
-            count_wrong(&d, world, rank, result)
-        } else {
-            // Poison the output so that an element never written counts as wrong.
-            let mut out = vec![0xA5u8; out_len];
-            comm.run_bytes(d, Some(&inp), &mut out).unwrap();
-            assert_eq!(inp, input(&d, world, rank), "the input is not modified");
-            count_wrong(&d, world, rank, &out)
-        }
-    })
+        },
+    )
     .unwrap()
 }
 
 fn assert_right(d: Descriptor, world: usize, slice_bytes: usize, in_place: bool) {
-    let wrong = run(d, world, slice_bytes, in_place);
-    assert!(
-        wrong.iter().all(|w| *w == 0),
-        "{} world {world} slice {slice_bytes} in_place {in_place}: wrong elements per rank {wrong:?}",
-        d.call(0)
-    );
+    for small_bytes in [0, 1 << 20] {
+        let wrong = run(d, world, slice_bytes, in_place, small_bytes);
+        assert!(
+            wrong.iter().all(|w| *w == 0),
+            "{} world {world} slice {slice_bytes} in_place {in_place} small {small_bytes}: wrong elements per rank {wrong:?}",
+            d.call(0)
+        );
+    }
 }
 
 #[test]
@@ -154,7 +169,7 @@ fn random_floats_within_tolerance() {
                 .collect()
         })
         .collect();
-    let outs = run_in_process(world, config(4096), |comm| {
+    let outs = run_in_process(world, config(4096, 0), |comm| {
         let mut out = vec![0f32; count];
         comm.all_reduce(&inputs[comm.rank()], &mut out, ReduceOp::Sum)
             .unwrap();
@@ -178,7 +193,7 @@ fn random_floats_within_tolerance() {
 
 #[test]
 fn nan_and_infinity_propagate() {
-    let outs = run_in_process(3, config(8), |comm| {
+    let outs = run_in_process(3, config(8, 0), |comm| {
         let mut v = match comm.rank() {
             0 => vec![f32::NAN, 1.0, f32::INFINITY, 2.0],
             1 => vec![1.0, f32::NAN, 1.0, f32::NEG_INFINITY],
@@ -197,7 +212,7 @@ fn nan_and_infinity_propagate() {
 
 #[test]
 fn typed_api_shapes() {
-    let outs = run_in_process(4, config(16), |comm| {
+    let outs = run_in_process(4, config(16, 1 << 16), |comm| {
         let r = comm.rank() as u64;
         let mut gathered = vec![0u64; 8];
         comm.all_gather(&[r, r * 10], &mut gathered).unwrap();
@@ -290,10 +305,11 @@ proptest! {
         root in 0usize..8,
         slice_elems in prop_oneof![Just(1usize), 2usize..16, Just(1 << 16)],
         in_place: bool,
+        small in prop::sample::select(vec![0usize, 1 << 16]),
     ) {
         let count = if kind == Kind::Barrier { 0 } else { count };
         let d = Descriptor { kind, dtype, op, root: root % world, count };
-        let wrong = run(d, world, slice_elems * dtype.size(), in_place);
+        let wrong = run(d, world, slice_elems * dtype.size(), in_place, small);
         prop_assert!(wrong.iter().all(|w| *w == 0), "{}: {:?}", d.call(0), wrong);
     }
 }
