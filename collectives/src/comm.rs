@@ -4,13 +4,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use oxccl_kernels::cpu::CpuReducer;
-use oxccl_kernels::{DType, Element, ReduceOp, Reducer};
+use oxccl_kernels::{DType, DeviceMemory, Element, ReduceOp, Reducer};
 use oxccl_transport::store::{Store, TcpStoreServer};
 use oxccl_transport::{Link, ShutdownHandle, TransportError};
 
 use crate::config::Config;
 use crate::descriptor::Descriptor;
-use crate::engine::{self, EngineError, Job, Ring};
+use crate::engine::{self, EngineError, Input, Job, Output, Ring};
 use crate::schedule::{self, Kind, Shape, chunk_range};
 use crate::{Error, ErrorKind, Result};
 
@@ -339,7 +339,7 @@ impl Communicator {
                 cause: cause.clone(),
             });
         }
-        self.validate(&d, input, output)?;
+        self.validate_lengths(&d, input.map(<[u8]>::len), output.len())?;
         let seq = self.seq;
         self.seq += 1;
         tracing::debug!(rank = self.rank, "{}", d.call(seq));
@@ -354,28 +354,7 @@ impl Communicator {
         {
             return self.small_all_reduce(d, seq, input, output);
         }
-        let in_place = input.is_none();
-        // Which buffer the ring works on, and where the caller's result is copied from.
-        let (count, use_work) = match d.kind {
-            Kind::AllGather | Kind::ReduceScatter => {
-                (d.count * world, d.kind == Kind::ReduceScatter && !in_place)
-            }
-            Kind::Reduce => (d.count, rank != d.root),
-            _ => (d.count, false),
-        };
-        let slice_elems = (self.config.slice_bytes / elem).max(1);
-        let out_of_place = !in_place || use_work;
-        let shape = Shape {
-            kind: d.kind,
-            world,
-            rank,
-            count,
-            elem,
-            root: d.root,
-            avg: d.reduces() && d.op == ReduceOp::Avg,
-            out_of_place,
-            slice_elems,
-        };
+        let (shape, count, use_work) = self.ring_shape(&d, input.is_none());
         let plan = schedule::plan(&shape);
 
         let Communicator {
@@ -410,8 +389,8 @@ impl Communicator {
                     plan: &plan,
                     seq,
                     descriptor: d.encode(),
-                    input: job_input,
-                    output: job_output,
+                    input: job_input.map(Input::Host),
+                    output: Output::Host(job_output),
                     dtype: d.dtype,
                     op: d.op,
                     world,
@@ -432,6 +411,118 @@ impl Communicator {
             }
             Err(e) => Err(self.fail(&d, seq, e)),
         }
+    }
+
+    /// Runs the collective `d` on device buffers (wgpu, CUDA), with the same
+    /// buffer lengths as [`run_bytes`](Self::run_bytes). On the ring every
+    /// slice goes device → host → wire → host → device, and received slices
+    /// are reduced on the device by its own kernels, never by the CPU.
+    pub fn run_device(
+        &mut self,
+        d: Descriptor,
+        input: Option<&dyn DeviceMemory>,
+        output: &mut dyn DeviceMemory,
+    ) -> Result<()> {
+        if let Some((kind, cause)) = &self.poisoned {
+            return Err(Error::Aborted {
+                rank: self.rank,
+                kind: *kind,
+                cause: cause.clone(),
+            });
+        }
+        self.validate_lengths(&d, input.map(|i| i.len_bytes()), output.len_bytes())?;
+        let seq = self.seq;
+        self.seq += 1;
+        let (world, rank) = (self.world, self.rank);
+        let elem = d.dtype.size();
+        let (shape, count, use_work) = self.ring_shape(&d, input.is_none());
+        let plan = schedule::plan(&shape);
+        let mut work: Option<Box<dyn DeviceMemory>> = None;
+        if use_work {
+            let scratch = output
+                .alloc_like(count * elem)
+                .map_err(|source| Error::Kernel {
+                    rank,
+                    call: d.call(seq),
+                    source,
+                })?;
+            work = Some(scratch);
+        }
+        let Communicator {
+            ring,
+            reducer,
+            staging,
+            config,
+            ..
+        } = self;
+        let result = {
+            let (job_input, job_output) = match work.as_mut() {
+                Some(w) => {
+                    // In place on a non-root reduce, the caller's buffer is the input.
+                    let inp: &dyn DeviceMemory = match input {
+                        Some(i) => i,
+                        None => &*output,
+                    };
+                    (Some(Input::Device(inp)), Output::Device(w.as_mut()))
+                }
+                None => (input.map(Input::Device), Output::Device(&mut *output)),
+            };
+            engine::run(
+                ring.as_mut().map(|r| Ring {
+                    next: r.next.as_mut(),
+                    prev: r.prev.as_mut(),
+                }),
+                Job {
+                    plan: &plan,
+                    seq,
+                    descriptor: d.encode(),
+                    input: job_input,
+                    output: job_output,
+                    dtype: d.dtype,
+                    op: d.op,
+                    world,
+                    reducer: reducer.as_ref(),
+                    staging,
+                    timeout: config.timeout,
+                    spin: config.spin,
+                },
+            )
+        }
+        .and_then(|()| {
+            if let (Some(w), Kind::ReduceScatter) = (&work, d.kind) {
+                let own = chunk_range(count, world, rank);
+                let mut host = vec![0u8; own.len() * elem];
+                w.read(own.start * elem, &mut host)?;
+                output.write(0, &host)?;
+            }
+            Ok(())
+        });
+        result.map_err(|e| self.fail(&d, seq, e))
+    }
+
+    /// The ring's shape for `d`, the element count of the buffer it works on,
+    /// and whether that is a scratch buffer rather than the caller's output.
+    fn ring_shape(&self, d: &Descriptor, in_place: bool) -> (Shape, usize, bool) {
+        let (world, rank, elem) = (self.world, self.rank, d.dtype.size());
+        let (count, use_work) = match d.kind {
+            Kind::AllGather | Kind::ReduceScatter => {
+                (d.count * world, d.kind == Kind::ReduceScatter && !in_place)
+            }
+            Kind::Reduce => (d.count, rank != d.root),
+            _ => (d.count, false),
+        };
+        let shape = Shape {
+            kind: d.kind,
+            world,
+            rank,
+            count,
+            elem,
+            root: d.root,
+            avg: d.reduces() && d.op == ReduceOp::Avg,
+            out_of_place: !in_place || use_work,
+            slice_elems: (self.config.slice_bytes / elem).max(1),
+        };
+        (shape, count, use_work)
     }
 
     /// Allreduce of a small buffer: one allgather of every rank's buffer (one
@@ -481,7 +572,7 @@ impl Communicator {
                 seq,
                 descriptor: d.encode(),
                 input: None,
-                output: work,
+                output: Output::Host(work),
                 dtype: d.dtype,
                 op: d.op,
                 world,
@@ -504,7 +595,7 @@ impl Communicator {
         result.map_err(|e| self.fail(&d, seq, e))
     }
 
-    fn validate(&self, d: &Descriptor, input: Option<&[u8]>, output: &[u8]) -> Result<()> {
+    fn validate_lengths(&self, d: &Descriptor, input: Option<usize>, output: usize) -> Result<()> {
         let call = d.call(self.seq);
         let rank = self.rank;
         let elem = d.dtype.size();
@@ -548,12 +639,12 @@ impl Communicator {
         // Buffers the call does not read may be of any length (NCCL ignores them).
         let output_used = !(d.kind == Kind::Reduce && rank != d.root && input.is_some());
         if output_used {
-            check("output", output.len(), want_out)?;
+            check("output", output, want_out)?;
         }
         if let Some(i) = input {
             let input_used = !(d.kind == Kind::Broadcast && rank != d.root);
             if input_used {
-                check("input", i.len(), want_in)?;
+                check("input", i, want_in)?;
             }
         }
         Ok(())

@@ -16,7 +16,7 @@
 use std::io::{IoSlice, IoSliceMut};
 use std::time::{Duration, Instant};
 
-use oxccl_kernels::{DType, KernelError, ReduceOp, Reducer};
+use oxccl_kernels::{DType, DeviceMemory, KernelError, ReduceOp, Reducer};
 use oxccl_transport::wire::{DESCRIPTOR_LEN, FrameHeader, Tag};
 use oxccl_transport::{Link, TransportError, wait};
 
@@ -30,14 +30,32 @@ pub(crate) struct Ring<'a> {
     pub prev: &'a mut dyn Link,
 }
 
+/// Where the engine reads a call's input.
+#[derive(Clone, Copy)]
+pub(crate) enum Input<'a> {
+    /// Host memory: sent straight from here.
+    Host(&'a [u8]),
+    /// Device memory: read to the host slice by slice.
+    Device(&'a dyn DeviceMemory),
+}
+
+/// Where the engine writes a call's result.
+pub(crate) enum Output<'a> {
+    /// Host memory: received straight into place, reduced by the host reducer.
+    Host(&'a mut [u8]),
+    /// Device memory: each received slice is staged on the host, then
+    /// written or reduced into the device by the device's own kernels.
+    Device(&'a mut dyn DeviceMemory),
+}
+
 /// One collective for the engine to run.
 pub(crate) struct Job<'a> {
     pub plan: &'a Plan,
     pub seq: u64,
     pub descriptor: [u8; DESCRIPTOR_LEN],
     /// `None` for an in-place call.
-    pub input: Option<&'a [u8]>,
-    pub output: &'a mut [u8],
+    pub input: Option<Input<'a>>,
+    pub output: Output<'a>,
     pub dtype: DType,
     pub op: ReduceOp,
     pub world: usize,
@@ -99,12 +117,21 @@ pub(crate) fn run(ring: Option<Ring<'_>>, job: Job<'_>) -> Result<(), EngineErro
         timeout,
         spin,
     } = job;
+    let mut output = output;
     let off = plan.input_offset;
+    // Host bytes for device slices: received (staging), about to be sent
+    // (send_stage), or an out-of-place input on its way to the output (bounce).
+    let device = matches!(output, Output::Device(_));
+    let mut send_stage: Vec<u8> = Vec::new();
+    let mut bounce: Vec<u8> = Vec::new();
     if let (Some(r), Some(inp)) = (plan.prologue_copy.clone(), input) {
-        output[r.clone()].copy_from_slice(&inp[r.start - off..r.end - off]);
+        copy_input(inp, &mut output, r, off, &mut bounce)?;
     }
     if let Some(r) = plan.local_avg.clone() {
-        reducer.finish_avg(dtype, &mut output[r], world)?;
+        match &mut output {
+            Output::Host(o) => reducer.finish_avg(dtype, &mut o[r], world)?,
+            Output::Device(d) => d.finish_avg(dtype, r.start, r.len(), world)?,
+        }
     }
     if plan.sends.is_empty() && plan.recvs.is_empty() {
         return Ok(());
@@ -115,9 +142,19 @@ pub(crate) fn run(ring: Option<Ring<'_>>, job: Job<'_>) -> Result<(), EngineErro
             reason: "a plan with frames but no links".into(),
         });
     };
-    let need = plan.staging_len();
+    let need = if device {
+        plan.recvs.iter().map(|r| r.range.len()).max().unwrap_or(0)
+    } else {
+        plan.staging_len()
+    };
     if staging.len() < need {
         staging.resize(need, 0);
+    }
+    if device {
+        send_stage.resize(
+            plan.sends.iter().map(|s| s.range.len()).max().unwrap_or(0),
+            0,
+        );
     }
     let next_rank = ring.next.peer();
     let prev_rank = ring.prev.peer();
@@ -138,9 +175,24 @@ pub(crate) fn run(ring: Option<Ring<'_>>, job: Job<'_>) -> Result<(), EngineErro
 
         // Send every frame that may go, until the socket is full.
         while let Some(s) = progress.next_send(plan) {
-            let payload: &[u8] = match (s.src, input) {
-                (Src::Input, Some(inp)) => &inp[s.range.start - off..s.range.end - off],
-                _ => &output[s.range.clone()],
+            let len = s.range.len();
+            let payload: &[u8] = match (s.src, input, &output) {
+                (Src::Input, Some(Input::Host(inp)), _) => {
+                    &inp[s.range.start - off..s.range.end - off]
+                }
+                (Src::Input, Some(Input::Device(inp)), _) => {
+                    if send_pos == 0 {
+                        inp.read(s.range.start - off, &mut send_stage[..len])?;
+                    }
+                    &send_stage[..len]
+                }
+                (_, _, Output::Host(o)) => &o[s.range.clone()],
+                (_, _, Output::Device(o)) => {
+                    if send_pos == 0 {
+                        o.read(s.range.start, &mut send_stage[..len])?;
+                    }
+                    &send_stage[..len]
+                }
             };
             if send_pos == 0 {
                 send_hdr = FrameHeader {
@@ -184,10 +236,12 @@ pub(crate) fn run(ring: Option<Ring<'_>>, job: Job<'_>) -> Result<(), EngineErro
         // Receive every frame available.
         while let Some(r) = progress.next_recv(plan) {
             let len = r.range.len();
-            let target: &mut [u8] = match r.commit {
-                Commit::Copy => &mut output[r.range.clone()],
-                Commit::Reduce { .. } => &mut staging[..len],
-                Commit::Discard => &mut empty,
+            let target: &mut [u8] = match (r.commit, &mut output) {
+                (Commit::Copy, Output::Host(o)) => &mut o[r.range.clone()],
+                (Commit::Copy, Output::Device(_)) | (Commit::Reduce { .. }, _) => {
+                    &mut staging[..len]
+                }
+                (Commit::Discard, _) => &mut empty,
             };
             let was_header = recv_pos < HDR;
             let n = if was_header {
@@ -208,15 +262,30 @@ pub(crate) fn run(ring: Option<Ring<'_>>, job: Job<'_>) -> Result<(), EngineErro
                 check_header(&recv_hdr, seq, &descriptor, r.step, r.slice, len, prev_rank)?;
             }
             if recv_pos == HDR + len {
-                if let Commit::Reduce { with, finish_avg } = r.commit {
-                    let dst = &mut output[r.range.clone()];
-                    if let (Src::Input, Some(inp)) = (with, input) {
-                        dst.copy_from_slice(&inp[r.range.start - off..r.range.end - off]);
+                match (r.commit, &mut output) {
+                    (Commit::Reduce { with, finish_avg }, Output::Host(o)) => {
+                        let dst = &mut o[r.range.clone()];
+                        if let (Src::Input, Some(Input::Host(inp))) = (with, input) {
+                            dst.copy_from_slice(&inp[r.range.start - off..r.range.end - off]);
+                        }
+                        reducer.reduce(dtype, op, dst, &staging[..len])?;
+                        if finish_avg {
+                            reducer.finish_avg(dtype, dst, world)?;
+                        }
                     }
-                    reducer.reduce(dtype, op, dst, &staging[..len])?;
-                    if finish_avg {
-                        reducer.finish_avg(dtype, dst, world)?;
+                    (Commit::Reduce { with, finish_avg }, out @ Output::Device(_)) => {
+                        if let (Src::Input, Some(inp)) = (with, input) {
+                            copy_input(inp, out, r.range.clone(), off, &mut bounce)?;
+                        }
+                        if let Output::Device(d) = out {
+                            d.reduce_from_host(dtype, op, r.range.start, &staging[..len])?;
+                            if finish_avg {
+                                d.finish_avg(dtype, r.range.start, len, world)?;
+                            }
+                        }
                     }
+                    (Commit::Copy, Output::Device(d)) => d.write(r.range.start, &staging[..len])?,
+                    (Commit::Copy, Output::Host(_)) | (Commit::Discard, _) => {}
                 }
                 tracing::trace!(
                     seq,
@@ -278,6 +347,28 @@ pub(crate) fn run(ring: Option<Ring<'_>>, job: Job<'_>) -> Result<(), EngineErro
         let write_link: Option<&dyn Link> = if send_full { Some(&*ring.next) } else { None };
         wait(read_link, write_link, timeout - waited)?;
     }
+}
+
+/// `output[range] = input[range - off]`, through `bounce` when either side is on a device.
+fn copy_input(
+    input: Input<'_>,
+    output: &mut Output<'_>,
+    range: std::ops::Range<usize>,
+    off: usize,
+    bounce: &mut Vec<u8>,
+) -> Result<(), EngineError> {
+    let src = range.start - off..range.end - off;
+    match (input, output) {
+        (Input::Host(i), Output::Host(o)) => o[range].copy_from_slice(&i[src]),
+        (Input::Host(i), Output::Device(o)) => o.write(range.start, &i[src])?,
+        (Input::Device(i), Output::Host(o)) => i.read(src.start, &mut o[range])?,
+        (Input::Device(i), Output::Device(o)) => {
+            bounce.resize(range.len(), 0);
+            i.read(src.start, bounce)?;
+            o.write(range.start, bounce)?;
+        }
+    }
+    Ok(())
 }
 
 fn check_header(

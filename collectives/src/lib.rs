@@ -28,6 +28,7 @@ pub mod config;
 mod descriptor;
 mod engine;
 mod error;
+pub mod fusion;
 pub mod pattern;
 pub mod schedule;
 

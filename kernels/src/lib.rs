@@ -28,9 +28,13 @@
 //!   zero (Rust's and C's integer division), computed on the wrapped sum.
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 mod dtype;
 mod error;
 pub mod reference;
+#[cfg(feature = "wgpu")]
+pub mod wgpu;
 
 pub use dtype::{DType, Element, ReduceOp};
 pub use error::KernelError;
@@ -59,6 +63,52 @@ pub trait Reducer: Send + Sync + std::fmt::Debug {
         &self,
         dtype: DType,
         dst: &mut [u8],
+        contributions: usize,
+    ) -> Result<(), KernelError>;
+}
+
+/// Memory on a device that collectives work on through host staging:
+/// slices are read to the host to be sent and written or reduced into the
+/// device when received, with the reduction running on the device.
+///
+/// Offsets and lengths are in bytes. Offsets passed to `reduce_from_host` and
+/// `finish_avg` must be multiples of the element size; `read` and `write`
+/// take any byte offset.
+pub trait DeviceMemory: Send + std::fmt::Debug {
+    /// Backend name ("wgpu", "cuda").
+    fn backend(&self) -> &'static str;
+    /// Length of the buffer in bytes.
+    fn len_bytes(&self) -> usize;
+    /// device → host: copies bytes `[offset, offset + dst.len())` into `dst`.
+    fn read(&self, offset: usize, dst: &mut [u8]) -> Result<(), KernelError>;
+    /// host → device: copies `src` to bytes `[offset, offset + src.len())`.
+    fn write(&mut self, offset: usize, src: &[u8]) -> Result<(), KernelError>;
+    /// `self[offset..offset + src.len()] = op(self[..], src)`, computed on the
+    /// device (`src` is staged into a reused device scratch buffer first).
+    /// `Avg` behaves as `Sum`.
+    fn reduce_from_host(
+        &mut self,
+        dtype: DType,
+        op: ReduceOp,
+        offset: usize,
+        src: &[u8],
+    ) -> Result<(), KernelError>;
+    /// A new zeroed buffer of `bytes` on the same device, for the scratch
+    /// space some collectives need (a reduce's intermediate ranks, an
+    /// out-of-place reduce-scatter).
+    fn alloc_like(&self, bytes: usize) -> Result<Box<dyn DeviceMemory>, KernelError> {
+        Err(KernelError::Unsupported {
+            backend: self.backend(),
+            what: format!("allocating a {bytes}-byte scratch buffer"),
+        })
+    }
+    /// Turns sums of `contributions` values into averages over
+    /// `[offset, offset + len)`, on the device.
+    fn finish_avg(
+        &mut self,
+        dtype: DType,
+        offset: usize,
+        len: usize,
         contributions: usize,
     ) -> Result<(), KernelError>;
 }

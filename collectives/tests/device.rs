@@ -1,0 +1,155 @@
+//! The device path of the engine (device → host → wire → host → device, the
+//! reduction on the device) with a host-backed stand-in for a GPU buffer, so
+//! that it is checked on every machine. The wgpu backend runs the same path
+//! for real in `wgpu.rs`.
+
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use oxccl::pattern::{count_wrong, input};
+use oxccl::{Config, DType, Descriptor, Kind, ReduceOp, run_in_process};
+use oxccl_kernels::reference::ReferenceReducer;
+use oxccl_kernels::{DeviceMemory, KernelError, Reducer};
+
+/// "Device" memory that lives on the host; counts the reductions it ran.
+#[derive(Debug)]
+struct FakeDevice {
+    data: Vec<u8>,
+    reductions: Arc<AtomicUsize>,
+}
+
+impl DeviceMemory for FakeDevice {
+    fn backend(&self) -> &'static str {
+        "fake"
+    }
+    fn len_bytes(&self) -> usize {
+        self.data.len()
+    }
+    fn read(&self, offset: usize, dst: &mut [u8]) -> Result<(), KernelError> {
+        dst.copy_from_slice(&self.data[offset..offset + dst.len()]);
+        Ok(())
+    }
+    fn write(&mut self, offset: usize, src: &[u8]) -> Result<(), KernelError> {
+        self.data[offset..offset + src.len()].copy_from_slice(src);
+        Ok(())
+    }
+    fn reduce_from_host(
+        &mut self,
+        dtype: DType,
+        op: ReduceOp,
+        offset: usize,
+        src: &[u8],
+    ) -> Result<(), KernelError> {
+        self.reductions.fetch_add(1, Ordering::Relaxed);
+        ReferenceReducer.reduce(dtype, op, &mut self.data[offset..offset + src.len()], src)
+    }
+    fn finish_avg(
+        &mut self,
+        dtype: DType,
+        offset: usize,
+        len: usize,
+        n: usize,
+    ) -> Result<(), KernelError> {
+        ReferenceReducer.finish_avg(dtype, &mut self.data[offset..offset + len], n)
+    }
+    fn alloc_like(&self, bytes: usize) -> Result<Box<dyn DeviceMemory>, KernelError> {
+        Ok(Box::new(FakeDevice {
+            data: vec![0; bytes],
+            reductions: self.reductions.clone(),
+        }))
+    }
+}
+
+fn run(d: Descriptor, world: usize, in_place: bool) -> Vec<(usize, usize)> {
+    let config = Config {
+        slice_bytes: 3 * d.dtype.size(),
+        timeout: Duration::from_secs(30),
+        ..Config::default()
+    };
+    run_in_process(world, config, |comm| {
+        let (rank, size) = (comm.rank(), d.dtype.size());
+        let reductions = Arc::new(AtomicUsize::new(0));
+        let dev = |data: Vec<u8>| FakeDevice {
+            data,
+            reductions: reductions.clone(),
+        };
+        let inp = input(&d, world, rank);
+        let out_len = match d.kind {
+            Kind::AllGather => d.count * world * size,
+            _ => d.count * size,
+        };
+        let result = if in_place {
+            let mut buf = match d.kind {
+                Kind::AllGather => {
+                    let mut b = vec![0u8; out_len];
+                    b[rank * inp.len()..(rank + 1) * inp.len()].copy_from_slice(&inp);
+                    dev(b)
+                }
+                _ => dev(inp.clone()),
+            };
+            comm.run_device(d, None, &mut buf).unwrap();
+            match d.kind {
+                Kind::ReduceScatter => {
+                    buf.data[rank * d.count * size..(rank + 1) * d.count * size].to_vec()
+                }
+                _ => buf.data,
+            }
+        } else {
+            let src = dev(inp.clone());
+            let mut out = dev(vec![0xA5; out_len]);
+            comm.run_device(d, Some(&src), &mut out).unwrap();
+            assert_eq!(src.data, inp, "the input is not modified");
+            out.data
+        };
+        (
+            count_wrong(&d, world, rank, &result),
+            reductions.load(Ordering::Relaxed),
+        )
+    })
+    .unwrap()
+}
+
+#[test]
+fn every_collective_on_device_buffers() {
+    for world in 1..=5 {
+        for kind in [
+            Kind::AllReduce,
+            Kind::Broadcast,
+            Kind::Reduce,
+            Kind::AllGather,
+            Kind::ReduceScatter,
+        ] {
+            for (dtype, op) in [
+                (DType::F32, ReduceOp::Sum),
+                (DType::BF16, ReduceOp::Avg),
+                (DType::I8, ReduceOp::Max),
+                (DType::U64, ReduceOp::Prod),
+            ] {
+                for count in [0, 1, world + 1, 50] {
+                    for in_place in [false, true] {
+                        let d = Descriptor {
+                            kind,
+                            dtype,
+                            op,
+                            root: world / 2,
+                            count,
+                        };
+                        let out = run(d, world, in_place);
+                        let ctx = format!("{} world {world} in_place {in_place}", d.call(0));
+                        assert!(out.iter().all(|(wrong, _)| *wrong == 0), "{ctx}: {out:?}");
+                        // Reductions ran on the "device" whenever data was reduced.
+                        if d.reduces() && world > 1 && count > 0 {
+                            assert!(
+                                out.iter().map(|(_, r)| r).sum::<usize>() > 0,
+                                "{ctx}: no device reduction"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,112 @@
+//! The examples, run as real processes through `oxrun`, against the same
+//! math done here in one process.
+//!
+//! `cargo test` builds the examples into `target/<profile>/examples/`, next
+//! to the `oxrun` binary; with a filtered run, build them first
+//! (`cargo build -p oxccl --examples`).
+#![allow(clippy::unwrap_used)]
+
+#[path = "../examples/common/mod.rs"]
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn example(name: &str) -> PathBuf {
+    let oxrun = PathBuf::from(env!("CARGO_BIN_EXE_oxrun"));
+    let path = oxrun.parent().unwrap().join("examples").join(name);
+    assert!(
+        path.exists(),
+        "{} is not built: run `cargo build -p oxccl --examples` (plain `cargo test` builds it)",
+        path.display()
+    );
+    path
+}
+
+/// Runs `name` on `world` ranks; returns each rank's `final` values, in rank order, and stdout.
+fn run(name: &str, world: usize) -> (Vec<Vec<f64>>, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_oxrun"))
+        .args(["-n", &world.to_string(), "--timeout", "120", "--"])
+        .arg(example(name))
+        .env_remove("OXCCL_RANK")
+        .env_remove("RANK")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{name}:\n{stdout}\n{stderr}");
+    let finals = (0..world)
+        .map(|r| {
+            let prefix = format!("[{r}] final ");
+            let line = stdout
+                .lines()
+                .find(|l| l.starts_with(&prefix))
+                .unwrap_or_else(|| panic!("no final line of rank {r}:\n{stdout}"));
+            line[prefix.len()..]
+                .split(' ')
+                .map(|v| v.parse().unwrap())
+                .collect()
+        })
+        .collect();
+    (finals, stdout)
+}
+
+fn assert_close(got: &[f64], want: &[f64], tol: f64) {
+    assert_eq!(got.len(), want.len());
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!(
+            (g - w).abs() <= tol * (1.0 + w.abs()),
+            "element {i}: {g} vs {w}\n{got:?}\n{want:?}"
+        );
+    }
+}
+
+fn same_on_every_rank(finals: &[Vec<f64>]) {
+    for (r, f) in finals.iter().enumerate() {
+        assert_eq!(f, &finals[0], "rank {r} differs from rank 0");
+    }
+}
+
+#[test]
+fn dsgd_matches_single_process_training_and_the_loss_falls() {
+    let (model, first, last) = common::dsgd_reference();
+    assert!(last < 0.6 * first, "reference loss {first} -> {last}");
+    let want: Vec<f64> = model.params().iter().map(|v| f64::from(*v)).collect();
+    for world in [2, 4] {
+        let (finals, stdout) = run("dsgd", world);
+        same_on_every_rank(&finals);
+        assert_close(&finals[0], &want, 1e-4);
+        let line = stdout.lines().find(|l| l.starts_with("[0] loss ")).unwrap();
+        let losses: Vec<f32> = line["[0] loss ".len()..]
+            .split(" (")
+            .next()
+            .unwrap()
+            .split(" -> ")
+            .map(|v| v.parse().unwrap())
+            .collect();
+        assert!(losses[1] < 0.6 * losses[0], "{line}");
+        assert!((losses[1] - last).abs() < 1e-3, "{line} vs {last}");
+    }
+}
+
+#[test]
+fn model_averaging_matches_single_process_replicas() {
+    for world in [2, 3] {
+        let want: Vec<f64> = common::averaging_reference(world)
+            .params()
+            .iter()
+            .map(|v| f64::from(*v))
+            .collect();
+        let (finals, _) = run("model_averaging", world);
+        same_on_every_rank(&finals);
+        assert_close(&finals[0], &want, 1e-5);
+    }
+}
+
+#[test]
+fn kmeans_matches_single_process_kmeans() {
+    let want: Vec<f64> = common::kmeans_reference().into_iter().flatten().collect();
+    let (finals, _) = run("kmeans", 3);
+    same_on_every_rank(&finals);
+    assert_close(&finals[0], &want, 1e-9);
+}
