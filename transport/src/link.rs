@@ -1,7 +1,7 @@
 //! The link abstraction: one nonblocking, ordered byte stream to one peer.
 
 use std::fmt;
-use std::io::{self, IoSlice, IoSliceMut, Read, Write};
+use std::io::{self, IoSlice, IoSliceMut, Read};
 use std::net::{Shutdown, TcpStream};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
@@ -104,10 +104,16 @@ impl Link for StreamLink {
     }
 
     fn try_write(&mut self, bufs: &[IoSlice<'_>]) -> Result<usize, TransportError> {
-        let r = match &mut self.stream {
-            Stream::Tcp(s) => s.write_vectored(bufs),
-            Stream::Unix(s) => s.write_vectored(bufs),
-        };
+        // sendmsg with MSG_NOSIGNAL: a peer that died is an EPIPE error here,
+        // never a SIGPIPE that kills a host process which did not ignore it
+        // (C programs do not).
+        let r = rustix::net::sendmsg(
+            self.fd(),
+            bufs,
+            &mut rustix::net::SendAncillaryBuffer::default(),
+            rustix::net::SendFlags::NOSIGNAL,
+        )
+        .map_err(std::io::Error::from);
         match r {
             Ok(n) => Ok(n),
             Err(e) => self.classify("sending", e),

@@ -1,1 +1,1723 @@
-//! The C ABI of oxccl (see include/oxccl.h).
+//! The C ABI of oxccl, shaped like `nccl.h` (see `include/oxccl.h`, generated
+//! from this file by cbindgen).
+//!
+//! A caller of NCCL ports by renaming `nccl` to `oxccl`: the result codes,
+//! data types and reduction ops have NCCL's values, every function takes
+//! NCCL's arguments in NCCL's order, and the unique id is 128 bytes. Buffers
+//! are host memory: `stream` must be NULL.
+//!
+//! # Safety
+//!
+//! Every entry point is an `unsafe extern "C" fn` whose `# Safety` section
+//! states what the caller promises; this module keeps these invariants:
+//!
+//! - **No unwinding into C.** Every entry point runs its body inside
+//!   [`std::panic::catch_unwind`] and turns a panic into
+//!   `oxcclInternalError` with a message.
+//! - **Enums arrive as integers.** Data types, ops and result codes are taken
+//!   as `int` and range-checked, so an out-of-range value is
+//!   `oxcclInvalidArgument`, never an invalid Rust enum.
+//! - **Pointers are checked before use.** A NULL pointer is refused with
+//!   `oxcclInvalidArgument`; a buffer of zero bytes is never dereferenced, so
+//!   it may be NULL. Buffer sizes are computed with checked arithmetic and
+//!   must fit in `isize`, the limit of a Rust slice.
+//! - **No aliasing of `&mut`.** An input and an output slice never overlap:
+//!   in-place calls (NCCL's pointer equalities) pass no input slice, and
+//!   partially overlapping buffers are refused.
+//! - **A communicator handle** (`oxcclComm_t`) is an `Arc<oxcclComm>` leaked
+//!   by an init call (`Arc::into_raw`) and reclaimed by
+//!   `oxcclCommDestroy`/`oxcclCommAbort`; every call takes its own count for
+//!   its duration, so an abort from another thread never frees a
+//!   communicator under a call in progress.
+//!   Its `Communicator` sits behind a mutex, so calls from several threads on
+//!   one handle are serialized rather than racing. Its rank, world, abort
+//!   handle and asynchronous error live outside the mutex, so that
+//!   `oxcclCommAbort` and `oxcclCommGetAsyncError` never wait for a
+//!   collective in progress.
+//! - **Groups** (`oxcclGroupStart`/`oxcclGroupEnd`) are per thread: the
+//!   queue holds addresses only, and dereferences them at `oxcclGroupEnd`,
+//!   when the caller promises (as with NCCL) that communicators and buffers
+//!   are still valid.
+//! - **The last error** is a thread-local C string, valid until the next
+//!   failing oxccl call on the same thread.
+
+use std::cell::RefCell;
+use std::ffi::{CStr, CString, c_char, c_int, c_void};
+use std::fmt;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::{Arc, Mutex};
+
+use oxccl::{AbortHandle, Communicator, Config, DType, Descriptor, ErrorKind, Kind, ReduceOp};
+
+// ---------------------------------------------------------------------------
+// Version
+// ---------------------------------------------------------------------------
+
+/// Major version of oxccl.
+pub const OXCCL_MAJOR: c_int = 0;
+/// Minor version of oxccl.
+pub const OXCCL_MINOR: c_int = 1;
+/// Patch version of oxccl.
+pub const OXCCL_PATCH: c_int = 0;
+/// `OXCCL_MAJOR * 10000 + OXCCL_MINOR * 100 + OXCCL_PATCH`, as NCCL's
+/// `NCCL_VERSION_CODE`; `oxcclGetVersion` returns it.
+pub const OXCCL_VERSION_CODE: c_int = OXCCL_MAJOR * 10000 + OXCCL_MINOR * 100 + OXCCL_PATCH;
+
+// ---------------------------------------------------------------------------
+// Types
+// ---------------------------------------------------------------------------
+
+/// An `oxcclResult_t` as it crosses the ABI: a plain `int` (the header
+/// declares the enum `oxcclResult_t` with [`ResultCode`]'s values).
+#[allow(non_camel_case_types)]
+pub type oxcclResult_t = c_int;
+/// An `oxcclDataType_t` as it crosses the ABI: a plain `int`, range-checked.
+#[allow(non_camel_case_types)]
+pub type oxcclDataType_t = c_int;
+/// An `oxcclRedOp_t` as it crosses the ABI: a plain `int`, range-checked.
+#[allow(non_camel_case_types)]
+pub type oxcclRedOp_t = c_int;
+
+/// Result of every oxccl call; NCCL's `ncclResult_t` values.
+#[allow(non_camel_case_types)]
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResultCode {
+    /// The call succeeded.
+    oxcclSuccess = 0,
+    /// A CUDA call failed (unused: this build has no CUDA backend).
+    oxcclUnhandledCudaError = 1,
+    /// The operating system failed a call (sockets, files, threads).
+    oxcclSystemError = 2,
+    /// A bug in oxccl.
+    oxcclInternalError = 3,
+    /// A bad argument: NULL pointer, bad enum value, bad count, rank or root.
+    oxcclInvalidArgument = 4,
+    /// A call that is not valid now, or ranks that disagree on a call.
+    oxcclInvalidUsage = 5,
+    /// Another rank failed: it died, closed its links or reported an error.
+    oxcclRemoteError = 6,
+    /// An operation is in progress (unused: oxccl calls are synchronous).
+    oxcclInProgress = 7,
+    /// A wait made no progress for OXCCL_TIMEOUT seconds.
+    oxcclTimeout = 8,
+}
+
+/// Element type of a buffer; NCCL's `ncclDataType_t` values.
+#[allow(non_camel_case_types)]
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataType {
+    /// `int8_t`.
+    oxcclInt8 = 0,
+    /// `uint8_t`.
+    oxcclUint8 = 1,
+    /// `int32_t`.
+    oxcclInt32 = 2,
+    /// `uint32_t`.
+    oxcclUint32 = 3,
+    /// `int64_t`.
+    oxcclInt64 = 4,
+    /// `uint64_t`.
+    oxcclUint64 = 5,
+    /// IEEE 754 half precision (pass `uint16_t` bit patterns).
+    oxcclFloat16 = 6,
+    /// `float`.
+    oxcclFloat32 = 7,
+    /// `double`.
+    oxcclFloat64 = 8,
+    /// bfloat16 (pass `uint16_t` bit patterns).
+    oxcclBfloat16 = 9,
+}
+
+/// Alias of `oxcclInt8`, as NCCL's `ncclChar`.
+#[allow(non_upper_case_globals)]
+pub const oxcclChar: oxcclDataType_t = 0;
+/// Alias of `oxcclInt32`, as NCCL's `ncclInt`.
+#[allow(non_upper_case_globals)]
+pub const oxcclInt: oxcclDataType_t = 2;
+/// Alias of `oxcclFloat16`, as NCCL's `ncclHalf`.
+#[allow(non_upper_case_globals)]
+pub const oxcclHalf: oxcclDataType_t = 6;
+/// Alias of `oxcclFloat32`, as NCCL's `ncclFloat`.
+#[allow(non_upper_case_globals)]
+pub const oxcclFloat: oxcclDataType_t = 7;
+/// Alias of `oxcclFloat64`, as NCCL's `ncclDouble`.
+#[allow(non_upper_case_globals)]
+pub const oxcclDouble: oxcclDataType_t = 8;
+
+/// Reduction operation; NCCL's `ncclRedOp_t` values.
+#[allow(non_camel_case_types)]
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RedOp {
+    /// Sum (integers wrap).
+    oxcclSum = 0,
+    /// Product (integers wrap).
+    oxcclProd = 1,
+    /// Maximum (NaN propagates).
+    oxcclMax = 2,
+    /// Minimum (NaN propagates).
+    oxcclMin = 3,
+    /// Sum divided by the number of ranks (integers: truncated toward zero).
+    oxcclAvg = 4,
+}
+
+/// What every rank needs to find the others, made by `oxcclGetUniqueId` on
+/// one rank and passed by the application to the others (128 bytes, as NCCL's).
+#[allow(non_camel_case_types)]
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct oxcclUniqueId {
+    /// Opaque bytes.
+    pub internal: [c_char; 128],
+}
+
+/// A communicator: one rank's place in a world. Opaque to C.
+#[allow(non_camel_case_types)]
+#[derive(Debug)]
+pub struct oxcclComm {
+    rank: usize,
+    world: usize,
+    abort: AbortHandle,
+    /// `oxcclSuccess`, or the code of the error that poisoned the communicator.
+    async_error: AtomicI32,
+    comm: Mutex<Communicator>,
+}
+
+/// Handle of a communicator, as NCCL's `ncclComm_t`.
+#[allow(non_camel_case_types)]
+pub type oxcclComm_t = *mut oxcclComm;
+
+// ---------------------------------------------------------------------------
+// Errors: codes, messages, the thread's last error, the panic boundary
+// ---------------------------------------------------------------------------
+
+/// A failed call: its code and its message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Failure {
+    code: ResultCode,
+    message: String,
+}
+
+impl Failure {
+    fn new(code: ResultCode, message: impl Into<String>) -> Failure {
+        Failure {
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn arg(message: impl Into<String>) -> Failure {
+        Failure::new(ResultCode::oxcclInvalidArgument, message)
+    }
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl From<oxccl::Error> for Failure {
+    fn from(e: oxccl::Error) -> Failure {
+        Failure::new(code_of(e.kind(), &e), e.to_string())
+    }
+}
+
+/// The result code of an oxccl error of kind `kind`.
+fn code_of(kind: ErrorKind, e: &oxccl::Error) -> ResultCode {
+    match kind {
+        ErrorKind::InvalidArgument => ResultCode::oxcclInvalidArgument,
+        ErrorKind::InvalidUsage => ResultCode::oxcclInvalidUsage,
+        ErrorKind::System => ResultCode::oxcclSystemError,
+        ErrorKind::Remote => ResultCode::oxcclRemoteError,
+        ErrorKind::Timeout => ResultCode::oxcclTimeout,
+        // A backend this build or machine lacks: the call is not usable here
+        // (oxcclUnhandledCudaError means a CUDA call failed, which it did not).
+        ErrorKind::UnavailableBackend => ResultCode::oxcclInvalidUsage,
+        ErrorKind::Internal => ResultCode::oxcclInternalError,
+        ErrorKind::Aborted => match e.cause_kind() {
+            // An abort without a deeper cause (cannot happen today).
+            ErrorKind::Aborted => ResultCode::oxcclInvalidUsage,
+            k => code_of(k, e),
+        },
+    }
+}
+
+type Outcome<T = ()> = Result<T, Failure>;
+
+thread_local! {
+    /// The message of this thread's last failed call.
+    static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
+}
+
+fn set_last_error(message: &str) {
+    let c = CString::new(message.replace('\0', "\\0")).unwrap_or_default();
+    // During thread teardown the slot may be gone: the message is then lost.
+    let _ = LAST_ERROR.try_with(|l| {
+        if let Ok(mut slot) = l.try_borrow_mut() {
+            *slot = c;
+        }
+    });
+}
+
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "a panic with no message".to_owned()
+    }
+}
+
+/// The panic boundary of every entry point: runs `f`, records a failure as
+/// the thread's last error ("NAME: message") and returns its code.
+fn boundary(name: &str, f: impl FnOnce() -> Outcome) -> oxcclResult_t {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(())) => ResultCode::oxcclSuccess as c_int,
+        Ok(Err(failure)) => {
+            set_last_error(&format!("{name}: {failure}"));
+            failure.code as c_int
+        }
+        Err(p) => {
+            set_last_error(&format!(
+                "{name}: internal error (a panic in oxccl): {}",
+                panic_message(p.as_ref())
+            ));
+            ResultCode::oxcclInternalError as c_int
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Argument checks (pure: addresses are plain integers)
+// ---------------------------------------------------------------------------
+
+/// A byte range of the caller's memory, by address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Span {
+    addr: usize,
+    len: usize,
+}
+
+impl Span {
+    fn overlaps(&self, other: &Span) -> bool {
+        self.len > 0
+            && other.len > 0
+            && self.addr < other.addr + other.len
+            && other.addr < self.addr + self.len
+    }
+}
+
+/// A checked collective call, ready for `Communicator::run_bytes`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Call {
+    desc: Descriptor,
+    /// `None`: in place.
+    input: Option<Span>,
+    output: Span,
+}
+
+/// The arguments of a collective call as the C caller gave them.
+#[derive(Debug, Clone, Copy)]
+struct Args {
+    kind: Kind,
+    send: usize,
+    recv: usize,
+    count: usize,
+    datatype: c_int,
+    op: c_int,
+    root: c_int,
+    stream: usize,
+}
+
+fn dtype_of(datatype: c_int) -> Outcome<DType> {
+    u8::try_from(datatype)
+        .ok()
+        .and_then(DType::from_u8)
+        .ok_or_else(|| {
+            Failure::arg(format!(
+                "datatype {datatype} is not an oxcclDataType_t (0..=9)"
+            ))
+        })
+}
+
+fn op_of(op: c_int) -> Outcome<ReduceOp> {
+    u8::try_from(op)
+        .ok()
+        .and_then(ReduceOp::from_u8)
+        .ok_or_else(|| Failure::arg(format!("op {op} is not an oxcclRedOp_t (0..=4)")))
+}
+
+/// A buffer `name` of `len` bytes at `addr`: NULL is refused unless `len` is 0,
+/// and the range must not wrap around the address space.
+fn span(name: &str, addr: usize, len: usize) -> Outcome<Span> {
+    if len > 0 && addr == 0 {
+        return Err(Failure::arg(format!(
+            "{name} is NULL but the call needs {len} bytes there"
+        )));
+    }
+    if addr.checked_add(len).is_none() {
+        return Err(Failure::arg(format!(
+            "{name} + {len} bytes wraps around the address space"
+        )));
+    }
+    Ok(Span { addr, len })
+}
+
+fn disjoint(input: Span, output: Span) -> Outcome<Span> {
+    if input.overlaps(&output) {
+        return Err(Failure::arg(
+            "sendbuff and recvbuff overlap without being the in-place layout \
+             (same pointer, or NCCL's offset for allgather and reduce-scatter)",
+        ));
+    }
+    Ok(input)
+}
+
+/// Checks a call of rank `rank` in a world of `world` and maps it onto
+/// `run_bytes`' buffers (see its documentation for the lengths).
+fn plan(a: Args, rank: usize, world: usize) -> Outcome<Call> {
+    if a.stream != 0 {
+        return Err(Failure::arg(
+            "stream is not NULL: CUDA streams need oxccl's cuda backend, which this build \
+             does not have; pass NULL and host memory",
+        ));
+    }
+    let dtype = dtype_of(a.datatype)?;
+    let reduces = matches!(a.kind, Kind::AllReduce | Kind::Reduce | Kind::ReduceScatter);
+    let op = if reduces { op_of(a.op)? } else { ReduceOp::Sum };
+    let rooted = matches!(a.kind, Kind::Broadcast | Kind::Reduce);
+    let root = if rooted {
+        match usize::try_from(a.root) {
+            Ok(r) if r < world => r,
+            _ => {
+                return Err(Failure::arg(format!(
+                    "root {} is not a rank of this communicator (0..{world})",
+                    a.root
+                )));
+            }
+        }
+    } else {
+        0
+    };
+    let overflow = || {
+        Failure::arg(format!(
+            "count {} of {} bytes each overflows the address space",
+            a.count,
+            dtype.size()
+        ))
+    };
+    let limit = isize::MAX as usize;
+    let one = a
+        .count
+        .checked_mul(dtype.size())
+        .filter(|n| *n <= limit)
+        .ok_or_else(overflow)?;
+    let full = one
+        .checked_mul(world)
+        .filter(|n| *n <= limit)
+        .ok_or_else(overflow)?;
+    let desc = Descriptor {
+        kind: a.kind,
+        dtype,
+        op,
+        root,
+        count: a.count,
+    };
+    let (send, recv) = (a.send, a.recv);
+    let (input, output) = match a.kind {
+        Kind::AllReduce => {
+            if send == recv {
+                (None, span("recvbuff", recv, one)?)
+            } else {
+                let out = span("recvbuff", recv, one)?;
+                (Some(disjoint(span("sendbuff", send, one)?, out)?), out)
+            }
+        }
+        Kind::Broadcast => {
+            let out = span("recvbuff", recv, one)?;
+            if rank != root || send == recv {
+                (None, out)
+            } else {
+                (Some(disjoint(span("sendbuff", send, one)?, out)?), out)
+            }
+        }
+        Kind::Reduce => {
+            if rank != root {
+                // Non-root ranks only send; recvbuff is not used (may be NULL).
+                (Some(span("sendbuff", send, one)?), Span { addr: 0, len: 0 })
+            } else if send == recv {
+                (None, span("recvbuff", recv, one)?)
+            } else {
+                let out = span("recvbuff", recv, one)?;
+                (Some(disjoint(span("sendbuff", send, one)?, out)?), out)
+            }
+        }
+        Kind::AllGather => {
+            let out = span("recvbuff", recv, full)?;
+            let in_place = rank
+                .checked_mul(one)
+                .and_then(|off| recv.checked_add(off))
+                .is_some_and(|a| a == send);
+            if in_place {
+                (None, out)
+            } else {
+                (Some(disjoint(span("sendbuff", send, one)?, out)?), out)
+            }
+        }
+        Kind::ReduceScatter => {
+            let in_place = rank
+                .checked_mul(one)
+                .and_then(|off| send.checked_add(off))
+                .is_some_and(|a| a == recv);
+            if in_place {
+                (None, span("sendbuff", send, full)?)
+            } else {
+                let out = span("recvbuff", recv, one)?;
+                (Some(disjoint(span("sendbuff", send, full)?, out)?), out)
+            }
+        }
+        Kind::Barrier => (None, Span { addr: 0, len: 0 }),
+    };
+    Ok(Call {
+        desc,
+        input,
+        output,
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Running calls
+// ---------------------------------------------------------------------------
+
+/// Takes a counted reference to the caller's handle, so that a concurrent
+/// `oxcclCommAbort` cannot free the communicator under a call in progress.
+///
+/// # Safety
+///
+/// `comm` is NULL or a handle from an oxccl init call that has not been
+/// destroyed (at the time of this call).
+unsafe fn comm_ref(comm: oxcclComm_t) -> Outcome<Arc<oxcclComm>> {
+    if comm.is_null() {
+        return Err(Failure::arg("comm is NULL"));
+    }
+    // SAFETY: non-NULL, and by the caller's promise a live handle made by
+    // `Arc::into_raw` in `new_handle`, whose count is therefore at least one.
+    unsafe { Arc::increment_strong_count(comm.cast_const()) };
+    // SAFETY: as above; the increment is the count this Arc owns.
+    Ok(unsafe { Arc::from_raw(comm.cast_const()) })
+}
+
+/// Writes `value` through the out-pointer `ptr` named `name`.
+///
+/// # Safety
+///
+/// `ptr` is NULL or valid for a write of a `T`.
+unsafe fn write_out<T>(name: &str, ptr: *mut T, value: T) -> Outcome {
+    if ptr.is_null() {
+        return Err(Failure::arg(format!("{name} is NULL")));
+    }
+    // SAFETY: non-NULL and, by the caller's promise, valid for writes.
+    unsafe { ptr.write_unaligned(value) };
+    Ok(())
+}
+
+fn lock(comm: &oxcclComm) -> Outcome<std::sync::MutexGuard<'_, Communicator>> {
+    comm.comm.lock().map_err(|_| {
+        Failure::new(
+            ResultCode::oxcclInternalError,
+            "the communicator is unusable after an internal panic in an earlier call",
+        )
+    })
+}
+
+/// Runs a checked call.
+///
+/// # Safety
+///
+/// The spans of `call` are the caller's memory: the input readable, the
+/// output writable, for their lengths, not used by anything else during the
+/// call (their being disjoint is checked by [`plan`]).
+unsafe fn execute(comm: &oxcclComm, call: &Call) -> Outcome {
+    let mut guard = lock(comm)?;
+    // SAFETY: a non-empty span has a non-NULL address (checked by `span`) and,
+    // by the caller's promise, is readable for its length; an empty one is
+    // never dereferenced and gets a dangling, aligned pointer.
+    let input = call.input.map(|s| unsafe { bytes(s) });
+    // SAFETY: as above, and the output is writable and disjoint from the input.
+    let output = unsafe { bytes_mut(call.output) };
+    let result = guard.run_bytes(call.desc, input, output);
+    if let Err(e) = &result {
+        if guard.poisoned().is_some() {
+            let code = code_of(e.cause_kind(), e) as c_int;
+            let _ = comm.async_error.compare_exchange(
+                ResultCode::oxcclSuccess as c_int,
+                code,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            );
+        }
+    }
+    drop(guard);
+    result.map_err(Failure::from)
+}
+
+/// # Safety
+///
+/// `s.len > 0` implies `s.addr` is readable for `s.len` bytes for `'a`.
+unsafe fn bytes<'a>(s: Span) -> &'a [u8] {
+    if s.len == 0 {
+        return &[];
+    }
+    let p = NonNull::new(s.addr as *mut u8).unwrap_or(NonNull::dangling());
+    // SAFETY: non-NULL (checked by `span`), readable for `len` bytes (the
+    // caller's promise), `len <= isize::MAX` (checked by `plan`).
+    unsafe { std::slice::from_raw_parts(p.as_ptr(), s.len) }
+}
+
+/// # Safety
+///
+/// `s.len > 0` implies `s.addr` is writable for `s.len` bytes for `'a`, and
+/// nothing else accesses them meanwhile.
+unsafe fn bytes_mut<'a>(s: Span) -> &'a mut [u8] {
+    if s.len == 0 {
+        return &mut [];
+    }
+    let p = NonNull::new(s.addr as *mut u8).unwrap_or(NonNull::dangling());
+    // SAFETY: non-NULL (checked by `span`), writable and unaliased for `len`
+    // bytes (the caller's promise), `len <= isize::MAX` (checked by `plan`).
+    unsafe { std::slice::from_raw_parts_mut(p.as_ptr(), s.len) }
+}
+
+/// Sets SIGPIPE to "ignore" if it is at its default ("terminate"), once.
+///
+/// oxccl's links write to sockets; when a peer has died, such a write raises
+/// SIGPIPE, whose default action would kill the host process instead of
+/// letting the call fail with `oxcclRemoteError`. Rust programs ignore
+/// SIGPIPE from their start; a C host does not, so every init entry point
+/// calls this. A handler or disposition the host installed is left alone.
+fn ignore_sigpipe() {
+    #[cfg(unix)]
+    {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| {
+            // SAFETY: sigaction with a zeroed (valid: empty mask, no flags)
+            // struct and valid pointers; reading the current disposition and
+            // replacing SIG_DFL by SIG_IGN installs no handler code.
+            unsafe {
+                let mut old: libc::sigaction = std::mem::zeroed();
+                if libc::sigaction(libc::SIGPIPE, std::ptr::null(), &mut old) == 0
+                    && old.sa_sigaction == libc::SIG_DFL
+                {
+                    let mut new: libc::sigaction = std::mem::zeroed();
+                    new.sa_sigaction = libc::SIG_IGN;
+                    libc::sigemptyset(&mut new.sa_mask);
+                    libc::sigaction(libc::SIGPIPE, &new, std::ptr::null_mut());
+                }
+            }
+        });
+    }
+}
+
+fn new_handle(c: Communicator) -> oxcclComm_t {
+    Arc::into_raw(Arc::new(oxcclComm {
+        rank: c.rank(),
+        world: c.world(),
+        abort: c.abort_handle(),
+        async_error: AtomicI32::new(ResultCode::oxcclSuccess as c_int),
+        comm: Mutex::new(c),
+    }))
+    .cast_mut()
+}
+
+/// A collective entry point: check, then run now or queue in the open group.
+///
+/// # Safety
+///
+/// As the collective's own `# Safety` section.
+unsafe fn collective(comm: oxcclComm_t, a: Args) -> Outcome {
+    // SAFETY: the caller's promise.
+    let c = unsafe { comm_ref(comm) }?;
+    let call = plan(a, c.rank, c.world)?;
+    if group::enqueue_call(comm as usize, call) {
+        return Ok(());
+    }
+    // SAFETY: `plan` checked the spans; the caller promises the memory.
+    unsafe { execute(&c, &call) }
+}
+
+// ---------------------------------------------------------------------------
+// Groups
+// ---------------------------------------------------------------------------
+
+mod group {
+    //! Per-thread queues of calls between `oxcclGroupStart` and `oxcclGroupEnd`.
+
+    use super::*;
+
+    /// A queued operation.
+    #[derive(Debug)]
+    pub(super) enum Pending {
+        /// A collective on the communicator at `comm`.
+        Call { comm: usize, call: Call },
+        /// An `oxcclCommInitRank` writing its handle to `out`.
+        Init {
+            out: usize,
+            id: oxccl::UniqueId,
+            rank: usize,
+            world: usize,
+        },
+    }
+
+    #[derive(Debug, Default)]
+    pub(super) struct Group {
+        pub depth: usize,
+        pub queue: Vec<Pending>,
+    }
+
+    thread_local! {
+        pub(super) static GROUP: RefCell<Group> = RefCell::new(Group::default());
+    }
+
+    fn with<R>(f: impl FnOnce(&mut Group) -> R) -> Option<R> {
+        GROUP
+            .try_with(|g| g.try_borrow_mut().ok().map(|mut g| f(&mut g)))
+            .ok()
+            .flatten()
+    }
+
+    /// Queues `p` if this thread has an open group; returns whether it did.
+    fn enqueue(p: Pending) -> bool {
+        let mut p = Some(p);
+        with(|g| {
+            if g.depth > 0 {
+                if let Some(p) = p.take() {
+                    g.queue.push(p);
+                }
+                true
+            } else {
+                false
+            }
+        })
+        .unwrap_or(false)
+    }
+
+    pub(super) fn enqueue_call(comm: usize, call: Call) -> bool {
+        enqueue(Pending::Call { comm, call })
+    }
+
+    pub(super) fn enqueue_init(out: usize, id: oxccl::UniqueId, rank: usize, world: usize) -> bool {
+        enqueue(Pending::Init {
+            out,
+            id,
+            rank,
+            world,
+        })
+    }
+
+    pub(super) fn start() -> Outcome {
+        with(|g| g.depth += 1)
+            .ok_or_else(|| Failure::new(ResultCode::oxcclInternalError, "no group state"))
+    }
+
+    /// Calls queued on `comm` by this thread.
+    pub(super) fn queued_on(comm: usize) -> usize {
+        with(|g| {
+            g.queue
+                .iter()
+                .filter(|p| matches!(p, Pending::Call { comm: c, .. } if *c == comm))
+                .count()
+        })
+        .unwrap_or(0)
+    }
+
+    /// Closes one level; at the outermost, returns the queue to run.
+    pub(super) fn end() -> Outcome<Option<Vec<Pending>>> {
+        with(|g| {
+            if g.depth == 0 {
+                return Err(Failure::new(
+                    ResultCode::oxcclInvalidUsage,
+                    "no group is open on this thread (oxcclGroupEnd without oxcclGroupStart)",
+                ));
+            }
+            g.depth -= 1;
+            Ok((g.depth == 0).then(|| std::mem::take(&mut g.queue)))
+        })
+        .unwrap_or_else(|| {
+            Err(Failure::new(
+                ResultCode::oxcclInternalError,
+                "no group state",
+            ))
+        })
+    }
+
+    /// Runs a closed group: inits first (all at once, so that ranks of one
+    /// world initialized by one thread meet), then each communicator's calls
+    /// in order, each communicator on its own thread. Returns the first failure.
+    ///
+    /// # Safety
+    ///
+    /// Every queued communicator and buffer is still valid (the contract of
+    /// `oxcclGroupEnd`), and every `Init`'s `out` is writable.
+    pub(super) unsafe fn run(queue: Vec<Pending>) -> Outcome {
+        let mut inits = Vec::new();
+        let mut per_comm: Vec<(usize, Vec<Call>)> = Vec::new();
+        for p in queue {
+            match p {
+                Pending::Init {
+                    out,
+                    id,
+                    rank,
+                    world,
+                } => inits.push((out, id, rank, world)),
+                Pending::Call { comm, call } => {
+                    match per_comm.iter_mut().find(|(c, _)| *c == comm) {
+                        Some((_, calls)) => calls.push(call),
+                        None => per_comm.push((comm, vec![call])),
+                    }
+                }
+            }
+        }
+        let mut first: Option<Failure> = None;
+        let init_results = parallel(&inits, |(_, id, rank, world)| {
+            Communicator::init(id, *rank, *world).map_err(Failure::from)
+        });
+        for ((out, ..), r) in inits.iter().zip(init_results) {
+            match r {
+                Ok(c) => {
+                    // SAFETY: the caller of oxcclCommInitRank promised `out`
+                    // writable until oxcclGroupEnd returns.
+                    unsafe { (*out as *mut oxcclComm_t).write_unaligned(new_handle(c)) };
+                }
+                Err(f) => {
+                    first.get_or_insert(f);
+                }
+            }
+        }
+        let results = parallel(&per_comm, |(comm, calls)| {
+            // SAFETY: the caller promised the communicator alive until
+            // oxcclGroupEnd returns; `oxcclComm` is Send and Sync.
+            let c = unsafe { comm_ref(*comm as oxcclComm_t) }?;
+            let mut first = None;
+            for call in calls {
+                // SAFETY: checked by `plan` when queued; the caller promised
+                // the buffers valid until oxcclGroupEnd returns.
+                if let Err(f) = unsafe { execute(&c, call) } {
+                    first.get_or_insert(f);
+                }
+            }
+            first.map_or(Ok(()), Err)
+        });
+        for r in results {
+            if let Err(f) = r {
+                first.get_or_insert(f);
+            }
+        }
+        first.map_or(Ok(()), Err)
+    }
+
+    /// Runs `f` on every item, each on its own scoped thread (inline for one).
+    fn parallel<T: Sync, R: Send>(
+        items: &[T],
+        f: impl Fn(&T) -> Result<R, Failure> + Sync,
+    ) -> Vec<Result<R, Failure>> {
+        if items.len() <= 1 {
+            return items.iter().map(&f).collect();
+        }
+        let f = &f;
+        std::thread::scope(|s| {
+            let handles: Vec<_> = items
+                .iter()
+                .map(|item| {
+                    std::thread::Builder::new()
+                        .name("oxccl-group".into())
+                        .spawn_scoped(s, move || {
+                            catch_unwind(AssertUnwindSafe(|| f(item))).unwrap_or_else(|p| {
+                                Err(Failure::new(
+                                    ResultCode::oxcclInternalError,
+                                    format!(
+                                        "internal error (a panic in oxccl): {}",
+                                        panic_message(p.as_ref())
+                                    ),
+                                ))
+                            })
+                        })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| match h {
+                    Ok(h) => h.join().unwrap_or_else(|_| {
+                        Err(Failure::new(
+                            ResultCode::oxcclInternalError,
+                            "a group thread panicked",
+                        ))
+                    }),
+                    Err(e) => Err(Failure::new(
+                        ResultCode::oxcclSystemError,
+                        format!("cannot start a thread for the group: {e}"),
+                    )),
+                })
+                .collect()
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Entry points
+// ---------------------------------------------------------------------------
+
+/// Writes `OXCCL_VERSION_CODE` to `*version`.
+///
+/// # Safety
+///
+/// `version` is NULL or valid for writing an `int`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn oxcclGetVersion(version: *mut c_int) -> oxcclResult_t {
+    boundary("oxcclGetVersion", || {
+        // SAFETY: the caller's promise.
+        unsafe { write_out("version", version, OXCCL_VERSION_CODE) }
+    })
+}
+
+/// Creates a unique id (serving a rendezvous store on OXCCL_BOOTSTRAP_ADDR,
+/// default 127.0.0.1, from this process) for `oxcclCommInitRank`. Call it on
+/// one rank and pass the bytes to the others.
+///
+/// # Safety
+///
+/// `unique_id` is NULL or valid for writing an `oxcclUniqueId`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn oxcclGetUniqueId(unique_id: *mut oxcclUniqueId) -> oxcclResult_t {
+    boundary("oxcclGetUniqueId", || {
+        ignore_sigpipe();
+        if unique_id.is_null() {
+            return Err(Failure::arg("unique_id is NULL"));
+        }
+        let bytes = oxccl::UniqueId::new()?.to_bytes();
+        let mut id = oxcclUniqueId { internal: [0; 128] };
+        for (d, s) in id.internal.iter_mut().zip(bytes) {
+            *d = s as c_char;
+        }
+        // SAFETY: non-NULL, and writable by the caller's promise.
+        unsafe { write_out("unique_id", unique_id, id) }
+    })
+}
+
+fn rank_and_world(nranks: c_int, rank: c_int) -> Outcome<(usize, usize)> {
+    let world = usize::try_from(nranks)
+        .ok()
+        .filter(|w| *w >= 1)
+        .ok_or_else(|| Failure::arg(format!("nranks {nranks} is not at least 1")))?;
+    let r = usize::try_from(rank)
+        .ok()
+        .filter(|r| *r < world)
+        .ok_or_else(|| Failure::arg(format!("rank {rank} is not in 0..{nranks}")))?;
+    Ok((r, world))
+}
+
+/// Creates rank `rank` of a world of `nranks` from a unique id. Blocks until
+/// every rank has joined (at most OXCCL_TIMEOUT seconds). Inside a group, the
+/// handle is written at `oxcclGroupEnd`, so that one thread can initialize
+/// several ranks.
+///
+/// # Safety
+///
+/// `comm` is NULL or valid for writing an `oxcclComm_t` (inside a group:
+/// until `oxcclGroupEnd` returns).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn oxcclCommInitRank(
+    comm: *mut oxcclComm_t,
+    nranks: c_int,
+    comm_id: oxcclUniqueId,
+    rank: c_int,
+) -> oxcclResult_t {
+    boundary("oxcclCommInitRank", || {
+        ignore_sigpipe();
+        if comm.is_null() {
+            return Err(Failure::arg("comm is NULL"));
+        }
+        let (rank, world) = rank_and_world(nranks, rank)?;
+        let mut bytes = [0u8; 128];
+        for (d, s) in bytes.iter_mut().zip(comm_id.internal) {
+            *d = s as u8;
+        }
+        let id = oxccl::UniqueId::from_bytes(&bytes)?;
+        if group::enqueue_init(comm as usize, id, rank, world) {
+            return Ok(());
+        }
+        let c = Communicator::init(&id, rank, world)?;
+        // SAFETY: non-NULL, and writable by the caller's promise.
+        unsafe { write_out("comm", comm, new_handle(c)) }
+    })
+}
+
+/// Creates `ndev` communicators of one world in this process (rank `i` in
+/// `comms[i]`), connected by socket pairs; drive each from its own thread, or
+/// all from one thread inside a group. `devlist` may be NULL; its entries
+/// (device numbers, which host memory does not use) must not be negative.
+///
+/// # Safety
+///
+/// `comms` is NULL or valid for writing `ndev` handles; `devlist` is NULL or
+/// valid for reading `ndev` ints.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn oxcclCommInitAll(
+    comms: *mut oxcclComm_t,
+    ndev: c_int,
+    devlist: *const c_int,
+) -> oxcclResult_t {
+    boundary("oxcclCommInitAll", || {
+        ignore_sigpipe();
+        if comms.is_null() {
+            return Err(Failure::arg("comms is NULL"));
+        }
+        let n = usize::try_from(ndev)
+            .ok()
+            .filter(|n| *n >= 1)
+            .ok_or_else(|| Failure::arg(format!("ndev {ndev} is not at least 1")))?;
+        if !devlist.is_null() {
+            // SAFETY: non-NULL, and readable for `ndev` ints by the caller's promise.
+            let devs = unsafe { std::slice::from_raw_parts(devlist, n) };
+            if let Some((i, d)) = devs.iter().enumerate().find(|(_, d)| **d < 0) {
+                return Err(Failure::arg(format!(
+                    "devlist[{i}] is {d}, a negative device"
+                )));
+            }
+        }
+        let all = Communicator::in_process(n, Config::from_env()?)?;
+        for (i, c) in all.into_iter().enumerate() {
+            // SAFETY: `i < ndev`, and `comms` is writable for `ndev` handles
+            // by the caller's promise.
+            unsafe { comms.add(i).write_unaligned(new_handle(c)) };
+        }
+        Ok(())
+    })
+}
+
+/// Creates this process's communicator from its launcher's environment
+/// (oxrun, torchrun, mpirun, srun: rank, world size and rank 0's address).
+///
+/// # Safety
+///
+/// `comm` is NULL or valid for writing an `oxcclComm_t`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn oxcclCommInitFromEnv(comm: *mut oxcclComm_t) -> oxcclResult_t {
+    boundary("oxcclCommInitFromEnv", || {
+        ignore_sigpipe();
+        if comm.is_null() {
+            return Err(Failure::arg("comm is NULL"));
+        }
+        let c = Communicator::from_env()?;
+        // SAFETY: non-NULL, and writable by the caller's promise.
+        unsafe { write_out("comm", comm, new_handle(c)) }
+    })
+}
+
+/// Reclaims a handle, after refusing it while this thread's open group still
+/// holds calls on it.
+///
+/// # Safety
+///
+/// `comm` is a live handle, not used again by the caller.
+unsafe fn destroy(comm: oxcclComm_t, abort: bool) -> Outcome {
+    let queued = group::queued_on(comm as usize);
+    if queued > 0 {
+        return Err(Failure::new(
+            ResultCode::oxcclInvalidUsage,
+            format!(
+                "the open group of this thread still holds {queued} calls on this communicator"
+            ),
+        ));
+    }
+    // SAFETY: a handle made by `new_handle` (Arc::into_raw), not yet
+    // destroyed: this takes back the count the handle owned. A call in
+    // progress on another thread holds its own count, so the communicator
+    // is dropped (its links closed) when the last of them ends.
+    let c = unsafe { Arc::from_raw(comm.cast_const()) };
+    if abort {
+        c.abort.abort();
+    }
+    drop(c);
+    Ok(())
+}
+
+/// Frees a communicator and closes its links (the other ranks' next call
+/// fails with `oxcclRemoteError`). NULL is accepted and ignored, as by NCCL.
+/// Refused (`oxcclInvalidUsage`) while this thread's open group holds calls
+/// on it.
+///
+/// # Safety
+///
+/// `comm` is NULL or a live handle, not used again after this call.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn oxcclCommDestroy(comm: oxcclComm_t) -> oxcclResult_t {
+    boundary("oxcclCommDestroy", || {
+        if comm.is_null() {
+            return Ok(());
+        }
+        // SAFETY: the caller's promise.
+        unsafe { destroy(comm, false) }
+    })
+}
+
+/// Aborts a communicator, then frees it: a call in progress on another
+/// thread fails at once (`oxcclInvalidUsage`, "aborted by the application")
+/// and the other ranks learn of it within milliseconds. NULL is accepted and
+/// ignored.
+///
+/// # Safety
+///
+/// `comm` is NULL or a live handle; no call on it starts after this one (a
+/// call already in progress holds the communicator until it returns).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn oxcclCommAbort(comm: oxcclComm_t) -> oxcclResult_t {
+    boundary("oxcclCommAbort", || {
+        if comm.is_null() {
+            return Ok(());
+        }
+        // SAFETY: the caller's promise.
+        unsafe { destroy(comm, true) }
+    })
+}
+
+/// Writes the number of ranks to `*count`.
+///
+/// # Safety
+///
+/// `comm` is NULL or a live handle; `count` is NULL or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn oxcclCommCount(comm: oxcclComm_t, count: *mut c_int) -> oxcclResult_t {
+    boundary("oxcclCommCount", || {
+        // SAFETY: the caller's promise.
+        let c = unsafe { comm_ref(comm) }?;
+        let n = c_int::try_from(c.world)
+            .map_err(|_| Failure::new(ResultCode::oxcclInternalError, "world exceeds INT_MAX"))?;
+        // SAFETY: the caller's promise.
+        unsafe { write_out("count", count, n) }
+    })
+}
+
+/// Writes this rank to `*rank`.
+///
+/// # Safety
+///
+/// `comm` is NULL or a live handle; `rank` is NULL or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn oxcclCommUserRank(comm: oxcclComm_t, rank: *mut c_int) -> oxcclResult_t {
+    boundary("oxcclCommUserRank", || {
+        // SAFETY: the caller's promise.
+        let c = unsafe { comm_ref(comm) }?;
+        let r = c_int::try_from(c.rank)
+            .map_err(|_| Failure::new(ResultCode::oxcclInternalError, "rank exceeds INT_MAX"))?;
+        // SAFETY: the caller's promise.
+        unsafe { write_out("rank", rank, r) }
+    })
+}
+
+/// Writes `oxcclSuccess` to `*async_error_out`, or the code of the failure that
+/// poisoned the communicator (after which every call on it fails with that
+/// code). Never waits for a call in progress.
+///
+/// # Safety
+///
+/// `comm` is NULL or a live handle; `async_error_out` is NULL or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn oxcclCommGetAsyncError(
+    comm: oxcclComm_t,
+    async_error_out: *mut oxcclResult_t,
+) -> oxcclResult_t {
+    boundary("oxcclCommGetAsyncError", || {
+        // SAFETY: the caller's promise.
+        let c = unsafe { comm_ref(comm) }?;
+        let code = c.async_error.load(Ordering::SeqCst);
+        // SAFETY: the caller's promise.
+        unsafe { write_out("async_error_out", async_error_out, code) }
+    })
+}
+
+/// Reduces `count` elements of every rank's `sendbuff` into every rank's
+/// `recvbuff`; in place when `sendbuff == recvbuff`.
+///
+/// # Safety
+///
+/// `comm` is NULL or a live handle; `sendbuff` is readable and `recvbuff`
+/// writable for `count` elements (either may be NULL when `count` is 0);
+/// inside a group, all stay valid until `oxcclGroupEnd` returns.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn oxcclAllReduce(
+    sendbuff: *const c_void,
+    recvbuff: *mut c_void,
+    count: usize,
+    datatype: oxcclDataType_t,
+    op: oxcclRedOp_t,
+    comm: oxcclComm_t,
+    stream: *mut c_void,
+) -> oxcclResult_t {
+    let a = Args {
+        kind: Kind::AllReduce,
+        send: sendbuff as usize,
+        recv: recvbuff as usize,
+        count,
+        datatype,
+        op,
+        root: 0,
+        stream: stream as usize,
+    };
+    // SAFETY: the caller's promise, forwarded.
+    boundary("oxcclAllReduce", || unsafe { collective(comm, a) })
+}
+
+/// Copies `count` elements of the root's `sendbuff` into every rank's
+/// `recvbuff`; in place when `sendbuff == recvbuff`. Other ranks' `sendbuff`
+/// is not read (may be NULL).
+///
+/// # Safety
+///
+/// As `oxcclAllReduce`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn oxcclBroadcast(
+    sendbuff: *const c_void,
+    recvbuff: *mut c_void,
+    count: usize,
+    datatype: oxcclDataType_t,
+    root: c_int,
+    comm: oxcclComm_t,
+    stream: *mut c_void,
+) -> oxcclResult_t {
+    let a = Args {
+        kind: Kind::Broadcast,
+        send: sendbuff as usize,
+        recv: recvbuff as usize,
+        count,
+        datatype,
+        op: 0,
+        root,
+        stream: stream as usize,
+    };
+    // SAFETY: the caller's promise, forwarded.
+    boundary("oxcclBroadcast", || unsafe { collective(comm, a) })
+}
+
+/// Reduces `count` elements of every rank's `sendbuff` into the root's
+/// `recvbuff`; in place when `sendbuff == recvbuff`. Other ranks' `recvbuff`
+/// is not written (may be NULL).
+///
+/// # Safety
+///
+/// As `oxcclAllReduce`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn oxcclReduce(
+    sendbuff: *const c_void,
+    recvbuff: *mut c_void,
+    count: usize,
+    datatype: oxcclDataType_t,
+    op: oxcclRedOp_t,
+    root: c_int,
+    comm: oxcclComm_t,
+    stream: *mut c_void,
+) -> oxcclResult_t {
+    let a = Args {
+        kind: Kind::Reduce,
+        send: sendbuff as usize,
+        recv: recvbuff as usize,
+        count,
+        datatype,
+        op,
+        root,
+        stream: stream as usize,
+    };
+    // SAFETY: the caller's promise, forwarded.
+    boundary("oxcclReduce", || unsafe { collective(comm, a) })
+}
+
+/// Gathers `sendcount` elements from every rank into every rank's
+/// `recvbuff` (`nranks * sendcount` elements, in rank order); in place when
+/// `sendbuff == recvbuff + rank * sendcount` elements.
+///
+/// # Safety
+///
+/// As `oxcclAllReduce`, with `recvbuff` writable for `nranks * sendcount`
+/// elements.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn oxcclAllGather(
+    sendbuff: *const c_void,
+    recvbuff: *mut c_void,
+    sendcount: usize,
+    datatype: oxcclDataType_t,
+    comm: oxcclComm_t,
+    stream: *mut c_void,
+) -> oxcclResult_t {
+    let a = Args {
+        kind: Kind::AllGather,
+        send: sendbuff as usize,
+        recv: recvbuff as usize,
+        count: sendcount,
+        datatype,
+        op: 0,
+        root: 0,
+        stream: stream as usize,
+    };
+    // SAFETY: the caller's promise, forwarded.
+    boundary("oxcclAllGather", || unsafe { collective(comm, a) })
+}
+
+/// Reduces every rank's `sendbuff` (`nranks * recvcount` elements); rank `r`
+/// receives block `r` of the result in `recvbuff` (`recvcount` elements). In
+/// place when `recvbuff == sendbuff + rank * recvcount` elements.
+///
+/// # Safety
+///
+/// As `oxcclAllReduce`, with `sendbuff` readable for `nranks * recvcount`
+/// elements.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn oxcclReduceScatter(
+    sendbuff: *const c_void,
+    recvbuff: *mut c_void,
+    recvcount: usize,
+    datatype: oxcclDataType_t,
+    op: oxcclRedOp_t,
+    comm: oxcclComm_t,
+    stream: *mut c_void,
+) -> oxcclResult_t {
+    let a = Args {
+        kind: Kind::ReduceScatter,
+        send: sendbuff as usize,
+        recv: recvbuff as usize,
+        count: recvcount,
+        datatype,
+        op,
+        root: 0,
+        stream: stream as usize,
+    };
+    // SAFETY: the caller's promise, forwarded.
+    boundary("oxcclReduceScatter", || unsafe { collective(comm, a) })
+}
+
+/// Opens a group on this thread (groups nest): later collectives and
+/// `oxcclCommInitRank` calls are checked at once, queued, and run at the
+/// outermost `oxcclGroupEnd`.
+#[unsafe(no_mangle)]
+pub extern "C" fn oxcclGroupStart() -> oxcclResult_t {
+    boundary("oxcclGroupStart", group::start)
+}
+
+/// Closes a group; the outermost runs the queued calls: inits first, then
+/// each communicator's calls in order, each communicator on its own thread,
+/// and waits for all. Returns the first failure. Communicators, buffers and
+/// out-pointers of the queued calls must stay valid until it returns.
+#[unsafe(no_mangle)]
+pub extern "C" fn oxcclGroupEnd() -> oxcclResult_t {
+    boundary("oxcclGroupEnd", || match group::end()? {
+        // SAFETY: the documented contract of the queued calls: everything
+        // they point to is valid until oxcclGroupEnd returns.
+        Some(queue) => unsafe { group::run(queue) },
+        None => Ok(()),
+    })
+}
+
+/// A static string describing `result`.
+#[unsafe(no_mangle)]
+pub extern "C" fn oxcclGetErrorString(result: oxcclResult_t) -> *const c_char {
+    let s: &'static CStr = match result {
+        0 => c"no error",
+        1 => c"unhandled cuda error (this build has no CUDA backend)",
+        2 => c"unhandled system error (see oxcclGetLastError)",
+        3 => c"internal error - please report this issue to the oxccl developers",
+        4 => c"invalid argument (see oxcclGetLastError)",
+        5 => c"invalid usage (see oxcclGetLastError)",
+        6 => c"remote process exited or there was a network error (see oxcclGetLastError)",
+        7 => c"operation in progress",
+        8 => c"timeout: no progress for OXCCL_TIMEOUT seconds (see oxcclGetLastError)",
+        _ => c"unknown result code",
+    };
+    s.as_ptr()
+}
+
+/// The message of the last failed oxccl call of the calling thread ("" if
+/// none). `comm` is ignored and may be NULL. The string stays valid until the
+/// next failing oxccl call on this thread.
+#[unsafe(no_mangle)]
+pub extern "C" fn oxcclGetLastError(comm: oxcclComm_t) -> *const c_char {
+    let _ = comm;
+    LAST_ERROR
+        .try_with(|l| l.try_borrow().map(|s| s.as_ptr()).ok())
+        .ok()
+        .flatten()
+        .unwrap_or(c"".as_ptr())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn args(kind: Kind, send: usize, recv: usize, count: usize) -> Args {
+        Args {
+            kind,
+            send,
+            recv,
+            count,
+            datatype: DataType::oxcclFloat32 as c_int,
+            op: RedOp::oxcclSum as c_int,
+            root: 0,
+            stream: 0,
+        }
+    }
+
+    fn code(r: Outcome<Call>) -> ResultCode {
+        match r {
+            Ok(_) => ResultCode::oxcclSuccess,
+            Err(f) => f.code,
+        }
+    }
+
+    #[test]
+    fn version_matches_the_crate() {
+        assert_eq!(
+            OXCCL_MAJOR.to_string(),
+            env!("CARGO_PKG_VERSION_MAJOR"),
+            "OXCCL_MAJOR"
+        );
+        assert_eq!(OXCCL_MINOR.to_string(), env!("CARGO_PKG_VERSION_MINOR"));
+        assert_eq!(OXCCL_PATCH.to_string(), env!("CARGO_PKG_VERSION_PATCH"));
+        assert_eq!(OXCCL_VERSION_CODE, 100);
+        let mut v = 0;
+        // SAFETY: a valid int.
+        assert_eq!(unsafe { oxcclGetVersion(&mut v) }, 0);
+        assert_eq!(v, OXCCL_VERSION_CODE);
+    }
+
+    #[test]
+    fn enum_values_are_nccls() {
+        for d in DType::ALL {
+            assert_eq!(dtype_of(d as c_int), Ok(d));
+        }
+        assert_eq!(DataType::oxcclBfloat16 as c_int, DType::BF16 as c_int);
+        assert_eq!(DataType::oxcclFloat16 as c_int, DType::F16 as c_int);
+        assert_eq!(oxcclFloat, DataType::oxcclFloat32 as c_int);
+        assert_eq!(oxcclHalf, DataType::oxcclFloat16 as c_int);
+        assert_eq!(oxcclChar, DataType::oxcclInt8 as c_int);
+        assert_eq!(oxcclInt, DataType::oxcclInt32 as c_int);
+        assert_eq!(oxcclDouble, DataType::oxcclFloat64 as c_int);
+        for o in ReduceOp::ALL {
+            assert_eq!(op_of(o as c_int), Ok(o));
+        }
+        assert_eq!(RedOp::oxcclAvg as c_int, ReduceOp::Avg as c_int);
+        for bad in [-1, 10, 256, c_int::MAX, c_int::MIN] {
+            assert_eq!(
+                dtype_of(bad).map_err(|f| f.code),
+                Err(ResultCode::oxcclInvalidArgument)
+            );
+        }
+        for bad in [-1, 5, 256 + 1] {
+            assert_eq!(
+                op_of(bad).map_err(|f| f.code),
+                Err(ResultCode::oxcclInvalidArgument)
+            );
+        }
+    }
+
+    #[test]
+    fn error_kinds_map_to_ncclish_codes() {
+        let e = |k: ErrorKind, err: oxccl::Error| code_of(k, &err) as c_int;
+        let any = || oxccl::Error::Internal("x".into());
+        assert_eq!(e(ErrorKind::InvalidArgument, any()), 4);
+        assert_eq!(e(ErrorKind::InvalidUsage, any()), 5);
+        assert_eq!(e(ErrorKind::System, any()), 2);
+        assert_eq!(e(ErrorKind::Remote, any()), 6);
+        assert_eq!(e(ErrorKind::Timeout, any()), 8);
+        assert_eq!(e(ErrorKind::Internal, any()), 3);
+        assert_eq!(e(ErrorKind::UnavailableBackend, any()), 5);
+        let aborted = oxccl::Error::Aborted {
+            rank: 0,
+            kind: ErrorKind::Remote,
+            cause: "rank 1 died".into(),
+        };
+        assert_eq!(Failure::from(aborted).code, ResultCode::oxcclRemoteError);
+        let aborted = oxccl::Error::Aborted {
+            rank: 0,
+            kind: ErrorKind::Timeout,
+            cause: "slow".into(),
+        };
+        assert_eq!(Failure::from(aborted).code, ResultCode::oxcclTimeout);
+    }
+
+    #[test]
+    fn allreduce_in_and_out_of_place() {
+        let c = plan(args(Kind::AllReduce, 0x1000, 0x1000, 10), 0, 2).unwrap();
+        assert_eq!(c.input, None);
+        assert_eq!(
+            c.output,
+            Span {
+                addr: 0x1000,
+                len: 40
+            }
+        );
+        let c = plan(args(Kind::AllReduce, 0x1000, 0x2000, 10), 1, 2).unwrap();
+        assert_eq!(
+            c.input,
+            Some(Span {
+                addr: 0x1000,
+                len: 40
+            })
+        );
+        assert_eq!(
+            c.output,
+            Span {
+                addr: 0x2000,
+                len: 40
+            }
+        );
+        // Partial overlap is refused.
+        assert_eq!(
+            code(plan(args(Kind::AllReduce, 0x1000, 0x1004, 10), 0, 2)),
+            ResultCode::oxcclInvalidArgument
+        );
+        // NULL with count 0 is fine, NULL with a count is not.
+        assert!(plan(args(Kind::AllReduce, 0, 0, 0), 0, 2).is_ok());
+        assert!(plan(args(Kind::AllReduce, 0, 0x10, 0), 0, 2).is_ok());
+        for (s, r) in [(0, 0x1000), (0x1000, 0)] {
+            let e = plan(args(Kind::AllReduce, s, r, 1), 0, 2).unwrap_err();
+            assert_eq!(e.code, ResultCode::oxcclInvalidArgument);
+            assert!(e.message.contains("NULL"), "{}", e.message);
+        }
+    }
+
+    #[test]
+    fn overflowing_counts_and_streams_are_invalid_arguments() {
+        for count in [usize::MAX, usize::MAX / 2, isize::MAX as usize / 4 + 1] {
+            let e = plan(args(Kind::AllReduce, 0x1000, 0x2000, count), 0, 2).unwrap_err();
+            assert_eq!(e.code, ResultCode::oxcclInvalidArgument);
+            assert!(e.message.contains("overflows"), "{}", e.message);
+        }
+        // count * size fits, but world * count * size does not.
+        let n = isize::MAX as usize / 4 / 2 + 1;
+        assert_eq!(
+            code(plan(args(Kind::AllGather, 0x1000, 0x2000, n), 0, 2)),
+            ResultCode::oxcclInvalidArgument
+        );
+        // The range would wrap around the address space.
+        assert_eq!(
+            code(plan(args(Kind::AllReduce, usize::MAX - 3, 0x1000, 2), 0, 2)),
+            ResultCode::oxcclInvalidArgument
+        );
+        let mut a = args(Kind::AllReduce, 0x1000, 0x2000, 1);
+        a.stream = 0x42;
+        let e = plan(a, 0, 2).unwrap_err();
+        assert_eq!(e.code, ResultCode::oxcclInvalidArgument);
+        assert!(e.message.contains("cuda"), "{}", e.message);
+    }
+
+    #[test]
+    fn bad_enums_and_roots() {
+        let mut a = args(Kind::AllReduce, 0x1000, 0x2000, 1);
+        a.datatype = 10;
+        assert_eq!(code(plan(a, 0, 2)), ResultCode::oxcclInvalidArgument);
+        let mut a = args(Kind::AllReduce, 0x1000, 0x2000, 1);
+        a.op = -1;
+        assert_eq!(code(plan(a, 0, 2)), ResultCode::oxcclInvalidArgument);
+        // The op is not read by broadcast and allgather.
+        let mut a = args(Kind::AllGather, 0x1000, 0x2000, 1);
+        a.op = 99;
+        assert!(plan(a, 0, 2).is_ok());
+        for root in [-1, 2, c_int::MAX] {
+            for kind in [Kind::Broadcast, Kind::Reduce] {
+                let mut a = args(kind, 0x1000, 0x2000, 1);
+                a.root = root;
+                assert_eq!(code(plan(a, 0, 2)), ResultCode::oxcclInvalidArgument);
+            }
+        }
+    }
+
+    #[test]
+    fn rooted_calls_ignore_the_unused_buffer() {
+        let mut a = args(Kind::Broadcast, 0, 0x2000, 4);
+        a.root = 1;
+        let c = plan(a, 0, 2).unwrap();
+        assert_eq!(
+            (c.input, c.output),
+            (
+                None,
+                Span {
+                    addr: 0x2000,
+                    len: 16
+                }
+            )
+        );
+        // ...but the root needs its sendbuff.
+        assert_eq!(code(plan(a, 1, 2)), ResultCode::oxcclInvalidArgument);
+        let mut a = args(Kind::Reduce, 0x1000, 0, 4);
+        a.root = 1;
+        let c = plan(a, 0, 2).unwrap();
+        assert_eq!(
+            c.input,
+            Some(Span {
+                addr: 0x1000,
+                len: 16
+            })
+        );
+        assert_eq!(c.output.len, 0);
+        assert_eq!(code(plan(a, 1, 2)), ResultCode::oxcclInvalidArgument);
+    }
+
+    #[test]
+    fn allgather_and_reduce_scatter_in_place_at_nccls_offsets() {
+        // allgather: sendbuff == recvbuff + rank * count * size.
+        let c = plan(args(Kind::AllGather, 0x1000 + 2 * 40, 0x1000, 10), 2, 4).unwrap();
+        assert_eq!(
+            (c.input, c.output),
+            (
+                None,
+                Span {
+                    addr: 0x1000,
+                    len: 160
+                }
+            )
+        );
+        let c = plan(args(Kind::AllGather, 0x9000, 0x1000, 10), 2, 4).unwrap();
+        assert_eq!(
+            c.input,
+            Some(Span {
+                addr: 0x9000,
+                len: 40
+            })
+        );
+        // Inside recvbuff but at another rank's offset: overlap.
+        assert_eq!(
+            code(plan(args(Kind::AllGather, 0x1000 + 40, 0x1000, 10), 2, 4)),
+            ResultCode::oxcclInvalidArgument
+        );
+        // reduce-scatter: recvbuff == sendbuff + rank * count * size.
+        let c = plan(args(Kind::ReduceScatter, 0x1000, 0x1000 + 3 * 40, 10), 3, 4).unwrap();
+        assert_eq!(
+            (c.input, c.output),
+            (
+                None,
+                Span {
+                    addr: 0x1000,
+                    len: 160
+                }
+            )
+        );
+        let c = plan(args(Kind::ReduceScatter, 0x1000, 0x9000, 10), 3, 4).unwrap();
+        assert_eq!(
+            c.input,
+            Some(Span {
+                addr: 0x1000,
+                len: 160
+            })
+        );
+        assert_eq!(
+            c.output,
+            Span {
+                addr: 0x9000,
+                len: 40
+            }
+        );
+        assert_eq!(
+            code(plan(args(Kind::ReduceScatter, 0x1000, 0x1000, 10), 3, 4)),
+            ResultCode::oxcclInvalidArgument
+        );
+    }
+
+    #[test]
+    fn entry_points_refuse_null_and_record_the_thread_message() {
+        // SAFETY: NULL pointers are what is tested; they are refused before use.
+        unsafe {
+            assert_eq!(oxcclGetVersion(std::ptr::null_mut()), 4);
+            let msg = CStr::from_ptr(oxcclGetLastError(std::ptr::null_mut()));
+            assert!(msg.to_str().unwrap().contains("version is NULL"));
+            let mut n = 0;
+            assert_eq!(oxcclCommCount(std::ptr::null_mut(), &mut n), 4);
+            assert_eq!(
+                oxcclAllReduce(
+                    std::ptr::null(),
+                    std::ptr::null_mut(),
+                    0,
+                    7,
+                    0,
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut()
+                ),
+                4
+            );
+            assert_eq!(oxcclCommDestroy(std::ptr::null_mut()), 0);
+            assert_eq!(
+                oxcclCommInitAll(std::ptr::null_mut(), 2, std::ptr::null()),
+                4
+            );
+            let mut comms = [std::ptr::null_mut(); 2];
+            assert_eq!(oxcclCommInitAll(comms.as_mut_ptr(), 0, std::ptr::null()), 4);
+            assert_eq!(
+                oxcclCommInitAll(comms.as_mut_ptr(), -3, std::ptr::null()),
+                4
+            );
+            let id = oxcclUniqueId { internal: [0; 128] };
+            let mut c = std::ptr::null_mut();
+            assert_eq!(oxcclCommInitRank(&mut c, 2, id, 0), 4, "bad magic");
+            assert_eq!(oxcclCommInitRank(&mut c, -1, id, 0), 4);
+            assert_eq!(oxcclCommInitRank(&mut c, 2, id, 2), 4);
+            assert_eq!(oxcclGroupEnd(), 5);
+        }
+        // Another thread's last error is its own.
+        std::thread::spawn(|| {
+            let msg = oxcclGetLastError(std::ptr::null_mut());
+            // SAFETY: a valid C string from oxcclGetLastError.
+            assert_eq!(unsafe { CStr::from_ptr(msg) }.to_bytes(), b"");
+        })
+        .join()
+        .unwrap();
+    }
+
+    #[test]
+    fn group_runs_all_ranks_from_one_thread() {
+        let mut comms = [std::ptr::null_mut(); 3];
+        // SAFETY: a writable array of 3 handles.
+        let r = unsafe { oxcclCommInitAll(comms.as_mut_ptr(), 3, std::ptr::null()) };
+        assert_eq!(r, 0);
+        let mut bufs: Vec<Vec<f32>> = (0..3).map(|r| vec![r as f32 + 1.0; 5]).collect();
+        assert_eq!(oxcclGroupStart(), 0);
+        assert_eq!(oxcclGroupStart(), 0);
+        for (c, b) in comms.iter().zip(bufs.iter_mut()) {
+            let p = b.as_mut_ptr().cast::<c_void>();
+            // SAFETY: live handles and buffers that outlive oxcclGroupEnd.
+            let r = unsafe { oxcclAllReduce(p, p, 5, 7, 0, *c, std::ptr::null_mut()) };
+            assert_eq!(r, 0);
+        }
+        assert_eq!(oxcclGroupEnd(), 0);
+        // Still queued: the outer group is open; destroying a queued comm is refused.
+        // SAFETY: a live handle.
+        assert_eq!(unsafe { oxcclCommDestroy(comms[0]) }, 5);
+        assert_eq!(bufs[0][0], 1.0);
+        assert_eq!(oxcclGroupEnd(), 0);
+        for b in &bufs {
+            assert_eq!(b, &vec![6.0; 5]);
+        }
+        for c in comms {
+            // SAFETY: live handles, destroyed once.
+            assert_eq!(unsafe { oxcclCommDestroy(c) }, 0);
+        }
+    }
+
+    #[test]
+    fn error_strings_are_static_and_distinct() {
+        let all: Vec<&CStr> = (0..=9)
+            // SAFETY: oxcclGetErrorString returns static C strings.
+            .map(|c| unsafe { CStr::from_ptr(oxcclGetErrorString(c)) })
+            .collect();
+        for (i, a) in all.iter().enumerate() {
+            for b in &all[i + 1..] {
+                assert_ne!(a, b);
+            }
+        }
+        // SAFETY: as above.
+        let neg = unsafe { CStr::from_ptr(oxcclGetErrorString(-1)) };
+        assert_eq!(neg, all[9]);
+    }
+}

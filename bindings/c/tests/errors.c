@@ -1,0 +1,163 @@
+/* Every error path of the C API returns its documented code with a message;
+ * bad arguments leave the communicator usable; and a rank that exits early
+ * makes the survivors' next call fail with oxcclRemoteError.
+ * Run under oxrun: `oxrun -n 2 -- ./errors`. */
+#include <stdint.h>
+
+#include "common.h"
+
+/* Global with external linkage (so that the store is kept), so that the rank
+ * that exits without destroying its communicator still holds it (valgrind:
+ * reachable, not leaked). */
+oxcclComm_t g_comm;
+oxcclComm_t g_comm = NULL;
+
+int main(void) {
+  oxcclComm_t comm = NULL;
+  oxcclUniqueId id;
+  int rank = -1, world = 0, n = 0, i;
+  int devs[2] = {0, -1};
+  float a[16], b[16];
+  oxcclResult_t async_err = oxcclSuccess;
+  const char *msg;
+  void *stream = (void *)(uintptr_t)0x1234;
+
+  for (i = 0; i <= 8; i++) {
+    const char *s = oxcclGetErrorString((oxcclResult_t)i);
+    CHECK(s != NULL && s[0] != '\0', "error string %d", i);
+    if (i > 0)
+      CHECK(strcmp(s, oxcclGetErrorString((oxcclResult_t)(i - 1))) != 0,
+            "error strings %d and %d are equal", i, i - 1);
+  }
+  CHECK(strlen(oxcclGetErrorString((oxcclResult_t)42)) > 0, "unknown code");
+  CHECK(oxcclSuccess == 0 && oxcclUnhandledCudaError == 1 &&
+            oxcclSystemError == 2 && oxcclInternalError == 3 &&
+            oxcclInvalidArgument == 4 && oxcclInvalidUsage == 5 &&
+            oxcclRemoteError == 6 && oxcclInProgress == 7 && oxcclTimeout == 8,
+        "result codes are NCCL's");
+  CHECK(oxcclChar == oxcclInt8 && oxcclInt == oxcclInt32 &&
+            oxcclHalf == oxcclFloat16 && oxcclFloat == oxcclFloat32 &&
+            oxcclDouble == oxcclFloat64 && oxcclBfloat16 == 9 &&
+            oxcclUint64 == 5,
+        "dtype values are NCCL's");
+  CHECK(oxcclSum == 0 && oxcclProd == 1 && oxcclMax == 2 && oxcclMin == 3 &&
+            oxcclAvg == 4,
+        "op values are NCCL's");
+  CHECK(sizeof(oxcclUniqueId) == 128, "unique id is %zu bytes",
+        sizeof(oxcclUniqueId));
+
+  /* Init and queries. */
+  FAILS(oxcclInvalidArgument, oxcclGetVersion(NULL));
+  FAILS(oxcclInvalidArgument, oxcclGetUniqueId(NULL));
+  memset(&id, 0, sizeof id);
+  FAILS(oxcclInvalidArgument, oxcclCommInitRank(NULL, 2, id, 0));
+  FAILS(oxcclInvalidArgument, oxcclCommInitRank(&comm, 2, id, 0)); /* bad id */
+  FAILS(oxcclInvalidArgument, oxcclCommInitRank(&comm, -1, id, 0));
+  FAILS(oxcclInvalidArgument, oxcclCommInitRank(&comm, 0, id, 0));
+  FAILS(oxcclInvalidArgument, oxcclCommInitRank(&comm, 2, id, -1));
+  FAILS(oxcclInvalidArgument, oxcclCommInitRank(&comm, 2, id, 2));
+  FAILS(oxcclInvalidArgument, oxcclCommInitAll(NULL, 2, NULL));
+  FAILS(oxcclInvalidArgument, oxcclCommInitAll(&comm, 0, NULL));
+  FAILS(oxcclInvalidArgument, oxcclCommInitAll(&comm, -4, NULL));
+  FAILS(oxcclInvalidArgument, oxcclCommInitAll(&comm, 2, devs));
+  CHECK(comm == NULL, "a failed init wrote a handle");
+  FAILS(oxcclInvalidArgument, oxcclCommInitFromEnv(NULL));
+  FAILS(oxcclInvalidUsage, oxcclGroupEnd());
+  OK(oxcclCommDestroy(NULL));
+  OK(oxcclCommAbort(NULL));
+
+  OK(oxcclCommInitFromEnv(&comm));
+  if (!comm)
+    return finish("errors", -1);
+  g_comm = comm;
+  OK(oxcclCommUserRank(comm, &rank));
+  OK(oxcclCommCount(comm, &world));
+  FAILS(oxcclInvalidArgument, oxcclCommCount(NULL, &n));
+  FAILS(oxcclInvalidArgument, oxcclCommCount(comm, NULL));
+  FAILS(oxcclInvalidArgument, oxcclCommUserRank(NULL, &n));
+  FAILS(oxcclInvalidArgument, oxcclCommUserRank(comm, NULL));
+  FAILS(oxcclInvalidArgument, oxcclCommGetAsyncError(NULL, &async_err));
+  FAILS(oxcclInvalidArgument, oxcclCommGetAsyncError(comm, NULL));
+
+  /* Collectives: bad arguments are refused before anything is sent. */
+  FAILS(oxcclInvalidArgument, oxcclAllReduce(a, b, 4, oxcclFloat, oxcclSum, NULL, NULL));
+  FAILS(oxcclInvalidArgument,
+        oxcclAllReduce(a, b, 4, (oxcclDataType_t)10, oxcclSum, comm, NULL));
+  FAILS(oxcclInvalidArgument,
+        oxcclAllReduce(a, b, 4, (oxcclDataType_t)-1, oxcclSum, comm, NULL));
+  FAILS(oxcclInvalidArgument,
+        oxcclAllReduce(a, b, 4, oxcclFloat, (oxcclRedOp_t)5, comm, NULL));
+  FAILS(oxcclInvalidArgument,
+        oxcclAllReduce(a, b, 4, oxcclFloat, (oxcclRedOp_t)-7, comm, NULL));
+  FAILS(oxcclInvalidArgument, oxcclAllReduce(a, b, 4, oxcclFloat, oxcclSum, comm, stream));
+  msg = oxcclGetLastError(NULL);
+  CHECK(strstr(msg, "cuda") != NULL, "stream message '%s' names the cuda backend", msg);
+  FAILS(oxcclInvalidArgument, oxcclAllReduce(NULL, b, 4, oxcclFloat, oxcclSum, comm, NULL));
+  FAILS(oxcclInvalidArgument, oxcclAllReduce(a, NULL, 4, oxcclFloat, oxcclSum, comm, NULL));
+  FAILS(oxcclInvalidArgument, oxcclAllReduce(a, a + 1, 4, oxcclFloat, oxcclSum, comm, NULL));
+  FAILS(oxcclInvalidArgument,
+        oxcclAllReduce(a, b, SIZE_MAX, oxcclFloat, oxcclSum, comm, NULL));
+  msg = oxcclGetLastError(comm);
+  CHECK(strstr(msg, "overflow") != NULL, "overflow message '%s'", msg);
+  FAILS(oxcclInvalidArgument,
+        oxcclAllReduce(a, b, SIZE_MAX / 2, oxcclUint8, oxcclSum, comm, NULL));
+  FAILS(oxcclInvalidArgument,
+        oxcclAllReduce(a, b, SIZE_MAX / 8 + 1, oxcclFloat64, oxcclSum, comm, NULL));
+  FAILS(oxcclInvalidArgument, oxcclBroadcast(a, b, 4, oxcclFloat, -1, comm, NULL));
+  FAILS(oxcclInvalidArgument, oxcclBroadcast(a, b, 4, oxcclFloat, world, comm, NULL));
+  FAILS(oxcclInvalidArgument, oxcclBroadcast(a, b, 4, (oxcclDataType_t)77, 0, comm, NULL));
+  FAILS(oxcclInvalidArgument, oxcclBroadcast(a, NULL, 4, oxcclFloat, 0, comm, NULL));
+  FAILS(oxcclInvalidArgument, oxcclBroadcast(NULL, b, 4, oxcclFloat, rank, comm, NULL));
+  FAILS(oxcclInvalidArgument, oxcclBroadcast(a, b, 4, oxcclFloat, 0, comm, stream));
+  FAILS(oxcclInvalidArgument, oxcclReduce(a, b, 4, oxcclFloat, oxcclSum, -1, comm, NULL));
+  FAILS(oxcclInvalidArgument, oxcclReduce(a, b, 4, oxcclFloat, oxcclSum, world, comm, NULL));
+  FAILS(oxcclInvalidArgument,
+        oxcclReduce(a, b, 4, oxcclFloat, (oxcclRedOp_t)9, 0, comm, NULL));
+  FAILS(oxcclInvalidArgument, oxcclReduce(NULL, b, 4, oxcclFloat, oxcclSum, 0, comm, NULL));
+  FAILS(oxcclInvalidArgument, oxcclReduce(a, NULL, 4, oxcclFloat, oxcclSum, rank, comm, NULL));
+  FAILS(oxcclInvalidArgument, oxcclReduce(a, b, 4, oxcclFloat, oxcclSum, 0, NULL, NULL));
+  FAILS(oxcclInvalidArgument, oxcclAllGather(a, NULL, 4, oxcclFloat, comm, NULL));
+  FAILS(oxcclInvalidArgument, oxcclAllGather(NULL, b, 2, oxcclFloat, comm, NULL));
+  FAILS(oxcclInvalidArgument, oxcclAllGather(a, b, 2, (oxcclDataType_t)10, comm, NULL));
+  FAILS(oxcclInvalidArgument, oxcclAllGather(a, b, SIZE_MAX / 4, oxcclFloat, comm, NULL));
+  FAILS(oxcclInvalidArgument, oxcclAllGather(a, b, 2, oxcclFloat, NULL, NULL));
+  FAILS(oxcclInvalidArgument, oxcclAllGather(a, b, 2, oxcclFloat, comm, stream));
+  FAILS(oxcclInvalidArgument,
+        oxcclReduceScatter(a, b, SIZE_MAX / 4, oxcclFloat, oxcclSum, comm, NULL));
+  FAILS(oxcclInvalidArgument,
+        oxcclReduceScatter(a, b, 2, oxcclFloat, (oxcclRedOp_t)5, comm, NULL));
+  FAILS(oxcclInvalidArgument,
+        oxcclReduceScatter(NULL, b, 2, oxcclFloat, oxcclSum, comm, NULL));
+  FAILS(oxcclInvalidArgument,
+        oxcclReduceScatter(a, NULL, 2, oxcclFloat, oxcclSum, comm, NULL));
+  FAILS(oxcclInvalidArgument,
+        oxcclReduceScatter(a, b, 2, oxcclFloat, oxcclSum, NULL, NULL));
+  FAILS(oxcclInvalidArgument,
+        oxcclReduceScatter(a, b, 2, oxcclFloat, oxcclSum, comm, stream));
+
+  /* ...and leave the communicator usable. */
+  OK(oxcclCommGetAsyncError(comm, &async_err));
+  CHECK(async_err == oxcclSuccess, "async error %d after bad arguments", (int)async_err);
+  for (i = 0; i < 16; i++)
+    a[i] = (float)(rank + 1);
+  OK(oxcclAllReduce(a, a, 16, oxcclFloat, oxcclSum, comm, NULL));
+  CHECK(a[15] == (float)(world * (world + 1) / 2), "sum %g", a[15]);
+
+  /* The last rank exits without a word; the others learn of it. */
+  if (world > 1 && rank == world - 1)
+    return finish("errors (exiting early)", rank);
+  if (world > 1) {
+    FAILS(oxcclRemoteError, oxcclAllReduce(a, b, 16, oxcclFloat, oxcclSum, comm, NULL));
+    msg = oxcclGetLastError(NULL);
+    printf("survivor's message: %s\n", msg);
+    CHECK(strstr(msg, "failed") != NULL && strstr(msg, "rank") != NULL,
+          "remote message '%s' names the failed rank", msg);
+    OK(oxcclCommGetAsyncError(comm, &async_err));
+    CHECK(async_err == oxcclRemoteError, "async error %d", (int)async_err);
+    /* Poisoned: later calls fail at once, with the original cause's code. */
+    FAILS(oxcclRemoteError, oxcclBroadcast(a, a, 16, oxcclFloat, 0, comm, NULL));
+  }
+  OK(oxcclCommDestroy(comm));
+  g_comm = NULL;
+  return finish("errors", rank);
+}
