@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# compare.sh -- oxccl's all_reduce_perf against the peers of /work/shared/peers
+# (Open MPI over shared memory and TCP, the Gloo C++ library, machine
+# ceilings), alternating runs over the same sizes and rank counts, then
+# writes benches/RESULTS.md and the busbw plot. One command regenerates it all:
+#
+#   bash benches/scripts/compare.sh
+#
+# Knobs (environment variables):
+#   COMPARE_REPS=3                 runs of each side (medians are taken; at least 3 advised)
+#   COMPARE_RANKS="2 4"            rank counts
+#   COMPARE_PEERS="ceilings mpi-shm mpi-tcp gloo-native"   PEERS_ONLY for run_peers.sh
+#                                  ("" skips the peers; ceilings run in the first rep only)
+#   COMPARE_PEERS_SCRIPT=/work/shared/peers/run_peers.sh
+#   COMPARE_ITERS=20 COMPARE_WARMUP=3           iterations for 4K..16M
+#   COMPARE_ITERS_LARGE=5 COMPARE_WARMUP_LARGE=1 iterations for 64M..256M
+#   COMPARE_OUT=benches/results/raw/<timestamp>  where raw data goes
+#   COMPARE_NO_BUILD=1             use the binaries already built
+#   CARGO_TARGET_DIR               honoured (default: target)
+# Sizes are the peers' default (4K,64K,1M,16M,64M,256M).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
+cd "$ROOT"
+REPS=${COMPARE_REPS:-3}
+RANKS=${COMPARE_RANKS:-"2 4"}
+PEERS=${COMPARE_PEERS-"ceilings mpi-shm mpi-tcp gloo-native"}
+PEERS_SCRIPT=${COMPARE_PEERS_SCRIPT:-/work/shared/peers/run_peers.sh}
+ITERS=${COMPARE_ITERS:-20}
+WARMUP=${COMPARE_WARMUP:-3}
+ITERS_L=${COMPARE_ITERS_LARGE:-5}
+WARMUP_L=${COMPARE_WARMUP_LARGE:-1}
+OUT=${COMPARE_OUT:-$ROOT/benches/results/raw/$(date +%Y%m%d-%H%M%S)}
+case "$OUT" in /*) ;; *) OUT="$ROOT/$OUT" ;; esac
+TARGET_DIR=${CARGO_TARGET_DIR:-target}
+case "$TARGET_DIR" in /*) ;; *) TARGET_DIR="$ROOT/$TARGET_DIR" ;; esac
+BIN="$TARGET_DIR/release"
+T0=$SECONDS
+log() { printf '[compare %4ds] %s\n' $((SECONDS - T0)) "$*"; }
+
+if [[ -z "${COMPARE_NO_BUILD:-}" ]]; then
+  log "building oxrun and the benchmarks (release)"
+  cargo build --release -p oxccl --bin oxrun -p oxccl-benches --bins
+fi
+mkdir -p "$OUT/oxccl" "$OUT/peers"
+log "raw data goes to $OUT"
+
+ours() {
+  local rep=$1 n
+  for n in $RANKS; do
+    log "oxccl rep $rep, $n ranks"
+    # Two invocations so that the sizes are exactly the peers' (4K..16M by 16, 64M..256M by 4).
+    "$BIN/oxrun" -n "$n" --timeout 1200 -- "$BIN/all_reduce_perf" -b 4K -e 16M -f 16 \
+      -n "$ITERS" -w "$WARMUP" -J "$OUT/oxccl/all_reduce__n${n}__small__rep${rep}.json" \
+      | tee "$OUT/oxccl/all_reduce__n${n}__small__rep${rep}.log"
+    "$BIN/oxrun" -n "$n" --timeout 1200 -- "$BIN/all_reduce_perf" -b 64M -e 256M -f 4 \
+      -n "$ITERS_L" -w "$WARMUP_L" -J "$OUT/oxccl/all_reduce__n${n}__large__rep${rep}.json" \
+      | tee "$OUT/oxccl/all_reduce__n${n}__large__rep${rep}.log"
+  done
+}
+
+peers() {
+  local rep=$1 only=$PEERS
+  [[ -n "$only" ]] || return 0
+  if ((rep > 1)); then only=$(tr ' ' '\n' <<<"$only" | grep -vx ceilings | tr '\n' ' ' || true); fi
+  [[ -n "${only// /}" ]] || return 0
+  log "peers rep $rep: $only"
+  PEERS_ONLY="$only" PEERS_REPS=1 PEERS_EXTRA_REPS=0 PEERS_RANKS="$RANKS" \
+    PEERS_SIZES=4K,64K,1M,16M,64M,256M PEERS_OUT="$OUT/peers/rep$rep" \
+    bash "$PEERS_SCRIPT" 2>&1 | tee "$OUT/peers/rep$rep.log"
+}
+
+for rep in $(seq 1 "$REPS"); do
+  ours "$rep"
+  peers "$rep"
+done
+
+PLOT="$ROOT/benches/results/busbw_allreduce.png"
+mkdir -p "$(dirname "$PLOT")"
+log "plotting"
+python3 "$ROOT/benches/scripts/plot.py" "$OUT" -o "$PLOT"
+log "writing benches/RESULTS.md"
+python3 "$ROOT/benches/scripts/results.py" "$OUT" --out "$ROOT/benches/RESULTS.md" \
+  --plot results/busbw_allreduce.png
+log "done"

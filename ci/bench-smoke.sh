@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# bench-smoke.sh -- builds the nccl-tests-style *_perf binaries and oxrun in
+# release mode, then runs a short smoke of each binary with 2 and 4 ranks
+# through oxrun (every result checked). Fails on any non-zero exit.
+#
+# Honours CARGO_TARGET_DIR (default: target). Run from anywhere:
+#   bash ci/bench-smoke.sh
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$ROOT"
+TARGET_DIR=${CARGO_TARGET_DIR:-target}
+case "$TARGET_DIR" in /*) ;; *) TARGET_DIR="$ROOT/$TARGET_DIR" ;; esac
+BIN="$TARGET_DIR/release"
+
+cargo build --release -p oxccl --bin oxrun -p oxccl-benches --bins
+
+export OXCCL_TIMEOUT=${OXCCL_TIMEOUT:-60}
+run() {
+  echo "+ oxrun $*"
+  "$BIN/oxrun" --timeout 300 "$@"
+}
+
+for n in 2 4; do
+  for b in all_reduce_perf all_gather_perf broadcast_perf reduce_scatter_perf reduce_perf; do
+    run -n "$n" -- "$BIN/$b" -b 8 -e 1M -f 8 -n 3 -w 1
+  done
+  run -n "$n" -- "$BIN/reduce_perf" -b 8 -e 64K -f 8 -n 2 -w 1 -r $((n - 1)) -d bfloat16 -o avg
+  run -n "$n" -- "$BIN/all_reduce_perf" -b 8 -e 1K -f 4 -n 2 -w 1 -d all -o all
+done
+echo "bench-smoke: all runs passed"
