@@ -25,7 +25,17 @@ cd "$ROOT"
 REPS=${COMPARE_REPS:-3}
 RANKS=${COMPARE_RANKS:-"2 4"}
 PEERS=${COMPARE_PEERS-"ceilings mpi-shm mpi-tcp gloo-native"}
-PEERS_SCRIPT=${COMPARE_PEERS_SCRIPT:-/work/shared/peers/run_peers.sh}
+# The peers' folder is shared read-only and run_peers.sh builds next to
+# itself: run a writable copy.
+if [ -z "${COMPARE_PEERS_SCRIPT:-}" ]; then
+  PEERS_COPY=${COMPARE_PEERS_COPY:-$HOME/.cache/oxccl-peers}
+  mkdir -p "$PEERS_COPY"
+  cp -r "$ROOT/../shared/peers/." "$PEERS_COPY/"
+  chmod -R u+w "$PEERS_COPY"
+  PEERS_SCRIPT=$PEERS_COPY/run_peers.sh
+else
+  PEERS_SCRIPT=$COMPARE_PEERS_SCRIPT
+fi
 ITERS=${COMPARE_ITERS:-20}
 WARMUP=${COMPARE_WARMUP:-3}
 ITERS_L=${COMPARE_ITERS_LARGE:-5}
