@@ -58,10 +58,14 @@ if [ -n "${MPI_BENCH:-}" ] && command -v mpirun >/dev/null; then
   echo "## Open MPI, tcp BTL, same namespaces"
   args=()
   for i in $(seq 0 $((N - 1))); do
-    args+=(-np 1 ip netns exec "oxh$i" "$MPI_BENCH" -i)
+    args+=(-np 1 ip netns exec "oxh$i" "$MPI_BENCH" -i -s "${MPI_SIZES:-16M,32M,64M}" -w 2 -T 1)
     [ "$i" -lt $((N - 1)) ] && args+=(:)
   done
+  # PMIx clients in the namespaces reach mpirun's server through the bridge.
+  ip addr add "$NET.254/24" dev oxbr0 2>/dev/null || true
+  PMIX_MCA_ptl_tcp_remote_connections=1 PMIX_MCA_ptl_tcp_if_include="$NET.0/24" \
   mpirun --allow-run-as-root --oversubscribe --mca pml ob1 --mca btl tcp,self \
+    --mca oob_tcp_if_include "$NET.0/24" \
     --mca btl_tcp_if_include "$NET.0/24" "${args[@]}" || echo "Open MPI across namespaces failed (see above)"
 else
   echo "## Open MPI: not run (set MPI_BENCH to the peers' mpi_allreduce_bench built by ../shared/peers/run_peers.sh)"
