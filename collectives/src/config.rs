@@ -91,6 +91,26 @@ pub const VARIABLES: &[Variable] = &[
         doc: "Allreduces whose gathered size (bytes times ranks) is at most this take the small-message path: one allgather and a local reduction in rank order.",
     },
     Variable {
+        name: "OXCCL_WGPU_ADAPTER",
+        default: "(any adapter)",
+        doc: "Use only a wgpu adapter whose name contains this (case-insensitive), e.g. llvmpipe or nvidia.",
+    },
+    Variable {
+        name: "OXCCL_WGPU_POWER",
+        default: "high",
+        doc: "Which wgpu adapter to prefer among those that match: high (discrete GPU) or low (integrated).",
+    },
+    Variable {
+        name: "OXCCL_CUDA_DEVICE",
+        default: "OXCCL_LOCAL_RANK",
+        doc: "CUDA device ordinal for device buffers; by default the local rank, so each rank of a host takes its own GPU.",
+    },
+    Variable {
+        name: "OXCCL_CUDA_INCLUDE",
+        default: "/usr/local/cuda/include",
+        doc: "Directories (colon-separated) holding cuda_fp16.h and cuda_bf16.h, for compiling the CUDA kernels with NVRTC at run time.",
+    },
+    Variable {
         name: "OXCCL_SOCKET_BUFFER",
         default: "0 (kernel autotuning)",
         doc: "SO_SNDBUF and SO_RCVBUF of TCP links in bytes; 0 leaves the kernel's autotuning on.",
@@ -109,6 +129,11 @@ pub const VARIABLES: &[Variable] = &[
         name: "OXCCL_FUSION_THRESHOLD",
         default: "8M",
         doc: "Largest fusion buffer in bytes (suffixes K, M, G); larger tensors are reduced alone, in place; 0 disables fusion.",
+    },
+    Variable {
+        name: "OXCCL_FUSION_DIRECT_BYTES",
+        default: "128K",
+        doc: "Tensors of at least this many bytes skip the fusion buffer and are reduced in place in a call of their own, which costs less than copying them in and out.",
     },
     Variable {
         name: "OXCCL_STALL_WARNING_SECS",
@@ -138,6 +163,14 @@ pub struct Config {
     pub socket_buffer: Option<usize>,
     /// How long to busy-poll links before sleeping.
     pub spin: Duration,
+    /// wgpu: only adapters whose name contains this.
+    pub wgpu_adapter: Option<String>,
+    /// wgpu: prefer a low-power adapter.
+    pub wgpu_low_power: bool,
+    /// CUDA device ordinal (`None`: the local rank).
+    pub cuda_device: Option<usize>,
+    /// Include directories for NVRTC (empty: the CUDA toolkit's default).
+    pub cuda_include: Vec<PathBuf>,
     /// Largest gathered size (bytes times ranks) of an allreduce on the small-message path.
     pub small_bytes: usize,
     /// Local address to listen on for ring connections.
@@ -152,6 +185,8 @@ pub struct Config {
     pub cycle_time: Duration,
     /// Fusion engine: largest fusion buffer in bytes (0: no fusion).
     pub fusion_threshold: usize,
+    /// Fusion engine: tensors of at least this many bytes are reduced alone, in place.
+    pub fusion_direct: usize,
     /// Fusion engine: how long a tensor may wait for other ranks before a warning.
     pub stall_warning: Duration,
     /// Fusion engine: how long a tensor may wait before every handle fails (`None`: never).
@@ -167,6 +202,10 @@ impl Default for Config {
             slice_bytes: 512 * 1024,
             socket_buffer: None,
             spin: Duration::from_micros(50),
+            wgpu_adapter: None,
+            wgpu_low_power: false,
+            cuda_device: None,
+            cuda_include: Vec::new(),
             small_bytes: 64 * 1024,
             socket_addr: None,
             bootstrap_addr: IpAddr::from([127, 0, 0, 1]),
@@ -174,6 +213,7 @@ impl Default for Config {
             debug: "warn".into(),
             cycle_time: Duration::from_millis(5),
             fusion_threshold: 8 << 20,
+            fusion_direct: 128 << 10,
             stall_warning: Duration::from_secs(60),
             stall_shutdown: None,
             timeline: None,
@@ -295,6 +335,24 @@ impl Config {
         if let Some(v) = env.var("OXCCL_SPIN_US") {
             c.spin = Duration::from_micros(parse_usize("OXCCL_SPIN_US", &v)? as u64);
         }
+        c.wgpu_adapter = env.var("OXCCL_WGPU_ADAPTER");
+        if let Some(v) = env.var("OXCCL_WGPU_POWER") {
+            c.wgpu_low_power = match v.trim().to_ascii_lowercase().as_str() {
+                "low" => true,
+                "high" => false,
+                _ => return Err(bad("OXCCL_WGPU_POWER", format!("'{v}' is not low or high"))),
+            };
+        }
+        if let Some(v) = env.var("OXCCL_CUDA_INCLUDE") {
+            c.cuda_include = v
+                .split(':')
+                .filter(|p| !p.is_empty())
+                .map(PathBuf::from)
+                .collect();
+        }
+        if let Some(v) = env.var("OXCCL_CUDA_DEVICE") {
+            c.cuda_device = Some(parse_usize("OXCCL_CUDA_DEVICE", &v)?);
+        }
         if let Some(v) = env.var("OXCCL_SMALL_BYTES") {
             c.small_bytes = parse_bytes("OXCCL_SMALL_BYTES", &v)?;
         }
@@ -335,6 +393,9 @@ impl Config {
         if let Some(v) = env.var("OXCCL_CYCLE_TIME_MS") {
             c.cycle_time =
                 Duration::from_secs_f64(parse_secs("OXCCL_CYCLE_TIME_MS", &v, true)? / 1e3);
+        }
+        if let Some(v) = env.var("OXCCL_FUSION_DIRECT_BYTES") {
+            c.fusion_direct = parse_bytes("OXCCL_FUSION_DIRECT_BYTES", &v)?;
         }
         if let Some(v) = env.var("OXCCL_FUSION_THRESHOLD") {
             c.fusion_threshold = parse_bytes("OXCCL_FUSION_THRESHOLD", &v)?;
@@ -490,6 +551,25 @@ fn pick(
         (None, None) => Ok(None),
     }
 }
+
+impl Config {
+    /// The wgpu adapter choice these settings describe.
+    #[cfg(feature = "wgpu")]
+    pub fn wgpu_settings(&self) -> oxccl_kernels::wgpu::WgpuSettings {
+        oxccl_kernels::wgpu::WgpuSettings {
+            adapter_name: self.wgpu_adapter.clone(),
+            power_preference: if self.wgpu_low_power {
+                wgpu_power::LowPower
+            } else {
+                wgpu_power::HighPerformance
+            },
+            ..Default::default()
+        }
+    }
+}
+
+#[cfg(feature = "wgpu")]
+use oxccl_kernels::wgpu::PowerPreference as wgpu_power;
 
 /// Installs a stderr logger for oxccl's crates at `level`, unless the
 /// application installed a `tracing` subscriber already.

@@ -38,5 +38,8 @@ pub use config::Config;
 pub use descriptor::Descriptor;
 pub use error::{Error, ErrorKind, Result};
 pub use half::{bf16, f16};
+/// The reduction kernels and device backends (`kernels::wgpu`, `kernels::cuda` with their features).
+pub use oxccl_kernels as kernels;
+pub use oxccl_kernels::DeviceMemory;
 pub use oxccl_kernels::{DType, Element, ReduceOp};
 pub use schedule::Kind;

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use clap::Parser;
 use oxccl::config::parse_bytes;
-use oxccl::{Communicator, DType, Descriptor, Kind, ReduceOp, pattern};
+use oxccl::{Communicator, Config, DType, Descriptor, DeviceMemory, Kind, ReduceOp, pattern};
 
 /// Runs collectives across the ranks of a job, checks every element of every
 /// result, and prints the median time and bandwidth (on rank 0).
@@ -43,6 +43,63 @@ struct Args {
     /// Skip checking the results (only time the calls).
     #[arg(long)]
     no_check: bool,
+    /// Where the buffers live: cpu (host memory), wgpu or cuda (device
+    /// memory, reduced on the device; needs the crate feature of that name).
+    #[arg(long, default_value = "cpu")]
+    device: Device,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Device {
+    Cpu,
+    Wgpu,
+    Cuda,
+}
+
+/// Makes a device buffer holding the given bytes.
+type MakeBuffer = Box<dyn Fn(&[u8]) -> Result<Box<dyn DeviceMemory>, String>>;
+
+/// The buffer factory of `device`, or `None` for host memory.
+fn device_buffers(device: Device) -> Result<Option<MakeBuffer>, String> {
+    let config = Config::from_env().map_err(|e| e.to_string())?;
+    match device {
+        Device::Cpu => Ok(None),
+        #[cfg(feature = "wgpu")]
+        Device::Wgpu => {
+            use oxccl::kernels::wgpu::{WgpuBuffer, WgpuContext};
+            let ctx = WgpuContext::new(&config.wgpu_settings()).map_err(|e| e.to_string())?;
+            Ok(Some(Box::new(move |data: &[u8]| {
+                WgpuBuffer::from_host(ctx.clone(), data)
+                    .map(|b| Box::new(b) as Box<dyn DeviceMemory>)
+                    .map_err(|e| e.to_string())
+            })))
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda => {
+            use oxccl::kernels::cuda::{CudaBuffer, CudaReducer, CudaSettings};
+            let local = oxccl::config::launch_from_lookup(&oxccl::config::ProcessEnv)
+                .ok()
+                .and_then(|l| l.local_rank);
+            let settings = CudaSettings {
+                ordinal: config.cuda_device.or(local).unwrap_or(0),
+                include_dirs: config.cuda_include.clone(),
+            };
+            let reducer = CudaReducer::new(&settings).map_err(|e| e.to_string())?;
+            Ok(Some(Box::new(move |data: &[u8]| {
+                CudaBuffer::from_host(reducer.clone(), data)
+                    .map(|b| Box::new(b) as Box<dyn DeviceMemory>)
+                    .map_err(|e| e.to_string())
+            })))
+        }
+        #[allow(unreachable_patterns)]
+        other => {
+            let _ = config;
+            Err(format!(
+                "--device {other:?}: this oxccl-check was built without that backend (cargo build --features {})",
+                format!("{other:?}").to_lowercase()
+            ))
+        }
+    }
 }
 
 fn kinds(name: &str) -> Result<Vec<Kind>, String> {
@@ -72,9 +129,16 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let make = match device_buffers(args.device) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("oxccl-check: rank {}: {e}", comm.rank());
+            return ExitCode::FAILURE;
+        }
+    };
     let mut failed = false;
     for kind in kinds {
-        if let Err(e) = run(&mut comm, &args, kind) {
+        if let Err(e) = run(&mut comm, &args, kind, make.as_ref()) {
             eprintln!("oxccl-check: {e}");
             failed = true;
             break;
@@ -87,7 +151,12 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(comm: &mut Communicator, args: &Args, kind: Kind) -> Result<(), String> {
+fn run(
+    comm: &mut Communicator,
+    args: &Args,
+    kind: Kind,
+    make: Option<&MakeBuffer>,
+) -> Result<(), String> {
     let (world, rank) = (comm.world(), comm.rank());
     let size = args.dtype.size();
     let elems = args.bytes / size;
@@ -118,6 +187,11 @@ fn run(comm: &mut Communicator, args: &Args, kind: Kind) -> Result<(), String> {
             out_len
         }
     ];
+    // Device buffers: the input, and the output (or in-place buffer).
+    let mut dev = match make {
+        Some(make) => Some((make(&input)?, make(&output)?)),
+        None => None,
+    };
     for i in 0..args.warmup + args.iters {
         let t = Instant::now();
         if args.in_place {
@@ -128,14 +202,23 @@ fn run(comm: &mut Communicator, args: &Args, kind: Kind) -> Result<(), String> {
                 }
                 _ => output.copy_from_slice(&input),
             }
-            comm.run_bytes(d, None, &mut output)
-                .map_err(|e| e.to_string())?;
-        } else {
-            comm.run_bytes(d, Some(&input), &mut output)
-                .map_err(|e| e.to_string())?;
+        }
+        match (&mut dev, args.in_place) {
+            (None, true) => comm.run_bytes(d, None, &mut output),
+            (None, false) => comm.run_bytes(d, Some(&input), &mut output),
+            (Some((_, out)), true) => out
+                .write(0, &output)
+                .map_err(|e| oxccl::Error::InvalidArgument(e.to_string()))
+                .and_then(|()| comm.run_device(d, None, out.as_mut())),
+            (Some((inp, out)), false) => comm.run_device(d, Some(inp.as_ref()), out.as_mut()),
+        }
+        .map_err(|e| e.to_string())?;
+        let took = t.elapsed();
+        if let Some((_, out)) = &dev {
+            out.read(0, &mut output).map_err(|e| e.to_string())?;
         }
         if i >= args.warmup {
-            times.push(t.elapsed());
+            times.push(took);
         }
         let result = match (kind, args.in_place) {
             (Kind::ReduceScatter, true) => &output[rank * count * size..(rank + 1) * count * size],

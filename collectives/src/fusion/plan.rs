@@ -8,15 +8,22 @@ type Open = ((u8, u8, u8, usize), usize, Vec<usize>);
 /// Groups `metas` (in their agreed order) into buckets, each run as one
 /// collective, in the order returned. Tensors of one key (kind, dtype, op,
 /// root) share a bucket while its buffer stays within `threshold` bytes; a
-/// tensor larger than the threshold goes alone (and is not copied). The
-/// result depends only on its inputs, so every rank computes the same.
-pub(crate) fn buckets(metas: &[Meta], world: usize, threshold: usize) -> Vec<Vec<usize>> {
+/// tensor larger than the threshold, or of at least `direct` bytes, goes
+/// alone (and is not copied: above `direct` a call of its own costs less
+/// than copying in and out of the fusion buffer). The result depends only
+/// on its inputs, so every rank computes the same.
+pub(crate) fn buckets(
+    metas: &[Meta],
+    world: usize,
+    threshold: usize,
+    direct: usize,
+) -> Vec<Vec<usize>> {
     let mut out = Vec::new();
     // Open buckets, in the order they were opened: (key, bytes, members).
     let mut open: Vec<Open> = Vec::new();
     for (i, m) in metas.iter().enumerate() {
         let bytes = m.bytes(world);
-        if bytes > threshold {
+        if bytes > threshold || bytes >= direct {
             out.push(vec![i]);
             continue;
         }
@@ -62,10 +69,15 @@ mod tests {
             m(Kind::AllReduce, DType::F32, 0),
         ];
         assert_eq!(
-            buckets(&metas, 2, 64),
+            buckets(&metas, 2, 64, usize::MAX),
             vec![vec![3], vec![0, 2, 4], vec![1], vec![5, 7], vec![6]]
         );
+        // Tensors of at least `direct` bytes go alone.
+        assert_eq!(
+            buckets(&metas, 2, 64, 32),
+            vec![vec![3], vec![4], vec![6], vec![0, 2, 5, 7], vec![1]]
+        );
         // Threshold 0: no fusion, nothing copied (but count-0 tensors still share).
-        assert_eq!(buckets(&metas[..3], 2, 0).len(), 3);
+        assert_eq!(buckets(&metas[..3], 2, 0, usize::MAX).len(), 3);
     }
 }

@@ -63,6 +63,7 @@ pub(super) struct Worker {
     world: usize,
     cycle_time: Duration,
     threshold: usize,
+    direct: usize,
     stall: Stall,
     /// How old a pending tensor must be to force a coordination round (stall check).
     stall_check: Duration,
@@ -99,6 +100,7 @@ impl Worker {
             world: comm.world(),
             cycle_time: c.cycle_time,
             threshold: c.fusion_threshold,
+            direct: c.fusion_direct,
             stall: Stall::new(c.stall_warning, c.stall_shutdown),
             stall_check,
             last_stall_check: start,
@@ -423,7 +425,7 @@ impl Worker {
             items.push(Some((name, entry)));
         }
         let metas: Vec<Meta> = items.iter().flatten().map(|(_, e)| e.meta).collect();
-        for bucket in buckets(&metas, self.world, self.threshold) {
+        for bucket in buckets(&metas, self.world, self.threshold, self.direct) {
             let mut group = Vec::with_capacity(bucket.len());
             for i in bucket {
                 if let Some(it) = items.get_mut(i).and_then(Option::take) {
