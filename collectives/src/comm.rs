@@ -11,7 +11,7 @@ use oxccl_transport::{Link, ShutdownHandle, TransportError};
 use crate::config::Config;
 use crate::descriptor::Descriptor;
 use crate::engine::{self, EngineError, Input, Job, Output, Ring};
-use crate::schedule::{self, Kind, Shape, chunk_range};
+use crate::schedule::{self, Kind, Plan, Shape, chunk_range};
 use crate::{Error, ErrorKind, Result};
 
 /// A rank's two ring links.
@@ -332,17 +332,7 @@ impl Communicator {
         input: Option<&[u8]>,
         output: &mut [u8],
     ) -> Result<()> {
-        if let Some((kind, cause)) = &self.poisoned {
-            return Err(Error::Aborted {
-                rank: self.rank,
-                kind: *kind,
-                cause: cause.clone(),
-            });
-        }
-        self.validate_lengths(&d, input.map(<[u8]>::len), output.len())?;
-        let seq = self.seq;
-        self.seq += 1;
-        tracing::debug!(rank = self.rank, "{}", d.call(seq));
+        let seq = self.begin(&d, input.map(<[u8]>::len), output.len())?;
 
         let world = self.world;
         let rank = self.rank;
@@ -357,14 +347,7 @@ impl Communicator {
         let (shape, count, use_work) = self.ring_shape(&d, input.is_none());
         let plan = schedule::plan(&shape);
 
-        let Communicator {
-            ring,
-            reducer,
-            staging,
-            work,
-            config,
-            ..
-        } = self;
+        let (driver, work) = self.driver();
         let result = {
             let (job_input, job_output): (Option<&[u8]>, &mut [u8]) = if use_work {
                 if work.len() < count * elem {
@@ -379,26 +362,12 @@ impl Communicator {
             } else {
                 (input, &mut *output)
             };
-            let ring = ring.as_mut().map(|r| Ring {
-                next: r.next.as_mut(),
-                prev: r.prev.as_mut(),
-            });
-            engine::run(
-                ring,
-                Job {
-                    plan: &plan,
-                    seq,
-                    descriptor: d.encode(),
-                    input: job_input.map(Input::Host),
-                    output: Output::Host(job_output),
-                    dtype: d.dtype,
-                    op: d.op,
-                    world,
-                    reducer: reducer.as_ref(),
-                    staging,
-                    timeout: config.timeout,
-                    spin: config.spin,
-                },
+            driver.run(
+                &plan,
+                seq,
+                &d,
+                job_input.map(Input::Host),
+                Output::Host(job_output),
             )
         };
         match result {
@@ -423,16 +392,7 @@ impl Communicator {
         input: Option<&dyn DeviceMemory>,
         output: &mut dyn DeviceMemory,
     ) -> Result<()> {
-        if let Some((kind, cause)) = &self.poisoned {
-            return Err(Error::Aborted {
-                rank: self.rank,
-                kind: *kind,
-                cause: cause.clone(),
-            });
-        }
-        self.validate_lengths(&d, input.map(|i| i.len_bytes()), output.len_bytes())?;
-        let seq = self.seq;
-        self.seq += 1;
+        let seq = self.begin(&d, input.map(|i| i.len_bytes()), output.len_bytes())?;
         let (world, rank) = (self.world, self.rank);
         let elem = d.dtype.size();
         let (shape, count, use_work) = self.ring_shape(&d, input.is_none());
@@ -448,13 +408,7 @@ impl Communicator {
                 })?;
             work = Some(scratch);
         }
-        let Communicator {
-            ring,
-            reducer,
-            staging,
-            config,
-            ..
-        } = self;
+        let (driver, _) = self.driver();
         let result = {
             let (job_input, job_output) = match work.as_mut() {
                 Some(w) => {
@@ -467,26 +421,7 @@ impl Communicator {
                 }
                 None => (input.map(Input::Device), Output::Device(&mut *output)),
             };
-            engine::run(
-                ring.as_mut().map(|r| Ring {
-                    next: r.next.as_mut(),
-                    prev: r.prev.as_mut(),
-                }),
-                Job {
-                    plan: &plan,
-                    seq,
-                    descriptor: d.encode(),
-                    input: job_input,
-                    output: job_output,
-                    dtype: d.dtype,
-                    op: d.op,
-                    world,
-                    reducer: reducer.as_ref(),
-                    staging,
-                    timeout: config.timeout,
-                    spin: config.spin,
-                },
-            )
+            driver.run(&plan, seq, &d, job_input, job_output)
         }
         .and_then(|()| {
             if let (Some(w), Kind::ReduceScatter) = (&work, d.kind) {
@@ -538,14 +473,8 @@ impl Communicator {
     ) -> Result<()> {
         let (world, rank) = (self.world, self.rank);
         let bytes = output.len();
-        let Communicator {
-            ring,
-            reducer,
-            staging,
-            work,
-            config,
-            ..
-        } = self;
+        let (driver, work) = self.driver();
+        let reducer = driver.reducer;
         if work.len() < bytes * world {
             work.resize(bytes * world, 0);
         }
@@ -562,37 +491,49 @@ impl Communicator {
             out_of_place: false,
             slice_elems: d.count,
         });
-        let result = engine::run(
-            ring.as_mut().map(|r| Ring {
-                next: r.next.as_mut(),
-                prev: r.prev.as_mut(),
-            }),
-            Job {
-                plan: &plan,
-                seq,
-                descriptor: d.encode(),
-                input: None,
-                output: Output::Host(work),
-                dtype: d.dtype,
-                op: d.op,
-                world,
-                reducer: reducer.as_ref(),
-                staging,
-                timeout: config.timeout,
-                spin: config.spin,
-            },
-        )
-        .and_then(|()| {
-            output.copy_from_slice(&work[..bytes]);
-            for r in 1..world {
-                reducer.reduce(d.dtype, d.op, output, &work[r * bytes..(r + 1) * bytes])?;
-            }
-            if d.op == ReduceOp::Avg {
-                reducer.finish_avg(d.dtype, output, world)?;
-            }
-            Ok(())
-        });
+        let result = driver
+            .run(&plan, seq, &d, None, Output::Host(work))
+            .and_then(|()| {
+                output.copy_from_slice(&work[..bytes]);
+                for r in 1..world {
+                    reducer.reduce(d.dtype, d.op, output, &work[r * bytes..(r + 1) * bytes])?;
+                }
+                if d.op == ReduceOp::Avg {
+                    reducer.finish_avg(d.dtype, output, world)?;
+                }
+                Ok(())
+            });
         result.map_err(|e| self.fail(&d, seq, e))
+    }
+
+    /// Checks a call before it starts and gives it its sequence number.
+    fn begin(&mut self, d: &Descriptor, input: Option<usize>, output: usize) -> Result<u64> {
+        if let Some((kind, cause)) = &self.poisoned {
+            return Err(Error::Aborted {
+                rank: self.rank,
+                kind: *kind,
+                cause: cause.clone(),
+            });
+        }
+        self.validate_lengths(d, input, output)?;
+        let seq = self.seq;
+        self.seq += 1;
+        tracing::debug!(rank = self.rank, "{}", d.call(seq));
+        Ok(seq)
+    }
+
+    /// What runs a plan, and the scratch buffer, borrowed apart.
+    fn driver(&mut self) -> (Driver<'_>, &mut Vec<u8>) {
+        (
+            Driver {
+                ring: &mut self.ring,
+                reducer: self.reducer.as_ref(),
+                staging: &mut self.staging,
+                config: &self.config,
+                world: self.world,
+            },
+            &mut self.work,
+        )
     }
 
     fn validate_lengths(&self, d: &Descriptor, input: Option<usize>, output: usize) -> Result<()> {
@@ -766,6 +707,51 @@ impl Communicator {
 
     fn abort_key(&self, rank: usize) -> String {
         format!("{}/abort/{rank}", self.key_prefix)
+    }
+}
+
+/// The parts of a communicator that run a plan on the ring.
+struct Driver<'a> {
+    ring: &'a mut Option<RingLinks>,
+    reducer: &'a dyn Reducer,
+    staging: &'a mut Vec<u8>,
+    config: &'a Config,
+    world: usize,
+}
+
+impl<'a> Driver<'a> {
+    fn run<'b>(
+        self,
+        plan: &'b Plan,
+        seq: u64,
+        d: &Descriptor,
+        input: Option<Input<'b>>,
+        output: Output<'b>,
+    ) -> std::result::Result<(), EngineError>
+    where
+        'a: 'b,
+    {
+        let ring = self.ring.as_mut().map(|r| Ring {
+            next: r.next.as_mut(),
+            prev: r.prev.as_mut(),
+        });
+        engine::run(
+            ring,
+            Job {
+                plan,
+                seq,
+                descriptor: d.encode(),
+                input,
+                output,
+                dtype: d.dtype,
+                op: d.op,
+                world: self.world,
+                reducer: self.reducer,
+                staging: self.staging,
+                timeout: self.config.timeout,
+                spin: self.config.spin,
+            },
+        )
     }
 }
 
