@@ -17,7 +17,7 @@ cargo fmt --all -- --check
 
 step "clippy"
 cargo clippy --workspace --all-targets -- -D warnings
-cargo clippy -p oxccl-kernels -p oxccl --all-targets --features wgpu,cuda -- -D warnings
+cargo clippy -p oxccl-kernels -p oxccl -p oxccl-benches --all-targets --features wgpu,cuda -- -D warnings
 
 step "tests: the README's test command"
 cargo test --workspace
@@ -26,6 +26,11 @@ step "GPU through wgpu on lavapipe (Mesa's software Vulkan driver)"
 bash ci/wgpu-setup.sh
 OXCCL_REQUIRE_WGPU=1 cargo test -p oxccl-kernels --features wgpu
 OXCCL_REQUIRE_WGPU=1 cargo test -p oxccl --features wgpu --test wgpu
+cargo build -p oxccl --bin oxrun -p oxccl-benches --bin all_reduce_perf --features oxccl-benches/wgpu
+for n in 2 4; do
+  target/debug/oxrun -n "$n" --timeout 300 -- target/debug/all_reduce_perf --device wgpu -b 4K -e 1M -f 16 -n 2 -w 1
+  target/debug/oxrun -n "$n" --timeout 300 -- target/debug/all_reduce_perf --device wgpu -b 4K -e 64K -f 16 -n 2 -w 1 -d bfloat16 -o all
+done
 
 step "CUDA: clean errors without a driver; every kernel compiled by NVRTC and assembled by ptxas"
 cargo test -p oxccl-kernels --features cuda

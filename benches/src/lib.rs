@@ -17,6 +17,7 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::time::Instant;
 
+use oxccl::devices::MakeBuffer;
 use oxccl::{Communicator, DType, Descriptor, Kind, ReduceOp, pattern};
 
 pub use options::{Average, Options};
@@ -126,6 +127,10 @@ pub fn run(
         )));
     }
     let sizes = opts.sizes().map_err(BenchError::Usage)?;
+    let local_rank = oxccl::config::launch_from_lookup(&oxccl::config::ProcessEnv)
+        .ok()
+        .and_then(|l| l.local_rank);
+    let make = oxccl::devices::buffer_factory(&opts.device, comm.config(), local_rank)?;
     let ranks = gather_rank_info(comm)?;
     let io = |source| BenchError::Io {
         what: "the table".into(),
@@ -148,7 +153,7 @@ pub fn run(
     for &dtype in &opts.dtypes {
         for &op in &ops {
             for &size in &sizes {
-                let row = run_row(comm, kind, opts, dtype, op, size)?;
+                let row = run_row(comm, kind, opts, dtype, op, size, make.as_ref())?;
                 wrong += [row.out_of_place, row.in_place]
                     .iter()
                     .flatten()
@@ -194,6 +199,7 @@ fn run_row(
     dtype: DType,
     op: ReduceOp,
     size: usize,
+    make: Option<&MakeBuffer>,
 ) -> Result<Row, BenchError> {
     let world = comm.world();
     let count = report::count_for(kind, size, dtype, world);
@@ -208,7 +214,7 @@ fn run_row(
     };
     let input = pattern::input(&d, world, comm.rank());
     let mut measure = |in_place: bool| -> Result<Measure, BenchError> {
-        let (time_us, wrong) = time_and_check(comm, d, opts, &input, in_place)?;
+        let (time_us, wrong) = time_and_check(comm, d, opts, &input, in_place, make)?;
         Ok(Measure::new(kind, world, bytes, time_us, wrong))
     };
     let out_of_place = if opts.out_of_place() {
@@ -232,6 +238,9 @@ fn run_row(
     })
 }
 
+/// The input and output buffers on a device, when `--device` names one.
+type DevicePair = Option<(Box<dyn oxccl::DeviceMemory>, Box<dyn oxccl::DeviceMemory>)>;
+
 /// What output buffers hold before the checked call, so that a call that
 /// leaves an element unwritten is caught.
 const POISON: u8 = 0xA5;
@@ -245,6 +254,7 @@ fn time_and_check(
     opts: &Options,
     input: &[u8],
     in_place: bool,
+    make: Option<&MakeBuffer>,
 ) -> Result<(f64, Option<u64>), BenchError> {
     let (world, rank) = (comm.world(), comm.rank());
     let size = d.dtype.size();
@@ -266,21 +276,29 @@ fn time_and_check(
             buf.copy_from_slice(input);
         }
     };
-    let call = |comm: &mut Communicator, buf: &mut [u8]| {
-        if in_place {
-            comm.run_bytes(d, None, buf)
-        } else {
-            comm.run_bytes(d, Some(input), buf)
-        }
+    // With --device, the buffers live on the device; `output` mirrors them.
+    let mut dev: DevicePair = match make {
+        Some(make) => Some((make(input)?, make(&output)?)),
+        None => None,
+    };
+    let call = |comm: &mut Communicator, buf: &mut [u8], dev: &mut DevicePair| match (dev, in_place)
+    {
+        (None, true) => comm.run_bytes(d, None, buf),
+        (None, false) => comm.run_bytes(d, Some(input), buf),
+        (Some((_, out)), true) => comm.run_device(d, None, out.as_mut()),
+        (Some((inp, out)), false) => comm.run_device(d, Some(inp.as_ref()), out.as_mut()),
     };
     lay(&mut output);
+    if let Some((_, out)) = &mut dev {
+        out.write(0, &output).map_err(oxccl::Error::from)?;
+    }
     for _ in 0..opts.warmup {
-        call(comm, &mut output)?;
+        call(comm, &mut output, &mut dev)?;
     }
     comm.barrier()?;
     let start = Instant::now();
     for _ in 0..opts.iters {
-        call(comm, &mut output)?;
+        call(comm, &mut output, &mut dev)?;
     }
     let local_us = start.elapsed().as_secs_f64() * 1e6 / opts.iters as f64;
     let time_us = combine_times(comm, opts.average, local_us)?;
@@ -288,7 +306,13 @@ fn time_and_check(
         return Ok((time_us, None));
     }
     lay(&mut output);
-    call(comm, &mut output)?;
+    if let Some((_, out)) = &mut dev {
+        out.write(0, &output).map_err(oxccl::Error::from)?;
+    }
+    call(comm, &mut output, &mut dev)?;
+    if let Some((_, out)) = &dev {
+        out.read(0, &mut output).map_err(oxccl::Error::from)?;
+    }
     let result = match (d.kind, in_place) {
         (Kind::ReduceScatter, true) => &mut output[rank * chunk..(rank + 1) * chunk],
         _ => &mut output[..],

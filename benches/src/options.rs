@@ -106,12 +106,12 @@ fn parse_check(s: &str) -> Result<bool, String> {
 }
 
 fn parse_device(s: &str) -> Result<String, String> {
-    if s.eq_ignore_ascii_case("cpu") {
-        Ok("cpu".into())
-    } else {
-        Err(format!(
-            "device '{s}' is not supported yet: only 'cpu' (host memory) is"
-        ))
+    let d = s.trim().to_ascii_lowercase();
+    match d.as_str() {
+        "cpu" | "wgpu" | "cuda" => Ok(d),
+        _ => Err(format!(
+            "device '{s}' is not one of cpu (host memory), wgpu or cuda (device memory; built with that feature)"
+        )),
     }
 }
 
@@ -404,11 +404,12 @@ mod tests {
                 .contains("0 (rank 0), 1 (average)")
         );
         assert!(
-            parse(&["--device", "cuda"])
+            parse(&["--device", "tpu"])
                 .unwrap_err()
-                .contains("only 'cpu'")
+                .contains("not one of cpu")
         );
         assert_eq!(parse(&["--device", "CPU"]).unwrap().device, "cpu");
+        assert_eq!(parse(&["--device", "wgpu"]).unwrap().device, "wgpu");
         let o = parse(&["--in-place-only"]).unwrap();
         assert!(o.in_place() && !o.out_of_place());
         let o = parse(&["--out-of-place-only"]).unwrap();

@@ -238,7 +238,7 @@ fn bad_flags_exit_2_with_a_clear_message() {
         (&["-o", "xor"][..], "unknown reduction op 'xor'"),
         (&["-b", "1Q"][..], "'1Q' is not a size in bytes"),
         (&["-b", "2M", "-e", "1M"][..], "larger than the largest"),
-        (&["--device", "cuda"][..], "only 'cpu'"),
+        (&["--device", "tpu"][..], "not one of cpu"),
     ] {
         let out = Command::new(ALL_REDUCE).args(args).output().unwrap();
         assert_eq!(out.status.code(), Some(2), "{args:?}");

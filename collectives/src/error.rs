@@ -127,6 +127,9 @@ pub enum Error {
         #[source]
         source: KernelError,
     },
+    /// A device backend failed outside a collective (no adapter, no driver).
+    #[error(transparent)]
+    Device(#[from] KernelError),
     /// A rendezvous store failed outside a collective.
     #[error("rank {rank}: {source}")]
     Store {
@@ -167,7 +170,7 @@ impl Error {
             Error::Remote { .. } => ErrorKind::Remote,
             Error::Timeout { .. } => ErrorKind::Timeout,
             Error::Aborted { .. } => ErrorKind::Aborted,
-            Error::Kernel { source, .. } => match source {
+            Error::Kernel { source, .. } | Error::Device(source) => match source {
                 KernelError::Unsupported { .. } | KernelError::Unavailable { .. } => {
                     ErrorKind::UnavailableBackend
                 }

@@ -26,6 +26,7 @@ mod bootstrap;
 mod comm;
 pub mod config;
 mod descriptor;
+pub mod devices;
 mod engine;
 mod error;
 pub mod fusion;

@@ -8,7 +8,8 @@ use std::time::Instant;
 
 use clap::Parser;
 use oxccl::config::parse_bytes;
-use oxccl::{Communicator, Config, DType, Descriptor, DeviceMemory, Kind, ReduceOp, pattern};
+use oxccl::devices::{MakeBuffer, buffer_factory};
+use oxccl::{Communicator, Config, DType, Descriptor, Kind, ReduceOp, pattern};
 
 /// Runs collectives across the ranks of a job, checks every element of every
 /// result, and prints the median time and bandwidth (on rank 0).
@@ -56,50 +57,14 @@ enum Device {
     Cuda,
 }
 
-/// Makes a device buffer holding the given bytes.
-type MakeBuffer = Box<dyn Fn(&[u8]) -> Result<Box<dyn DeviceMemory>, String>>;
-
 /// The buffer factory of `device`, or `None` for host memory.
 fn device_buffers(device: Device) -> Result<Option<MakeBuffer>, String> {
     let config = Config::from_env().map_err(|e| e.to_string())?;
-    match device {
-        Device::Cpu => Ok(None),
-        #[cfg(feature = "wgpu")]
-        Device::Wgpu => {
-            use oxccl::kernels::wgpu::{WgpuBuffer, WgpuContext};
-            let ctx = WgpuContext::new(&config.wgpu_settings()).map_err(|e| e.to_string())?;
-            Ok(Some(Box::new(move |data: &[u8]| {
-                WgpuBuffer::from_host(ctx.clone(), data)
-                    .map(|b| Box::new(b) as Box<dyn DeviceMemory>)
-                    .map_err(|e| e.to_string())
-            })))
-        }
-        #[cfg(feature = "cuda")]
-        Device::Cuda => {
-            use oxccl::kernels::cuda::{CudaBuffer, CudaReducer, CudaSettings};
-            let local = oxccl::config::launch_from_lookup(&oxccl::config::ProcessEnv)
-                .ok()
-                .and_then(|l| l.local_rank);
-            let settings = CudaSettings {
-                ordinal: config.cuda_device.or(local).unwrap_or(0),
-                include_dirs: config.cuda_include.clone(),
-            };
-            let reducer = CudaReducer::new(&settings).map_err(|e| e.to_string())?;
-            Ok(Some(Box::new(move |data: &[u8]| {
-                CudaBuffer::from_host(reducer.clone(), data)
-                    .map(|b| Box::new(b) as Box<dyn DeviceMemory>)
-                    .map_err(|e| e.to_string())
-            })))
-        }
-        #[allow(unreachable_patterns)]
-        other => {
-            let _ = config;
-            Err(format!(
-                "--device {other:?}: this oxccl-check was built without that backend (cargo build --features {})",
-                format!("{other:?}").to_lowercase()
-            ))
-        }
-    }
+    let local = oxccl::config::launch_from_lookup(&oxccl::config::ProcessEnv)
+        .ok()
+        .and_then(|l| l.local_rank);
+    let name = format!("{device:?}").to_lowercase();
+    buffer_factory(&name, &config, local).map_err(|e| e.to_string())
 }
 
 fn kinds(name: &str) -> Result<Vec<Kind>, String> {
@@ -189,7 +154,10 @@ fn run(
     ];
     // Device buffers: the input, and the output (or in-place buffer).
     let mut dev = match make {
-        Some(make) => Some((make(&input)?, make(&output)?)),
+        Some(make) => Some((
+            make(&input).map_err(|e| e.to_string())?,
+            make(&output).map_err(|e| e.to_string())?,
+        )),
         None => None,
     };
     for i in 0..args.warmup + args.iters {

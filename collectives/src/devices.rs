@@ -1,0 +1,53 @@
+//! Device buffers by name, for tools that take `--device cpu|wgpu|cuda`.
+
+use oxccl_kernels::DeviceMemory;
+
+use crate::{Config, Error, Result};
+
+/// Makes a buffer on one device holding the given host bytes.
+pub type MakeBuffer = Box<dyn Fn(&[u8]) -> Result<Box<dyn DeviceMemory>>>;
+
+/// The buffer factory of `device` ("cpu", "wgpu" or "cuda"), or `None` for
+/// host memory. A backend this build lacks, or that the machine lacks (no
+/// adapter, no driver), is an error that says so. CUDA takes the device
+/// `config.cuda_device`, else `local_rank`, else 0.
+pub fn buffer_factory(
+    device: &str,
+    config: &Config,
+    local_rank: Option<usize>,
+) -> Result<Option<MakeBuffer>> {
+    match device.to_ascii_lowercase().as_str() {
+        "cpu" => Ok(None),
+        #[cfg(feature = "wgpu")]
+        "wgpu" => {
+            use oxccl_kernels::wgpu::{WgpuBuffer, WgpuContext};
+            let ctx = WgpuContext::new(&config.wgpu_settings())?;
+            Ok(Some(Box::new(move |data: &[u8]| {
+                Ok(Box::new(WgpuBuffer::from_host(ctx.clone(), data)?) as Box<dyn DeviceMemory>)
+            })))
+        }
+        #[cfg(feature = "cuda")]
+        "cuda" => {
+            use oxccl_kernels::cuda::{CudaBuffer, CudaReducer, CudaSettings};
+            let settings = CudaSettings {
+                ordinal: config.cuda_device.or(local_rank).unwrap_or(0),
+                include_dirs: config.cuda_include.clone(),
+            };
+            let reducer = CudaReducer::new(&settings)?;
+            Ok(Some(Box::new(move |data: &[u8]| {
+                Ok(Box::new(CudaBuffer::from_host(reducer.clone(), data)?)
+                    as Box<dyn DeviceMemory>)
+            })))
+        }
+        #[allow(unreachable_patterns)]
+        name @ ("wgpu" | "cuda") => {
+            let _ = (config, local_rank);
+            Err(Error::InvalidUsage(format!(
+                "device {name}: this build of oxccl lacks that backend (build with --features {name})"
+            )))
+        }
+        other => Err(Error::InvalidArgument(format!(
+            "unknown device '{other}' (cpu, wgpu or cuda)"
+        ))),
+    }
+}
