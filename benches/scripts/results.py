@@ -165,6 +165,9 @@ def markdown(run_dir, med, wrong, plot=None):
     return "\n".join(lines) + "\n"
 
 
+MARKER = "<!-- Below: written by hand, kept when the tables above are regenerated. -->"
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run_dir")
@@ -176,6 +179,13 @@ def main(argv=None):
         print(f"results.py: no results under {a.run_dir}", file=sys.stderr)
         return 1
     text = markdown(a.run_dir, medians(data), wrong, a.plot)
+    # Sections written by hand (targets, fusion, namespaces) follow MARKER in
+    # the existing file; regenerating the tables keeps them.
+    if a.out and os.path.exists(a.out):
+        with open(a.out) as f:
+            old = f.read()
+        if MARKER in old:
+            text += "\n" + old[old.index(MARKER):]
     if a.out:
         with open(a.out, "w") as f:
             f.write(text)
