@@ -27,6 +27,13 @@
 //!   count; for integers it is the sum divided by the count, truncated toward
 //!   zero (Rust's and C's integer division), computed on the wrapped sum.
 
+// Unit tests share the integration tests' helpers, which name the crate.
+#[cfg(test)]
+extern crate self as oxccl_kernels;
+#[cfg(test)]
+#[path = "../tests/common/mod.rs"]
+mod test_common;
+
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
