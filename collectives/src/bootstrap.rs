@@ -4,7 +4,10 @@
 //! Ranks meet through a key-value store: each publishes the address of its
 //! listening socket, connects to the next rank and accepts the previous one
 //! (both handshakes checked, strays refused). Rank 0 serves the TCP store,
-//! or the ranks share a directory ([`Config::file_store`]).
+//! or the ranks share a directory ([`Config::file_store`]). Each ring
+//! connection then offers shared memory ([`Config::transport`]): neighbours
+//! on one host move their bytes through a mapped segment and keep the socket
+//! as doorbell and death notice.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
 use std::sync::{Arc, Mutex};
@@ -12,10 +15,10 @@ use std::time::Instant;
 
 use oxccl_transport::store::{FileStore, MemStore, Store, TcpStore, TcpStoreServer};
 use oxccl_transport::tcp::{self, Listener, TcpOptions};
-use oxccl_transport::{TransportError, inproc};
+use oxccl_transport::{Link, TransportError, inproc, shm};
 
 use crate::comm::{Communicator, Parts, RingLinks};
-use crate::config::{self, Config, Launch};
+use crate::config::{self, Config, Launch, Transport};
 use crate::{Error, Result};
 
 /// Prefix of every key oxccl writes to a store.
@@ -275,19 +278,42 @@ impl Communicator {
             ));
         }
         let store: Arc<dyn Store> = Arc::new(MemStore::new());
-        let links = inproc::ring(world).map_err(|source| Error::Bootstrap { rank: 0, source })?;
+        let boot = |source| Error::Bootstrap { rank: 0, source };
+        let links: Vec<Option<RingLinks>> = if config.transport == Transport::Tcp || world == 1 {
+            inproc::ring(world)
+                .map_err(boot)?
+                .into_iter()
+                .map(|l| {
+                    l.map(|l| RingLinks {
+                        next: Box::new(l.next) as Box<dyn Link>,
+                        prev: Box::new(l.prev) as Box<dyn Link>,
+                    })
+                })
+                .collect()
+        } else {
+            // Pair r joins rank r (sending) to rank r + 1 (receiving).
+            let mut next = Vec::with_capacity(world);
+            let mut prev = Vec::with_capacity(world);
+            for r in 0..world {
+                let (a, b) = shm::pair(r, (r + 1) % world, config.shm_bytes).map_err(boot)?;
+                next.push(Box::new(a) as Box<dyn Link>);
+                prev.push(Box::new(b) as Box<dyn Link>);
+            }
+            prev.rotate_right(1);
+            next.into_iter()
+                .zip(prev)
+                .map(|(next, prev)| Some(RingLinks { next, prev }))
+                .collect()
+        };
         links
             .into_iter()
             .enumerate()
-            .map(|(rank, l)| {
+            .map(|(rank, ring)| {
                 Communicator::assemble(Parts {
                     rank,
                     world,
                     config: config.clone(),
-                    ring: l.map(|l| RingLinks {
-                        next: Box::new(l.next),
-                        prev: Box::new(l.prev),
-                    }),
+                    ring,
                     store: store.clone(),
                     key_prefix: PREFIX.into(),
                     server: None,
@@ -399,9 +425,21 @@ fn connect(
             "rank {rank}: ring connected over tcp (next rank {next} at {next_addr}, listening on {})",
             listener.local_addr()
         );
+        let policy = match config.transport {
+            Transport::Auto => shm::Policy::Auto,
+            Transport::Tcp => shm::Policy::Never,
+            Transport::Shm => shm::Policy::Require,
+        };
+        let up = shm::upgrade_ring(next_link, prev_link, policy, config.shm_bytes, deadline)
+            .map_err(boot)?;
+        tracing::info!(
+            "rank {rank}: to rank {next} over {}; from rank {prev} over {}",
+            up.next.describe(),
+            up.prev.describe()
+        );
         Some(RingLinks {
-            next: Box::new(next_link),
-            prev: Box::new(prev_link),
+            next: up.next,
+            prev: up.prev,
         })
     } else {
         None

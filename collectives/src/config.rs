@@ -17,6 +17,18 @@ use std::time::Duration;
 
 use crate::{Error, Result};
 
+/// How ring neighbours connect (`OXCCL_TRANSPORT`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Transport {
+    /// Shared memory with neighbours on this host, TCP with the others.
+    #[default]
+    Auto,
+    /// TCP (or socket pairs in process) everywhere.
+    Tcp,
+    /// Shared memory everywhere; an error if a neighbour cannot share memory.
+    Shm,
+}
+
 /// One documented environment variable.
 #[derive(Debug, Clone, Copy)]
 pub struct Variable {
@@ -111,6 +123,16 @@ pub const VARIABLES: &[Variable] = &[
         doc: "Directories (colon-separated) holding cuda_fp16.h and cuda_bf16.h, for compiling the CUDA kernels with NVRTC at run time.",
     },
     Variable {
+        name: "OXCCL_TRANSPORT",
+        default: "auto",
+        doc: "How ring neighbours connect: auto (shared memory when both ranks map the same segment, i.e. share a host, else TCP), tcp, or shm (fail if a neighbour cannot share memory).",
+    },
+    Variable {
+        name: "OXCCL_SHM_BYTES",
+        default: "1M",
+        doc: "Capacity of each direction's ring in a shared-memory link, in bytes (suffixes K, M); both ends must agree.",
+    },
+    Variable {
         name: "OXCCL_SOCKET_BUFFER",
         default: "0 (kernel autotuning)",
         doc: "SO_SNDBUF and SO_RCVBUF of TCP links in bytes; 0 leaves the kernel's autotuning on.",
@@ -161,6 +183,10 @@ pub struct Config {
     pub slice_bytes: usize,
     /// SO_SNDBUF/SO_RCVBUF of TCP links; `None` for kernel autotuning.
     pub socket_buffer: Option<usize>,
+    /// How ring neighbours connect.
+    pub transport: Transport,
+    /// Capacity of each direction's ring of a shared-memory link.
+    pub shm_bytes: usize,
     /// How long to busy-poll links before sleeping.
     pub spin: Duration,
     /// wgpu: only adapters whose name contains this.
@@ -201,6 +227,8 @@ impl Default for Config {
             timeout: Duration::from_secs(300),
             slice_bytes: 512 * 1024,
             socket_buffer: None,
+            transport: Transport::Auto,
+            shm_bytes: 1 << 20,
             spin: Duration::from_micros(50),
             wgpu_adapter: None,
             wgpu_low_power: false,
@@ -359,6 +387,29 @@ impl Config {
         if let Some(v) = env.var("OXCCL_SOCKET_BUFFER") {
             let n = parse_bytes("OXCCL_SOCKET_BUFFER", &v)?;
             c.socket_buffer = (n > 0).then_some(n);
+        }
+        if let Some(v) = env.var("OXCCL_TRANSPORT") {
+            c.transport = match v.trim().to_ascii_lowercase().as_str() {
+                "auto" | "" => Transport::Auto,
+                "tcp" | "socket" => Transport::Tcp,
+                "shm" => Transport::Shm,
+                _ => {
+                    return Err(bad(
+                        "OXCCL_TRANSPORT",
+                        format!("'{v}' is not one of auto, tcp, shm"),
+                    ));
+                }
+            };
+        }
+        if let Some(v) = env.var("OXCCL_SHM_BYTES") {
+            let n = parse_bytes("OXCCL_SHM_BYTES", &v)?;
+            if !(4096..=1 << 30).contains(&n) {
+                return Err(bad(
+                    "OXCCL_SHM_BYTES",
+                    format!("'{v}' must be between 4K and 1G"),
+                ));
+            }
+            c.shm_bytes = n;
         }
         if let Some(v) = env.var("OXCCL_SOCKET_ADDR") {
             c.socket_addr =

@@ -10,6 +10,8 @@
 //!   stray and mismatched connections ([`wire::Hello`]);
 //! * in-process ([`inproc`]): Unix socket pairs between threads of one
 //!   process, so that tests run the same engine code as TCP jobs;
+//! * shared memory ([`shm`]): byte rings in a segment both ranks of one host
+//!   map, upgraded from a socket that stays on as doorbell and death notice;
 //! * rendezvous stores ([`store`]): in-memory, TCP (served by rank 0) and
 //!   file-system key-value stores.
 //!
@@ -19,9 +21,10 @@
 mod error;
 pub mod inproc;
 mod link;
+pub mod shm;
 pub mod store;
 pub mod tcp;
 pub mod wire;
 
 pub use error::TransportError;
-pub use link::{Link, Readiness, ShutdownHandle, StreamLink, wait};
+pub use link::{Direction, Link, Readiness, ShutdownHandle, StreamLink, wait};

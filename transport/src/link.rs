@@ -29,11 +29,34 @@ pub trait Link: Send + fmt::Debug {
     /// The descriptor to wait on.
     fn fd(&self) -> BorrowedFd<'_>;
 
+    /// Prepares to sleep until the link can move bytes in `dir`.
+    ///
+    /// Returns the readiness to poll [`fd`](Self::fd) for, or `None` when the
+    /// link can already move bytes (or has an error to report), in which case
+    /// the caller must not sleep. Socket links simply poll their socket;
+    /// shared-memory links announce that they sleep and poll their doorbell.
+    /// Every `arm` is followed by a [`disarm`](Self::disarm) of the same direction.
+    fn arm(&self, dir: Direction) -> Result<Option<Direction>, TransportError> {
+        Ok(Some(dir))
+    }
+
+    /// Ends a wait begun by [`arm`](Self::arm).
+    fn disarm(&self, _dir: Direction) {}
+
     /// A handle that can shut the link down from another thread, waking any waiter.
     fn shutdown_handle(&self) -> Result<ShutdownHandle, TransportError>;
 
     /// "tcp 127.0.0.1:5000 -> 127.0.0.1:6000", "in-process", ...
     fn describe(&self) -> String;
+}
+
+/// A direction of a link's traffic, from this side's point of view.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// Bytes coming in.
+    Read,
+    /// Bytes going out.
+    Write,
 }
 
 /// The socket types a [`StreamLink`] can carry.
@@ -199,32 +222,61 @@ pub fn wait(
     let mut fds: Vec<PollFd<'_>> = Vec::with_capacity(2);
     let mut read_idx = None;
     let mut write_idx = None;
-    if let Some(l) = read {
-        read_idx = Some(fds.len());
-        fds.push(PollFd::from_borrowed_fd(l.fd(), PollFlags::IN));
+    let mut ready = Readiness::default();
+    let mut armed: Vec<(&dyn Link, Direction)> = Vec::with_capacity(2);
+    let arm = |l: &dyn Link, dir: Direction| -> Result<Option<PollFlags>, TransportError> {
+        Ok(l.arm(dir)?.map(|d| match d {
+            Direction::Read => PollFlags::IN,
+            Direction::Write => PollFlags::OUT,
+        }))
+    };
+    let result = (|| {
+        if let Some(l) = read {
+            armed.push((l, Direction::Read));
+            match arm(l, Direction::Read)? {
+                None => ready.readable = true,
+                Some(flags) => {
+                    read_idx = Some(fds.len());
+                    fds.push(PollFd::from_borrowed_fd(l.fd(), flags));
+                }
+            }
+        }
+        if let Some(l) = write {
+            armed.push((l, Direction::Write));
+            match arm(l, Direction::Write)? {
+                None => ready.writable = true,
+                Some(flags) => {
+                    write_idx = Some(fds.len());
+                    fds.push(PollFd::from_borrowed_fd(l.fd(), flags));
+                }
+            }
+        }
+        if ready.readable || ready.writable {
+            return Ok(ready);
+        }
+        if fds.is_empty() {
+            std::thread::sleep(timeout);
+            return Ok(ready);
+        }
+        let ts = Timespec::try_from(timeout).unwrap_or(Timespec {
+            tv_sec: i64::MAX / 2,
+            tv_nsec: 0,
+        });
+        match rustix::event::poll(&mut fds, Some(&ts)) {
+            Ok(_) => {}
+            Err(rustix::io::Errno::INTR) => return Ok(ready),
+            Err(e) => return Err(TransportError::io("waiting for links", e.into())),
+        }
+        let fired = |i: Option<usize>| i.is_some_and(|i| !fds[i].revents().is_empty());
+        Ok(Readiness {
+            readable: fired(read_idx),
+            writable: fired(write_idx),
+        })
+    })();
+    for (l, dir) in armed {
+        l.disarm(dir);
     }
-    if let Some(l) = write {
-        write_idx = Some(fds.len());
-        fds.push(PollFd::from_borrowed_fd(l.fd(), PollFlags::OUT));
-    }
-    if fds.is_empty() {
-        std::thread::sleep(timeout);
-        return Ok(Readiness::default());
-    }
-    let ts = Timespec::try_from(timeout).unwrap_or(Timespec {
-        tv_sec: i64::MAX / 2,
-        tv_nsec: 0,
-    });
-    match rustix::event::poll(&mut fds, Some(&ts)) {
-        Ok(_) => {}
-        Err(rustix::io::Errno::INTR) => return Ok(Readiness::default()),
-        Err(e) => return Err(TransportError::io("waiting for links", e.into())),
-    }
-    let ready = |i: Option<usize>| i.is_some_and(|i| !fds[i].revents().is_empty());
-    Ok(Readiness {
-        readable: ready(read_idx),
-        writable: ready(write_idx),
-    })
+    result
 }
 
 #[cfg(test)]

@@ -1,0 +1,1014 @@
+//! Shared-memory links between ranks of one host.
+//!
+//! A [`ShmLink`] carries its bytes through two single-producer,
+//! single-consumer byte rings in a shared mapping, one per direction, and
+//! keeps the stream socket it was upgraded from (TCP, or a Unix socket pair
+//! in process) as its *doorbell*: a rank that is about to sleep sets a
+//! "waiting" flag in the ring it waits on and polls the socket; the other
+//! side, after moving the ring's head or tail, sends one byte on the socket
+//! if it sees the flag. The flag store and the head/tail store are each
+//! followed by a sequentially consistent fence before the other side's value
+//! is loaded, so either the sleeper sees the new position or the mover sees
+//! the flag (the eventcount pattern). A rank that spins never touches the
+//! socket. The socket also tells that the peer is gone: when it dies, the
+//! kernel closes it, and a sleeper wakes to the end of the stream.
+//!
+//! Segments are POSIX shared-memory objects (`/dev/shm/oxccl-...`): the
+//! receiving side of a ring link creates one, offers its name and a random
+//! nonce over the socket, the sending side maps it and checks the nonce (the
+//! proof that both see the same memory, not merely the same name), and the
+//! creator unlinks the name as soon as the answer arrives, so nothing is left
+//! behind once both have it mapped.
+//!
+//! # Safety
+//!
+//! This module is one of the places where oxccl uses `unsafe` (see the
+//! architecture notes). The invariants it keeps:
+//!
+//! * A [`Mapping`] owns one `mmap` of `len` bytes, page-aligned, readable and
+//!   writable, unmapped only on drop. Every pointer formed into it is derived
+//!   from its base and stays below `len`: the control blocks lie at fixed
+//!   offsets inside the first page, and ring offsets are positions modulo the
+//!   capacity, so a peer that writes garbage positions can make us read
+//!   garbage bytes (which the frame checks above reject) but never access
+//!   memory outside the mapping.
+//! * The control words are only accessed as atomics; they are 64-byte aligned
+//!   and live as long as the mapping that [`ShmLink`] owns.
+//! * Ring bytes between `tail` and `head` belong to the reader, the rest to
+//!   the writer. Each side copies only within its own part and publishes with
+//!   a release store that the other side loads with acquire; bytes are copied
+//!   with `copy_nonoverlapping` through raw pointers, never through Rust
+//!   references to the shared memory, which the other process writes.
+
+use std::cell::Cell;
+use std::ffi::CString;
+use std::fmt;
+use std::hash::{BuildHasher, Hasher};
+use std::io::{IoSlice, IoSliceMut};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
+use std::time::Instant;
+
+use rustix::fs::Mode;
+use rustix::mm::{MapFlags, ProtFlags};
+
+use crate::link::{Direction, ShutdownHandle};
+use crate::{Link, StreamLink, TransportError};
+
+/// "oxcclshm": the first word of every segment.
+const MAGIC: u64 = u64::from_le_bytes(*b"oxcclshm");
+/// Bytes before the first ring: the header and two control blocks, one page.
+const HEADER_LEN: usize = 4096;
+/// Offset of the control block of direction `d` (0: creator to opener).
+const CTRL_OFFSET: [usize; 2] = [256, 512];
+/// The smallest ring capacity accepted.
+pub const MIN_CAPACITY: usize = 4096;
+
+/// The per-direction control block, one cache line per word that a different
+/// side writes, so that the writer's and the reader's stores do not share lines.
+#[repr(C, align(64))]
+struct Ctrl {
+    /// Bytes ever written (the writer advances it).
+    head: AtomicU64,
+    _pad0: [u8; 56],
+    /// Bytes ever read (the reader advances it).
+    tail: AtomicU64,
+    _pad1: [u8; 56],
+    /// Non-zero while the reader sleeps (or is about to) waiting for bytes.
+    reader_waiting: AtomicU32,
+    _pad2: [u8; 60],
+    /// Non-zero while the writer sleeps (or is about to) waiting for room.
+    writer_waiting: AtomicU32,
+    _pad3: [u8; 60],
+}
+
+const _: () = assert!(std::mem::size_of::<Ctrl>() == 256);
+const _: () = assert!(CTRL_OFFSET[1] + std::mem::size_of::<Ctrl>() <= HEADER_LEN);
+
+/// One shared mapping of a whole segment.
+struct Mapping {
+    base: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain memory owned by this value; the raw pointer is
+// only dereferenced through the methods below, which keep the module's
+// invariants, and moving the owner to another thread changes none of them.
+unsafe impl Send for Mapping {}
+
+impl Mapping {
+    fn map(fd: BorrowedFd<'_>, len: usize) -> Result<Mapping, TransportError> {
+        // SAFETY: a fresh shared mapping of a file we opened, at an address the
+        // kernel chooses; no existing Rust object is affected.
+        let ptr = unsafe {
+            rustix::mm::mmap(
+                std::ptr::null_mut(),
+                len,
+                ProtFlags::READ | ProtFlags::WRITE,
+                MapFlags::SHARED,
+                fd,
+                0,
+            )
+        }
+        .map_err(|e| TransportError::io("mapping a shared-memory segment", e.into()))?;
+        let base = NonNull::new(ptr.cast::<u8>()).ok_or_else(|| {
+            TransportError::io(
+                "mapping a shared-memory segment",
+                std::io::Error::other("mmap returned null"),
+            )
+        })?;
+        Ok(Mapping { base, len })
+    }
+
+    /// The 64-bit word at `offset` (8-aligned, inside the header page).
+    fn word(&self, offset: usize) -> &AtomicU64 {
+        assert!(offset % 8 == 0 && offset + 8 <= HEADER_LEN.min(self.len));
+        // SAFETY: in bounds and aligned (asserted; the base is page-aligned),
+        // valid for the lifetime of `self`, and only ever accessed atomically.
+        unsafe { &*self.base.as_ptr().add(offset).cast::<AtomicU64>() }
+    }
+
+    fn ctrl(&self, dir: usize) -> &Ctrl {
+        let offset = CTRL_OFFSET[dir];
+        assert!(offset + std::mem::size_of::<Ctrl>() <= self.len);
+        // SAFETY: in bounds (asserted), 64-byte aligned (a fixed offset that is
+        // a multiple of 64 from a page-aligned base), valid while `self`
+        // lives; `Ctrl` holds only atomics and padding, so a shared reference
+        // is sound although the peer writes the same words.
+        unsafe { &*self.base.as_ptr().add(offset).cast::<Ctrl>() }
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: the mapping was created by `map` with this length and no
+        // reference into it outlives `self` (they all borrow `self`).
+        let _ = unsafe { rustix::mm::munmap(self.base.as_ptr().cast(), self.len) };
+    }
+}
+
+/// Removes a segment's name when dropped (on every path of the handshake).
+struct Unlinker(Option<CString>);
+
+impl Drop for Unlinker {
+    fn drop(&mut self) {
+        if let Some(name) = self.0.take() {
+            let _ = rustix::shm::unlink(name.as_c_str());
+        }
+    }
+}
+
+/// A [`Link`] through shared memory, with the socket it came from as doorbell.
+pub struct ShmLink {
+    peer: usize,
+    map: Mapping,
+    capacity: usize,
+    /// The direction this side writes (0 or 1); it reads the other.
+    tx: usize,
+    doorbell: StreamLink,
+    /// The doorbell socket reached its end: the peer closed or we shut down.
+    closed: Cell<bool>,
+    description: String,
+}
+
+impl fmt::Debug for ShmLink {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ShmLink")
+            .field("peer", &self.peer)
+            .field("capacity", &self.capacity)
+            .field("description", &self.description)
+            .finish()
+    }
+}
+
+impl ShmLink {
+    fn new(
+        peer: usize,
+        map: Mapping,
+        capacity: usize,
+        tx: usize,
+        doorbell: StreamLink,
+        name: &str,
+    ) -> ShmLink {
+        let description = format!(
+            "shm {name} ({} KiB per direction; doorbell {})",
+            capacity / 1024,
+            doorbell.describe()
+        );
+        ShmLink {
+            peer,
+            map,
+            capacity,
+            tx,
+            doorbell,
+            closed: Cell::new(false),
+            description,
+        }
+    }
+
+    /// Bytes of the ring of direction `dir` start here.
+    fn data(&self, dir: usize) -> *mut u8 {
+        // SAFETY: HEADER_LEN + 2 * capacity == len (checked when mapped), so
+        // the start of either ring is inside the mapping.
+        unsafe { self.map.base.as_ptr().add(HEADER_LEN + dir * self.capacity) }
+    }
+
+    fn closed_error(&self) -> TransportError {
+        TransportError::PeerClosed {
+            peer: self.peer,
+            how: "end of stream on the shared-memory link's socket".into(),
+        }
+    }
+
+    /// The ring's occupancy `head - tail`, refusing impossible values.
+    fn used(&self, head: u64, tail: u64) -> Result<usize, TransportError> {
+        match head.checked_sub(tail) {
+            Some(u) if u <= self.capacity as u64 => Ok(u as usize),
+            _ => Err(TransportError::Protocol {
+                peer: self.peer,
+                reason: format!(
+                    "shared-memory ring positions are inconsistent (head {head}, tail {tail}, capacity {})",
+                    self.capacity
+                ),
+            }),
+        }
+    }
+
+    /// Sends one doorbell byte; a full socket already has bytes pending.
+    fn ring_doorbell(&self) {
+        match rustix::net::send(
+            self.doorbell.fd(),
+            &[1u8],
+            rustix::net::SendFlags::NOSIGNAL | rustix::net::SendFlags::DONTWAIT,
+        ) {
+            Ok(_) | Err(rustix::io::Errno::AGAIN) | Err(rustix::io::Errno::INTR) => {}
+            Err(_) => self.closed.set(true),
+        }
+    }
+
+    /// Reads pending doorbell bytes; notes the end of the stream.
+    fn drain_doorbell(&self) -> Result<(), TransportError> {
+        let mut buf = [0u8; 64];
+        loop {
+            match rustix::io::read(self.doorbell.fd(), &mut buf) {
+                Ok(0) => {
+                    self.closed.set(true);
+                    return Ok(());
+                }
+                Ok(_) => continue,
+                Err(rustix::io::Errno::AGAIN) => return Ok(()),
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(
+                    rustix::io::Errno::CONNRESET
+                    | rustix::io::Errno::PIPE
+                    | rustix::io::Errno::NOTCONN,
+                ) => {
+                    self.closed.set(true);
+                    return Ok(());
+                }
+                Err(e) => {
+                    return Err(TransportError::io(
+                        format!("reading the doorbell of the link to rank {}", self.peer),
+                        e.into(),
+                    ));
+                }
+            }
+        }
+    }
+}
+
+impl Link for ShmLink {
+    fn peer(&self) -> usize {
+        self.peer
+    }
+
+    fn try_write(&mut self, bufs: &[IoSlice<'_>]) -> Result<usize, TransportError> {
+        if self.closed.get() {
+            return Err(self.closed_error());
+        }
+        let ctrl = self.map.ctrl(self.tx);
+        let head = ctrl.head.load(Ordering::Relaxed);
+        let tail = ctrl.tail.load(Ordering::Acquire);
+        let mut free = self.capacity - self.used(head, tail)?;
+        if free == 0 {
+            return Ok(0);
+        }
+        let data = self.data(self.tx);
+        let mut pos = (head % self.capacity as u64) as usize;
+        let mut written = 0usize;
+        for b in bufs {
+            let mut src: &[u8] = b;
+            while !src.is_empty() && free > 0 {
+                let n = src.len().min(free).min(self.capacity - pos);
+                // SAFETY: `pos + n <= capacity`, so the destination lies in
+                // this direction's ring; those bytes are outside `tail..head`,
+                // i.e. the writer's part, which the reader does not touch
+                // until the release store of `head` below; `src` is our own
+                // memory and cannot overlap the mapping's ring bytes, which
+                // are never handed out as Rust slices.
+                unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), data.add(pos), n) };
+                src = &src[n..];
+                free -= n;
+                written += n;
+                pos = (pos + n) % self.capacity;
+            }
+            if free == 0 {
+                break;
+            }
+        }
+        if written > 0 {
+            ctrl.head.store(head + written as u64, Ordering::Release);
+            fence(Ordering::SeqCst);
+            if ctrl.reader_waiting.load(Ordering::Relaxed) != 0 {
+                self.ring_doorbell();
+            }
+        }
+        Ok(written)
+    }
+
+    fn try_read(&mut self, bufs: &mut [IoSliceMut<'_>]) -> Result<usize, TransportError> {
+        let rx = 1 - self.tx;
+        let ctrl = self.map.ctrl(rx);
+        let tail = ctrl.tail.load(Ordering::Relaxed);
+        let head = ctrl.head.load(Ordering::Acquire);
+        let mut avail = self.used(head, tail)?;
+        if avail == 0 {
+            if self.closed.get() {
+                return Err(self.closed_error());
+            }
+            return Ok(0);
+        }
+        let data = self.data(rx);
+        let mut pos = (tail % self.capacity as u64) as usize;
+        let mut read = 0usize;
+        for b in bufs.iter_mut() {
+            let mut dst: &mut [u8] = b;
+            while !dst.is_empty() && avail > 0 {
+                let n = dst.len().min(avail).min(self.capacity - pos);
+                // SAFETY: `pos + n <= capacity`, inside the ring of direction
+                // `rx`; the bytes lie in `tail..head`, published by the
+                // writer's release store that the acquire load above saw, and
+                // the writer does not touch them until we advance `tail`.
+                unsafe { std::ptr::copy_nonoverlapping(data.add(pos), dst.as_mut_ptr(), n) };
+                dst = &mut dst[n..];
+                avail -= n;
+                read += n;
+                pos = (pos + n) % self.capacity;
+            }
+            if avail == 0 {
+                break;
+            }
+        }
+        if read > 0 {
+            ctrl.tail.store(tail + read as u64, Ordering::Release);
+            fence(Ordering::SeqCst);
+            if ctrl.writer_waiting.load(Ordering::Relaxed) != 0 {
+                self.ring_doorbell();
+            }
+        }
+        Ok(read)
+    }
+
+    fn fd(&self) -> BorrowedFd<'_> {
+        self.doorbell.fd()
+    }
+
+    fn arm(&self, dir: Direction) -> Result<Option<Direction>, TransportError> {
+        self.drain_doorbell()?;
+        if self.closed.get() {
+            // Ready: the next try_read/try_write reports it.
+            return Ok(None);
+        }
+        let ready = match dir {
+            Direction::Read => {
+                let ctrl = self.map.ctrl(1 - self.tx);
+                ctrl.reader_waiting.store(1, Ordering::Relaxed);
+                fence(Ordering::SeqCst);
+                ctrl.head.load(Ordering::Relaxed) != ctrl.tail.load(Ordering::Relaxed)
+            }
+            Direction::Write => {
+                let ctrl = self.map.ctrl(self.tx);
+                ctrl.writer_waiting.store(1, Ordering::Relaxed);
+                fence(Ordering::SeqCst);
+                let used = ctrl
+                    .head
+                    .load(Ordering::Relaxed)
+                    .wrapping_sub(ctrl.tail.load(Ordering::Relaxed));
+                used < self.capacity as u64
+            }
+        };
+        if ready {
+            self.disarm(dir);
+            return Ok(None);
+        }
+        // Both the peer's doorbell and its end of stream make the socket readable.
+        Ok(Some(Direction::Read))
+    }
+
+    fn disarm(&self, dir: Direction) {
+        // A wake-up may have been the end of the stream: note it now, so the
+        // next try_read/try_write reports it instead of spinning first.
+        let _ = self.drain_doorbell();
+        match dir {
+            Direction::Read => self
+                .map
+                .ctrl(1 - self.tx)
+                .reader_waiting
+                .store(0, Ordering::Relaxed),
+            Direction::Write => self
+                .map
+                .ctrl(self.tx)
+                .writer_waiting
+                .store(0, Ordering::Relaxed),
+        }
+    }
+
+    fn shutdown_handle(&self) -> Result<ShutdownHandle, TransportError> {
+        self.doorbell.shutdown_handle()
+    }
+
+    fn describe(&self) -> String {
+        self.description.clone()
+    }
+}
+
+/// Whether a link may, should or must become a shared-memory link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Policy {
+    /// Use shared memory when both ends can map the same segment.
+    Auto,
+    /// Never (both ends agree on the socket).
+    Never,
+    /// Always; fail the handshake if the peer cannot map the segment.
+    Require,
+}
+
+impl Policy {
+    fn code(self) -> u8 {
+        match self {
+            Policy::Auto => 0,
+            Policy::Never => 1,
+            Policy::Require => 2,
+        }
+    }
+
+    fn from_code(c: u8) -> Option<Policy> {
+        match c {
+            0 => Some(Policy::Auto),
+            1 => Some(Policy::Never),
+            2 => Some(Policy::Require),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Policy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Policy::Auto => "auto",
+            Policy::Never => "tcp",
+            Policy::Require => "shm",
+        })
+    }
+}
+
+const OFFER_MAGIC: &[u8; 8] = b"OXSHOFR1";
+const REPLY_MAGIC: &[u8; 8] = b"OXSHREP1";
+const MAX_NAME: usize = 200;
+
+fn random_u64() -> u64 {
+    // RandomState is seeded from the OS's randomness per process; mix in the
+    // clock and the pid so that two segments of one process differ too.
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    h.write_u32(std::process::id());
+    h.finish()
+}
+
+/// A segment that this side created and has mapped.
+struct Created {
+    map: Mapping,
+    name: CString,
+    nonce: u64,
+    _unlink: Unlinker,
+}
+
+fn create_segment(capacity: usize) -> Result<Created, TransportError> {
+    let nonce = random_u64();
+    let name = format!("/oxccl-{}-{nonce:016x}", std::process::id());
+    let cname = CString::new(name).map_err(|e| {
+        TransportError::io("naming a shared-memory segment", std::io::Error::other(e))
+    })?;
+    let len = HEADER_LEN + 2 * capacity;
+    let fd: OwnedFd = rustix::shm::open(
+        cname.as_c_str(),
+        rustix::shm::OFlags::CREATE | rustix::shm::OFlags::EXCL | rustix::shm::OFlags::RDWR,
+        Mode::RUSR | Mode::WUSR,
+    )
+    .map_err(|e| TransportError::io(format!("creating {cname:?}"), e.into()))?;
+    let unlink = Unlinker(Some(cname.clone()));
+    rustix::fs::ftruncate(&fd, len as u64)
+        .map_err(|e| TransportError::io(format!("sizing {cname:?} to {len} bytes"), e.into()))?;
+    let map = Mapping::map(fd.as_fd(), len)?;
+    map.word(8).store(nonce, Ordering::Relaxed);
+    map.word(16).store(capacity as u64, Ordering::Relaxed);
+    map.word(0).store(MAGIC, Ordering::Release);
+    Ok(Created {
+        map,
+        name: cname,
+        nonce,
+        _unlink: unlink,
+    })
+}
+
+fn open_segment(name: &str, nonce: u64, capacity: usize) -> Result<Mapping, String> {
+    let cname = CString::new(name).map_err(|_| "a segment name with a NUL byte".to_string())?;
+    let fd = rustix::shm::open(cname.as_c_str(), rustix::shm::OFlags::RDWR, Mode::empty())
+        .map_err(|e| format!("cannot open {name}: {e} (another host, or another /dev/shm)"))?;
+    let len = HEADER_LEN + 2 * capacity;
+    let st = rustix::fs::fstat(&fd).map_err(|e| format!("cannot stat {name}: {e}"))?;
+    if st.st_size as u64 != len as u64 {
+        return Err(format!("{name} has {} bytes, expected {len}", st.st_size));
+    }
+    let map = Mapping::map(fd.as_fd(), len).map_err(|e| e.to_string())?;
+    if map.word(0).load(Ordering::Acquire) != MAGIC
+        || map.word(8).load(Ordering::Relaxed) != nonce
+        || map.word(16).load(Ordering::Relaxed) != capacity as u64
+    {
+        return Err(format!(
+            "{name} holds another segment (nonce or size differ): not the same memory"
+        ));
+    }
+    Ok(map)
+}
+
+/// Writes all of `bytes` on a nonblocking link before `deadline`.
+fn send_all(
+    link: &mut StreamLink,
+    bytes: &[u8],
+    deadline: Instant,
+    what: &str,
+) -> Result<(), TransportError> {
+    let mut done = 0;
+    while done < bytes.len() {
+        let n = link.try_write(&[IoSlice::new(&bytes[done..])])?;
+        done += n;
+        if n == 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(TransportError::Timeout {
+                    what: format!("sending {what} to rank {}", link.peer()),
+                    waited: Instant::now().duration_since(deadline),
+                });
+            }
+            crate::wait(None, Some(&*link), left)?;
+        }
+    }
+    Ok(())
+}
+
+/// Reads exactly `buf.len()` bytes from a nonblocking link before `deadline`.
+fn recv_exact(
+    link: &mut StreamLink,
+    buf: &mut [u8],
+    deadline: Instant,
+    what: &str,
+) -> Result<(), TransportError> {
+    let started = Instant::now();
+    let mut done = 0;
+    while done < buf.len() {
+        let n = link.try_read(&mut [IoSliceMut::new(&mut buf[done..])])?;
+        done += n;
+        if n == 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(TransportError::Timeout {
+                    what: format!("waiting for {what} from rank {}", link.peer()),
+                    waited: started.elapsed(),
+                });
+            }
+            crate::wait(Some(&*link), None, left)?;
+        }
+    }
+    Ok(())
+}
+
+/// What a ring upgrade decided, per link.
+#[derive(Debug)]
+pub struct Upgraded {
+    /// The link to the next rank (shared memory or the original socket).
+    pub next: Box<dyn Link>,
+    /// The link from the previous rank.
+    pub prev: Box<dyn Link>,
+}
+
+/// Offers shared memory on `prev` (this side creates the segment), answers
+/// the offer of `next`, and reads the answer on `prev`: each link becomes a
+/// [`ShmLink`] when both ends agree and can map the same segment, or stays
+/// the socket it was. Every rank of a ring calls it at once; the order of the
+/// steps (offer, answer, read the answer) cannot deadlock.
+///
+/// With [`Policy::Require`] on either end, a link that cannot use shared
+/// memory fails on both ends with the reason; with [`Policy::Never`] on
+/// either end it stays a socket.
+pub fn upgrade_ring(
+    next: StreamLink,
+    prev: StreamLink,
+    policy: Policy,
+    capacity: usize,
+    deadline: Instant,
+) -> Result<Upgraded, TransportError> {
+    let capacity = capacity.max(MIN_CAPACITY);
+    let mut next = next;
+    let mut prev = prev;
+
+    // 1. Offer on prev.
+    let created = if policy == Policy::Never {
+        Err("this rank has OXCCL_TRANSPORT=tcp".to_string())
+    } else {
+        create_segment(capacity).map_err(|e| e.to_string())
+    };
+    let mut offer = Vec::with_capacity(64);
+    offer.extend_from_slice(OFFER_MAGIC);
+    offer.push(policy.code());
+    match &created {
+        Ok(c) => {
+            offer.push(1);
+            offer.extend_from_slice(&c.nonce.to_le_bytes());
+            offer.extend_from_slice(&(capacity as u64).to_le_bytes());
+            let name = c.name.to_bytes();
+            offer.extend_from_slice(&(name.len() as u16).to_le_bytes());
+            offer.extend_from_slice(name);
+        }
+        Err(reason) => {
+            offer.push(0);
+            offer.extend_from_slice(&0u64.to_le_bytes());
+            offer.extend_from_slice(&0u64.to_le_bytes());
+            let r = &reason.as_bytes()[..reason.len().min(MAX_NAME)];
+            offer.extend_from_slice(&(r.len() as u16).to_le_bytes());
+            offer.extend_from_slice(r);
+        }
+    }
+    send_all(&mut prev, &offer, deadline, "a shared-memory offer")?;
+
+    // 2. Answer the offer on next.
+    let mut fixed = [0u8; 8 + 1 + 1 + 8 + 8 + 2];
+    recv_exact(&mut next, &mut fixed, deadline, "a shared-memory offer")?;
+    let bad = |reason: String| TransportError::Protocol {
+        peer: next.peer(),
+        reason,
+    };
+    if &fixed[..8] != OFFER_MAGIC {
+        return Err(bad("expected a shared-memory offer".into()));
+    }
+    let peer_policy =
+        Policy::from_code(fixed[8]).ok_or_else(|| bad(format!("unknown policy {}", fixed[8])))?;
+    let offered = fixed[9] == 1;
+    let nonce = u64::from_le_bytes(fixed[10..18].try_into().unwrap_or([0; 8]));
+    let peer_capacity = u64::from_le_bytes(fixed[18..26].try_into().unwrap_or([0; 8]));
+    let text_len = u16::from_le_bytes([fixed[26], fixed[27]]) as usize;
+    if text_len > MAX_NAME {
+        return Err(bad(format!("offer text of {text_len} bytes")));
+    }
+    let mut text = vec![0u8; text_len];
+    recv_exact(&mut next, &mut text, deadline, "a shared-memory offer")?;
+    let text = String::from_utf8_lossy(&text).into_owned();
+    let opened: Result<Mapping, String> = if policy == Policy::Never {
+        Err("this rank has OXCCL_TRANSPORT=tcp".into())
+    } else if peer_policy == Policy::Never {
+        Err(format!("rank {} has OXCCL_TRANSPORT=tcp", next.peer()))
+    } else if !offered {
+        Err(format!(
+            "rank {} could not offer a segment: {text}",
+            next.peer()
+        ))
+    } else if usize::try_from(peer_capacity).ok() != Some(capacity) {
+        Err(format!(
+            "ranks disagree on the ring capacity ({peer_capacity} and {capacity} bytes; OXCCL_SHM_BYTES)"
+        ))
+    } else {
+        open_segment(&text, nonce, capacity)
+    };
+    let mut reply = Vec::with_capacity(64);
+    reply.extend_from_slice(REPLY_MAGIC);
+    reply.push(policy.code());
+    let reason = match &opened {
+        Ok(_) => {
+            reply.push(1);
+            String::new()
+        }
+        Err(r) => {
+            reply.push(0);
+            r.clone()
+        }
+    };
+    let r = &reason.as_bytes()[..reason.len().min(MAX_NAME)];
+    reply.extend_from_slice(&(r.len() as u16).to_le_bytes());
+    reply.extend_from_slice(r);
+    let sent = send_all(&mut next, &reply, deadline, "a shared-memory answer");
+    let next_link: Box<dyn Link> = match opened {
+        Ok(map) => {
+            sent?;
+            let peer = next.peer();
+            Box::new(ShmLink::new(peer, map, capacity, 1, next, &text))
+        }
+        Err(reason) => {
+            if policy == Policy::Require || peer_policy == Policy::Require {
+                // This error, not a failed send of the answer: the peer
+                // reaches the same verdict and may have closed already.
+                return Err(TransportError::Handshake {
+                    addr: next.describe(),
+                    reason: format!(
+                        "OXCCL_TRANSPORT=shm, but rank {} cannot share memory with this rank: {reason}",
+                        next.peer()
+                    ),
+                });
+            }
+            sent?;
+            Box::new(next)
+        }
+    };
+
+    // 3. Read the answer on prev.
+    let mut fixed = [0u8; 8 + 1 + 1 + 2];
+    recv_exact(&mut prev, &mut fixed, deadline, "a shared-memory answer")?;
+    let bad = |reason: String| TransportError::Protocol {
+        peer: prev.peer(),
+        reason,
+    };
+    if &fixed[..8] != REPLY_MAGIC {
+        return Err(bad("expected a shared-memory answer".into()));
+    }
+    let peer_policy =
+        Policy::from_code(fixed[8]).ok_or_else(|| bad(format!("unknown policy {}", fixed[8])))?;
+    let accepted = fixed[9] == 1;
+    let text_len = u16::from_le_bytes([fixed[10], fixed[11]]) as usize;
+    if text_len > MAX_NAME {
+        return Err(bad(format!("answer text of {text_len} bytes")));
+    }
+    let mut text = vec![0u8; text_len];
+    recv_exact(&mut prev, &mut text, deadline, "a shared-memory answer")?;
+    let prev_link: Box<dyn Link> = match created {
+        Ok(c) if accepted => {
+            let name = c.name.to_string_lossy().into_owned();
+            // The name goes now (Unlinker), the mapping stays.
+            let Created { map, _unlink, .. } = c;
+            drop(_unlink);
+            let peer = prev.peer();
+            Box::new(ShmLink::new(peer, map, capacity, 0, prev, &name))
+        }
+        created => {
+            let reason = match created {
+                Err(r) => r,
+                Ok(_) => String::from_utf8_lossy(&text).into_owned(),
+            };
+            if policy == Policy::Require || peer_policy == Policy::Require {
+                return Err(TransportError::Handshake {
+                    addr: prev.describe(),
+                    reason: format!(
+                        "OXCCL_TRANSPORT=shm, but rank {} cannot share memory with this rank: {reason}",
+                        prev.peer()
+                    ),
+                });
+            }
+            Box::new(prev)
+        }
+    };
+    Ok(Upgraded {
+        next: next_link,
+        prev: prev_link,
+    })
+}
+
+/// Shared-memory links between two threads of this process: `(a, b)` where
+/// `a` talks to rank `b_rank` and `b` to rank `a_rank`, with a Unix socket
+/// pair as doorbell. The segment is anonymous (a memfd, mapped twice).
+pub fn pair(
+    a_rank: usize,
+    b_rank: usize,
+    capacity: usize,
+) -> Result<(ShmLink, ShmLink), TransportError> {
+    let capacity = capacity.max(MIN_CAPACITY);
+    let len = HEADER_LEN + 2 * capacity;
+    let fd = rustix::fs::memfd_create("oxccl-shm", rustix::fs::MemfdFlags::CLOEXEC)
+        .map_err(|e| TransportError::io("creating an in-process segment", e.into()))?;
+    rustix::fs::ftruncate(&fd, len as u64)
+        .map_err(|e| TransportError::io("sizing an in-process segment", e.into()))?;
+    let map_a = Mapping::map(fd.as_fd(), len)?;
+    let map_b = Mapping::map(fd.as_fd(), len)?;
+    let (sa, sb) = std::os::unix::net::UnixStream::pair()
+        .map_err(|e| TransportError::io("creating a socket pair", e))?;
+    let a = ShmLink::new(
+        b_rank,
+        map_a,
+        capacity,
+        0,
+        StreamLink::unix(b_rank, sa)?,
+        "memfd",
+    );
+    let b = ShmLink::new(
+        a_rank,
+        map_b,
+        capacity,
+        1,
+        StreamLink::unix(a_rank, sb)?,
+        "memfd",
+    );
+    Ok((a, b))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::wait;
+    use std::time::Duration;
+
+    fn soon() -> Instant {
+        Instant::now() + Duration::from_secs(10)
+    }
+
+    /// Pushes `total` bytes of a counting pattern from `a` to `b` on two
+    /// threads, in odd-sized pieces, sleeping in `wait` when blocked.
+    fn stream(mut a: Box<dyn Link>, mut b: Box<dyn Link>, total: usize) {
+        let writer = std::thread::spawn(move || {
+            let data: Vec<u8> = (0..total).map(|i| (i % 251) as u8).collect();
+            let mut done = 0;
+            let mut piece = 1;
+            while done < total {
+                let end = (done + piece).min(total);
+                let half = done + (end - done) / 2;
+                let n = a
+                    .try_write(&[
+                        IoSlice::new(&data[done..half]),
+                        IoSlice::new(&data[half..end]),
+                    ])
+                    .unwrap();
+                done += n;
+                if n == 0 {
+                    wait(None, Some(&*a), Duration::from_secs(10)).unwrap();
+                }
+                piece = piece * 3 % 70_001 + 1;
+            }
+            a
+        });
+        let mut got = vec![0u8; total];
+        let mut done = 0;
+        let mut piece = 7;
+        while done < total {
+            let end = (done + piece).min(total);
+            let n = b
+                .try_read(&mut [IoSliceMut::new(&mut got[done..end])])
+                .unwrap();
+            done += n;
+            if n == 0 {
+                wait(Some(&*b), None, Duration::from_secs(10)).unwrap();
+            }
+            piece = piece * 5 % 50_003 + 1;
+        }
+        let _a = writer.join().unwrap();
+        for (i, &v) in got.iter().enumerate() {
+            assert_eq!(v, (i % 251) as u8, "byte {i}");
+        }
+    }
+
+    #[test]
+    fn in_process_pair_carries_a_stream_across_wraps() {
+        let (a, b) = pair(0, 1, MIN_CAPACITY).unwrap();
+        assert_eq!(a.peer(), 1);
+        assert_eq!(b.peer(), 0);
+        stream(Box::new(a), Box::new(b), 3_000_000);
+        let (a, b) = pair(0, 1, MIN_CAPACITY).unwrap();
+        // The other direction of the same kind of segment.
+        stream(Box::new(b), Box::new(a), 1_000_000);
+    }
+
+    #[test]
+    fn closed_peer_is_reported_after_its_bytes() {
+        let (mut a, mut b) = pair(0, 1, MIN_CAPACITY).unwrap();
+        assert_eq!(a.try_write(&[IoSlice::new(b"last words")]).unwrap(), 10);
+        drop(a);
+        // The bytes written before the close are still read.
+        let r = wait(Some(&b), None, Duration::from_secs(5)).unwrap();
+        assert!(r.readable);
+        let mut buf = [0u8; 32];
+        let n = b.try_read(&mut [IoSliceMut::new(&mut buf)]).unwrap();
+        assert_eq!(&buf[..n], b"last words");
+        // Then the close: the wait returns at once and the read fails.
+        let r = wait(Some(&b), None, Duration::from_secs(5)).unwrap();
+        assert!(r.readable);
+        match b.try_read(&mut [IoSliceMut::new(&mut buf)]) {
+            Err(TransportError::PeerClosed { peer: 0, .. }) => {}
+            other => panic!("expected PeerClosed from rank 0, got {other:?}"),
+        }
+        match b.try_write(&[IoSlice::new(b"x")]) {
+            Err(TransportError::PeerClosed { peer: 0, .. }) => {}
+            other => panic!("expected PeerClosed from rank 0, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_blocked_writer_sleeps_until_the_reader_makes_room() {
+        let (mut a, mut b) = pair(0, 1, MIN_CAPACITY).unwrap();
+        let fill = vec![9u8; MIN_CAPACITY + 100];
+        assert_eq!(a.try_write(&[IoSlice::new(&fill)]).unwrap(), MIN_CAPACITY);
+        assert_eq!(a.try_write(&[IoSlice::new(&fill)]).unwrap(), 0);
+        let t = std::thread::spawn(move || {
+            let t0 = Instant::now();
+            let r = wait(None, Some(&a), Duration::from_secs(10)).unwrap();
+            (r, t0.elapsed(), a)
+        });
+        std::thread::sleep(Duration::from_millis(50));
+        let mut buf = [0u8; 100];
+        assert_eq!(b.try_read(&mut [IoSliceMut::new(&mut buf)]).unwrap(), 100);
+        let (r, waited, mut a) = t.join().unwrap();
+        assert!(r.writable, "the writer woke without room");
+        assert!(waited < Duration::from_secs(5), "woke only at the timeout");
+        assert_eq!(a.try_write(&[IoSlice::new(&fill)]).unwrap(), 100);
+    }
+
+    #[test]
+    fn shutdown_handle_wakes_a_sleeping_reader() {
+        let (a, b) = pair(0, 1, MIN_CAPACITY).unwrap();
+        let h = b.shutdown_handle().unwrap();
+        let t = std::thread::spawn(move || {
+            let r = wait(Some(&b), None, Duration::from_secs(10)).unwrap();
+            (r, b)
+        });
+        std::thread::sleep(Duration::from_millis(50));
+        h.shutdown();
+        let (r, mut b) = t.join().unwrap();
+        assert!(r.readable);
+        let mut buf = [0u8; 4];
+        assert!(matches!(
+            b.try_read(&mut [IoSliceMut::new(&mut buf)]),
+            Err(TransportError::PeerClosed { .. })
+        ));
+        drop(a);
+    }
+
+    /// Two ranks in a ring of 2 over Unix socket pairs (standing in for TCP).
+    fn ring_of_two() -> [(StreamLink, StreamLink); 2] {
+        let (a0, b0) = std::os::unix::net::UnixStream::pair().unwrap();
+        let (a1, b1) = std::os::unix::net::UnixStream::pair().unwrap();
+        // pair 0: rank 0 -> rank 1; pair 1: rank 1 -> rank 0.
+        [
+            (
+                StreamLink::unix(1, a0).unwrap(),
+                StreamLink::unix(1, b1).unwrap(),
+            ),
+            (
+                StreamLink::unix(0, a1).unwrap(),
+                StreamLink::unix(0, b0).unwrap(),
+            ),
+        ]
+    }
+
+    fn upgrade_both(p0: Policy, p1: Policy) -> [Result<Upgraded, TransportError>; 2] {
+        let [(n0, q0), (n1, q1)] = ring_of_two();
+        let t = std::thread::spawn(move || upgrade_ring(n1, q1, p1, 8192, soon()));
+        let r0 = upgrade_ring(n0, q0, p0, 8192, soon());
+        [r0, t.join().unwrap()]
+    }
+
+    #[test]
+    fn ring_upgrade_gives_working_shm_links_and_leaves_no_names() {
+        let [r0, r1] = upgrade_both(Policy::Auto, Policy::Require);
+        let (u0, u1) = (r0.unwrap(), r1.unwrap());
+        for l in [&u0.next, &u0.prev, &u1.next, &u1.prev] {
+            assert!(l.describe().starts_with("shm /oxccl-"), "{}", l.describe());
+            let name = l.describe()[4..].split(' ').next().unwrap().to_string();
+            assert!(
+                !std::path::Path::new(&format!("/dev/shm{name}")).exists(),
+                "{name} was not unlinked"
+            );
+        }
+        stream(u0.next, u1.prev, 100_000);
+        stream(u1.next, u0.prev, 100_000);
+    }
+
+    #[test]
+    fn tcp_on_either_side_keeps_the_sockets() {
+        let [r0, r1] = upgrade_both(Policy::Never, Policy::Auto);
+        let (u0, u1) = (r0.unwrap(), r1.unwrap());
+        for l in [&u0.next, &u0.prev, &u1.next, &u1.prev] {
+            assert_eq!(l.describe(), "in-process socket pair");
+        }
+        stream(u0.next, u1.prev, 100_000);
+    }
+
+    #[test]
+    fn required_shm_against_tcp_fails_on_both_sides_with_the_reason() {
+        let [r0, r1] = upgrade_both(Policy::Never, Policy::Require);
+        for r in [r0, r1] {
+            let e = r.unwrap_err().to_string();
+            assert!(e.contains("OXCCL_TRANSPORT"), "{e}");
+        }
+    }
+}
