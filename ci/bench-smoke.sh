@@ -23,7 +23,10 @@ run() {
 
 for n in 2 4; do
   for b in all_reduce_perf all_gather_perf broadcast_perf reduce_scatter_perf reduce_perf; do
-    run -n "$n" -- "$BIN/$b" -b 8 -e 1M -f 8 -n 3 -w 1
+    # Shared memory (what auto picks on one host) and TCP.
+    for t in shm tcp; do
+      OXCCL_TRANSPORT=$t run -n "$n" -- "$BIN/$b" -b 8 -e 1M -f 8 -n 3 -w 1
+    done
   done
   run -n "$n" -- "$BIN/reduce_perf" -b 8 -e 64K -f 8 -n 2 -w 1 -r $((n - 1)) -d bfloat16 -o avg
   run -n "$n" -- "$BIN/all_reduce_perf" -b 8 -e 1K -f 4 -n 2 -w 1 -d all -o all

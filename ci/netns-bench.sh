@@ -46,7 +46,7 @@ echo "## oxccl all_reduce_perf"
 pids=()
 for i in $(seq 0 $((N - 1))); do
   ip netns exec "oxh$i" env OXCCL_RANK="$i" OXCCL_WORLD_SIZE="$N" OXCCL_MASTER_ADDR="$NET.1" \
-    OXCCL_MASTER_PORT="$PORT" OXCCL_TIMEOUT=120 "$BIN/all_reduce_perf" $SIZES > "$OUT/oxccl.$i.log" 2>&1 &
+    OXCCL_MASTER_PORT="$PORT" OXCCL_TIMEOUT=120 OXCCL_TRANSPORT=tcp "$BIN/all_reduce_perf" $SIZES > "$OUT/oxccl.$i.log" 2>&1 &
   pids+=($!)
 done
 status=0

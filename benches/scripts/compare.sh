@@ -9,10 +9,11 @@
 # Knobs (environment variables):
 #   COMPARE_REPS=3                 runs of each side (medians are taken; at least 3 advised)
 #   COMPARE_RANKS="2 4"            rank counts
+#   COMPARE_TRANSPORTS="tcp shm"   oxccl's transports (OXCCL_TRANSPORT), each run in turn
 #   COMPARE_PEERS="ceilings mpi-shm mpi-tcp gloo-native"   PEERS_ONLY for run_peers.sh
 #                                  ("" skips the peers; ceilings run in the first rep only)
 #   COMPARE_PEERS_SCRIPT=/work/shared/peers/run_peers.sh
-#   COMPARE_ITERS=20 COMPARE_WARMUP=3           iterations for 4K..16M
+#   COMPARE_ITERS=200 COMPARE_WARMUP=20         iterations for 4K..16M
 #   COMPARE_ITERS_LARGE=5 COMPARE_WARMUP_LARGE=1 iterations for 64M..256M
 #   COMPARE_OUT=benches/results/raw/<timestamp>  where raw data goes
 #   COMPARE_NO_BUILD=1             use the binaries already built
@@ -24,6 +25,7 @@ ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$ROOT"
 REPS=${COMPARE_REPS:-3}
 RANKS=${COMPARE_RANKS:-"2 4"}
+TRANSPORTS=${COMPARE_TRANSPORTS:-"tcp shm"}
 PEERS=${COMPARE_PEERS-"ceilings mpi-shm mpi-tcp gloo-native"}
 # The peers' folder is shared read-only and run_peers.sh builds next to
 # itself: run a writable copy.
@@ -36,8 +38,8 @@ if [ -z "${COMPARE_PEERS_SCRIPT:-}" ]; then
 else
   PEERS_SCRIPT=$COMPARE_PEERS_SCRIPT
 fi
-ITERS=${COMPARE_ITERS:-20}
-WARMUP=${COMPARE_WARMUP:-3}
+ITERS=${COMPARE_ITERS:-200}
+WARMUP=${COMPARE_WARMUP:-20}
 ITERS_L=${COMPARE_ITERS_LARGE:-5}
 WARMUP_L=${COMPARE_WARMUP_LARGE:-1}
 OUT=${COMPARE_OUT:-$ROOT/benches/results/raw/$(date +%Y%m%d-%H%M%S)}
@@ -56,16 +58,18 @@ mkdir -p "$OUT/oxccl" "$OUT/peers"
 log "raw data goes to $OUT"
 
 ours() {
-  local rep=$1 n
+  local rep=$1 n t
   for n in $RANKS; do
-    log "oxccl rep $rep, $n ranks"
-    # Two invocations so that the sizes are exactly the peers' (4K..16M by 16, 64M..256M by 4).
-    "$BIN/oxrun" -n "$n" --timeout 1200 -- "$BIN/all_reduce_perf" -b 4K -e 16M -f 16 \
-      -n "$ITERS" -w "$WARMUP" -J "$OUT/oxccl/all_reduce__n${n}__small__rep${rep}.json" \
-      | tee "$OUT/oxccl/all_reduce__n${n}__small__rep${rep}.log"
-    "$BIN/oxrun" -n "$n" --timeout 1200 -- "$BIN/all_reduce_perf" -b 64M -e 256M -f 4 \
-      -n "$ITERS_L" -w "$WARMUP_L" -J "$OUT/oxccl/all_reduce__n${n}__large__rep${rep}.json" \
-      | tee "$OUT/oxccl/all_reduce__n${n}__large__rep${rep}.log"
+    for t in $TRANSPORTS; do
+      log "oxccl rep $rep, $n ranks, OXCCL_TRANSPORT=$t"
+      # Two invocations so that the sizes are exactly the peers' (4K..16M by 16, 64M..256M by 4).
+      OXCCL_TRANSPORT=$t "$BIN/oxrun" -n "$n" --timeout 1200 -- "$BIN/all_reduce_perf" -b 4K -e 16M -f 16 \
+        -n "$ITERS" -w "$WARMUP" -J "$OUT/oxccl/all_reduce__${t}__n${n}__small__rep${rep}.json" \
+        | tee "$OUT/oxccl/all_reduce__${t}__n${n}__small__rep${rep}.log"
+      OXCCL_TRANSPORT=$t "$BIN/oxrun" -n "$n" --timeout 1200 -- "$BIN/all_reduce_perf" -b 64M -e 256M -f 4 \
+        -n "$ITERS_L" -w "$WARMUP_L" -J "$OUT/oxccl/all_reduce__${t}__n${n}__large__rep${rep}.json" \
+        | tee "$OUT/oxccl/all_reduce__${t}__n${n}__large__rep${rep}.log"
+    done
   done
 }
 

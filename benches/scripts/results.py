@@ -25,8 +25,11 @@ from collections import defaultdict
 HDR = re.compile(r"^# bench=(\S+) collective=(\S+)(?: algorithm=(\S+))? nranks=(\d+)")
 PEER = re.compile(r"^# peer=(\S+) rep=(\d+)")
 # Display order; anything else follows alphabetically.
-ORDER = ["oxccl (out of place)", "oxccl (in place)", "mpi-shm", "mpi-tcp", "gloo-native/ring",
+ORDER = ["oxccl shm (out of place)", "oxccl shm (in place)", "mpi-shm",
+         "oxccl tcp (out of place)", "oxccl tcp (in place)", "mpi-tcp", "gloo-native/ring",
          "gloo-native/ring_chunked", "gloo-native/halving_doubling", "gloo-native/bcube"]
+# all_reduce__<transport>__n<ranks>__... (files without a transport are TCP runs).
+TRANSPORT = re.compile(r"all_reduce__(tcp|shm)__")
 
 
 def lib_key(name):
@@ -63,11 +66,13 @@ def load_oxccl(run_dir, data, wrong):
         if doc.get("collective") != "all_reduce":
             continue
         n = int(doc["nranks"])
+        m = TRANSPORT.search(os.path.basename(path))
+        transport = m.group(1) if m else "tcp"
         for row in doc.get("rows", []):
             if row.get("type") != "float" or row.get("redop") != "sum":
                 continue
-            for variant, label in (("out_of_place", "oxccl (out of place)"),
-                                   ("in_place", "oxccl (in place)")):
+            for variant, label in (("out_of_place", f"oxccl {transport} (out of place)"),
+                                   ("in_place", f"oxccl {transport} (in place)")):
                 m = row.get(variant)
                 if not m:
                     continue
@@ -139,7 +144,8 @@ def markdown(run_dir, med, wrong, plot=None):
         "",
         "busbw in GB/s (1e9 bytes/s) = size / time x 2(n-1)/n, as nccl-tests computes it, from the",
         "median time of " + ("/".join(str(r) for r in runs) or "0") + " runs (each the mean of a timed loop);",
-        "the time is in parentheses. oxccl runs over loopback TCP; peers run in place.",
+        "the time is in parentheses. oxccl runs over shared memory (`OXCCL_TRANSPORT=shm`, what it",
+        "picks by default on one host) and over loopback TCP (`OXCCL_TRANSPORT=tcp`); peers run in place.",
         "",
     ]
     if plot:

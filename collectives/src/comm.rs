@@ -537,13 +537,16 @@ impl Communicator {
     }
 
     fn validate_lengths(&self, d: &Descriptor, input: Option<usize>, output: usize) -> Result<()> {
-        let call = d.call(self.seq);
+        // Formatted only for an error: this runs on every call.
+        let call = || d.call(self.seq);
         let rank = self.rank;
         let elem = d.dtype.size();
         if d.rooted() && d.root >= self.world {
             return Err(Error::InvalidArgument(format!(
-                "rank {rank}: {call}: root {} is not below the world size {}",
-                d.root, self.world
+                "rank {rank}: {}: root {} is not below the world size {}",
+                call(),
+                d.root,
+                self.world
             )));
         }
         let full = d
@@ -553,7 +556,8 @@ impl Communicator {
         let one = d.count.checked_mul(elem);
         let (Some(full), Some(one)) = (full, one) else {
             return Err(Error::InvalidArgument(format!(
-                "rank {rank}: {call}: count overflows"
+                "rank {rank}: {}: count overflows",
+                call()
             )));
         };
         let (want_in, want_out) = match (d.kind, input.is_some()) {
@@ -569,7 +573,8 @@ impl Communicator {
         let check = |what: &str, got: usize, want: usize| {
             if got != want {
                 Err(Error::InvalidArgument(format!(
-                    "rank {rank}: {call}: {what} has {got} bytes, expected {want} ({} elements of {} bytes)",
+                    "rank {rank}: {}: {what} has {got} bytes, expected {want} ({} elements of {} bytes)",
+                    call(),
                     want / elem,
                     elem
                 )))

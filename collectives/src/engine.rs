@@ -101,6 +101,10 @@ impl From<KernelError> for EngineError {
 
 const HDR: usize = FrameHeader::LEN;
 
+/// How long an idle engine spins on the CPU alone before it starts yielding
+/// the core to other threads between checks.
+const PAUSE_SPIN: Duration = Duration::from_micros(2);
+
 /// Runs `job`. `ring` may be `None` only when the plan has no frames.
 pub(crate) fn run(ring: Option<Ring<'_>>, job: Job<'_>) -> Result<(), EngineError> {
     let Job {
@@ -311,8 +315,18 @@ pub(crate) fn run(ring: Option<Ring<'_>>, job: Job<'_>) -> Result<(), EngineErro
         // Busy-poll a little before sleeping: a wake-up from poll costs tens
         // of microseconds, more than a small message takes to arrive.
         let now = Instant::now();
-        if now.duration_since(*idle_since.get_or_insert(now)) < spin {
-            std::thread::yield_now();
+        let idle = now.duration_since(*idle_since.get_or_insert(now));
+        if idle < spin {
+            if idle < PAUSE_SPIN {
+                // Shared memory delivers in well under a microsecond: a
+                // system call per check would cost more than the wait.
+                for _ in 0..64 {
+                    std::hint::spin_loop();
+                }
+            } else {
+                // Let another rank on this core run (oversubscription).
+                std::thread::yield_now();
+            }
             continue;
         }
         let waited = last_progress.elapsed();

@@ -35,7 +35,7 @@ pub mod schedule;
 
 pub use bootstrap::{JOB_KEY, UniqueId, address_key, run_in_process};
 pub use comm::{AbortHandle, Communicator, Stats};
-pub use config::Config;
+pub use config::{Config, Transport};
 pub use descriptor::Descriptor;
 pub use error::{Error, ErrorKind, Result};
 pub use half::{bf16, f16};

@@ -1,12 +1,14 @@
 //! Every collective against the reference, with in-process ranks on threads
-//! (the same engine as TCP jobs, over socket pairs).
+//! (the same engine as multi-process jobs), over both in-process transports:
+//! shared-memory rings (of the smallest capacity, so that they wrap and fill
+//! all the time) and socket pairs.
 
 #![allow(clippy::unwrap_used)]
 
 use std::time::Duration;
 
 use oxccl::pattern::{count_wrong, input};
-use oxccl::{Communicator, Config, DType, Descriptor, Kind, ReduceOp, run_in_process};
+use oxccl::{Communicator, Config, DType, Descriptor, Kind, ReduceOp, Transport, run_in_process};
 use oxccl_kernels::Reducer;
 use oxccl_kernels::reference::ReferenceReducer;
 use proptest::prelude::*;
@@ -18,6 +20,7 @@ fn config(slice_bytes: usize, small_bytes: usize) -> Config {
         slice_bytes,
         small_bytes,
         timeout: Duration::from_secs(30),
+        shm_bytes: 4096,
         ..Config::default()
     }
 }
@@ -29,10 +32,14 @@ fn run(
     slice_bytes: usize,
     in_place: bool,
     small_bytes: usize,
+    transport: Transport,
 ) -> Vec<usize> {
     run_in_process(
         world,
-        config(slice_bytes, small_bytes),
+        Config {
+            transport,
+            ..config(slice_bytes, small_bytes)
+        },
         |comm: &mut Communicator| {
             let (rank, size) = (comm.rank(), d.dtype.size());
             let inp = input(&d, world, rank);
@@ -74,13 +81,15 @@ fn run(
 }
 
 fn assert_right(d: Descriptor, world: usize, slice_bytes: usize, in_place: bool) {
-    for small_bytes in [0, 1 << 20] {
-        let wrong = run(d, world, slice_bytes, in_place, small_bytes);
-        assert!(
-            wrong.iter().all(|w| *w == 0),
-            "{} world {world} slice {slice_bytes} in_place {in_place} small {small_bytes}: wrong elements per rank {wrong:?}",
-            d.call(0)
-        );
+    for transport in [Transport::Shm, Transport::Tcp] {
+        for small_bytes in [0, 1 << 20] {
+            let wrong = run(d, world, slice_bytes, in_place, small_bytes, transport);
+            assert!(
+                wrong.iter().all(|w| *w == 0),
+                "{} world {world} slice {slice_bytes} in_place {in_place} small {small_bytes} {transport:?}: wrong elements per rank {wrong:?}",
+                d.call(0)
+            );
+        }
     }
 }
 
@@ -306,10 +315,11 @@ proptest! {
         slice_elems in prop_oneof![Just(1usize), 2usize..16, Just(1 << 16)],
         in_place: bool,
         small in prop::sample::select(vec![0usize, 1 << 16]),
+        transport in prop::sample::select(vec![Transport::Shm, Transport::Tcp]),
     ) {
         let count = if kind == Kind::Barrier { 0 } else { count };
         let d = Descriptor { kind, dtype, op, root: root % world, count };
-        let wrong = run(d, world, slice_elems * dtype.size(), in_place, small);
+        let wrong = run(d, world, slice_elems * dtype.size(), in_place, small, transport);
         prop_assert!(wrong.iter().all(|w| *w == 0), "{}: {:?}", d.call(0), wrong);
     }
 }

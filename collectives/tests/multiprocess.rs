@@ -1,4 +1,5 @@
-//! Real processes over loopback TCP: jobs started through `oxrun`, through
+//! Real processes on this host, over shared memory (what `auto` picks here)
+//! and over loopback TCP: jobs started through `oxrun`, through
 //! torchrun-style variables, and a rank killed with SIGKILL mid-allreduce.
 
 #![allow(clippy::unwrap_used)]
@@ -18,11 +19,12 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn oxrun(n: usize, args: &[&str]) -> (bool, String, String) {
+fn oxrun(n: usize, args: &[&str], vars: &[(&str, &str)]) -> (bool, String, String) {
     let out = Command::new(OXRUN)
         .args(["-n", &n.to_string(), "--timeout", "120", "--", CHECK])
         .args(args)
         .env("OXCCL_TIMEOUT", "60")
+        .envs(vars.iter().copied())
         .output()
         .unwrap();
     (
@@ -33,8 +35,8 @@ fn oxrun(n: usize, args: &[&str]) -> (bool, String, String) {
 }
 
 #[test]
-fn every_collective_through_oxrun_with_2_and_4_ranks() {
-    for n in [2, 4] {
+fn every_collective_through_oxrun_with_2_and_4_ranks_over_shm_and_tcp() {
+    for (n, transport) in [(2, "shm"), (4, "shm"), (2, "tcp"), (4, "tcp")] {
         for args in [
             &["-c", "all", "-b", "1M", "-i", "2"][..],
             &[
@@ -52,8 +54,8 @@ fn every_collective_through_oxrun_with_2_and_4_ranks() {
             ][..],
             &["-c", "all", "-b", "999", "-d", "i8", "-o", "max", "-r", "1"][..],
         ] {
-            let (ok, stdout, stderr) = oxrun(n, args);
-            assert!(ok, "{n} ranks {args:?}:\n{stdout}\n{stderr}");
+            let (ok, stdout, stderr) = oxrun(n, args, &[("OXCCL_TRANSPORT", transport)]);
+            assert!(ok, "{n} ranks {transport} {args:?}:\n{stdout}\n{stderr}");
             for kind in [
                 "all_reduce",
                 "broadcast",
@@ -121,7 +123,39 @@ fn torchrun_variables_are_enough() {
 }
 
 #[test]
-fn a_rank_killed_mid_allreduce_is_named_by_every_survivor_within_10s() {
+fn auto_picks_shared_memory_on_one_host_and_tcp_when_asked() {
+    let args = ["-c", "all_reduce", "-b", "64K"];
+    let (ok, stdout, stderr) = oxrun(3, &args, &[("OXCCL_DEBUG", "info")]);
+    assert!(ok, "{stdout}\n{stderr}");
+    for r in 0..3 {
+        let line = stderr
+            .lines()
+            .find(|l| l.contains(&format!("rank {r}: to rank")))
+            .unwrap_or_else(|| panic!("rank {r} did not log its links:\n{stderr}"));
+        assert_eq!(line.matches("over shm /oxccl-").count(), 2, "{line}");
+    }
+    let (ok, stdout, stderr) = oxrun(
+        3,
+        &args,
+        &[("OXCCL_DEBUG", "info"), ("OXCCL_TRANSPORT", "tcp")],
+    );
+    assert!(ok, "{stdout}\n{stderr}");
+    assert!(!stderr.contains("over shm"), "{stderr}");
+    assert_eq!(stderr.matches(": to rank").count(), 3, "{stderr}");
+    assert_eq!(stderr.matches("over tcp 127.0.0.1").count(), 6, "{stderr}");
+}
+
+#[test]
+fn a_rank_killed_mid_allreduce_over_shm_is_named_by_every_survivor_within_10s() {
+    kill_rank_2_of_4("shm");
+}
+
+#[test]
+fn a_rank_killed_mid_allreduce_over_tcp_is_named_by_every_survivor_within_10s() {
+    kill_rank_2_of_4("tcp");
+}
+
+fn kill_rank_2_of_4(transport: &str) {
     let port = free_port().to_string();
     // 64 MiB allreduces, back to back, long enough to be killed in the middle of one.
     let mut ranks = spawn_ranks(
@@ -143,6 +177,7 @@ fn a_rank_killed_mid_allreduce_is_named_by_every_survivor_within_10s() {
                 ("OXCCL_WORLD_SIZE".into(), "4".into()),
                 ("OXCCL_MASTER_ADDR".into(), "127.0.0.1".into()),
                 ("OXCCL_MASTER_PORT".into(), port.clone()),
+                ("OXCCL_TRANSPORT".into(), transport.into()),
             ]
         },
     );
@@ -178,7 +213,7 @@ fn a_rank_killed_mid_allreduce_is_named_by_every_survivor_within_10s() {
             "rank {r}: {err}"
         );
         eprintln!(
-            "rank {r} after {:?}: {}",
+            "{transport}: rank {r} after {:?}: {}",
             killed_at.elapsed(),
             err.lines().last().unwrap_or("")
         );
