@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use oxccl::{Communicator, Config, ErrorKind, ReduceOp, run_in_process};
+use oxccl::{Communicator, Config, ErrorKind, ReduceOp, Transport, run_in_process};
 use oxccl_transport::store::{MemStore, Store};
 use oxccl_transport::tcp::{self, TcpOptions};
 
@@ -121,6 +121,37 @@ fn a_rank_that_never_calls_times_out_naming_it() {
         "{msg1}"
     );
     assert!(at1 < Duration::from_millis(1400), "{at1:?}");
+}
+
+#[test]
+fn a_late_rank_learns_that_its_neighbour_timed_out_on_both_transports() {
+    // Rank 0 gives up before rank 1 calls; the bytes rank 0 sent before
+    // timing out are still in flight. Rank 1 must not complete with them: it
+    // fails naming rank 0 and its cause, so that no rank reports success for
+    // a call another rank reported failed.
+    for transport in [Transport::Shm, Transport::Tcp] {
+        let cfg = Config {
+            transport,
+            ..quick(300)
+        };
+        let out = run_in_process(2, cfg, |comm| {
+            let mut x = [1.0f32];
+            if comm.rank() == 1 {
+                std::thread::sleep(Duration::from_millis(900));
+            }
+            let e = comm.all_reduce_in_place(&mut x, ReduceOp::Sum).unwrap_err();
+            (e.kind(), e.to_string())
+        })
+        .unwrap();
+        let (kind0, msg0) = &out[0];
+        assert_eq!(*kind0, ErrorKind::Timeout, "{transport:?}: {msg0}");
+        let (kind1, msg1) = &out[1];
+        assert_eq!(*kind1, ErrorKind::Remote, "{transport:?}: {msg1}");
+        assert!(
+            msg1.contains("rank 0") && msg1.contains("OXCCL_TIMEOUT"),
+            "{transport:?}: {msg1}"
+        );
+    }
 }
 
 #[test]

@@ -5,6 +5,7 @@ use std::io::{self, IoSlice, IoSliceMut, Read};
 use std::net::{Shutdown, TcpStream};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
+use std::sync::Arc;
 use std::time::Duration;
 
 use rustix::event::{PollFd, PollFlags, Timespec};
@@ -176,7 +177,10 @@ impl Link for StreamLink {
                 Stream::Unix(s.try_clone().map_err(|e| TransportError::io(what(), e))?)
             }
         };
-        Ok(ShutdownHandle { stream })
+        Ok(ShutdownHandle {
+            stream,
+            before: None,
+        })
     }
 
     fn describe(&self) -> String {
@@ -186,14 +190,34 @@ impl Link for StreamLink {
 
 /// Shuts a link down from any thread: both directions, so that the peer sees
 /// the end of the stream at once and a local waiter wakes up.
-#[derive(Debug)]
 pub struct ShutdownHandle {
     stream: Stream,
+    /// Runs before the socket is shut: links that carry their bytes elsewhere
+    /// (shared memory) mark themselves dead there first.
+    before: Option<Arc<dyn Fn() + Send + Sync>>,
+}
+
+impl fmt::Debug for ShutdownHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ShutdownHandle")
+            .field("stream", &self.stream)
+            .field("before", &self.before.is_some())
+            .finish()
+    }
 }
 
 impl ShutdownHandle {
+    /// The same handle, running `hook` before shutting the socket down.
+    pub(crate) fn with_hook(mut self, hook: Arc<dyn Fn() + Send + Sync>) -> ShutdownHandle {
+        self.before = Some(hook);
+        self
+    }
+
     /// Shuts both directions down. Errors (already closed) are ignored.
     pub fn shutdown(&self) {
+        if let Some(hook) = &self.before {
+            hook();
+        }
         let _ = match &self.stream {
             Stream::Tcp(s) => s.shutdown(Shutdown::Both),
             Stream::Unix(s) => s.shutdown(Shutdown::Both),

@@ -47,6 +47,7 @@ use std::hash::{BuildHasher, Hasher};
 use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::ptr::NonNull;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
 use std::time::Instant;
 
@@ -62,6 +63,10 @@ const MAGIC: u64 = u64::from_le_bytes(*b"oxcclshm");
 const HEADER_LEN: usize = 4096;
 /// Offset of the control block of direction `d` (0: creator to opener).
 const CTRL_OFFSET: [usize; 2] = [256, 512];
+/// Offset of the header word that either side sets, non-zero, when it shuts
+/// the link down (an abort): from then on both sides fail every transfer,
+/// whatever bytes the rings still hold.
+const SHUT: usize = 24;
 /// The smallest ring capacity accepted.
 pub const MIN_CAPACITY: usize = 4096;
 
@@ -96,6 +101,11 @@ struct Mapping {
 // only dereferenced through the methods below, which keep the module's
 // invariants, and moving the owner to another thread changes none of them.
 unsafe impl Send for Mapping {}
+// SAFETY: through a shared reference only the header words are touched, and
+// only atomically (`word`, `ctrl`); ring bytes are copied by the one
+// `ShmLink` that owns its direction, through `&mut self`. A `ShutdownHandle`
+// on another thread only stores the `SHUT` word.
+unsafe impl Sync for Mapping {}
 
 impl Mapping {
     fn map(fd: BorrowedFd<'_>, len: usize) -> Result<Mapping, TransportError> {
@@ -162,7 +172,7 @@ impl Drop for Unlinker {
 /// A [`Link`] through shared memory, with the socket it came from as doorbell.
 pub struct ShmLink {
     peer: usize,
-    map: Mapping,
+    map: Arc<Mapping>,
     capacity: usize,
     /// The direction this side writes (0 or 1); it reads the other.
     tx: usize,
@@ -198,7 +208,7 @@ impl ShmLink {
         );
         ShmLink {
             peer,
-            map,
+            map: Arc::new(map),
             capacity,
             tx,
             doorbell,
@@ -218,6 +228,18 @@ impl ShmLink {
         TransportError::PeerClosed {
             peer: self.peer,
             how: "end of stream on the shared-memory link's socket".into(),
+        }
+    }
+
+    /// Whether either side shut the link down (see [`SHUT`]).
+    fn is_shut(&self) -> bool {
+        self.map.word(SHUT).load(Ordering::Acquire) != 0
+    }
+
+    fn shut_error(&self) -> TransportError {
+        TransportError::PeerClosed {
+            peer: self.peer,
+            how: "the shared-memory link was shut down".into(),
         }
     }
 
@@ -284,6 +306,9 @@ impl Link for ShmLink {
     }
 
     fn try_write(&mut self, bufs: &[IoSlice<'_>]) -> Result<usize, TransportError> {
+        if self.is_shut() {
+            return Err(self.shut_error());
+        }
         if self.closed.get() {
             return Err(self.closed_error());
         }
@@ -328,6 +353,11 @@ impl Link for ShmLink {
     }
 
     fn try_read(&mut self, bufs: &mut [IoSliceMut<'_>]) -> Result<usize, TransportError> {
+        // A shut link fails at once, like a reset socket: the bytes still in
+        // the ring belong to a collective that its sender abandoned.
+        if self.is_shut() {
+            return Err(self.shut_error());
+        }
         let rx = 1 - self.tx;
         let ctrl = self.map.ctrl(rx);
         let tail = ctrl.tail.load(Ordering::Relaxed);
@@ -376,7 +406,7 @@ impl Link for ShmLink {
 
     fn arm(&self, dir: Direction) -> Result<Option<Direction>, TransportError> {
         self.drain_doorbell()?;
-        if self.closed.get() {
+        if self.closed.get() || self.is_shut() {
             // Ready: the next try_read/try_write reports it.
             return Ok(None);
         }
@@ -425,7 +455,9 @@ impl Link for ShmLink {
     }
 
     fn shutdown_handle(&self) -> Result<ShutdownHandle, TransportError> {
-        self.doorbell.shutdown_handle()
+        let map = Arc::clone(&self.map);
+        let mark = move || map.word(SHUT).store(1, Ordering::Release);
+        Ok(self.doorbell.shutdown_handle()?.with_hook(Arc::new(mark)))
     }
 
     fn describe(&self) -> String {
@@ -910,6 +942,33 @@ mod tests {
         match b.try_write(&[IoSlice::new(b"x")]) {
             Err(TransportError::PeerClosed { peer: 0, .. }) => {}
             other => panic!("expected PeerClosed from rank 0, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_shut_link_fails_both_sides_at_once_despite_bytes_in_flight() {
+        // An abort (not a drop): the bytes already in the ring belong to a
+        // collective the sender abandoned, so the reader must not use them,
+        // and the writer must learn at its next write, as over a reset socket.
+        let (mut a, mut b) = pair(0, 1, MIN_CAPACITY).unwrap();
+        assert_eq!(a.try_write(&[IoSlice::new(b"abandoned")]).unwrap(), 9);
+        assert_eq!(b.try_write(&[IoSlice::new(b"unread")]).unwrap(), 6);
+        a.shutdown_handle().unwrap().shutdown();
+        let mut buf = [0u8; 32];
+        match b.try_read(&mut [IoSliceMut::new(&mut buf)]) {
+            Err(TransportError::PeerClosed { peer: 0, .. }) => {}
+            other => panic!("expected PeerClosed from rank 0, got {other:?}"),
+        }
+        match b.try_write(&[IoSlice::new(b"x")]) {
+            Err(TransportError::PeerClosed { peer: 0, .. }) => {}
+            other => panic!("expected PeerClosed from rank 0, got {other:?}"),
+        }
+        let r = wait(Some(&b), None, Duration::from_secs(5)).unwrap();
+        assert!(r.readable, "a shut link must not put a waiter to sleep");
+        // The side that shut it fails too.
+        match a.try_read(&mut [IoSliceMut::new(&mut buf)]) {
+            Err(TransportError::PeerClosed { peer: 1, .. }) => {}
+            other => panic!("expected an error on the shut side, got {other:?}"),
         }
     }
 
