@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# compare.sh -- oxccl's all_reduce_perf against the peers of /work/shared/peers
-# (Open MPI over shared memory and TCP, the Gloo C++ library, machine
-# ceilings), alternating runs over the same sizes and rank counts, then
-# writes benches/RESULTS.md and the busbw plot. One command regenerates it all:
+# compare.sh -- oxccl's all_reduce_perf, broadcast_perf and all_gather_perf
+# against the peers of /work/shared/peers (Open MPI over shared memory and
+# TCP, the Gloo C++ library, machine ceilings), alternating runs over the same
+# sizes and rank counts, then writes benches/RESULTS.md (tables and the
+# targets of issue 3 with their ratios) and the busbw plot. One command
+# regenerates it all:
 #
 #   bash benches/scripts/compare.sh
 #
@@ -10,6 +12,10 @@
 #   COMPARE_REPS=3                 runs of each side (medians are taken; at least 3 advised)
 #   COMPARE_RANKS="2 4"            rank counts
 #   COMPARE_TRANSPORTS="tcp shm"   oxccl's transports (OXCCL_TRANSPORT), each run in turn
+#   COMPARE_EXTRA=1                also broadcast and allgather (ours, and the peers'
+#                                  "extra" runs: Open MPI bcast/allgather and out-of-place
+#                                  allreduce, Gloo's other algorithms); 0 skips them
+#   COMPARE_TINY=1                 also 8-byte allreduces (ours, Open MPI TCP and shm); 0 skips
 #   COMPARE_PEERS="ceilings mpi-shm mpi-tcp gloo-native"   PEERS_ONLY for run_peers.sh
 #                                  ("" skips the peers; ceilings run in the first rep only)
 #   COMPARE_PEERS_SCRIPT=/work/shared/peers/run_peers.sh
@@ -18,7 +24,7 @@
 #   COMPARE_OUT=benches/results/raw/<timestamp>  where raw data goes
 #   COMPARE_NO_BUILD=1             use the binaries already built
 #   CARGO_TARGET_DIR               honoured (default: target)
-# Sizes are the peers' default (4K,64K,1M,16M,64M,256M).
+# Sizes are the peers' default (4K,64K,1M,16M,64M,256M), plus 8 B for allreduce.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
@@ -27,12 +33,14 @@ REPS=${COMPARE_REPS:-3}
 RANKS=${COMPARE_RANKS:-"2 4"}
 TRANSPORTS=${COMPARE_TRANSPORTS:-"tcp shm"}
 PEERS=${COMPARE_PEERS-"ceilings mpi-shm mpi-tcp gloo-native"}
+EXTRA=${COMPARE_EXTRA:-1}
+TINY=${COMPARE_TINY:-1}
 # The peers' folder is shared read-only and run_peers.sh builds next to
 # itself: run a writable copy.
 if [ -z "${COMPARE_PEERS_SCRIPT:-}" ]; then
   PEERS_COPY=${COMPARE_PEERS_COPY:-$HOME/.cache/oxccl-peers}
   mkdir -p "$PEERS_COPY"
-  cp -r "$ROOT/../shared/peers/." "$PEERS_COPY/"
+  cp -rp "$ROOT/../shared/peers/." "$PEERS_COPY/"
   chmod -R u+w "$PEERS_COPY"
   PEERS_SCRIPT=$PEERS_COPY/run_peers.sh
 else
@@ -57,18 +65,29 @@ fi
 mkdir -p "$OUT/oxccl" "$OUT/peers"
 log "raw data goes to $OUT"
 
+# one_bench COLLECTIVE TRANSPORT RANKS REP TAG -- perf binary flags...
+one_bench() {
+  local c=$1 t=$2 n=$3 rep=$4 tag=$5
+  shift 6
+  local f="$OUT/oxccl/${c}__${t}__n${n}__${tag}__rep${rep}"
+  OXCCL_TRANSPORT=$t "$BIN/oxrun" -n "$n" --timeout 1200 -- "$BIN/${c}_perf" "$@" -J "$f.json" | tee "$f.log"
+}
+
 ours() {
-  local rep=$1 n t
+  local rep=$1 n t c
+  local colls=all_reduce
+  [[ $EXTRA == 1 ]] && colls="all_reduce broadcast all_gather"
   for n in $RANKS; do
     for t in $TRANSPORTS; do
-      log "oxccl rep $rep, $n ranks, OXCCL_TRANSPORT=$t"
-      # Two invocations so that the sizes are exactly the peers' (4K..16M by 16, 64M..256M by 4).
-      OXCCL_TRANSPORT=$t "$BIN/oxrun" -n "$n" --timeout 1200 -- "$BIN/all_reduce_perf" -b 4K -e 16M -f 16 \
-        -n "$ITERS" -w "$WARMUP" -J "$OUT/oxccl/all_reduce__${t}__n${n}__small__rep${rep}.json" \
-        | tee "$OUT/oxccl/all_reduce__${t}__n${n}__small__rep${rep}.log"
-      OXCCL_TRANSPORT=$t "$BIN/oxrun" -n "$n" --timeout 1200 -- "$BIN/all_reduce_perf" -b 64M -e 256M -f 4 \
-        -n "$ITERS_L" -w "$WARMUP_L" -J "$OUT/oxccl/all_reduce__${t}__n${n}__large__rep${rep}.json" \
-        | tee "$OUT/oxccl/all_reduce__${t}__n${n}__large__rep${rep}.log"
+      for c in $colls; do
+        log "oxccl rep $rep, $c, $n ranks, OXCCL_TRANSPORT=$t"
+        # Two invocations so that the sizes are exactly the peers' (4K..16M by 16, 64M..256M by 4).
+        one_bench "$c" "$t" "$n" "$rep" small -- -b 4K -e 16M -f 16 -n "$ITERS" -w "$WARMUP"
+        one_bench "$c" "$t" "$n" "$rep" large -- -b 64M -e 256M -f 4 -n "$ITERS_L" -w "$WARMUP_L"
+      done
+      if [[ $TINY == 1 ]]; then
+        one_bench all_reduce "$t" "$n" "$rep" tiny -- -b 8 -e 8 -n $((ITERS * 5)) -w "$WARMUP"
+      fi
     done
   done
 }
@@ -79,9 +98,18 @@ peers() {
   if ((rep > 1)); then only=$(tr ' ' '\n' <<<"$only" | grep -vx ceilings | tr '\n' ' ' || true); fi
   [[ -n "${only// /}" ]] || return 0
   log "peers rep $rep: $only"
-  PEERS_ONLY="$only" PEERS_REPS=1 PEERS_EXTRA_REPS=0 PEERS_RANKS="$RANKS" \
+  PEERS_ONLY="$only" PEERS_REPS=1 PEERS_EXTRA_REPS="$EXTRA" PEERS_RANKS="$RANKS" \
     PEERS_SIZES=4K,64K,1M,16M,64M,256M PEERS_OUT="$OUT/peers/rep$rep" \
     bash "$PEERS_SCRIPT" 2>&1 | tee "$OUT/peers/rep$rep.log"
+  if [[ $TINY == 1 ]]; then
+    # 8-byte allreduces only (the extra runs' allgather cannot split 8 bytes).
+    only=$(tr ' ' '\n' <<<"$only" | grep -x -e mpi-shm -e mpi-tcp | tr '\n' ' ' || true)
+    [[ -n "${only// /}" ]] || return 0
+    log "peers rep $rep, 8 bytes: $only"
+    PEERS_ONLY="$only" PEERS_REPS=1 PEERS_EXTRA_REPS=0 PEERS_RANKS="$RANKS" \
+      PEERS_SIZES=8 PEERS_OUT="$OUT/peers/rep$rep-tiny" \
+      bash "$PEERS_SCRIPT" 2>&1 | tee "$OUT/peers/rep$rep-tiny.log"
+  fi
 }
 
 for rep in $(seq 1 "$REPS"); do
@@ -89,11 +117,11 @@ for rep in $(seq 1 "$REPS"); do
   peers "$rep"
 done
 
-PLOT="$ROOT/benches/results/busbw_allreduce.png"
+PLOT="$ROOT/benches/results/busbw.png"
 mkdir -p "$(dirname "$PLOT")"
 log "plotting"
 python3 "$ROOT/benches/scripts/plot.py" "$OUT" -o "$PLOT"
 log "writing benches/RESULTS.md"
 python3 "$ROOT/benches/scripts/results.py" "$OUT" --out "$ROOT/benches/RESULTS.md" \
-  --plot results/busbw_allreduce.png
+  --plot results/busbw.png
 log "done"

@@ -4,9 +4,9 @@
 Usage:
     python3 plot.py RUN_DIR [-o busbw.png]
 
-Reads the same data as results.py (RUN_DIR/oxccl/*.json from all_reduce_perf -J,
-RUN_DIR/peers/**/raw/*.log from run_peers.sh), medians over runs, one panel per
-rank count. Needs matplotlib: when it is missing, the script creates a venv in
+Reads the same data as results.py (RUN_DIR/oxccl/*.json from the perf binaries'
+-J, RUN_DIR/peers/**/raw/*.log from run_peers.sh), medians over runs, one panel
+per collective and rank count (sizes from 4 KiB). Needs matplotlib: when it is missing, the script creates a venv in
 ~/.cache/oxccl-plot-venv (or $OXCCL_PLOT_VENV), pip-installs matplotlib there
 and re-runs itself with that venv's python.
 """
@@ -60,26 +60,33 @@ def main():
     if not data:
         sys.exit(f"plot.py: no results under {a.run_dir}")
     med = results.medians(data)
-    libs = sorted({k[0] for k in med}, key=results.lib_key)
-    ranks = sorted({k[1] for k in med})
-    fig, axes = plt.subplots(1, len(ranks), figsize=(6.5 * len(ranks), 4.8), squeeze=False)
-    for ax, n in zip(axes[0], ranks):
-        for lib in libs:
-            pts = sorted((s, v[1]) for (l, r, s), v in med.items() if l == lib and r == n)
-            if not pts:
-                continue
-            style = "-" if lib.startswith("oxccl") else "--"
-            width = 2.4 if lib.startswith("oxccl") else 1.4
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", markersize=4,
-                    linewidth=width, label=lib)
-        ax.set_xscale("log", base=2)
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda b, _: results.fmt_size(int(b))))
-        ax.set_xlabel("message size")
-        ax.set_ylabel("busbw (GB/s)")
-        ax.set_title(f"allreduce, float32 sum, {n} ranks")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.set_ylim(bottom=0)
-        ax.legend(fontsize=8)
+    colls = [c for c in ("allreduce", "broadcast", "allgather") if any(k[0] == c for k in med)]
+    ranks = sorted({k[2] for k in med})
+    fig, axes = plt.subplots(len(colls), len(ranks), figsize=(6.5 * len(ranks), 4.8 * len(colls)),
+                             squeeze=False)
+    # One colour per library across all panels (tab20 has room for all of them).
+    every = sorted({k[1] for k in med}, key=results.lib_key)
+    colour = {lib: plt.get_cmap("tab20")(i % 20) for i, lib in enumerate(every)}
+    for row, coll in zip(axes, colls):
+        for ax, n in zip(row, ranks):
+            keys = [k for k in med if k[0] == coll and k[2] == n]
+            for lib in sorted({k[1] for k in keys}, key=results.lib_key):
+                pts = sorted((k[3], med[k][1]) for k in keys if k[1] == lib and k[3] >= 4096)
+                if not pts:
+                    continue
+                style = "-" if lib.startswith("oxccl") else "--"
+                width = 2.4 if lib.startswith("oxccl") else 1.4
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", markersize=4,
+                        linewidth=width, label=lib, color=colour[lib])
+            ax.set_xscale("log", base=2)
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda b, _: results.fmt_size(int(b))))
+            ax.set_xlabel("message size")
+            ax.set_ylabel("busbw (GB/s)")
+            what = "float32 sum" if coll == "allreduce" else "float32"
+            ax.set_title(f"{coll}, {what}, {n} ranks")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.set_ylim(bottom=0)
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(a.out, dpi=110)
     print(f"plot.py: wrote {a.out}")
