@@ -67,6 +67,11 @@ const CTRL_OFFSET: [usize; 2] = [256, 512];
 /// the link down (an abort): from then on both sides fail every transfer,
 /// whatever bytes the rings still hold.
 const SHUT: usize = 24;
+/// A long write (or read) publishes its progress at least this often, so
+/// that the other side starts copying out (or refilling) while this side
+/// still copies: the two copies of a large frame overlap instead of
+/// following each other.
+const PUBLISH_BYTES: usize = 64 * 1024;
 /// The smallest ring capacity accepted.
 pub const MIN_CAPACITY: usize = 4096;
 
@@ -257,6 +262,27 @@ impl ShmLink {
         }
     }
 
+    /// Makes the bytes written up to `head` visible to the reader, and wakes
+    /// it if it sleeps. The fence orders the store before the flag's load
+    /// (the eventcount's half on this side; `arm` keeps the other).
+    fn publish_head(&self, ctrl: &Ctrl, head: u64) {
+        ctrl.head.store(head, Ordering::Release);
+        fence(Ordering::SeqCst);
+        if ctrl.reader_waiting.load(Ordering::Relaxed) != 0 {
+            self.ring_doorbell();
+        }
+    }
+
+    /// Gives the bytes read up to `tail` back to the writer, and wakes it if
+    /// it sleeps waiting for room.
+    fn publish_tail(&self, ctrl: &Ctrl, tail: u64) {
+        ctrl.tail.store(tail, Ordering::Release);
+        fence(Ordering::SeqCst);
+        if ctrl.writer_waiting.load(Ordering::Relaxed) != 0 {
+            self.ring_doorbell();
+        }
+    }
+
     /// Sends one doorbell byte; a full socket already has bytes pending.
     fn ring_doorbell(&self) {
         match rustix::net::send(
@@ -322,10 +348,15 @@ impl Link for ShmLink {
         let data = self.data(self.tx);
         let mut pos = (head % self.capacity as u64) as usize;
         let mut written = 0usize;
+        let mut published = 0usize;
         for b in bufs {
             let mut src: &[u8] = b;
             while !src.is_empty() && free > 0 {
-                let n = src.len().min(free).min(self.capacity - pos);
+                let n = src
+                    .len()
+                    .min(free)
+                    .min(self.capacity - pos)
+                    .min(PUBLISH_BYTES);
                 // SAFETY: `pos + n <= capacity`, so the destination lies in
                 // this direction's ring; those bytes are outside `tail..head`,
                 // i.e. the writer's part, which the reader does not touch
@@ -337,17 +368,17 @@ impl Link for ShmLink {
                 free -= n;
                 written += n;
                 pos = (pos + n) % self.capacity;
+                if written - published >= PUBLISH_BYTES {
+                    self.publish_head(ctrl, head + written as u64);
+                    published = written;
+                }
             }
             if free == 0 {
                 break;
             }
         }
-        if written > 0 {
-            ctrl.head.store(head + written as u64, Ordering::Release);
-            fence(Ordering::SeqCst);
-            if ctrl.reader_waiting.load(Ordering::Relaxed) != 0 {
-                self.ring_doorbell();
-            }
+        if written > published {
+            self.publish_head(ctrl, head + written as u64);
         }
         Ok(written)
     }
@@ -372,10 +403,15 @@ impl Link for ShmLink {
         let data = self.data(rx);
         let mut pos = (tail % self.capacity as u64) as usize;
         let mut read = 0usize;
+        let mut published = 0usize;
         for b in bufs.iter_mut() {
             let mut dst: &mut [u8] = b;
             while !dst.is_empty() && avail > 0 {
-                let n = dst.len().min(avail).min(self.capacity - pos);
+                let n = dst
+                    .len()
+                    .min(avail)
+                    .min(self.capacity - pos)
+                    .min(PUBLISH_BYTES);
                 // SAFETY: `pos + n <= capacity`, inside the ring of direction
                 // `rx`; the bytes lie in `tail..head`, published by the
                 // writer's release store that the acquire load above saw, and
@@ -385,17 +421,17 @@ impl Link for ShmLink {
                 avail -= n;
                 read += n;
                 pos = (pos + n) % self.capacity;
+                if read - published >= PUBLISH_BYTES {
+                    self.publish_tail(ctrl, tail + read as u64);
+                    published = read;
+                }
             }
             if avail == 0 {
                 break;
             }
         }
-        if read > 0 {
-            ctrl.tail.store(tail + read as u64, Ordering::Release);
-            fence(Ordering::SeqCst);
-            if ctrl.writer_waiting.load(Ordering::Relaxed) != 0 {
-                self.ring_doorbell();
-            }
+        if read > published {
+            self.publish_tail(ctrl, tail + read as u64);
         }
         Ok(read)
     }
@@ -868,7 +904,9 @@ mod tests {
 
     /// Pushes `total` bytes of a counting pattern from `a` to `b` on two
     /// threads, in odd-sized pieces, sleeping in `wait` when blocked.
-    fn stream(mut a: Box<dyn Link>, mut b: Box<dyn Link>, total: usize) {
+    /// Streams `total` bytes from `a` to `b` in pieces of varying size up to
+    /// `max_piece` (writes) and 5/7 of it (reads), and checks every byte.
+    fn stream(mut a: Box<dyn Link>, mut b: Box<dyn Link>, total: usize, max_piece: usize) {
         let writer = std::thread::spawn(move || {
             let data: Vec<u8> = (0..total).map(|i| (i % 251) as u8).collect();
             let mut done = 0;
@@ -886,7 +924,7 @@ mod tests {
                 if n == 0 {
                     wait(None, Some(&*a), Duration::from_secs(10)).unwrap();
                 }
-                piece = piece * 3 % 70_001 + 1;
+                piece = piece * 3 % max_piece + 1;
             }
             a
         });
@@ -902,7 +940,7 @@ mod tests {
             if n == 0 {
                 wait(Some(&*b), None, Duration::from_secs(10)).unwrap();
             }
-            piece = piece * 5 % 50_003 + 1;
+            piece = piece * 5 % (max_piece / 7 * 5) + 1;
         }
         let _a = writer.join().unwrap();
         for (i, &v) in got.iter().enumerate() {
@@ -915,10 +953,18 @@ mod tests {
         let (a, b) = pair(0, 1, MIN_CAPACITY).unwrap();
         assert_eq!(a.peer(), 1);
         assert_eq!(b.peer(), 0);
-        stream(Box::new(a), Box::new(b), 3_000_000);
+        stream(Box::new(a), Box::new(b), 3_000_000, 70_001);
         let (a, b) = pair(0, 1, MIN_CAPACITY).unwrap();
         // The other direction of the same kind of segment.
-        stream(Box::new(b), Box::new(a), 1_000_000);
+        stream(Box::new(b), Box::new(a), 1_000_000, 70_001);
+    }
+
+    #[test]
+    fn long_writes_and_reads_publish_as_they_go() {
+        // Pieces of up to 600 KB in a 1 MiB ring: one call copies many
+        // PUBLISH_BYTES steps and publishes after each.
+        let (a, b) = pair(0, 1, 1 << 20).unwrap();
+        stream(Box::new(a), Box::new(b), 40_000_000, 600_001);
     }
 
     #[test]
@@ -1048,8 +1094,8 @@ mod tests {
                 "{name} was not unlinked"
             );
         }
-        stream(u0.next, u1.prev, 100_000);
-        stream(u1.next, u0.prev, 100_000);
+        stream(u0.next, u1.prev, 100_000, 70_001);
+        stream(u1.next, u0.prev, 100_000, 70_001);
     }
 
     #[test]
@@ -1059,7 +1105,7 @@ mod tests {
         for l in [&u0.next, &u0.prev, &u1.next, &u1.prev] {
             assert_eq!(l.describe(), "in-process socket pair");
         }
-        stream(u0.next, u1.prev, 100_000);
+        stream(u0.next, u1.prev, 100_000, 70_001);
     }
 
     #[test]
