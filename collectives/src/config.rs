@@ -94,8 +94,8 @@ pub const VARIABLES: &[Variable] = &[
     },
     Variable {
         name: "OXCCL_SPIN_US",
-        default: "50",
-        doc: "Microseconds a rank busy-polls its links before sleeping in poll: shorter latency for small messages; 0 never spins.",
+        default: "200",
+        doc: "Microseconds a rank polls its links before sleeping in poll (spinning for the first 2, then yielding its core between checks): a wake-up from poll costs tens of microseconds, more than a small message or, with more ranks than cores, a turn of the other ranks takes; 0 never spins.",
     },
     Variable {
         name: "OXCCL_SMALL_BYTES",
@@ -229,7 +229,7 @@ impl Default for Config {
             socket_buffer: None,
             transport: Transport::Auto,
             shm_bytes: 1 << 20,
-            spin: Duration::from_micros(50),
+            spin: Duration::from_micros(200),
             wgpu_adapter: None,
             wgpu_low_power: false,
             cuda_device: None,
