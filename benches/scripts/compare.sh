@@ -19,8 +19,12 @@
 #   COMPARE_PEERS="ceilings mpi-shm mpi-tcp gloo-native"   PEERS_ONLY for run_peers.sh
 #                                  ("" skips the peers; ceilings run in the first rep only)
 #   COMPARE_PEERS_SCRIPT=/work/shared/peers/run_peers.sh
-#   COMPARE_ITERS=200 COMPARE_WARMUP=20         iterations for 4K..16M
+#   COMPARE_ITERS_SMALL=10000 COMPARE_WARMUP_SMALL=500  iterations for 8 B, 4K and 64K
+#   COMPARE_ITERS=200 COMPARE_WARMUP=20         iterations for 1M and 16M
 #   COMPARE_ITERS_LARGE=5 COMPARE_WARMUP_LARGE=1 iterations for 64M..256M
+# (A timed loop must last long enough that one scheduler hiccup does not set
+# its mean: at 1 µs a call, 200 calls are 0.2 ms. The peers time each size
+# for 0.25 s.)
 #   COMPARE_OUT=benches/results/raw/<timestamp>  where raw data goes
 #   COMPARE_NO_BUILD=1             use the binaries already built
 #   CARGO_TARGET_DIR               honoured (default: target)
@@ -46,6 +50,8 @@ if [ -z "${COMPARE_PEERS_SCRIPT:-}" ]; then
 else
   PEERS_SCRIPT=$COMPARE_PEERS_SCRIPT
 fi
+ITERS_S=${COMPARE_ITERS_SMALL:-10000}
+WARMUP_S=${COMPARE_WARMUP_SMALL:-500}
 ITERS=${COMPARE_ITERS:-200}
 WARMUP=${COMPARE_WARMUP:-20}
 ITERS_L=${COMPARE_ITERS_LARGE:-5}
@@ -81,12 +87,14 @@ ours() {
     for t in $TRANSPORTS; do
       for c in $colls; do
         log "oxccl rep $rep, $c, $n ranks, OXCCL_TRANSPORT=$t"
-        # Two invocations so that the sizes are exactly the peers' (4K..16M by 16, 64M..256M by 4).
-        one_bench "$c" "$t" "$n" "$rep" small -- -b 4K -e 16M -f 16 -n "$ITERS" -w "$WARMUP"
+        # Three invocations so that the sizes are exactly the peers' (4K..16M by
+        # 16, 64M..256M by 4), each with loops of a fair length.
+        one_bench "$c" "$t" "$n" "$rep" small -- -b 4K -e 64K -f 16 -n "$ITERS_S" -w "$WARMUP_S"
+        one_bench "$c" "$t" "$n" "$rep" mid -- -b 1M -e 16M -f 16 -n "$ITERS" -w "$WARMUP"
         one_bench "$c" "$t" "$n" "$rep" large -- -b 64M -e 256M -f 4 -n "$ITERS_L" -w "$WARMUP_L"
       done
       if [[ $TINY == 1 ]]; then
-        one_bench all_reduce "$t" "$n" "$rep" tiny -- -b 8 -e 8 -n $((ITERS * 5)) -w "$WARMUP"
+        one_bench all_reduce "$t" "$n" "$rep" tiny -- -b 8 -e 8 -n $((ITERS_S * 2)) -w "$WARMUP_S"
       fi
     done
   done

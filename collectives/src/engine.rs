@@ -128,8 +128,15 @@ pub(crate) fn run(ring: Option<Ring<'_>>, job: Job<'_>) -> Result<(), EngineErro
     let device = matches!(output, Output::Device(_));
     let mut send_stage: Vec<u8> = Vec::new();
     let mut bounce: Vec<u8> = Vec::new();
+    let has_frames = !(plan.sends.is_empty() && plan.recvs.is_empty());
+    // A deferrable prologue waits for the first moment without traffic.
+    let mut deferred = None;
     if let (Some(r), Some(inp)) = (plan.prologue_copy.clone(), input) {
-        copy_input(inp, &mut output, r, off, &mut bounce)?;
+        if plan.prologue_deferrable && has_frames {
+            deferred = Some((inp, r));
+        } else {
+            copy_input(inp, &mut output, r, off, &mut bounce)?;
+        }
     }
     if let Some(r) = plan.local_avg.clone() {
         match &mut output {
@@ -137,7 +144,7 @@ pub(crate) fn run(ring: Option<Ring<'_>>, job: Job<'_>) -> Result<(), EngineErro
             Output::Device(d) => d.finish_avg(dtype, r.start, r.len(), world)?,
         }
     }
-    if plan.sends.is_empty() && plan.recvs.is_empty() {
+    if !has_frames {
         return Ok(());
     }
     let Some(ring) = ring else {
@@ -305,11 +312,18 @@ pub(crate) fn run(ring: Option<Ring<'_>>, job: Job<'_>) -> Result<(), EngineErro
         }
 
         if progress.done(plan) {
+            if let Some((inp, r)) = deferred.take() {
+                copy_input(inp, &mut output, r, off, &mut bounce)?;
+            }
             return Ok(());
         }
         if moved {
             last_progress = Instant::now();
             idle_since = None;
+            continue;
+        }
+        if let Some((inp, r)) = deferred.take() {
+            copy_input(inp, &mut output, r, off, &mut bounce)?;
             continue;
         }
         // Busy-poll a little before sleeping: a wake-up from poll costs tens

@@ -152,6 +152,11 @@ pub struct Plan {
     pub recvs: Vec<RecvOp>,
     /// Copy `input[range]` to `output[range]` before anything else (out of place only).
     pub prologue_copy: Option<Range<usize>>,
+    /// The prologue copy may instead happen at any time before the call
+    /// returns: no frame reads or writes its range (an allgather's own chunk,
+    /// which is sent from the input; a broadcast root's buffer). The engine
+    /// then does it while it would otherwise wait for a peer.
+    pub prologue_deferrable: bool,
     /// Finish averaging `output[range]` locally (a world of one rank, nothing received).
     pub local_avg: Option<Range<usize>>,
     /// Where the input buffer sits in the output's byte coordinates: ranges
@@ -348,6 +353,7 @@ fn chain_broadcast(s: &Shape, p: &mut Plan) {
     if pos == 0 {
         if s.out_of_place {
             p.prologue_copy = Some(0..s.count * s.elem);
+            p.prologue_deferrable = true;
         }
         for (j, elems) in slices(all, s.slice_elems).enumerate() {
             p.sends.push(SendOp {

@@ -67,7 +67,14 @@ fn simulate(
     let mut wires: Vec<VecDeque<(u32, u32, Vec<u8>)>> = vec![VecDeque::new(); world];
     let mut rng = Rng(seed | 1);
     for rk in ranks.iter_mut() {
-        if let Some(r) = rk.plan.prologue_copy.clone() {
+        // A deferrable prologue runs last here, the latest the engine may run
+        // it: a frame that read its range would then carry stale bytes.
+        if let Some(r) = rk
+            .plan
+            .prologue_copy
+            .clone()
+            .filter(|_| !rk.plan.prologue_deferrable)
+        {
             let off = rk.input_offset;
             rk.output[r.clone()].copy_from_slice(&rk.input[r.start - off..r.end - off]);
         }
@@ -134,6 +141,30 @@ fn simulate(
         idle = 0;
     }
     assert!(wires.iter().all(|w| w.is_empty()), "frames left on a wire");
+    for rk in ranks.iter_mut() {
+        if let Some(r) = rk
+            .plan
+            .prologue_copy
+            .clone()
+            .filter(|_| rk.plan.prologue_deferrable)
+        {
+            // Deferrable means untouched by every frame until then.
+            let overlaps = |x: &std::ops::Range<usize>| x.start < r.end && r.start < x.end;
+            assert!(
+                !rk.plan.recvs.iter().any(|op| overlaps(&op.range)),
+                "a frame lands in the deferred prologue's range {r:?}"
+            );
+            assert!(
+                !rk.plan
+                    .sends
+                    .iter()
+                    .any(|op| op.src == Src::Output && overlaps(&op.range)),
+                "a frame reads the deferred prologue's range {r:?} from the output"
+            );
+            let off = rk.input_offset;
+            rk.output[r.clone()].copy_from_slice(&rk.input[r.start - off..r.end - off]);
+        }
+    }
     ranks.into_iter().map(|r| r.output).collect()
 }
 
