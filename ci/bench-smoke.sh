@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # bench-smoke.sh -- builds the nccl-tests-style *_perf binaries and oxrun in
 # release mode, then runs a short smoke of each binary with 2 and 4 ranks
-# through oxrun (every result checked). Fails on any non-zero exit.
+# through oxrun (every result checked), and one round of fusion_perf. Fails
+# on any non-zero exit.
 #
 # Honours CARGO_TARGET_DIR (default: target). Run from anywhere:
 #   bash ci/bench-smoke.sh
@@ -31,4 +32,5 @@ for n in 2 4; do
   run -n "$n" -- "$BIN/reduce_perf" -b 8 -e 64K -f 8 -n 2 -w 1 -r $((n - 1)) -d bfloat16 -o avg
   run -n "$n" -- "$BIN/all_reduce_perf" -b 8 -e 1K -f 4 -n 2 -w 1 -d all -o all
 done
+run -n 2 -- "$BIN/fusion_perf" --model resnet50 --steps 1
 echo "bench-smoke: all runs passed"
