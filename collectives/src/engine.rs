@@ -169,6 +169,11 @@ pub(crate) fn run(ring: Option<Ring<'_>>, job: Job<'_>) -> Result<(), EngineErro
     }
     let next_rank = ring.next.peer();
     let prev_rank = ring.prev.peer();
+    let pauses_per_check = if ring.next.cheap_to_poll() && ring.prev.cheap_to_poll() {
+        1
+    } else {
+        64
+    };
 
     let mut progress = Progress::default();
     let mut send_hdr = [0u8; HDR];
@@ -333,11 +338,15 @@ pub(crate) fn run(ring: Option<Ring<'_>>, job: Job<'_>) -> Result<(), EngineErro
         if idle < spin {
             if idle < PAUSE_SPIN {
                 // Shared memory delivers in well under a microsecond: a
-                // system call per check would cost more than the wait. One
-                // pause per check: a pause takes tens to hundreds of cycles
-                // (65 on AMD Zen 2, 140 on Intel Skylake), so a batch of them
-                // would delay the next check by microseconds.
-                std::hint::spin_loop();
+                // system call per check would cost more than the wait. A
+                // pause takes tens to hundreds of cycles (65 on AMD Zen 2,
+                // 140 on Intel Skylake): shared-memory links, whose checks
+                // are memory loads, are checked after every pause; sockets,
+                // whose checks are system calls that contend with the
+                // kernel's delivery into the same socket, after 64.
+                for _ in 0..pauses_per_check {
+                    std::hint::spin_loop();
+                }
             } else {
                 // Let another rank on this core run (oversubscription).
                 std::thread::yield_now();

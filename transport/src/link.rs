@@ -44,6 +44,13 @@ pub trait Link: Send + fmt::Debug {
     /// Ends a wait begun by [`arm`](Self::arm).
     fn disarm(&self, _dir: Direction) {}
 
+    /// Whether `try_read`/`try_write` that move nothing cost about as much as
+    /// a memory load (shared memory), rather than a system call (sockets).
+    /// A busy-polling caller may check such a link after every pause.
+    fn cheap_to_poll(&self) -> bool {
+        false
+    }
+
     /// A handle that can shut the link down from another thread, waking any waiter.
     fn shutdown_handle(&self) -> Result<ShutdownHandle, TransportError>;
 

@@ -490,6 +490,10 @@ impl Link for ShmLink {
         }
     }
 
+    fn cheap_to_poll(&self) -> bool {
+        true
+    }
+
     fn shutdown_handle(&self) -> Result<ShutdownHandle, TransportError> {
         let map = Arc::clone(&self.map);
         let mark = move || map.word(SHUT).store(1, Ordering::Release);
