@@ -82,6 +82,9 @@ pub struct Communicator {
     poisoned: Option<(ErrorKind, String)>,
     staging: Vec<u8>,
     work: Vec<u8>,
+    /// The last call's plan and its shape: a loop of identical calls (every
+    /// training step) builds its plan once.
+    last_plan: Option<(Shape, Plan)>,
     stats: Stats,
     abort: AbortHandle,
 }
@@ -122,6 +125,7 @@ impl Communicator {
             poisoned: None,
             staging: Vec::new(),
             work: Vec::new(),
+            last_plan: None,
             stats: Stats {
                 collectives: 0,
                 refused_connections: p.refused,
@@ -345,7 +349,7 @@ impl Communicator {
             return self.small_all_reduce(d, seq, input, output);
         }
         let (shape, count, use_work) = self.ring_shape(&d, input.is_none());
-        let plan = schedule::plan(&shape);
+        let plan = self.take_plan(shape);
 
         let (driver, work) = self.driver();
         let result = {
@@ -370,6 +374,7 @@ impl Communicator {
                 Output::Host(job_output),
             )
         };
+        self.last_plan = Some((shape, plan));
         match result {
             Ok(()) => {
                 if use_work && d.kind == Kind::ReduceScatter {
@@ -396,7 +401,7 @@ impl Communicator {
         let (world, rank) = (self.world, self.rank);
         let elem = d.dtype.size();
         let (shape, count, use_work) = self.ring_shape(&d, input.is_none());
-        let plan = schedule::plan(&shape);
+        let plan = self.take_plan(shape);
         let mut work: Option<Box<dyn DeviceMemory>> = None;
         if use_work {
             let scratch = output
@@ -432,7 +437,17 @@ impl Communicator {
             }
             Ok(())
         });
+        self.last_plan = Some((shape, plan));
         result.map_err(|e| self.fail(&d, seq, e))
+    }
+
+    /// The plan of `shape`: the last call's when the shape is the same (the
+    /// caller puts it back in `last_plan` when done), else a new one.
+    fn take_plan(&mut self, shape: Shape) -> Plan {
+        match self.last_plan.take() {
+            Some((s, p)) if s == shape => p,
+            _ => schedule::plan(&shape),
+        }
     }
 
     /// The ring's shape for `d`, the element count of the buffer it works on,
@@ -473,14 +488,7 @@ impl Communicator {
     ) -> Result<()> {
         let (world, rank) = (self.world, self.rank);
         let bytes = output.len();
-        let (driver, work) = self.driver();
-        let reducer = driver.reducer;
-        if work.len() < bytes * world {
-            work.resize(bytes * world, 0);
-        }
-        let work = &mut work[..bytes * world];
-        work[rank * bytes..(rank + 1) * bytes].copy_from_slice(input.unwrap_or(&*output));
-        let plan = schedule::plan(&Shape {
+        let shape = Shape {
             kind: Kind::AllGather,
             world,
             rank,
@@ -490,7 +498,15 @@ impl Communicator {
             avg: false,
             out_of_place: false,
             slice_elems: d.count,
-        });
+        };
+        let plan = self.take_plan(shape);
+        let (driver, work) = self.driver();
+        let reducer = driver.reducer;
+        if work.len() < bytes * world {
+            work.resize(bytes * world, 0);
+        }
+        let work = &mut work[..bytes * world];
+        work[rank * bytes..(rank + 1) * bytes].copy_from_slice(input.unwrap_or(&*output));
         let result = driver
             .run(&plan, seq, &d, None, Output::Host(work))
             .and_then(|()| {
@@ -503,6 +519,7 @@ impl Communicator {
                 }
                 Ok(())
             });
+        self.last_plan = Some((shape, plan));
         result.map_err(|e| self.fail(&d, seq, e))
     }
 

@@ -181,8 +181,9 @@ pub(crate) fn run(ring: Option<Ring<'_>>, job: Job<'_>) -> Result<(), EngineErro
     let mut recv_hdr = [0u8; HDR];
     let mut recv_pos = 0usize; // bytes of the current frame read, header included
     let mut empty = [0u8; 0];
-    let mut last_progress = Instant::now();
-    // When the current stretch without progress began (for busy-polling).
+    // When the current stretch without progress began: the busy-poll's
+    // start and the deadline's. Set at the first check that moves nothing,
+    // so a call whose bytes are already there reads no clock at all.
     let mut idle_since: Option<Instant> = None;
 
     loop {
@@ -323,7 +324,6 @@ pub(crate) fn run(ring: Option<Ring<'_>>, job: Job<'_>) -> Result<(), EngineErro
             return Ok(());
         }
         if moved {
-            last_progress = Instant::now();
             idle_since = None;
             continue;
         }
@@ -353,7 +353,7 @@ pub(crate) fn run(ring: Option<Ring<'_>>, job: Job<'_>) -> Result<(), EngineErro
             }
             continue;
         }
-        let waited = last_progress.elapsed();
+        let waited = idle;
         let want_read = progress.next_recv(plan);
         if waited >= timeout {
             let peer = if want_read.is_some() {
