@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use oxccl_kernels::{DType, DeviceMemory, KernelError, ReduceOp, Reducer};
 use oxccl_transport::wire::{DESCRIPTOR_LEN, FrameHeader, Tag};
-use oxccl_transport::{Link, TransportError, wait};
+use oxccl_transport::{Link, TransportError, wait_watching};
 
 use crate::schedule::{Commit, Plan, Progress, Src};
 
@@ -383,7 +383,25 @@ pub(crate) fn run(ring: Option<Ring<'_>>, job: Job<'_>) -> Result<(), EngineErro
             None
         };
         let write_link: Option<&dyn Link> = if send_full { Some(&*ring.next) } else { None };
-        wait(read_link, write_link, timeout - waited)?;
+        // Frames still owed to the next rank: watch its link for a hang-up
+        // too, so that its death is noticed now, from its own socket.
+        let watch: Option<&dyn Link> = if write_link.is_none() && progress.sent() < plan.sends.len()
+        {
+            Some(&*ring.next)
+        } else {
+            None
+        };
+        let ready = wait_watching(read_link, write_link, watch, timeout - waited)?;
+        if ready.hung_up {
+            return Err(EngineError::Transport(TransportError::PeerClosed {
+                peer: next_rank,
+                how: format!(
+                    "hung up while {} of {} frames were still to be sent to it",
+                    plan.sends.len() - progress.sent(),
+                    plan.sends.len()
+                ),
+            }));
+        }
     }
 }
 

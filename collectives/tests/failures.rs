@@ -155,6 +155,52 @@ fn a_late_rank_learns_that_its_neighbour_timed_out_on_both_transports() {
 }
 
 #[test]
+fn a_rank_waiting_on_its_previous_rank_notices_its_next_rank_leave() {
+    // Rank 1 has sent its first frame to rank 2 and waits for rank 0, which
+    // is alive but late. Rank 2 then goes away. Rank 1 still owes rank 2 a
+    // frame, so it must notice at once, naming rank 2, and not sit out its
+    // timeout waiting on rank 0.
+    for transport in [Transport::Shm, Transport::Tcp] {
+        let cfg = Config {
+            transport,
+            ..quick(10_000)
+        };
+        let t0 = Instant::now();
+        let out = run_in_process(3, cfg, |comm| {
+            let mut buf = vec![1u32; 4];
+            match comm.rank() {
+                // Leaves (its communicator is dropped) without calling.
+                2 => {
+                    std::thread::sleep(Duration::from_millis(300));
+                    None
+                }
+                1 => {
+                    let e = comm
+                        .all_reduce_in_place(&mut buf, ReduceOp::Sum)
+                        .unwrap_err();
+                    Some((e.to_string(), t0.elapsed()))
+                }
+                _ => {
+                    std::thread::sleep(Duration::from_millis(2500));
+                    let _ = comm.all_reduce_in_place(&mut buf, ReduceOp::Sum);
+                    None
+                }
+            }
+        })
+        .unwrap();
+        let (msg, at) = out[1].clone().unwrap();
+        assert!(
+            msg.contains("rank 2") && msg.contains("closed"),
+            "{transport:?}: {msg}"
+        );
+        assert!(
+            at < Duration::from_millis(2000),
+            "{transport:?}: {at:?}: {msg}"
+        );
+    }
+}
+
+#[test]
 fn abort_handle_stops_a_blocked_collective() {
     let out = run_in_process(2, quick(30_000), |comm| {
         if comm.rank() == 1 {

@@ -27,4 +27,4 @@ pub mod tcp;
 pub mod wire;
 
 pub use error::TransportError;
-pub use link::{Direction, Link, Readiness, ShutdownHandle, StreamLink, wait};
+pub use link::{Direction, Link, Readiness, ShutdownHandle, StreamLink, wait, wait_watching};

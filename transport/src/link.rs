@@ -237,6 +237,9 @@ impl ShutdownHandle {
 pub struct Readiness {
     /// The link waited on for reading has bytes (or an error/hang-up) to report.
     pub readable: bool,
+    /// The link watched for a hang-up ([`wait_watching`]) was closed or reset
+    /// by its peer.
+    pub hung_up: bool,
     /// The link waited on for writing has room (or an error/hang-up) to report.
     pub writable: bool,
 }
@@ -250,9 +253,26 @@ pub fn wait(
     write: Option<&dyn Link>,
     timeout: Duration,
 ) -> Result<Readiness, TransportError> {
-    let mut fds: Vec<PollFd<'_>> = Vec::with_capacity(2);
+    wait_watching(read, write, None, timeout)
+}
+
+/// [`wait`], also returning as soon as the peer of `watch` closes or resets
+/// it ([`Readiness::hung_up`]).
+///
+/// A rank waiting for data from its previous rank still owes frames to its
+/// next one; watching that link means a dead next rank is noticed at once,
+/// from its own socket, instead of later and second-hand (for instance
+/// through the previous rank giving up on the same failure).
+pub fn wait_watching(
+    read: Option<&dyn Link>,
+    write: Option<&dyn Link>,
+    watch: Option<&dyn Link>,
+    timeout: Duration,
+) -> Result<Readiness, TransportError> {
+    let mut fds: Vec<PollFd<'_>> = Vec::with_capacity(3);
     let mut read_idx = None;
     let mut write_idx = None;
+    let mut watch_idx = None;
     let mut ready = Readiness::default();
     let mut armed: Vec<(&dyn Link, Direction)> = Vec::with_capacity(2);
     let arm = |l: &dyn Link, dir: Direction| -> Result<Option<PollFlags>, TransportError> {
@@ -285,6 +305,12 @@ pub fn wait(
         if ready.readable || ready.writable {
             return Ok(ready);
         }
+        if let Some(l) = watch {
+            // Only the peer's close or reset: the bytes (or doorbells) that
+            // may arrive on this socket are not what we wait for.
+            watch_idx = Some(fds.len());
+            fds.push(PollFd::from_borrowed_fd(l.fd(), PollFlags::RDHUP));
+        }
         if fds.is_empty() {
             std::thread::sleep(timeout);
             return Ok(ready);
@@ -302,6 +328,7 @@ pub fn wait(
         Ok(Readiness {
             readable: fired(read_idx),
             writable: fired(write_idx),
+            hung_up: fired(watch_idx),
         })
     })();
     for (l, dir) in armed {
@@ -362,6 +389,30 @@ mod tests {
         let (r, _b) = t.join().unwrap();
         assert!(r.readable);
         drop(a);
+    }
+
+    #[test]
+    fn a_watched_link_wakes_the_waiter_when_its_peer_goes_but_not_for_bytes() {
+        // `b` waits to read from `prev` while watching `next`, whose other
+        // end is `c`.
+        let (_prev_peer, prev) = pair();
+        let (c, next) = pair();
+        // Bytes on the watched link are not a hang-up.
+        let mut c = c;
+        assert_eq!(c.try_write(&[IoSlice::new(b"noise")]).unwrap(), 5);
+        let r = wait_watching(Some(&prev), None, Some(&next), Duration::from_millis(30)).unwrap();
+        assert_eq!(r, Readiness::default());
+        // Its peer's end going away is, at once.
+        let t = std::thread::spawn(move || {
+            let t0 = std::time::Instant::now();
+            let r = wait_watching(Some(&prev), None, Some(&next), Duration::from_secs(10));
+            (r.unwrap(), t0.elapsed())
+        });
+        std::thread::sleep(Duration::from_millis(50));
+        drop(c);
+        let (r, waited) = t.join().unwrap();
+        assert!(r.hung_up && !r.readable && !r.writable, "{r:?}");
+        assert!(waited < Duration::from_secs(5), "woke after {waited:?}");
     }
 
     #[test]

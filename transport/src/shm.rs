@@ -913,6 +913,14 @@ mod tests {
     use crate::wait;
     use std::time::Duration;
 
+    /// Asserts that a transfer failed because rank `peer` went away.
+    fn expect_closed(r: Result<usize, TransportError>, peer: usize) {
+        match r {
+            Err(TransportError::PeerClosed { peer: p, .. }) if p == peer => {}
+            other => panic!("expected PeerClosed from rank {peer}, got {other:?}"),
+        }
+    }
+
     fn soon() -> Instant {
         Instant::now() + Duration::from_secs(10)
     }
@@ -996,14 +1004,8 @@ mod tests {
         // Then the close: the wait returns at once and the read fails.
         let r = wait(Some(&b), None, Duration::from_secs(5)).unwrap();
         assert!(r.readable);
-        match b.try_read(&mut [IoSliceMut::new(&mut buf)]) {
-            Err(TransportError::PeerClosed { peer: 0, .. }) => {}
-            other => panic!("expected PeerClosed from rank 0, got {other:?}"),
-        }
-        match b.try_write(&[IoSlice::new(b"x")]) {
-            Err(TransportError::PeerClosed { peer: 0, .. }) => {}
-            other => panic!("expected PeerClosed from rank 0, got {other:?}"),
-        }
+        expect_closed(b.try_read(&mut [IoSliceMut::new(&mut buf)]), 0);
+        expect_closed(b.try_write(&[IoSlice::new(b"x")]), 0);
     }
 
     #[test]
@@ -1016,21 +1018,24 @@ mod tests {
         assert_eq!(b.try_write(&[IoSlice::new(b"unread")]).unwrap(), 6);
         a.shutdown_handle().unwrap().shutdown();
         let mut buf = [0u8; 32];
-        match b.try_read(&mut [IoSliceMut::new(&mut buf)]) {
-            Err(TransportError::PeerClosed { peer: 0, .. }) => {}
-            other => panic!("expected PeerClosed from rank 0, got {other:?}"),
-        }
-        match b.try_write(&[IoSlice::new(b"x")]) {
-            Err(TransportError::PeerClosed { peer: 0, .. }) => {}
-            other => panic!("expected PeerClosed from rank 0, got {other:?}"),
-        }
+        expect_closed(b.try_read(&mut [IoSliceMut::new(&mut buf)]), 0);
+        expect_closed(b.try_write(&[IoSlice::new(b"x")]), 0);
         let r = wait(Some(&b), None, Duration::from_secs(5)).unwrap();
         assert!(r.readable, "a shut link must not put a waiter to sleep");
         // The side that shut it fails too.
-        match a.try_read(&mut [IoSliceMut::new(&mut buf)]) {
-            Err(TransportError::PeerClosed { peer: 1, .. }) => {}
-            other => panic!("expected an error on the shut side, got {other:?}"),
-        }
+        expect_closed(a.try_read(&mut [IoSliceMut::new(&mut buf)]), 1);
+    }
+
+    #[test]
+    fn a_watched_shm_link_reports_its_peer_going_away() {
+        let (mut a, b) = pair(0, 1, MIN_CAPACITY).unwrap();
+        // Bytes (and the doorbells they may ring) are not a hang-up.
+        assert_eq!(a.try_write(&[IoSlice::new(b"bytes")]).unwrap(), 5);
+        let r = crate::wait_watching(None, None, Some(&b), Duration::from_millis(30)).unwrap();
+        assert!(!r.hung_up, "{r:?}");
+        drop(a);
+        let r = crate::wait_watching(None, None, Some(&b), Duration::from_secs(5)).unwrap();
+        assert!(r.hung_up, "{r:?}");
     }
 
     #[test]
