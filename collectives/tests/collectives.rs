@@ -270,6 +270,58 @@ fn typed_api_shapes() {
 }
 
 #[test]
+fn repeated_and_alternating_calls_reuse_plans_only_where_they_may() {
+    // A communicator keeps the last call's plan: identical calls in a row
+    // reuse it, and every change of shape (count, place, op, kind, the small
+    // path and the ring) must build the right one again.
+    for transport in [Transport::Shm, Transport::Tcp] {
+        let outs = run_in_process(
+            3,
+            Config {
+                transport,
+                ..config(8, 64)
+            },
+            |comm| {
+                let r = comm.rank() as u32;
+                let mut results = Vec::new();
+                for count in [5usize, 5, 6, 5, 40, 40, 5, 1] {
+                    for in_place in [false, true, true, false] {
+                        let input: Vec<u32> = (0..count as u32).map(|i| i * 3 + r).collect();
+                        let mut out = vec![0u32; count];
+                        if in_place {
+                            out.copy_from_slice(&input);
+                            comm.all_reduce_in_place(&mut out, ReduceOp::Sum).unwrap();
+                        } else {
+                            comm.all_reduce(&input, &mut out, ReduceOp::Sum).unwrap();
+                        }
+                        results.push(out);
+                        let mut gathered = vec![0u32; count * 3];
+                        comm.all_gather(&input, &mut gathered).unwrap();
+                        results.push(gathered);
+                    }
+                }
+                results
+            },
+        )
+        .unwrap();
+        for out in &outs {
+            let mut k = 0;
+            for count in [5usize, 5, 6, 5, 40, 40, 5, 1] {
+                let want_sum: Vec<u32> = (0..count as u32).map(|i| 3 * (i * 3) + 3).collect();
+                let want_gather: Vec<u32> = (0..3u32)
+                    .flat_map(|r| (0..count as u32).map(move |i| i * 3 + r))
+                    .collect();
+                for _ in 0..4 {
+                    assert_eq!(out[k], want_sum, "{transport:?} call {k}");
+                    assert_eq!(out[k + 1], want_gather, "{transport:?} call {}", k + 1);
+                    k += 2;
+                }
+            }
+        }
+    }
+}
+
+#[test]
 fn reference_oracle_agrees_with_pattern() {
     // The pattern's expectations and the reference reducer agree on a case
     // computed by hand: 3 ranks, sum, element 0 is 3 + 16 + 29 (mod 17) - 24.
