@@ -237,11 +237,11 @@ impl ShutdownHandle {
 pub struct Readiness {
     /// The link waited on for reading has bytes (or an error/hang-up) to report.
     pub readable: bool,
+    /// The link waited on for writing has room (or an error/hang-up) to report.
+    pub writable: bool,
     /// The link watched for a hang-up ([`wait_watching`]) was closed or reset
     /// by its peer.
     pub hung_up: bool,
-    /// The link waited on for writing has room (or an error/hang-up) to report.
-    pub writable: bool,
 }
 
 /// Waits until `read` is readable or `write` is writable, or `timeout` passes.
@@ -396,9 +396,8 @@ mod tests {
         // `b` waits to read from `prev` while watching `next`, whose other
         // end is `c`.
         let (_prev_peer, prev) = pair();
-        let (c, next) = pair();
+        let (mut c, next) = pair();
         // Bytes on the watched link are not a hang-up.
-        let mut c = c;
         assert_eq!(c.try_write(&[IoSlice::new(b"noise")]).unwrap(), 5);
         let r = wait_watching(Some(&prev), None, Some(&next), Duration::from_millis(30)).unwrap();
         assert_eq!(r, Readiness::default());
