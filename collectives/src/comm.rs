@@ -757,7 +757,7 @@ impl<'a> Driver<'a> {
             next: r.next.as_mut(),
             prev: r.prev.as_mut(),
         });
-        engine::run(
+        let result = engine::run(
             ring,
             Job {
                 plan,
@@ -773,7 +773,15 @@ impl<'a> Driver<'a> {
                 timeout: self.config.timeout,
                 spin: self.config.spin,
             },
-        )
+        );
+        if result.is_ok()
+            && let Some(r) = self.ring.as_mut()
+        {
+            // This call's bytes survive a later abort (see `Link::commit`).
+            r.next.commit();
+            r.prev.commit();
+        }
+        result
     }
 }
 

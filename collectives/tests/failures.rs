@@ -155,6 +155,44 @@ fn a_late_rank_learns_that_its_neighbour_timed_out_on_both_transports() {
 }
 
 #[test]
+fn a_late_rank_completes_the_call_its_neighbours_completed_before_failing() {
+    // Reduce to rank 2 along the chain 0 -> 1 -> 2: rank 1 finishes as soon
+    // as its partial sums are sent, then fails (an abort) while the root,
+    // late, has not read them yet. The root must still complete that reduce
+    // with the right sum, as the other ranks did, and fail only the next
+    // call. Over shared memory an abort discards the bytes of the call in
+    // progress, never those of calls already completed.
+    for transport in [Transport::Shm, Transport::Tcp] {
+        let cfg = Config {
+            transport,
+            ..quick(5_000)
+        };
+        let out = run_in_process(3, cfg, |comm| {
+            let mut x = [comm.rank() as u32 + 7; 16];
+            if comm.rank() == 2 {
+                std::thread::sleep(Duration::from_millis(300));
+            }
+            let first = comm.reduce_in_place(&mut x, ReduceOp::Sum, 2);
+            if comm.rank() == 1 {
+                comm.abort_handle().abort();
+            }
+            let second = comm.barrier().map_err(|e| e.kind());
+            (first.map(|()| x).map_err(|e| e.to_string()), second)
+        })
+        .unwrap();
+        for (rank, (first, second)) in out.into_iter().enumerate() {
+            let want = if rank == 2 {
+                7 + 8 + 9
+            } else {
+                rank as u32 + 7
+            };
+            assert_eq!(first, Ok([want; 16]), "{transport:?}: rank {rank}");
+            assert!(second.is_err(), "{transport:?}: rank {rank}: {second:?}");
+        }
+    }
+}
+
+#[test]
 fn a_rank_waiting_on_its_previous_rank_notices_its_next_rank_leave() {
     // Rank 1 has sent its first frame to rank 2 and waits for rank 0, which
     // is alive but late. Rank 2 then goes away. Rank 1 still owes rank 2 a

@@ -51,6 +51,16 @@ pub trait Link: Send + fmt::Debug {
         false
     }
 
+    /// Marks every byte written so far as part of a completed collective.
+    ///
+    /// A shut-down link fails both sides at once, but a reader still gets the
+    /// committed bytes first: a neighbour that completed a call and then
+    /// failed the next must not take the completed call down with it. Shared
+    /// memory discards the uncommitted rest (the abandoned call); a stream
+    /// socket delivers every byte written before its end anyway, so this does
+    /// nothing there.
+    fn commit(&mut self) {}
+
     /// A handle that can shut the link down from another thread, waking any waiter.
     fn shutdown_handle(&self) -> Result<ShutdownHandle, TransportError>;
 

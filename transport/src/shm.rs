@@ -64,8 +64,9 @@ const HEADER_LEN: usize = 4096;
 /// Offset of the control block of direction `d` (0: creator to opener).
 const CTRL_OFFSET: [usize; 2] = [256, 512];
 /// Offset of the header word that either side sets, non-zero, when it shuts
-/// the link down (an abort): from then on both sides fail every transfer,
-/// whatever bytes the rings still hold.
+/// the link down (an abort): from then on both sides fail every write, and
+/// every read once the committed bytes (see [`Ctrl::committed`]) are read,
+/// whatever else the rings still hold.
 const SHUT: usize = 24;
 /// A long write (or read) publishes its progress at least this often, so
 /// that the other side starts copying out (or refilling) while this side
@@ -81,7 +82,10 @@ pub const MIN_CAPACITY: usize = 4096;
 struct Ctrl {
     /// Bytes ever written (the writer advances it).
     head: AtomicU64,
-    _pad0: [u8; 56],
+    /// Bytes written by completed collectives ([`Link::commit`]): after a
+    /// shutdown the reader still gets these, and only these.
+    committed: AtomicU64,
+    _pad0: [u8; 48],
     /// Bytes ever read (the reader advances it).
     tail: AtomicU64,
     _pad1: [u8; 56],
@@ -395,15 +399,21 @@ impl Link for ShmLink {
     }
 
     fn try_read(&mut self, bufs: &mut [IoSliceMut<'_>]) -> Result<usize, TransportError> {
-        // A shut link fails at once, like a reset socket: the bytes still in
-        // the ring belong to a collective that its sender abandoned.
-        if self.is_shut() {
-            return Err(self.shut_error());
-        }
         let rx = 1 - self.tx;
         let ctrl = self.map.ctrl(rx);
         let tail = ctrl.tail.load(Ordering::Relaxed);
-        let head = ctrl.head.load(Ordering::Acquire);
+        let mut head = ctrl.head.load(Ordering::Acquire);
+        let shut = self.is_shut();
+        if shut {
+            // Like a reset socket, a shut link fails at once, except that the
+            // bytes of collectives the writer completed still arrive: the rest
+            // belongs to a call it abandoned. `committed` never passes `head`
+            // once stored, but may pass the `head` loaded above.
+            head = head.min(ctrl.committed.load(Ordering::Acquire));
+            if head <= tail {
+                return Err(self.shut_error());
+            }
+        }
         let mut avail = self.used(head, tail)?;
         if avail == 0 {
             if self.closed.get() {
@@ -503,6 +513,12 @@ impl Link for ShmLink {
 
     fn cheap_to_poll(&self) -> bool {
         true
+    }
+
+    fn commit(&mut self) {
+        let ctrl = self.map.ctrl(self.tx);
+        ctrl.committed
+            .store(ctrl.head.load(Ordering::Relaxed), Ordering::Release);
     }
 
     fn shutdown_handle(&self) -> Result<ShutdownHandle, TransportError> {
@@ -1024,6 +1040,25 @@ mod tests {
         assert!(r.readable, "a shut link must not put a waiter to sleep");
         // The side that shut it fails too.
         expect_closed(a.try_read(&mut [IoSliceMut::new(&mut buf)]), 1);
+    }
+
+    #[test]
+    fn a_shut_link_still_delivers_the_bytes_of_completed_calls() {
+        // The writer completed one call (commit) and abandoned the next.
+        let (mut a, mut b) = pair(0, 1, MIN_CAPACITY).unwrap();
+        assert_eq!(a.try_write(&[IoSlice::new(b"done.")]).unwrap(), 5);
+        a.commit();
+        assert_eq!(a.try_write(&[IoSlice::new(b"abandoned")]).unwrap(), 9);
+        a.shutdown_handle().unwrap().shutdown();
+        let r = wait(Some(&b), None, Duration::from_secs(5)).unwrap();
+        assert!(r.readable, "a shut link must not put a waiter to sleep");
+        let mut buf = [0u8; 3];
+        assert_eq!(b.try_read(&mut [IoSliceMut::new(&mut buf)]).unwrap(), 3);
+        let mut rest = [0u8; 32];
+        assert_eq!(b.try_read(&mut [IoSliceMut::new(&mut rest)]).unwrap(), 2);
+        assert_eq!((&buf, &rest[..2]), (b"don", &b"e."[..]));
+        expect_closed(b.try_read(&mut [IoSliceMut::new(&mut rest)]), 0);
+        expect_closed(b.try_write(&[IoSlice::new(b"x")]), 0);
     }
 
     #[test]
