@@ -2,11 +2,12 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use oxccl_kernels::cpu::CpuReducer;
 use oxccl_kernels::{DType, DeviceMemory, Element, ReduceOp, Reducer};
 use oxccl_transport::store::{Store, TcpStoreServer};
-use oxccl_transport::{Link, ShutdownHandle, TransportError};
+use oxccl_transport::{Link, ShutdownHandle, TransportError, wait_watching};
 
 use crate::config::Config;
 use crate::descriptor::Descriptor;
@@ -658,7 +659,16 @@ impl Communicator {
             }
             EngineError::Transport(source) => Error::Transport { rank, call, source },
             EngineError::Timeout { what, waited, peer } => {
-                match self.store.try_get(&self.abort_key(peer)) {
+                // Our own cause first, for the ranks that wait on us and
+                // are about to look for it (see `await_report`).
+                let own = Error::Timeout {
+                    rank,
+                    call: call.clone(),
+                    what: what.clone(),
+                    waited,
+                };
+                self.report(rank, &own.to_string());
+                match self.await_report(peer) {
                     // The rank we waited for failed first (often: it timed out
                     // waiting for the rank that is really stuck); its cause is the
                     // better one.
@@ -715,16 +725,46 @@ impl Communicator {
             ),
             other => (rank, other.to_string()),
         };
-        if let Err(store_err) = self.store.set(
-            &self.abort_key(rank),
-            format!("{origin}\n{cause}").as_bytes(),
-        ) {
-            tracing::warn!("rank {rank}: could not report the failure to the store: {store_err}");
-        }
+        self.report(origin, &cause);
         self.abort.abort();
         tracing::warn!("{err}");
         self.poisoned = Some((err.kind(), err.to_string()));
         err
+    }
+
+    /// Tells the other ranks, through the store, that this rank failed
+    /// because `origin` failed with `cause`.
+    fn report(&self, origin: usize, cause: &str) {
+        if let Err(store_err) = self.store.set(
+            &self.abort_key(self.rank),
+            format!("{origin}\n{cause}").as_bytes(),
+        ) {
+            tracing::warn!(
+                "rank {}: could not report the failure to the store: {store_err}",
+                self.rank
+            );
+        }
+    }
+
+    /// After timing out waiting for `peer`: its failure report, if it makes
+    /// one soon. The rank we wait for is often waiting itself, for the rank
+    /// that is really stuck, and times out at about the same moment; giving
+    /// it a grace (half the timeout, at most 5 s) to report lets every rank
+    /// name the stuck one, whichever deadline passed first.
+    fn await_report(&self, peer: usize) -> std::result::Result<Option<Vec<u8>>, ()> {
+        let key = self.abort_key(peer);
+        let grace = (self.config.timeout / 2).min(Duration::from_secs(5));
+        let until = Instant::now() + grace;
+        loop {
+            match self.store.try_get(&key) {
+                Ok(Some(report)) => return Ok(Some(report)),
+                Ok(None) if Instant::now() < until => {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Ok(None) => return Ok(None),
+                Err(_) => return Err(()),
+            }
+        }
     }
 
     fn abort_key(&self, rank: usize) -> String {
@@ -774,14 +814,37 @@ impl<'a> Driver<'a> {
                 spin: self.config.spin,
             },
         );
-        if result.is_ok()
-            && let Some(r) = self.ring.as_mut()
-        {
-            // This call's bytes survive a later abort (see `Link::commit`).
-            r.next.commit();
-            r.prev.commit();
+        let Some(r) = self.ring.as_mut() else {
+            return result;
+        };
+        match result {
+            Ok(()) => {
+                // This call's bytes survive a later abort (see `Link::commit`).
+                r.next.commit();
+                r.prev.commit();
+                Ok(())
+            }
+            Err(EngineError::Transport(TransportError::PeerClosed { peer, how }))
+                if peer == r.prev.peer() && peer != r.next.peer() =>
+            {
+                // Both neighbours may be gone, the previous one because of the
+                // next one's failure (and with the store, if it hosted it):
+                // say so rather than blame the one that happened to be seen
+                // first.
+                let next_gone = wait_watching(None, None, Some(&*r.next), Duration::ZERO)
+                    .is_ok_and(|ready| ready.hung_up);
+                let how = if next_gone {
+                    format!("{how}; rank {} has hung up too", r.next.peer())
+                } else {
+                    how
+                };
+                Err(EngineError::Transport(TransportError::PeerClosed {
+                    peer,
+                    how,
+                }))
+            }
+            Err(e) => Err(e),
         }
-        result
     }
 }
 
