@@ -295,7 +295,8 @@ impl Communicator {
             let mut next = Vec::with_capacity(world);
             let mut prev = Vec::with_capacity(world);
             for r in 0..world {
-                let (a, b) = shm::pair(r, (r + 1) % world, config.shm_bytes).map_err(boot)?;
+                let (mut a, b) = shm::pair(r, (r + 1) % world, config.shm_bytes).map_err(boot)?;
+                a.set_single_copy(config.shm_single_copy);
                 next.push(Box::new(a) as Box<dyn Link>);
                 prev.push(Box::new(b) as Box<dyn Link>);
             }
@@ -430,8 +431,15 @@ fn connect(
             Transport::Tcp => shm::Policy::Never,
             Transport::Shm => shm::Policy::Require,
         };
-        let up = shm::upgrade_ring(next_link, prev_link, policy, config.shm_bytes, deadline)
-            .map_err(boot)?;
+        let up = shm::upgrade_ring(
+            next_link,
+            prev_link,
+            policy,
+            config.shm_bytes,
+            config.shm_single_copy,
+            deadline,
+        )
+        .map_err(boot)?;
         tracing::info!(
             "rank {rank}: to rank {next} over {}; from rank {prev} over {}",
             up.next.describe(),

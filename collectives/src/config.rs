@@ -133,6 +133,11 @@ pub const VARIABLES: &[Variable] = &[
         doc: "Capacity of each direction's ring in a shared-memory link, in bytes (suffixes K, M); both ends must agree.",
     },
     Variable {
+        name: "OXCCL_SHM_SINGLE_COPY",
+        default: "64K",
+        doc: "Over shared memory, buffers of at least this many bytes go by a single copy: the receiver reads them straight from the sender's memory (process_vm_readv, where the kernel allows it) instead of through the ring; 0 disables it.",
+    },
+    Variable {
         name: "OXCCL_SOCKET_BUFFER",
         default: "0 (kernel autotuning)",
         doc: "SO_SNDBUF and SO_RCVBUF of TCP links in bytes; 0 leaves the kernel's autotuning on.",
@@ -187,6 +192,9 @@ pub struct Config {
     pub transport: Transport,
     /// Capacity of each direction's ring of a shared-memory link.
     pub shm_bytes: usize,
+    /// Shared memory: writes of at least this many bytes go by a single copy
+    /// (`None`: never).
+    pub shm_single_copy: Option<usize>,
     /// How long to busy-poll links before sleeping.
     pub spin: Duration,
     /// wgpu: only adapters whose name contains this.
@@ -229,6 +237,7 @@ impl Default for Config {
             socket_buffer: None,
             transport: Transport::Auto,
             shm_bytes: 1 << 20,
+            shm_single_copy: Some(64 * 1024),
             spin: Duration::from_micros(200),
             wgpu_adapter: None,
             wgpu_low_power: false,
@@ -410,6 +419,10 @@ impl Config {
                 ));
             }
             c.shm_bytes = n;
+        }
+        if let Some(v) = env.var("OXCCL_SHM_SINGLE_COPY") {
+            let n = parse_bytes("OXCCL_SHM_SINGLE_COPY", &v)?;
+            c.shm_single_copy = (n > 0).then_some(n);
         }
         if let Some(v) = env.var("OXCCL_SOCKET_ADDR") {
             c.socket_addr =

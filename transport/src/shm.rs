@@ -85,10 +85,23 @@ struct Ctrl {
     /// Bytes written by completed collectives ([`Link::commit`]): after a
     /// shutdown the reader still gets these, and only these.
     committed: AtomicU64,
-    _pad0: [u8; 48],
+    /// Single-copy transfers ever posted by the writer; one is pending while
+    /// this differs from the count the reader completed. Its other words are
+    /// written before this one (release) and stay put until it completes.
+    pull_posted: AtomicU64,
+    /// Ring position at which the pending transfer's bytes enter the stream:
+    /// the ring bytes before it come first, and the ring holds nothing after.
+    pull_at: AtomicU64,
+    /// Address of the pending transfer's bytes in the writer's address space.
+    pull_addr: AtomicU64,
+    /// Its length in bytes.
+    pull_len: AtomicU64,
+    _pad0: [u8; 16],
     /// Bytes ever read (the reader advances it).
     tail: AtomicU64,
-    _pad1: [u8; 56],
+    /// Bytes ever copied by single-copy transfers (the reader advances it).
+    pulled: AtomicU64,
+    _pad1: [u8; 48],
     /// Non-zero while the reader sleeps (or is about to) waiting for bytes.
     reader_waiting: AtomicU32,
     _pad2: [u8; 60],
@@ -100,10 +113,33 @@ struct Ctrl {
 const _: () = assert!(std::mem::size_of::<Ctrl>() == 256);
 const _: () = assert!(CTRL_OFFSET[1] + std::mem::size_of::<Ctrl>() <= HEADER_LEN);
 
+/// Offset of the words that describe the writer of direction `d` for
+/// single-copy transfers: its process id, the address and value of a token
+/// in its memory (the reader's proof that it reads the right process), and
+/// the reader's verdict ([`PULLABLE_YES`] or [`PULLABLE_NO`]; 0: not tried).
+const SOURCE_OFFSET: [usize; 2] = [1024, 1088];
+const SOURCE_PID: usize = 0;
+const SOURCE_TOKEN_ADDR: usize = 8;
+const SOURCE_TOKEN: usize = 16;
+const SOURCE_PULLABLE: usize = 24;
+const PULLABLE_YES: u64 = 1;
+const PULLABLE_NO: u64 = 2;
+const _: () = assert!(SOURCE_OFFSET[1] + 64 <= HEADER_LEN);
+
+/// Writes of at least this many bytes (one buffer of a `try_write`) go by a
+/// single copy when the reader may read this process's memory: the writer
+/// posts the buffer's address and the reader copies it straight into its
+/// own buffer (`process_vm_readv`), instead of one copy into the ring and
+/// one out of it.
+pub const DEFAULT_SINGLE_COPY_BYTES: usize = 64 * 1024;
+
 /// One shared mapping of a whole segment.
 struct Mapping {
     base: NonNull<u8>,
     len: usize,
+    /// A random value at a fixed address of this process: a peer that reads
+    /// it back through `process_vm_readv` knows it may read our memory.
+    token: Box<u64>,
 }
 
 // SAFETY: the mapping is plain memory owned by this value; the raw pointer is
@@ -137,7 +173,74 @@ impl Mapping {
                 std::io::Error::other("mmap returned null"),
             )
         })?;
-        Ok(Mapping { base, len })
+        Ok(Mapping {
+            base,
+            len,
+            token: Box::new(random_u64()),
+        })
+    }
+
+    /// Publishes this process as the writer of direction `dir`, for the
+    /// reader's single-copy probe.
+    fn publish_source(&self, dir: usize) {
+        let at = SOURCE_OFFSET[dir];
+        self.word(at + SOURCE_TOKEN_ADDR)
+            .store(&*self.token as *const u64 as u64, Ordering::Relaxed);
+        self.word(at + SOURCE_TOKEN)
+            .store(*self.token, Ordering::Relaxed);
+        self.word(at + SOURCE_PID)
+            .store(u64::from(std::process::id()), Ordering::Release);
+    }
+
+    /// As the reader of direction `dir`: tries to read the writer's token
+    /// from its memory and records the verdict for the writer.
+    fn probe_source(&self, dir: usize) -> Result<(), String> {
+        let at = SOURCE_OFFSET[dir];
+        let verdict = self.read_token(at);
+        self.word(at + SOURCE_PULLABLE).store(
+            if verdict.is_ok() {
+                PULLABLE_YES
+            } else {
+                PULLABLE_NO
+            },
+            Ordering::Release,
+        );
+        verdict
+    }
+
+    fn read_token(&self, at: usize) -> Result<(), String> {
+        let pid = self.word(at + SOURCE_PID).load(Ordering::Acquire);
+        if pid == 0 {
+            return Err("the writer did not publish its process id".into());
+        }
+        let pid = i32::try_from(pid).map_err(|_| format!("process id {pid} out of range"))?;
+        let addr = self.word(at + SOURCE_TOKEN_ADDR).load(Ordering::Relaxed);
+        let want = self.word(at + SOURCE_TOKEN).load(Ordering::Relaxed);
+        let mut got = 0u64;
+        let local = libc::iovec {
+            iov_base: (&mut got as *mut u64).cast(),
+            iov_len: 8,
+        };
+        let remote = libc::iovec {
+            iov_base: addr as *mut libc::c_void,
+            iov_len: 8,
+        };
+        // SAFETY: `local` describes `got`, 8 writable bytes of ours that live
+        // across the call; `remote` is only read, by the kernel, in the other
+        // process, which checks its permission and the address.
+        let n = unsafe { libc::process_vm_readv(pid, &local, 1, &remote, 1, 0) };
+        if n < 0 {
+            return Err(format!(
+                "process_vm_readv of process {pid}: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        if n != 8 || got != want {
+            return Err(format!(
+                "process {pid} does not hold the token at {addr:#x} (another pid namespace?)"
+            ));
+        }
+        Ok(())
     }
 
     /// The 64-bit word at `offset` (8-aligned, inside the header page).
@@ -193,7 +296,34 @@ pub struct ShmLink {
     /// the room), and reloading it only when it says too little keeps the
     /// reader's cache line out of every small write.
     tail_seen: Cell<u64>,
+    /// Buffers of at least this many bytes go by a single copy when the
+    /// reader may read our memory (`usize::MAX`: never).
+    single_copy_min: usize,
+    /// The reader's verdict on reading our memory, once it gave one.
+    pullable: Cell<u64>,
+    /// As the writer: the single-copy transfer posted and not yet finished.
+    posted: Cell<Option<Posted>>,
+    /// As the writer: transfers posted, and the reader's `pulled` as last loaded.
+    pulls_posted: Cell<u64>,
+    pulled_seen: Cell<u64>,
+    /// As the reader: transfers finished, bytes of the current one copied,
+    /// and bytes ever copied by single copy (our `pulled` word).
+    pulls_done: Cell<u64>,
+    pull_progress: Cell<usize>,
+    pulled_total: Cell<u64>,
+    /// As the reader: the writer's process id, once loaded.
+    source_pid: Cell<i32>,
     description: String,
+}
+
+/// A single-copy transfer the writer posted: the caller's bytes at `addr`,
+/// of which the first `reported` were reported written (the reader copied
+/// them).
+#[derive(Debug, Clone, Copy)]
+struct Posted {
+    addr: usize,
+    len: usize,
+    reported: usize,
 }
 
 impl fmt::Debug for ShmLink {
@@ -220,7 +350,7 @@ impl ShmLink {
             capacity / 1024,
             doorbell.describe()
         );
-        ShmLink {
+        let link = ShmLink {
             peer,
             map: Arc::new(map),
             capacity,
@@ -228,8 +358,195 @@ impl ShmLink {
             doorbell,
             closed: Cell::new(false),
             tail_seen: Cell::new(0),
+            single_copy_min: DEFAULT_SINGLE_COPY_BYTES,
+            pullable: Cell::new(0),
+            posted: Cell::new(None),
+            pulls_posted: Cell::new(0),
+            pulled_seen: Cell::new(0),
+            pulls_done: Cell::new(0),
+            pull_progress: Cell::new(0),
+            pulled_total: Cell::new(0),
+            source_pid: Cell::new(0),
             description,
+        };
+        link.probe();
+        link
+    }
+
+    /// Sends buffers of at least `min_bytes` by a single copy when the peer
+    /// may read this process's memory; `None` never does.
+    pub fn set_single_copy(&mut self, min_bytes: Option<usize>) {
+        self.single_copy_min = min_bytes.map_or(usize::MAX, |m| m.max(1));
+    }
+
+    /// As the reader: checks once whether we may read the writer's memory,
+    /// and tells the writer. Logs why not.
+    fn probe(&self) {
+        let rx = 1 - self.tx;
+        if let Err(why) = self.map.probe_source(rx) {
+            tracing::debug!(
+                "shared-memory link from rank {}: no single copy ({why}); bytes go through the ring",
+                self.peer
+            );
         }
+    }
+
+    /// Whether the reader said it may read our memory.
+    fn may_post(&self) -> bool {
+        if self.pullable.get() == 0 {
+            let v = self.map.word(SOURCE_OFFSET[self.tx] + SOURCE_PULLABLE);
+            self.pullable.set(v.load(Ordering::Acquire));
+        }
+        self.pullable.get() == PULLABLE_YES
+    }
+
+    /// As the writer: reports how many bytes of the posted transfer the
+    /// reader copied since the last call; the caller passes the rest of the
+    /// transfer's bytes as `bufs[0]`.
+    fn poll_posted(&self, posted: Posted, bufs: &[IoSlice<'_>]) -> Result<usize, TransportError> {
+        let pulled = self.map.ctrl(self.tx).pulled.load(Ordering::Acquire);
+        let new = pulled
+            .checked_sub(self.pulled_seen.get())
+            .and_then(|n| usize::try_from(n).ok())
+            .filter(|&n| n <= posted.len - posted.reported)
+            .ok_or_else(|| TransportError::Protocol {
+                peer: self.peer,
+                reason: format!(
+                    "single-copy progress went from {} to {pulled} bytes on a transfer of {}",
+                    self.pulled_seen.get(),
+                    posted.len
+                ),
+            })?;
+        let first = bufs.iter().find(|b| !b.is_empty());
+        let rest_at = posted.addr + posted.reported;
+        match first {
+            Some(b) if b.as_ptr() as usize == rest_at => {
+                let n = new.min(b.len());
+                self.pulled_seen.set(self.pulled_seen.get() + n as u64);
+                let reported = posted.reported + n;
+                self.posted
+                    .set((reported < posted.len).then_some(Posted { reported, ..posted }));
+                Ok(n)
+            }
+            _ => Err(TransportError::io(
+                format!("writing to rank {}", self.peer),
+                std::io::Error::other(format!(
+                    "a single-copy write's remaining bytes moved (expected them at {rest_at:#x}): \
+                     callers must pass the rest of a partial write again, unchanged, at the same address"
+                )),
+            )),
+        }
+    }
+
+    /// As the writer: posts `buf` for the reader to copy, its bytes entering
+    /// the stream at ring position `at`.
+    fn post(&self, ctrl: &Ctrl, at: u64, buf: &[u8]) {
+        ctrl.pull_at.store(at, Ordering::Relaxed);
+        ctrl.pull_addr.store(buf.as_ptr() as u64, Ordering::Relaxed);
+        ctrl.pull_len.store(buf.len() as u64, Ordering::Relaxed);
+        self.pulls_posted.set(self.pulls_posted.get() + 1);
+        self.posted.set(Some(Posted {
+            addr: buf.as_ptr() as usize,
+            len: buf.len(),
+            reported: 0,
+        }));
+        ctrl.pull_posted
+            .store(self.pulls_posted.get(), Ordering::Release);
+        fence(Ordering::SeqCst);
+        if ctrl.reader_waiting.load(Ordering::Relaxed) != 0 {
+            self.ring_doorbell();
+        }
+    }
+
+    /// As the reader: copies up to the rest of the pending transfer straight
+    /// from the writer's memory into `dst` (the unfilled parts of the
+    /// caller's buffers), returning how many bytes.
+    fn pull(&self, ctrl: &Ctrl, dst: &[libc::iovec]) -> Result<usize, TransportError> {
+        let addr = ctrl.pull_addr.load(Ordering::Relaxed);
+        let len = ctrl.pull_len.load(Ordering::Relaxed);
+        let bad = |reason: String| TransportError::Protocol {
+            peer: self.peer,
+            reason,
+        };
+        let left = usize::try_from(len)
+            .ok()
+            .and_then(|l| l.checked_sub(self.pull_progress.get()))
+            .ok_or_else(|| bad(format!("a single-copy transfer of {len} bytes")))?;
+        let want = dst.iter().map(|v| v.iov_len).sum::<usize>().min(left);
+        if want == 0 {
+            return Ok(0);
+        }
+        if self.source_pid.get() == 0 {
+            let pid = self
+                .map
+                .word(SOURCE_OFFSET[1 - self.tx] + SOURCE_PID)
+                .load(Ordering::Acquire);
+            self.source_pid.set(i32::try_from(pid).unwrap_or(0));
+        }
+        let remote = libc::iovec {
+            iov_base: (addr as usize + self.pull_progress.get()) as *mut libc::c_void,
+            iov_len: want,
+        };
+        // SAFETY: every `dst` entry describes unfilled bytes of the caller's
+        // buffers (exclusively borrowed by `try_read` for this call); the
+        // kernel writes at most `want` bytes there. The remote range is only
+        // read, in the writer's process, with the kernel's checks: a bad
+        // address is an error, never an access in ours.
+        let n = unsafe {
+            libc::process_vm_readv(
+                self.source_pid.get(),
+                dst.as_ptr(),
+                dst.len() as libc::c_ulong,
+                &remote,
+                1,
+                0,
+            )
+        };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            return Err(match e.raw_os_error() {
+                Some(libc::ESRCH) => TransportError::PeerClosed {
+                    peer: self.peer,
+                    how: "its process is gone (a single-copy transfer found no process)".into(),
+                },
+                _ => TransportError::io(
+                    format!(
+                        "copying {want} bytes from rank {} (process {}) by single copy",
+                        self.peer,
+                        self.source_pid.get()
+                    ),
+                    e,
+                ),
+            });
+        }
+        // The writer's bytes were valid while it had not given up: an abort
+        // stores SHUT before its caller may touch them again, so a copy that
+        // still sees the link open afterwards copied the bytes it posted.
+        fence(Ordering::SeqCst);
+        if self.is_shut() {
+            return Err(self.shut_error());
+        }
+        if n == 0 {
+            return Err(bad(format!(
+                "a single-copy transfer's bytes at {addr:#x} cannot be read"
+            )));
+        }
+        let n = n as usize;
+        let progress = self.pull_progress.get() + n;
+        self.pulled_total.set(self.pulled_total.get() + n as u64);
+        ctrl.pulled
+            .store(self.pulled_total.get(), Ordering::Release);
+        if progress as u64 == len {
+            self.pull_progress.set(0);
+            self.pulls_done.set(self.pulls_done.get() + 1);
+        } else {
+            self.pull_progress.set(progress);
+        }
+        fence(Ordering::SeqCst);
+        if ctrl.writer_waiting.load(Ordering::Relaxed) != 0 {
+            self.ring_doorbell();
+        }
+        Ok(n)
     }
 
     /// Bytes of the ring of direction `dir` start here.
@@ -348,6 +665,10 @@ impl Link for ShmLink {
         if self.closed.get() {
             return Err(self.closed_error());
         }
+        if let Some(posted) = self.posted.get() {
+            // Nothing else enters the stream before the posted bytes.
+            return self.poll_posted(posted, bufs);
+        }
         let ctrl = self.map.ctrl(self.tx);
         let head = ctrl.head.load(Ordering::Relaxed);
         let mut free = self.capacity - self.used(head, self.tail_seen.get())?;
@@ -365,6 +686,15 @@ impl Link for ShmLink {
         let mut written = 0usize;
         let mut published = 0usize;
         for b in bufs {
+            if b.len() >= self.single_copy_min && self.may_post() {
+                // Everything before it is in the ring (else `free` ran out
+                // and the loop ended): the reader copies this one itself.
+                if written > published {
+                    self.publish_head(ctrl, head + written as u64);
+                }
+                self.post(ctrl, head + written as u64, b);
+                return Ok(written);
+            }
             let mut src: &[u8] = b;
             while !src.is_empty() && free > 0 {
                 let n = src
@@ -403,12 +733,19 @@ impl Link for ShmLink {
         let ctrl = self.map.ctrl(rx);
         let tail = ctrl.tail.load(Ordering::Relaxed);
         let mut head = ctrl.head.load(Ordering::Acquire);
+        // A posted transfer: its bytes follow the ring's up to `pull_at`
+        // (published before it), and the ring holds nothing after.
+        let pending = ctrl.pull_posted.load(Ordering::Acquire) != self.pulls_done.get();
+        if pending {
+            head = ctrl.pull_at.load(Ordering::Relaxed);
+        }
         let shut = self.is_shut();
         if shut {
             // Like a reset socket, a shut link fails at once, except that the
             // bytes of collectives the writer completed still arrive: the rest
-            // belongs to a call it abandoned. `committed` never passes `head`
-            // once stored, but may pass the `head` loaded above.
+            // (a posted transfer included) belongs to a call it abandoned.
+            // `committed` never passes `head` once stored, but may pass the
+            // `head` loaded above.
             head = head.min(ctrl.committed.load(Ordering::Acquire));
             if head <= tail {
                 return Err(self.shut_error());
@@ -416,6 +753,21 @@ impl Link for ShmLink {
         }
         let mut avail = self.used(head, tail)?;
         if avail == 0 {
+            if pending && !shut {
+                let mut dst = [libc::iovec {
+                    iov_base: std::ptr::null_mut(),
+                    iov_len: 0,
+                }; 4];
+                let mut k = 0;
+                for b in bufs.iter_mut().filter(|b| !b.is_empty()).take(dst.len()) {
+                    dst[k] = libc::iovec {
+                        iov_base: b.as_mut_ptr().cast(),
+                        iov_len: b.len(),
+                    };
+                    k += 1;
+                }
+                return self.pull(ctrl, &dst[..k]);
+            }
             if self.closed.get() {
                 return Err(self.closed_error());
             }
@@ -473,6 +825,13 @@ impl Link for ShmLink {
                 ctrl.reader_waiting.store(1, Ordering::Relaxed);
                 fence(Ordering::SeqCst);
                 ctrl.head.load(Ordering::Relaxed) != ctrl.tail.load(Ordering::Relaxed)
+                    || ctrl.pull_posted.load(Ordering::Relaxed) != self.pulls_done.get()
+            }
+            Direction::Write if self.posted.get().is_some() => {
+                let ctrl = self.map.ctrl(self.tx);
+                ctrl.writer_waiting.store(1, Ordering::Relaxed);
+                fence(Ordering::SeqCst);
+                ctrl.pulled.load(Ordering::Relaxed) != self.pulled_seen.get()
             }
             Direction::Write => {
                 let ctrl = self.map.ctrl(self.tx);
@@ -523,12 +882,28 @@ impl Link for ShmLink {
 
     fn shutdown_handle(&self) -> Result<ShutdownHandle, TransportError> {
         let map = Arc::clone(&self.map);
-        let mark = move || map.word(SHUT).store(1, Ordering::Release);
+        let mark = move || {
+            map.word(SHUT).store(1, Ordering::Release);
+            // Before our caller may touch a posted transfer's bytes again
+            // (see `pull`).
+            fence(Ordering::SeqCst);
+        };
         Ok(self.doorbell.shutdown_handle()?.with_hook(Arc::new(mark)))
     }
 
     fn describe(&self) -> String {
         self.description.clone()
+    }
+}
+
+impl Drop for ShmLink {
+    fn drop(&mut self) {
+        if self.posted.get().is_some() {
+            // The posted bytes belong to our caller, who may free them once
+            // we are gone: the reader must not copy them any more.
+            self.map.word(SHUT).store(1, Ordering::Release);
+            fence(Ordering::SeqCst);
+        }
     }
 }
 
@@ -617,6 +992,7 @@ fn create_segment(capacity: usize) -> Result<Created, TransportError> {
     let map = Mapping::map(fd.as_fd(), len)?;
     map.word(8).store(nonce, Ordering::Relaxed);
     map.word(16).store(capacity as u64, Ordering::Relaxed);
+    map.publish_source(0);
     map.word(0).store(MAGIC, Ordering::Release);
     Ok(Created {
         map,
@@ -644,6 +1020,7 @@ fn open_segment(name: &str, nonce: u64, capacity: usize) -> Result<Mapping, Stri
             "{name} holds another segment (nonce or size differ): not the same memory"
         ));
     }
+    map.publish_source(1);
     Ok(map)
 }
 
@@ -721,6 +1098,7 @@ pub fn upgrade_ring(
     prev: StreamLink,
     policy: Policy,
     capacity: usize,
+    single_copy: Option<usize>,
     deadline: Instant,
 ) -> Result<Upgraded, TransportError> {
     let capacity = capacity.max(MIN_CAPACITY);
@@ -815,7 +1193,9 @@ pub fn upgrade_ring(
         Ok(map) => {
             sent?;
             let peer = next.peer();
-            Box::new(ShmLink::new(peer, map, capacity, 1, next, &text))
+            let mut link = ShmLink::new(peer, map, capacity, 1, next, &text);
+            link.set_single_copy(single_copy);
+            Box::new(link)
         }
         Err(reason) => {
             if policy == Policy::Require || peer_policy == Policy::Require {
@@ -901,6 +1281,8 @@ pub fn pair(
         .map_err(|e| TransportError::io("sizing an in-process segment", e.into()))?;
     let map_a = Mapping::map(fd.as_fd(), len)?;
     let map_b = Mapping::map(fd.as_fd(), len)?;
+    map_a.publish_source(0);
+    map_b.publish_source(1);
     let (sa, sb) = std::os::unix::net::UnixStream::pair()
         .map_err(|e| TransportError::io("creating a socket pair", e))?;
     let a = ShmLink::new(
@@ -996,6 +1378,138 @@ mod tests {
         let (a, b) = pair(0, 1, MIN_CAPACITY).unwrap();
         // The other direction of the same kind of segment.
         stream(Box::new(b), Box::new(a), 1_000_000, 70_001);
+    }
+
+    /// What reads how many bytes the reader `b` got by single copy.
+    fn pulled_counter(b: &ShmLink) -> impl Fn() -> u64 + use<> {
+        let (map, rx) = (Arc::clone(&b.map), 1 - b.tx);
+        move || map.ctrl(rx).pulled.load(Ordering::Acquire)
+    }
+
+    #[test]
+    fn single_copy_carries_a_stream_with_partial_copies_and_sleeps() {
+        // Writes of two buffers of up to 35 KB, reads of up to 50 KB, in a
+        // ring of 4 KiB: buffers at the threshold or above go by single
+        // copy (often copied in several reads), the others through the
+        // ring, interleaved; both sides sleep when blocked.
+        for (min, all) in [(1, true), (1000, false), (30_000, false)] {
+            let (mut a, b) = pair(0, 1, MIN_CAPACITY).unwrap();
+            a.set_single_copy(Some(min));
+            let pulled = pulled_counter(&b);
+            stream(Box::new(a), Box::new(b), 3_000_000, 70_001);
+            let got = pulled();
+            if all {
+                assert_eq!(got, 3_000_000, "threshold {min}");
+            } else {
+                assert!(got > 0 && got < 3_000_000, "threshold {min}: {got}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_shut_link_drops_a_posted_transfer_but_delivers_committed_bytes() {
+        let (mut a, mut b) = pair(0, 1, MIN_CAPACITY).unwrap();
+        a.set_single_copy(Some(16));
+        assert_eq!(a.try_write(&[IoSlice::new(b"done.")]).unwrap(), 5);
+        a.commit();
+        let big = [7u8; 100];
+        // Posted, not copied: nothing is reported written yet.
+        assert_eq!(a.try_write(&[IoSlice::new(&big)]).unwrap(), 0);
+        assert_eq!(a.try_write(&[IoSlice::new(&big)]).unwrap(), 0);
+        a.shutdown_handle().unwrap().shutdown();
+        let mut buf = [0u8; 200];
+        assert_eq!(b.try_read(&mut [IoSliceMut::new(&mut buf)]).unwrap(), 5);
+        assert_eq!(&buf[..5], b"done.");
+        expect_closed(b.try_read(&mut [IoSliceMut::new(&mut buf[5..])]), 0);
+        assert!(
+            buf[5..].iter().all(|&x| x == 0),
+            "abandoned bytes were copied"
+        );
+        expect_closed(a.try_write(&[IoSlice::new(&big)]), 1);
+    }
+
+    #[test]
+    fn a_writer_dropped_with_a_posted_transfer_fails_its_reader() {
+        let (mut a, mut b) = pair(0, 1, MIN_CAPACITY).unwrap();
+        a.set_single_copy(Some(16));
+        let big = vec![7u8; 100];
+        assert_eq!(a.try_write(&[IoSlice::new(&big)]).unwrap(), 0);
+        drop(a);
+        drop(big);
+        let mut buf = [0u8; 200];
+        expect_closed(b.try_read(&mut [IoSliceMut::new(&mut buf)]), 0);
+    }
+
+    #[test]
+    fn a_posted_transfer_is_reported_as_the_reader_copies_it() {
+        let (mut a, mut b) = pair(0, 1, MIN_CAPACITY).unwrap();
+        a.set_single_copy(Some(16));
+        let pulled = pulled_counter(&b);
+        let hdr = *b"hdr";
+        let big: Vec<u8> = (0..100u8).collect();
+        // The small buffer goes through the ring, the large one is posted.
+        let bufs = [IoSlice::new(&hdr), IoSlice::new(&big)];
+        assert_eq!(a.try_write(&bufs).unwrap(), 3);
+        // A sleeping writer wakes when the reader copies.
+        assert!(
+            a.arm(Direction::Write).unwrap().is_some(),
+            "nothing copied yet"
+        );
+        a.disarm(Direction::Write);
+        let mut got = [0u8; 40];
+        assert_eq!(
+            b.try_read(&mut [IoSliceMut::new(&mut got[..3])]).unwrap(),
+            3
+        );
+        assert_eq!(&got[..3], b"hdr");
+        assert_eq!(b.try_read(&mut [IoSliceMut::new(&mut got)]).unwrap(), 40);
+        assert_eq!(got[..], big[..40]);
+        assert_eq!(pulled(), 40);
+        assert!(
+            a.arm(Direction::Write).unwrap().is_none(),
+            "40 bytes copied"
+        );
+        a.disarm(Direction::Write);
+        // Reported only through the rest of the same buffer.
+        assert_eq!(a.try_write(&[IoSlice::new(&big[..10])]).unwrap(), 10);
+        assert!(matches!(
+            a.try_write(&[IoSlice::new(&hdr)]),
+            Err(TransportError::Io { .. })
+        ));
+        assert_eq!(a.try_write(&[IoSlice::new(&big[10..])]).unwrap(), 30);
+        assert_eq!(a.try_write(&[IoSlice::new(&big[40..])]).unwrap(), 0);
+        let mut rest = [0u8; 100];
+        assert_eq!(b.try_read(&mut [IoSliceMut::new(&mut rest)]).unwrap(), 60);
+        assert_eq!(rest[..60], big[40..]);
+        assert_eq!(a.try_write(&[IoSlice::new(&big[40..])]).unwrap(), 60);
+        // Done: the ring carries the next bytes again.
+        assert_eq!(a.try_write(&[IoSlice::new(b"after")]).unwrap(), 5);
+        assert_eq!(b.try_read(&mut [IoSliceMut::new(&mut rest)]).unwrap(), 5);
+        assert_eq!(&rest[..5], b"after");
+        assert_eq!(pulled(), 100);
+    }
+
+    #[test]
+    fn a_reader_that_cannot_read_the_writer_keeps_the_ring() {
+        let (mut a, mut b) = pair(0, 1, MIN_CAPACITY).unwrap();
+        a.set_single_copy(Some(16));
+        // As if the writer were another process's namesake: the token differs.
+        let src = SOURCE_OFFSET[a.tx];
+        let token = a.map.word(src + SOURCE_TOKEN);
+        token.store(token.load(Ordering::Relaxed) ^ 1, Ordering::Relaxed);
+        b.probe();
+        a.pullable.set(0);
+        assert_eq!(
+            a.map.word(src + SOURCE_PULLABLE).load(Ordering::Relaxed),
+            PULLABLE_NO
+        );
+        let pulled = pulled_counter(&b);
+        let big = vec![5u8; 1000];
+        assert_eq!(a.try_write(&[IoSlice::new(&big)]).unwrap(), 1000);
+        let mut got = vec![0u8; 1000];
+        assert_eq!(b.try_read(&mut [IoSliceMut::new(&mut got)]).unwrap(), 1000);
+        assert_eq!(got, big);
+        assert_eq!(pulled(), 0);
     }
 
     #[test]
@@ -1132,8 +1646,9 @@ mod tests {
 
     fn upgrade_both(p0: Policy, p1: Policy) -> [Result<Upgraded, TransportError>; 2] {
         let [(n0, q0), (n1, q1)] = ring_of_two();
-        let t = std::thread::spawn(move || upgrade_ring(n1, q1, p1, 8192, soon()));
-        let r0 = upgrade_ring(n0, q0, p0, 8192, soon());
+        let t = std::thread::spawn(move || upgrade_ring(n1, q1, p1, 8192, None, soon()));
+        // Rank 0 sends buffers of 1000 bytes and more by single copy.
+        let r0 = upgrade_ring(n0, q0, p0, 8192, Some(1000), soon());
         [r0, t.join().unwrap()]
     }
 
