@@ -793,6 +793,9 @@ impl<'a> Driver<'a> {
     where
         'a: 'b,
     {
+        if let Some(r) = self.ring.as_mut() {
+            r.next.allow_single_copy(single_copy_pays(d));
+        }
         let ring = self.ring.as_mut().map(|r| Ring {
             next: r.next.as_mut(),
             prev: r.prev.as_mut(),
@@ -845,6 +848,20 @@ impl<'a> Driver<'a> {
             }
             Err(e) => Err(e),
         }
+    }
+}
+
+/// Whether `d` gains from single copies over shared memory (measured on a
+/// 2-core VM, 2 and 4 ranks, benches/RESULTS.md): an allgather, where every
+/// rank copies in and out anyway, gains at every size (1.3 to 2.8 times at
+/// 1 MiB); a broadcast up to 1 MiB gains (1.2 to 2.7 times), beyond it the
+/// ring's two copies on two cores beat one on the receiver (0.65 times at
+/// 16 MiB); reductions lose from 4 MiB (0.7 times at 16 MiB, 2 ranks).
+fn single_copy_pays(d: &Descriptor) -> bool {
+    match d.kind {
+        Kind::AllGather => true,
+        Kind::Broadcast => d.count.saturating_mul(d.dtype.size()) <= 1 << 20,
+        _ => false,
     }
 }
 

@@ -14,13 +14,16 @@ use oxccl_kernels::reference::ReferenceReducer;
 use proptest::prelude::*;
 
 /// `small_bytes` 0 sends every allreduce around the ring; a large one sends
-/// small allreduces through the gather path.
+/// small allreduces through the gather path. Over shared memory, the
+/// collectives that use single copies (allgather, broadcast) use them for
+/// every frame, and the others go through a ring smaller than most frames.
 fn config(slice_bytes: usize, small_bytes: usize) -> Config {
     Config {
         slice_bytes,
         small_bytes,
         timeout: Duration::from_secs(30),
         shm_bytes: 4096,
+        shm_single_copy: Some(1),
         ..Config::default()
     }
 }

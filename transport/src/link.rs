@@ -61,6 +61,13 @@ pub trait Link: Send + fmt::Debug {
     /// nothing there.
     fn commit(&mut self) {}
 
+    /// Whether the following writes may go by single copy, where the link
+    /// offers it (shared memory: the reader copies large buffers straight
+    /// from the writer's memory). The caller decides per collective: a
+    /// single copy halves the bytes copied, but puts all the copying on the
+    /// reader, which only pays when the writer has copying of its own to do.
+    fn allow_single_copy(&mut self, _allowed: bool) {}
+
     /// A handle that can shut the link down from another thread, waking any waiter.
     fn shutdown_handle(&self) -> Result<ShutdownHandle, TransportError>;
 

@@ -299,6 +299,8 @@ pub struct ShmLink {
     /// Buffers of at least this many bytes go by a single copy when the
     /// reader may read our memory (`usize::MAX`: never).
     single_copy_min: usize,
+    /// Whether the caller allows single copies now ([`Link::allow_single_copy`]).
+    single_copy_allowed: bool,
     /// The reader's verdict on reading our memory, once it gave one.
     pullable: Cell<u64>,
     /// As the writer: the single-copy transfer posted and not yet finished.
@@ -359,6 +361,7 @@ impl ShmLink {
             closed: Cell::new(false),
             tail_seen: Cell::new(0),
             single_copy_min: DEFAULT_SINGLE_COPY_BYTES,
+            single_copy_allowed: true,
             pullable: Cell::new(0),
             posted: Cell::new(None),
             pulls_posted: Cell::new(0),
@@ -662,12 +665,17 @@ impl Link for ShmLink {
         if self.is_shut() {
             return Err(self.shut_error());
         }
+        if let Some(posted) = self.posted.get() {
+            // Nothing else enters the stream before the posted bytes. The
+            // reader may have copied them all and then left.
+            let n = self.poll_posted(posted, bufs)?;
+            if n == 0 && self.closed.get() {
+                return Err(self.closed_error());
+            }
+            return Ok(n);
+        }
         if self.closed.get() {
             return Err(self.closed_error());
-        }
-        if let Some(posted) = self.posted.get() {
-            // Nothing else enters the stream before the posted bytes.
-            return self.poll_posted(posted, bufs);
         }
         let ctrl = self.map.ctrl(self.tx);
         let head = ctrl.head.load(Ordering::Relaxed);
@@ -686,7 +694,7 @@ impl Link for ShmLink {
         let mut written = 0usize;
         let mut published = 0usize;
         for b in bufs {
-            if b.len() >= self.single_copy_min && self.may_post() {
+            if b.len() >= self.single_copy_min && self.single_copy_allowed && self.may_post() {
                 // Everything before it is in the ring (else `free` ran out
                 // and the loop ended): the reader copies this one itself.
                 if written > published {
@@ -872,6 +880,10 @@ impl Link for ShmLink {
 
     fn cheap_to_poll(&self) -> bool {
         true
+    }
+
+    fn allow_single_copy(&mut self, allowed: bool) {
+        self.single_copy_allowed = allowed;
     }
 
     fn commit(&mut self) {
@@ -1487,6 +1499,39 @@ mod tests {
         assert_eq!(b.try_read(&mut [IoSliceMut::new(&mut rest)]).unwrap(), 5);
         assert_eq!(&rest[..5], b"after");
         assert_eq!(pulled(), 100);
+    }
+
+    #[test]
+    fn a_transfer_copied_before_the_reader_left_counts_as_written() {
+        let (mut a, mut b) = pair(0, 1, MIN_CAPACITY).unwrap();
+        a.set_single_copy(Some(1));
+        let last = *b"last frame";
+        assert_eq!(a.try_write(&[IoSlice::new(&last)]).unwrap(), 0);
+        let mut got = [0u8; 10];
+        assert_eq!(b.try_read(&mut [IoSliceMut::new(&mut got)]).unwrap(), 10);
+        drop(b);
+        let r = wait(None, Some(&a), Duration::from_secs(5)).unwrap();
+        assert!(r.writable);
+        assert_eq!(a.try_write(&[IoSlice::new(&last)]).unwrap(), 10);
+        expect_closed(a.try_write(&[IoSlice::new(&last)]), 1);
+    }
+
+    #[test]
+    fn single_copy_only_while_the_caller_allows_it() {
+        let (mut a, mut b) = pair(0, 1, MIN_CAPACITY).unwrap();
+        a.set_single_copy(Some(16));
+        let pulled = pulled_counter(&b);
+        let big = vec![5u8; 1000];
+        let mut got = vec![0u8; 1000];
+        a.allow_single_copy(false);
+        assert_eq!(a.try_write(&[IoSlice::new(&big)]).unwrap(), 1000);
+        assert_eq!(b.try_read(&mut [IoSliceMut::new(&mut got)]).unwrap(), 1000);
+        assert_eq!(pulled(), 0);
+        a.allow_single_copy(true);
+        assert_eq!(a.try_write(&[IoSlice::new(&big)]).unwrap(), 0);
+        assert_eq!(b.try_read(&mut [IoSliceMut::new(&mut got)]).unwrap(), 1000);
+        assert_eq!(a.try_write(&[IoSlice::new(&big)]).unwrap(), 1000);
+        assert_eq!((pulled(), &got), (1000, &big));
     }
 
     #[test]
