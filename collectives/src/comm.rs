@@ -793,8 +793,9 @@ impl<'a> Driver<'a> {
     where
         'a: 'b,
     {
+        let single_copy_from = single_copy_from(d, self.world);
         if let Some(r) = self.ring.as_mut() {
-            r.next.allow_single_copy(single_copy_pays(d));
+            r.next.allow_single_copy(single_copy_from == Some(0));
         }
         let ring = self.ring.as_mut().map(|r| Ring {
             next: r.next.as_mut(),
@@ -815,6 +816,7 @@ impl<'a> Driver<'a> {
                 staging: self.staging,
                 timeout: self.config.timeout,
                 spin: self.config.spin,
+                single_copy_from,
             },
         );
         let Some(r) = self.ring.as_mut() else {
@@ -851,17 +853,27 @@ impl<'a> Driver<'a> {
     }
 }
 
-/// Whether `d` gains from single copies over shared memory (measured on a
-/// 2-core VM, 2 and 4 ranks, benches/RESULTS.md): an allgather, where every
-/// rank copies in and out anyway, gains at every size (1.3 to 2.8 times at
-/// 1 MiB); a broadcast up to 1 MiB gains (1.2 to 2.7 times), beyond it the
-/// ring's two copies on two cores beat one on the receiver (0.65 times at
-/// 16 MiB); reductions lose from 4 MiB (0.7 times at 16 MiB, 2 ranks).
-fn single_copy_pays(d: &Descriptor) -> bool {
+/// From which step on the frames of `d` gain from single copies over shared
+/// memory, where the receiver reads them straight from the sender's memory.
+/// Measured on a 2-core VM (benches/RESULTS.md, "Single copy"), where
+/// `process_vm_readv` copies at about 0.65 times memcpy:
+///
+/// * into the receiver's output, one copy beats two through the ring:
+///   allgather at every size (1.2 to 2.8 times), and allreduce's allgather
+///   half (steps `world - 1` on) from 3 ranks (1.2 to 1.4 times at 1 and
+///   4 MiB, 4 ranks; with 2 ranks 0.83 times at 1 and 4 MiB);
+/// * into the staging buffer that a reduction reads next, the ring's second
+///   copy comes from cache and the pair beats one single copy (reductions
+///   lost up to 0.7 times with it);
+/// * a broadcast gains up to 1 MiB (1.2 to 2.7 times); beyond it the ring
+///   splits each byte's two copies between the two sides' cores, while a
+///   single copy puts all of it on the receiver (0.65 times at 16 MiB).
+fn single_copy_from(d: &Descriptor, world: usize) -> Option<u32> {
     match d.kind {
-        Kind::AllGather => true,
-        Kind::Broadcast => d.count.saturating_mul(d.dtype.size()) <= 1 << 20,
-        _ => false,
+        Kind::AllGather => Some(0),
+        Kind::Broadcast if d.count.saturating_mul(d.dtype.size()) <= 1 << 20 => Some(0),
+        Kind::AllReduce if world >= 3 => Some(world as u32 - 1),
+        _ => None,
     }
 }
 

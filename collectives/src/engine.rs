@@ -64,6 +64,9 @@ pub(crate) struct Job<'a> {
     pub timeout: Duration,
     /// How long to busy-poll before sleeping in `poll`.
     pub spin: Duration,
+    /// Frames of this step and later may go by single copy where the link
+    /// offers it ([`Link::allow_single_copy`]); `None`: none may.
+    pub single_copy_from: Option<u32>,
 }
 
 /// Why the engine stopped.
@@ -120,6 +123,7 @@ pub(crate) fn run(ring: Option<Ring<'_>>, job: Job<'_>) -> Result<(), EngineErro
         staging,
         timeout,
         spin,
+        single_copy_from,
     } = job;
     let mut output = output;
     let off = plan.input_offset;
@@ -212,6 +216,9 @@ pub(crate) fn run(ring: Option<Ring<'_>>, job: Job<'_>) -> Result<(), EngineErro
                 }
             };
             if send_pos == 0 {
+                if let Some(from) = single_copy_from {
+                    ring.next.allow_single_copy(s.step >= from);
+                }
                 send_hdr = FrameHeader {
                     tag: Tag {
                         seq,
