@@ -13,6 +13,18 @@
 //! socket. The socket also tells that the peer is gone: when it dies, the
 //! kernel closes it, and a sleeper wakes to the end of the stream.
 //!
+//! Large buffers skip the ring (*single copy*): the writer posts a buffer's
+//! address and length in the control block, anchored at a ring position,
+//! and the reader copies it with `process_vm_readv` straight from the
+//! writer's memory into its own buffer, one copy instead of two. The writer
+//! reports the bytes written only as the reader copies them, so a partial
+//! write means the same as over the ring. Each reader checks once, when the
+//! link is made, that the kernel lets it read the writer (a random token at
+//! a published address; Yama's ptrace scope or separate pid namespaces may
+//! refuse) and tells the writer, which otherwise keeps to the ring. The
+//! caller chooses per write whether single copies are allowed
+//! ([`Link::allow_single_copy`]).
+//!
 //! Segments are POSIX shared-memory objects (`/dev/shm/oxccl-...`): the
 //! receiving side of a ring link creates one, offers its name and a random
 //! nonce over the socket, the sending side maps it and checks the nonce (the
@@ -39,6 +51,13 @@
 //!   a release store that the other side loads with acquire; bytes are copied
 //!   with `copy_nonoverlapping` through raw pointers, never through Rust
 //!   references to the shared memory, which the other process writes.
+//! * A posted transfer's bytes belong to the writer's caller, who leaves
+//!   them alone until they are reported written; they are only read, by the
+//!   kernel, into the reader's own buffers (`process_vm_readv` checks both
+//!   sides). A writer that gives them up before the reader is done (an
+//!   abort, a drop) first marks the link shut, and the reader checks that
+//!   mark after each copy and discards the copy if it is set, so bytes the
+//!   caller may already have reused are never delivered.
 
 use std::cell::Cell;
 use std::ffi::CString;
