@@ -19,6 +19,19 @@ fn quick(timeout_ms: u64) -> Config {
     }
 }
 
+/// [`quick`] over shared memory, then over TCP.
+fn on_each_transport(timeout_ms: u64) -> [(Transport, Config); 2] {
+    [Transport::Shm, Transport::Tcp].map(|transport| {
+        (
+            transport,
+            Config {
+                transport,
+                ..quick(timeout_ms)
+            },
+        )
+    })
+}
+
 #[test]
 fn mismatched_collective_is_an_error_naming_both_calls_on_every_rank() {
     let t0 = Instant::now();
@@ -125,11 +138,7 @@ fn a_late_rank_learns_that_its_neighbour_timed_out_on_both_transports() {
     // timing out are still in flight. Rank 1 must not complete with them: it
     // fails naming rank 0 and its cause, so that no rank reports success for
     // a call another rank reported failed.
-    for transport in [Transport::Shm, Transport::Tcp] {
-        let cfg = Config {
-            transport,
-            ..quick(300)
-        };
+    for (transport, cfg) in on_each_transport(300) {
         let out = run_in_process(2, cfg, |comm| {
             let mut x = [1.0f32];
             if comm.rank() == 1 {
@@ -158,11 +167,7 @@ fn a_late_rank_completes_the_call_its_neighbours_completed_before_failing() {
     // with the right sum, as the other ranks did, and fail only the next
     // call. Over shared memory an abort discards the bytes of the call in
     // progress, never those of calls already completed.
-    for transport in [Transport::Shm, Transport::Tcp] {
-        let cfg = Config {
-            transport,
-            ..quick(5_000)
-        };
+    for (transport, cfg) in on_each_transport(5_000) {
         let out = run_in_process(3, cfg, |comm| {
             let mut x = [comm.rank() as u32 + 7; 16];
             if comm.rank() == 2 {
@@ -194,11 +199,7 @@ fn a_rank_waiting_on_its_previous_rank_notices_its_next_rank_leave() {
     // is alive but late. Rank 2 then goes away. Rank 1 still owes rank 2 a
     // frame, so it must notice at once, naming rank 2, and not sit out its
     // timeout waiting on rank 0.
-    for transport in [Transport::Shm, Transport::Tcp] {
-        let cfg = Config {
-            transport,
-            ..quick(10_000)
-        };
+    for (transport, cfg) in on_each_transport(10_000) {
         let t0 = Instant::now();
         let out = run_in_process(3, cfg, |comm| {
             let mut buf = vec![1u32; 4];
