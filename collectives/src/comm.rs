@@ -664,7 +664,7 @@ impl Communicator {
                 let own = Error::Timeout {
                     rank,
                     call: call.clone(),
-                    what: what.clone(),
+                    what,
                     waited,
                 };
                 self.report(rank, &own.to_string());
@@ -683,12 +683,7 @@ impl Communicator {
                             cause,
                         }
                     }
-                    _ => Error::Timeout {
-                        rank,
-                        call,
-                        what,
-                        waited,
-                    },
+                    _ => own,
                 }
             }
             EngineError::Mismatch {
@@ -793,10 +788,6 @@ impl<'a> Driver<'a> {
     where
         'a: 'b,
     {
-        let single_copy_from = single_copy_from(d, self.world);
-        if let Some(r) = self.ring.as_mut() {
-            r.next.allow_single_copy(single_copy_from == Some(0));
-        }
         let ring = self.ring.as_mut().map(|r| Ring {
             next: r.next.as_mut(),
             prev: r.prev.as_mut(),
@@ -816,7 +807,7 @@ impl<'a> Driver<'a> {
                 staging: self.staging,
                 timeout: self.config.timeout,
                 spin: self.config.spin,
-                single_copy_from,
+                single_copy_from: single_copy_from(d, self.world),
             },
         );
         let Some(r) = self.ring.as_mut() else {

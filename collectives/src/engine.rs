@@ -65,7 +65,8 @@ pub(crate) struct Job<'a> {
     /// How long to busy-poll before sleeping in `poll`.
     pub spin: Duration,
     /// Frames of this step and later may go by single copy where the link
-    /// offers it ([`Link::allow_single_copy`]); `None`: none may.
+    /// offers it ([`Link::allow_single_copy`], set before every frame);
+    /// `None`: none may.
     pub single_copy_from: Option<u32>,
 }
 
@@ -216,9 +217,8 @@ pub(crate) fn run(ring: Option<Ring<'_>>, job: Job<'_>) -> Result<(), EngineErro
                 }
             };
             if send_pos == 0 {
-                if let Some(from) = single_copy_from {
-                    ring.next.allow_single_copy(s.step >= from);
-                }
+                ring.next
+                    .allow_single_copy(single_copy_from.is_some_and(|from| s.step >= from));
                 send_hdr = FrameHeader {
                     tag: Tag {
                         seq,

@@ -213,7 +213,7 @@ impl Mapping {
 
     /// As the reader of direction `dir`: tries to read the writer's token
     /// from its memory and records the verdict for the writer.
-    fn probe_source(&self, dir: usize) -> Result<(), String> {
+    fn probe_source(&self, dir: usize) -> Result<i32, String> {
         let at = SOURCE_OFFSET[dir];
         let verdict = self.read_token(at);
         self.word(at + SOURCE_PULLABLE).store(
@@ -227,7 +227,8 @@ impl Mapping {
         verdict
     }
 
-    fn read_token(&self, at: usize) -> Result<(), String> {
+    /// The writer's process id, once its token is read back.
+    fn read_token(&self, at: usize) -> Result<i32, String> {
         let pid = self.word(at + SOURCE_PID).load(Ordering::Acquire);
         if pid == 0 {
             return Err("the writer did not publish its process id".into());
@@ -259,7 +260,7 @@ impl Mapping {
                 "process {pid} does not hold the token at {addr:#x} (another pid namespace?)"
             ));
         }
-        Ok(())
+        Ok(pid)
     }
 
     /// The 64-bit word at `offset` (8-aligned, inside the header page).
@@ -324,15 +325,12 @@ pub struct ShmLink {
     pullable: Cell<u64>,
     /// As the writer: the single-copy transfer posted and not yet finished.
     posted: Cell<Option<Posted>>,
-    /// As the writer: transfers posted, and the reader's `pulled` as last loaded.
-    pulls_posted: Cell<u64>,
+    /// As the writer: the reader's `pulled` as last loaded.
     pulled_seen: Cell<u64>,
-    /// As the reader: transfers finished, bytes of the current one copied,
-    /// and bytes ever copied by single copy (our `pulled` word).
+    /// As the reader: transfers finished, and bytes of the current one copied.
     pulls_done: Cell<u64>,
     pull_progress: Cell<usize>,
-    pulled_total: Cell<u64>,
-    /// As the reader: the writer's process id, once loaded.
+    /// As the reader: the writer's process id, found by the probe.
     source_pid: Cell<i32>,
     description: String,
 }
@@ -383,11 +381,9 @@ impl ShmLink {
             single_copy_allowed: true,
             pullable: Cell::new(0),
             posted: Cell::new(None),
-            pulls_posted: Cell::new(0),
             pulled_seen: Cell::new(0),
             pulls_done: Cell::new(0),
             pull_progress: Cell::new(0),
-            pulled_total: Cell::new(0),
             source_pid: Cell::new(0),
             description,
         };
@@ -405,11 +401,12 @@ impl ShmLink {
     /// and tells the writer. Logs why not.
     fn probe(&self) {
         let rx = 1 - self.tx;
-        if let Err(why) = self.map.probe_source(rx) {
-            tracing::debug!(
+        match self.map.probe_source(rx) {
+            Ok(pid) => self.source_pid.set(pid),
+            Err(why) => tracing::debug!(
                 "shared-memory link from rank {}: no single copy ({why}); bytes go through the ring",
                 self.peer
-            );
+            ),
         }
     }
 
@@ -466,14 +463,14 @@ impl ShmLink {
         ctrl.pull_at.store(at, Ordering::Relaxed);
         ctrl.pull_addr.store(buf.as_ptr() as u64, Ordering::Relaxed);
         ctrl.pull_len.store(buf.len() as u64, Ordering::Relaxed);
-        self.pulls_posted.set(self.pulls_posted.get() + 1);
         self.posted.set(Some(Posted {
             addr: buf.as_ptr() as usize,
             len: buf.len(),
             reported: 0,
         }));
-        ctrl.pull_posted
-            .store(self.pulls_posted.get(), Ordering::Release);
+        // Only this side writes the count: its own last store is current.
+        let posted = ctrl.pull_posted.load(Ordering::Relaxed) + 1;
+        ctrl.pull_posted.store(posted, Ordering::Release);
         fence(Ordering::SeqCst);
         if ctrl.reader_waiting.load(Ordering::Relaxed) != 0 {
             self.ring_doorbell();
@@ -497,13 +494,6 @@ impl ShmLink {
         let want = dst.iter().map(|v| v.iov_len).sum::<usize>().min(left);
         if want == 0 {
             return Ok(0);
-        }
-        if self.source_pid.get() == 0 {
-            let pid = self
-                .map
-                .word(SOURCE_OFFSET[1 - self.tx] + SOURCE_PID)
-                .load(Ordering::Acquire);
-            self.source_pid.set(i32::try_from(pid).unwrap_or(0));
         }
         let remote = libc::iovec {
             iov_base: (addr as usize + self.pull_progress.get()) as *mut libc::c_void,
@@ -555,9 +545,9 @@ impl ShmLink {
         }
         let n = n as usize;
         let progress = self.pull_progress.get() + n;
-        self.pulled_total.set(self.pulled_total.get() + n as u64);
-        ctrl.pulled
-            .store(self.pulled_total.get(), Ordering::Release);
+        // Only this side writes the count: its own last store is current.
+        let pulled = ctrl.pulled.load(Ordering::Relaxed) + n as u64;
+        ctrl.pulled.store(pulled, Ordering::Release);
         if progress as u64 == len {
             self.pull_progress.set(0);
             self.pulls_done.set(self.pulls_done.get() + 1);
