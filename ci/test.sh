@@ -19,6 +19,10 @@ step "clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 cargo clippy -p oxccl-kernels -p oxccl -p oxccl-benches --all-targets --features wgpu,cuda -- -D warnings
 
+step "torch from PyPI (CPU use), for the torch store and torchrun tests"
+python3 -c 'import torch.distributed.run' 2>/dev/null || python3 -m pip install -q torch==2.15.0
+export OXCCL_REQUIRE_TORCH=1
+
 step "tests: the README's test command"
 cargo test --workspace
 
@@ -46,5 +50,8 @@ step "quick start: the README's main job"
 cargo build --release -p oxccl
 target/release/oxrun -n 4 --timeout 300 -- target/release/oxccl-check -c all_reduce -b 64M
 target/release/oxrun -n 2 --timeout 300 -- target/release/oxccl-check -c all -b 4M
+
+step "launchers: real torchrun, srun, sbatch, mpirun inside salloc, torchrun inside srun"
+bash ci/launchers.sh
 
 step "done"

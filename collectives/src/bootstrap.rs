@@ -4,7 +4,8 @@
 //! Ranks meet through a key-value store: each publishes the address of its
 //! listening socket, connects to the next rank and accepts the previous one
 //! (both handshakes checked, strays refused). Rank 0 serves the TCP store,
-//! or the ranks share a directory ([`Config::file_store`]). Each ring
+//! or the ranks share a directory ([`Config::file_store`]), or, under
+//! torchrun, they are clients of the store torchrun's agent serves. Each ring
 //! connection then offers shared memory ([`Config::transport`]): neighbours
 //! on one host move their bytes through a mapped segment and keep the socket
 //! as doorbell and death notice.
@@ -13,12 +14,14 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use oxccl_transport::store::{FileStore, MemStore, Store, TcpStore, TcpStoreServer};
+use oxccl_transport::store::{
+    FileStore, MemStore, PrefixStore, Store, TcpStore, TcpStoreServer, TorchStore,
+};
 use oxccl_transport::tcp::{self, Listener, TcpOptions};
 use oxccl_transport::{Link, TransportError, inproc, shm};
 
 use crate::comm::{Communicator, Parts, RingLinks};
-use crate::config::{self, Config, Launch, Transport};
+use crate::config::{self, Config, Launch, Rendezvous, Transport};
 use crate::{Error, Result};
 
 /// Prefix of every key oxccl writes to a store.
@@ -170,6 +173,9 @@ impl Communicator {
                 variable: "OXCCL_MASTER_ADDR".into(),
                 reason: format!("cannot resolve '{host}'"),
             })?;
+        if let Rendezvous::Torch { prefix } = &launch.rendezvous {
+            return Communicator::through_torch_store(master, prefix, rank, world, config);
+        }
         let server = if rank == 0 {
             let any = match master.ip() {
                 IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
@@ -203,6 +209,44 @@ impl Communicator {
             job,
             Some(local_ip),
         )
+    }
+
+    /// Rendezvous through a PyTorch `TCPStore` that serves at `master`
+    /// already (torchrun's agent store), as one of its clients.
+    ///
+    /// Keys go under `prefix` and then under a count of the communicators
+    /// this rank made through that store, so that a process that creates
+    /// several communicators in turn (the same order on every rank) never
+    /// reads an earlier one's job id.
+    fn through_torch_store(
+        master: SocketAddr,
+        prefix: &str,
+        rank: usize,
+        world: usize,
+        config: Config,
+    ) -> Result<Communicator> {
+        let deadline = Instant::now() + config.timeout;
+        let store_err = |source| Error::Store { rank, source };
+        let client = TorchStore::connect(master, deadline).map_err(store_err)?;
+        let local_ip = client.local_addr().ip();
+        let client: Arc<dyn Store> = Arc::new(client);
+        let n = client
+            .add(&format!("{prefix}/communicators/{rank}"), 1)
+            .map_err(store_err)?;
+        tracing::info!(
+            "rank {rank}: rendezvous through torchrun's store at {master} (communicator {n} of this rank)"
+        );
+        let store: Arc<dyn Store> = Arc::new(PrefixStore::new(client, &format!("{prefix}/{n}")));
+        let job = if rank == 0 {
+            let job = random_job()?;
+            store
+                .set(&format!("{PREFIX}/job"), &job.to_le_bytes())
+                .map_err(store_err)?;
+            job
+        } else {
+            read_job(store.as_ref(), rank, deadline)?
+        };
+        connect(store, None, rank, world, config, job, Some(local_ip))
     }
 
     /// Creates rank `rank` of a world of `world` from a unique id (NCCL style).

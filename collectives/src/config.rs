@@ -5,11 +5,13 @@
 //! environment: build a [`Config`] with [`Config::from_env`] and change its
 //! fields, or start from [`Config::default`].
 //!
-//! Launchers are recognised by their variables, in this order: our own
+//! Launchers are recognised by their variables, innermost first: our own
 //! (`OXCCL_RANK`, `OXCCL_WORLD_SIZE`), torchrun (`RANK`, `WORLD_SIZE`),
 //! Open MPI (`OMPI_COMM_WORLD_RANK`, `OMPI_COMM_WORLD_SIZE`), PMI
 //! (`PMI_RANK`, `PMI_SIZE`) and Slurm (`SLURM_PROCID`, `SLURM_NTASKS`).
-//! Families that are set must agree; a family set by half is an error.
+//! The first family set wins (the launcher that started this process; the
+//! outer ones are ignored, see [`launch_from_lookup`]); a family set by half
+//! is an error.
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -271,6 +273,22 @@ pub struct Launch {
     pub master: Option<(String, u16)>,
     /// Which launcher's variables were used ("oxccl", "torchrun", ...).
     pub source: &'static str,
+    /// Who serves the rendezvous store at the master address.
+    pub rendezvous: Rendezvous,
+}
+
+/// Who serves the rendezvous store at a launch's master address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rendezvous {
+    /// Rank 0 serves oxccl's TCP store there.
+    Oxccl,
+    /// A PyTorch `TCPStore` serves there already: torchrun's agent, which
+    /// says so with `TORCHELASTIC_USE_AGENT_STORE=True`. Ranks are its
+    /// clients and keep their keys under `prefix` (the run and its restart).
+    Torch {
+        /// Key prefix for this job's attempt.
+        prefix: String,
+    },
 }
 
 /// Reads variables through a lookup function, so that tests need not touch
@@ -519,15 +537,43 @@ const FAMILIES: &[Family] = &[
 ];
 
 /// Reads the rank, world and master address from launcher variables.
+///
+/// Launchers nest: `mpirun` inside an `sbatch` script or `salloc` shell,
+/// torchrun inside `srun`, oxrun inside either. A process sees the variables
+/// of every launcher above it, and only the innermost one (the launcher that
+/// started this process) describes it. [`FAMILIES`] lists them innermost
+/// first: oxrun (or variables set by hand), torchrun, Open MPI, PMI
+/// (MPICH's and Slurm's `--mpi=pmi2`), Slurm. The first family that is set
+/// wins; the outer ones are ignored and logged at info.
 pub fn launch_from_lookup(env: &dyn Env) -> Result<Launch> {
     let mut found: Option<(&Family, usize, usize)> = None;
+    // A family set by half is an error only when no launcher is complete:
+    // `sbatch` without `-n` sets SLURM_PROCID but not SLURM_NTASKS.
+    let mut half: Option<Error> = None;
     for f in FAMILIES {
         let (rank, world) = match (env.var(f.rank), env.var(f.world)) {
             (None, None) => continue,
-            (Some(_), None) => return Err(bad(f.world, format!("is not set, but {} is", f.rank))),
-            (None, Some(_)) => return Err(bad(f.rank, format!("is not set, but {} is", f.world))),
-            (Some(r), Some(w)) => (parse_usize(f.rank, &r)?, parse_usize(f.world, &w)?),
+            (Some(_), None) => {
+                half.get_or_insert_with(|| bad(f.world, format!("is not set, but {} is", f.rank)));
+                continue;
+            }
+            (None, Some(_)) => {
+                half.get_or_insert_with(|| bad(f.rank, format!("is not set, but {} is", f.world)));
+                continue;
+            }
+            (Some(r), Some(w)) => (r, w),
         };
+        if let Some((inner, r0, w0)) = found {
+            tracing::info!(
+                "{}={rank} and {}={world} ({}, an outer launcher) are ignored: {} started this process as rank {r0} of {w0}",
+                f.rank,
+                f.world,
+                f.source,
+                inner.source
+            );
+            continue;
+        }
+        let (rank, world) = (parse_usize(f.rank, &rank)?, parse_usize(f.world, &world)?);
         if world == 0 {
             return Err(bad(f.world, "must be at least 1"));
         }
@@ -537,26 +583,15 @@ pub fn launch_from_lookup(env: &dyn Env) -> Result<Launch> {
                 format!("rank {rank} is not below {}={world}", f.world),
             ));
         }
-        match found {
-            None => found = Some((f, rank, world)),
-            Some((first, r0, w0)) => {
-                if (r0, w0) != (rank, world) {
-                    return Err(bad(
-                        f.rank,
-                        format!(
-                            "{}={rank} and {}={world} contradict {}={r0} and {}={w0}",
-                            f.rank, f.world, first.rank, first.world
-                        ),
-                    ));
-                }
-            }
-        }
+        found = Some((f, rank, world));
     }
     let Some((family, rank, world)) = found else {
-        return Err(bad(
-            "OXCCL_RANK",
-            "no launcher variables found: set OXCCL_RANK and OXCCL_WORLD_SIZE, or start the job with oxrun, torchrun, mpirun or srun",
-        ));
+        return Err(half.unwrap_or_else(|| {
+            bad(
+                "OXCCL_RANK",
+                "no launcher variables found: set OXCCL_RANK and OXCCL_WORLD_SIZE, or start the job with oxrun, torchrun, mpirun or srun",
+            )
+        }));
     };
     let local_rank = match env
         .var(family.local)
@@ -591,12 +626,35 @@ pub fn launch_from_lookup(env: &dyn Env) -> Result<Launch> {
             ));
         }
     };
+    // torchrun's agent serves a TCPStore on MASTER_PORT for its workers
+    // (and keeps it across restarts of the workers).
+    let agent_store = env
+        .var("TORCHELASTIC_USE_AGENT_STORE")
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"));
+    let rendezvous = if family.source == "torchrun" && agent_store {
+        let run = env
+            .var("TORCHELASTIC_RUN_ID")
+            .unwrap_or_else(|| "none".into());
+        let attempt = env
+            .var("TORCHELASTIC_RESTART_COUNT")
+            .unwrap_or_else(|| "0".into());
+        Rendezvous::Torch {
+            prefix: format!(
+                "oxccl/torchelastic/{}/attempt_{}",
+                run.trim(),
+                attempt.trim()
+            ),
+        }
+    } else {
+        Rendezvous::Oxccl
+    };
     Ok(Launch {
         rank,
         world,
         local_rank,
         master,
         source: family.source,
+        rendezvous,
     })
 }
 
@@ -642,6 +700,8 @@ pub fn init_logging(level: &str) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
         .with_writer(std::io::stderr)
+        // No colour codes in files: srun, sbatch and oxrun logs are pipes.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .try_init();
 }
@@ -693,6 +753,94 @@ mod tests {
         }
     }
 
+    /// Launchers nest as clusters use them; the innermost one describes
+    /// this process, whatever the outer ones say.
+    #[test]
+    fn the_innermost_launcher_wins() {
+        // mpirun inside an sbatch script (the batch step is Slurm task 0 of 4).
+        let mpirun_in_sbatch = [
+            ("SLURM_PROCID", "0"),
+            ("SLURM_NTASKS", "4"),
+            ("SLURM_LOCALID", "0"),
+            ("OMPI_COMM_WORLD_RANK", "1"),
+            ("OMPI_COMM_WORLD_SIZE", "4"),
+            ("OMPI_COMM_WORLD_LOCAL_RANK", "1"),
+        ];
+        // torchrun inside srun -n 2: the agent is Slurm task 1 of 2 and
+        // starts 4 workers of a world of 8.
+        let torchrun_in_srun = [
+            ("SLURM_PROCID", "1"),
+            ("SLURM_NTASKS", "2"),
+            ("SLURM_LOCALID", "0"),
+            ("RANK", "6"),
+            ("WORLD_SIZE", "8"),
+            ("LOCAL_RANK", "2"),
+        ];
+        // oxrun inside torchrun inside srun; an sbatch without -n sets
+        // SLURM_PROCID alone.
+        let oxrun_in_everything = [
+            ("SLURM_PROCID", "0"),
+            ("RANK", "0"),
+            ("WORLD_SIZE", "1"),
+            ("OXCCL_RANK", "3"),
+            ("OXCCL_WORLD_SIZE", "5"),
+        ];
+        // MPICH's mpiexec inside salloc -n 3 (which ran on task 2).
+        let mpich_in_salloc = [
+            ("SLURM_PROCID", "2"),
+            ("SLURM_NTASKS", "3"),
+            ("PMI_RANK", "0"),
+            ("PMI_SIZE", "2"),
+        ];
+        let cases: [(&[(&str, &str)], _); 4] = [
+            (&mpirun_in_sbatch, (1, 4, Some(1), "Open MPI")),
+            (&torchrun_in_srun, (6, 8, Some(2), "torchrun")),
+            (&oxrun_in_everything, (3, 5, None, "oxccl")),
+            (&mpich_in_salloc, (0, 2, None, "PMI")),
+        ];
+        for (vars, want) in cases {
+            let l = launch_from_lookup(&env(vars)).unwrap();
+            assert_eq!((l.rank, l.world, l.local_rank, l.source), want, "{vars:?}");
+        }
+        // An outer launcher's garbage is not read at all.
+        let l = launch_from_lookup(&env(&[
+            ("OMPI_COMM_WORLD_RANK", "1"),
+            ("OMPI_COMM_WORLD_SIZE", "2"),
+            ("SLURM_PROCID", "x"),
+            ("SLURM_NTASKS", "0"),
+        ]))
+        .unwrap();
+        assert_eq!((l.rank, l.world), (1, 2));
+    }
+
+    /// Under torchrun the agent's store already holds MASTER_PORT: ranks
+    /// become its clients, with keys under the run and restart.
+    #[test]
+    fn torchrun_agent_store_is_used() {
+        let mut vars = vec![
+            ("RANK", "1"),
+            ("WORLD_SIZE", "2"),
+            ("MASTER_ADDR", "127.0.0.1"),
+            ("MASTER_PORT", "29500"),
+            ("TORCHELASTIC_RUN_ID", "abc"),
+            ("TORCHELASTIC_RESTART_COUNT", "2"),
+        ];
+        let l = launch_from_lookup(&env(&vars)).unwrap();
+        assert_eq!(l.rendezvous, Rendezvous::Oxccl, "no agent store announced");
+        vars.push(("TORCHELASTIC_USE_AGENT_STORE", "True"));
+        let l = launch_from_lookup(&env(&vars)).unwrap();
+        assert_eq!(
+            l.rendezvous,
+            Rendezvous::Torch {
+                prefix: "oxccl/torchelastic/abc/attempt_2".into()
+            }
+        );
+        // oxrun inside torchrun: oxrun's rank 0 serves its own store.
+        vars.extend([("OXCCL_RANK", "0"), ("OXCCL_WORLD_SIZE", "2")]);
+        let l = launch_from_lookup(&env(&vars)).unwrap();
+        assert_eq!((l.source, l.rendezvous), ("oxccl", Rendezvous::Oxccl));
+    }
+
     #[test]
     fn master_from_either_name() {
         let l = launch_from_lookup(&env(&[
@@ -725,13 +873,6 @@ mod tests {
             err(&[("OXCCL_RANK", "x"), ("OXCCL_WORLD_SIZE", "4")])
                 .contains("OXCCL_RANK: 'x' is not a non-negative integer")
         );
-        let e = err(&[
-            ("OXCCL_RANK", "1"),
-            ("OXCCL_WORLD_SIZE", "4"),
-            ("RANK", "2"),
-            ("WORLD_SIZE", "4"),
-        ]);
-        assert!(e.contains("RANK=2") && e.contains("OXCCL_RANK=1"), "{e}");
         let e = err(&[
             ("RANK", "0"),
             ("WORLD_SIZE", "2"),

@@ -105,3 +105,78 @@ fn bad_ranks_are_refused() {
         "{e}"
     );
 }
+
+/// Under torchrun the agent serves a torch TCPStore on MASTER_PORT and
+/// announces it (`TORCHELASTIC_USE_AGENT_STORE=True`): ranks are its clients,
+/// and a process may create several communicators through it in turn.
+/// The agent's store is played by a real torch `TCPStore` in a Python child.
+#[test]
+fn torchrun_agent_store_serves_the_rendezvous() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let required = std::env::var("OXCCL_REQUIRE_TORCH").is_ok_and(|v| v == "1");
+    let server = "import time\nfrom torch.distributed import TCPStore\n\
+                  s = TCPStore('127.0.0.1', 0, is_master=True, wait_for_workers=False)\n\
+                  print(s.port, flush=True)\ntime.sleep(120)\n";
+    let mut child = match Command::new("python3")
+        .args(["-c", server])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            assert!(
+                !required,
+                "OXCCL_REQUIRE_TORCH=1 but python3 cannot start: {e}"
+            );
+            println!("SKIPPED: python3 cannot start ({e}); the torchrun store test did not run");
+            return;
+        }
+    };
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let Ok(port) = line.trim().parse::<u16>() else {
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(
+            !required,
+            "OXCCL_REQUIRE_TORCH=1 but torch's TCPStore did not start"
+        );
+        println!(
+            "SKIPPED: torch is not installed (pip install torch); the torchrun store test did not run"
+        );
+        return;
+    };
+    let ranks: Vec<_> = (0..3)
+        .map(|r| {
+            let vars: HashMap<&str, String> = [
+                ("RANK", r.to_string()),
+                ("WORLD_SIZE", "3".to_string()),
+                ("LOCAL_RANK", r.to_string()),
+                ("MASTER_ADDR", "127.0.0.1".to_string()),
+                ("MASTER_PORT", port.to_string()),
+                ("TORCHELASTIC_USE_AGENT_STORE", "True".to_string()),
+                ("TORCHELASTIC_RUN_ID", "test".to_string()),
+                ("TORCHELASTIC_RESTART_COUNT", "0".to_string()),
+            ]
+            .into_iter()
+            .collect();
+            let launch = launch_from_lookup(&move |k: &str| vars.get(k).cloned()).unwrap();
+            std::thread::spawn(move || {
+                // Two communicators in turn, then one more while the second
+                // is alive: each finds its own peers.
+                let first = sum(Communicator::from_launch(&launch, config()).unwrap());
+                let second = Communicator::from_launch(&launch, config()).unwrap();
+                let third = sum(Communicator::from_launch(&launch, config()).unwrap());
+                (first, sum(second), third)
+            })
+        })
+        .collect();
+    let results: Vec<_> = ranks.into_iter().map(|t| t.join().unwrap()).collect();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(results, vec![(6, 6, 6); 3]);
+}

@@ -10,7 +10,10 @@
 //! * [`MemStore`]: in one process (tests, ranks that are threads);
 //! * [`TcpStoreServer`] and [`TcpStore`]: rank 0 serves, every rank is a
 //!   client;
-//! * [`FileStore`]: a directory on a file system all ranks share.
+//! * [`FileStore`]: a directory on a file system all ranks share;
+//! * [`TorchStore`]: a client of PyTorch's `TCPStore` (torchrun's agent
+//!   serves one on `MASTER_PORT`);
+//! * [`PrefixStore`]: another store's keys under a prefix.
 //!
 //! Counters written by [`Store::add`] are stored as 8-byte little-endian
 //! `i64` values, so [`Store::get`] of a counter key returns those 8 bytes
@@ -21,10 +24,12 @@ use std::time::{Duration, Instant};
 mod file;
 mod mem;
 mod tcp;
+mod torch;
 
 pub use file::FileStore;
 pub use mem::MemStore;
 pub use tcp::{TCP_MAX_LEN, TcpStore, TcpStoreServer};
+pub use torch::{TORCH_MAX_KEY, TORCH_MAX_VALUE, TorchStore};
 
 /// A key-value store that ranks rendezvous through.
 ///
@@ -43,6 +48,47 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Short description for logs and errors, e.g. "tcp store
     /// 127.0.0.1:29500" or "file store /path".
     fn describe(&self) -> String;
+}
+
+/// Another store's keys under a prefix: `key` is `prefix` + `key` there.
+/// Jobs, restarts and communicators that share one server keep apart this
+/// way, as torch's `PrefixStore` does.
+#[derive(Debug)]
+pub struct PrefixStore {
+    inner: std::sync::Arc<dyn Store>,
+    prefix: String,
+}
+
+impl PrefixStore {
+    /// Keys of `inner` under `prefix` (joined with a `/`).
+    pub fn new(inner: std::sync::Arc<dyn Store>, prefix: &str) -> PrefixStore {
+        PrefixStore {
+            inner,
+            prefix: format!("{}/", prefix.trim_end_matches('/')),
+        }
+    }
+
+    fn key(&self, key: &str) -> String {
+        format!("{}{key}", self.prefix)
+    }
+}
+
+impl Store for PrefixStore {
+    fn set(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        self.inner.set(&self.key(key), value)
+    }
+    fn get(&self, key: &str, deadline: Instant) -> Result<Vec<u8>, StoreError> {
+        self.inner.get(&self.key(key), deadline)
+    }
+    fn try_get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner.try_get(&self.key(key))
+    }
+    fn add(&self, key: &str, delta: i64) -> Result<i64, StoreError> {
+        self.inner.add(&self.key(key), delta)
+    }
+    fn describe(&self) -> String {
+        format!("{} (keys under {:?})", self.inner.describe(), self.prefix)
+    }
 }
 
 /// Errors of rendezvous stores. Every message names the store, and the key
@@ -303,6 +349,27 @@ pub(crate) mod tests {
         assert_eq!(stores[0].add("counter", 0).unwrap(), 800);
         let value = stores[0].get("counter", soon(1000)).unwrap();
         assert_eq!(decode_counter(&value), Some(800));
+    }
+
+    #[test]
+    fn prefix_store_keeps_keys_apart() {
+        let inner: Arc<dyn Store> = Arc::new(crate::store::MemStore::new());
+        let a = PrefixStore::new(inner.clone(), "job/a/");
+        let b = PrefixStore::new(inner.clone(), "job/b");
+        assert_eq!(a.add("n", 2).unwrap(), 2);
+        assert_eq!(a.add("n", 3).unwrap(), 5);
+        a.set("k", b"from a").unwrap();
+        b.set("k", b"from b").unwrap();
+        assert_eq!(
+            inner.try_get("job/a/k").unwrap().as_deref(),
+            Some(&b"from a"[..])
+        );
+        assert_eq!(b.get("k", soon(100)).unwrap(), b"from b");
+        assert!(b.try_get("n").unwrap().is_none(), "a's counter is not b's");
+        assert!(b.describe().contains("job/b/"));
+        // Errors name the key as the inner store holds it.
+        let e = b.get("never", soon(10)).unwrap_err().to_string();
+        assert!(e.contains("job/b/never"), "{e}");
     }
 
     #[test]

@@ -76,7 +76,7 @@ fn read_u32(r: &mut impl Read) -> io::Result<u32> {
     Ok(u32::from_le_bytes(b))
 }
 
-fn read_u64(r: &mut impl Read) -> io::Result<u64> {
+pub(super) fn read_u64(r: &mut impl Read) -> io::Result<u64> {
     let mut b = [0; 8];
     r.read_exact(&mut b)?;
     Ok(u64::from_le_bytes(b))
@@ -84,7 +84,7 @@ fn read_u64(r: &mut impl Read) -> io::Result<u64> {
 
 /// Reads exactly `len` bytes, growing the buffer only as bytes arrive (a
 /// peer that announces 64 MiB and sends nothing costs nothing).
-fn read_bytes(r: &mut impl Read, len: usize) -> io::Result<Vec<u8>> {
+pub(super) fn read_bytes(r: &mut impl Read, len: usize) -> io::Result<Vec<u8>> {
     let mut buf = Vec::with_capacity(len.min(64 << 10));
     r.take(len as u64).read_to_end(&mut buf)?;
     if buf.len() != len {
@@ -440,39 +440,49 @@ fn retryable_connect_error(e: &io::Error) -> bool {
     )
 }
 
+/// Connects to `addr`, retrying while nothing listens there yet (the server
+/// may start after its clients) until `deadline`.
+pub(super) fn connect_retrying(
+    addr: SocketAddr,
+    store: &str,
+    deadline: Instant,
+) -> Result<TcpStream, StoreError> {
+    let start = Instant::now();
+    let mut backoff = Duration::from_millis(20);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let attempt = left.clamp(Duration::from_millis(100), Duration::from_secs(5));
+        match TcpStream::connect_timeout(&addr, attempt) {
+            Ok(stream) => return Ok(stream),
+            Err(e) if retryable_connect_error(&e) => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(StoreError::Unreachable {
+                        store: store.to_owned(),
+                        waited: start.elapsed(),
+                        source: e,
+                    });
+                }
+                std::thread::sleep(backoff.min(left));
+                backoff = (backoff * 3 / 2).min(Duration::from_millis(50));
+            }
+            Err(source) => {
+                return Err(StoreError::Io {
+                    what: format!("connecting to {store}"),
+                    source,
+                });
+            }
+        }
+    }
+}
+
 impl TcpStore {
     /// Connects to the server at `addr`, retrying while nothing listens
     /// there yet (rank 0 may start its server after the others start) until
     /// `deadline`.
     pub fn connect(addr: SocketAddr, deadline: Instant) -> Result<TcpStore, StoreError> {
         let store = describe_addr(addr);
-        let start = Instant::now();
-        let mut backoff = Duration::from_millis(20);
-        let stream = loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let attempt = left.clamp(Duration::from_millis(100), Duration::from_secs(5));
-            match TcpStream::connect_timeout(&addr, attempt) {
-                Ok(stream) => break stream,
-                Err(e) if retryable_connect_error(&e) => {
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
-                        return Err(StoreError::Unreachable {
-                            store,
-                            waited: start.elapsed(),
-                            source: e,
-                        });
-                    }
-                    std::thread::sleep(backoff.min(left));
-                    backoff = (backoff * 3 / 2).min(Duration::from_millis(50));
-                }
-                Err(source) => {
-                    return Err(StoreError::Io {
-                        what: format!("connecting to {store}"),
-                        source,
-                    });
-                }
-            }
-        };
+        let stream = connect_retrying(addr, &store, deadline)?;
         let io = |doing: &'static str| {
             let store = store.clone();
             move |source| StoreError::Io {

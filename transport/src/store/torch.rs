@@ -1,0 +1,448 @@
+//! A client of PyTorch's `TCPStore`, so that oxccl rendezvous through the
+//! store a torch launcher already serves.
+//!
+//! torchrun's agent serves a `TCPStore` on `MASTER_ADDR:MASTER_PORT` and
+//! tells its workers so (`TORCHELASTIC_USE_AGENT_STORE=True`); a worker that
+//! tried to serve its own store on that port would find it taken. A
+//! [`TorchStore`] speaks torch's protocol as a client instead, the way
+//! torch's own workers do.
+//!
+//! # Protocol
+//!
+//! As torch's client writes it (`torch/csrc/distributed/c10d/TCPStore.cpp`
+//! and its server backends): integers in the host's byte order (little-endian
+//! on every platform torch ships for), strings and byte vectors as a `u64`
+//! length and the bytes. A request is a `u8` query type and its arguments:
+//!
+//! | query | arguments | reply |
+//! |---|---|---|
+//! | validate (0) | `magic: u32` = `0x3C85F7CE` (first request of a connection) | none |
+//! | set (1) | key, value | none |
+//! | get (3) | key (present: waited for first) | value |
+//! | add (4) | key, `delta: i64` | `new: i64` |
+//! | check (5) | `n: u64`, n keys | `u8`: 0 ready, 1 not ready |
+//! | wait (6) | `n: u64`, n keys | `u8` 0 (stop waiting) once all are set |
+//! | cancel wait (12) | nothing | `u8` 1 (wait canceled) |
+//! | ping (13) | `nonce: u32` | the same nonce |
+//!
+//! torch's clients put `/` before every key on the wire (so that a key `k`
+//! set by torch's Python `TCPStore.set("k", ...)` is `/k` at the server);
+//! this client does the same, so that the two read each other's keys.
+//!
+//! torch's server takes keys of at most 8 KiB and values of at most 8 MiB;
+//! this client refuses larger ones before sending. Counters made by
+//! [`Store::add`] hold the decimal text of the number in torch's store, not
+//! the 8-byte form of oxccl's own stores: read them with [`Store::add`] of 0.
+
+use std::io::{self, BufReader, ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use super::tcp::{connect_retrying, read_bytes, read_u64};
+use super::{Store, StoreError, short_key};
+
+const VALIDATE: u8 = 0;
+const SET: u8 = 1;
+const GET: u8 = 3;
+const ADD: u8 = 4;
+const CHECK: u8 = 5;
+const WAIT: u8 = 6;
+const CANCEL_WAIT: u8 = 12;
+const PING: u8 = 13;
+
+const MAGIC: u32 = 0x3C85_F7CE;
+const READY: u8 = 0;
+const STOP_WAITING: u8 = 0;
+const WAIT_CANCELED: u8 = 1;
+
+/// The longest key torch's server accepts.
+pub const TORCH_MAX_KEY: usize = 8 << 10;
+/// The longest value torch's server accepts.
+pub const TORCH_MAX_VALUE: usize = 8 << 20;
+
+/// How long a reply may take (other than a wait's), and the handshake.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A client of a PyTorch `TCPStore` server (torchrun's agent store, or one
+/// a torch program serves). One connection, shared by the threads that use
+/// it; a request that fails half-way leaves the connection unusable, so that
+/// a late reply is never taken for the next request's.
+#[derive(Debug)]
+pub struct TorchStore {
+    server: SocketAddr,
+    local: SocketAddr,
+    conn: Mutex<Conn>,
+}
+
+#[derive(Debug)]
+struct Conn {
+    writer: TcpStream,
+    reader: BufReader<TcpStream>,
+    broken: Option<String>,
+}
+
+fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
+    out.extend_from_slice(&(b.len() as u64).to_le_bytes());
+    out.extend_from_slice(b);
+}
+
+/// Puts a key as torch's client does: `/` and the key.
+fn put_key(out: &mut Vec<u8>, key: &str) {
+    out.extend_from_slice(&(key.len() as u64 + 1).to_le_bytes());
+    out.push(b'/');
+    out.extend_from_slice(key.as_bytes());
+}
+
+fn keys_request(op: u8, keys: &[&str]) -> Vec<u8> {
+    let mut r = vec![op];
+    r.extend_from_slice(&(keys.len() as u64).to_le_bytes());
+    for k in keys {
+        put_key(&mut r, k);
+    }
+    r
+}
+
+fn read_u8(r: &mut impl Read) -> io::Result<u8> {
+    let mut b = [0; 1];
+    r.read_exact(&mut b)?;
+    Ok(b[0])
+}
+
+fn timed_out(e: &io::Error) -> bool {
+    matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut)
+}
+
+impl TorchStore {
+    /// Connects to the torch store at `addr` (retrying while nothing listens
+    /// there yet, until `deadline`), validates the connection as torch's
+    /// client does, and checks with a ping that a torch store answers.
+    pub fn connect(addr: SocketAddr, deadline: Instant) -> Result<TorchStore, StoreError> {
+        let store = describe_addr(addr);
+        let stream = connect_retrying(addr, &store, deadline)?;
+        let io = |doing: &'static str| {
+            let store = store.clone();
+            move |source| StoreError::Io {
+                what: format!("{doing} {store}"),
+                source,
+            }
+        };
+        stream
+            .set_nodelay(true)
+            .map_err(io("setting TCP_NODELAY on connection to"))?;
+        stream
+            .set_write_timeout(Some(REPLY_TIMEOUT))
+            .map_err(io("setting write timeout on connection to"))?;
+        let local = stream
+            .local_addr()
+            .map_err(io("reading local address of connection to"))?;
+        let wait = deadline
+            .saturating_duration_since(Instant::now())
+            .clamp(Duration::from_secs(1), REPLY_TIMEOUT);
+        stream
+            .set_read_timeout(Some(wait))
+            .map_err(io("setting read timeout on connection to"))?;
+        let reader = stream.try_clone().map_err(io("cloning connection to"))?;
+        let mut conn = Conn {
+            writer: stream,
+            reader: BufReader::new(reader),
+            broken: None,
+        };
+        let nonce = std::process::id();
+        let mut hello = vec![VALIDATE];
+        hello.extend_from_slice(&MAGIC.to_le_bytes());
+        hello.push(PING);
+        hello.extend_from_slice(&nonce.to_le_bytes());
+        conn.writer
+            .write_all(&hello)
+            .map_err(io("sending handshake to"))?;
+        let mut echo = [0; 4];
+        conn.reader.read_exact(&mut echo).map_err(|e| {
+            StoreError::Protocol(format!(
+                "{store} did not answer a torch TCPStore ping ({e}): is a torch store \
+                 (torchrun's agent) serving there?"
+            ))
+        })?;
+        if u32::from_le_bytes(echo) != nonce {
+            return Err(StoreError::Protocol(format!(
+                "{store} answered a ping with {:02x?}, not its nonce: not a torch TCPStore",
+                echo
+            )));
+        }
+        tracing::debug!(server = %addr, %local, "connected to torch store");
+        Ok(TorchStore {
+            server: addr,
+            local,
+            conn: Mutex::new(conn),
+        })
+    }
+
+    /// The local address of this client's connection: the interface that
+    /// routes to the server.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    fn check_key(&self, key: &str) -> Result<(), StoreError> {
+        self.check_len(key, "key", key.len() + 1, TORCH_MAX_KEY)
+    }
+
+    fn check_len(
+        &self,
+        key: &str,
+        what: &'static str,
+        len: usize,
+        max: usize,
+    ) -> Result<(), StoreError> {
+        if len > max {
+            return Err(StoreError::TooLarge {
+                key: short_key(key),
+                what,
+                len,
+                max,
+                store: self.describe(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Runs `f` on the connection; an error marks it broken for good.
+    fn with_conn<T>(
+        &self,
+        op: &str,
+        key: &str,
+        f: impl FnOnce(&mut Conn) -> io::Result<T>,
+    ) -> Result<T, StoreError> {
+        let mut conn = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(why) = &conn.broken {
+            return Err(StoreError::Closed {
+                store: self.describe(),
+                detail: why.clone(),
+            });
+        }
+        match f(&mut conn) {
+            Ok(v) => Ok(v),
+            Err(source) => {
+                let store = self.describe();
+                let err = match source.kind() {
+                    ErrorKind::UnexpectedEof
+                    | ErrorKind::ConnectionReset
+                    | ErrorKind::ConnectionAborted
+                    | ErrorKind::BrokenPipe => StoreError::Closed {
+                        store,
+                        detail: format!(
+                            "server closed the connection during {op} of key {:?}: {source}",
+                            short_key(key)
+                        ),
+                    },
+                    ErrorKind::InvalidData => StoreError::Protocol(format!(
+                        "{store}: {op} of key {:?}: {source}",
+                        short_key(key)
+                    )),
+                    _ => StoreError::Io {
+                        what: format!("{op} of key {:?} in {store}", short_key(key)),
+                        source,
+                    },
+                };
+                conn.broken = Some(err.to_string());
+                Err(err)
+            }
+        }
+    }
+
+    /// Reads a `u64` length and that many bytes (a value).
+    fn read_value(r: &mut impl Read) -> io::Result<Vec<u8>> {
+        let len = read_u64(r)?;
+        if len > TORCH_MAX_VALUE as u64 {
+            return Err(io::Error::new(
+                ErrorKind::InvalidData,
+                format!(
+                    "reply announces a value of {len} bytes, over the limit of {TORCH_MAX_VALUE}"
+                ),
+            ));
+        }
+        read_bytes(r, len as usize)
+    }
+
+    /// Waits for `key` until `deadline`; `Ok(false)` if it is not set by then.
+    fn wait(&self, key: &str, deadline: Instant) -> Result<bool, StoreError> {
+        self.with_conn("wait", key, |c| {
+            c.writer.set_read_timeout(Some(REPLY_TIMEOUT))?;
+            c.writer.write_all(&keys_request(WAIT, &[key]))?;
+            let left = deadline.saturating_duration_since(Instant::now());
+            c.writer
+                .set_read_timeout(Some(left.max(Duration::from_millis(1))))?;
+            match read_u8(&mut c.reader) {
+                Ok(STOP_WAITING) => return Ok(true),
+                Ok(other) => return Err(bad_reply(format!("wait answered {other}"))),
+                Err(e) if timed_out(&e) => {}
+                Err(e) => return Err(e),
+            }
+            // As torch's client does: cancel, then read the cancellation
+            // (after a "stop waiting" that crossed it on the wire).
+            c.writer.set_read_timeout(Some(REPLY_TIMEOUT))?;
+            c.writer.write_all(&[CANCEL_WAIT])?;
+            match read_u8(&mut c.reader)? {
+                WAIT_CANCELED => Ok(false),
+                STOP_WAITING => match read_u8(&mut c.reader)? {
+                    WAIT_CANCELED => Ok(true),
+                    other => Err(bad_reply(format!("cancel wait answered {other}"))),
+                },
+                other => Err(bad_reply(format!("cancel wait answered {other}"))),
+            }
+        })
+    }
+
+    fn get_present(&self, key: &str) -> Result<Vec<u8>, StoreError> {
+        let mut request = vec![GET];
+        put_key(&mut request, key);
+        self.with_conn("get", key, |c| {
+            c.writer.set_read_timeout(Some(REPLY_TIMEOUT))?;
+            c.writer.write_all(&request)?;
+            TorchStore::read_value(&mut c.reader)
+        })
+    }
+}
+
+fn bad_reply(detail: String) -> io::Error {
+    io::Error::new(ErrorKind::InvalidData, format!("malformed reply: {detail}"))
+}
+
+fn describe_addr(addr: SocketAddr) -> String {
+    format!("torch store {addr}")
+}
+
+impl Store for TorchStore {
+    fn set(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        self.check_key(key)?;
+        self.check_len(key, "value", value.len(), TORCH_MAX_VALUE)?;
+        let mut request = Vec::with_capacity(17 + key.len() + value.len());
+        request.push(SET);
+        put_key(&mut request, key);
+        put_bytes(&mut request, value);
+        // Set has no reply; a ping after it confirms the server took it, so
+        // that an error surfaces here and not at a later request.
+        request.push(PING);
+        request.extend_from_slice(&std::process::id().to_le_bytes());
+        self.with_conn("set", key, |c| {
+            c.writer.set_read_timeout(Some(REPLY_TIMEOUT))?;
+            c.writer.write_all(&request)?;
+            let mut echo = [0; 4];
+            c.reader.read_exact(&mut echo)?;
+            if u32::from_le_bytes(echo) != std::process::id() {
+                return Err(bad_reply(format!("ping after set answered {echo:02x?}")));
+            }
+            Ok(())
+        })
+    }
+
+    fn get(&self, key: &str, deadline: Instant) -> Result<Vec<u8>, StoreError> {
+        self.check_key(key)?;
+        let start = Instant::now();
+        if !self.wait(key, deadline)? {
+            return Err(StoreError::Timeout {
+                key: key.to_owned(),
+                waited: start.elapsed(),
+                store: self.describe(),
+            });
+        }
+        self.get_present(key)
+    }
+
+    fn try_get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.check_key(key)?;
+        let ready = self.with_conn("check", key, |c| {
+            c.writer.set_read_timeout(Some(REPLY_TIMEOUT))?;
+            c.writer.write_all(&keys_request(CHECK, &[key]))?;
+            Ok(read_u8(&mut c.reader)? == READY)
+        })?;
+        // Keys are never deleted by oxccl, so a present key stays present.
+        if ready {
+            self.get_present(key).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+
+    fn add(&self, key: &str, delta: i64) -> Result<i64, StoreError> {
+        self.check_key(key)?;
+        let mut request = vec![ADD];
+        put_key(&mut request, key);
+        request.extend_from_slice(&delta.to_le_bytes());
+        self.with_conn("add", key, |c| {
+            c.writer.set_read_timeout(Some(REPLY_TIMEOUT))?;
+            c.writer.write_all(&request)?;
+            Ok(read_u64(&mut c.reader)? as i64)
+        })
+    }
+
+    fn describe(&self) -> String {
+        describe_addr(self.server)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    /// A peer that is not a torch store (it answers the ping with garbage,
+    /// or not at all) is refused with a message that says so.
+    #[test]
+    fn refuses_a_server_that_is_not_a_torch_store() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut hello = [0u8; 10];
+            s.read_exact(&mut hello).unwrap();
+            assert_eq!(hello[0], VALIDATE);
+            assert_eq!(&hello[1..5], &MAGIC.to_le_bytes());
+            assert_eq!(hello[5], PING);
+            s.write_all(b"nope").unwrap();
+            let (s2, _) = listener.accept().unwrap();
+            std::thread::sleep(Duration::from_millis(1500));
+            drop(s2);
+        });
+        let e = TorchStore::connect(addr, Instant::now() + Duration::from_secs(5)).unwrap_err();
+        assert!(e.to_string().contains("not a torch TCPStore"), "{e}");
+        let start = Instant::now();
+        let e = TorchStore::connect(addr, Instant::now() + Duration::from_millis(200)).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("did not answer a torch TCPStore ping"),
+            "{e}"
+        );
+        assert!(start.elapsed() < Duration::from_secs(5));
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn refuses_oversized_keys_and_values_before_sending() {
+        // A fake server that answers the handshake and nothing else.
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut hello = [0u8; 10];
+            s.read_exact(&mut hello).unwrap();
+            s.write_all(&hello[6..10]).unwrap();
+            let mut rest = Vec::new();
+            let _ = s.read_to_end(&mut rest);
+            rest
+        });
+        let store = TorchStore::connect(addr, Instant::now() + Duration::from_secs(5)).unwrap();
+        let long_key = "k".repeat(TORCH_MAX_KEY);
+        assert!(matches!(
+            store.set(&long_key, b"v"),
+            Err(StoreError::TooLarge { what: "key", .. })
+        ));
+        assert!(matches!(
+            store.set("k", &vec![0; TORCH_MAX_VALUE + 1]),
+            Err(StoreError::TooLarge { what: "value", .. })
+        ));
+        drop(store);
+        assert!(server.join().unwrap().is_empty(), "nothing was sent");
+    }
+}
