@@ -105,6 +105,12 @@ impl From<KernelError> for EngineError {
 
 const HDR: usize = FrameHeader::LEN;
 
+/// Copied frames up to this size are received through staging and copied
+/// into place once their header is checked (a copy cheaper than the extra
+/// read that receiving the header alone would cost); larger ones are
+/// received in place, after their header alone.
+const STAGED_COPY: usize = 4096;
+
 /// How long an idle engine spins on the CPU alone before it starts yielding
 /// the core to other threads between checks.
 const PAUSE_SPIN: Duration = Duration::from_micros(2);
@@ -161,7 +167,13 @@ pub(crate) fn run(ring: Option<Ring<'_>>, job: Job<'_>) -> Result<(), EngineErro
     let need = if device {
         plan.recvs.iter().map(|r| r.range.len()).max().unwrap_or(0)
     } else {
-        plan.staging_len()
+        let staged_copies = plan.recvs.iter().map(|r| r.range.len());
+        plan.staging_len().max(
+            staged_copies
+                .filter(|&l| l <= STAGED_COPY)
+                .max()
+                .unwrap_or(0),
+        )
     };
     if staging.len() < need {
         staging.resize(need, 0);
@@ -225,7 +237,15 @@ pub(crate) fn run(ring: Option<Ring<'_>>, job: Job<'_>) -> Result<(), EngineErro
                         step: s.step,
                         slice: s.slice,
                     },
-                    len: payload.len() as u32,
+                    // Slices and the small-message path are at most 1 GiB
+                    // (Config::validate); a larger frame is a bug, not a wrap.
+                    len: u32::try_from(payload.len()).map_err(|_| EngineError::Protocol {
+                        peer: next_rank,
+                        reason: format!(
+                            "a frame of {} bytes exceeds the 4 GiB frame limit",
+                            payload.len()
+                        ),
+                    })?,
                     descriptor,
                 }
                 .encode();
@@ -260,15 +280,22 @@ pub(crate) fn run(ring: Option<Ring<'_>>, job: Job<'_>) -> Result<(), EngineErro
         // Receive every frame available.
         while let Some(r) = progress.next_recv(plan) {
             let len = r.range.len();
+            // No byte reaches the caller's buffer before its frame's header
+            // is checked: a large copied frame is read in place after its
+            // header alone; everything else goes through staging, whose
+            // bytes count only once the frame is complete.
+            let in_place =
+                matches!((r.commit, &output), (Commit::Copy, Output::Host(_))) && len > STAGED_COPY;
             let target: &mut [u8] = match (r.commit, &mut output) {
-                (Commit::Copy, Output::Host(o)) => &mut o[r.range.clone()],
-                (Commit::Copy, Output::Device(_)) | (Commit::Reduce { .. }, _) => {
-                    &mut staging[..len]
-                }
+                (Commit::Copy, Output::Host(o)) if in_place => &mut o[r.range.clone()],
                 (Commit::Discard, _) => &mut empty,
+                _ => &mut staging[..len],
             };
             let was_header = recv_pos < HDR;
-            let n = if was_header {
+            let n = if was_header && in_place {
+                ring.prev
+                    .try_read(&mut [IoSliceMut::new(&mut recv_hdr[recv_pos..])])?
+            } else if was_header {
                 ring.prev.try_read(&mut [
                     IoSliceMut::new(&mut recv_hdr[recv_pos..]),
                     IoSliceMut::new(target),
@@ -309,6 +336,9 @@ pub(crate) fn run(ring: Option<Ring<'_>>, job: Job<'_>) -> Result<(), EngineErro
                         }
                     }
                     (Commit::Copy, Output::Device(d)) => d.write(r.range.start, &staging[..len])?,
+                    (Commit::Copy, Output::Host(o)) if !in_place => {
+                        o[r.range.clone()].copy_from_slice(&staging[..len]);
+                    }
                     (Commit::Copy, Output::Host(_)) | (Commit::Discard, _) => {}
                 }
                 tracing::trace!(

@@ -306,7 +306,7 @@ fn stray_connections_are_refused_and_the_job_completes() {
             (v, c.stats().refused_connections)
         })
     };
-    // Ranks 0 and 1 start; rank 0 then waits for rank 2 (its previous rank) to connect.
+    // Ranks 0 and 1 start and publish their addresses; rank 0 then waits for rank 2.
     let r0 = start(0);
     let r1 = start(1);
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -332,10 +332,11 @@ fn stray_connections_are_refused_and_the_job_completes() {
         deadline,
     )
     .unwrap();
+    // Now the real rank 2; rank 0 accepts once every rank has registered,
+    // the strays first.
+    let r2 = start(2);
     let refusal = other.finish(deadline).unwrap_err().to_string();
     assert!(refusal.contains("another job"), "{refusal}");
-    // Now the real rank 2.
-    let r2 = start(2);
     let results: Vec<_> = [r0, r1, r2]
         .into_iter()
         .map(|t| t.join().unwrap())
@@ -348,4 +349,40 @@ fn stray_connections_are_refused_and_the_job_completes() {
         "rank 0 refused {} connections",
         results[0].1
     );
+}
+
+/// A frame whose header does not match the call is refused before any of
+/// its bytes reach the caller's buffer: after a mismatched allgather, the
+/// peer's part of the output still holds what the caller put there. Small
+/// frames (received through staging) and large ones (header first, then in
+/// place), over both transports.
+#[test]
+fn a_mismatched_frame_never_reaches_the_callers_buffer() {
+    const SENTINEL: u32 = 0xDEAD_BEEF;
+    for (n, slice) in [(100usize, 256usize), (100_000, 64 << 10)] {
+        for (transport, config) in on_each_transport(20_000) {
+            let config = Config {
+                slice_bytes: slice,
+                ..config
+            };
+            let outputs = run_in_process(2, config, |comm| {
+                let count = if comm.rank() == 0 { n } else { n + 1 };
+                let input = vec![comm.rank() as u32 + 1; count];
+                let mut output = vec![SENTINEL; 2 * count];
+                let e = comm.all_gather(&input, &mut output).unwrap_err();
+                assert!(e.to_string().contains("mismatch"), "{e}");
+                (count, output)
+            })
+            .unwrap();
+            for (rank, (count, output)) in outputs.into_iter().enumerate() {
+                let peer = 1 - rank;
+                let theirs = &output[peer * count..(peer + 1) * count];
+                let touched = theirs.iter().filter(|v| **v != SENTINEL).count();
+                assert_eq!(
+                    touched, 0,
+                    "{transport:?}, {n} elements: rank {rank} got {touched} elements of the mismatched frame"
+                );
+            }
+        }
+    }
 }

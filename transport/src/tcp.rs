@@ -132,7 +132,8 @@ impl Listener {
                     }
                 }
             }
-            // Advance every handshake.
+            // Advance every handshake, in order of arrival (a stray that
+            // came before the expected peer gets its refusal first).
             let mut i = 0;
             while i < pending.len() {
                 let p = &mut pending[i];
@@ -164,7 +165,7 @@ impl Listener {
                 match verdict {
                     None => i += 1,
                     Some(Ok(())) => {
-                        let p = pending.swap_remove(i);
+                        let p = pending.remove(i);
                         for other in &pending {
                             tracing::warn!(
                                 "dropping connection from {} on {}: the expected peer arrived first",
@@ -200,7 +201,7 @@ impl Listener {
                         return Ok((StreamLink::tcp(expect.from as usize, p.stream)?, refused));
                     }
                     Some(Err(reason)) => {
-                        let p = pending.swap_remove(i);
+                        let p = pending.remove(i);
                         tracing::warn!(
                             "refused connection from {} on {}: {reason}",
                             p.addr,
