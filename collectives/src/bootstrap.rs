@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use oxccl_transport::store::{
-    FileStore, MemStore, PrefixStore, Store, TcpStore, TcpStoreServer, TorchStore,
+    FileStore, MemStore, PrefixStore, Store, StoreError, TcpStore, TcpStoreServer, TorchStore,
 };
 use oxccl_transport::tcp::{self, Listener, TcpOptions};
 use oxccl_transport::{Link, TransportError, inproc, shm};
@@ -142,13 +142,14 @@ impl Communicator {
 
     /// Creates a communicator for `launch` with `config`.
     pub fn from_launch(launch: &Launch, config: Config) -> Result<Communicator> {
+        config.validate()?;
         config::init_logging(&config.debug);
         let (rank, world) = (launch.rank, launch.world);
         tracing::info!(
             "rank {rank} of {world}: bootstrap from {} variables",
             launch.source
         );
-        let deadline = Instant::now() + config.timeout;
+        let deadline = crate::deadline_in(config.timeout);
         if world == 1 {
             return Communicator::with_store(Arc::new(MemStore::new()), rank, world, config);
         }
@@ -225,7 +226,7 @@ impl Communicator {
         world: usize,
         config: Config,
     ) -> Result<Communicator> {
-        let deadline = Instant::now() + config.timeout;
+        let deadline = crate::deadline_in(config.timeout);
         let store_err = |source| Error::Store { rank, source };
         let client = TorchStore::connect(master, deadline).map_err(store_err)?;
         let local_ip = client.local_addr().ip();
@@ -261,9 +262,10 @@ impl Communicator {
         world: usize,
         config: Config,
     ) -> Result<Communicator> {
+        config.validate()?;
         config::init_logging(&config.debug);
         check_rank(rank, world)?;
-        let deadline = Instant::now() + config.timeout;
+        let deadline = crate::deadline_in(config.timeout);
         let server = if rank == 0 {
             let mut served = SERVED.lock().unwrap_or_else(|p| p.into_inner());
             served
@@ -295,9 +297,10 @@ impl Communicator {
         world: usize,
         config: Config,
     ) -> Result<Communicator> {
+        config.validate()?;
         config::init_logging(&config.debug);
         check_rank(rank, world)?;
-        let deadline = Instant::now() + config.timeout;
+        let deadline = crate::deadline_in(config.timeout);
         let job = if world == 1 {
             0
         } else if rank == 0 {
@@ -315,6 +318,7 @@ impl Communicator {
     /// Creates a group of `world` communicators in this process, connected by
     /// socket pairs, to be driven by one thread each.
     pub fn in_process(world: usize, config: Config) -> Result<Vec<Communicator>> {
+        config.validate()?;
         config::init_logging(&config.debug);
         if world == 0 {
             return Err(Error::InvalidArgument(
@@ -424,7 +428,7 @@ fn connect(
     job: u64,
     local_ip: Option<IpAddr>,
 ) -> Result<Communicator> {
-    let deadline = Instant::now() + config.timeout;
+    let deadline = crate::deadline_in(config.timeout);
     let boot = |source: TransportError| Error::Bootstrap { rank, source };
     let mut refused = 0;
     let ring = if world > 1 {
@@ -440,6 +444,8 @@ fn connect(
                 listener.local_addr().to_string().as_bytes(),
             )
             .map_err(|source| Error::Store { rank, source })?;
+        // Connections that arrive meanwhile wait in the listener's backlog.
+        agree(store.as_ref(), job, rank, world, &config, deadline)?;
         let next = (rank + 1) % world;
         let prev = (rank + world - 1) % world;
         let raw = store
@@ -506,6 +512,128 @@ fn connect(
         server,
         refused,
     })
+}
+
+/// Checks, before any link exists, that every rank came and that the ranks
+/// agree on the settings they must share ([`Config::agreed`]).
+///
+/// Every rank publishes its agreed settings; rank 0 reads them all and
+/// publishes a verdict, which every other rank waits for. So a mismatch is
+/// an error on every rank naming the setting, both ranks and both values
+/// (not a frame error later), and rank 0 names the ranks that never came.
+fn agree(
+    store: &dyn Store,
+    job: u64,
+    rank: usize,
+    world: usize,
+    config: &Config,
+    deadline: Instant,
+) -> Result<()> {
+    let store_err = |source| Error::Store { rank, source };
+    let key = |what: &str| format!("{PREFIX}/{job:x}/settings/{what}");
+    let mine = config.agreed();
+    store
+        .set(&key(&rank.to_string()), mine.as_bytes())
+        .map_err(store_err)?;
+    let start = Instant::now();
+    if rank != 0 {
+        let verdict = match store.get(&key("verdict"), deadline) {
+            Ok(v) => v,
+            Err(StoreError::Timeout { waited, .. }) => {
+                return Err(Error::Timeout {
+                    rank,
+                    call: "bootstrap".into(),
+                    what:
+                        "rank 0 to see every rank register (rank 0 names the ranks that never came)"
+                            .into(),
+                    waited,
+                });
+            }
+            Err(e) => return Err(store_err(e)),
+        };
+        return match String::from_utf8_lossy(&verdict).split_once('\n') {
+            None => Ok(()),
+            Some((variable, reason)) => Err(Error::Config {
+                variable: variable.into(),
+                reason: reason.into(),
+            }),
+        };
+    }
+    let mut missing = Vec::new();
+    let mut verdict: Option<(String, String)> = None;
+    for r in 1..world {
+        // Once one rank is missing the deadline has passed: ask the rest once.
+        let theirs = if missing.is_empty() {
+            match store.get(&key(&r.to_string()), deadline) {
+                Ok(v) => Some(v),
+                Err(StoreError::Timeout { .. }) => None,
+                Err(e) => return Err(store_err(e)),
+            }
+        } else {
+            store.try_get(&key(&r.to_string())).map_err(store_err)?
+        };
+        let Some(theirs) = theirs else {
+            missing.push(r);
+            continue;
+        };
+        if verdict.is_none() {
+            verdict = differ(&mine, &String::from_utf8_lossy(&theirs), r);
+        }
+    }
+    if !missing.is_empty() {
+        let list: Vec<String> = missing.iter().map(|r| r.to_string()).collect();
+        return Err(Error::Timeout {
+            rank,
+            call: "bootstrap".into(),
+            what: format!(
+                "every rank to register: {} of {world} ranks never did ({}); was every rank started \
+                 (srun -n {world}, torchrun --nproc-per-node, mpirun -np {world}), with the same \
+                 master address and port?",
+                missing.len(),
+                list.join(", ")
+            ),
+            waited: start.elapsed(),
+        });
+    }
+    let text = verdict
+        .as_ref()
+        .map(|(v, r)| format!("{v}\n{r}"))
+        .unwrap_or_default();
+    store
+        .set(&key("verdict"), text.as_bytes())
+        .map_err(store_err)?;
+    match verdict {
+        None => Ok(()),
+        Some((variable, reason)) => Err(Error::Config { variable, reason }),
+    }
+}
+
+/// The first setting in which rank 0's `mine` and rank `r`'s `theirs`
+/// differ, as (variable, reason); both are `NAME=value` lines.
+fn differ(mine: &str, theirs: &str, r: usize) -> Option<(String, String)> {
+    let parse = |s: &str| -> Vec<(String, String)> {
+        s.lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    };
+    let theirs = parse(theirs);
+    for (name, ours) in parse(mine) {
+        let other = theirs
+            .iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v.as_str())
+            .unwrap_or("(not set: an older oxccl?)");
+        if other != ours {
+            return Some((
+                name,
+                format!(
+                    "rank 0 has {ours} but rank {r} has {other}; every rank must use the same value"
+                ),
+            ));
+        }
+    }
+    None
 }
 
 /// Where rank `rank` of a store-based group publishes its listening address

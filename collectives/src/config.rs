@@ -31,155 +31,434 @@ pub enum Transport {
     Shm,
 }
 
-/// One documented environment variable.
+/// One setting: an `OXCCL_*` variable, its default, what it does and how
+/// its text becomes part of a [`Config`]. Each variable is defined here
+/// once; [`Config::default`], [`Config::from_lookup`], [`Config::validate`],
+/// the cross-rank check at init and the README's table all come from it.
 #[derive(Debug, Clone, Copy)]
-pub struct Variable {
-    /// Its name.
+pub struct Setting {
+    /// The variable's name.
     pub name: &'static str,
-    /// Its default, as text.
+    /// The default, as text the parser takes (empty: unset). Launcher
+    /// variables, which [`launch_from_lookup`] reads, describe theirs.
     pub default: &'static str,
     /// What it does.
     pub doc: &'static str,
+    /// Whether every rank of a communicator must use the same value: such
+    /// settings are compared at init, and a mismatch is an error naming the
+    /// setting, both ranks and both values.
+    pub agree: bool,
+    /// Parses and validates a value into a config; `None` for launcher
+    /// variables, which are not part of a [`Config`].
+    parse: Option<fn(&mut Config, &str) -> Result<()>>,
+    /// The config's value as text that `parse` takes back.
+    show: Option<fn(&Config) -> String>,
 }
 
-/// Every `OXCCL_*` variable oxccl reads.
-pub const VARIABLES: &[Variable] = &[
-    Variable {
-        name: "OXCCL_RANK",
-        default: "(from the launcher)",
-        doc: "This process's rank. Also read: RANK, OMPI_COMM_WORLD_RANK, PMI_RANK, SLURM_PROCID.",
-    },
-    Variable {
-        name: "OXCCL_WORLD_SIZE",
-        default: "(from the launcher)",
-        doc: "Number of ranks. Also read: WORLD_SIZE, OMPI_COMM_WORLD_SIZE, PMI_SIZE, SLURM_NTASKS.",
-    },
-    Variable {
-        name: "OXCCL_LOCAL_RANK",
-        default: "(from the launcher)",
-        doc: "Rank among the processes of this host. Also read: LOCAL_RANK, OMPI_COMM_WORLD_LOCAL_RANK, SLURM_LOCALID.",
-    },
-    Variable {
-        name: "OXCCL_MASTER_ADDR",
-        default: "(required if world > 1)",
-        doc: "Host of rank 0, which serves the rendezvous store. Also read: MASTER_ADDR.",
-    },
-    Variable {
-        name: "OXCCL_MASTER_PORT",
-        default: "(required if world > 1)",
-        doc: "Port of the rendezvous store on rank 0. Also read: MASTER_PORT.",
-    },
-    Variable {
+impl Setting {
+    const fn launcher(name: &'static str, default: &'static str, doc: &'static str) -> Setting {
+        Setting {
+            name,
+            default,
+            doc,
+            agree: false,
+            parse: None,
+            show: None,
+        }
+    }
+
+    /// This setting's value in `config`, as text (`None` for launcher variables).
+    pub fn value(&self, config: &Config) -> Option<String> {
+        self.show.map(|show| show(config))
+    }
+
+    /// The default as the README shows it.
+    pub fn shown_default(&self) -> &'static str {
+        if self.default.is_empty() {
+            "(unset)"
+        } else {
+            self.default
+        }
+    }
+}
+
+fn show_secs(d: Duration) -> String {
+    d.as_secs_f64().to_string()
+}
+
+fn show_opt<T: ToString>(v: &Option<T>) -> String {
+    v.as_ref().map(T::to_string).unwrap_or_default()
+}
+
+fn show_path(p: &Option<PathBuf>) -> String {
+    p.as_ref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_default()
+}
+
+fn opt_path(v: &str) -> Option<PathBuf> {
+    let v = v.trim();
+    (!v.is_empty()).then(|| PathBuf::from(v))
+}
+
+fn opt_ip(name: &str, v: &str) -> Result<Option<IpAddr>> {
+    let v = v.trim();
+    if v.is_empty() {
+        return Ok(None);
+    }
+    v.parse()
+        .map(Some)
+        .map_err(|_| bad(name, format!("'{v}' is not an IP address")))
+}
+
+/// Every `OXCCL_*` variable oxccl reads, in the README's order.
+pub const SETTINGS: &[Setting] = &[
+    Setting::launcher(
+        "OXCCL_RANK",
+        "(from the launcher)",
+        "This process's rank. Also read: RANK, OMPI_COMM_WORLD_RANK, PMI_RANK, SLURM_PROCID.",
+    ),
+    Setting::launcher(
+        "OXCCL_WORLD_SIZE",
+        "(from the launcher)",
+        "Number of ranks. Also read: WORLD_SIZE, OMPI_COMM_WORLD_SIZE, PMI_SIZE, SLURM_NTASKS.",
+    ),
+    Setting::launcher(
+        "OXCCL_LOCAL_RANK",
+        "(from the launcher)",
+        "Rank among the processes of this host. Also read: LOCAL_RANK, OMPI_COMM_WORLD_LOCAL_RANK, SLURM_LOCALID.",
+    ),
+    Setting::launcher(
+        "OXCCL_MASTER_ADDR",
+        "(required if world > 1)",
+        "Host of rank 0, which serves the rendezvous store. Also read: MASTER_ADDR.",
+    ),
+    Setting::launcher(
+        "OXCCL_MASTER_PORT",
+        "(required if world > 1)",
+        "Port of the rendezvous store on rank 0. Also read: MASTER_PORT.",
+    ),
+    Setting {
         name: "OXCCL_FILE_STORE",
-        default: "(unset)",
+        default: "",
         doc: "Directory on a shared filesystem to rendezvous through instead of rank 0's TCP store.",
+        agree: false,
+        parse: Some(|c, v| {
+            c.file_store = opt_path(v);
+            Ok(())
+        }),
+        show: Some(|c| show_path(&c.file_store)),
     },
-    Variable {
+    Setting {
         name: "OXCCL_SOCKET_ADDR",
-        default: "the address that reaches the master",
-        doc: "Local IP address that ranks listen on for ring connections.",
+        default: "",
+        doc: "Local IP address that ranks listen on for ring connections; unset: the address that reaches the master.",
+        agree: false,
+        parse: Some(|c, v| {
+            c.socket_addr = opt_ip("OXCCL_SOCKET_ADDR", v)?;
+            Ok(())
+        }),
+        show: Some(|c| show_opt(&c.socket_addr)),
     },
-    Variable {
+    Setting {
         name: "OXCCL_BOOTSTRAP_ADDR",
         default: "127.0.0.1",
         doc: "IP address a unique id (UniqueId::new) serves its store on; set it to an address other hosts can reach.",
+        agree: false,
+        parse: Some(|c, v| {
+            c.bootstrap_addr = opt_ip("OXCCL_BOOTSTRAP_ADDR", v)?
+                .ok_or_else(|| bad("OXCCL_BOOTSTRAP_ADDR", "is empty"))?;
+            Ok(())
+        }),
+        show: Some(|c| c.bootstrap_addr.to_string()),
     },
-    Variable {
+    Setting {
         name: "OXCCL_TIMEOUT",
         default: "300",
         doc: "Seconds any wait may go without progress (bootstrap, every collective) before it fails naming what it awaited.",
+        agree: false,
+        parse: Some(|c, v| {
+            c.timeout = Duration::from_secs_f64(parse_secs("OXCCL_TIMEOUT", v, false)?);
+            Ok(())
+        }),
+        show: Some(|c| show_secs(c.timeout)),
     },
-    Variable {
+    Setting {
         name: "OXCCL_SLICE_BYTES",
-        default: "524288",
-        doc: "Largest pipeline slice in bytes (suffixes K, M); smaller slices overlap more, larger ones cost fewer frames.",
+        default: "512K",
+        doc: "Largest pipeline slice in bytes (suffixes K, M), at most 1G; smaller slices overlap more, larger ones cost fewer frames.",
+        agree: true,
+        parse: Some(|c, v| {
+            c.slice_bytes = parse_bytes_in("OXCCL_SLICE_BYTES", v, 1, 1 << 30)?;
+            Ok(())
+        }),
+        show: Some(|c| c.slice_bytes.to_string()),
     },
-    Variable {
+    Setting {
         name: "OXCCL_SPIN_US",
         default: "200",
         doc: "Microseconds a rank polls its links before sleeping in poll (spinning for the first 2, then yielding its core between checks): a wake-up from poll costs tens of microseconds, more than a small message or, with more ranks than cores, a turn of the other ranks takes; 0 never spins.",
+        agree: false,
+        parse: Some(|c, v| {
+            c.spin = Duration::from_micros(parse_usize("OXCCL_SPIN_US", v)? as u64);
+            Ok(())
+        }),
+        show: Some(|c| c.spin.as_micros().to_string()),
     },
-    Variable {
+    Setting {
         name: "OXCCL_SMALL_BYTES",
-        default: "65536",
-        doc: "Allreduces whose gathered size (bytes times ranks) is at most this take the small-message path: one allgather and a local reduction in rank order.",
+        default: "64K",
+        doc: "Allreduces whose gathered size (bytes times ranks) is at most this (at most 1G) take the small-message path: one allgather and a local reduction in rank order.",
+        agree: true,
+        parse: Some(|c, v| {
+            c.small_bytes = parse_bytes_in("OXCCL_SMALL_BYTES", v, 0, 1 << 30)?;
+            Ok(())
+        }),
+        show: Some(|c| c.small_bytes.to_string()),
     },
-    Variable {
+    Setting {
         name: "OXCCL_WGPU_ADAPTER",
-        default: "(any adapter)",
-        doc: "Use only a wgpu adapter whose name contains this (case-insensitive), e.g. llvmpipe or nvidia.",
+        default: "",
+        doc: "Use only a wgpu adapter whose name contains this (case-insensitive), e.g. llvmpipe or nvidia; unset: any adapter.",
+        agree: false,
+        parse: Some(|c, v| {
+            c.wgpu_adapter = Some(v.trim().to_string()).filter(|v| !v.is_empty());
+            Ok(())
+        }),
+        show: Some(|c| show_opt(&c.wgpu_adapter)),
     },
-    Variable {
+    Setting {
         name: "OXCCL_WGPU_POWER",
         default: "high",
         doc: "Which wgpu adapter to prefer among those that match: high (discrete GPU) or low (integrated).",
+        agree: false,
+        parse: Some(|c, v| {
+            c.wgpu_low_power = match v.trim().to_ascii_lowercase().as_str() {
+                "low" => true,
+                "high" => false,
+                _ => return Err(bad("OXCCL_WGPU_POWER", format!("'{v}' is not low or high"))),
+            };
+            Ok(())
+        }),
+        show: Some(|c| if c.wgpu_low_power { "low" } else { "high" }.into()),
     },
-    Variable {
+    Setting {
         name: "OXCCL_CUDA_DEVICE",
-        default: "OXCCL_LOCAL_RANK",
-        doc: "CUDA device ordinal for device buffers; by default the local rank, so each rank of a host takes its own GPU.",
+        default: "",
+        doc: "CUDA device ordinal for device buffers; unset: OXCCL_LOCAL_RANK, so each rank of a host takes its own GPU.",
+        agree: false,
+        parse: Some(|c, v| {
+            c.cuda_device = match v.trim() {
+                "" => None,
+                t => Some(parse_usize("OXCCL_CUDA_DEVICE", t)?),
+            };
+            Ok(())
+        }),
+        show: Some(|c| show_opt(&c.cuda_device)),
     },
-    Variable {
+    Setting {
         name: "OXCCL_CUDA_INCLUDE",
-        default: "/usr/local/cuda/include",
-        doc: "Directories (colon-separated) holding cuda_fp16.h and cuda_bf16.h, for compiling the CUDA kernels with NVRTC at run time.",
+        default: "",
+        doc: "Directories (colon-separated) holding cuda_fp16.h and cuda_bf16.h, for compiling the CUDA kernels with NVRTC at run time; unset: /usr/local/cuda/include.",
+        agree: false,
+        parse: Some(|c, v| {
+            c.cuda_include = v
+                .split(':')
+                .map(str::trim)
+                .filter(|p| !p.is_empty())
+                .map(PathBuf::from)
+                .collect();
+            Ok(())
+        }),
+        show: Some(|c| {
+            c.cuda_include
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(":")
+        }),
     },
-    Variable {
+    Setting {
         name: "OXCCL_TRANSPORT",
         default: "auto",
         doc: "How ring neighbours connect: auto (shared memory when both ranks map the same segment, i.e. share a host, else TCP), tcp, or shm (fail if a neighbour cannot share memory).",
+        agree: true,
+        parse: Some(|c, v| {
+            c.transport = match v.trim().to_ascii_lowercase().as_str() {
+                "auto" => Transport::Auto,
+                "tcp" | "socket" => Transport::Tcp,
+                "shm" => Transport::Shm,
+                _ => {
+                    return Err(bad(
+                        "OXCCL_TRANSPORT",
+                        format!("'{v}' is not one of auto, tcp, shm"),
+                    ));
+                }
+            };
+            Ok(())
+        }),
+        show: Some(|c| {
+            match c.transport {
+                Transport::Auto => "auto",
+                Transport::Tcp => "tcp",
+                Transport::Shm => "shm",
+            }
+            .into()
+        }),
     },
-    Variable {
+    Setting {
         name: "OXCCL_SHM_BYTES",
         default: "1M",
-        doc: "Capacity of each direction's ring in a shared-memory link, in bytes (suffixes K, M); both ends must agree.",
+        doc: "Capacity of each direction's ring in a shared-memory link, in bytes (suffixes K, M), between 4K and 1G.",
+        agree: true,
+        parse: Some(|c, v| {
+            c.shm_bytes = parse_bytes_in("OXCCL_SHM_BYTES", v, 4096, 1 << 30)?;
+            Ok(())
+        }),
+        show: Some(|c| c.shm_bytes.to_string()),
     },
-    Variable {
+    Setting {
         name: "OXCCL_SHM_SINGLE_COPY",
         default: "64K",
         doc: "Over shared memory, buffers of at least this many bytes go by a single copy: the receiver reads them straight from the sender's memory (process_vm_readv, where the kernel allows it) instead of through the ring; 0 disables it.",
+        agree: false,
+        parse: Some(|c, v| {
+            let n = parse_bytes("OXCCL_SHM_SINGLE_COPY", v)?;
+            c.shm_single_copy = (n > 0).then_some(n);
+            Ok(())
+        }),
+        show: Some(|c| c.shm_single_copy.unwrap_or(0).to_string()),
     },
-    Variable {
+    Setting {
         name: "OXCCL_SOCKET_BUFFER",
-        default: "0 (kernel autotuning)",
+        default: "0",
         doc: "SO_SNDBUF and SO_RCVBUF of TCP links in bytes; 0 leaves the kernel's autotuning on.",
+        agree: false,
+        parse: Some(|c, v| {
+            let n = parse_bytes("OXCCL_SOCKET_BUFFER", v)?;
+            c.socket_buffer = (n > 0).then_some(n);
+            Ok(())
+        }),
+        show: Some(|c| c.socket_buffer.unwrap_or(0).to_string()),
     },
-    Variable {
+    Setting {
         name: "OXCCL_DEBUG",
         default: "warn",
-        doc: "Log level: error, warn, info (bootstrap, peers, transport), debug, trace (every frame).",
+        doc: "Log level of oxccl's binaries and C library (a Rust program installs its own tracing subscriber): off, error, warn, info (bootstrap, peers, transport), debug, trace (every frame).",
+        agree: false,
+        parse: Some(|c, v| {
+            let l = v.trim().to_ascii_lowercase();
+            c.debug = match l.as_str() {
+                "version" | "warning" => "warn".to_string(),
+                "none" | "off" => "off".to_string(),
+                "error" | "warn" | "info" | "debug" | "trace" => l,
+                _ => {
+                    return Err(bad(
+                        "OXCCL_DEBUG",
+                        format!("'{v}' is not one of off, error, warn, info, debug, trace"),
+                    ));
+                }
+            };
+            Ok(())
+        }),
+        show: Some(|c| c.debug.clone()),
     },
-    Variable {
+    Setting {
         name: "OXCCL_CYCLE_TIME_MS",
         default: "5",
         doc: "Milliseconds between two negotiation cycles of the fusion engine (an enqueue on an idle engine starts one at once).",
+        agree: false,
+        parse: Some(|c, v| {
+            c.cycle_time =
+                Duration::from_secs_f64(parse_secs("OXCCL_CYCLE_TIME_MS", v, true)? / 1e3);
+            Ok(())
+        }),
+        show: Some(|c| (c.cycle_time.as_secs_f64() * 1e3).to_string()),
     },
-    Variable {
+    Setting {
         name: "OXCCL_FUSION_THRESHOLD",
         default: "8M",
         doc: "Largest fusion buffer in bytes (suffixes K, M, G); larger tensors are reduced alone, in place; 0 disables fusion.",
+        agree: false,
+        parse: Some(|c, v| {
+            c.fusion_threshold = parse_bytes("OXCCL_FUSION_THRESHOLD", v)?;
+            Ok(())
+        }),
+        show: Some(|c| c.fusion_threshold.to_string()),
     },
-    Variable {
+    Setting {
         name: "OXCCL_FUSION_DIRECT_BYTES",
         default: "128K",
         doc: "Tensors of at least this many bytes skip the fusion buffer and are reduced in place in a call of their own, which costs less than copying them in and out.",
+        agree: false,
+        parse: Some(|c, v| {
+            c.fusion_direct = parse_bytes("OXCCL_FUSION_DIRECT_BYTES", v)?;
+            Ok(())
+        }),
+        show: Some(|c| c.fusion_direct.to_string()),
     },
-    Variable {
+    Setting {
         name: "OXCCL_STALL_WARNING_SECS",
         default: "60",
         doc: "Seconds a tensor may wait for other ranks to submit it before rank 0 warns which ranks miss which tensors.",
+        agree: false,
+        parse: Some(|c, v| {
+            c.stall_warning =
+                Duration::from_secs_f64(parse_secs("OXCCL_STALL_WARNING_SECS", v, false)?);
+            Ok(())
+        }),
+        show: Some(|c| show_secs(c.stall_warning)),
     },
-    Variable {
+    Setting {
         name: "OXCCL_STALL_SHUTDOWN_SECS",
-        default: "0 (never)",
+        default: "0",
         doc: "Seconds after which a stalled tensor fails every pending handle of the fusion engine on every rank; 0 never does.",
+        agree: false,
+        parse: Some(|c, v| {
+            let secs = parse_secs("OXCCL_STALL_SHUTDOWN_SECS", v, true)?;
+            c.stall_shutdown = (secs > 0.0).then(|| Duration::from_secs_f64(secs));
+            Ok(())
+        }),
+        show: Some(|c| {
+            c.stall_shutdown
+                .map(show_secs)
+                .unwrap_or_else(|| "0".into())
+        }),
     },
-    Variable {
+    Setting {
         name: "OXCCL_TIMELINE",
-        default: "(unset)",
+        default: "",
         doc: "Path of a Chrome trace (JSON) of the fusion engine's phases per tensor; rank r > 0 writes PATH.r.",
+        agree: false,
+        parse: Some(|c, v| {
+            c.timeline = opt_path(v);
+            Ok(())
+        }),
+        show: Some(|c| show_path(&c.timeline)),
     },
 ];
+
+/// The README's table of settings, as markdown, generated from [`SETTINGS`].
+pub fn settings_table() -> String {
+    let mut t = String::from("| variable | default | what it does |\n|---|---|---|\n");
+    for s in SETTINGS {
+        let default = if s.default.is_empty() || s.default.starts_with('(') {
+            s.shown_default().to_string()
+        } else {
+            format!("`{}`", s.default)
+        };
+        let agree = if s.agree {
+            " Every rank must use the same value (checked at init)."
+        } else {
+            ""
+        };
+        t.push_str(&format!(
+            "| `{}` | {default} | {}{agree} |\n",
+            s.name, s.doc
+        ));
+    }
+    t
+}
 
 /// Settings of a communicator.
 #[derive(Debug, Clone, PartialEq)]
@@ -232,28 +511,43 @@ pub struct Config {
 }
 
 impl Default for Config {
+    /// Every setting at its default from [`SETTINGS`].
     fn default() -> Config {
+        let mut c = Config::blank();
+        for s in SETTINGS {
+            if let Some(parse) = s.parse {
+                // The defaults parse: `defaults_parse_and_round_trip` checks each.
+                let _ = parse(&mut c, s.default);
+            }
+        }
+        c
+    }
+}
+
+impl Config {
+    /// Placeholders that every setting's default replaces.
+    fn blank() -> Config {
         Config {
-            timeout: Duration::from_secs(300),
-            slice_bytes: 512 * 1024,
+            timeout: Duration::ZERO,
+            slice_bytes: 0,
             socket_buffer: None,
             transport: Transport::Auto,
-            shm_bytes: 1 << 20,
-            shm_single_copy: Some(64 * 1024),
-            spin: Duration::from_micros(200),
+            shm_bytes: 0,
+            shm_single_copy: None,
+            spin: Duration::ZERO,
             wgpu_adapter: None,
             wgpu_low_power: false,
             cuda_device: None,
             cuda_include: Vec::new(),
-            small_bytes: 64 * 1024,
+            small_bytes: 0,
             socket_addr: None,
             bootstrap_addr: IpAddr::from([127, 0, 0, 1]),
             file_store: None,
-            debug: "warn".into(),
-            cycle_time: Duration::from_millis(5),
-            fusion_threshold: 8 << 20,
-            fusion_direct: 128 << 10,
-            stall_warning: Duration::from_secs(60),
+            debug: String::new(),
+            cycle_time: Duration::ZERO,
+            fusion_threshold: 0,
+            fusion_direct: 0,
+            stall_warning: Duration::ZERO,
             stall_shutdown: None,
             timeline: None,
         }
@@ -354,144 +648,72 @@ pub fn parse_bytes(variable: &str, v: &str) -> Result<usize> {
         .ok_or_else(|| bad(variable, format!("'{v}' is too large")))
 }
 
+/// Parses a byte count (see [`parse_bytes`]) between `min` and `max`.
+fn parse_bytes_in(variable: &str, v: &str, min: usize, max: usize) -> Result<usize> {
+    let n = parse_bytes(variable, v)?;
+    if !(min..=max).contains(&n) {
+        return Err(bad(
+            variable,
+            format!(
+                "'{v}' must be between {} and {}",
+                show_bytes(min),
+                show_bytes(max)
+            ),
+        ));
+    }
+    Ok(n)
+}
+
+/// A byte count with the largest suffix that divides it.
+fn show_bytes(n: usize) -> String {
+    match n {
+        0 => "0".into(),
+        n if n % (1 << 30) == 0 => format!("{}G", n >> 30),
+        n if n % (1 << 20) == 0 => format!("{}M", n >> 20),
+        n if n % (1 << 10) == 0 => format!("{}K", n >> 10),
+        n => n.to_string(),
+    }
+}
+
 impl Config {
     /// Reads the process environment.
     pub fn from_env() -> Result<Config> {
         Config::from_lookup(&ProcessEnv)
     }
 
-    /// Reads settings through `env`.
+    /// Reads settings through `env`: each variable that is set replaces its
+    /// default; a malformed value is an error naming the variable.
     pub fn from_lookup(env: &dyn Env) -> Result<Config> {
         let mut c = Config::default();
-        if let Some(v) = env.var("OXCCL_TIMEOUT") {
-            let secs: f64 = v
-                .trim()
-                .parse()
-                .ok()
-                .filter(|s: &f64| s.is_finite() && *s > 0.0)
-                .ok_or_else(|| {
-                    bad(
-                        "OXCCL_TIMEOUT",
-                        format!("'{v}' is not a positive number of seconds"),
-                    )
-                })?;
-            c.timeout = Duration::from_secs_f64(secs.min(1e9));
-        }
-        if let Some(v) = env.var("OXCCL_SLICE_BYTES") {
-            let n = parse_bytes("OXCCL_SLICE_BYTES", &v)?;
-            if n == 0 || n > 1 << 30 {
-                return Err(bad(
-                    "OXCCL_SLICE_BYTES",
-                    format!("'{v}' must be between 1 byte and 1G"),
-                ));
+        for s in SETTINGS {
+            if let (Some(parse), Some(v)) = (s.parse, env.var(s.name)) {
+                parse(&mut c, &v)?;
             }
-            c.slice_bytes = n;
         }
-        if let Some(v) = env.var("OXCCL_SPIN_US") {
-            c.spin = Duration::from_micros(parse_usize("OXCCL_SPIN_US", &v)? as u64);
-        }
-        c.wgpu_adapter = env.var("OXCCL_WGPU_ADAPTER");
-        if let Some(v) = env.var("OXCCL_WGPU_POWER") {
-            c.wgpu_low_power = match v.trim().to_ascii_lowercase().as_str() {
-                "low" => true,
-                "high" => false,
-                _ => return Err(bad("OXCCL_WGPU_POWER", format!("'{v}' is not low or high"))),
-            };
-        }
-        if let Some(v) = env.var("OXCCL_CUDA_INCLUDE") {
-            c.cuda_include = v
-                .split(':')
-                .filter(|p| !p.is_empty())
-                .map(PathBuf::from)
-                .collect();
-        }
-        if let Some(v) = env.var("OXCCL_CUDA_DEVICE") {
-            c.cuda_device = Some(parse_usize("OXCCL_CUDA_DEVICE", &v)?);
-        }
-        if let Some(v) = env.var("OXCCL_SMALL_BYTES") {
-            c.small_bytes = parse_bytes("OXCCL_SMALL_BYTES", &v)?;
-        }
-        if let Some(v) = env.var("OXCCL_SOCKET_BUFFER") {
-            let n = parse_bytes("OXCCL_SOCKET_BUFFER", &v)?;
-            c.socket_buffer = (n > 0).then_some(n);
-        }
-        if let Some(v) = env.var("OXCCL_TRANSPORT") {
-            c.transport = match v.trim().to_ascii_lowercase().as_str() {
-                "auto" | "" => Transport::Auto,
-                "tcp" | "socket" => Transport::Tcp,
-                "shm" => Transport::Shm,
-                _ => {
-                    return Err(bad(
-                        "OXCCL_TRANSPORT",
-                        format!("'{v}' is not one of auto, tcp, shm"),
-                    ));
-                }
-            };
-        }
-        if let Some(v) = env.var("OXCCL_SHM_BYTES") {
-            let n = parse_bytes("OXCCL_SHM_BYTES", &v)?;
-            if !(4096..=1 << 30).contains(&n) {
-                return Err(bad(
-                    "OXCCL_SHM_BYTES",
-                    format!("'{v}' must be between 4K and 1G"),
-                ));
-            }
-            c.shm_bytes = n;
-        }
-        if let Some(v) = env.var("OXCCL_SHM_SINGLE_COPY") {
-            let n = parse_bytes("OXCCL_SHM_SINGLE_COPY", &v)?;
-            c.shm_single_copy = (n > 0).then_some(n);
-        }
-        if let Some(v) = env.var("OXCCL_SOCKET_ADDR") {
-            c.socket_addr =
-                Some(v.trim().parse().map_err(|_| {
-                    bad("OXCCL_SOCKET_ADDR", format!("'{v}' is not an IP address"))
-                })?);
-        }
-        if let Some(v) = env.var("OXCCL_BOOTSTRAP_ADDR") {
-            c.bootstrap_addr = v.trim().parse().map_err(|_| {
-                bad(
-                    "OXCCL_BOOTSTRAP_ADDR",
-                    format!("'{v}' is not an IP address"),
-                )
-            })?;
-        }
-        c.file_store = env.var("OXCCL_FILE_STORE").map(PathBuf::from);
-        if let Some(v) = env.var("OXCCL_DEBUG") {
-            let l = v.trim().to_ascii_lowercase();
-            let l = match l.as_str() {
-                "version" | "warning" => "warn".to_string(),
-                "none" | "off" => "off".to_string(),
-                "error" | "warn" | "info" | "debug" | "trace" => l,
-                _ => {
-                    return Err(bad(
-                        "OXCCL_DEBUG",
-                        format!("'{v}' is not one of off, error, warn, info, debug, trace"),
-                    ));
-                }
-            };
-            c.debug = l;
-        }
-        if let Some(v) = env.var("OXCCL_CYCLE_TIME_MS") {
-            c.cycle_time =
-                Duration::from_secs_f64(parse_secs("OXCCL_CYCLE_TIME_MS", &v, true)? / 1e3);
-        }
-        if let Some(v) = env.var("OXCCL_FUSION_DIRECT_BYTES") {
-            c.fusion_direct = parse_bytes("OXCCL_FUSION_DIRECT_BYTES", &v)?;
-        }
-        if let Some(v) = env.var("OXCCL_FUSION_THRESHOLD") {
-            c.fusion_threshold = parse_bytes("OXCCL_FUSION_THRESHOLD", &v)?;
-        }
-        if let Some(v) = env.var("OXCCL_STALL_WARNING_SECS") {
-            c.stall_warning =
-                Duration::from_secs_f64(parse_secs("OXCCL_STALL_WARNING_SECS", &v, false)?);
-        }
-        if let Some(v) = env.var("OXCCL_STALL_SHUTDOWN_SECS") {
-            let secs = parse_secs("OXCCL_STALL_SHUTDOWN_SECS", &v, true)?;
-            c.stall_shutdown = (secs > 0.0).then(|| Duration::from_secs_f64(secs));
-        }
-        c.timeline = env.var("OXCCL_TIMELINE").map(PathBuf::from);
         Ok(c)
+    }
+
+    /// Checks settings built in code as the environment's are checked: each
+    /// value must be one its variable would accept (a slice of at least one
+    /// byte, a positive timeout, a shared-memory ring of 4K to 1G, ...).
+    /// Every constructor of a communicator calls it.
+    pub fn validate(&self) -> Result<()> {
+        let mut scratch = self.clone();
+        for s in SETTINGS {
+            if let (Some(parse), Some(show)) = (s.parse, s.show) {
+                parse(&mut scratch, &show(self))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The settings every rank must agree on, as `NAME=value` lines.
+    pub(crate) fn agreed(&self) -> String {
+        SETTINGS
+            .iter()
+            .filter(|s| s.agree)
+            .filter_map(|s| Some(format!("{}={}\n", s.name, s.value(self)?)))
+            .collect()
     }
 }
 
@@ -954,20 +1176,75 @@ mod tests {
     }
 
     #[test]
-    fn readme_documents_every_variable() {
+    fn readme_holds_the_generated_table() {
         let readme = include_str!("../../README.md");
-        for v in VARIABLES {
-            assert!(
-                readme.contains(&format!("`{}`", v.name)),
-                "README lacks {}",
-                v.name
-            );
-            assert!(
-                readme.contains(v.default),
-                "README lacks the default of {}: {}",
-                v.name,
-                v.default
-            );
+        let table = settings_table();
+        assert!(
+            readme.contains(&table),
+            "README's settings table differs from config::settings_table(); replace it with:\n{table}"
+        );
+    }
+
+    /// Every default parses, and every value shows as text that parses
+    /// back to itself, so validation and the cross-rank check see what the
+    /// config holds.
+    #[test]
+    fn defaults_parse_and_round_trip() {
+        let d = Config::default();
+        for s in SETTINGS {
+            if let Some(parse) = s.parse {
+                let mut c = Config::blank();
+                parse(&mut c, s.default).unwrap_or_else(|e| panic!("default of {}: {e}", s.name));
+                let shown = s.value(&d).unwrap();
+                let mut back = d.clone();
+                parse(&mut back, &shown).unwrap();
+                assert_eq!(back, d, "{} shows as {shown:?}", s.name);
+            }
         }
+        d.validate().unwrap();
+        assert_eq!(d.timeout, Duration::from_secs(300));
+        assert_eq!(d.slice_bytes, 512 << 10);
+        assert_eq!(d.small_bytes, 64 << 10);
+        assert_eq!(d.shm_single_copy, Some(64 << 10));
+        assert_eq!(d.socket_buffer, None);
+        assert_eq!(d.debug, "warn");
+    }
+
+    /// Settings built in code are checked like the environment's.
+    #[test]
+    fn validate_refuses_what_the_environment_would() {
+        type Breaker = fn(&mut Config);
+        let cases: [(&str, Breaker); 6] = [
+            ("OXCCL_SLICE_BYTES", |c| c.slice_bytes = 0),
+            ("OXCCL_SLICE_BYTES", |c| c.slice_bytes = 2 << 30),
+            ("OXCCL_TIMEOUT", |c| c.timeout = Duration::ZERO),
+            ("OXCCL_SHM_BYTES", |c| c.shm_bytes = 100),
+            ("OXCCL_SMALL_BYTES", |c| c.small_bytes = 4 << 30),
+            ("OXCCL_DEBUG", |c| c.debug = "loud".into()),
+        ];
+        for (name, break_it) in cases {
+            let mut c = Config::default();
+            break_it(&mut c);
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.starts_with(name), "{e}");
+        }
+        // A timeout too long to add to a clock is valid (waits saturate).
+        let c = Config {
+            timeout: Duration::MAX,
+            ..Config::default()
+        };
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn agreed_settings_are_listed() {
+        let c = Config {
+            slice_bytes: 4096,
+            ..Config::default()
+        };
+        let a = c.agreed();
+        assert!(a.contains("OXCCL_SLICE_BYTES=4096\n"), "{a}");
+        assert!(a.contains("OXCCL_TRANSPORT=auto\n"), "{a}");
+        assert!(!a.contains("OXCCL_TIMEOUT"), "{a}");
     }
 }

@@ -44,3 +44,10 @@ pub use oxccl_kernels as kernels;
 pub use oxccl_kernels::DeviceMemory;
 pub use oxccl_kernels::{DType, Element, ReduceOp};
 pub use schedule::Kind;
+
+/// The instant `after` from now; a wait longer than a century (a timeout of
+/// `Duration::MAX` set in code) waits a century instead of overflowing the clock.
+pub(crate) fn deadline_in(after: std::time::Duration) -> std::time::Instant {
+    const CENTURY: std::time::Duration = std::time::Duration::from_secs(100 * 365 * 86_400);
+    std::time::Instant::now() + after.min(CENTURY)
+}

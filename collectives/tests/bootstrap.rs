@@ -180,3 +180,119 @@ fn torchrun_agent_store_serves_the_rendezvous() {
     let _ = child.wait();
     assert_eq!(results, vec![(6, 6, 6); 3]);
 }
+
+/// Settings that ranks must share are compared at init: a mismatch is an
+/// error on every rank naming the setting, both ranks and both values.
+#[test]
+fn a_setting_that_ranks_disagree_on_is_named_on_every_rank() {
+    use oxccl::Transport;
+    use oxccl_transport::store::MemStore;
+    type Change = fn(&mut Config);
+    let cases: [(&str, Change, &str, &str); 3] = [
+        (
+            "OXCCL_SLICE_BYTES",
+            |c| c.slice_bytes = 4096,
+            "524288",
+            "4096",
+        ),
+        (
+            "OXCCL_SHM_BYTES",
+            |c| c.shm_bytes = 64 << 10,
+            "1048576",
+            "65536",
+        ),
+        (
+            "OXCCL_TRANSPORT",
+            |c| c.transport = Transport::Tcp,
+            "auto",
+            "tcp",
+        ),
+    ];
+    for (name, change, ours, theirs) in cases {
+        let store: Arc<dyn oxccl_transport::store::Store> = Arc::new(MemStore::new());
+        let ranks: Vec<_> = (0..3)
+            .map(|r| {
+                let store = store.clone();
+                let mut c = config();
+                if r == 2 {
+                    change(&mut c);
+                }
+                std::thread::spawn(move || {
+                    Communicator::with_store(store, r, 3, c)
+                        .map(|_| ())
+                        .unwrap_err()
+                })
+            })
+            .collect();
+        for (r, t) in ranks.into_iter().enumerate() {
+            let e = t.join().unwrap();
+            assert_eq!(e.kind(), oxccl::ErrorKind::InvalidArgument, "rank {r}: {e}");
+            assert_eq!(
+                e.to_string(),
+                format!(
+                    "{name}: rank 0 has {ours} but rank 2 has {theirs}; every rank must use the same value"
+                ),
+                "rank {r}"
+            );
+        }
+    }
+}
+
+/// Rank 0 names the ranks that never came; the others say what they waited for.
+#[test]
+fn ranks_that_never_come_are_named() {
+    use oxccl_transport::store::MemStore;
+    let store: Arc<dyn oxccl_transport::store::Store> = Arc::new(MemStore::new());
+    let short = Config {
+        timeout: Duration::from_millis(500),
+        ..Config::default()
+    };
+    let ranks: Vec<_> = [0, 2]
+        .into_iter()
+        .map(|r| {
+            let (store, c) = (store.clone(), short.clone());
+            std::thread::spawn(move || {
+                Communicator::with_store(store, r, 4, c)
+                    .map(|_| ())
+                    .unwrap_err()
+            })
+        })
+        .collect();
+    let errors: Vec<String> = ranks
+        .into_iter()
+        .map(|t| t.join().unwrap().to_string())
+        .collect();
+    assert!(
+        errors[0].starts_with("rank 0: bootstrap: no progress for")
+            && errors[0].contains("2 of 4 ranks never did (1, 3)"),
+        "{}",
+        errors[0]
+    );
+    assert!(errors[1].starts_with("rank 2: bootstrap:"), "{}", errors[1]);
+    assert!(
+        errors[1].contains("rank 0 to see every rank register"),
+        "{}",
+        errors[1]
+    );
+}
+
+/// A timeout too long to add to the clock (set in code) is a valid setting:
+/// every wait saturates instead of panicking.
+#[test]
+fn an_endless_timeout_does_not_overflow_the_clock() {
+    let endless = Config {
+        timeout: Duration::MAX,
+        ..Config::default()
+    };
+    let dir = std::env::temp_dir().join(format!("oxccl-endless-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let ranks: Vec<_> = (0..2)
+        .map(|r| {
+            let store = Arc::new(FileStore::new(&dir).unwrap());
+            let c = endless.clone();
+            std::thread::spawn(move || sum(Communicator::with_store(store, r, 2, c).unwrap()))
+        })
+        .collect();
+    assert_eq!(sum_over(ranks), vec![3, 3]);
+    let _ = std::fs::remove_dir_all(&dir);
+}

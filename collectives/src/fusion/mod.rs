@@ -328,11 +328,11 @@ impl FusionEngine {
     pub fn synchronize(&self) -> Result<()> {
         let mut st = self.shared.lock();
         let mut seen = st.completed;
-        let mut deadline = Instant::now() + self.timeout;
+        let mut deadline = crate::deadline_in(self.timeout);
         while st.outstanding > 0 {
             if st.completed != seen {
                 seen = st.completed;
-                deadline = Instant::now() + self.timeout;
+                deadline = crate::deadline_in(self.timeout);
             }
             let now = Instant::now();
             if now >= deadline {
