@@ -470,6 +470,30 @@ mod tests {
     }
 
     #[test]
+    fn huge_timeouts_wait_until_ready_without_overflow() {
+        for timeout in [
+            Duration::MAX,
+            Duration::from_secs(i64::MAX as u64),
+            Duration::from_secs(i64::MAX as u64 / 2 + 1),
+            Duration::new(u64::MAX / 3, 999_999_999),
+        ] {
+            let (mut a, b) = pair();
+            let writer = std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(20));
+                a.try_write(&[IoSlice::new(b"x")]).unwrap();
+                a
+            });
+            let r = within(Duration::from_secs(5), move || {
+                wait_watching(Some(&b), None, Some(&b), timeout).map(|r| (r, b))
+            });
+            let _a = writer.join().unwrap();
+            let r = r.unwrap_or_else(|| panic!("still waiting after 5 s ({timeout:?})"));
+            let (r, _b) = r.unwrap_or_else(|e| panic!("{timeout:?}: {e}"));
+            assert!(r.readable, "{timeout:?}: {r:?}");
+        }
+    }
+
+    #[test]
     fn wait_times_out() {
         let (_a, b) = pair();
         let t0 = std::time::Instant::now();
