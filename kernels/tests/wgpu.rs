@@ -446,3 +446,58 @@ fn device_memory_moves_between_threads() {
     .expect("thread");
     assert_eq!(bytemuck::cast_slice::<u8, i32>(&out), [0, 6, 11]);
 }
+
+/// Every wait for the device is bounded: with a 1 ns timeout, a read behind
+/// large reductions and a synchronize after more fail with an error
+/// naming what was awaited, the timeout and the adapter; none hangs.
+#[test]
+fn waits_time_out_with_an_error_naming_what_was_awaited() {
+    let Some(ctx) = open(&WgpuSettings {
+        timeout: std::time::Duration::from_nanos(1),
+        ..settings()
+    }) else {
+        return;
+    };
+    assert_eq!(ctx.timeout(), std::time::Duration::from_nanos(1));
+    let adapter = ctx.adapter().name.clone();
+    let len = 1 << 22;
+    let bytes = len * 4;
+    let src: Vec<f32> = (0..len).map(|i| (i % 7) as f32).collect();
+    let mut dev = WgpuBuffer::new(ctx.clone(), bytes).expect("alloc");
+    // Several reductions queued, so that the device is still busy when the
+    // wait starts even if this thread is descheduled for a while.
+    let reduce = |dev: &mut WgpuBuffer| {
+        for _ in 0..4 {
+            dev.reduce_from_host(DType::F32, ReduceOp::Sum, 0, bytemuck::cast_slice(&src))
+                .expect("reduce is submitted, not waited for");
+        }
+    };
+    let timed_out = |err: KernelError, what: &str| {
+        let KernelError::Device { message, .. } = &err else {
+            panic!("not a device error: {err}");
+        };
+        for part in ["did not finish", what, "within 1ns", adapter.as_str()] {
+            assert!(message.contains(part), "'{part}' not in: {err}");
+        }
+    };
+
+    reduce(&mut dev);
+    let err = dev
+        .to_host()
+        .expect_err("a 1 ns read behind 16 MiB reductions");
+    timed_out(
+        err,
+        &format!(
+            "copying {bytes} bytes back to the host after reducing {bytes} bytes of f32 (sum)"
+        ),
+    );
+
+    reduce(&mut dev);
+    let err = ctx
+        .synchronize()
+        .expect_err("a 1 ns wait for 16 MiB reductions");
+    timed_out(
+        err,
+        &format!("(the last: reducing {bytes} bytes of f32 (sum))"),
+    );
+}

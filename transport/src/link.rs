@@ -249,6 +249,9 @@ impl ShutdownHandle {
     }
 }
 
+/// The longest [`wait_watching`] pauses when given nothing to wait on.
+const IDLE_PAUSE: Duration = Duration::from_millis(1);
+
 /// What [`wait`] found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Readiness {
@@ -280,6 +283,9 @@ pub fn wait(
 /// next one; watching that link means a dead next rank is noticed at once,
 /// from its own socket, instead of later and second-hand (for instance
 /// through the previous rank giving up on the same failure).
+///
+/// With no link to wait on (all three `None`), it returns an empty
+/// [`Readiness`] after a pause of at most a millisecond, whatever `timeout`.
 pub fn wait_watching(
     read: Option<&dyn Link>,
     write: Option<&dyn Link>,
@@ -329,7 +335,10 @@ pub fn wait_watching(
             fds.push(PollFd::from_borrowed_fd(l.fd(), PollFlags::RDHUP));
         }
         if fds.is_empty() {
-            std::thread::sleep(timeout);
+            // Nothing can end this wait early, and the timeout may be
+            // minutes: a caller that loops until its own deadline must
+            // neither sleep through it in one go nor spin.
+            std::thread::sleep(timeout.min(IDLE_PAUSE));
             return Ok(ready);
         }
         let ts = Timespec::try_from(timeout).unwrap_or(Timespec {
@@ -429,6 +438,59 @@ mod tests {
         let (r, waited) = t.join().unwrap();
         assert!(r.hung_up && !r.readable && !r.writable, "{r:?}");
         assert!(waited < Duration::from_secs(5), "woke after {waited:?}");
+    }
+
+    /// Runs `f` on a thread; `None` if it did not return within `limit`
+    /// (the thread is left behind).
+    fn within<T: Send + 'static>(
+        limit: Duration,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Option<T> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        rx.recv_timeout(limit).ok()
+    }
+
+    #[test]
+    fn nothing_to_wait_on_returns_promptly_whatever_the_timeout() {
+        for timeout in [Duration::from_secs(300), Duration::MAX] {
+            let r = within(Duration::from_secs(5), move || {
+                let t0 = std::time::Instant::now();
+                (
+                    wait_watching(None, None, None, timeout).unwrap(),
+                    t0.elapsed(),
+                )
+            });
+            let (r, waited) = r.unwrap_or_else(|| panic!("still waiting after 5 s ({timeout:?})"));
+            assert_eq!(r, Readiness::default());
+            assert!(waited < Duration::from_millis(500), "waited {waited:?}");
+        }
+    }
+
+    #[test]
+    fn huge_timeouts_wait_until_ready_without_overflow() {
+        for timeout in [
+            Duration::MAX,
+            Duration::from_secs(i64::MAX as u64),
+            Duration::from_secs(i64::MAX as u64 / 2 + 1),
+            Duration::new(u64::MAX / 3, 999_999_999),
+        ] {
+            let (mut a, b) = pair();
+            let writer = std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(20));
+                a.try_write(&[IoSlice::new(b"x")]).unwrap();
+                a
+            });
+            let r = within(Duration::from_secs(5), move || {
+                wait_watching(Some(&b), None, Some(&b), timeout).map(|r| (r, b))
+            });
+            let _a = writer.join().unwrap();
+            let r = r.unwrap_or_else(|| panic!("still waiting after 5 s ({timeout:?})"));
+            let (r, _b) = r.unwrap_or_else(|e| panic!("{timeout:?}: {e}"));
+            assert!(r.readable, "{timeout:?}: {r:?}");
+        }
     }
 
     #[test]

@@ -44,6 +44,11 @@
 //!   capacity, so a peer that writes garbage positions can make us read
 //!   garbage bytes (which the frame checks above reject) but never access
 //!   memory outside the mapping.
+//! * The peer can write every word of the segment, its own and ours. A side
+//!   keeps its own counts (head, tail, transfers posted, bytes copied) in
+//!   its own memory and only stores them, never loads them back; each word
+//!   the peer writes is checked before any arithmetic or copy uses it, and
+//!   an impossible value is a [`TransportError::Protocol`] naming the peer.
 //! * The control words are only accessed as atomics; they are 64-byte aligned
 //!   and live as long as the mapping that [`ShmLink`] owns.
 //! * Ring bytes between `tail` and `head` belong to the reader, the rest to
@@ -311,6 +316,16 @@ pub struct ShmLink {
     doorbell: StreamLink,
     /// The doorbell socket reached its end: the peer closed or we shut down.
     closed: Cell<bool>,
+    /// As the writer: bytes ever written (our `head`). This and the next
+    /// three are the words only this side writes: the peer could overwrite
+    /// them in the segment, so they are kept here and only stored there.
+    head: Cell<u64>,
+    /// As the reader: bytes ever read (our `tail`).
+    tail: Cell<u64>,
+    /// As the writer: single-copy transfers ever posted (our `pull_posted`).
+    pulls_posted: Cell<u64>,
+    /// As the reader: bytes ever copied by single copy (our `pulled`).
+    pulled_total: Cell<u64>,
     /// The reader's `tail` of our direction as we last loaded it. Free room
     /// only grows behind our back, so a stale value is safe (it understates
     /// the room), and reloading it only when it says too little keeps the
@@ -376,6 +391,10 @@ impl ShmLink {
             tx,
             doorbell,
             closed: Cell::new(false),
+            head: Cell::new(0),
+            tail: Cell::new(0),
+            pulls_posted: Cell::new(0),
+            pulled_total: Cell::new(0),
             tail_seen: Cell::new(0),
             single_copy_min: DEFAULT_SINGLE_COPY_BYTES,
             single_copy_allowed: true,
@@ -428,13 +447,14 @@ impl ShmLink {
             .checked_sub(self.pulled_seen.get())
             .and_then(|n| usize::try_from(n).ok())
             .filter(|&n| n <= posted.len - posted.reported)
-            .ok_or_else(|| TransportError::Protocol {
-                peer: self.peer,
-                reason: format!(
-                    "single-copy progress went from {} to {pulled} bytes on a transfer of {}",
+            .ok_or_else(|| {
+                self.peer_wrote(format!(
+                    "its single-copy progress went from {} to {pulled} bytes, \
+                     on a transfer of {} bytes of which {} were copied",
                     self.pulled_seen.get(),
-                    posted.len
-                ),
+                    posted.len,
+                    posted.reported
+                ))
             })?;
         let first = bufs.iter().find(|b| !b.is_empty());
         let rest_at = posted.addr + posted.reported;
@@ -468,8 +488,8 @@ impl ShmLink {
             len: buf.len(),
             reported: 0,
         }));
-        // Only this side writes the count: its own last store is current.
-        let posted = ctrl.pull_posted.load(Ordering::Relaxed) + 1;
+        let posted = self.pulls_posted.get() + 1;
+        self.pulls_posted.set(posted);
         ctrl.pull_posted.store(posted, Ordering::Release);
         fence(Ordering::SeqCst);
         if ctrl.reader_waiting.load(Ordering::Relaxed) != 0 {
@@ -481,22 +501,41 @@ impl ShmLink {
     /// from the writer's memory into `dst` (the unfilled parts of the
     /// caller's buffers), returning how many bytes.
     fn pull(&self, ctrl: &Ctrl, dst: &[libc::iovec]) -> Result<usize, TransportError> {
+        // The writer's words, checked every time: they must not move while
+        // the transfer is pending, but only the writer keeps that promise.
         let addr = ctrl.pull_addr.load(Ordering::Relaxed);
         let len = ctrl.pull_len.load(Ordering::Relaxed);
-        let bad = |reason: String| TransportError::Protocol {
-            peer: self.peer,
-            reason,
-        };
-        let left = usize::try_from(len)
-            .ok()
-            .and_then(|l| l.checked_sub(self.pull_progress.get()))
-            .ok_or_else(|| bad(format!("a single-copy transfer of {len} bytes")))?;
+        let progress = self.pull_progress.get();
+        if len == 0 {
+            return Err(self.peer_wrote("it posted an empty single-copy transfer".into()));
+        }
+        if addr
+            .checked_add(len)
+            .and_then(|end| usize::try_from(end).ok())
+            .is_none()
+        {
+            return Err(self.peer_wrote(format!(
+                "it posted a single-copy transfer of {len} bytes at {addr:#x}, \
+                 past the end of the address space"
+            )));
+        }
+        // Both fit in a usize (their sum does), and `progress < len` below.
+        let (addr, len) = (addr as usize, len as usize);
+        let left = len
+            .checked_sub(progress)
+            .filter(|&l| l > 0)
+            .ok_or_else(|| {
+                self.peer_wrote(format!(
+                    "it shrank a pending single-copy transfer to {len} bytes \
+                     after {progress} were copied"
+                ))
+            })?;
         let want = dst.iter().map(|v| v.iov_len).sum::<usize>().min(left);
         if want == 0 {
             return Ok(0);
         }
         let remote = libc::iovec {
-            iov_base: (addr as usize + self.pull_progress.get()) as *mut libc::c_void,
+            iov_base: (addr + progress) as *mut libc::c_void,
             iov_len: want,
         };
         // SAFETY: every `dst` entry describes unfilled bytes of the caller's
@@ -539,20 +578,20 @@ impl ShmLink {
             return Err(self.shut_error());
         }
         if n == 0 {
-            return Err(bad(format!(
-                "a single-copy transfer's bytes at {addr:#x} cannot be read"
+            return Err(self.peer_wrote(format!(
+                "it posted a single-copy transfer whose bytes at {addr:#x} cannot be read"
             )));
         }
-        let n = n as usize;
-        let progress = self.pull_progress.get() + n;
-        // Only this side writes the count: its own last store is current.
-        let pulled = ctrl.pulled.load(Ordering::Relaxed) + n as u64;
+        // The kernel copies at most `want <= left` bytes.
+        let n = (n as usize).min(want);
+        let pulled = self.pulled_total.get() + n as u64;
+        self.pulled_total.set(pulled);
         ctrl.pulled.store(pulled, Ordering::Release);
-        if progress as u64 == len {
+        if n == left {
             self.pull_progress.set(0);
             self.pulls_done.set(self.pulls_done.get() + 1);
         } else {
-            self.pull_progress.set(progress);
+            self.pull_progress.set(progress + n);
         }
         fence(Ordering::SeqCst);
         if ctrl.writer_waiting.load(Ordering::Relaxed) != 0 {
@@ -587,24 +626,80 @@ impl ShmLink {
         }
     }
 
-    /// The ring's occupancy `head - tail`, refusing impossible values.
-    fn used(&self, head: u64, tail: u64) -> Result<usize, TransportError> {
-        match head.checked_sub(tail) {
-            Some(u) if u <= self.capacity as u64 => Ok(u as usize),
-            _ => Err(TransportError::Protocol {
-                peer: self.peer,
-                reason: format!(
-                    "shared-memory ring positions are inconsistent (head {head}, tail {tail}, capacity {})",
-                    self.capacity
-                ),
-            }),
+    /// An impossible value the peer wrote into the segment: `what` says
+    /// which, of "it" (the peer, whose rank the error names).
+    fn peer_wrote(&self, what: String) -> TransportError {
+        TransportError::Protocol {
+            peer: self.peer,
+            reason: what,
         }
+    }
+
+    /// The ring's occupancy `head - tail`, refusing impossible values as the
+    /// fault of the peer, which wrote the head (`peer_head`: we read) or the
+    /// tail (we write).
+    fn used(&self, head: u64, tail: u64, peer_head: bool) -> Result<usize, TransportError> {
+        let cap = self.capacity;
+        match head.checked_sub(tail) {
+            Some(u) if u <= cap as u64 => Ok(u as usize),
+            Some(u) => Err(self.peer_wrote(if peer_head {
+                format!(
+                    "its shared-memory ring head is {u} bytes ahead of the tail, \
+                     more than the {cap}-byte ring holds (head {head}, tail {tail})"
+                )
+            } else {
+                format!(
+                    "its shared-memory ring tail is {u} bytes behind the head, \
+                     more than the {cap}-byte ring holds (head {head}, tail {tail})"
+                )
+            })),
+            None => {
+                let d = tail - head;
+                Err(self.peer_wrote(if peer_head {
+                    format!(
+                        "its shared-memory ring head is {d} bytes behind the tail \
+                         (head {head}, tail {tail})"
+                    )
+                } else {
+                    format!(
+                        "its shared-memory ring tail is {d} bytes ahead of the head \
+                         (head {head}, tail {tail})"
+                    )
+                }))
+            }
+        }
+    }
+
+    /// As the reader: whether the writer's single-copy transfer is pending,
+    /// refusing a count that cannot be (at most one is pending) and a
+    /// transfer posted although we told the writer we cannot read it.
+    fn pending(&self, ctrl: &Ctrl) -> Result<bool, TransportError> {
+        let posted = ctrl.pull_posted.load(Ordering::Acquire);
+        let done = self.pulls_done.get();
+        if posted == done {
+            return Ok(false);
+        }
+        if posted != done.wrapping_add(1) {
+            return Err(self.peer_wrote(format!(
+                "its count of single-copy transfers posted is {posted}, \
+                 but {done} were completed and at most one may be pending"
+            )));
+        }
+        if self.source_pid.get() == 0 {
+            return Err(self.peer_wrote(
+                "it posted a single-copy transfer, but this rank cannot read its memory \
+                 and told it so"
+                    .into(),
+            ));
+        }
+        Ok(true)
     }
 
     /// Makes the bytes written up to `head` visible to the reader, and wakes
     /// it if it sleeps. The fence orders the store before the flag's load
     /// (the eventcount's half on this side; `arm` keeps the other).
     fn publish_head(&self, ctrl: &Ctrl, head: u64) {
+        self.head.set(head);
         ctrl.head.store(head, Ordering::Release);
         fence(Ordering::SeqCst);
         if ctrl.reader_waiting.load(Ordering::Relaxed) != 0 {
@@ -615,6 +710,7 @@ impl ShmLink {
     /// Gives the bytes read up to `tail` back to the writer, and wakes it if
     /// it sleeps waiting for room.
     fn publish_tail(&self, ctrl: &Ctrl, tail: u64) {
+        self.tail.set(tail);
         ctrl.tail.store(tail, Ordering::Release);
         fence(Ordering::SeqCst);
         if ctrl.writer_waiting.load(Ordering::Relaxed) != 0 {
@@ -687,12 +783,12 @@ impl Link for ShmLink {
             return Err(self.closed_error());
         }
         let ctrl = self.map.ctrl(self.tx);
-        let head = ctrl.head.load(Ordering::Relaxed);
-        let mut free = self.capacity - self.used(head, self.tail_seen.get())?;
+        let head = self.head.get();
+        let mut free = self.capacity - self.used(head, self.tail_seen.get(), false)?;
         let want: usize = bufs.iter().map(|b| b.len()).sum();
         if free < want {
             let tail = ctrl.tail.load(Ordering::Acquire);
-            free = self.capacity - self.used(head, tail)?;
+            free = self.capacity - self.used(head, tail, false)?;
             self.tail_seen.set(tail);
         }
         if free == 0 {
@@ -748,13 +844,21 @@ impl Link for ShmLink {
     fn try_read(&mut self, bufs: &mut [IoSliceMut<'_>]) -> Result<usize, TransportError> {
         let rx = 1 - self.tx;
         let ctrl = self.map.ctrl(rx);
-        let tail = ctrl.tail.load(Ordering::Relaxed);
+        let tail = self.tail.get();
+        // A posted transfer: its bytes follow the ring's up to `pull_at`,
+        // and the ring holds nothing after. The writer published `head` up
+        // to there before posting, and moves it no further until the
+        // transfer completes: loaded after the count, `head` is `pull_at`.
+        let pending = self.pending(ctrl)?;
         let mut head = ctrl.head.load(Ordering::Acquire);
-        // A posted transfer: its bytes follow the ring's up to `pull_at`
-        // (published before it), and the ring holds nothing after.
-        let pending = ctrl.pull_posted.load(Ordering::Acquire) != self.pulls_done.get();
         if pending {
-            head = ctrl.pull_at.load(Ordering::Relaxed);
+            let at = ctrl.pull_at.load(Ordering::Relaxed);
+            if at != head {
+                return Err(self.peer_wrote(format!(
+                    "it posted a single-copy transfer at ring position {at}, \
+                     but its ring head is {head}"
+                )));
+            }
         }
         let shut = self.is_shut();
         if shut {
@@ -768,7 +872,7 @@ impl Link for ShmLink {
                 return Err(self.shut_error());
             }
         }
-        let mut avail = self.used(head, tail)?;
+        let mut avail = self.used(head, tail, true)?;
         if avail == 0 {
             if pending && !shut {
                 let mut dst = [libc::iovec {
@@ -841,7 +945,7 @@ impl Link for ShmLink {
                 let ctrl = self.map.ctrl(1 - self.tx);
                 ctrl.reader_waiting.store(1, Ordering::Relaxed);
                 fence(Ordering::SeqCst);
-                ctrl.head.load(Ordering::Relaxed) != ctrl.tail.load(Ordering::Relaxed)
+                ctrl.head.load(Ordering::Relaxed) != self.tail.get()
                     || ctrl.pull_posted.load(Ordering::Relaxed) != self.pulls_done.get()
             }
             Direction::Write if self.posted.get().is_some() => {
@@ -854,11 +958,13 @@ impl Link for ShmLink {
                 let ctrl = self.map.ctrl(self.tx);
                 ctrl.writer_waiting.store(1, Ordering::Relaxed);
                 fence(Ordering::SeqCst);
-                let used = ctrl
+                // Ready unless exactly full: room, or an impossible tail
+                // that the next write reports.
+                let used = self
                     .head
-                    .load(Ordering::Relaxed)
+                    .get()
                     .wrapping_sub(ctrl.tail.load(Ordering::Relaxed));
-                used < self.capacity as u64
+                used != self.capacity as u64
             }
         };
         if ready {
@@ -896,9 +1002,10 @@ impl Link for ShmLink {
     }
 
     fn commit(&mut self) {
-        let ctrl = self.map.ctrl(self.tx);
-        ctrl.committed
-            .store(ctrl.head.load(Ordering::Relaxed), Ordering::Release);
+        self.map
+            .ctrl(self.tx)
+            .committed
+            .store(self.head.get(), Ordering::Release);
     }
 
     fn shutdown_handle(&self) -> Result<ShutdownHandle, TransportError> {
@@ -1714,6 +1821,256 @@ mod tests {
             Err(TransportError::PeerClosed { .. })
         ));
         drop(a);
+    }
+
+    /// Asserts that a transfer failed because rank `peer` wrote an
+    /// impossible value into the segment, and that the message says `words`.
+    fn expect_protocol(r: Result<usize, TransportError>, peer: usize, words: &[&str]) {
+        match r {
+            Err(e @ TransportError::Protocol { peer: p, .. }) if p == peer => {
+                let msg = e.to_string();
+                for w in words {
+                    assert!(msg.contains(w), "{msg:?} does not say {w:?}");
+                }
+            }
+            other => panic!("expected a protocol error from rank {peer}, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_ring_head_out_of_place_fails_the_reader_naming_the_writer() {
+        let (mut a, mut b) = pair(0, 1, MIN_CAPACITY).unwrap();
+        // Rank 0 writes direction 0; these are its words.
+        let map = Arc::clone(&a.map);
+        let ctrl = map.ctrl(0);
+        let mut buf = [0u8; 64];
+        ctrl.head.store(5000, Ordering::Release);
+        expect_protocol(
+            b.try_read(&mut [IoSliceMut::new(&mut buf)]),
+            0,
+            &["rank 0", "ring head", "5000 bytes ahead", "4096-byte"],
+        );
+        ctrl.head.store(u64::MAX, Ordering::Release);
+        expect_protocol(
+            b.try_read(&mut [IoSliceMut::new(&mut buf)]),
+            0,
+            &["ring head", "bytes ahead"],
+        );
+        // Behind the tail.
+        ctrl.head.store(0, Ordering::Release);
+        assert_eq!(a.try_write(&[IoSlice::new(b"0123456789")]).unwrap(), 10);
+        assert_eq!(b.try_read(&mut [IoSliceMut::new(&mut buf)]).unwrap(), 10);
+        ctrl.head.store(3, Ordering::Release);
+        expect_protocol(
+            b.try_read(&mut [IoSliceMut::new(&mut buf)]),
+            0,
+            &["ring head", "7 bytes behind"],
+        );
+    }
+
+    #[test]
+    fn a_ring_tail_out_of_place_fails_the_writer_naming_the_reader() {
+        let (mut a, mut b) = pair(0, 1, MIN_CAPACITY).unwrap();
+        // Rank 1 reads direction 0; its tail is there.
+        let map = Arc::clone(&b.map);
+        let ctrl = map.ctrl(0);
+        let fill = vec![1u8; MIN_CAPACITY];
+        assert_eq!(a.try_write(&[IoSlice::new(b"0123456789")]).unwrap(), 10);
+        // Past the head (a write that needs the tail loads it).
+        ctrl.tail.store(20, Ordering::Release);
+        expect_protocol(
+            a.try_write(&[IoSlice::new(&fill)]),
+            1,
+            &["rank 1", "ring tail", "10 bytes ahead"],
+        );
+        ctrl.tail.store(u64::MAX, Ordering::Release);
+        expect_protocol(
+            a.try_write(&[IoSlice::new(&fill)]),
+            1,
+            &["ring tail", "bytes ahead"],
+        );
+        // Gone back further than the ring holds.
+        ctrl.tail.store(0, Ordering::Release);
+        let mut buf = vec![0u8; MIN_CAPACITY];
+        assert_eq!(b.try_read(&mut [IoSliceMut::new(&mut buf)]).unwrap(), 10);
+        assert_eq!(a.try_write(&[IoSlice::new(&fill)]).unwrap(), MIN_CAPACITY);
+        assert_eq!(
+            b.try_read(&mut [IoSliceMut::new(&mut buf[..100])]).unwrap(),
+            100
+        );
+        ctrl.tail.store(0, Ordering::Release);
+        expect_protocol(
+            a.try_write(&[IoSlice::new(&fill[..200])]),
+            1,
+            &["ring tail", "4106 bytes behind", "4096-byte"],
+        );
+        // A writer about to sleep on a full ring wakes for an impossible
+        // tail, to report it, rather than sleep until its deadline.
+        let (mut a, b) = pair(0, 1, MIN_CAPACITY).unwrap();
+        let map = Arc::clone(&b.map);
+        let ctrl = map.ctrl(0);
+        assert_eq!(a.try_write(&[IoSlice::new(&fill)]).unwrap(), MIN_CAPACITY);
+        assert!(
+            a.arm(Direction::Write).unwrap().is_some(),
+            "the ring is full"
+        );
+        a.disarm(Direction::Write);
+        ctrl.tail.store(u64::MAX, Ordering::Release);
+        assert!(a.arm(Direction::Write).unwrap().is_none());
+        expect_protocol(a.try_write(&[IoSlice::new(&fill)]), 1, &["ring tail"]);
+    }
+
+    #[test]
+    fn words_a_side_writes_itself_are_never_loaded_back() {
+        let (mut a, mut b) = pair(0, 1, MIN_CAPACITY).unwrap();
+        a.set_single_copy(Some(16));
+        if !single_copy_here(&a) {
+            return;
+        }
+        let map = Arc::clone(&a.map);
+        let ctrl = map.ctrl(0);
+        // Rank 1 scribbles over rank 0's head and count of posted transfers.
+        ctrl.head.store(u64::MAX - 1, Ordering::Relaxed);
+        ctrl.pull_posted.store(u64::MAX, Ordering::Relaxed);
+        let big: Vec<u8> = (0..100u8).collect();
+        let bufs = [IoSlice::new(b"hdr"), IoSlice::new(&big)];
+        assert_eq!(a.try_write(&bufs).unwrap(), 3);
+        // Rank 0 scribbles over rank 1's tail and count of bytes copied.
+        ctrl.tail.store(u64::MAX - 1, Ordering::Relaxed);
+        ctrl.pulled.store(u64::MAX - 1, Ordering::Relaxed);
+        let mut got = [0u8; 103];
+        assert_eq!(b.try_read(&mut [IoSliceMut::new(&mut got)]).unwrap(), 3);
+        assert_eq!(
+            b.try_read(&mut [IoSliceMut::new(&mut got[3..])]).unwrap(),
+            100
+        );
+        assert_eq!(a.try_write(&[IoSlice::new(&big)]).unwrap(), 100);
+        assert_eq!((&got[..3], &got[3..]), (&b"hdr"[..], &big[..]));
+    }
+
+    /// Posts a transfer of `len` bytes at `addr` as rank 0 would, at ring
+    /// position `at`, as its transfer number `count`.
+    fn forge_post(ctrl: &Ctrl, count: u64, at: u64, addr: u64, len: u64) {
+        ctrl.pull_at.store(at, Ordering::Relaxed);
+        ctrl.pull_addr.store(addr, Ordering::Relaxed);
+        ctrl.pull_len.store(len, Ordering::Relaxed);
+        ctrl.pull_posted.store(count, Ordering::Release);
+    }
+
+    #[test]
+    fn a_forged_single_copy_post_fails_the_reader_naming_the_writer() {
+        let (mut a, mut b) = pair(0, 1, MIN_CAPACITY).unwrap();
+        let map = Arc::clone(&a.map);
+        let ctrl = map.ctrl(0);
+        let mine = [0u8; 100];
+        let addr = mine.as_ptr() as u64;
+        let mut buf = [0u8; 64];
+        let mut read = |b: &mut ShmLink| b.try_read(&mut [IoSliceMut::new(&mut buf)]);
+        // Posted although rank 1 found that it cannot read rank 0's memory
+        // (as if its probe had failed).
+        b.source_pid.set(0);
+        forge_post(ctrl, 1, 0, addr, 100);
+        expect_protocol(read(&mut b), 0, &["rank 0", "single-copy", "cannot read"]);
+        // From here on, as if the probe had succeeded: no copy is attempted
+        // before the checks anyway.
+        b.source_pid.set(std::process::id() as i32);
+        // More than one pending, or a count that went back.
+        forge_post(ctrl, 2, 0, addr, 100);
+        expect_protocol(read(&mut b), 0, &["single-copy transfer", "2"]);
+        forge_post(ctrl, u64::MAX, 0, addr, 100);
+        expect_protocol(read(&mut b), 0, &["single-copy transfer"]);
+        // Empty.
+        forge_post(ctrl, 1, 0, addr, 0);
+        expect_protocol(read(&mut b), 0, &["empty single-copy transfer"]);
+        // Past the end of the address space.
+        forge_post(ctrl, 1, 0, u64::MAX - 10, 100);
+        expect_protocol(read(&mut b), 0, &["single-copy", "address space"]);
+        // Anchored elsewhere than where the ring's bytes end.
+        forge_post(ctrl, 0, 0, 0, 0);
+        assert_eq!(a.try_write(&[IoSlice::new(b"0123456789")]).unwrap(), 10);
+        forge_post(ctrl, 1, 3, addr, 100);
+        expect_protocol(
+            read(&mut b),
+            0,
+            &["single-copy", "ring position 3", "head is 10"],
+        );
+        forge_post(ctrl, 1, u64::MAX, addr, 100);
+        expect_protocol(read(&mut b), 0, &["single-copy", "ring position"]);
+    }
+
+    #[test]
+    fn a_pending_transfer_changed_under_the_reader_fails_it() {
+        let (mut a, mut b) = pair(0, 1, MIN_CAPACITY).unwrap();
+        a.set_single_copy(Some(16));
+        if !single_copy_here(&a) {
+            return;
+        }
+        let map = Arc::clone(&a.map);
+        let ctrl = map.ctrl(0);
+        let big: Vec<u8> = (0..100u8).collect();
+        assert_eq!(a.try_write(&[IoSlice::new(&big)]).unwrap(), 0);
+        let mut got = [0u8; 100];
+        assert_eq!(
+            b.try_read(&mut [IoSliceMut::new(&mut got[..40])]).unwrap(),
+            40
+        );
+        // Its address moved to where the rest wraps around.
+        let addr = ctrl.pull_addr.load(Ordering::Relaxed);
+        ctrl.pull_addr.store(u64::MAX - 10, Ordering::Relaxed);
+        expect_protocol(
+            b.try_read(&mut [IoSliceMut::new(&mut got[40..])]),
+            0,
+            &["single-copy", "address space"],
+        );
+        // Its length shrank below what was copied.
+        ctrl.pull_addr.store(addr, Ordering::Relaxed);
+        ctrl.pull_len.store(30, Ordering::Relaxed);
+        expect_protocol(
+            b.try_read(&mut [IoSliceMut::new(&mut got[40..])]),
+            0,
+            &["single-copy", "30 bytes", "40"],
+        );
+        // An address the kernel refuses is an error too, not a crash.
+        ctrl.pull_len.store(100, Ordering::Relaxed);
+        ctrl.pull_addr.store(8, Ordering::Relaxed);
+        assert!(b.try_read(&mut [IoSliceMut::new(&mut got[40..])]).is_err());
+    }
+
+    #[test]
+    fn single_copy_progress_out_of_place_fails_the_writer_naming_the_reader() {
+        let (mut a, mut b) = pair(0, 1, MIN_CAPACITY).unwrap();
+        a.set_single_copy(Some(16));
+        if !single_copy_here(&a) {
+            return;
+        }
+        let map = Arc::clone(&b.map);
+        let ctrl = map.ctrl(0);
+        let big: Vec<u8> = (0..100u8).collect();
+        assert_eq!(a.try_write(&[IoSlice::new(&big)]).unwrap(), 0);
+        // More copied than was posted.
+        ctrl.pulled.store(500, Ordering::Release);
+        expect_protocol(
+            a.try_write(&[IoSlice::new(&big)]),
+            1,
+            &["rank 1", "single-copy", "500"],
+        );
+        // Gone back.
+        ctrl.pulled.store(0, Ordering::Release);
+        let mut got = [0u8; 40];
+        assert_eq!(b.try_read(&mut [IoSliceMut::new(&mut got)]).unwrap(), 40);
+        assert_eq!(a.try_write(&[IoSlice::new(&big)]).unwrap(), 40);
+        ctrl.pulled.store(10, Ordering::Release);
+        expect_protocol(
+            a.try_write(&[IoSlice::new(&big[40..])]),
+            1,
+            &["single-copy", "10"],
+        );
+        ctrl.pulled.store(u64::MAX, Ordering::Release);
+        expect_protocol(
+            a.try_write(&[IoSlice::new(&big[40..])]),
+            1,
+            &["single-copy"],
+        );
     }
 
     /// Two ranks in a ring of 2 over Unix socket pairs (standing in for TCP).

@@ -58,10 +58,18 @@
 //! copies the enclosing 4-byte-aligned window into a reused mappable buffer
 //! and waits for it. Reductions and scalings are submitted and not waited
 //! for: the queue orders them before any later read.
+//!
+//! # Waits
+//!
+//! Every wait for the device ([`WgpuContext::synchronize`],
+//! [`DeviceMemory::read`]) is bounded by [`WgpuSettings::timeout`]: a hung or
+//! lost device fails the call with [`KernelError::Device`] naming what was
+//! awaited, for how long and on which adapter, instead of hanging the process.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, mpsc};
+use std::time::{Duration, Instant};
 
 use crate::{DType, DeviceMemory, KernelError, ReduceOp, check_len};
 
@@ -78,9 +86,13 @@ const BIND_GROUP_CACHE: usize = 32;
 
 const PRELUDE: &str = include_str!("prelude.wgsl");
 
-/// How to choose the adapter. The oxccl config module fills it from the
-/// `OXCCL_WGPU_*` variables; this crate never reads the environment.
-#[derive(Debug, Clone, Default)]
+/// The default of [`WgpuSettings::timeout`]: 300 s, as oxccl's `OXCCL_TIMEOUT`.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// How to choose the adapter, and how long to wait for it. The oxccl config
+/// module fills it from the `OXCCL_WGPU_*` variables; this crate never reads
+/// the environment.
+#[derive(Debug, Clone)]
 pub struct WgpuSettings {
     /// Only adapters whose name contains this (case-insensitive), e.g.
     /// "llvmpipe" for lavapipe or "nvidia". `None`: any adapter.
@@ -92,6 +104,22 @@ pub struct WgpuSettings {
     /// buffers are processed in windows; tests set a small value to exercise
     /// that path.
     pub max_binding_size: Option<u64>,
+    /// Longest wait for the device (submitted work to finish, a read to come
+    /// back) before the call fails with an error naming what it awaited.
+    /// Default: [`DEFAULT_TIMEOUT`]. Zero fails any wait for work that is not
+    /// already done.
+    pub timeout: Duration,
+}
+
+impl Default for WgpuSettings {
+    fn default() -> WgpuSettings {
+        WgpuSettings {
+            adapter_name: None,
+            power_preference: wgpu::PowerPreference::default(),
+            max_binding_size: None,
+            timeout: DEFAULT_TIMEOUT,
+        }
+    }
 }
 
 /// What an adapter is, for logs and for choosing one.
@@ -349,6 +377,45 @@ fn device_error(message: impl Into<String>) -> KernelError {
     }
 }
 
+/// Turns the result of a bounded wait for `what` into ours: a timeout names
+/// what was awaited, for how long and on which adapter.
+fn wait_result(
+    result: Result<wgpu::PollStatus, wgpu::PollError>,
+    what: &dyn Fn() -> String,
+    timeout: Duration,
+    adapter: &str,
+) -> Result<wgpu::PollStatus, KernelError> {
+    match result {
+        Ok(status) => Ok(status),
+        Err(wgpu::PollError::Timeout) => Err(timed_out(&what(), timeout, adapter)),
+        Err(e) => Err(device_error(format!("waiting for {}: {e}", what()))),
+    }
+}
+
+fn timed_out(what: &str, timeout: Duration, adapter: &str) -> KernelError {
+    device_error(format!(
+        "the GPU did not finish {what} within {timeout:?} (adapter {adapter})"
+    ))
+}
+
+/// Work submitted to the queue, described in timeout errors.
+#[derive(Debug, Clone, Copy)]
+struct Work {
+    kernel: Kernel,
+    bytes: u64,
+}
+
+impl std::fmt::Display for Work {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let bytes = self.bytes;
+        match self.kernel {
+            Kernel::Reduce(d, op) => write!(f, "reducing {bytes} bytes of {d} ({op})"),
+            Kernel::Avg(d) => write!(f, "averaging {bytes} bytes of {d}"),
+            Kernel::Copy => write!(f, "copying {bytes} bytes"),
+        }
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding one of these locks leaves plain data behind
     // (caches, a staging buffer): still usable.
@@ -362,6 +429,9 @@ pub struct WgpuContext {
     queue: wgpu::Queue,
     limits: wgpu::Limits,
     max_binding_override: Option<u64>,
+    timeout: Duration,
+    /// The last kernel submitted and not yet known to be finished.
+    last_submitted: Mutex<Option<Work>>,
     binary_layout: wgpu::BindGroupLayout,
     unary_layout: wgpu::BindGroupLayout,
     binary_pipeline_layout: wgpu::PipelineLayout,
@@ -486,6 +556,8 @@ impl WgpuContext {
             queue,
             limits,
             max_binding_override: settings.max_binding_size,
+            timeout: settings.timeout,
+            last_submitted: Mutex::new(None),
             binary_layout,
             unary_layout,
             binary_pipeline_layout,
@@ -512,12 +584,46 @@ impl WgpuContext {
         &self.queue
     }
 
+    /// The longest wait for the device ([`WgpuSettings::timeout`]).
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// Waits until all submitted work is done, and reports any device error.
+    ///
+    /// Errors with [`KernelError::Device`] if the work is not done within
+    /// [`WgpuSettings::timeout`].
     pub fn synchronize(&self) -> Result<(), KernelError> {
-        self.device
-            .poll(wgpu::PollType::wait_indefinitely())
-            .map_err(|e| device_error(format!("poll: {e}")))?;
+        let what = || match *lock(&self.last_submitted) {
+            Some(work) => format!("the work submitted to it (the last: {work})"),
+            None => "the work submitted to it".to_string(),
+        };
+        self.wait(None, self.timeout, &what)?;
         self.check_errors()
+    }
+
+    /// Waits at most `left` (what remains of [`WgpuSettings::timeout`]) for
+    /// `submission` (`None`: the latest) to finish; `what` names it in the
+    /// error.
+    fn wait(
+        &self,
+        submission: Option<wgpu::SubmissionIndex>,
+        left: Duration,
+        what: &dyn Fn() -> String,
+    ) -> Result<(), KernelError> {
+        let status = self.device.poll(wgpu::PollType::Wait {
+            submission_index: submission,
+            timeout: Some(left),
+        });
+        if wait_result(status, what, self.timeout, &self.adapter.name)?.is_queue_empty() {
+            *lock(&self.last_submitted) = None;
+        }
+        Ok(())
+    }
+
+    /// The last kernel submitted, as " after reducing ..." (or "").
+    fn after_last_submitted(&self) -> String {
+        lock(&self.last_submitted).map_or_else(String::new, |w| format!(" after {w}"))
     }
 
     /// Returns the first error the device reported asynchronously, if any.
@@ -929,6 +1035,10 @@ impl WgpuReducer {
             done += count;
         }
         drop(cache);
+        *lock(&self.ctx.last_submitted) = Some(Work {
+            kernel,
+            bytes: n * size,
+        });
         self.ctx.check_errors()
     }
 }
@@ -1100,16 +1210,54 @@ impl DeviceMemory for WgpuBuffer {
             .device
             .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
         encoder.copy_buffer_to_buffer(&self.buffer, start, &readback, 0, size);
-        ctx.queue.submit([encoder.finish()]);
+        let submission = ctx.queue.submit([encoder.finish()]);
         let slice = readback.slice(0..size);
         let (tx, rx) = mpsc::channel();
         slice.map_async(wgpu::MapMode::Read, move |r| {
             let _ = tx.send(r);
         });
-        ctx.synchronize()?;
-        rx.recv()
-            .map_err(|_| device_error("buffer mapping was dropped"))?
-            .map_err(|e| device_error(format!("map: {e}")))?;
+        let what = || {
+            format!(
+                "copying {size} bytes back to the host{}",
+                ctx.after_last_submitted()
+            )
+        };
+        // The callback runs inside a poll once the copy is done; poll until it
+        // has run or the deadline passes.
+        // No deadline if the timeout is too large to add to now.
+        let deadline = Instant::now().checked_add(ctx.timeout);
+        let mut polled = false;
+        let mapped = loop {
+            match rx.try_recv() {
+                Ok(r) => {
+                    break r.map_err(|e| device_error(format!("mapping the readback buffer: {e}")));
+                }
+                Err(mpsc::TryRecvError::Disconnected) => {
+                    break Err(device_error("the readback buffer's mapping was dropped"));
+                }
+                Err(mpsc::TryRecvError::Empty) => {}
+            }
+            let left =
+                deadline.map_or(ctx.timeout, |d| d.saturating_duration_since(Instant::now()));
+            if polled && left.is_zero() {
+                break Err(timed_out(&what(), ctx.timeout, &ctx.adapter.name));
+            }
+            if polled {
+                // Done but not yet called back: do not spin on the device.
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            if let Err(e) = ctx.wait(Some(submission.clone()), left, &what) {
+                break Err(e);
+            }
+            polled = true;
+        };
+        if let Err(e) = mapped {
+            // The mapping may still be pending: a later read must not reuse
+            // this buffer.
+            *slot = None;
+            return Err(e);
+        }
+        ctx.check_errors()?;
         {
             let view = slice
                 .get_mapped_range()
@@ -1187,6 +1335,43 @@ impl DeviceMemory for WgpuBuffer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A poll that timed out becomes an error naming what was awaited, for
+    /// how long and on which adapter; other poll errors name what was awaited.
+    #[test]
+    fn wait_result_names_what_timed_out() {
+        let work = Work {
+            kernel: Kernel::Reduce(DType::F32, ReduceOp::Sum),
+            bytes: 4_194_304,
+        };
+        let what = || work.to_string();
+        let timeout = Duration::from_secs(300);
+        let err = wait_result(Err(wgpu::PollError::Timeout), &what, timeout, "llvmpipe")
+            .expect_err("timed out");
+        assert_eq!(
+            err.to_string(),
+            "wgpu device error: the GPU did not finish reducing 4194304 bytes of f32 (sum) \
+             within 300s (adapter llvmpipe)"
+        );
+        let err = wait_result(
+            Err(wgpu::PollError::WrongSubmissionIndex(7, 3)),
+            &what,
+            timeout,
+            "llvmpipe",
+        )
+        .expect_err("wrong index");
+        assert!(
+            err.to_string()
+                .contains("waiting for reducing 4194304 bytes of f32 (sum)"),
+            "{err}"
+        );
+        for status in [
+            wgpu::PollStatus::QueueEmpty,
+            wgpu::PollStatus::WaitSucceeded,
+        ] {
+            assert!(wait_result(Ok(status), &what, timeout, "llvmpipe").is_ok());
+        }
+    }
 
     /// Every kernel's WGSL parses and validates (naga, no device needed).
     #[test]
