@@ -175,6 +175,7 @@ impl Error {
                     ErrorKind::UnavailableBackend
                 }
                 KernelError::Device { .. } => ErrorKind::System,
+                KernelError::Timeout { .. } => ErrorKind::Timeout,
                 _ => ErrorKind::InvalidArgument,
             },
             Error::Internal(_) => ErrorKind::Internal,

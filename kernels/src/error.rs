@@ -36,6 +36,14 @@ pub enum KernelError {
         /// Why.
         reason: String,
     },
+    /// The device did not finish within its deadline (a hung or lost device).
+    #[error("{backend} device timeout: {message}")]
+    Timeout {
+        /// Backend name.
+        backend: &'static str,
+        /// What was awaited, for how long, on which device.
+        message: String,
+    },
     /// A device call failed.
     #[error("{backend} device error: {message}")]
     Device {

@@ -473,8 +473,8 @@ fn waits_time_out_with_an_error_naming_what_was_awaited() {
         }
     };
     let timed_out = |err: KernelError, what: &str| {
-        let KernelError::Device { message, .. } = &err else {
-            panic!("not a device error: {err}");
+        let KernelError::Timeout { message, .. } = &err else {
+            panic!("not a device timeout: {err}");
         };
         for part in ["did not finish", what, "within 1ns", adapter.as_str()] {
             assert!(message.contains(part), "'{part}' not in: {err}");

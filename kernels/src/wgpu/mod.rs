@@ -63,7 +63,7 @@
 //!
 //! Every wait for the device ([`WgpuContext::synchronize`],
 //! [`DeviceMemory::read`]) is bounded by [`WgpuSettings::timeout`]: a hung or
-//! lost device fails the call with [`KernelError::Device`] naming what was
+//! lost device fails the call with [`KernelError::Timeout`] naming what was
 //! awaited, for how long and on which adapter, instead of hanging the process.
 
 use std::borrow::Cow;
@@ -393,9 +393,10 @@ fn wait_result(
 }
 
 fn timed_out(what: &str, timeout: Duration, adapter: &str) -> KernelError {
-    device_error(format!(
-        "the GPU did not finish {what} within {timeout:?} (adapter {adapter})"
-    ))
+    KernelError::Timeout {
+        backend: BACKEND,
+        message: format!("the GPU did not finish {what} within {timeout:?} (adapter {adapter})"),
+    }
 }
 
 /// Work submitted to the queue, described in timeout errors.
@@ -591,7 +592,7 @@ impl WgpuContext {
 
     /// Waits until all submitted work is done, and reports any device error.
     ///
-    /// Errors with [`KernelError::Device`] if the work is not done within
+    /// Errors with [`KernelError::Timeout`] if the work is not done within
     /// [`WgpuSettings::timeout`].
     pub fn synchronize(&self) -> Result<(), KernelError> {
         let what = || match *lock(&self.last_submitted) {
