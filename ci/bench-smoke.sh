@@ -14,7 +14,7 @@ TARGET_DIR=${CARGO_TARGET_DIR:-target}
 case "$TARGET_DIR" in /*) ;; *) TARGET_DIR="$ROOT/$TARGET_DIR" ;; esac
 BIN="$TARGET_DIR/release"
 
-cargo build --release -p oxccl --bin oxrun -p oxccl-benches --bins
+cargo build --release -p oxccl-tools --bin oxrun -p oxccl-benches --bins
 
 export OXCCL_TIMEOUT=${OXCCL_TIMEOUT:-60}
 run() {

@@ -58,7 +58,7 @@ run cargo test -p oxccl-ffi
 echo "== install"
 prefix=$work/prefix
 run bash ci/install-c "$prefix"
-run cargo build --release -p oxccl --bin oxrun
+run cargo build --release -p oxccl-tools --bin oxrun
 oxrun=$CARGO_TARGET_DIR/release/oxrun
 export PKG_CONFIG_PATH=$prefix/lib/pkgconfig
 run readelf -d "$prefix/lib/liboxccl.so" | grep SONAME

@@ -7,7 +7,7 @@
 #
 # Installs what it needs: torch from PyPI (CPU use), Open MPI and a
 # single-node Slurm (../shared/launchers/slurm-up.sh, munge and slurm-wlm
-# from Debian). Needs target/release/oxccl-check (cargo build --release -p oxccl).
+# from Debian). Needs target/release/oxccl-check (cargo build --release -p oxccl-tools).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 check=$PWD/target/release/oxccl-check

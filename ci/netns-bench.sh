@@ -19,7 +19,7 @@ NET=10.201.77
 PORT=${PORT:-29877}
 OUT=${OUT:-$(mktemp -d)}
 
-cargo build --release -p oxccl --bin oxrun -p oxccl-benches --bin all_reduce_perf >&2
+cargo build --release -p oxccl-tools --bin oxrun -p oxccl-benches --bin all_reduce_perf >&2
 
 cleanup() {
   for i in $(seq 0 $((N - 1))); do ip netns del "oxh$i" 2>/dev/null || true; done

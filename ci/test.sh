@@ -17,7 +17,7 @@ cargo fmt --all -- --check
 
 step "clippy"
 cargo clippy --workspace --all-targets -- -D warnings
-cargo clippy -p oxccl-kernels -p oxccl -p oxccl-benches --all-targets --features wgpu,cuda -- -D warnings
+cargo clippy -p oxccl-kernels -p oxccl -p oxccl-tools -p oxccl-benches --all-targets --features wgpu,cuda -- -D warnings
 
 step "torch from PyPI (CPU use), for the torch store and torchrun tests"
 python3 -c 'import torch.distributed.run' 2>/dev/null || python3 -m pip install -q torch==2.15.0
@@ -29,8 +29,8 @@ cargo test --workspace
 step "GPU through wgpu on lavapipe (Mesa's software Vulkan driver)"
 bash ci/wgpu-setup.sh
 OXCCL_REQUIRE_WGPU=1 cargo test -p oxccl-kernels --features wgpu
-OXCCL_REQUIRE_WGPU=1 cargo test -p oxccl --features wgpu --test wgpu
-cargo build -p oxccl --bin oxrun -p oxccl-benches --bin all_reduce_perf --features oxccl-benches/wgpu
+OXCCL_REQUIRE_WGPU=1 cargo test -p oxccl-tools --features wgpu --test wgpu
+cargo build -p oxccl-tools --bin oxrun -p oxccl-benches --bin all_reduce_perf --features oxccl-benches/wgpu
 for n in 2 4; do
   target/debug/oxrun -n "$n" --timeout 300 -- target/debug/all_reduce_perf --device wgpu -b 4K -e 1M -f 16 -n 2 -w 1
   target/debug/oxrun -n "$n" --timeout 300 -- target/debug/all_reduce_perf --device wgpu -b 4K -e 64K -f 16 -n 2 -w 1 -d bfloat16 -o all
@@ -47,7 +47,7 @@ step "benchmark binaries: a smoke run of each with 2 and 4 ranks"
 bash ci/bench-smoke.sh
 
 step "quick start: the README's main job"
-cargo build --release -p oxccl
+cargo build --release -p oxccl-tools
 target/release/oxrun -n 4 --timeout 300 -- target/release/oxccl-check -c all_reduce -b 64M
 target/release/oxrun -n 2 --timeout 300 -- target/release/oxccl-check -c all -b 4M
 

@@ -66,7 +66,7 @@ log() { printf '[compare %4ds] %s\n' $((SECONDS - T0)) "$*"; }
 
 if [[ -z "${COMPARE_NO_BUILD:-}" ]]; then
   log "building oxrun and the benchmarks (release)"
-  cargo build --release -p oxccl --bin oxrun -p oxccl-benches --bins
+  cargo build --release -p oxccl-tools --bin oxrun -p oxccl-benches --bins
 fi
 mkdir -p "$OUT/oxccl" "$OUT/peers"
 log "raw data goes to $OUT"

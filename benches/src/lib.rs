@@ -5,7 +5,7 @@
 //! take nccl-tests' flags ([`Options`]), run under any launcher
 //! (`Communicator::from_env()`), time each size out of place and in place,
 //! check every element of one more call on every rank against
-//! [`oxccl::pattern`], and print nccl-tests' table on rank 0 ([`report`]).
+//! [`oxccl_tools::pattern`], and print nccl-tests' table on rank 0 ([`report`]).
 
 #![forbid(unsafe_code)]
 
@@ -17,8 +17,9 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::time::Instant;
 
-use oxccl::devices::MakeBuffer;
-use oxccl::{Communicator, DType, Descriptor, Kind, ReduceOp, pattern};
+use oxccl::{Communicator, Config, DType, Descriptor, Kind, ReduceOp};
+use oxccl_tools::devices::MakeBuffer;
+use oxccl_tools::pattern;
 
 pub use options::{Average, Options};
 use report::{Measure, RankInfo, Row};
@@ -75,6 +76,13 @@ pub fn main(kind: Kind) -> ExitCode {
             return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
         }
     };
+    match Config::from_env() {
+        Ok(config) => oxccl_tools::init_logging(&config.debug),
+        Err(e) => {
+            eprintln!("{program}: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
     let mut comm = match Communicator::from_env() {
         Ok(c) => c,
         Err(e) => {
@@ -130,7 +138,7 @@ pub fn run(
     let local_rank = oxccl::config::launch_from_lookup(&oxccl::config::ProcessEnv)
         .ok()
         .and_then(|l| l.local_rank);
-    let make = oxccl::devices::buffer_factory(&opts.device, comm.config(), local_rank)?;
+    let make = oxccl_tools::devices::buffer_factory(&opts.device, comm.config(), local_rank)?;
     let ranks = gather_rank_info(comm)?;
     let io = |source| BenchError::Io {
         what: "the table".into(),

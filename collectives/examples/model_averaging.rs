@@ -11,6 +11,8 @@ use oxccl::fusion::FusionEngine;
 use oxccl::{Communicator, ReduceOp};
 
 fn main() -> oxccl::Result<()> {
+    // The library installs no log subscriber: show its warnings (OXCCL_DEBUG).
+    oxccl_tools::init_logging(&oxccl::Config::from_env()?.debug);
     let engine = FusionEngine::new(Communicator::from_env()?)?;
     let (rank, world) = (engine.rank(), engine.world());
     if BATCH % world != 0 {

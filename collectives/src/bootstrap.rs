@@ -143,7 +143,6 @@ impl Communicator {
     /// Creates a communicator for `launch` with `config`.
     pub fn from_launch(launch: &Launch, config: Config) -> Result<Communicator> {
         config.validate()?;
-        config::init_logging(&config.debug);
         let (rank, world) = (launch.rank, launch.world);
         tracing::info!(
             "rank {rank} of {world}: bootstrap from {} variables",
@@ -263,7 +262,6 @@ impl Communicator {
         config: Config,
     ) -> Result<Communicator> {
         config.validate()?;
-        config::init_logging(&config.debug);
         check_rank(rank, world)?;
         let deadline = crate::deadline_in(config.timeout);
         let server = if rank == 0 {
@@ -298,7 +296,6 @@ impl Communicator {
         config: Config,
     ) -> Result<Communicator> {
         config.validate()?;
-        config::init_logging(&config.debug);
         check_rank(rank, world)?;
         let deadline = crate::deadline_in(config.timeout);
         let job = if world == 1 {
@@ -319,7 +316,6 @@ impl Communicator {
     /// socket pairs, to be driven by one thread each.
     pub fn in_process(world: usize, config: Config) -> Result<Vec<Communicator>> {
         config.validate()?;
-        config::init_logging(&config.debug);
         if world == 0 {
             return Err(Error::InvalidArgument(
                 "in_process: world must be at least 1".into(),
@@ -635,13 +631,3 @@ fn differ(mine: &str, theirs: &str, r: usize) -> Option<(String, String)> {
     }
     None
 }
-
-/// Where rank `rank` of a store-based group publishes its listening address
-/// (for tests that impersonate strays).
-pub fn address_key(job_key: &[u8], rank: usize) -> Option<String> {
-    let b: [u8; 8] = job_key.try_into().ok()?;
-    Some(format!("{PREFIX}/{:x}/addr/{rank}", u64::from_le_bytes(b)))
-}
-
-/// The store key holding the job id of store-based groups.
-pub const JOB_KEY: &str = "oxccl/job";

@@ -902,6 +902,7 @@ impl Config {
     pub fn wgpu_settings(&self) -> oxccl_kernels::wgpu::WgpuSettings {
         oxccl_kernels::wgpu::WgpuSettings {
             adapter_name: self.wgpu_adapter.clone(),
+            timeout: self.timeout,
             power_preference: if self.wgpu_low_power {
                 wgpu_power::LowPower
             } else {
@@ -915,17 +916,11 @@ impl Config {
 #[cfg(feature = "wgpu")]
 use oxccl_kernels::wgpu::PowerPreference as wgpu_power;
 
-/// Installs a stderr logger for oxccl's crates at `level`, unless the
-/// application installed a `tracing` subscriber already.
-pub fn init_logging(level: &str) {
-    let filter = format!("oxccl={level},oxccl_transport={level},oxccl_kernels={level}");
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-        .with_writer(std::io::stderr)
-        // No colour codes in files: srun, sbatch and oxrun logs are pipes.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(false)
-        .try_init();
+/// The `tracing` filter directive that shows oxccl's messages at `level`
+/// (an [`OXCCL_DEBUG`](SETTINGS) level), for a program's own subscriber:
+/// `EnvFilter::new(oxccl::config::log_filter(&config.debug))`.
+pub fn log_filter(level: &str) -> String {
+    format!("oxccl={level},oxccl_transport={level},oxccl_kernels={level}")
 }
 
 #[cfg(test)]

@@ -2,12 +2,19 @@
 //!
 //! A [`Communicator`] joins one rank to a world of ranks; its collectives
 //! (allreduce, broadcast, reduce, allgather, reduce-scatter, barrier) run as
-//! pipelined rings over TCP or, in one process, over socket pairs. Buffers
-//! are cut into chunks and slices so that sending, receiving and reducing
-//! overlap; every frame carries a descriptor of its call, so ranks that
-//! disagree fail with an error naming both calls; every wait has a deadline;
-//! a failing rank tells its neighbours at once and the communicator is then
-//! poisoned.
+//! pipelined rings over shared memory between ranks of one host and TCP
+//! between hosts (socket pairs or shared memory between threads of one
+//! process), on host memory or on device memory (wgpu, CUDA) reduced where
+//! it lives. Buffers are cut into chunks and slices so that sending,
+//! receiving and reducing overlap; every frame carries a descriptor of its
+//! call, so ranks that disagree fail with an error naming both calls; every
+//! wait has a deadline; a failing rank tells its neighbours at once and the
+//! communicator is then poisoned. A [`fusion`] engine packs many small
+//! tensors into few allreduces, as Horovod does.
+//!
+//! oxccl logs through `tracing` and installs no subscriber: a program that
+//! wants its messages installs one (oxccl's own binaries and C library do,
+//! at the level `OXCCL_DEBUG` names).
 //!
 //! ```
 //! use oxccl::{Config, ReduceOp, run_in_process};
@@ -26,14 +33,12 @@ mod bootstrap;
 mod comm;
 pub mod config;
 mod descriptor;
-pub mod devices;
 mod engine;
 mod error;
 pub mod fusion;
-pub mod pattern;
-pub mod schedule;
+mod schedule;
 
-pub use bootstrap::{JOB_KEY, UniqueId, address_key, run_in_process};
+pub use bootstrap::{UniqueId, run_in_process};
 pub use comm::{AbortHandle, Communicator, Stats};
 pub use config::{Config, Transport};
 pub use descriptor::Descriptor;

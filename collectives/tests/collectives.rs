@@ -7,10 +7,10 @@
 
 use std::time::Duration;
 
-use oxccl::pattern::{count_wrong, input};
 use oxccl::{Communicator, Config, DType, Descriptor, Kind, ReduceOp, Transport, run_in_process};
 use oxccl_kernels::Reducer;
 use oxccl_kernels::reference::ReferenceReducer;
+use oxccl_tools::pattern::{count_wrong, input};
 use proptest::prelude::*;
 
 /// `small_bytes` 0 sends every allreduce around the ring; a large one sends

@@ -1,7 +1,7 @@
 //! The device path of the engine (device → host → wire → host → device, the
 //! reduction on the device) with a host-backed stand-in for a GPU buffer, so
 //! that it is checked on every machine. The wgpu backend runs the same path
-//! for real in `wgpu.rs`.
+//! for real in `tools/tests/wgpu.rs`.
 
 #![allow(clippy::unwrap_used)]
 
@@ -9,10 +9,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use oxccl::pattern::{count_wrong, input};
 use oxccl::{Config, DType, Descriptor, Kind, ReduceOp, run_in_process};
 use oxccl_kernels::reference::ReferenceReducer;
 use oxccl_kernels::{DeviceMemory, KernelError, Reducer};
+use oxccl_tools::pattern::{count_wrong, input};
 
 /// "Device" memory that lives on the host; counts the reductions it ran.
 #[derive(Debug)]

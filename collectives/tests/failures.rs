@@ -310,8 +310,10 @@ fn stray_connections_are_refused_and_the_job_completes() {
     let r0 = start(0);
     let r1 = start(1);
     let deadline = Instant::now() + Duration::from_secs(10);
-    let job = store.get(oxccl::JOB_KEY, deadline).unwrap();
-    let addr_key = oxccl::address_key(&job, 0).unwrap();
+    // The keys of store-based groups: the job id, then each rank's address.
+    let job = store.get("oxccl/job", deadline).unwrap();
+    let job_id = u64::from_le_bytes(job.as_slice().try_into().unwrap());
+    let addr_key = format!("oxccl/{job_id:x}/addr/0");
     let addr: SocketAddr = String::from_utf8(store.get(&addr_key, deadline).unwrap())
         .unwrap()
         .parse()
@@ -324,7 +326,6 @@ fn stray_connections_are_refused_and_the_job_completes() {
     )
     .unwrap();
     let _silent = std::net::TcpStream::connect(addr).unwrap();
-    let job_id = u64::from_le_bytes(job.as_slice().try_into().unwrap());
     let other = tcp::connect_start(
         addr,
         tcp::hello(job_id ^ 1, 3, 2, 0, 1),

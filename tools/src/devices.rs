@@ -1,8 +1,6 @@
 //! Device buffers by name, for tools that take `--device cpu|wgpu|cuda`.
 
-use oxccl_kernels::DeviceMemory;
-
-use crate::{Config, Error, Result};
+use oxccl::{Config, DeviceMemory, Error, Result};
 
 /// Makes a buffer on one device holding the given host bytes.
 pub type MakeBuffer = Box<dyn Fn(&[u8]) -> Result<Box<dyn DeviceMemory>>>;
@@ -20,7 +18,7 @@ pub fn buffer_factory(
         "cpu" => Ok(None),
         #[cfg(feature = "wgpu")]
         "wgpu" => {
-            use oxccl_kernels::wgpu::{WgpuBuffer, WgpuContext};
+            use oxccl::kernels::wgpu::{WgpuBuffer, WgpuContext};
             let ctx = WgpuContext::new(&config.wgpu_settings())?;
             Ok(Some(Box::new(move |data: &[u8]| {
                 Ok(Box::new(WgpuBuffer::from_host(ctx.clone(), data)?) as Box<dyn DeviceMemory>)
@@ -28,7 +26,7 @@ pub fn buffer_factory(
         }
         #[cfg(feature = "cuda")]
         "cuda" => {
-            use oxccl_kernels::cuda::{CudaBuffer, CudaReducer, CudaSettings};
+            use oxccl::kernels::cuda::{CudaBuffer, CudaReducer, CudaSettings};
             let settings = CudaSettings {
                 ordinal: config.cuda_device.or(local_rank).unwrap_or(0),
                 include_dirs: config.cuda_include.clone(),

@@ -6,12 +6,9 @@
 //! compute any other rank's input and the exact expected result, and results
 //! are compared bit for bit whatever order the ring reduced in.
 
-use half::{bf16, f16};
-use oxccl_kernels::reference::ReferenceReducer;
-use oxccl_kernels::{DType, ReduceOp, Reducer};
-
-use crate::Descriptor;
-use crate::schedule::Kind;
+use oxccl::kernels::Reducer;
+use oxccl::kernels::reference::ReferenceReducer;
+use oxccl::{DType, Descriptor, Kind, ReduceOp, bf16, f16};
 
 /// Writes the expected elements `first..` into its first buffer (the second is scratch).
 type Expected<'a> = dyn Fn(&mut [u8], &mut [u8], usize) + 'a;

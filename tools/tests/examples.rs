@@ -6,7 +6,7 @@
 //! (`cargo build -p oxccl --examples`).
 #![allow(clippy::unwrap_used)]
 
-#[path = "../examples/common/mod.rs"]
+#[path = "../../collectives/examples/common/mod.rs"]
 mod common;
 
 use std::path::PathBuf;

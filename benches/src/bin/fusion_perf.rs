@@ -86,6 +86,7 @@ fn main() -> oxccl::Result<()> {
     };
     let steps = steps.max(1);
     let total: usize = sizes.iter().sum();
+    oxccl_tools::init_logging(&oxccl::Config::from_env()?.debug);
     let mut comm = Communicator::from_env()?;
     let (rank, world) = (comm.rank(), comm.world());
     let threshold = comm.config().fusion_threshold;

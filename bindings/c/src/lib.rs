@@ -594,6 +594,29 @@ unsafe fn bytes_mut<'a>(s: Span) -> &'a mut [u8] {
     unsafe { std::slice::from_raw_parts_mut(p.as_ptr(), s.len) }
 }
 
+/// What every init entry point does first: [`ignore_sigpipe`], and a log
+/// subscriber for oxccl's messages at `OXCCL_DEBUG` (default warn) on
+/// stderr, unless the host process installed one already. The Rust library
+/// installs none; a C host has no other way to see its warnings.
+fn process_setup() {
+    ignore_sigpipe();
+    static LOGGING: std::sync::Once = std::sync::Once::new();
+    LOGGING.call_once(|| {
+        // A bad OXCCL_DEBUG is reported by the init call itself.
+        let level = Config::from_env()
+            .map(|c| c.debug)
+            .unwrap_or_else(|_| "warn".into());
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(
+                oxccl::config::log_filter(&level),
+            ))
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .with_target(false)
+            .try_init();
+    });
+}
+
 /// Sets SIGPIPE to "ignore" if it is at its default ("terminate"), once.
 ///
 /// oxccl's links write to sockets; when a peer has died, such a write raises
@@ -895,7 +918,7 @@ pub unsafe extern "C" fn oxcclGetVersion(version: *mut c_int) -> oxcclResult_t {
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn oxcclGetUniqueId(unique_id: *mut oxcclUniqueId) -> oxcclResult_t {
     boundary("oxcclGetUniqueId", || {
-        ignore_sigpipe();
+        process_setup();
         if unique_id.is_null() {
             return Err(Failure::arg("unique_id is NULL"));
         }
@@ -938,7 +961,7 @@ pub unsafe extern "C" fn oxcclCommInitRank(
     rank: c_int,
 ) -> oxcclResult_t {
     boundary("oxcclCommInitRank", || {
-        ignore_sigpipe();
+        process_setup();
         if comm.is_null() {
             return Err(Failure::arg("comm is NULL"));
         }
@@ -973,7 +996,7 @@ pub unsafe extern "C" fn oxcclCommInitAll(
     devlist: *const c_int,
 ) -> oxcclResult_t {
     boundary("oxcclCommInitAll", || {
-        ignore_sigpipe();
+        process_setup();
         if comms.is_null() {
             return Err(Failure::arg("comms is NULL"));
         }
@@ -1009,7 +1032,7 @@ pub unsafe extern "C" fn oxcclCommInitAll(
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn oxcclCommInitFromEnv(comm: *mut oxcclComm_t) -> oxcclResult_t {
     boundary("oxcclCommInitFromEnv", || {
-        ignore_sigpipe();
+        process_setup();
         if comm.is_null() {
             return Err(Failure::arg("comm is NULL"));
         }

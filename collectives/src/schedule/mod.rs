@@ -486,11 +486,6 @@ impl Progress {
         plan.recvs.get(self.received)
     }
 
-    /// Whether a send is waiting for a receive to complete first.
-    pub fn send_blocked(&self, plan: &Plan) -> bool {
-        self.sent < plan.sends.len() && self.next_send(plan).is_none()
-    }
-
     /// The frame returned by `next_send` has been written entirely.
     pub fn handle_sent(&mut self) {
         self.sent += 1;

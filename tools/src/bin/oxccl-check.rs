@@ -8,8 +8,9 @@ use std::time::Instant;
 
 use clap::Parser;
 use oxccl::config::parse_bytes;
-use oxccl::devices::{MakeBuffer, buffer_factory};
-use oxccl::{Communicator, Config, DType, Descriptor, Kind, ReduceOp, pattern};
+use oxccl::{Communicator, Config, DType, Descriptor, Kind, ReduceOp};
+use oxccl_tools::devices::{MakeBuffer, buffer_factory};
+use oxccl_tools::pattern;
 
 /// Runs collectives across the ranks of a job, checks every element of every
 /// result, and prints the median time and bandwidth (on rank 0).
@@ -87,6 +88,13 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    match Config::from_env() {
+        Ok(config) => oxccl_tools::init_logging(&config.debug),
+        Err(e) => {
+            eprintln!("oxccl-check: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
     let mut comm = match Communicator::from_env() {
         Ok(c) => c,
         Err(e) => {
