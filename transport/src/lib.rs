@@ -10,6 +10,8 @@
 //!   stray and mismatched connections ([`wire::Hello`]);
 //! * in-process ([`inproc`]): Unix socket pairs between threads of one
 //!   process, so that tests run the same engine code as TCP jobs;
+//! * fault-injecting ([`fault`]): in-memory queues that deliver a byte at a
+//!   time, stall, fail or close on purpose, for testing what drives links;
 //! * shared memory ([`shm`]): byte rings in a segment both ranks of one host
 //!   map, upgraded from a socket that stays on as doorbell and death notice;
 //! * rendezvous stores ([`store`]): in-memory, TCP (served by rank 0) and
@@ -19,6 +21,7 @@
 //! the engine decides what the header's opaque descriptor bytes mean.
 
 mod error;
+pub mod fault;
 pub mod inproc;
 mod link;
 pub mod shm;

@@ -231,6 +231,14 @@ impl fmt::Debug for ShutdownHandle {
 }
 
 impl ShutdownHandle {
+    /// A handle on a Unix socket of the caller's.
+    pub(crate) fn unix(stream: UnixStream) -> ShutdownHandle {
+        ShutdownHandle {
+            stream: Stream::Unix(stream),
+            before: None,
+        }
+    }
+
     /// The same handle, running `hook` before shutting the socket down.
     pub(crate) fn with_hook(mut self, hook: Arc<dyn Fn() + Send + Sync>) -> ShutdownHandle {
         self.before = Some(hook);

@@ -513,4 +513,37 @@ impl Progress {
 }
 
 #[cfg(test)]
-mod sim;
+mod tests {
+    use super::*;
+
+    /// A send that waits for a receive forwards exactly what it received.
+    #[test]
+    fn send_dependencies_point_backwards() {
+        for kind in Kind::ALL {
+            for rank in 0..4 {
+                let s = Shape {
+                    kind,
+                    world: 4,
+                    rank,
+                    count: 50,
+                    elem: 8,
+                    root: 2,
+                    avg: false,
+                    out_of_place: true,
+                    slice_elems: 4,
+                };
+                let p = plan(&s);
+                for op in &p.sends {
+                    if let Some(i) = op.after_recv {
+                        assert!(i < p.recvs.len());
+                        let r = &p.recvs[i];
+                        assert!(
+                            op.range == r.range || op.range.is_empty(),
+                            "{kind:?} {op:?} after {r:?}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,380 @@
+//! Drives a [`Plan`] over the ring's two links and a reducer.
+//!
+//! One thread per rank does everything: it writes the next allowed frame to
+//! the next rank, reads the next frame from the previous rank, and reduces a
+//! slice as soon as it has arrived, with nonblocking links, so both
+//! directions stay busy while the kernel's socket buffers (or the shared
+//! memory rings) carry the slices in flight. When neither direction can
+//! move it sleeps in `poll` on exactly the links that can unblock it. This
+//! suits few cores (no thread hand-offs, no copies between threads) and
+//! needs no `unsafe`: the engine is the only borrower of the caller's
+//! buffers.
+//!
+//! The pieces, each small and tested on its own against the
+//! fault-injecting link of `oxccl_transport::fault`:
+//!
+//! * [`send`]: the send half, writing frames from the caller's buffers;
+//! * [`recv`]: the receive half, checking each frame's header before any of
+//!   its bytes reach the caller's buffer, and reducing or copying it;
+//! * [`idle`]: what a rank does when nothing moved: spin, yield, sleep in
+//!   `poll`, or give up at its deadline;
+//! * [`Call`]: one collective in progress, whose [`Call::pump`] moves what
+//!   can move now without waiting; [`run`] drives it to completion. The
+//!   simulator (`sim`, tests only) pumps every rank's call in one thread in
+//!   a seeded random order, over links that deliver a byte at a time.
+
+mod idle;
+mod recv;
+mod send;
+#[cfg(test)]
+mod sim;
+#[cfg(test)]
+mod tests;
+
+use std::ops::Range;
+use std::time::{Duration, Instant};
+
+use oxccl_kernels::{DType, DeviceMemory, KernelError, ReduceOp, Reducer};
+use oxccl_transport::wire::{DESCRIPTOR_LEN, FrameHeader};
+use oxccl_transport::{Link, TransportError, wait_watching};
+
+use crate::schedule::{Plan, Progress};
+use idle::{Idle, Step};
+use recv::RecvHalf;
+use send::SendHalf;
+
+/// The two links of a rank in the ring.
+pub(crate) struct Ring<'a> {
+    /// To `rank + 1`.
+    pub next: &'a mut dyn Link,
+    /// From `rank - 1`.
+    pub prev: &'a mut dyn Link,
+}
+
+/// Where the engine reads a call's input.
+#[derive(Clone, Copy)]
+pub(crate) enum Input<'a> {
+    /// Host memory: sent straight from here.
+    Host(&'a [u8]),
+    /// Device memory: read to the host slice by slice.
+    Device(&'a dyn DeviceMemory),
+}
+
+/// Where the engine writes a call's result.
+pub(crate) enum Output<'a> {
+    /// Host memory: received straight into place, reduced by the host reducer.
+    Host(&'a mut [u8]),
+    /// Device memory: each received slice is staged on the host, then
+    /// written or reduced into the device by the device's own kernels.
+    Device(&'a mut dyn DeviceMemory),
+}
+
+/// One collective for the engine to run.
+pub(crate) struct Job<'a> {
+    pub plan: &'a Plan,
+    pub seq: u64,
+    pub descriptor: [u8; DESCRIPTOR_LEN],
+    /// `None` for an in-place call.
+    pub input: Option<Input<'a>>,
+    pub output: Output<'a>,
+    pub dtype: DType,
+    pub op: ReduceOp,
+    pub world: usize,
+    pub reducer: &'a dyn Reducer,
+    pub staging: &'a mut Vec<u8>,
+    pub timeout: Duration,
+    /// How long to busy-poll before sleeping in `poll`.
+    pub spin: Duration,
+    /// Frames of this step and later may go by single copy where the link
+    /// offers it ([`Link::allow_single_copy`], set before every frame);
+    /// `None`: none may.
+    pub single_copy_from: Option<u32>,
+}
+
+/// Why the engine stopped.
+#[derive(Debug)]
+pub(crate) enum EngineError {
+    Transport(TransportError),
+    Timeout {
+        peer: usize,
+        what: String,
+        waited: Duration,
+    },
+    Mismatch {
+        peer: usize,
+        descriptor: [u8; DESCRIPTOR_LEN],
+        seq: u64,
+    },
+    Protocol {
+        peer: usize,
+        reason: String,
+    },
+    Kernel(KernelError),
+}
+
+impl From<TransportError> for EngineError {
+    fn from(e: TransportError) -> Self {
+        EngineError::Transport(e)
+    }
+}
+
+impl From<KernelError> for EngineError {
+    fn from(e: KernelError) -> Self {
+        EngineError::Kernel(e)
+    }
+}
+
+const HDR: usize = FrameHeader::LEN;
+
+/// What identifies this call's frames on the wire.
+#[derive(Clone, Copy)]
+struct Wire {
+    seq: u64,
+    descriptor: [u8; DESCRIPTOR_LEN],
+}
+
+/// The buffers and arithmetic of a call, which both halves use.
+struct Data<'a> {
+    input: Option<Input<'a>>,
+    output: Output<'a>,
+    /// Where the input's byte 0 sits in the output's coordinates.
+    off: usize,
+    dtype: DType,
+    op: ReduceOp,
+    world: usize,
+    reducer: &'a dyn Reducer,
+    /// Host bytes for an out-of-place input on its way to a device output.
+    bounce: Vec<u8>,
+}
+
+impl Data<'_> {
+    /// `output[range] = input[range - off]`.
+    fn copy_input(&mut self, range: Range<usize>) -> Result<(), EngineError> {
+        let Some(input) = self.input else {
+            return Ok(());
+        };
+        let src = range.start - self.off..range.end - self.off;
+        match (input, &mut self.output) {
+            (Input::Host(i), Output::Host(o)) => o[range].copy_from_slice(&i[src]),
+            (Input::Host(i), Output::Device(o)) => o.write(range.start, &i[src])?,
+            (Input::Device(i), Output::Host(o)) => i.read(src.start, &mut o[range])?,
+            (Input::Device(i), Output::Device(o)) => {
+                self.bounce.resize(range.len(), 0);
+                i.read(src.start, &mut self.bounce)?;
+                o.write(range.start, &self.bounce)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What one [`Call::pump`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Pumped {
+    /// Some bytes went either way.
+    pub moved: bool,
+    /// The next link could not take the next frame's bytes.
+    pub send_full: bool,
+}
+
+/// One collective in progress on one rank.
+pub(crate) struct Call<'a> {
+    plan: &'a Plan,
+    wire: Wire,
+    data: Data<'a>,
+    progress: Progress,
+    send: SendHalf,
+    recv: RecvHalf<'a>,
+    single_copy_from: Option<u32>,
+    /// A prologue copy that waits for the first moment without traffic.
+    deferred: Option<Range<usize>>,
+}
+
+impl<'a> Call<'a> {
+    /// Starts `job`: runs the parts that need no peer (a prologue copy that
+    /// cannot wait, an average over one rank) and sizes the buffers.
+    pub(crate) fn start(job: Job<'a>) -> Result<Call<'a>, EngineError> {
+        let Job {
+            plan,
+            seq,
+            descriptor,
+            input,
+            output,
+            dtype,
+            op,
+            world,
+            reducer,
+            staging,
+            single_copy_from,
+            ..
+        } = job;
+        let device = matches!(output, Output::Device(_));
+        let mut data = Data {
+            input,
+            output,
+            off: plan.input_offset,
+            dtype,
+            op,
+            world,
+            reducer,
+            bounce: Vec::new(),
+        };
+        let has_frames = !(plan.sends.is_empty() && plan.recvs.is_empty());
+        let mut deferred = None;
+        if let (Some(r), Some(_)) = (plan.prologue_copy.clone(), input) {
+            if plan.prologue_deferrable && has_frames {
+                deferred = Some(r);
+            } else {
+                data.copy_input(r)?;
+            }
+        }
+        if let Some(r) = plan.local_avg.clone() {
+            match &mut data.output {
+                Output::Host(o) => reducer.finish_avg(dtype, &mut o[r], world)?,
+                Output::Device(d) => d.finish_avg(dtype, r.start, r.len(), world)?,
+            }
+        }
+        Ok(Call {
+            plan,
+            wire: Wire { seq, descriptor },
+            data,
+            progress: Progress::default(),
+            send: SendHalf::new(plan, device),
+            recv: RecvHalf::new(plan, device, staging),
+            single_copy_from,
+            deferred,
+        })
+    }
+
+    /// Whether the call exchanges any frame at all.
+    pub(crate) fn has_frames(&self) -> bool {
+        !(self.plan.sends.is_empty() && self.plan.recvs.is_empty())
+    }
+
+    /// Moves every frame that can move now, both ways, without waiting.
+    pub(crate) fn pump(&mut self, ring: &mut Ring<'_>) -> Result<Pumped, EngineError> {
+        let (sent, send_full) = self.send.pump(
+            &mut *ring.next,
+            self.plan,
+            &mut self.progress,
+            self.wire,
+            &mut self.data,
+            self.single_copy_from,
+        )?;
+        let received = self.recv.pump(
+            &mut *ring.prev,
+            self.plan,
+            &mut self.progress,
+            self.wire,
+            &mut self.data,
+        )?;
+        Ok(Pumped {
+            moved: sent || received,
+            send_full,
+        })
+    }
+
+    /// Every frame went both ways.
+    pub(crate) fn done(&self) -> bool {
+        self.progress.done(self.plan)
+    }
+
+    /// Uses a moment without traffic for the deferred prologue; whether
+    /// there was one.
+    pub(crate) fn idle_work(&mut self) -> Result<bool, EngineError> {
+        match self.deferred.take() {
+            Some(r) => self.data.copy_input(r).map(|()| true),
+            None => Ok(false),
+        }
+    }
+
+    /// Completes a call whose frames are done.
+    pub(crate) fn finish(mut self) -> Result<(), EngineError> {
+        self.idle_work().map(|_| ())
+    }
+
+    /// The error of a call that made no progress for `waited`.
+    fn timed_out(&self, waited: Duration, next: usize, prev: usize) -> EngineError {
+        let p = &self.progress;
+        match p.next_recv(self.plan) {
+            Some(r) => EngineError::Timeout {
+                peer: prev,
+                what: format!(
+                    "data from rank {prev} (step {}, slice {}; {} of {} frames received)",
+                    r.step,
+                    r.slice,
+                    p.received(),
+                    self.plan.recvs.len()
+                ),
+                waited,
+            },
+            None => EngineError::Timeout {
+                peer: next,
+                what: format!(
+                    "rank {next} to take data ({} of {} frames sent)",
+                    p.sent(),
+                    self.plan.sends.len()
+                ),
+                waited,
+            },
+        }
+    }
+}
+
+/// Runs `job` to completion. `ring` may be `None` only when the plan has no frames.
+pub(crate) fn run(ring: Option<Ring<'_>>, job: Job<'_>) -> Result<(), EngineError> {
+    let (timeout, spin) = (job.timeout, job.spin);
+    let mut call = Call::start(job)?;
+    if !call.has_frames() {
+        return call.finish();
+    }
+    let Some(mut ring) = ring else {
+        return Err(EngineError::Protocol {
+            peer: 0,
+            reason: "a plan with frames but no links".into(),
+        });
+    };
+    let (next_rank, prev_rank) = (ring.next.peer(), ring.prev.peer());
+    let cheap = ring.next.cheap_to_poll() && ring.prev.cheap_to_poll();
+    let mut idle = Idle::new(spin, timeout, cheap);
+    loop {
+        let pumped = call.pump(&mut ring)?;
+        if call.done() {
+            return call.finish();
+        }
+        if pumped.moved {
+            idle.reset();
+            continue;
+        }
+        if call.idle_work()? {
+            continue;
+        }
+        match idle.next(Instant::now()) {
+            Step::Pause(n) => (0..n).for_each(|_| std::hint::spin_loop()),
+            Step::Yield => std::thread::yield_now(),
+            Step::TimedOut(waited) => return Err(call.timed_out(waited, next_rank, prev_rank)),
+            Step::Sleep(left) => {
+                let plan = call.plan;
+                let progress = &call.progress;
+                let read: Option<&dyn Link> = progress.next_recv(plan).map(|_| &*ring.prev as _);
+                let write: Option<&dyn Link> = pumped.send_full.then_some(&*ring.next as _);
+                // Frames still owed to the next rank: watch its link for a
+                // hang-up too, so that its death is noticed now, from its own
+                // socket.
+                let owed = plan.sends.len() - progress.sent();
+                let watch: Option<&dyn Link> =
+                    (write.is_none() && owed > 0).then_some(&*ring.next as _);
+                let ready = wait_watching(read, write, watch, left)?;
+                if ready.hung_up {
+                    return Err(EngineError::Transport(TransportError::PeerClosed {
+                        peer: next_rank,
+                        how: format!(
+                            "hung up while {owed} of {} frames were still to be sent to it",
+                            plan.sends.len()
+                        ),
+                    }));
+                }
+            }
+        }
+    }
+}
