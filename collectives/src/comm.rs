@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use oxccl_kernels::cpu::CpuReducer;
 use oxccl_kernels::{DType, DeviceMemory, Element, ReduceOp, Reducer};
@@ -12,6 +12,7 @@ use oxccl_transport::{Link, ShutdownHandle, TransportError, wait_watching};
 use crate::config::Config;
 use crate::descriptor::Descriptor;
 use crate::engine::{self, EngineError, Input, Job, Output, Ring};
+use crate::failure::Failures;
 use crate::schedule::{self, Kind, Plan, Shape, chunk_range};
 use crate::{Error, ErrorKind, Result};
 
@@ -67,16 +68,18 @@ pub struct Stats {
 /// any failure the communicator is poisoned: later calls fail at once with
 /// [`ErrorKind::Aborted`] and the original cause, until it is rebuilt.
 ///
-/// Buffers are host memory. For reductions, `Avg` divides the sum by the world
-/// size; on integers the division truncates toward zero.
+/// Buffers are host memory (the typed calls and [`run_bytes`](Self::run_bytes))
+/// or device memory ([`run_device`](Self::run_device): wgpu, CUDA). For
+/// reductions, `Avg` divides the sum by the world size; on integers the
+/// division truncates toward zero.
 #[derive(Debug)]
 pub struct Communicator {
     rank: usize,
     world: usize,
     config: Config,
     ring: Option<RingLinks>,
-    store: Arc<dyn Store>,
-    key_prefix: String,
+    /// How failures are reported, attributed and passed on.
+    failures: Failures,
     _server: Option<TcpStoreServer>,
     reducer: Box<dyn Reducer>,
     seq: u64,
@@ -116,10 +119,9 @@ impl Communicator {
         Ok(Communicator {
             rank: p.rank,
             world: p.world,
+            failures: Failures::new(p.rank, p.store, p.key_prefix, p.config.timeout),
             config: p.config,
             ring: p.ring,
-            store: p.store,
-            key_prefix: p.key_prefix,
             _server: p.server,
             reducer: Box::new(CpuReducer),
             seq: 0,
@@ -342,11 +344,7 @@ impl Communicator {
         let world = self.world;
         let rank = self.rank;
         let elem = d.dtype.size();
-        if d.kind == Kind::AllReduce
-            && world > 1
-            && d.count > 0
-            && d.count.saturating_mul(elem).saturating_mul(world) <= self.config.small_bytes
-        {
+        if self.takes_small_path(&d) {
             return self.small_all_reduce(d, seq, input, output);
         }
         let (shape, count, use_work) = self.ring_shape(&d, input.is_none());
@@ -401,6 +399,9 @@ impl Communicator {
         let seq = self.begin(&d, input.map(|i| i.len_bytes()), output.len_bytes())?;
         let (world, rank) = (self.world, self.rank);
         let elem = d.dtype.size();
+        if self.takes_small_path(&d) {
+            return self.small_all_reduce_device(d, seq, input, output);
+        }
         let (shape, count, use_work) = self.ring_shape(&d, input.is_none());
         let plan = self.take_plan(shape);
         let mut work: Option<Box<dyn DeviceMemory>> = None;
@@ -440,6 +441,18 @@ impl Communicator {
         });
         self.last_plan = Some((shape, plan));
         result.map_err(|e| self.fail(&d, seq, e))
+    }
+
+    /// Whether `d` is an allreduce small enough for the small-message path
+    /// (its gathered size at most `OXCCL_SMALL_BYTES`).
+    fn takes_small_path(&self, d: &Descriptor) -> bool {
+        d.kind == Kind::AllReduce
+            && self.world > 1
+            && d.count > 0
+            && d.count
+                .saturating_mul(d.dtype.size())
+                .saturating_mul(self.world)
+                <= self.config.small_bytes
     }
 
     /// The plan of `shape`: the last call's when the shape is the same (the
@@ -487,8 +500,58 @@ impl Communicator {
         input: Option<&[u8]>,
         output: &mut [u8],
     ) -> Result<()> {
-        let (world, rank) = (self.world, self.rank);
-        let bytes = output.len();
+        let (world, bytes) = (self.world, output.len());
+        let result = self
+            .small_gather(&d, seq, input.unwrap_or(&*output))
+            .and_then(|()| {
+                let work = &self.work[..bytes * world];
+                output.copy_from_slice(&work[..bytes]);
+                for r in 1..world {
+                    let theirs = &work[r * bytes..(r + 1) * bytes];
+                    self.reducer.reduce(d.dtype, d.op, output, theirs)?;
+                }
+                if d.op == ReduceOp::Avg {
+                    self.reducer.finish_avg(d.dtype, output, world)?;
+                }
+                Ok(())
+            });
+        result.map_err(|e| self.fail(&d, seq, e))
+    }
+
+    /// [`small_all_reduce`](Self::small_all_reduce) on device buffers: the
+    /// gather goes through host memory, and the device reduces the gathered
+    /// buffers into its output with its own kernels, in rank order.
+    fn small_all_reduce_device(
+        &mut self,
+        d: Descriptor,
+        seq: u64,
+        input: Option<&dyn DeviceMemory>,
+        output: &mut dyn DeviceMemory,
+    ) -> Result<()> {
+        let (world, bytes) = (self.world, output.len_bytes());
+        let mut own = vec![0u8; bytes];
+        let result = input
+            .unwrap_or(&*output)
+            .read(0, &mut own)
+            .map_err(EngineError::Kernel)
+            .and_then(|()| self.small_gather(&d, seq, &own))
+            .and_then(|()| {
+                let work = &self.work[..bytes * world];
+                output.write(0, &work[..bytes])?;
+                for r in 1..world {
+                    output.reduce_from_host(d.dtype, d.op, 0, &work[r * bytes..(r + 1) * bytes])?;
+                }
+                if d.op == ReduceOp::Avg {
+                    output.finish_avg(d.dtype, 0, bytes, world)?;
+                }
+                Ok(())
+            });
+        result.map_err(|e| self.fail(&d, seq, e))
+    }
+
+    /// Gathers every rank's `own` bytes into `self.work`, in rank order.
+    fn small_gather(&mut self, d: &Descriptor, seq: u64, own: &[u8]) -> Result<(), EngineError> {
+        let (world, rank, bytes) = (self.world, self.rank, own.len());
         let shape = Shape {
             kind: Kind::AllGather,
             world,
@@ -502,26 +565,14 @@ impl Communicator {
         };
         let plan = self.take_plan(shape);
         let (driver, work) = self.driver();
-        let reducer = driver.reducer;
         if work.len() < bytes * world {
             work.resize(bytes * world, 0);
         }
         let work = &mut work[..bytes * world];
-        work[rank * bytes..(rank + 1) * bytes].copy_from_slice(input.unwrap_or(&*output));
-        let result = driver
-            .run(&plan, seq, &d, None, Output::Host(work))
-            .and_then(|()| {
-                output.copy_from_slice(&work[..bytes]);
-                for r in 1..world {
-                    reducer.reduce(d.dtype, d.op, output, &work[r * bytes..(r + 1) * bytes])?;
-                }
-                if d.op == ReduceOp::Avg {
-                    reducer.finish_avg(d.dtype, output, world)?;
-                }
-                Ok(())
-            });
+        work[rank * bytes..(rank + 1) * bytes].copy_from_slice(own);
+        let result = driver.run(&plan, seq, d, None, Output::Host(work));
         self.last_plan = Some((shape, plan));
-        result.map_err(|e| self.fail(&d, seq, e))
+        result
     }
 
     /// Checks a call before it starts and gives it its sequence number.
@@ -614,156 +665,20 @@ impl Communicator {
         Ok(())
     }
 
-    /// Turns an engine failure into this call's error; poisons the
-    /// communicator, tells the other ranks (through the store) and closes the links.
+    /// Turns an engine failure into this call's error ([`Failures`]);
+    /// poisons the communicator, tells the other ranks (through the store)
+    /// and closes the links.
     fn fail(&mut self, d: &Descriptor, seq: u64, e: EngineError) -> Error {
-        let rank = self.rank;
-        let call = d.call(seq);
-        let aborted = self.abort.is_aborted();
-        let err = match e {
-            _ if aborted => {
-                Error::InvalidUsage(format!("rank {rank}: {call}: aborted by the application"))
-            }
-            EngineError::Transport(TransportError::PeerClosed { peer, how }) => {
-                match self.store.try_get(&self.abort_key(peer)) {
-                    Ok(Some(report)) => {
-                        let (origin, cause) =
-                            parse_report(&report).unwrap_or((peer, "an unreadable report".into()));
-                        Error::Remote {
-                            rank,
-                            call,
-                            origin,
-                            reporter: Some(peer),
-                            cause,
-                        }
-                    }
-                    other => {
-                        let store_note = match other {
-                            Err(_) => format!(
-                                " (the rendezvous store at {} is unreachable too)",
-                                self.store.describe()
-                            ),
-                            _ => String::new(),
-                        };
-                        Error::Remote {
-                            rank,
-                            call,
-                            origin: peer,
-                            reporter: None,
-                            cause: format!(
-                                "it closed its connection ({how}) without reporting an error: it exited, crashed or was killed{store_note}"
-                            ),
-                        }
-                    }
-                }
-            }
-            EngineError::Transport(source) => Error::Transport { rank, call, source },
-            EngineError::Timeout { what, waited, peer } => {
-                // Our own cause first, for the ranks that wait on us and
-                // are about to look for it (see `await_report`).
-                let own = Error::Timeout {
-                    rank,
-                    call: call.clone(),
-                    what,
-                    waited,
-                };
-                self.report(rank, &own.to_string());
-                match self.await_report(peer) {
-                    // The rank we waited for failed first (often: it timed out
-                    // waiting for the rank that is really stuck); its cause is the
-                    // better one.
-                    Ok(Some(report)) => {
-                        let (origin, cause) =
-                            parse_report(&report).unwrap_or((peer, "an unreadable report".into()));
-                        Error::Remote {
-                            rank,
-                            call,
-                            origin,
-                            reporter: Some(peer),
-                            cause,
-                        }
-                    }
-                    _ => own,
-                }
-            }
-            EngineError::Mismatch {
-                peer,
-                descriptor,
-                seq: their_seq,
-            } => Error::Mismatch {
-                rank,
-                call,
-                peer,
-                theirs: match Descriptor::decode(&descriptor) {
-                    Some(t) => t.call(their_seq),
-                    None => format!("an unknown call #{their_seq}"),
-                },
-            },
-            EngineError::Protocol { peer, reason } => Error::Transport {
-                rank,
-                call,
-                source: TransportError::Protocol { peer, reason },
-            },
-            EngineError::Kernel(source) => Error::Kernel { rank, call, source },
-        };
+        let err = self
+            .failures
+            .attribute(d.call(seq), e, self.abort.is_aborted());
         // Tell the others what happened before closing the links, so that a
         // neighbour that sees the links close finds the cause in the store.
-        let (origin, cause) = match &err {
-            Error::Remote { origin, cause, .. } => (*origin, cause.clone()),
-            Error::Mismatch {
-                call, peer, theirs, ..
-            } => (
-                rank,
-                format!(
-                    "collective mismatch: rank {rank} called {call} but rank {peer} called {theirs}"
-                ),
-            ),
-            other => (rank, other.to_string()),
-        };
-        self.report(origin, &cause);
+        self.failures.publish(&err);
         self.abort.abort();
         tracing::warn!("{err}");
         self.poisoned = Some((err.kind(), err.to_string()));
         err
-    }
-
-    /// Tells the other ranks, through the store, that this rank failed
-    /// because `origin` failed with `cause`.
-    fn report(&self, origin: usize, cause: &str) {
-        if let Err(store_err) = self.store.set(
-            &self.abort_key(self.rank),
-            format!("{origin}\n{cause}").as_bytes(),
-        ) {
-            tracing::warn!(
-                "rank {}: could not report the failure to the store: {store_err}",
-                self.rank
-            );
-        }
-    }
-
-    /// After timing out waiting for `peer`: its failure report, if it makes
-    /// one soon. The rank we wait for is often waiting itself, for the rank
-    /// that is really stuck, and times out at about the same moment; giving
-    /// it a grace (half the timeout, at most 5 s) to report lets every rank
-    /// name the stuck one, whichever deadline passed first.
-    fn await_report(&self, peer: usize) -> std::result::Result<Option<Vec<u8>>, ()> {
-        let key = self.abort_key(peer);
-        let grace = (self.config.timeout / 2).min(Duration::from_secs(5));
-        let until = Instant::now() + grace;
-        loop {
-            match self.store.try_get(&key) {
-                Ok(Some(report)) => return Ok(Some(report)),
-                Ok(None) if Instant::now() < until => {
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                Ok(None) => return Ok(None),
-                Err(_) => return Err(()),
-            }
-        }
-    }
-
-    fn abort_key(&self, rank: usize) -> String {
-        format!("{}/abort/{rank}", self.key_prefix)
     }
 }
 
@@ -866,10 +781,4 @@ fn single_copy_from(d: &Descriptor, world: usize) -> Option<u32> {
         Kind::AllReduce if world >= 3 => Some(world as u32 - 1),
         _ => None,
     }
-}
-
-fn parse_report(report: &[u8]) -> Option<(usize, String)> {
-    let text = String::from_utf8_lossy(report);
-    let (origin, cause) = text.split_once('\n')?;
-    Some((origin.parse().ok()?, cause.to_string()))
 }

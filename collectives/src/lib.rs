@@ -35,6 +35,7 @@ pub mod config;
 mod descriptor;
 mod engine;
 mod error;
+mod failure;
 pub mod fusion;
 mod schedule;
 

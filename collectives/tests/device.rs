@@ -153,3 +153,27 @@ fn every_collective_on_device_buffers() {
         }
     }
 }
+
+/// A small allreduce on device buffers takes the small-message path (one
+/// gather, then the reduction in rank order), and still reduces on the
+/// device: `world - 1` device reductions per rank, not the ring's
+/// `world - 1` per slice of every chunk.
+#[test]
+fn a_small_device_allreduce_gathers_once_and_reduces_on_the_device() {
+    for world in [2, 4] {
+        for in_place in [false, true] {
+            let d = Descriptor {
+                kind: Kind::AllReduce,
+                dtype: DType::F32,
+                op: ReduceOp::Avg,
+                root: 0,
+                count: 30,
+            };
+            let out = run(d, world, in_place);
+            for (rank, (wrong, reductions)) in out.into_iter().enumerate() {
+                assert_eq!(wrong, 0, "world {world} rank {rank}");
+                assert_eq!(reductions, world - 1, "world {world} rank {rank}");
+            }
+        }
+    }
+}

@@ -1,0 +1,304 @@
+//! The failure protocol: how a failed call becomes an error that names the
+//! rank where the failure started, and how the other ranks learn of it.
+//!
+//! * **Report.** A rank that fails writes a [`Report`] (the origin rank and
+//!   its cause) under its own key in the rendezvous store, then closes its
+//!   links, so a neighbour that sees them close finds the cause waiting.
+//! * **Attribute.** A rank whose neighbour closed reads that neighbour's
+//!   report: the error names the origin and who passed it on. A rank that
+//!   timed out reports its own cause first, then gives the rank it waited
+//!   on a grace to report one (that rank is often waiting on the one really
+//!   stuck), so every rank names the stuck one.
+//! * **Poison** is the communicator's: after a failure, later calls fail at
+//!   once with the original cause.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use oxccl_transport::TransportError;
+use oxccl_transport::store::Store;
+
+use crate::Error;
+use crate::descriptor::Descriptor;
+use crate::engine::EngineError;
+
+/// One rank's failure report: where the failure started, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Report {
+    pub origin: usize,
+    pub cause: String,
+}
+
+impl Report {
+    /// `origin`, a newline, the cause (UTF-8).
+    fn encode(&self) -> Vec<u8> {
+        format!("{}\n{}", self.origin, self.cause).into_bytes()
+    }
+
+    fn decode(bytes: &[u8]) -> Option<Report> {
+        let text = String::from_utf8_lossy(bytes);
+        let (origin, cause) = text.split_once('\n')?;
+        Some(Report {
+            origin: origin.parse().ok()?,
+            cause: cause.to_string(),
+        })
+    }
+}
+
+/// The failure protocol of one rank of a communicator.
+#[derive(Debug)]
+pub(crate) struct Failures {
+    rank: usize,
+    store: Arc<dyn Store>,
+    key_prefix: String,
+    timeout: Duration,
+}
+
+impl Failures {
+    pub(crate) fn new(
+        rank: usize,
+        store: Arc<dyn Store>,
+        key_prefix: String,
+        timeout: Duration,
+    ) -> Failures {
+        Failures {
+            rank,
+            store,
+            key_prefix,
+            timeout,
+        }
+    }
+
+    fn key(&self, rank: usize) -> String {
+        format!("{}/abort/{rank}", self.key_prefix)
+    }
+
+    /// Turns an engine failure of `call` into its error, naming the origin.
+    pub(crate) fn attribute(&self, call: String, e: EngineError, aborted_here: bool) -> Error {
+        let rank = self.rank;
+        match e {
+            _ if aborted_here => {
+                Error::InvalidUsage(format!("rank {rank}: {call}: aborted by the application"))
+            }
+            EngineError::Transport(TransportError::PeerClosed { peer, how }) => {
+                match self.store.try_get(&self.key(peer)) {
+                    Ok(Some(bytes)) => self.remote(call, peer, &bytes),
+                    other => {
+                        let store_note = match other {
+                            Err(_) => format!(
+                                " (the rendezvous store at {} is unreachable too)",
+                                self.store.describe()
+                            ),
+                            _ => String::new(),
+                        };
+                        Error::Remote {
+                            rank,
+                            call,
+                            origin: peer,
+                            reporter: None,
+                            cause: format!(
+                                "it closed its connection ({how}) without reporting an error: it exited, crashed or was killed{store_note}"
+                            ),
+                        }
+                    }
+                }
+            }
+            EngineError::Transport(source) => Error::Transport { rank, call, source },
+            EngineError::Timeout { what, waited, peer } => {
+                // Our own cause first, for the ranks that wait on us and are
+                // about to look for it.
+                let own = Error::Timeout {
+                    rank,
+                    call: call.clone(),
+                    what,
+                    waited,
+                };
+                self.report(&Report {
+                    origin: rank,
+                    cause: own.to_string(),
+                });
+                match self.await_report(peer) {
+                    // The rank we waited for failed first (often: it timed out
+                    // waiting for the rank that is really stuck); its cause
+                    // is the better one.
+                    Some(bytes) => self.remote(call, peer, &bytes),
+                    None => own,
+                }
+            }
+            EngineError::Mismatch {
+                peer,
+                descriptor,
+                seq,
+            } => Error::Mismatch {
+                rank,
+                call,
+                peer,
+                theirs: match Descriptor::decode(&descriptor) {
+                    Some(t) => t.call(seq),
+                    None => format!("an unknown call #{seq}"),
+                },
+            },
+            EngineError::Protocol { peer, reason } => Error::Transport {
+                rank,
+                call,
+                source: TransportError::Protocol { peer, reason },
+            },
+            EngineError::Kernel(source) => Error::Kernel { rank, call, source },
+        }
+    }
+
+    /// The error of a call that failed because `peer` reported `bytes`.
+    fn remote(&self, call: String, peer: usize, bytes: &[u8]) -> Error {
+        let r = Report::decode(bytes).unwrap_or(Report {
+            origin: peer,
+            cause: "an unreadable report".into(),
+        });
+        Error::Remote {
+            rank: self.rank,
+            call,
+            origin: r.origin,
+            reporter: Some(peer),
+            cause: r.cause,
+        }
+    }
+
+    /// Tells the other ranks what `err` says: its origin and cause.
+    pub(crate) fn publish(&self, err: &Error) {
+        let rank = self.rank;
+        let report = match err {
+            Error::Remote { origin, cause, .. } => Report {
+                origin: *origin,
+                cause: cause.clone(),
+            },
+            Error::Mismatch {
+                call, peer, theirs, ..
+            } => Report {
+                origin: rank,
+                cause: format!(
+                    "collective mismatch: rank {rank} called {call} but rank {peer} called {theirs}"
+                ),
+            },
+            other => Report {
+                origin: rank,
+                cause: other.to_string(),
+            },
+        };
+        self.report(&report);
+    }
+
+    fn report(&self, report: &Report) {
+        if let Err(store_err) = self.store.set(&self.key(self.rank), &report.encode()) {
+            tracing::warn!(
+                "rank {}: could not report the failure to the store: {store_err}",
+                self.rank
+            );
+        }
+    }
+
+    /// After timing out waiting for `peer`: its report, if it makes one
+    /// within a grace of half the timeout (at most 5 s).
+    fn await_report(&self, peer: usize) -> Option<Vec<u8>> {
+        let key = self.key(peer);
+        let grace = (self.timeout / 2).min(Duration::from_secs(5));
+        let until = Instant::now() + grace;
+        loop {
+            match self.store.try_get(&key) {
+                Ok(Some(report)) => return Some(report),
+                Ok(None) if Instant::now() < until => {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Ok(None) | Err(_) => return None,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use oxccl_transport::store::MemStore;
+
+    use super::*;
+
+    fn failures(rank: usize, store: &Arc<dyn Store>) -> Failures {
+        Failures::new(
+            rank,
+            store.clone(),
+            "job".into(),
+            Duration::from_millis(100),
+        )
+    }
+
+    #[test]
+    fn reports_round_trip_and_garbage_is_refused() {
+        let r = Report {
+            origin: 3,
+            cause: "it died\nwith two lines".into(),
+        };
+        assert_eq!(Report::decode(&r.encode()), Some(r));
+        for bad in [&b""[..], b"x\ncause", b"3", b"-1\nc"] {
+            assert_eq!(Report::decode(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_closed_neighbour_is_named_through_its_report() {
+        let store: Arc<dyn Store> = Arc::new(MemStore::new());
+        let (r1, r2) = (failures(1, &store), failures(2, &store));
+        let closed = |peer| {
+            EngineError::Transport(TransportError::PeerClosed {
+                peer,
+                how: "end of stream".into(),
+            })
+        };
+        // Without a report: the neighbour itself, "without reporting an error".
+        let e = r2.attribute("all_reduce #0".into(), closed(1), false);
+        assert!(e.to_string().contains("without reporting an error"), "{e}");
+        // Rank 1 learned that rank 0 failed and passed it on.
+        r1.publish(&Error::Remote {
+            rank: 1,
+            call: "all_reduce #0".into(),
+            origin: 0,
+            reporter: None,
+            cause: "out of memory".into(),
+        });
+        let e = r2.attribute("all_reduce #0".into(), closed(1), false);
+        match e {
+            Error::Remote {
+                origin: 0,
+                reporter: Some(1),
+                ref cause,
+                ..
+            } => assert_eq!(cause, "out of memory"),
+            other => panic!("{other:?}"),
+        }
+        // An application's abort is not blamed on anyone.
+        let e = r2.attribute("x".into(), closed(1), true);
+        assert!(e.to_string().contains("aborted by the application"), "{e}");
+    }
+
+    #[test]
+    fn a_timed_out_rank_reports_first_and_defers_to_the_rank_it_waited_on() {
+        let store: Arc<dyn Store> = Arc::new(MemStore::new());
+        let (r0, r1) = (failures(0, &store), failures(1, &store));
+        let timeout = |peer| EngineError::Timeout {
+            peer,
+            what: format!("data from rank {peer}"),
+            waited: Duration::from_millis(100),
+        };
+        // Rank 1 waited on rank 2, which never reports: its own timeout.
+        let e1 = r1.attribute("c".into(), timeout(2), false);
+        assert!(matches!(e1, Error::Timeout { .. }), "{e1}");
+        // Rank 0 waited on rank 1, which reported: rank 1's cause, passed on.
+        let e0 = r0.attribute("c".into(), timeout(1), false);
+        match e0 {
+            Error::Remote {
+                origin: 1,
+                reporter: Some(1),
+                ref cause,
+                ..
+            } => assert!(cause.contains("data from rank 2"), "{cause}"),
+            other => panic!("{other:?}"),
+        }
+    }
+}
