@@ -14,6 +14,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use oxccl_transport::codec::{DecodeError, Reader, Writer};
 use oxccl_transport::store::{
     FileStore, MemStore, PrefixStore, Store, StoreError, TcpStore, TcpStoreServer, TorchStore,
 };
@@ -70,51 +71,48 @@ impl UniqueId {
         Ok(id)
     }
 
-    /// The 128-byte form.
+    /// The format's name in decoding errors.
+    const FORMAT: &'static str = "unique id";
+
+    /// The 128-byte form: magic, port (u16), address family (4 or 6), five
+    /// bytes of padding, the address (16 bytes, an IPv4 one in the first 4),
+    /// the job (u64), and zeros up to 128 bytes.
     pub fn to_bytes(&self) -> [u8; Self::LEN] {
-        let mut b = [0u8; Self::LEN];
-        b[0..8].copy_from_slice(&ID_MAGIC);
-        b[8..10].copy_from_slice(&self.addr.port().to_le_bytes());
+        let mut w = Writer::with_capacity(Self::LEN);
+        w.bytes(&ID_MAGIC).u16(self.addr.port());
         match self.addr.ip() {
-            IpAddr::V4(v4) => {
-                b[10] = 4;
-                b[16..20].copy_from_slice(&v4.octets());
-            }
-            IpAddr::V6(v6) => {
-                b[10] = 6;
-                b[16..32].copy_from_slice(&v6.octets());
-            }
-        }
-        b[32..40].copy_from_slice(&self.job.to_le_bytes());
-        b
+            IpAddr::V4(v4) => w.u8(4).zeros(5).bytes(&v4.octets()).zeros(12),
+            IpAddr::V6(v6) => w.u8(6).zeros(5).bytes(&v6.octets()),
+        };
+        w.u64(self.job).zeros(Self::LEN - 40);
+        w.into_array()
     }
 
-    /// Parses the 128-byte form.
+    /// Parses the 128-byte form; padding and reserved bytes are not checked.
     pub fn from_bytes(b: &[u8; Self::LEN]) -> Result<UniqueId> {
-        if b[0..8] != ID_MAGIC {
-            return Err(Error::InvalidArgument(
-                "unique id: not an oxccl unique id (bad magic)".into(),
-            ));
-        }
-        let port = u16::from_le_bytes([b[8], b[9]]);
-        let ip = match b[10] {
-            4 => IpAddr::from([b[16], b[17], b[18], b[19]]),
-            6 => {
-                let mut o = [0u8; 16];
-                o.copy_from_slice(&b[16..32]);
-                IpAddr::from(o)
-            }
+        UniqueId::parse(b).map_err(|e| Error::InvalidArgument(e.to_string()))
+    }
+
+    fn parse(b: &[u8; Self::LEN]) -> std::result::Result<UniqueId, DecodeError> {
+        let mut r = Reader::new(Self::FORMAT, b);
+        r.magic(&ID_MAGIC)?;
+        let port = r.u16("port")?;
+        let family = r.u8("address family")?;
+        r.skip("padding", 5)?;
+        let ip: [u8; 16] = r.array("address")?;
+        let ip = match family {
+            4 => IpAddr::from([ip[0], ip[1], ip[2], ip[3]]),
+            6 => IpAddr::from(ip),
             f => {
-                return Err(Error::InvalidArgument(format!(
-                    "unique id: unknown address family {f}"
-                )));
+                return Err(r.invalid("address family", format!("unknown address family {f}")));
             }
         };
-        let mut job = [0u8; 8];
-        job.copy_from_slice(&b[32..40]);
+        let job = r.u64("job")?;
+        r.skip("reserved", Self::LEN - 40)?;
+        r.finish()?;
         Ok(UniqueId {
             addr: SocketAddr::new(ip, port),
-            job: u64::from_le_bytes(job),
+            job,
         })
     }
 
@@ -630,4 +628,57 @@ fn differ(mine: &str, theirs: &str, r: usize) -> Option<(String, String)> {
         }
     }
     None
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn unique_id_layout_is_fixed() {
+        let id = UniqueId {
+            addr: SocketAddr::new(IpAddr::from([10, 1, 2, 3]), 0x1234),
+            job: 0x0102_0304_0506_0708,
+        };
+        let b = id.to_bytes();
+        let mut want = [0u8; UniqueId::LEN];
+        want[0..8].copy_from_slice(b"OXCCLUID");
+        want[8..10].copy_from_slice(&[0x34, 0x12]);
+        want[10] = 4;
+        want[16..20].copy_from_slice(&[10, 1, 2, 3]);
+        want[32..40].copy_from_slice(&[8, 7, 6, 5, 4, 3, 2, 1]);
+        assert_eq!(b, want);
+        let mut bad = b;
+        bad[10] = 5;
+        let e = UniqueId::from_bytes(&bad).unwrap_err();
+        assert!(matches!(e, Error::InvalidArgument(_)), "{e:?}");
+        assert_eq!(
+            e.to_string(),
+            "invalid argument: unique id: invalid address family: unknown address family 5"
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn unique_ids_round_trip(v6 in any::<bool>(), ip in any::<[u8; 16]>(), port in any::<u16>(), job in any::<u64>()) {
+            let ip = if v6 { IpAddr::from(ip) } else { IpAddr::from([ip[0], ip[1], ip[2], ip[3]]) };
+            let id = UniqueId { addr: SocketAddr::new(ip, port), job };
+            prop_assert_eq!(UniqueId::from_bytes(&id.to_bytes()).unwrap(), id);
+        }
+
+        #[test]
+        fn arbitrary_bytes_decode_or_fail(fill in any::<u8>(), head in any::<[u8; 32]>(), at in 0..UniqueId::LEN, flip in 1u8..=255) {
+            let mut b = [fill; UniqueId::LEN];
+            b[..32].copy_from_slice(&head);
+            let _ = UniqueId::from_bytes(&b);
+            let id = UniqueId { addr: SocketAddr::new(IpAddr::from([127, 0, 0, 1]), 9), job: 5 };
+            let mut m = id.to_bytes();
+            m[at] ^= flip;
+            // A flipped magic or family byte is refused; other bytes decode.
+            let refused = at < 8 || (at == 10 && m[10] != 6);
+            prop_assert_eq!(UniqueId::from_bytes(&m).is_err(), refused);
+        }
+    }
 }

@@ -1,9 +1,11 @@
 //! What a collective call is, as exchanged with every frame so that ranks
-//! that disagree on a call are caught before any data is misread.
+//! that disagree on a call are caught before any data is misread. Written
+//! and read with the transport's codec.
 
 use std::fmt;
 
 use oxccl_kernels::{DType, ReduceOp};
+use oxccl_transport::codec::{DecodeError, Reader, Writer};
 use oxccl_transport::wire::DESCRIPTOR_LEN;
 
 use crate::schedule::Kind;
@@ -41,36 +43,82 @@ impl Descriptor {
         matches!(self.kind, Kind::Broadcast | Kind::Reduce)
     }
 
-    /// The bytes every frame of the call carries. Fields that do not take
-    /// part in the call are zeroed so that they cannot cause a false mismatch.
-    pub fn encode(&self) -> [u8; DESCRIPTOR_LEN] {
-        let mut b = [0u8; DESCRIPTOR_LEN];
-        b[0] = self.kind as u8;
-        b[1] = self.dtype as u8;
-        b[2] = if self.reduces() { self.op as u8 } else { 0 };
+    /// The format's name in decoding errors.
+    pub const FORMAT: &'static str = "descriptor";
+
+    /// Appends the bytes every frame of the call carries to `w`. Fields
+    /// that do not take part in the call are zeroed so that they cannot
+    /// cause a false mismatch.
+    pub fn write(&self, w: &mut Writer) {
+        let op = if self.reduces() { self.op as u8 } else { 0 };
         let root = if self.rooted() { self.root as u32 } else { 0 };
-        b[4..8].copy_from_slice(&root.to_le_bytes());
-        b[8..16].copy_from_slice(&(self.count as u64).to_le_bytes());
-        b
+        w.u8(self.kind as u8)
+            .u8(self.dtype as u8)
+            .u8(op)
+            .zeros(1)
+            .u32(root)
+            .u64(self.count as u64);
     }
 
-    /// Decodes a peer's descriptor.
-    pub fn decode(b: &[u8; DESCRIPTOR_LEN]) -> Option<Descriptor> {
-        let mut count = [0u8; 8];
-        count.copy_from_slice(&b[8..16]);
-        Some(Descriptor {
-            kind: Kind::from_u8(b[0])?,
-            dtype: DType::from_u8(b[1])?,
-            op: ReduceOp::from_u8(b[2])?,
-            root: u32::from_le_bytes([b[4], b[5], b[6], b[7]]) as usize,
-            count: usize::try_from(u64::from_le_bytes(count)).ok()?,
+    /// Reads a peer's descriptor, refusing unknown kinds, dtypes and ops.
+    pub fn read(r: &mut Reader<'_>) -> Result<Descriptor, DecodeError> {
+        let kind = read_kind(r)?;
+        let dtype = read_dtype(r)?;
+        let op = read_op(r)?;
+        r.skip("padding", 1)?;
+        let root = r.u32("root")? as usize;
+        let count = r.u64_usize("count")?;
+        Ok(Descriptor {
+            kind,
+            dtype,
+            op,
+            root,
+            count,
         })
+    }
+
+    /// The bytes every frame of the call carries (see [`Descriptor::write`]).
+    pub fn encode(&self) -> [u8; DESCRIPTOR_LEN] {
+        let mut w = Writer::with_capacity(DESCRIPTOR_LEN);
+        self.write(&mut w);
+        w.into_array()
+    }
+
+    /// Decodes a peer's descriptor with [`Descriptor::read`].
+    pub fn parse(b: &[u8; DESCRIPTOR_LEN]) -> Result<Descriptor, DecodeError> {
+        let mut r = Reader::new(Self::FORMAT, b);
+        let d = Descriptor::read(&mut r)?;
+        r.finish()?;
+        Ok(d)
+    }
+
+    /// Decodes a peer's descriptor; `None` where [`Descriptor::parse`] fails.
+    pub fn decode(b: &[u8; DESCRIPTOR_LEN]) -> Option<Descriptor> {
+        Descriptor::parse(b).ok()
     }
 
     /// The call with its sequence number, for messages: "all_reduce #3 (f32 sum, 1024 elements)".
     pub fn call(&self, seq: u64) -> String {
         format!("{} #{seq} ({self})", self.kind.name())
     }
+}
+
+/// Reads a collective kind (one byte).
+pub(crate) fn read_kind(r: &mut Reader<'_>) -> Result<Kind, DecodeError> {
+    let v = r.u8("kind")?;
+    Kind::from_u8(v).ok_or_else(|| r.invalid("kind", format!("unknown collective kind {v}")))
+}
+
+/// Reads a dtype (one byte).
+pub(crate) fn read_dtype(r: &mut Reader<'_>) -> Result<DType, DecodeError> {
+    let v = r.u8("dtype")?;
+    DType::from_u8(v).ok_or_else(|| r.invalid("dtype", format!("unknown dtype {v}")))
+}
+
+/// Reads a reduction op (one byte).
+pub(crate) fn read_op(r: &mut Reader<'_>) -> Result<ReduceOp, DecodeError> {
+    let v = r.u8("op")?;
+    ReduceOp::from_u8(v).ok_or_else(|| r.invalid("op", format!("unknown reduction op {v}")))
 }
 
 impl fmt::Display for Descriptor {
@@ -91,8 +139,10 @@ impl fmt::Display for Descriptor {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     #[test]
     fn round_trips_and_ignores_unused_fields() {
@@ -123,5 +173,66 @@ mod tests {
         assert_eq!(a.encode(), b.encode());
         assert_eq!(a.call(0), "all_gather #0 (bf16, 1099511627776 elements)");
         assert_eq!(Descriptor::decode(&[0xFF; DESCRIPTOR_LEN]), None);
+    }
+
+    #[test]
+    fn layout_is_fixed_and_errors_name_the_field() {
+        let d = Descriptor {
+            kind: Kind::Broadcast,
+            dtype: DType::F32,
+            op: ReduceOp::Max,
+            root: 0x0102_0304,
+            count: 0x1112_1314_1516_1718,
+        };
+        let mut want = vec![d.kind as u8, d.dtype as u8, 0, 0, 4, 3, 2, 1];
+        want.extend_from_slice(&[0x18, 0x17, 0x16, 0x15, 0x14, 0x13, 0x12, 0x11]);
+        assert_eq!(d.encode().to_vec(), want);
+        let mut bad = d.encode();
+        bad[1] = 0xEE;
+        assert_eq!(
+            Descriptor::parse(&bad).unwrap_err().to_string(),
+            "descriptor: invalid dtype: unknown dtype 238"
+        );
+    }
+
+    fn descriptor() -> impl Strategy<Value = Descriptor> {
+        (
+            0..Kind::ALL.len(),
+            0..DType::ALL.len(),
+            0..ReduceOp::ALL.len(),
+            any::<u32>(),
+            any::<u64>(),
+        )
+            .prop_map(|(k, t, o, root, count)| {
+                let mut d = Descriptor {
+                    kind: Kind::ALL[k],
+                    dtype: DType::ALL[t],
+                    op: ReduceOp::ALL[o],
+                    root: root as usize,
+                    count: count as usize,
+                };
+                // Fields that take no part in the call travel as zero.
+                if !d.reduces() {
+                    d.op = ReduceOp::from_u8(0).unwrap();
+                }
+                if !d.rooted() {
+                    d.root = 0;
+                }
+                d
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn valid_descriptors_round_trip(d in descriptor()) {
+            prop_assert_eq!(Descriptor::parse(&d.encode()), Ok(d));
+        }
+
+        #[test]
+        fn arbitrary_bytes_decode_or_fail(b in any::<[u8; DESCRIPTOR_LEN]>(), cut in 0..DESCRIPTOR_LEN) {
+            let _ = Descriptor::parse(&b);
+            let truncated = Descriptor::read(&mut Reader::new(Descriptor::FORMAT, &b[..cut]));
+            prop_assert!(truncated.is_err());
+        }
     }
 }

@@ -17,9 +17,13 @@
 //! * rendezvous stores ([`store`]): in-memory, TCP (served by rank 0) and
 //!   file-system key-value stores.
 //!
+//! Every wire format (frames, handshakes, store protocols) is read and
+//! written with one codec ([`codec`]) whose errors name the format and field.
+//!
 //! Frames on a link are a fixed [`wire::FrameHeader`] followed by a payload;
 //! the engine decides what the header's opaque descriptor bytes mean.
 
+pub mod codec;
 mod error;
 pub mod fault;
 pub mod inproc;

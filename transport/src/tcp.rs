@@ -249,7 +249,7 @@ impl Listener {
 
 /// Checks a received hello against what is expected; on refusal tells the peer why.
 fn check_hello(buf: &[u8; Hello::LEN], expect: &Hello, stream: &TcpStream) -> Result<(), String> {
-    let hello = Hello::decode(buf)?;
+    let hello = Hello::decode(buf).map_err(|e| e.to_string())?;
     let code = if hello.version != expect.version {
         Some((
             refuse::VERSION,
@@ -412,10 +412,10 @@ impl PendingConnect {
                     reason: format!("rank {peer} refused us: {}", HelloReply::reason(code)),
                 });
             }
-            Err(reason) => {
+            Err(e) => {
                 return Err(TransportError::Handshake {
                     addr: addr.to_string(),
-                    reason,
+                    reason: e.to_string(),
                 });
             }
         }

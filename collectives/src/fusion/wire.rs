@@ -1,12 +1,15 @@
 //! What ranks tell rank 0 in a coordination round, what rank 0 answers, and
 //! how rank 0 decides (pure: no I/O, no clock but the one passed in).
+//! Messages are written and read with the transport's codec.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::time::{Duration, Instant};
 
 use oxccl_kernels::{DType, ReduceOp};
+use oxccl_transport::codec::{DecodeError, Prefix, Reader, Writer};
 
+use crate::descriptor::{read_dtype, read_kind, read_op};
 use crate::schedule::Kind;
 
 /// What a submitted tensor is: every rank must submit the same.
@@ -116,128 +119,95 @@ pub(crate) struct ResponseList {
     pub abort: Option<String>,
 }
 
-struct Writer(Vec<u8>);
+/// Format names of the coordination messages, as decoding errors name them.
+const REQUESTS: &str = "fusion request list";
+const RESPONSES: &str = "fusion response list";
 
-impl Writer {
-    fn u8(&mut self, v: u8) {
-        self.0.push(v);
-    }
-    fn u64(&mut self, v: u64) {
-        self.0.extend_from_slice(&v.to_le_bytes());
-    }
-    fn str(&mut self, s: &str) {
-        self.u64(s.len() as u64);
-        self.0.extend_from_slice(s.as_bytes());
-    }
-    fn meta(&mut self, m: &Meta) {
-        self.u8(m.kind as u8);
-        self.u8(m.dtype as u8);
-        self.u8(m.op as u8);
-        self.u64(m.root as u64);
-        self.u64(m.count as u64);
-    }
+/// The longest name or message a coordination message carries.
+const MAX_TEXT: usize = 16 << 20;
+/// Fewest bytes of one [`Request`], [`Response`], warning and shutdown rank
+/// on the wire: counts that the bytes left cannot hold are refused before
+/// anything is allocated for them.
+const MIN_REQUEST: usize = 8 + META_LEN + 8 + 8 + 1;
+const MIN_RESPONSE: usize = 1 + 8 + 8;
+const MIN_TEXT: usize = 8;
+const RANK_LEN: usize = 8;
+/// Bytes of a [`Meta`].
+const META_LEN: usize = 3 + 8 + 8;
+
+fn write_meta(w: &mut Writer, m: &Meta) {
+    w.u8(m.kind as u8)
+        .u8(m.dtype as u8)
+        .u8(m.op as u8)
+        .u64(m.root as u64)
+        .u64(m.count as u64);
 }
 
-/// Reads what a peer wrote; every malformed input is an error, never a panic.
-struct Reader<'a> {
-    b: &'a [u8],
-    pos: usize,
+fn read_meta(r: &mut Reader<'_>) -> Result<Meta, DecodeError> {
+    Ok(Meta {
+        kind: read_kind(r)?,
+        dtype: read_dtype(r)?,
+        op: read_op(r)?,
+        root: r.u64_usize("root")?,
+        count: r.u64_usize("count")?,
+    })
 }
 
-impl Reader<'_> {
-    fn take(&mut self, n: usize) -> Result<&[u8], String> {
-        let end = self
-            .pos
-            .checked_add(n)
-            .filter(|e| *e <= self.b.len())
-            .ok_or_else(|| format!("truncated message ({} bytes)", self.b.len()))?;
-        let s = &self.b[self.pos..end];
-        self.pos = end;
-        Ok(s)
-    }
-    fn u8(&mut self) -> Result<u8, String> {
-        Ok(self.take(1)?[0])
-    }
-    fn u64(&mut self) -> Result<u64, String> {
-        let mut a = [0u8; 8];
-        a.copy_from_slice(self.take(8)?);
-        Ok(u64::from_le_bytes(a))
-    }
-    fn usize(&mut self) -> Result<usize, String> {
-        usize::try_from(self.u64()?).map_err(|_| "value out of range".to_string())
-    }
-    fn str(&mut self) -> Result<String, String> {
-        let n = self.usize()?;
-        String::from_utf8(self.take(n)?.to_vec()).map_err(|_| "name is not UTF-8".to_string())
-    }
-    fn meta(&mut self) -> Result<Meta, String> {
-        let kind = Kind::from_u8(self.u8()?).ok_or("bad kind")?;
-        let dtype = DType::from_u8(self.u8()?).ok_or("bad dtype")?;
-        let op = ReduceOp::from_u8(self.u8()?).ok_or("bad op")?;
-        Ok(Meta {
-            kind,
-            dtype,
-            op,
-            root: self.usize()?,
-            count: self.usize()?,
-        })
-    }
+fn read_text(r: &mut Reader<'_>, field: &'static str) -> Result<String, DecodeError> {
+    Ok(r.str_prefixed(field, Prefix::U64, MAX_TEXT)?.to_owned())
 }
 
 impl RequestList {
     pub fn encode(&self) -> Vec<u8> {
-        let mut w = Writer(Vec::new());
-        w.u8(u8::from(self.shutdown));
-        w.u64(self.requests.len() as u64);
+        let mut w = Writer::new();
+        w.u8(u8::from(self.shutdown))
+            .u64(self.requests.len() as u64);
         for r in &self.requests {
-            w.str(&r.name);
-            w.meta(&r.meta);
-            w.u64(r.seq);
-            w.u64(r.age_ms);
-            w.u8(u8::from(r.duplicate));
+            w.str_u64_prefixed(&r.name);
+            write_meta(&mut w, &r.meta);
+            w.u64(r.seq).u64(r.age_ms).u8(u8::from(r.duplicate));
         }
-        w.0
+        w.into_bytes()
     }
 
-    pub fn decode(b: &[u8]) -> Result<RequestList, String> {
-        let mut r = Reader { b, pos: 0 };
-        let shutdown = r.u8()? != 0;
-        let n = r.usize()?;
-        let mut requests = Vec::new();
+    /// Decodes what a rank sent; every malformed input is an error, never a panic.
+    pub fn decode(b: &[u8]) -> Result<RequestList, DecodeError> {
+        let mut r = Reader::new(REQUESTS, b);
+        let shutdown = r.u8("shutdown")? != 0;
+        let n = r.count("request count", Prefix::U64, MIN_REQUEST)?;
+        let mut requests = Vec::with_capacity(n);
         for _ in 0..n {
             requests.push(Request {
-                name: r.str()?,
-                meta: r.meta()?,
-                seq: r.u64()?,
-                age_ms: r.u64()?,
-                duplicate: r.u8()? != 0,
+                name: read_text(&mut r, "name")?,
+                meta: read_meta(&mut r)?,
+                seq: r.u64("seq")?,
+                age_ms: r.u64("age")?,
+                duplicate: r.u8("duplicate")? != 0,
             });
         }
+        r.finish()?;
         Ok(RequestList { shutdown, requests })
     }
 }
 
 impl ResponseList {
     pub fn encode(&self) -> Vec<u8> {
-        let mut w = Writer(Vec::new());
+        let mut w = Writer::new();
         w.u64(self.responses.len() as u64);
         for r in &self.responses {
             match r {
                 Response::Ready { name, meta } => {
-                    w.u8(0);
-                    w.str(name);
-                    w.meta(meta);
+                    w.u8(0).str_u64_prefixed(name);
+                    write_meta(&mut w, meta);
                 }
                 Response::Error { name, message } => {
-                    w.u8(1);
-                    w.str(name);
-                    w.str(message);
+                    w.u8(1).str_u64_prefixed(name).str_u64_prefixed(message);
                 }
             }
         }
         w.u64(self.warnings.len() as u64);
         for s in &self.warnings {
-            w.str(s);
+            w.str_u64_prefixed(s);
         }
         w.u64(self.shutdown_ranks.len() as u64);
         for r in &self.shutdown_ranks {
@@ -245,41 +215,52 @@ impl ResponseList {
         }
         match &self.abort {
             Some(m) => {
-                w.u8(1);
-                w.str(m);
+                w.u8(1).str_u64_prefixed(m);
             }
-            None => w.u8(0),
+            None => {
+                w.u8(0);
+            }
         }
-        w.0
+        w.into_bytes()
     }
 
-    pub fn decode(b: &[u8]) -> Result<ResponseList, String> {
-        let mut r = Reader { b, pos: 0 };
-        let mut out = ResponseList::default();
-        for _ in 0..r.usize()? {
-            let tag = r.u8()?;
-            let name = r.str()?;
+    /// Decodes rank 0's answer; every malformed input is an error, never a panic.
+    pub fn decode(b: &[u8]) -> Result<ResponseList, DecodeError> {
+        let mut r = Reader::new(RESPONSES, b);
+        let n = r.count("response count", Prefix::U64, MIN_RESPONSE)?;
+        let mut out = ResponseList {
+            responses: Vec::with_capacity(n),
+            ..ResponseList::default()
+        };
+        for _ in 0..n {
+            let tag = r.u8("response tag")?;
+            let name = read_text(&mut r, "name")?;
             out.responses.push(match tag {
                 0 => Response::Ready {
                     name,
-                    meta: r.meta()?,
+                    meta: read_meta(&mut r)?,
                 },
                 1 => Response::Error {
                     name,
-                    message: r.str()?,
+                    message: read_text(&mut r, "error message")?,
                 },
-                t => return Err(format!("bad response tag {t}")),
+                t => return Err(r.invalid("response tag", format!("bad response tag {t}"))),
             });
         }
-        for _ in 0..r.usize()? {
-            out.warnings.push(r.str()?);
+        let n = r.count("warning count", Prefix::U64, MIN_TEXT)?;
+        out.warnings.reserve(n);
+        for _ in 0..n {
+            out.warnings.push(read_text(&mut r, "warning")?);
         }
-        for _ in 0..r.usize()? {
-            out.shutdown_ranks.push(r.usize()?);
+        let n = r.count("shutdown rank count", Prefix::U64, RANK_LEN)?;
+        out.shutdown_ranks.reserve(n);
+        for _ in 0..n {
+            out.shutdown_ranks.push(r.u64_usize("shutdown rank")?);
         }
-        if r.u8()? != 0 {
-            out.abort = Some(r.str()?);
+        if r.u8("abort flag")? != 0 {
+            out.abort = Some(read_text(&mut r, "abort message")?);
         }
+        r.finish()?;
         Ok(out)
     }
 }
@@ -561,5 +542,126 @@ mod tests {
                 .starts_with("stalled past OXCCL_STALL_SHUTDOWN_SECS: tensor 's'"),
             "{out:?}"
         );
+    }
+
+    mod codec {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn any_meta() -> impl Strategy<Value = Meta> {
+            (
+                0..Kind::ALL.len(),
+                0..DType::ALL.len(),
+                0..ReduceOp::ALL.len(),
+                any::<u64>(),
+                any::<u64>(),
+            )
+                .prop_map(|(k, t, o, root, count)| Meta {
+                    kind: Kind::ALL[k],
+                    dtype: DType::ALL[t],
+                    op: ReduceOp::ALL[o],
+                    root: root as usize,
+                    count: count as usize,
+                })
+        }
+
+        fn request_list() -> impl Strategy<Value = RequestList> {
+            let request = (
+                ".{0,8}",
+                any_meta(),
+                any::<u64>(),
+                any::<u64>(),
+                any::<bool>(),
+            )
+                .prop_map(|(name, meta, seq, age_ms, duplicate)| Request {
+                    name,
+                    meta,
+                    seq,
+                    age_ms,
+                    duplicate,
+                });
+            (any::<bool>(), proptest::collection::vec(request, 0..4))
+                .prop_map(|(shutdown, requests)| RequestList { shutdown, requests })
+        }
+
+        fn response_list() -> impl Strategy<Value = ResponseList> {
+            let response = prop_oneof![
+                (".{0,8}", any_meta()).prop_map(|(name, meta)| Response::Ready { name, meta }),
+                (".{0,8}", ".{0,8}").prop_map(|(name, message)| Response::Error { name, message }),
+            ];
+            (
+                proptest::collection::vec(response, 0..4),
+                proptest::collection::vec(".{0,8}", 0..3),
+                proptest::collection::vec(any::<u64>(), 0..3),
+                proptest::option::of(".{0,8}"),
+            )
+                .prop_map(|(responses, warnings, ranks, abort)| ResponseList {
+                    responses,
+                    warnings,
+                    shutdown_ranks: ranks.into_iter().map(|r| r as usize).collect(),
+                    abort,
+                })
+        }
+
+        #[test]
+        fn errors_name_the_format_and_field() {
+            let e = RequestList::decode(&[0, 255, 255, 255, 255, 255, 255, 255, 255]).unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    DecodeError::TooLong {
+                        field: "request count",
+                        ..
+                    }
+                ),
+                "{e:?}"
+            );
+            let mut bytes = ResponseList::default().encode();
+            bytes.push(0);
+            assert_eq!(
+                ResponseList::decode(&bytes).unwrap_err().to_string(),
+                "fusion response list: 1 trailing bytes after the end of the message"
+            );
+            let mut bytes = vec![1, 0, 0, 0, 0, 0, 0, 0, 7];
+            bytes.extend_from_slice(&[0; MIN_RESPONSE]);
+            assert_eq!(
+                ResponseList::decode(&bytes).unwrap_err().to_string(),
+                "fusion response list: invalid response tag: bad response tag 7"
+            );
+        }
+
+        proptest! {
+            #[test]
+            fn lists_round_trip(l in request_list(), r in response_list()) {
+                prop_assert_eq!(RequestList::decode(&l.encode()), Ok(l));
+                prop_assert_eq!(ResponseList::decode(&r.encode()), Ok(r));
+            }
+
+            #[test]
+            fn arbitrary_bytes_decode_or_fail(b in proptest::collection::vec(any::<u8>(), 0..128)) {
+                let _ = RequestList::decode(&b);
+                let _ = ResponseList::decode(&b);
+            }
+
+            #[test]
+            fn truncated_and_mutated_lists_fail_cleanly(
+                l in request_list(), r in response_list(),
+                cut in any::<prop::sample::Index>(), at in any::<prop::sample::Index>(),
+                flip in 1u8..=255,
+            ) {
+                let bytes = l.encode();
+                prop_assert!(RequestList::decode(&bytes[..cut.index(bytes.len())]).is_err());
+                let mut m = bytes.clone();
+                let i = at.index(m.len());
+                m[i] ^= flip;
+                let _ = RequestList::decode(&m);
+                let bytes = r.encode();
+                prop_assert!(ResponseList::decode(&bytes[..cut.index(bytes.len())]).is_err());
+                let mut m = bytes.clone();
+                let i = at.index(m.len());
+                m[i] ^= flip;
+                let _ = ResponseList::decode(&m);
+            }
+        }
     }
 }

@@ -18,6 +18,10 @@
 //! Keys are UTF-8; keys and values are at most [`TCP_MAX_LEN`] bytes. A
 //! client that breaks these rules is dropped with a warning naming its
 //! address; the server keeps serving the others.
+//!
+//! Messages are written with the [`codec`](crate::codec); both sides read
+//! them from the socket a fixed part at a time ([`read_fixed`]), so that a
+//! length is checked against its limit before its bytes are read.
 
 use std::collections::HashMap;
 use std::io::{self, BufReader, ErrorKind, Read, Write};
@@ -31,6 +35,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use super::mem::{SharedMap, Wait};
 use super::{Store, StoreError, short_key};
+use crate::codec::{DecodeError, EncodeError, Prefix, Reader, Writer};
 
 /// The largest key or value, in bytes, that the TCP store carries (64 MiB).
 pub const TCP_MAX_LEN: usize = 64 << 20;
@@ -64,22 +69,46 @@ fn describe_addr(addr: SocketAddr) -> String {
     format!("tcp store {addr}")
 }
 
-fn read_u16(r: &mut impl Read) -> io::Result<u16> {
-    let mut b = [0; 2];
-    r.read_exact(&mut b)?;
-    Ok(u16::from_le_bytes(b))
+/// Format names of the protocol's messages, as decoding errors name them.
+const HANDSHAKE: &str = "tcp store handshake";
+const REQUEST: &str = "tcp store request";
+const REPLY: &str = "tcp store reply";
+
+/// Why a message could not be read from a stream: the stream failed (or
+/// ended), or its bytes do not follow the format.
+#[derive(Debug)]
+pub(super) enum ReadError {
+    /// The stream failed or ended early.
+    Io(io::Error),
+    /// The bytes do not follow the format.
+    Decode(DecodeError),
 }
 
-fn read_u32(r: &mut impl Read) -> io::Result<u32> {
-    let mut b = [0; 4];
-    r.read_exact(&mut b)?;
-    Ok(u32::from_le_bytes(b))
+impl From<io::Error> for ReadError {
+    fn from(e: io::Error) -> ReadError {
+        ReadError::Io(e)
+    }
 }
 
-pub(super) fn read_u64(r: &mut impl Read) -> io::Result<u64> {
-    let mut b = [0; 8];
+impl From<DecodeError> for ReadError {
+    fn from(e: DecodeError) -> ReadError {
+        ReadError::Decode(e)
+    }
+}
+
+/// Reads the next `N` bytes of a message of `format` from a stream and
+/// decodes them with `decode`, which must take all of them.
+pub(super) fn read_fixed<const N: usize, T>(
+    r: &mut impl Read,
+    format: &'static str,
+    decode: impl FnOnce(&mut Reader<'_>) -> Result<T, DecodeError>,
+) -> Result<T, ReadError> {
+    let mut b = [0u8; N];
     r.read_exact(&mut b)?;
-    Ok(u64::from_le_bytes(b))
+    let mut reader = Reader::new(format, &b);
+    let value = decode(&mut reader)?;
+    reader.finish()?;
+    Ok(value)
 }
 
 /// Reads exactly `len` bytes, growing the buffer only as bytes arrive (a
@@ -96,17 +125,164 @@ pub(super) fn read_bytes(r: &mut impl Read, len: usize) -> io::Result<Vec<u8>> {
     Ok(buf)
 }
 
-fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
-    // Lengths are checked against TCP_MAX_LEN before encoding.
-    out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
-    out.extend_from_slice(bytes);
+/// Reads a `u32` length (at most [`TCP_MAX_LEN`]) and that many bytes.
+fn read_prefixed(
+    r: &mut impl Read,
+    format: &'static str,
+    field: &'static str,
+) -> Result<Vec<u8>, ReadError> {
+    let len = read_fixed::<4, _>(r, format, |d| d.len_prefix(field, Prefix::U32, TCP_MAX_LEN))?;
+    Ok(read_bytes(r, len)?)
 }
 
+/// Appends a `u32` length and `bytes` (test requests; the protocol's own
+/// messages are written by [`Request::encode`] and the server).
+#[cfg(test)]
+fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
+    let mut w = Writer::new();
+    w.u32(bytes.len() as u32).bytes(bytes);
+    out.extend_from_slice(w.as_bytes());
+}
+
+/// The handshake both sides send: [`MAGIC`] and [`VERSION`].
 fn hello() -> [u8; 10] {
-    let mut h = [0; 10];
-    h[..8].copy_from_slice(&MAGIC);
-    h[8..].copy_from_slice(&VERSION.to_le_bytes());
-    h
+    let mut w = Writer::with_capacity(10);
+    w.bytes(&MAGIC).u16(VERSION);
+    w.into_array()
+}
+
+/// A request, after its op byte.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Request {
+    Set { key: String, value: Vec<u8> },
+    Get { key: String, wait_ms: u64 },
+    TryGet { key: String },
+    Add { key: String, delta: i64 },
+}
+
+impl Request {
+    fn op(&self) -> u8 {
+        match self {
+            Request::Set { .. } => OP_SET,
+            Request::Get { .. } => OP_GET,
+            Request::TryGet { .. } => OP_TRY_GET,
+            Request::Add { .. } => OP_ADD,
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Request::Set { .. } => "set",
+            Request::Get { .. } => "get",
+            Request::TryGet { .. } => "try_get",
+            Request::Add { .. } => "add",
+        }
+    }
+
+    fn key(&self) -> &str {
+        match self {
+            Request::Set { key, .. }
+            | Request::Get { key, .. }
+            | Request::TryGet { key }
+            | Request::Add { key, .. } => key,
+        }
+    }
+
+    /// The request's bytes, op byte first.
+    fn encode(&self) -> Result<Vec<u8>, EncodeError> {
+        let key = self.key();
+        let mut w = Writer::with_capacity(5 + key.len());
+        w.u8(self.op()).str_prefixed(Prefix::U32, key)?;
+        match self {
+            Request::Set { value, .. } => {
+                w.bytes_prefixed(Prefix::U32, value)?;
+            }
+            Request::Get { wait_ms, .. } => {
+                w.u64(*wait_ms);
+            }
+            Request::TryGet { .. } => {}
+            Request::Add { delta, .. } => {
+                w.i64(*delta);
+            }
+        }
+        Ok(w.into_bytes())
+    }
+
+    /// Reads the rest of a request whose op byte was `op`. Lengths are
+    /// refused over [`TCP_MAX_LEN`] before their bytes are read.
+    fn read(op: u8, r: &mut impl Read) -> Result<Request, ReadError> {
+        if !matches!(op, OP_SET | OP_GET | OP_TRY_GET | OP_ADD) {
+            return Err(ReadError::Decode(DecodeError::Invalid {
+                format: REQUEST,
+                field: "op",
+                why: format!("unknown request op {op}"),
+            }));
+        }
+        let key = read_prefixed(r, REQUEST, "key")?;
+        let key = String::from_utf8(key).map_err(|_| DecodeError::Invalid {
+            format: REQUEST,
+            field: "key",
+            why: "not UTF-8".to_owned(),
+        })?;
+        Ok(match op {
+            OP_SET => Request::Set {
+                key,
+                value: read_prefixed(r, REQUEST, "value")?,
+            },
+            OP_GET => Request::Get {
+                key,
+                wait_ms: read_fixed::<8, _>(r, REQUEST, |d| d.u64("timeout"))?,
+            },
+            OP_TRY_GET => Request::TryGet { key },
+            _ => Request::Add {
+                key,
+                delta: read_fixed::<8, _>(r, REQUEST, |d| d.i64("delta"))?,
+            },
+        })
+    }
+}
+
+/// Reads the reply status byte.
+fn read_status(r: &mut impl Read) -> Result<u8, ReadError> {
+    read_fixed::<1, _>(r, REPLY, |d| d.u8("status"))
+}
+
+/// Reads an `OK, len, value` or `NOT_FOUND` reply (to get and try_get).
+fn read_value_reply(r: &mut impl Read) -> Result<Option<Vec<u8>>, ReadError> {
+    match read_status(r)? {
+        ST_OK => Ok(Some(read_prefixed(r, REPLY, "value")?)),
+        ST_NOT_FOUND => Ok(None),
+        other => Err(unknown_status(other)),
+    }
+}
+
+/// Reads the `OK` reply to a set.
+fn read_set_reply(r: &mut impl Read) -> Result<(), ReadError> {
+    match read_status(r)? {
+        ST_OK => Ok(()),
+        other => Err(unknown_status(other)),
+    }
+}
+
+/// Reads an `OK, new` or `ERR, len, message` reply (to add); the error is
+/// the server's message.
+fn read_add_reply(r: &mut impl Read) -> Result<Result<i64, String>, ReadError> {
+    match read_status(r)? {
+        ST_OK => Ok(Ok(read_fixed::<8, _>(r, REPLY, |d| d.i64("counter"))?)),
+        ST_ERR => {
+            let msg = read_prefixed(r, REPLY, "error message")?;
+            Ok(Err(String::from_utf8_lossy(&msg).into_owned()))
+        }
+        other => Err(unknown_status(other)),
+    }
+}
+
+fn unknown_status(status: u8) -> ReadError {
+    ReadError::Decode(DecodeError::Invalid {
+        format: REPLY,
+        field: "status",
+        why: format!("unknown reply status {status}"),
+    })
 }
 
 // ---------------------------------------------------------------- server
@@ -303,14 +479,25 @@ fn serve_client(shared: &ServerShared, stream: TcpStream, peer: SocketAddr) {
     }
 }
 
-fn read_len(r: &mut impl Read, what: &str) -> Result<usize, End> {
-    let len = read_u32(r)? as usize;
-    if len > TCP_MAX_LEN {
-        return Err(End::Fault(format!(
-            "{what} length {len} exceeds the limit of {TCP_MAX_LEN}"
-        )));
+impl From<ReadError> for End {
+    fn from(e: ReadError) -> End {
+        match e {
+            ReadError::Io(e) => End::from(e),
+            ReadError::Decode(e) => End::Fault(e.to_string()),
+        }
     }
-    Ok(len)
+}
+
+impl From<DecodeError> for End {
+    fn from(e: DecodeError) -> End {
+        End::Fault(e.to_string())
+    }
+}
+
+impl From<EncodeError> for End {
+    fn from(e: EncodeError) -> End {
+        End::Fault(format!("cannot encode the reply: {e}"))
+    }
 }
 
 fn serve_requests(shared: &ServerShared, stream: TcpStream) -> End {
@@ -322,12 +509,8 @@ fn serve_requests(shared: &ServerShared, stream: TcpStream) -> End {
     let result = (|| -> Result<(), End> {
         // Handshake, bounded in time so silent connections do not linger.
         reader.get_ref().set_read_timeout(Some(DEFAULT_TIMEOUT))?;
-        let mut magic = [0; 8];
-        reader.read_exact(&mut magic)?;
-        if magic != MAGIC {
-            return Err(End::Fault(format!("wrong magic {magic:02x?}")));
-        }
-        let version = read_u16(&mut reader)?;
+        read_fixed::<8, _>(&mut reader, HANDSHAKE, |d| d.magic(&MAGIC))?;
+        let version = read_fixed::<2, _>(&mut reader, HANDSHAKE, |d| d.u16("version"))?;
         writer.write_all(&hello())?;
         if version != VERSION {
             return Err(End::Fault(format!(
@@ -346,56 +529,46 @@ fn serve_requests(shared: &ServerShared, stream: TcpStream) -> End {
             }
             // Once a request started, the rest of it must follow promptly.
             reader.get_ref().set_read_timeout(Some(DEFAULT_TIMEOUT))?;
-            let key_len = read_len(&mut reader, "key")?;
-            let key = String::from_utf8(read_bytes(&mut reader, key_len)?)
-                .map_err(|_| End::Fault("key is not UTF-8".to_owned()))?;
-            let mut reply = Vec::new();
-            match op[0] {
-                OP_SET => {
-                    let len = read_len(&mut reader, "value")?;
-                    let value = read_bytes(&mut reader, len)?;
+            let mut reply = Writer::new();
+            match Request::read(op[0], &mut reader)? {
+                Request::Set { key, value } => {
                     shared.map.set(&key, &value);
-                    reply.push(ST_OK);
+                    reply.u8(ST_OK);
                 }
-                OP_GET => {
-                    let ms = read_u64(&mut reader)?;
-                    let wait = Duration::from_millis(ms).min(MAX_GET_WAIT);
+                Request::Get { key, wait_ms } => {
+                    let wait = Duration::from_millis(wait_ms).min(MAX_GET_WAIT);
                     let deadline = Instant::now() + wait;
                     match shared.map.wait_for(&key, deadline) {
                         Wait::Found(value) => {
-                            reply.push(ST_OK);
-                            put_bytes(&mut reply, &value);
+                            reply.u8(ST_OK).bytes_prefixed(Prefix::U32, &value)?;
                         }
-                        Wait::TimedOut => reply.push(ST_NOT_FOUND),
+                        Wait::TimedOut => {
+                            reply.u8(ST_NOT_FOUND);
+                        }
                         Wait::Closed => return Err(End::Stopping),
                     }
                 }
-                OP_TRY_GET => match shared.map.try_get(&key) {
+                Request::TryGet { key } => match shared.map.try_get(&key) {
                     Some(value) => {
-                        reply.push(ST_OK);
-                        put_bytes(&mut reply, &value);
+                        reply.u8(ST_OK).bytes_prefixed(Prefix::U32, &value)?;
                     }
-                    None => reply.push(ST_NOT_FOUND),
+                    None => {
+                        reply.u8(ST_NOT_FOUND);
+                    }
                 },
-                OP_ADD => {
-                    let delta = read_u64(&mut reader)? as i64;
-                    match shared.map.add(&key, delta) {
-                        Ok(new) => {
-                            reply.push(ST_OK);
-                            reply.extend_from_slice(&new.to_le_bytes());
-                        }
-                        Err(e) => {
-                            reply.push(ST_ERR);
-                            put_bytes(&mut reply, e.to_string().as_bytes());
-                        }
+                Request::Add { key, delta } => match shared.map.add(&key, delta) {
+                    Ok(new) => {
+                        reply.u8(ST_OK).i64(new);
                     }
-                }
-                other => return Err(End::Fault(format!("unknown request op {other}"))),
+                    Err(e) => {
+                        reply.u8(ST_ERR).str_prefixed(Prefix::U32, &e.to_string())?;
+                    }
+                },
             }
             if shared.stop.load(Ordering::SeqCst) {
                 return Err(End::Stopping);
             }
-            writer.write_all(&reply)?;
+            writer.write_all(reply.as_bytes())?;
         }
     })();
     match result {
@@ -514,17 +687,16 @@ impl TcpStore {
         conn.writer
             .write_all(&hello())
             .map_err(io("sending handshake to"))?;
-        let mut reply = [0; 10];
-        conn.reader
-            .read_exact(&mut reply)
-            .map_err(io("reading handshake reply from"))?;
-        if reply[..8] != MAGIC {
-            return Err(StoreError::Protocol(format!(
-                "{store} answered the handshake with wrong magic {:02x?} (not an oxccl tcp store?)",
-                &reply[..8]
-            )));
-        }
-        let version = u16::from_le_bytes([reply[8], reply[9]]);
+        let version = read_fixed::<10, _>(&mut conn.reader, HANDSHAKE, |d| {
+            d.magic(&MAGIC)?;
+            d.u16("version")
+        })
+        .map_err(|e| match e {
+            ReadError::Io(source) => io("reading handshake reply from")(source),
+            ReadError::Decode(e) => {
+                StoreError::Protocol(format!("{store} answered the handshake: {e}"))
+            }
+        })?;
         if version != VERSION {
             return Err(StoreError::Protocol(format!(
                 "{store} speaks protocol version {version}, this client speaks {VERSION}"
@@ -566,17 +738,21 @@ impl TcpStore {
     /// `wait` for each read.
     fn roundtrip<T>(
         &self,
-        op: u8,
-        key: &str,
-        tail: &[u8],
+        request: &Request,
         wait: Duration,
-        parse: impl FnOnce(&mut BufReader<TcpStream>) -> io::Result<Result<T, StoreError>>,
+        parse: impl FnOnce(&mut BufReader<TcpStream>) -> Result<T, ReadError>,
     ) -> Result<T, StoreError> {
+        let key = request.key();
+        let op_name = request.name();
         self.check_len(key, "key", key.len())?;
-        let mut request = Vec::with_capacity(5 + key.len() + tail.len());
-        request.push(op);
-        put_bytes(&mut request, key.as_bytes());
-        request.extend_from_slice(tail);
+        // Lengths are checked against TCP_MAX_LEN, which a u32 holds.
+        let bytes = request.encode().map_err(|e| {
+            StoreError::Protocol(format!(
+                "{}: cannot encode {op_name} of key {:?}: {e}",
+                self.describe(),
+                short_key(key)
+            ))
+        })?;
 
         let mut conn = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(why) = &conn.broken {
@@ -587,39 +763,43 @@ impl TcpStore {
         }
         // Until the reply is read, the connection is in an unknown state.
         conn.broken = Some("an earlier request failed half-way".to_owned());
-        let op_name = match op {
-            OP_SET => "set",
-            OP_GET => "get",
-            OP_TRY_GET => "try_get",
-            _ => "add",
-        };
         let wait = wait.max(Duration::from_millis(1));
         let sent = conn
             .writer
             .set_read_timeout(Some(wait))
-            .and_then(|()| conn.writer.write_all(&request));
-        let result = sent.and_then(|()| parse(&mut conn.reader));
+            .and_then(|()| conn.writer.write_all(&bytes));
+        let result = match sent {
+            Ok(()) => parse(&mut conn.reader),
+            Err(e) => Err(ReadError::Io(e)),
+        };
         match result {
             Ok(reply) => {
                 conn.broken = None;
-                reply
+                Ok(reply)
             }
-            Err(source) => {
+            Err(e) => {
                 let store = self.describe();
-                let err = match source.kind() {
-                    ErrorKind::UnexpectedEof
-                    | ErrorKind::ConnectionReset
-                    | ErrorKind::ConnectionAborted
-                    | ErrorKind::BrokenPipe => StoreError::Closed {
-                        store,
-                        detail: format!(
-                            "server closed the connection during {op_name} of key {:?}: {source}",
-                            short_key(key)
-                        ),
-                    },
-                    _ => StoreError::Io {
-                        what: format!("{op_name} of key {:?} in {store}", short_key(key)),
-                        source,
+                let err = match e {
+                    // A malformed reply: the connection is out of step.
+                    ReadError::Decode(e) => StoreError::Protocol(format!(
+                        "malformed reply from {store} for key {:?}: {e}",
+                        short_key(key)
+                    )),
+                    ReadError::Io(source) => match source.kind() {
+                        ErrorKind::UnexpectedEof
+                        | ErrorKind::ConnectionReset
+                        | ErrorKind::ConnectionAborted
+                        | ErrorKind::BrokenPipe => StoreError::Closed {
+                            store,
+                            detail: format!(
+                                "server closed the connection during {op_name} of key {:?}: {source}",
+                                short_key(key)
+                            ),
+                        },
+                        _ => StoreError::Io {
+                            what: format!("{op_name} of key {:?} in {store}", short_key(key)),
+                            source,
+                        },
                     },
                 };
                 conn.broken = Some(err.to_string());
@@ -627,80 +807,27 @@ impl TcpStore {
             }
         }
     }
-
-    /// Reads an `OK, len, value` or `NOT_FOUND` reply.
-    fn parse_value(
-        &self,
-        key: &str,
-        r: &mut BufReader<TcpStream>,
-    ) -> io::Result<Result<Option<Vec<u8>>, StoreError>> {
-        let mut status = [0; 1];
-        r.read_exact(&mut status)?;
-        match status[0] {
-            ST_OK => {
-                let len = read_u32(r)? as usize;
-                if len > TCP_MAX_LEN {
-                    return Err(
-                        self.bad_reply(key, format!("value length {len} exceeds the limit"))
-                    );
-                }
-                Ok(Ok(Some(read_bytes(r, len)?)))
-            }
-            ST_NOT_FOUND => Ok(Ok(None)),
-            other => Err(self.bad_reply(key, format!("unknown reply status {other}"))),
-        }
-    }
-
-    /// A malformed reply: reported as an I/O error of kind InvalidData so
-    /// the connection is marked broken; converted to Protocol by callers.
-    fn bad_reply(&self, key: &str, detail: String) -> io::Error {
-        io::Error::new(
-            ErrorKind::InvalidData,
-            format!(
-                "malformed reply from {} for key {:?}: {detail}",
-                self.describe(),
-                short_key(key)
-            ),
-        )
-    }
-}
-
-/// Turns the InvalidData errors of [`TcpStore::bad_reply`] into
-/// [`StoreError::Protocol`].
-fn protocol_from_io(err: StoreError) -> StoreError {
-    match err {
-        StoreError::Io { source, .. } if source.kind() == ErrorKind::InvalidData => {
-            StoreError::Protocol(source.to_string())
-        }
-        other => other,
-    }
 }
 
 impl Store for TcpStore {
     fn set(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
         self.check_len(key, "value", value.len())?;
-        let mut tail = Vec::with_capacity(4 + value.len());
-        put_bytes(&mut tail, value);
-        self.roundtrip(OP_SET, key, &tail, DEFAULT_TIMEOUT, |r| {
-            let mut status = [0; 1];
-            r.read_exact(&mut status)?;
-            if status[0] != ST_OK {
-                return Err(self.bad_reply(key, format!("unexpected status {} to set", status[0])));
-            }
-            Ok(Ok(()))
-        })
-        .map_err(protocol_from_io)
+        let request = Request::Set {
+            key: key.to_owned(),
+            value: value.to_vec(),
+        };
+        self.roundtrip(&request, DEFAULT_TIMEOUT, read_set_reply)
     }
 
     fn get(&self, key: &str, deadline: Instant) -> Result<Vec<u8>, StoreError> {
         let start = Instant::now();
         let left = deadline.saturating_duration_since(start);
-        let ms = u64::try_from(left.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX);
-        let value = self
-            .roundtrip(OP_GET, key, &ms.to_le_bytes(), left + GET_MARGIN, |r| {
-                self.parse_value(key, r)
-            })
-            .map_err(protocol_from_io)?;
+        let wait_ms = u64::try_from(left.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX);
+        let request = Request::Get {
+            key: key.to_owned(),
+            wait_ms,
+        };
+        let value = self.roundtrip(&request, left + GET_MARGIN, read_value_reply)?;
         value.ok_or_else(|| StoreError::Timeout {
             key: key.to_owned(),
             waited: start.elapsed(),
@@ -709,36 +836,23 @@ impl Store for TcpStore {
     }
 
     fn try_get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        self.roundtrip(OP_TRY_GET, key, &[], DEFAULT_TIMEOUT, |r| {
-            self.parse_value(key, r)
-        })
-        .map_err(protocol_from_io)
+        let request = Request::TryGet {
+            key: key.to_owned(),
+        };
+        self.roundtrip(&request, DEFAULT_TIMEOUT, read_value_reply)
     }
 
     fn add(&self, key: &str, delta: i64) -> Result<i64, StoreError> {
-        self.roundtrip(OP_ADD, key, &delta.to_le_bytes(), DEFAULT_TIMEOUT, |r| {
-            let mut status = [0; 1];
-            r.read_exact(&mut status)?;
-            match status[0] {
-                ST_OK => Ok(Ok(read_u64(r)? as i64)),
-                ST_ERR => {
-                    let len = read_u32(r)? as usize;
-                    if len > TCP_MAX_LEN {
-                        return Err(
-                            self.bad_reply(key, format!("error length {len} exceeds the limit"))
-                        );
-                    }
-                    let msg = read_bytes(r, len)?;
-                    Ok(Err(StoreError::Counter {
-                        key: key.to_owned(),
-                        store: self.describe(),
-                        detail: String::from_utf8_lossy(&msg).into_owned(),
-                    }))
-                }
-                other => Err(self.bad_reply(key, format!("unknown reply status {other}"))),
-            }
-        })
-        .map_err(protocol_from_io)
+        let request = Request::Add {
+            key: key.to_owned(),
+            delta,
+        };
+        self.roundtrip(&request, DEFAULT_TIMEOUT, read_add_reply)?
+            .map_err(|detail| StoreError::Counter {
+                key: key.to_owned(),
+                store: self.describe(),
+                detail,
+            })
     }
 
     fn describe(&self) -> String {
@@ -970,5 +1084,115 @@ mod tests {
         assert!(matches!(err, StoreError::TooLarge { .. }), "{err:?}");
         // Nothing was sent: the connection still works.
         client.set("small", b"ok").unwrap();
+    }
+
+    fn key() -> impl proptest::strategy::Strategy<Value = String> {
+        ".{0,12}"
+    }
+
+    fn request() -> impl proptest::strategy::Strategy<Value = Request> {
+        use proptest::prelude::*;
+        prop_oneof![
+            (key(), proptest::collection::vec(any::<u8>(), 0..40))
+                .prop_map(|(key, value)| Request::Set { key, value }),
+            (key(), any::<u64>()).prop_map(|(key, wait_ms)| Request::Get { key, wait_ms }),
+            key().prop_map(|key| Request::TryGet { key }),
+            (key(), any::<i64>()).prop_map(|(key, delta)| Request::Add { key, delta }),
+        ]
+    }
+
+    /// Reads a whole request (op byte and body) from `bytes`.
+    fn read_request(mut bytes: &[u8]) -> Result<(Request, usize), ReadError> {
+        let op = read_fixed::<1, _>(&mut bytes, REQUEST, |d| d.u8("op"))?;
+        let request = Request::read(op, &mut bytes)?;
+        Ok((request, bytes.len()))
+    }
+
+    #[test]
+    fn request_layout_is_fixed() {
+        let request = Request::Set {
+            key: "k".into(),
+            value: b"vv".to_vec(),
+        };
+        assert_eq!(
+            request.encode().unwrap(),
+            [OP_SET, 1, 0, 0, 0, b'k', 2, 0, 0, 0, b'v', b'v']
+        );
+        let request = Request::Add {
+            key: String::new(),
+            delta: -1,
+        };
+        assert_eq!(
+            request.encode().unwrap(),
+            [OP_ADD, 0, 0, 0, 0, 255, 255, 255, 255, 255, 255, 255, 255]
+        );
+        assert_eq!(hello()[..8], MAGIC);
+        assert_eq!(hello()[8..], VERSION.to_le_bytes());
+        let e = read_request(&[77, 1, 0, 0, 0, b'k']).unwrap_err();
+        assert!(
+            matches!(&e, ReadError::Decode(e) if e.to_string() == "tcp store request: invalid op: unknown request op 77"),
+            "{e:?}"
+        );
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn requests_round_trip(request in request()) {
+            let bytes = request.encode().unwrap();
+            let (back, left) = read_request(&bytes).unwrap();
+            proptest::prop_assert_eq!(back, request);
+            proptest::prop_assert_eq!(left, 0);
+        }
+
+        #[test]
+        fn replies_round_trip(value in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..40), n in proptest::prelude::any::<i64>()) {
+            let mut w = Writer::new();
+            w.u8(ST_OK).bytes_prefixed(Prefix::U32, &value).unwrap();
+            w.u8(ST_NOT_FOUND).u8(ST_OK).i64(n).u8(ST_ERR).str_prefixed(Prefix::U32, "bad").unwrap();
+            w.u8(ST_OK);
+            let mut r = w.as_bytes();
+            proptest::prop_assert_eq!(read_value_reply(&mut r).unwrap(), Some(value));
+            proptest::prop_assert_eq!(read_value_reply(&mut r).unwrap(), None);
+            proptest::prop_assert_eq!(read_add_reply(&mut r).unwrap(), Ok(n));
+            proptest::prop_assert_eq!(read_add_reply(&mut r).unwrap(), Err("bad".to_owned()));
+            read_set_reply(&mut r).unwrap();
+            proptest::prop_assert!(r.is_empty());
+        }
+
+        #[test]
+        fn arbitrary_requests_and_replies_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64)) {
+            let _ = read_request(&bytes);
+            let _ = read_value_reply(&mut &bytes[..]);
+            let _ = read_add_reply(&mut &bytes[..]);
+            let _ = read_set_reply(&mut &bytes[..]);
+        }
+
+        #[test]
+        fn truncated_and_mutated_requests_fail_cleanly(request in request(), cut in 0usize..64, at in 0usize..64, flip in 1u8..=255) {
+            let bytes = request.encode().unwrap();
+            let cut = cut.min(bytes.len().saturating_sub(1));
+            let truncated = read_request(&bytes[..cut]);
+            let ended_early = matches!(&truncated, Err(ReadError::Io(e)) if e.kind() == ErrorKind::UnexpectedEof);
+            proptest::prop_assert!(ended_early, "{:?}", truncated);
+            let mut mutated = bytes.clone();
+            let at = at % mutated.len();
+            mutated[at] ^= flip;
+            // Decodes to something, or fails with an error: never panics.
+            let _ = read_request(&mutated);
+        }
+    }
+
+    #[test]
+    fn announced_lengths_over_the_limit_are_refused_before_reading() {
+        let mut bytes = vec![OP_SET];
+        bytes.extend_from_slice(&u32::MAX.to_le_bytes());
+        let e = read_request(&bytes).unwrap_err();
+        assert!(
+            matches!(
+                &e,
+                ReadError::Decode(DecodeError::TooLong { field: "key", .. })
+            ),
+            "{e:?}"
+        );
     }
 }

@@ -33,14 +33,17 @@
 //! this client refuses larger ones before sending. Counters made by
 //! [`Store::add`] hold the decimal text of the number in torch's store, not
 //! the 8-byte form of oxccl's own stores: read them with [`Store::add`] of 0.
+//!
+//! Requests are written and replies decoded with the [`codec`](crate::codec).
 
-use std::io::{self, BufReader, ErrorKind, Read, Write};
+use std::io::{BufReader, ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use super::tcp::{connect_retrying, read_bytes, read_u64};
+use super::tcp::{ReadError, connect_retrying, read_bytes, read_fixed};
 use super::{Store, StoreError, short_key};
+use crate::codec::{DecodeError, Prefix, Writer};
 
 const VALIDATE: u8 = 0;
 const SET: u8 = 1;
@@ -60,6 +63,9 @@ const WAIT_CANCELED: u8 = 1;
 pub const TORCH_MAX_KEY: usize = 8 << 10;
 /// The longest value torch's server accepts.
 pub const TORCH_MAX_VALUE: usize = 8 << 20;
+
+/// The format name of torch's replies, as decoding errors name it.
+const REPLY: &str = "torch store reply";
 
 /// How long a reply may take (other than a wait's), and the handshake.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -82,34 +88,68 @@ struct Conn {
     broken: Option<String>,
 }
 
-fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
-    out.extend_from_slice(&(b.len() as u64).to_le_bytes());
-    out.extend_from_slice(b);
+/// Appends a key as torch's client writes it: a `u64` length, `/` and the key.
+fn put_key(w: &mut Writer, key: &str) {
+    w.u64(key.len() as u64 + 1).u8(b'/').bytes(key.as_bytes());
 }
 
-/// Puts a key as torch's client does: `/` and the key.
-fn put_key(out: &mut Vec<u8>, key: &str) {
-    out.extend_from_slice(&(key.len() as u64 + 1).to_le_bytes());
-    out.push(b'/');
-    out.extend_from_slice(key.as_bytes());
-}
-
+/// A request that names `keys`: the query type, their number, the keys.
 fn keys_request(op: u8, keys: &[&str]) -> Vec<u8> {
-    let mut r = vec![op];
-    r.extend_from_slice(&(keys.len() as u64).to_le_bytes());
+    let mut w = Writer::new();
+    w.u8(op).u64(keys.len() as u64);
     for k in keys {
-        put_key(&mut r, k);
+        put_key(&mut w, k);
     }
-    r
+    w.into_bytes()
 }
 
-fn read_u8(r: &mut impl Read) -> io::Result<u8> {
-    let mut b = [0; 1];
-    r.read_exact(&mut b)?;
-    Ok(b[0])
+/// A request of query type `op` about one key, with what `tail` appends.
+fn key_request(op: u8, key: &str, tail: impl FnOnce(&mut Writer)) -> Vec<u8> {
+    let mut w = Writer::with_capacity(9 + key.len() + 1);
+    w.u8(op);
+    put_key(&mut w, key);
+    tail(&mut w);
+    w.into_bytes()
 }
 
-fn timed_out(e: &io::Error) -> bool {
+/// A ping: query type and nonce.
+fn put_ping(w: &mut Writer, nonce: u32) {
+    w.u8(PING).u32(nonce);
+}
+
+fn read_u8(r: &mut impl Read, field: &'static str) -> Result<u8, ReadError> {
+    read_fixed::<1, _>(r, REPLY, |d| d.u8(field))
+}
+
+/// Reads a ping's reply and checks it is `nonce`.
+fn read_pong(r: &mut impl Read, nonce: u32, after: &str) -> Result<(), ReadError> {
+    let echo = read_fixed::<4, _>(r, REPLY, |d| d.u32("ping nonce"))?;
+    if echo != nonce {
+        return Err(bad_reply(
+            "ping nonce",
+            format!("ping {after}answered {echo:#010x}, not its nonce {nonce:#010x}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Reads a `u64` length (at most [`TORCH_MAX_VALUE`]) and that many bytes: a value.
+fn read_value(r: &mut impl Read) -> Result<Vec<u8>, ReadError> {
+    let len = read_fixed::<8, _>(r, REPLY, |d| {
+        d.len_prefix("value", Prefix::U64, TORCH_MAX_VALUE)
+    })?;
+    Ok(read_bytes(r, len)?)
+}
+
+fn bad_reply(field: &'static str, why: String) -> ReadError {
+    ReadError::Decode(DecodeError::Invalid {
+        format: REPLY,
+        field,
+        why,
+    })
+}
+
+fn timed_out(e: &std::io::Error) -> bool {
     matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut)
 }
 
@@ -149,26 +189,21 @@ impl TorchStore {
             broken: None,
         };
         let nonce = std::process::id();
-        let mut hello = vec![VALIDATE];
-        hello.extend_from_slice(&MAGIC.to_le_bytes());
-        hello.push(PING);
-        hello.extend_from_slice(&nonce.to_le_bytes());
+        let mut hello = Writer::with_capacity(10);
+        hello.u8(VALIDATE).u32(MAGIC);
+        put_ping(&mut hello, nonce);
         conn.writer
-            .write_all(&hello)
+            .write_all(hello.as_bytes())
             .map_err(io("sending handshake to"))?;
-        let mut echo = [0; 4];
-        conn.reader.read_exact(&mut echo).map_err(|e| {
-            StoreError::Protocol(format!(
+        read_pong(&mut conn.reader, nonce, "").map_err(|e| match e {
+            ReadError::Io(e) => StoreError::Protocol(format!(
                 "{store} did not answer a torch TCPStore ping ({e}): is a torch store \
                  (torchrun's agent) serving there?"
-            ))
+            )),
+            ReadError::Decode(e) => {
+                StoreError::Protocol(format!("{store}: {e}: not a torch TCPStore"))
+            }
         })?;
-        if u32::from_le_bytes(echo) != nonce {
-            return Err(StoreError::Protocol(format!(
-                "{store} answered a ping with {:02x?}, not its nonce: not a torch TCPStore",
-                echo
-            )));
-        }
         tracing::debug!(server = %addr, %local, "connected to torch store");
         Ok(TorchStore {
             server: addr,
@@ -211,7 +246,7 @@ impl TorchStore {
         &self,
         op: &str,
         key: &str,
-        f: impl FnOnce(&mut Conn) -> io::Result<T>,
+        f: impl FnOnce(&mut Conn) -> Result<T, ReadError>,
     ) -> Result<T, StoreError> {
         let mut conn = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(why) = &conn.broken {
@@ -222,46 +257,34 @@ impl TorchStore {
         }
         match f(&mut conn) {
             Ok(v) => Ok(v),
-            Err(source) => {
+            Err(e) => {
                 let store = self.describe();
-                let err = match source.kind() {
-                    ErrorKind::UnexpectedEof
-                    | ErrorKind::ConnectionReset
-                    | ErrorKind::ConnectionAborted
-                    | ErrorKind::BrokenPipe => StoreError::Closed {
-                        store,
-                        detail: format!(
-                            "server closed the connection during {op} of key {:?}: {source}",
-                            short_key(key)
-                        ),
-                    },
-                    ErrorKind::InvalidData => StoreError::Protocol(format!(
-                        "{store}: {op} of key {:?}: {source}",
+                let err = match e {
+                    ReadError::Decode(e) => StoreError::Protocol(format!(
+                        "{store}: {op} of key {:?}: {e}",
                         short_key(key)
                     )),
-                    _ => StoreError::Io {
-                        what: format!("{op} of key {:?} in {store}", short_key(key)),
-                        source,
+                    ReadError::Io(source) => match source.kind() {
+                        ErrorKind::UnexpectedEof
+                        | ErrorKind::ConnectionReset
+                        | ErrorKind::ConnectionAborted
+                        | ErrorKind::BrokenPipe => StoreError::Closed {
+                            store,
+                            detail: format!(
+                                "server closed the connection during {op} of key {:?}: {source}",
+                                short_key(key)
+                            ),
+                        },
+                        _ => StoreError::Io {
+                            what: format!("{op} of key {:?} in {store}", short_key(key)),
+                            source,
+                        },
                     },
                 };
                 conn.broken = Some(err.to_string());
                 Err(err)
             }
         }
-    }
-
-    /// Reads a `u64` length and that many bytes (a value).
-    fn read_value(r: &mut impl Read) -> io::Result<Vec<u8>> {
-        let len = read_u64(r)?;
-        if len > TORCH_MAX_VALUE as u64 {
-            return Err(io::Error::new(
-                ErrorKind::InvalidData,
-                format!(
-                    "reply announces a value of {len} bytes, over the limit of {TORCH_MAX_VALUE}"
-                ),
-            ));
-        }
-        read_bytes(r, len as usize)
     }
 
     /// Waits for `key` until `deadline`; `Ok(false)` if it is not set by then.
@@ -272,40 +295,39 @@ impl TorchStore {
             let left = deadline.saturating_duration_since(Instant::now());
             c.writer
                 .set_read_timeout(Some(left.max(Duration::from_millis(1))))?;
-            match read_u8(&mut c.reader) {
+            match read_u8(&mut c.reader, "wait reply") {
                 Ok(STOP_WAITING) => return Ok(true),
-                Ok(other) => return Err(bad_reply(format!("wait answered {other}"))),
-                Err(e) if timed_out(&e) => {}
+                Ok(other) => {
+                    return Err(bad_reply("wait reply", format!("wait answered {other}")));
+                }
+                Err(ReadError::Io(e)) if timed_out(&e) => {}
                 Err(e) => return Err(e),
             }
             // As torch's client does: cancel, then read the cancellation
             // (after a "stop waiting" that crossed it on the wire).
             c.writer.set_read_timeout(Some(REPLY_TIMEOUT))?;
             c.writer.write_all(&[CANCEL_WAIT])?;
-            match read_u8(&mut c.reader)? {
+            let canceled =
+                |other: u8| bad_reply("cancel wait reply", format!("cancel wait answered {other}"));
+            match read_u8(&mut c.reader, "cancel wait reply")? {
                 WAIT_CANCELED => Ok(false),
-                STOP_WAITING => match read_u8(&mut c.reader)? {
+                STOP_WAITING => match read_u8(&mut c.reader, "cancel wait reply")? {
                     WAIT_CANCELED => Ok(true),
-                    other => Err(bad_reply(format!("cancel wait answered {other}"))),
+                    other => Err(canceled(other)),
                 },
-                other => Err(bad_reply(format!("cancel wait answered {other}"))),
+                other => Err(canceled(other)),
             }
         })
     }
 
     fn get_present(&self, key: &str) -> Result<Vec<u8>, StoreError> {
-        let mut request = vec![GET];
-        put_key(&mut request, key);
+        let request = key_request(GET, key, |_| {});
         self.with_conn("get", key, |c| {
             c.writer.set_read_timeout(Some(REPLY_TIMEOUT))?;
             c.writer.write_all(&request)?;
-            TorchStore::read_value(&mut c.reader)
+            read_value(&mut c.reader)
         })
     }
-}
-
-fn bad_reply(detail: String) -> io::Error {
-    io::Error::new(ErrorKind::InvalidData, format!("malformed reply: {detail}"))
 }
 
 fn describe_addr(addr: SocketAddr) -> String {
@@ -316,23 +338,17 @@ impl Store for TorchStore {
     fn set(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
         self.check_key(key)?;
         self.check_len(key, "value", value.len(), TORCH_MAX_VALUE)?;
-        let mut request = Vec::with_capacity(17 + key.len() + value.len());
-        request.push(SET);
-        put_key(&mut request, key);
-        put_bytes(&mut request, value);
         // Set has no reply; a ping after it confirms the server took it, so
         // that an error surfaces here and not at a later request.
-        request.push(PING);
-        request.extend_from_slice(&std::process::id().to_le_bytes());
+        let nonce = std::process::id();
+        let request = key_request(SET, key, |w| {
+            w.bytes_u64_prefixed(value);
+            put_ping(w, nonce);
+        });
         self.with_conn("set", key, |c| {
             c.writer.set_read_timeout(Some(REPLY_TIMEOUT))?;
             c.writer.write_all(&request)?;
-            let mut echo = [0; 4];
-            c.reader.read_exact(&mut echo)?;
-            if u32::from_le_bytes(echo) != std::process::id() {
-                return Err(bad_reply(format!("ping after set answered {echo:02x?}")));
-            }
-            Ok(())
+            read_pong(&mut c.reader, nonce, "after set ")
         })
     }
 
@@ -354,7 +370,7 @@ impl Store for TorchStore {
         let ready = self.with_conn("check", key, |c| {
             c.writer.set_read_timeout(Some(REPLY_TIMEOUT))?;
             c.writer.write_all(&keys_request(CHECK, &[key]))?;
-            Ok(read_u8(&mut c.reader)? == READY)
+            Ok(read_u8(&mut c.reader, "check reply")? == READY)
         })?;
         // Keys are never deleted by oxccl, so a present key stays present.
         if ready {
@@ -366,13 +382,13 @@ impl Store for TorchStore {
 
     fn add(&self, key: &str, delta: i64) -> Result<i64, StoreError> {
         self.check_key(key)?;
-        let mut request = vec![ADD];
-        put_key(&mut request, key);
-        request.extend_from_slice(&delta.to_le_bytes());
+        let request = key_request(ADD, key, |w| {
+            w.i64(delta);
+        });
         self.with_conn("add", key, |c| {
             c.writer.set_read_timeout(Some(REPLY_TIMEOUT))?;
             c.writer.write_all(&request)?;
-            Ok(read_u64(&mut c.reader)? as i64)
+            read_fixed::<8, _>(&mut c.reader, REPLY, |d| d.i64("counter"))
         })
     }
 
@@ -444,5 +460,52 @@ mod tests {
         ));
         drop(store);
         assert!(server.join().unwrap().is_empty(), "nothing was sent");
+    }
+
+    #[test]
+    fn request_layout_is_fixed() {
+        let request = key_request(ADD, "k", |w| {
+            w.i64(-2);
+        });
+        let mut want = vec![ADD, 2, 0, 0, 0, 0, 0, 0, 0, b'/', b'k'];
+        want.extend_from_slice(&(-2i64).to_le_bytes());
+        assert_eq!(request, want);
+        let request = keys_request(CHECK, &["a", "bc"]);
+        let mut want = vec![CHECK, 2, 0, 0, 0, 0, 0, 0, 0];
+        want.extend_from_slice(&[2, 0, 0, 0, 0, 0, 0, 0, b'/', b'a']);
+        want.extend_from_slice(&[3, 0, 0, 0, 0, 0, 0, 0, b'/', b'b', b'c']);
+        assert_eq!(request, want);
+    }
+
+    #[test]
+    fn values_over_the_limit_are_refused_before_reading() {
+        let mut bytes = &((TORCH_MAX_VALUE + 1) as u64).to_le_bytes()[..];
+        let e = read_value(&mut bytes).unwrap_err();
+        assert!(
+            matches!(
+                &e,
+                ReadError::Decode(DecodeError::TooLong { field: "value", .. })
+            ),
+            "{e:?}"
+        );
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn values_round_trip(value in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64), nonce in proptest::prelude::any::<u32>()) {
+            let mut w = Writer::new();
+            w.bytes_u64_prefixed(&value).u32(nonce);
+            let mut r = w.as_bytes();
+            proptest::prop_assert_eq!(read_value(&mut r).unwrap(), value);
+            read_pong(&mut r, nonce, "").unwrap();
+            proptest::prop_assert!(r.is_empty());
+        }
+
+        #[test]
+        fn arbitrary_replies_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64), nonce in proptest::prelude::any::<u32>()) {
+            let _ = read_value(&mut &bytes[..]);
+            let _ = read_pong(&mut &bytes[..], nonce, "");
+            let _ = read_u8(&mut &bytes[..], "status");
+        }
     }
 }
