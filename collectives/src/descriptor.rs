@@ -92,11 +92,6 @@ impl Descriptor {
         Ok(d)
     }
 
-    /// Decodes a peer's descriptor; `None` where [`Descriptor::parse`] fails.
-    pub fn decode(b: &[u8; DESCRIPTOR_LEN]) -> Option<Descriptor> {
-        Descriptor::parse(b).ok()
-    }
-
     /// The call with its sequence number, for messages: "all_reduce #3 (f32 sum, 1024 elements)".
     pub fn call(&self, seq: u64) -> String {
         format!("{} #{seq} ({self})", self.kind.name())
@@ -153,7 +148,7 @@ mod tests {
             root: 3,
             count: 1 << 40,
         };
-        assert_eq!(Descriptor::decode(&d.encode()), Some(d));
+        assert_eq!(Descriptor::parse(&d.encode()).ok(), Some(d));
         assert_eq!(
             d.call(7),
             "reduce #7 (bf16 max, 1099511627776 elements, root 3)"
@@ -172,7 +167,7 @@ mod tests {
         };
         assert_eq!(a.encode(), b.encode());
         assert_eq!(a.call(0), "all_gather #0 (bf16, 1099511627776 elements)");
-        assert_eq!(Descriptor::decode(&[0xFF; DESCRIPTOR_LEN]), None);
+        assert!(Descriptor::parse(&[0xFF; DESCRIPTOR_LEN]).is_err());
     }
 
     #[test]

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use oxccl_transport::TransportError;
+use oxccl_transport::codec::{DecodeError, Prefix, Reader, Writer};
 use oxccl_transport::store::Store;
 
 use crate::Error;
@@ -29,19 +30,32 @@ pub(crate) struct Report {
     pub cause: String,
 }
 
+/// The longest cause a report carries.
+const MAX_CAUSE: usize = 64 << 10;
+
 impl Report {
-    /// `origin`, a newline, the cause (UTF-8).
+    const FORMAT: &'static str = "failure report";
+
+    /// `origin: u64`, then the cause as UTF-8 with a `u32` length (cut at
+    /// [`MAX_CAUSE`] bytes, on a character boundary).
     fn encode(&self) -> Vec<u8> {
-        format!("{}\n{}", self.origin, self.cause).into_bytes()
+        let mut end = self.cause.len().min(MAX_CAUSE);
+        while !self.cause.is_char_boundary(end) {
+            end -= 1;
+        }
+        let mut w = Writer::new();
+        w.u64(self.origin as u64)
+            .str_prefixed(Prefix::U32, &self.cause[..end])
+            .map(|w| w.as_bytes().to_vec())
+            .unwrap_or_default()
     }
 
-    fn decode(bytes: &[u8]) -> Option<Report> {
-        let text = String::from_utf8_lossy(bytes);
-        let (origin, cause) = text.split_once('\n')?;
-        Some(Report {
-            origin: origin.parse().ok()?,
-            cause: cause.to_string(),
-        })
+    fn parse(bytes: &[u8]) -> Result<Report, DecodeError> {
+        let mut r = Reader::new(Self::FORMAT, bytes);
+        let origin = r.u64_usize("origin")?;
+        let cause = r.str_prefixed("cause", Prefix::U32, MAX_CAUSE)?.to_string();
+        r.finish()?;
+        Ok(Report { origin, cause })
     }
 }
 
@@ -133,9 +147,9 @@ impl Failures {
                 rank,
                 call,
                 peer,
-                theirs: match Descriptor::decode(&descriptor) {
-                    Some(t) => t.call(seq),
-                    None => format!("an unknown call #{seq}"),
+                theirs: match Descriptor::parse(&descriptor) {
+                    Ok(t) => t.call(seq),
+                    Err(e) => format!("an unreadable call #{seq} ({e})"),
                 },
             },
             EngineError::Protocol { peer, reason } => Error::Transport {
@@ -149,9 +163,9 @@ impl Failures {
 
     /// The error of a call that failed because `peer` reported `bytes`.
     fn remote(&self, call: String, peer: usize, bytes: &[u8]) -> Error {
-        let r = Report::decode(bytes).unwrap_or(Report {
+        let r = Report::parse(bytes).unwrap_or_else(|e| Report {
             origin: peer,
-            cause: "an unreadable report".into(),
+            cause: format!("an unreadable report ({e})"),
         });
         Error::Remote {
             rank: self.rank,
@@ -235,9 +249,18 @@ mod tests {
             origin: 3,
             cause: "it died\nwith two lines".into(),
         };
-        assert_eq!(Report::decode(&r.encode()), Some(r));
-        for bad in [&b""[..], b"x\ncause", b"3", b"-1\nc"] {
-            assert_eq!(Report::decode(bad), None, "{bad:?}");
+        assert_eq!(Report::parse(&r.encode()).unwrap(), r);
+        let mut long = Report {
+            origin: 1,
+            cause: "é".repeat(MAX_CAUSE),
+        };
+        let cut = Report::parse(&long.encode()).unwrap();
+        assert!(cut.cause.len() <= MAX_CAUSE && long.cause.starts_with(&cut.cause));
+        long.cause.truncate(10);
+        let mut bytes = long.encode();
+        bytes.push(0);
+        for bad in [&b""[..], b"3", &bytes] {
+            assert!(Report::parse(bad).is_err(), "{bad:?}");
         }
     }
 

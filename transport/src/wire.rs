@@ -232,13 +232,6 @@ impl FrameHeader {
         r.finish()?;
         Ok(header)
     }
-
-    /// Decodes a header as [`FrameHeader::parse`] does, with the error as
-    /// text: the form the collective engine takes today. New code calls
-    /// [`FrameHeader::parse`].
-    pub fn decode(b: &[u8; Self::LEN]) -> Result<FrameHeader, String> {
-        FrameHeader::parse(b).map_err(|e| e.to_string())
-    }
 }
 
 #[cfg(test)]
@@ -284,10 +277,10 @@ mod tests {
             len: 123_456,
             descriptor: [7; DESCRIPTOR_LEN],
         };
-        assert_eq!(FrameHeader::decode(&h.encode()), Ok(h));
+        assert_eq!(FrameHeader::parse(&h.encode()), Ok(h));
         let mut bad = h.encode();
         bad[1] ^= 1;
-        assert!(FrameHeader::decode(&bad).is_err());
+        assert!(FrameHeader::parse(&bad).is_err());
     }
 
     #[test]
@@ -342,7 +335,6 @@ mod tests {
         bad[0] ^= 1;
         let e = FrameHeader::parse(&bad).unwrap_err();
         assert!(matches!(e, DecodeError::BadMagic { .. }), "{e:?}");
-        assert_eq!(FrameHeader::decode(&bad), Err(e.to_string()));
         let short = [0u8; 20];
         let e = Hello::read(&mut Reader::new(Hello::FORMAT, &short)).unwrap_err();
         assert!(e.to_string().starts_with("hello: "), "{e}");
@@ -382,7 +374,7 @@ mod tests {
             let _ = FrameHeader::read(&mut Reader::new(FrameHeader::FORMAT, &bytes));
             if let Ok(b) = <[u8; Hello::LEN]>::try_from(&bytes[..bytes.len().min(Hello::LEN)]) {
                 let _ = Hello::decode(&b);
-                let _ = FrameHeader::decode(&b);
+                let _ = FrameHeader::parse(&b);
             }
             if let Ok(b) = <[u8; HelloReply::LEN]>::try_from(&bytes[..bytes.len().min(HelloReply::LEN)]) {
                 let _ = HelloReply::decode(&b);

@@ -145,7 +145,10 @@ fn check_header(
     len: usize,
     peer: usize,
 ) -> Result<(), EngineError> {
-    let h = FrameHeader::decode(raw).map_err(|reason| EngineError::Protocol { peer, reason })?;
+    let h = FrameHeader::parse(raw).map_err(|e| EngineError::Protocol {
+        peer,
+        reason: e.to_string(),
+    })?;
     let expected: &[u8; DESCRIPTOR_LEN] = &wire.descriptor;
     if h.descriptor != *expected || h.tag.seq != wire.seq {
         return Err(EngineError::Mismatch {
