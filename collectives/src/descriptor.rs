@@ -5,7 +5,7 @@
 use std::fmt;
 
 use oxccl_kernels::{DType, ReduceOp};
-use oxccl_transport::codec::{DecodeError, Reader, Writer};
+use oxccl_transport::codec::{ArrayWriter, DecodeError, Put, Reader};
 use oxccl_transport::wire::DESCRIPTOR_LEN;
 
 use crate::schedule::Kind;
@@ -49,15 +49,16 @@ impl Descriptor {
     /// Appends the bytes every frame of the call carries to `w`. Fields
     /// that do not take part in the call are zeroed so that they cannot
     /// cause a false mismatch.
-    pub fn write(&self, w: &mut Writer) {
+    #[inline]
+    pub fn write<W: Put>(&self, w: &mut W) {
         let op = if self.reduces() { self.op as u8 } else { 0 };
         let root = if self.rooted() { self.root as u32 } else { 0 };
-        w.u8(self.kind as u8)
-            .u8(self.dtype as u8)
-            .u8(op)
-            .zeros(1)
-            .u32(root)
-            .u64(self.count as u64);
+        w.put_u8(self.kind as u8)
+            .put_u8(self.dtype as u8)
+            .put_u8(op)
+            .put_u8(0)
+            .put_u32(root)
+            .put_u64(self.count as u64);
     }
 
     /// Reads a peer's descriptor, refusing unknown kinds, dtypes and ops.
@@ -78,10 +79,11 @@ impl Descriptor {
     }
 
     /// The bytes every frame of the call carries (see [`Descriptor::write`]).
+    #[inline]
     pub fn encode(&self) -> [u8; DESCRIPTOR_LEN] {
-        let mut w = Writer::with_capacity(DESCRIPTOR_LEN);
+        let mut w = ArrayWriter::new();
         self.write(&mut w);
-        w.into_array()
+        w.finish()
     }
 
     /// Decodes a peer's descriptor with [`Descriptor::read`].

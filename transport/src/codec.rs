@@ -166,11 +166,13 @@ pub struct Writer {
 
 impl Writer {
     /// An empty writer.
+    #[inline]
     pub fn new() -> Writer {
         Writer::default()
     }
 
     /// An empty writer with room for `n` bytes.
+    #[inline]
     pub fn with_capacity(n: usize) -> Writer {
         Writer {
             buf: Vec::with_capacity(n),
@@ -200,6 +202,7 @@ impl Writer {
     /// The bytes written, as the array of a fixed-size format. The format's
     /// encoder writes exactly `N` bytes (its tests check it); were it to
     /// write another number, the array would be cut or padded with zeros.
+    #[inline]
     pub fn into_array<const N: usize>(self) -> [u8; N] {
         debug_assert_eq!(self.buf.len(), N, "fixed-size format of the wrong length");
         let mut out = [0u8; N];
@@ -209,27 +212,32 @@ impl Writer {
     }
 
     /// Appends a `u8`.
+    #[inline]
     pub fn u8(&mut self, v: u8) -> &mut Writer {
         self.buf.push(v);
         self
     }
 
     /// Appends a little-endian `u16`.
+    #[inline]
     pub fn u16(&mut self, v: u16) -> &mut Writer {
         self.bytes(&v.to_le_bytes())
     }
 
     /// Appends a little-endian `u32`.
+    #[inline]
     pub fn u32(&mut self, v: u32) -> &mut Writer {
         self.bytes(&v.to_le_bytes())
     }
 
     /// Appends a little-endian `u64`.
+    #[inline]
     pub fn u64(&mut self, v: u64) -> &mut Writer {
         self.bytes(&v.to_le_bytes())
     }
 
     /// Appends a little-endian `i64`.
+    #[inline]
     pub fn i64(&mut self, v: i64) -> &mut Writer {
         self.bytes(&v.to_le_bytes())
     }
@@ -241,6 +249,7 @@ impl Writer {
     }
 
     /// Appends raw bytes, without a length.
+    #[inline]
     pub fn bytes(&mut self, b: &[u8]) -> &mut Writer {
         self.buf.extend_from_slice(b);
         self
@@ -284,6 +293,85 @@ impl Writer {
     /// Appends `s`'s length in bytes as a `u64`, then its UTF-8.
     pub fn str_u64_prefixed(&mut self, s: &str) -> &mut Writer {
         self.bytes_u64_prefixed(s.as_bytes())
+    }
+}
+
+/// Where fixed-layout encoders write: a [`Writer`] (growing, for messages
+/// of any size) or an [`ArrayWriter`] (on the stack, for the fixed-size
+/// formats written on the hot path). Integers are little-endian.
+pub trait Put {
+    /// Appends raw bytes.
+    fn put(&mut self, b: &[u8]) -> &mut Self;
+
+    /// Appends a `u8`.
+    #[inline]
+    fn put_u8(&mut self, v: u8) -> &mut Self {
+        self.put(&[v])
+    }
+
+    /// Appends a little-endian `u32`.
+    #[inline]
+    fn put_u32(&mut self, v: u32) -> &mut Self {
+        self.put(&v.to_le_bytes())
+    }
+
+    /// Appends a little-endian `u64`.
+    #[inline]
+    fn put_u64(&mut self, v: u64) -> &mut Self {
+        self.put(&v.to_le_bytes())
+    }
+}
+
+impl Put for Writer {
+    #[inline]
+    fn put(&mut self, b: &[u8]) -> &mut Writer {
+        self.bytes(b)
+    }
+}
+
+/// A writer of a fixed-size format into an array on the stack: no
+/// allocation, for what is written for every frame or call.
+#[derive(Debug, Clone, Copy)]
+pub struct ArrayWriter<const N: usize> {
+    buf: [u8; N],
+    len: usize,
+}
+
+impl<const N: usize> Default for ArrayWriter<N> {
+    fn default() -> Self {
+        ArrayWriter {
+            buf: [0; N],
+            len: 0,
+        }
+    }
+}
+
+impl<const N: usize> ArrayWriter<N> {
+    /// An empty array writer.
+    #[inline]
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The array. The format's encoder writes exactly `N` bytes (its tests
+    /// check it); bytes it did not write are zero.
+    #[inline]
+    pub fn finish(self) -> [u8; N] {
+        debug_assert_eq!(self.len, N, "fixed-size format of the wrong length");
+        self.buf
+    }
+}
+
+impl<const N: usize> Put for ArrayWriter<N> {
+    /// Appends raw bytes; bytes past `N` are dropped (a bug in the format's
+    /// encoder, which its tests catch), never written out of bounds.
+    #[inline]
+    fn put(&mut self, b: &[u8]) -> &mut Self {
+        let end = (self.len + b.len()).min(N);
+        let n = end - self.len;
+        self.buf[self.len..end].copy_from_slice(&b[..n]);
+        self.len += b.len();
+        self
     }
 }
 
@@ -357,6 +445,7 @@ impl<'a> Reader<'a> {
     }
 
     /// The next `N` bytes, as an array.
+    #[inline]
     pub fn array<const N: usize>(&mut self, field: &'static str) -> Result<[u8; N], DecodeError> {
         let mut out = [0u8; N];
         out.copy_from_slice(self.bytes(field, N)?);
@@ -364,6 +453,7 @@ impl<'a> Reader<'a> {
     }
 
     /// Skips `n` bytes (padding, reserved fields), whatever they hold.
+    #[inline]
     pub fn skip(&mut self, field: &'static str, n: usize) -> Result<(), DecodeError> {
         self.bytes(field, n).map(|_| ())
     }
@@ -469,6 +559,7 @@ impl<'a> Reader<'a> {
     }
 
     /// Reads a magic number of `expected.len()` bytes and refuses any other.
+    #[inline]
     pub fn magic(&mut self, expected: &[u8]) -> Result<(), DecodeError> {
         let found = self.bytes("magic", expected.len())?;
         if found != expected {
@@ -481,11 +572,13 @@ impl<'a> Reader<'a> {
     }
 
     /// Reads a little-endian `u32` magic number and refuses any other.
+    #[inline]
     pub fn magic_u32(&mut self, expected: u32) -> Result<(), DecodeError> {
         self.magic(&expected.to_le_bytes())
     }
 
     /// Ends the message: refuses bytes after it.
+    #[inline]
     pub fn finish(self) -> Result<(), DecodeError> {
         match self.remaining() {
             0 => Ok(()),

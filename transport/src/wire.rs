@@ -6,7 +6,7 @@
 //! [`FrameHeader`] followed by `len` payload bytes. Each format is written
 //! and read with the [`codec`](crate::codec).
 
-use crate::codec::{DecodeError, Reader, Writer};
+use crate::codec::{ArrayWriter, DecodeError, Put, Reader, Writer};
 
 /// First bytes of every handshake: "OXCCL" and three bytes of zero.
 pub const MAGIC: [u8; 8] = *b"OXCCL\0\0\0";
@@ -193,17 +193,19 @@ impl FrameHeader {
     pub const FORMAT: &'static str = "frame header";
 
     /// Appends the header to `w`.
-    pub fn write(&self, w: &mut Writer) {
-        w.u32(FRAME_MAGIC)
-            .u32(self.len)
-            .u64(self.tag.seq)
-            .u32(self.tag.step)
-            .u32(self.tag.slice)
-            .bytes(&self.descriptor);
+    #[inline]
+    pub fn write<W: Put>(&self, w: &mut W) {
+        w.put_u32(FRAME_MAGIC)
+            .put_u32(self.len)
+            .put_u64(self.tag.seq)
+            .put_u32(self.tag.step)
+            .put_u32(self.tag.slice)
+            .put(&self.descriptor);
     }
 
     /// Reads a header, refusing a wrong magic (a stream out of step or not
     /// an oxccl peer).
+    #[inline]
     pub fn read(r: &mut Reader<'_>) -> Result<FrameHeader, DecodeError> {
         r.magic_u32(FRAME_MAGIC)?;
         let len = r.u32("payload length")?;
@@ -218,14 +220,16 @@ impl FrameHeader {
         })
     }
 
-    /// Encodes the header.
+    /// Encodes the header on the stack: this runs for every frame.
+    #[inline]
     pub fn encode(&self) -> [u8; Self::LEN] {
-        let mut w = Writer::with_capacity(Self::LEN);
+        let mut w = ArrayWriter::new();
         self.write(&mut w);
-        w.into_array()
+        w.finish()
     }
 
     /// Decodes a header with [`FrameHeader::read`].
+    #[inline]
     pub fn parse(b: &[u8; Self::LEN]) -> Result<FrameHeader, DecodeError> {
         let mut r = Reader::new(Self::FORMAT, b);
         let header = FrameHeader::read(&mut r)?;
@@ -360,6 +364,11 @@ mod tests {
         ) {
             let h = Hello { version, job, world, from, to, purpose };
             prop_assert_eq!(Hello::decode(&h.encode()), Ok(h));
+            // The frame header's stack encoding is the growing writer's.
+            let f = FrameHeader { tag, len, descriptor };
+            let mut w = Writer::new();
+            f.write(&mut w);
+            prop_assert_eq!(w.as_bytes(), &f.encode()[..]);
             let reply = if code == 0 { HelloReply::Accept } else { HelloReply::Refuse(code) };
             prop_assert_eq!(HelloReply::decode(&reply.encode()), Ok(reply));
             let f = FrameHeader { tag, len, descriptor };

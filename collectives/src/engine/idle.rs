@@ -49,11 +49,13 @@ impl Idle {
     }
 
     /// Something moved: the next idle stretch starts afresh.
+    #[inline]
     pub(super) fn reset(&mut self) {
         self.since = None;
     }
 
     /// What to do at `now`, after a pump that moved nothing.
+    #[inline]
     pub(super) fn next(&mut self, now: Instant) -> Step {
         let idle = now.saturating_duration_since(*self.since.get_or_insert(now));
         if idle < self.spin {

@@ -193,6 +193,7 @@ pub(crate) struct Call<'a> {
 impl<'a> Call<'a> {
     /// Starts `job`: runs the parts that need no peer (a prologue copy that
     /// cannot wait, an average over one rank) and sizes the buffers.
+    #[inline]
     pub(crate) fn start(job: Job<'a>) -> Result<Call<'a>, EngineError> {
         let Job {
             plan,
@@ -252,12 +253,13 @@ impl<'a> Call<'a> {
     }
 
     /// Moves every frame that can move now, both ways, without waiting.
+    #[inline]
     pub(crate) fn pump(&mut self, ring: &mut Ring<'_>) -> Result<Pumped, EngineError> {
         let (sent, send_full) = self.send.pump(
             &mut *ring.next,
             self.plan,
             &mut self.progress,
-            self.wire,
+            &self.wire,
             &mut self.data,
             self.single_copy_from,
         )?;
@@ -265,7 +267,7 @@ impl<'a> Call<'a> {
             &mut *ring.prev,
             self.plan,
             &mut self.progress,
-            self.wire,
+            &self.wire,
             &mut self.data,
         )?;
         Ok(Pumped {
@@ -275,6 +277,7 @@ impl<'a> Call<'a> {
     }
 
     /// Every frame went both ways.
+    #[inline]
     pub(crate) fn done(&self) -> bool {
         self.progress.done(self.plan)
     }
@@ -289,7 +292,8 @@ impl<'a> Call<'a> {
     }
 
     /// Completes a call whose frames are done.
-    pub(crate) fn finish(mut self) -> Result<(), EngineError> {
+    #[inline]
+    pub(crate) fn finish(&mut self) -> Result<(), EngineError> {
         self.idle_work().map(|_| ())
     }
 

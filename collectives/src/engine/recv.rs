@@ -5,7 +5,7 @@
 use std::io::IoSliceMut;
 
 use oxccl_transport::Link;
-use oxccl_transport::wire::{DESCRIPTOR_LEN, FrameHeader};
+use oxccl_transport::wire::FrameHeader;
 
 use super::{Data, EngineError, HDR, Input, Output, Wire};
 use crate::schedule::{Commit, Plan, Progress, Src};
@@ -45,18 +45,19 @@ impl<'a> RecvHalf<'a> {
     }
 
     /// Reads every frame available. Returns whether any byte came.
+    #[inline]
     pub(super) fn pump(
         &mut self,
         link: &mut dyn Link,
         plan: &Plan,
         progress: &mut Progress,
-        wire: Wire,
+        wire: &Wire,
         data: &mut Data<'_>,
     ) -> Result<bool, EngineError> {
         let mut moved = false;
         let mut empty = [0u8; 0];
-        let peer = link.peer();
         while let Some(r) = progress.next_recv(plan) {
+            let peer = link.peer();
             let len = r.range.len();
             // No byte reaches the caller's buffer before its frame's header
             // is checked: a large copied frame is read in place after its
@@ -137,9 +138,10 @@ impl<'a> RecvHalf<'a> {
 }
 
 /// Checks a frame's header against the call and the frame the plan expects.
+#[inline]
 fn check_header(
     raw: &[u8; HDR],
-    wire: Wire,
+    wire: &Wire,
     step: u32,
     slice: u32,
     len: usize,
@@ -149,8 +151,9 @@ fn check_header(
         peer,
         reason: e.to_string(),
     })?;
-    let expected: &[u8; DESCRIPTOR_LEN] = &wire.descriptor;
-    if h.descriptor != *expected || h.tag.seq != wire.seq {
+    // Two words, not a memcmp call: this runs for every frame.
+    let same = u128::from_ne_bytes(h.descriptor) == u128::from_ne_bytes(wire.descriptor);
+    if !same || h.tag.seq != wire.seq {
         return Err(EngineError::Mismatch {
             peer,
             descriptor: h.descriptor,

@@ -35,12 +35,13 @@ impl SendHalf {
 
     /// Writes every frame that may go, until the link is full. Returns
     /// whether any byte went, and whether the link is full.
+    #[inline]
     pub(super) fn pump(
         &mut self,
         link: &mut dyn Link,
         plan: &Plan,
         progress: &mut Progress,
-        wire: Wire,
+        wire: &Wire,
         data: &mut Data<'_>,
         single_copy_from: Option<u32>,
     ) -> Result<(bool, bool), EngineError> {

@@ -105,7 +105,7 @@ fn simulate(
             idle += 1;
         }
     }
-    for call in calls {
+    for mut call in calls {
         call.finish().unwrap();
     }
     drop(links);

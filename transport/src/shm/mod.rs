@@ -203,6 +203,7 @@ impl ShmLink {
     }
 
     /// Whether either side shut the link down (see [`SHUT`]).
+    #[inline]
     fn is_shut(&self) -> bool {
         self.map.word(SHUT).load(Ordering::Acquire) != 0
     }

@@ -134,6 +134,7 @@ impl Mapping {
     }
 
     /// The 64-bit word at `offset` (8-aligned, inside the header page).
+    #[inline]
     pub(super) fn word(&self, offset: usize) -> &AtomicU64 {
         assert!(offset % 8 == 0 && offset + 8 <= HEADER_LEN.min(self.len));
         // SAFETY: in bounds and aligned (asserted; the base is page-aligned),
@@ -141,6 +142,7 @@ impl Mapping {
         unsafe { &*self.base.as_ptr().add(offset).cast::<AtomicU64>() }
     }
 
+    #[inline]
     pub(super) fn ctrl(&self, dir: usize) -> &Ctrl {
         let offset = CTRL_OFFSET[dir];
         assert!(offset + std::mem::size_of::<Ctrl>() <= self.len);

@@ -118,6 +118,7 @@ impl ShmLink {
     }
 
     /// Whether the reader said it may read our memory.
+    #[inline]
     pub(super) fn may_post(&self) -> bool {
         if self.pullable.get() == 0 {
             let v = self.map.word(SOURCE_OFFSET[self.tx] + SOURCE_PULLABLE);
@@ -129,6 +130,7 @@ impl ShmLink {
     /// As the writer: reports how many bytes of the posted transfer the
     /// reader copied since the last call; the caller passes the rest of the
     /// transfer's bytes as `bufs[0]`.
+    #[inline]
     pub(super) fn poll_posted(
         &self,
         posted: Posted,
@@ -295,6 +297,7 @@ impl ShmLink {
     /// As the reader: whether the writer's single-copy transfer is pending,
     /// refusing a count that cannot be (at most one is pending) and a
     /// transfer posted although we told the writer we cannot read it.
+    #[inline]
     pub(super) fn pending(&self, ctrl: &Ctrl) -> Result<bool, TransportError> {
         let posted = ctrl.pull_posted.load(Ordering::Acquire);
         let done = self.pulls_done.get();
