@@ -19,6 +19,9 @@ step "clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 cargo clippy -p oxccl-kernels -p oxccl -p oxccl-tools -p oxccl-benches --all-targets --features wgpu,cuda -- -D warnings
 
+step "docs: cargo doc with no warnings (every public item is documented: missing_docs)"
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps
+
 step "torch from PyPI (CPU use), for the torch store and torchrun tests"
 python3 -c 'import torch.distributed.run' 2>/dev/null || python3 -m pip install -q torch==2.15.0
 export OXCCL_REQUIRE_TORCH=1

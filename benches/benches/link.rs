@@ -6,6 +6,8 @@
 //! one byte (throughput); `E` + length + count: echo that many messages of
 //! that length (latency).
 
+// criterion_group! and criterion_main! generate undocumented items.
+#![allow(missing_docs)]
 #![allow(clippy::unwrap_used)]
 
 use std::io::{IoSlice, IoSliceMut};

@@ -1,9 +1,12 @@
 //! Every setting of oxccl, read from the environment in this one module.
 //!
-//! [`VARIABLES`] lists each `OXCCL_*` variable with its default; the README's
-//! table is checked against it by a test. Programmatic settings override the
-//! environment: build a [`Config`] with [`Config::from_env`] and change its
-//! fields, or start from [`Config::default`].
+//! [`SETTINGS`] defines each `OXCCL_*` variable once: its default, its
+//! doc, its parser (which validates), and whether ranks must agree on it.
+//! The README's table is generated from it ([`settings_table`]) and a test
+//! checks that the README holds exactly that table. Programmatic settings
+//! override the environment: build a [`Config`] with [`Config::from_env`]
+//! and change its fields, or start from [`Config::default`];
+//! [`Config::validate`] checks them as the environment's are checked.
 //!
 //! Launchers are recognised by their variables, innermost first: our own
 //! (`OXCCL_RANK`, `OXCCL_WORLD_SIZE`), torchrun (`RANK`, `WORLD_SIZE`),
@@ -763,7 +766,7 @@ const FAMILIES: &[Family] = &[
 /// Launchers nest: `mpirun` inside an `sbatch` script or `salloc` shell,
 /// torchrun inside `srun`, oxrun inside either. A process sees the variables
 /// of every launcher above it, and only the innermost one (the launcher that
-/// started this process) describes it. [`FAMILIES`] lists them innermost
+/// started this process) describes it. They are tried innermost
 /// first: oxrun (or variables set by hand), torchrun, Open MPI, PMI
 /// (MPICH's and Slurm's `--mpi=pmi2`), Slurm. The first family that is set
 /// wins; the outer ones are ignored and logged at info.

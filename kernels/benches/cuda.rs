@@ -5,6 +5,9 @@
 //!
 //! Without a CUDA driver it prints why and exits successfully.
 
+// criterion_group! and criterion_main! generate undocumented items.
+#![allow(missing_docs)]
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 

@@ -3,6 +3,9 @@
 //! next to the CPU reducer, on 4 MiB buffers. Throughput counts the bytes of
 //! one operand, as in benches/reduce.rs.
 
+// criterion_group! and criterion_main! generate undocumented items.
+#![allow(missing_docs)]
+
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::Duration;

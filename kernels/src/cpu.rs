@@ -1,14 +1,14 @@
 //! The host reducer, written so that the compiler vectorizes it.
 //!
-//! Every kernel is a fixed-width loop (`chunks_exact` of [`LANES`] elements,
+//! Every kernel is a fixed-width loop (`chunks_exact` of `LANES` elements,
 //! branch-free element operations) over typed slices. The typed slices come
 //! from `bytemuck::try_cast_slice` when the byte buffers are aligned for the
-//! element type; when they are not, blocks of [`BLOCK`] elements are copied
+//! element type; when they are not, blocks of `BLOCK` elements are copied
 //! into aligned stack arrays, reduced there and copied back.
 //!
 //! f16 and bf16 are computed in f32 and rounded back to nearest-even after
 //! each operation, exactly as the reference does per element: f16 in blocks of
-//! [`HALF_BLOCK`] elements through `half`'s (hardware) slice conversions, bf16
+//! `HALF_BLOCK` elements through `half`'s (hardware) slice conversions, bf16
 //! by a branch-free conversion inlined into the element loop.
 //!
 //! Results are bit-identical to [`ReferenceReducer`](crate::reference::ReferenceReducer)

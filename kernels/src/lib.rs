@@ -3,7 +3,7 @@
 //! This crate owns the element types ([`DType`]), the reduction operations
 //! ([`ReduceOp`]) and the reducers that apply them to byte buffers:
 //!
-//! * [`reference`]: naive element-by-element loops. It is the oracle every
+//! * [`reference`](mod@reference): naive element-by-element loops. It is the oracle every
 //!   other reducer and every collective is tested against.
 //! * [`cpu`]: the host reducer, written so that the compiler vectorizes it
 //!   (f16 and bf16 are widened to f32 in blocks).

@@ -39,7 +39,7 @@
 //! (the ring copies) and `single_copy` (`process_vm_readv`), each of which
 //! opens with the part it keeps of these invariants:
 //!
-//! * A [`Mapping`] owns one `mmap` of `len` bytes, page-aligned, readable and
+//! * A `Mapping` owns one `mmap` of `len` bytes, page-aligned, readable and
 //!   writable, unmapped only on drop. Every pointer formed into it is derived
 //!   from its base and stays below `len`: the control blocks lie at fixed
 //!   offsets inside the first page, and ring offsets are positions modulo the
