@@ -9,6 +9,7 @@ use oxccl_kernels::{DType, DeviceMemory, Element, ReduceOp, Reducer};
 use oxccl_transport::store::{Store, TcpStoreServer};
 use oxccl_transport::{Link, ShutdownHandle, TransportError, wait_watching};
 
+use crate::algo::{self, Algorithm, GatherReduce};
 use crate::config::Config;
 use crate::descriptor::Descriptor;
 use crate::engine::{self, EngineError, Input, Job, Output, Ring};
@@ -443,16 +444,9 @@ impl Communicator {
         result.map_err(|e| self.fail(&d, seq, e))
     }
 
-    /// Whether `d` is an allreduce small enough for the small-message path
-    /// (its gathered size at most `OXCCL_SMALL_BYTES`).
+    /// Whether [`algo::select`] runs `d` on the small-message path.
     fn takes_small_path(&self, d: &Descriptor) -> bool {
-        d.kind == Kind::AllReduce
-            && self.world > 1
-            && d.count > 0
-            && d.count
-                .saturating_mul(d.dtype.size())
-                .saturating_mul(self.world)
-                <= self.config.small_bytes
+        algo::select(d, self.world, &self.config).name() == GatherReduce.name()
     }
 
     /// The plan of `shape`: the last call's when the shape is the same (the

@@ -34,6 +34,20 @@ pub enum Transport {
     Shm,
 }
 
+/// Which algorithm runs a collective (`OXCCL_ALGO`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Algo {
+    /// The ring for everything but allreduces small enough for the
+    /// small-message path (`OXCCL_SMALL_BYTES`).
+    #[default]
+    Auto,
+    /// The pipelined ring for every call.
+    Ring,
+    /// The small-message path (gather, then reduce locally) for every
+    /// allreduce; the ring for the rest.
+    GatherReduce,
+}
+
 /// One setting: an `OXCCL_*` variable, its default, what it does and how
 /// its text becomes part of a [`Config`]. Each variable is defined here
 /// once; [`Config::default`], [`Config::from_lookup`], [`Config::validate`],
@@ -218,6 +232,34 @@ pub const SETTINGS: &[Setting] = &[
             Ok(())
         }),
         show: Some(|c| c.small_bytes.to_string()),
+    },
+    Setting {
+        name: "OXCCL_ALGO",
+        default: "auto",
+        doc: "Which algorithm runs each collective: auto (the small-message path for allreduces up to OXCCL_SMALL_BYTES, the ring for the rest), ring, or gather_reduce (the small-message path for every allreduce).",
+        agree: true,
+        parse: Some(|c, v| {
+            c.algo = match v.trim().to_ascii_lowercase().replace('-', "_").as_str() {
+                "auto" => Algo::Auto,
+                "ring" => Algo::Ring,
+                "gather_reduce" | "small" => Algo::GatherReduce,
+                _ => {
+                    return Err(bad(
+                        "OXCCL_ALGO",
+                        format!("'{v}' is not one of auto, ring, gather_reduce"),
+                    ));
+                }
+            };
+            Ok(())
+        }),
+        show: Some(|c| {
+            match c.algo {
+                Algo::Auto => "auto",
+                Algo::Ring => "ring",
+                Algo::GatherReduce => "gather_reduce",
+            }
+            .into()
+        }),
     },
     Setting {
         name: "OXCCL_WGPU_ADAPTER",
@@ -491,6 +533,8 @@ pub struct Config {
     pub cuda_include: Vec<PathBuf>,
     /// Largest gathered size (bytes times ranks) of an allreduce on the small-message path.
     pub small_bytes: usize,
+    /// Which algorithm runs each collective.
+    pub algo: Algo,
     /// Local address to listen on for ring connections.
     pub socket_addr: Option<IpAddr>,
     /// Address a unique id's store is served on.
@@ -543,6 +587,7 @@ impl Config {
             cuda_device: None,
             cuda_include: Vec::new(),
             small_bytes: 0,
+            algo: Algo::Auto,
             socket_addr: None,
             bootstrap_addr: IpAddr::from([127, 0, 0, 1]),
             file_store: None,

@@ -29,6 +29,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod algo;
 mod bootstrap;
 mod comm;
 pub mod config;
@@ -41,7 +42,7 @@ mod schedule;
 
 pub use bootstrap::{UniqueId, run_in_process};
 pub use comm::{AbortHandle, Communicator, Stats};
-pub use config::{Config, Transport};
+pub use config::{Algo, Config, Transport};
 pub use descriptor::Descriptor;
 pub use error::{Error, ErrorKind, Result};
 pub use half::{bf16, f16};

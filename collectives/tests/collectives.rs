@@ -378,3 +378,34 @@ proptest! {
         prop_assert!(wrong.iter().all(|w| *w == 0), "{}: {:?}", d.call(0), wrong);
     }
 }
+
+/// `OXCCL_ALGO` forces an algorithm: the ring for a tiny allreduce, the
+/// gather-and-reduce path for a large one; both exact on every rank.
+#[test]
+fn the_algorithm_override_runs_either_algorithm_at_any_size() {
+    for (algo, count) in [(oxccl::Algo::Ring, 3), (oxccl::Algo::GatherReduce, 50_000)] {
+        for world in [2, 3] {
+            let d = Descriptor {
+                kind: Kind::AllReduce,
+                dtype: DType::I32,
+                op: ReduceOp::Sum,
+                root: 0,
+                count,
+            };
+            let wrong = run_in_process(
+                world,
+                Config {
+                    algo,
+                    ..config(4096, 64 << 10)
+                },
+                |comm: &mut Communicator| {
+                    let mut buf = input(&d, world, comm.rank());
+                    comm.run_bytes(d, None, &mut buf).unwrap();
+                    count_wrong(&d, world, comm.rank(), &buf)
+                },
+            )
+            .unwrap();
+            assert_eq!(wrong, vec![0; world], "{algo:?} world {world}");
+        }
+    }
+}
