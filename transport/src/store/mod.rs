@@ -21,6 +21,7 @@
 
 use std::time::{Duration, Instant};
 
+mod client;
 mod file;
 mod mem;
 mod tcp;

@@ -33,6 +33,7 @@ use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
+use super::client::{Client, Conn};
 use super::mem::{SharedMap, Wait};
 use super::{Store, StoreError, short_key};
 use crate::codec::{DecodeError, EncodeError, Prefix, Reader, Writer};
@@ -579,15 +580,6 @@ fn serve_requests(shared: &ServerShared, stream: TcpStream) -> End {
 
 // ---------------------------------------------------------------- client
 
-#[derive(Debug)]
-struct Conn {
-    writer: TcpStream,
-    reader: BufReader<TcpStream>,
-    /// Why the connection can no longer be used: a request failed half-way,
-    /// so a late reply could be mistaken for the next one's.
-    broken: Option<String>,
-}
-
 /// A client of a [`TcpStoreServer`]. One connection, shared by the threads
 /// that use it (requests are serialized).
 ///
@@ -597,8 +589,7 @@ struct Conn {
 #[derive(Debug)]
 pub struct TcpStore {
     server: SocketAddr,
-    local: SocketAddr,
-    conn: Mutex<Conn>,
+    client: Client,
 }
 
 fn retryable_connect_error(e: &io::Error) -> bool {
@@ -655,65 +646,53 @@ impl TcpStore {
     /// `deadline`.
     pub fn connect(addr: SocketAddr, deadline: Instant) -> Result<TcpStore, StoreError> {
         let store = describe_addr(addr);
-        let stream = connect_retrying(addr, &store, deadline)?;
-        let io = |doing: &'static str| {
-            let store = store.clone();
-            move |source| StoreError::Io {
-                what: format!("{doing} {store}"),
-                source,
-            }
-        };
-        stream
-            .set_nodelay(true)
-            .map_err(io("setting TCP_NODELAY on connection to"))?;
-        stream
-            .set_write_timeout(Some(DEFAULT_TIMEOUT))
-            .map_err(io("setting write timeout on connection to"))?;
-        let local = stream
-            .local_addr()
-            .map_err(io("reading local address of connection to"))?;
         let handshake_wait = deadline
             .saturating_duration_since(Instant::now())
             .max(Duration::from_secs(5));
-        stream
-            .set_read_timeout(Some(handshake_wait))
-            .map_err(io("setting read timeout on connection to"))?;
-        let reader = stream.try_clone().map_err(io("cloning connection to"))?;
-        let mut conn = Conn {
-            writer: stream,
-            reader: BufReader::new(reader),
-            broken: None,
-        };
-        conn.writer
-            .write_all(&hello())
-            .map_err(io("sending handshake to"))?;
-        let version = read_fixed::<10, _>(&mut conn.reader, HANDSHAKE, |d| {
-            d.magic(&MAGIC)?;
-            d.u16("version")
-        })
-        .map_err(|e| match e {
-            ReadError::Io(source) => io("reading handshake reply from")(source),
-            ReadError::Decode(e) => {
-                StoreError::Protocol(format!("{store} answered the handshake: {e}"))
+        let handshake = |conn: &mut Conn| {
+            let io = |doing: &str, source| StoreError::Io {
+                what: format!("{doing} {store}"),
+                source,
+            };
+            conn.writer
+                .write_all(&hello())
+                .map_err(|e| io("sending handshake to", e))?;
+            let version = read_fixed::<10, _>(&mut conn.reader, HANDSHAKE, |d| {
+                d.magic(&MAGIC)?;
+                d.u16("version")
+            })
+            .map_err(|e| match e {
+                ReadError::Io(source) => io("reading handshake reply from", source),
+                ReadError::Decode(e) => {
+                    StoreError::Protocol(format!("{store} answered the handshake: {e}"))
+                }
+            })?;
+            if version != VERSION {
+                return Err(StoreError::Protocol(format!(
+                    "{store} speaks protocol version {version}, this client speaks {VERSION}"
+                )));
             }
-        })?;
-        if version != VERSION {
-            return Err(StoreError::Protocol(format!(
-                "{store} speaks protocol version {version}, this client speaks {VERSION}"
-            )));
-        }
-        tracing::debug!(server = %addr, %local, "connected to tcp store");
+            Ok(())
+        };
+        let client = Client::connect(
+            addr,
+            store.clone(),
+            deadline,
+            DEFAULT_TIMEOUT,
+            handshake_wait,
+            handshake,
+        )?;
+        tracing::debug!(server = %addr, local = %client.local_addr(), "connected to tcp store");
         Ok(TcpStore {
             server: addr,
-            local,
-            conn: Mutex::new(conn),
+            client,
         })
     }
 
     /// The local address of this client's connection: the interface that
     /// routes to the server.
     pub fn local_addr(&self) -> SocketAddr {
-        self.local
+        self.client.local_addr()
     }
 
     /// The server's address.
@@ -754,58 +733,12 @@ impl TcpStore {
             ))
         })?;
 
-        let mut conn = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(why) = &conn.broken {
-            return Err(StoreError::Closed {
-                store: self.describe(),
-                detail: why.clone(),
-            });
-        }
-        // Until the reply is read, the connection is in an unknown state.
-        conn.broken = Some("an earlier request failed half-way".to_owned());
         let wait = wait.max(Duration::from_millis(1));
-        let sent = conn
-            .writer
-            .set_read_timeout(Some(wait))
-            .and_then(|()| conn.writer.write_all(&bytes));
-        let result = match sent {
-            Ok(()) => parse(&mut conn.reader),
-            Err(e) => Err(ReadError::Io(e)),
-        };
-        match result {
-            Ok(reply) => {
-                conn.broken = None;
-                Ok(reply)
-            }
-            Err(e) => {
-                let store = self.describe();
-                let err = match e {
-                    // A malformed reply: the connection is out of step.
-                    ReadError::Decode(e) => StoreError::Protocol(format!(
-                        "malformed reply from {store} for key {:?}: {e}",
-                        short_key(key)
-                    )),
-                    ReadError::Io(source) => match source.kind() {
-                        ErrorKind::UnexpectedEof
-                        | ErrorKind::ConnectionReset
-                        | ErrorKind::ConnectionAborted
-                        | ErrorKind::BrokenPipe => StoreError::Closed {
-                            store,
-                            detail: format!(
-                                "server closed the connection during {op_name} of key {:?}: {source}",
-                                short_key(key)
-                            ),
-                        },
-                        _ => StoreError::Io {
-                            what: format!("{op_name} of key {:?} in {store}", short_key(key)),
-                            source,
-                        },
-                    },
-                };
-                conn.broken = Some(err.to_string());
-                Err(err)
-            }
-        }
+        self.client.request(op_name, key, |conn| {
+            conn.writer.set_read_timeout(Some(wait))?;
+            conn.writer.write_all(&bytes)?;
+            parse(&mut conn.reader)
+        })
     }
 }
 

@@ -36,12 +36,12 @@
 //!
 //! Requests are written and replies decoded with the [`codec`](crate::codec).
 
-use std::io::{BufReader, ErrorKind, Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::sync::{Mutex, PoisonError};
+use std::io::{ErrorKind, Read, Write};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use super::tcp::{ReadError, connect_retrying, read_bytes, read_fixed};
+use super::client::{Client, Conn};
+use super::tcp::{ReadError, read_bytes, read_fixed};
 use super::{Store, StoreError, short_key};
 use crate::codec::{DecodeError, Prefix, Writer};
 
@@ -77,15 +77,7 @@ const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Debug)]
 pub struct TorchStore {
     server: SocketAddr,
-    local: SocketAddr,
-    conn: Mutex<Conn>,
-}
-
-#[derive(Debug)]
-struct Conn {
-    writer: TcpStream,
-    reader: BufReader<TcpStream>,
-    broken: Option<String>,
+    client: Client,
 }
 
 /// Appends a key as torch's client writes it: a `u64` length, `/` and the key.
@@ -159,63 +151,49 @@ impl TorchStore {
     /// client does, and checks with a ping that a torch store answers.
     pub fn connect(addr: SocketAddr, deadline: Instant) -> Result<TorchStore, StoreError> {
         let store = describe_addr(addr);
-        let stream = connect_retrying(addr, &store, deadline)?;
-        let io = |doing: &'static str| {
-            let store = store.clone();
-            move |source| StoreError::Io {
-                what: format!("{doing} {store}"),
-                source,
-            }
-        };
-        stream
-            .set_nodelay(true)
-            .map_err(io("setting TCP_NODELAY on connection to"))?;
-        stream
-            .set_write_timeout(Some(REPLY_TIMEOUT))
-            .map_err(io("setting write timeout on connection to"))?;
-        let local = stream
-            .local_addr()
-            .map_err(io("reading local address of connection to"))?;
         let wait = deadline
             .saturating_duration_since(Instant::now())
             .clamp(Duration::from_secs(1), REPLY_TIMEOUT);
-        stream
-            .set_read_timeout(Some(wait))
-            .map_err(io("setting read timeout on connection to"))?;
-        let reader = stream.try_clone().map_err(io("cloning connection to"))?;
-        let mut conn = Conn {
-            writer: stream,
-            reader: BufReader::new(reader),
-            broken: None,
-        };
         let nonce = std::process::id();
-        let mut hello = Writer::with_capacity(10);
-        hello.u8(VALIDATE).u32(MAGIC);
-        put_ping(&mut hello, nonce);
-        conn.writer
-            .write_all(hello.as_bytes())
-            .map_err(io("sending handshake to"))?;
-        read_pong(&mut conn.reader, nonce, "").map_err(|e| match e {
-            ReadError::Io(e) => StoreError::Protocol(format!(
-                "{store} did not answer a torch TCPStore ping ({e}): is a torch store \
-                 (torchrun's agent) serving there?"
-            )),
-            ReadError::Decode(e) => {
-                StoreError::Protocol(format!("{store}: {e}: not a torch TCPStore"))
-            }
-        })?;
-        tracing::debug!(server = %addr, %local, "connected to torch store");
+        let handshake = |conn: &mut Conn| {
+            let mut hello = Writer::with_capacity(10);
+            hello.u8(VALIDATE).u32(MAGIC);
+            put_ping(&mut hello, nonce);
+            conn.writer
+                .write_all(hello.as_bytes())
+                .map_err(|source| StoreError::Io {
+                    what: format!("sending handshake to {store}"),
+                    source,
+                })?;
+            read_pong(&mut conn.reader, nonce, "").map_err(|e| match e {
+                ReadError::Io(e) => StoreError::Protocol(format!(
+                    "{store} did not answer a torch TCPStore ping ({e}): is a torch store \
+                     (torchrun's agent) serving there?"
+                )),
+                ReadError::Decode(e) => {
+                    StoreError::Protocol(format!("{store}: {e}: not a torch TCPStore"))
+                }
+            })
+        };
+        let client = Client::connect(
+            addr,
+            store.clone(),
+            deadline,
+            REPLY_TIMEOUT,
+            wait,
+            handshake,
+        )?;
+        tracing::debug!(server = %addr, local = %client.local_addr(), "connected to torch store");
         Ok(TorchStore {
             server: addr,
-            local,
-            conn: Mutex::new(conn),
+            client,
         })
     }
 
     /// The local address of this client's connection: the interface that
     /// routes to the server.
     pub fn local_addr(&self) -> SocketAddr {
-        self.local
+        self.client.local_addr()
     }
 
     fn check_key(&self, key: &str) -> Result<(), StoreError> {
@@ -241,50 +219,14 @@ impl TorchStore {
         Ok(())
     }
 
-    /// Runs `f` on the connection; an error marks it broken for good.
+    /// Runs request `op` on `key` through `f` (see [`Client::request`]).
     fn with_conn<T>(
         &self,
         op: &str,
         key: &str,
         f: impl FnOnce(&mut Conn) -> Result<T, ReadError>,
     ) -> Result<T, StoreError> {
-        let mut conn = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(why) = &conn.broken {
-            return Err(StoreError::Closed {
-                store: self.describe(),
-                detail: why.clone(),
-            });
-        }
-        match f(&mut conn) {
-            Ok(v) => Ok(v),
-            Err(e) => {
-                let store = self.describe();
-                let err = match e {
-                    ReadError::Decode(e) => StoreError::Protocol(format!(
-                        "{store}: {op} of key {:?}: {e}",
-                        short_key(key)
-                    )),
-                    ReadError::Io(source) => match source.kind() {
-                        ErrorKind::UnexpectedEof
-                        | ErrorKind::ConnectionReset
-                        | ErrorKind::ConnectionAborted
-                        | ErrorKind::BrokenPipe => StoreError::Closed {
-                            store,
-                            detail: format!(
-                                "server closed the connection during {op} of key {:?}: {source}",
-                                short_key(key)
-                            ),
-                        },
-                        _ => StoreError::Io {
-                            what: format!("{op} of key {:?} in {store}", short_key(key)),
-                            source,
-                        },
-                    },
-                };
-                conn.broken = Some(err.to_string());
-                Err(err)
-            }
-        }
+        self.client.request(op, key, f)
     }
 
     /// Waits for `key` until `deadline`; `Ok(false)` if it is not set by then.
