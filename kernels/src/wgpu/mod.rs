@@ -1349,9 +1349,10 @@ mod tests {
         let timeout = Duration::from_secs(300);
         let err = wait_result(Err(wgpu::PollError::Timeout), &what, timeout, "llvmpipe")
             .expect_err("timed out");
+        assert!(matches!(err, KernelError::Timeout { .. }), "{err:?}");
         assert_eq!(
             err.to_string(),
-            "wgpu device error: the GPU did not finish reducing 4194304 bytes of f32 (sum) \
+            "wgpu device timeout: the GPU did not finish reducing 4194304 bytes of f32 (sum) \
              within 300s (adapter llvmpipe)"
         );
         let err = wait_result(
