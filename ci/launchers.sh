@@ -35,19 +35,20 @@ run "torchrun --standalone 4 ranks" torchrun --standalone --nproc-per-node 4 --n
 run "torchrun 2 ranks, every collective" torchrun --nproc-per-node 2 --master-port 29611 --no-python "$check" -c all -b 64K -i 1 -w 0
 
 # A single-node Slurm. SLURM_* reach every task; the innermost launcher wins.
+# Without MASTER_ADDR, rank 0's address and port come from the launcher (one
+# node: 127.0.0.1; the port from the job and step id).
 bash ../shared/launchers/slurm-up.sh
 mpi=(mpirun --allow-run-as-root --oversubscribe --bind-to none)
-export MASTER_ADDR=127.0.0.1
-MASTER_PORT=29621 run "srun -n 4" srun -n 4 "$check" "${args[@]}"
-MASTER_PORT=29622 run "mpirun inside salloc -n 4" salloc -n 4 "${mpi[@]}" -np 4 "$check" "${args[@]}"
-MASTER_PORT=29623 run "torchrun inside srun" srun -n 1 torchrun --nproc-per-node 2 --no-python "$check" "${args[@]}"
+run "srun -n 4" srun -n 4 "$check" "${args[@]}"
+run "mpirun inside salloc -n 4" salloc -n 4 "${mpi[@]}" -np 4 "$check" "${args[@]}"
+run "torchrun inside srun" srun -n 1 torchrun --nproc-per-node 2 --no-python "$check" "${args[@]}"
+MASTER_ADDR=127.0.0.1 MASTER_PORT=29621 run "srun -n 2, rank 0's address given" srun -n 2 "$check" "${args[@]}"
 job=$(mktemp -d)
 cat >"$job/job.sh" <<EOF
 #!/bin/bash
 #SBATCH --job-name=oxccl-check
 #SBATCH --ntasks=4
 #SBATCH --output=$job/out.txt
-export MASTER_ADDR=127.0.0.1 MASTER_PORT=29624
 srun $check ${args[*]}
 EOF
 run "sbatch --wait (srun inside)" sbatch --wait "$job/job.sh"
@@ -56,11 +57,15 @@ cat >"$job/mpi.sh" <<EOF
 #!/bin/bash
 #SBATCH --ntasks=4
 #SBATCH --output=$job/mpi.txt
-export MASTER_ADDR=127.0.0.1 MASTER_PORT=29625
 ${mpi[*]} -np 4 $check ${args[*]}
 EOF
 run "sbatch --wait (mpirun inside)" sbatch --wait "$job/mpi.sh"
 cat "$job/mpi.txt" || true
-unset MASTER_ADDR
+# Two jobs on one node at once: their derived ports differ.
+srun -n 2 "$check" -c all_reduce -b 16M -i 3 -w 1 >"$job/a.txt" 2>&1 &
+a=$!
+run "a second job beside a running one" srun -n 2 "$check" "${args[@]}"
+if wait "$a"; then passed=$((passed + 1)); echo "-- the first job: ok"
+else failed=$((failed + 1)); echo "-- the first job: FAILED"; cat "$job/a.txt"; fi
 echo "launchers: $passed passed, $failed failed"
 [ "$failed" = 0 ]

@@ -882,7 +882,7 @@ pub fn launch_from_lookup(env: &dyn Env) -> Result<Launch> {
                 .ok_or_else(|| bad(pv, format!("'{p}' is not a port number (1-65535)")))?;
             Some((a.trim().to_string(), port))
         }
-        (None, None) => None,
+        (None, None) => derived_master(env, family.source, world)?,
         (Some((av, _)), None) => {
             return Err(bad(
                 "OXCCL_MASTER_PORT",
@@ -926,6 +926,70 @@ pub fn launch_from_lookup(env: &dyn Env) -> Result<Launch> {
         source: family.source,
         rendezvous,
     })
+}
+
+/// Rank 0's address when no variable names it, from what the launcher says
+/// of the job: all ranks on one node (Open MPI's local size is the world,
+/// Slurm's step has one node) meet on 127.0.0.1; a Slurm step on several
+/// nodes meets on the first node of its node list, where Slurm places rank
+/// 0. The port comes from the job's id (Slurm's job and step, Open MPI's
+/// job id), so that two jobs on one node do not meet on one port. `None`
+/// where the launcher does not say enough.
+fn derived_master(env: &dyn Env, source: &str, world: usize) -> Result<Option<(String, u16)>> {
+    let num = |name: &str| env.var(name).and_then(|v| v.trim().parse::<u64>().ok());
+    let (host, job) = match source {
+        "Open MPI" => {
+            let one_node = num("OMPI_COMM_WORLD_LOCAL_SIZE") == Some(world as u64);
+            let job = env
+                .var("OMPI_MCA_ess_base_jobid")
+                .or_else(|| env.var("PMIX_NAMESPACE"));
+            (one_node.then(|| "127.0.0.1".to_string()), job)
+        }
+        "Slurm" | "PMI" if env.var("SLURM_JOB_ID").is_some() => {
+            let nodes = num("SLURM_STEP_NUM_NODES").or_else(|| num("SLURM_JOB_NUM_NODES"));
+            let host = if nodes == Some(1) {
+                Some("127.0.0.1".to_string())
+            } else {
+                env.var("SLURM_STEP_NODELIST")
+                    .or_else(|| env.var("SLURM_JOB_NODELIST"))
+                    .and_then(|l| first_host(&l))
+            };
+            let step = env.var("SLURM_STEP_ID").unwrap_or_default();
+            let job = env
+                .var("SLURM_JOB_ID")
+                .map(|j| format!("{}.{}", j.trim(), step.trim()));
+            (host, job)
+        }
+        _ => (None, None),
+    };
+    let (Some(host), Some(job)) = (host, job) else {
+        return Ok(None);
+    };
+    tracing::info!("no MASTER_ADDR: rank 0 of {source} job {job} serves on {host}");
+    Ok(Some((host, derived_port(&job))))
+}
+
+/// A port for job `job` (an id the launcher gives every rank alike), in
+/// 20000..60000: FNV-1a of the id, so that jobs of one node differ.
+fn derived_port(job: &str) -> u16 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in job.bytes() {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    20_000 + (h % 40_000) as u16
+}
+
+/// The first host of a Slurm host list: `node[03-05,9],gpu1` is `node03`.
+fn first_host(list: &str) -> Option<String> {
+    let list = list.trim();
+    let end = list.find([',', '[']).unwrap_or(list.len());
+    let prefix = &list[..end];
+    if list[end..].starts_with('[') {
+        let inside = &list[end + 1..];
+        let first = inside.split([',', '-', ']']).next()?;
+        return Some(format!("{prefix}{first}")).filter(|h| !h.is_empty());
+    }
+    Some(prefix.to_string()).filter(|h| !h.is_empty())
 }
 
 /// The value of `ours` or else `theirs`; an error naming both if they differ.
@@ -1104,6 +1168,72 @@ mod tests {
         vars.extend([("OXCCL_RANK", "0"), ("OXCCL_WORLD_SIZE", "2")]);
         let l = launch_from_lookup(&env(&vars)).unwrap();
         assert_eq!((l.source, l.rendezvous), ("oxccl", Rendezvous::Oxccl));
+    }
+
+    /// Without MASTER_ADDR, a job whose launcher says it runs on one node
+    /// meets on 127.0.0.1, a multi-node Slurm step on its first node; the
+    /// port comes from the job's id.
+    #[test]
+    fn rank_zero_is_found_from_the_launcher_without_master_addr() {
+        let srun_one_node = [
+            ("SLURM_PROCID", "1"),
+            ("SLURM_NTASKS", "4"),
+            ("SLURM_JOB_ID", "812"),
+            ("SLURM_STEP_ID", "0"),
+            ("SLURM_STEP_NUM_NODES", "1"),
+            ("SLURM_STEP_NODELIST", "vm"),
+        ];
+        let l = launch_from_lookup(&env(&srun_one_node)).unwrap();
+        let (host, port) = l.master.clone().unwrap();
+        assert_eq!(host, "127.0.0.1");
+        assert!((20_000..60_000).contains(&port));
+        // Another step of the job, or another job, gets another port.
+        let mut next_step = srun_one_node;
+        next_step[3] = ("SLURM_STEP_ID", "1");
+        let other = launch_from_lookup(&env(&next_step))
+            .unwrap()
+            .master
+            .unwrap();
+        assert_ne!(other.1, port);
+        let srun_two_nodes = [
+            ("SLURM_PROCID", "5"),
+            ("SLURM_NTASKS", "8"),
+            ("SLURM_JOB_ID", "812"),
+            ("SLURM_STEP_NUM_NODES", "2"),
+            ("SLURM_STEP_NODELIST", "gpu[07-08]"),
+        ];
+        let l = launch_from_lookup(&env(&srun_two_nodes)).unwrap();
+        assert_eq!(l.master.unwrap().0, "gpu07");
+        let mpirun_one_node = [
+            ("OMPI_COMM_WORLD_RANK", "0"),
+            ("OMPI_COMM_WORLD_SIZE", "2"),
+            ("OMPI_COMM_WORLD_LOCAL_SIZE", "2"),
+            ("OMPI_MCA_ess_base_jobid", "220725249"),
+        ];
+        let l = launch_from_lookup(&env(&mpirun_one_node)).unwrap();
+        assert_eq!(l.master.unwrap().0, "127.0.0.1");
+        // mpirun across nodes says nothing of rank 0's host: still unset.
+        let mut two_nodes = mpirun_one_node;
+        two_nodes[2] = ("OMPI_COMM_WORLD_LOCAL_SIZE", "1");
+        assert_eq!(launch_from_lookup(&env(&two_nodes)).unwrap().master, None);
+        // A port given alone is still an error naming the missing address.
+        let mut port_only = srun_one_node.to_vec();
+        port_only.push(("MASTER_PORT", "1234"));
+        assert!(err(&port_only).starts_with("OXCCL_MASTER_ADDR: is not set"));
+    }
+
+    #[test]
+    fn first_hosts_of_slurm_host_lists() {
+        for (list, first) in [
+            ("vm", "vm"),
+            ("node[03-05,9],gpu1", "node03"),
+            ("a1,a2", "a1"),
+            ("n[7]", "n7"),
+            ("rack1-n[002-010]", "rack1-n002"),
+        ] {
+            assert_eq!(first_host(list).as_deref(), Some(first), "{list}");
+        }
+        assert_eq!(first_host(""), None);
     }
 
     #[test]
