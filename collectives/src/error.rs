@@ -158,9 +158,9 @@ impl Error {
             Error::InvalidArgument(_) | Error::Config { .. } => ErrorKind::InvalidArgument,
             Error::InvalidUsage(_) | Error::Mismatch { .. } => ErrorKind::InvalidUsage,
             Error::Bootstrap { source, .. } | Error::Transport { source, .. } => match source {
-                TransportError::PeerClosed { .. } | TransportError::Protocol { .. } => {
-                    ErrorKind::Remote
-                }
+                TransportError::PeerClosed { .. }
+                | TransportError::Protocol { .. }
+                | TransportError::Withdrawn { .. } => ErrorKind::Remote,
                 TransportError::Timeout { .. } => ErrorKind::Timeout,
                 TransportError::Handshake { .. } => ErrorKind::Remote,
                 TransportError::Store(s) => store_kind(s),

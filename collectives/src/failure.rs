@@ -117,6 +117,23 @@ impl Failures {
                     }
                 }
             }
+            EngineError::Transport(TransportError::Withdrawn { peer }) => {
+                // The peer is alive, and its call failed mid-frame: it
+                // withdrew the frame before reporting why, so its report
+                // may be on its way.
+                match self.await_report(peer) {
+                    Some(bytes) => self.remote(call, peer, &bytes),
+                    None => Error::Remote {
+                        rank,
+                        call,
+                        origin: peer,
+                        reporter: None,
+                        cause: "it withdrew a transfer mid-frame: its call failed, \
+                                and it reported no cause (a panic?)"
+                            .into(),
+                    },
+                }
+            }
             EngineError::Transport(source) => Error::Transport { rank, call, source },
             EngineError::Timeout { what, waited, peer } => {
                 // Our own cause first, for the ranks that wait on us and are
@@ -209,8 +226,9 @@ impl Failures {
         }
     }
 
-    /// After timing out waiting for `peer`: its report, if it makes one
-    /// within a grace of half the timeout (at most 5 s).
+    /// After timing out waiting for `peer`, or after it withdrew a
+    /// transfer: its report, if it makes one within a grace of half the
+    /// timeout (at most 5 s).
     fn await_report(&self, peer: usize) -> Option<Vec<u8>> {
         let key = self.key(peer);
         let grace = (self.timeout / 2).min(Duration::from_secs(5));
@@ -298,6 +316,41 @@ mod tests {
         // An application's abort is not blamed on anyone.
         let e = r2.attribute("x".into(), closed(1), true);
         assert!(e.to_string().contains("aborted by the application"), "{e}");
+    }
+
+    #[test]
+    fn a_withdrawn_transfer_is_blamed_on_its_writer_through_its_report() {
+        let store: Arc<dyn Store> = Arc::new(MemStore::new());
+        let (r0, r1) = (failures(0, &store), failures(1, &store));
+        let withdrawn = || EngineError::Transport(TransportError::Withdrawn { peer: 0 });
+        // No report within the grace: rank 0 itself, and what it did.
+        let e = r1.attribute("c".into(), withdrawn(), false);
+        match e {
+            Error::Remote {
+                origin: 0,
+                reporter: None,
+                ref cause,
+                ..
+            } => assert!(cause.contains("withdrew a transfer"), "{cause}"),
+            other => panic!("{other:?}"),
+        }
+        // Rank 0 reports while rank 1 waits for it (a grace of 2 s): its cause.
+        let patient = Failures::new(1, store.clone(), "job".into(), Duration::from_secs(4));
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(10));
+            r0.publish(&Error::Internal("a reducer bug".into()));
+        });
+        let e = patient.attribute("c".into(), withdrawn(), false);
+        t.join().unwrap();
+        match e {
+            Error::Remote {
+                origin: 0,
+                reporter: Some(0),
+                ref cause,
+                ..
+            } => assert!(cause.contains("a reducer bug"), "{cause}"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

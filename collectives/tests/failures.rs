@@ -387,3 +387,132 @@ fn a_mismatched_frame_never_reaches_the_callers_buffer() {
         }
     }
 }
+
+/// Whether this machine lets a shared-memory reader copy straight from the
+/// writer's memory (some sandboxes forbid `process_vm_readv`): a write over
+/// the threshold is then posted, and reported written only once copied.
+fn single_copy_here() -> bool {
+    let (mut a, _b) = oxccl_transport::shm::pair(0, 1, 0).unwrap();
+    a.set_single_copy(Some(1));
+    oxccl_transport::Link::try_write(&mut a, &[std::io::IoSlice::new(&[0u8; 64])]).unwrap() == 0
+}
+
+/// "Device" memory on the host whose writes may panic, as a driver bug would.
+#[derive(Debug)]
+struct HostDevice {
+    data: Vec<u8>,
+    panics_on_write: bool,
+}
+
+impl oxccl::DeviceMemory for HostDevice {
+    fn backend(&self) -> &'static str {
+        "host"
+    }
+    fn len_bytes(&self) -> usize {
+        self.data.len()
+    }
+    fn read(&self, offset: usize, dst: &mut [u8]) -> Result<(), oxccl_kernels::KernelError> {
+        dst.copy_from_slice(&self.data[offset..offset + dst.len()]);
+        Ok(())
+    }
+    fn write(&mut self, offset: usize, src: &[u8]) -> Result<(), oxccl_kernels::KernelError> {
+        assert!(!self.panics_on_write, "a device fault");
+        self.data[offset..offset + src.len()].copy_from_slice(src);
+        Ok(())
+    }
+    fn reduce_from_host(
+        &mut self,
+        _: oxccl::DType,
+        _: ReduceOp,
+        _: usize,
+        _: &[u8],
+    ) -> Result<(), oxccl_kernels::KernelError> {
+        unreachable!("a broadcast reduces nothing")
+    }
+    fn finish_avg(
+        &mut self,
+        _: oxccl::DType,
+        _: usize,
+        _: usize,
+        _: usize,
+    ) -> Result<(), oxccl_kernels::KernelError> {
+        unreachable!("a broadcast averages nothing")
+    }
+}
+
+#[test]
+fn a_sender_that_panics_mid_call_fails_its_reader_instead_of_feeding_it_freed_bytes() {
+    // Over shared memory with single copies, the root of a broadcast posts
+    // its one frame's payload (staged from its device buffer) for rank 1 to
+    // copy, then panics (its device's write of the deferred local copy)
+    // before rank 1 has called. The panic is caught, as the C API does: the
+    // staging buffer is gone, its memory reused, and no failure handling
+    // ran, so the link is still up. Rank 1 then calls: it must fail naming
+    // rank 0, not complete with what the freed buffer holds now.
+    if !single_copy_here() {
+        eprintln!(
+            "skipping: no single copy on this machine (process_vm_readv refused); \
+             nothing is posted"
+        );
+        return;
+    }
+    let config = Config {
+        transport: Transport::Shm,
+        shm_single_copy: Some(64),
+        slice_bytes: 4096,
+        timeout: Duration::from_secs(2),
+        ..Config::default()
+    };
+    let mut comms = Communicator::in_process(2, config).unwrap();
+    const COUNT: usize = 256;
+    let d = oxccl::Descriptor {
+        kind: oxccl::Kind::Broadcast,
+        dtype: oxccl::DType::F32,
+        op: ReduceOp::Sum,
+        root: 0,
+        count: COUNT,
+    };
+    let sent: Vec<f32> = (0..COUNT).map(|i| i as f32 + 0.5).collect();
+    let input = HostDevice {
+        data: bytemuck::cast_slice(&sent).to_vec(),
+        panics_on_write: false,
+    };
+    let mut output = HostDevice {
+        data: vec![0; COUNT * 4],
+        panics_on_write: true,
+    };
+    let root = &mut comms[0];
+    let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        root.run_device(d, Some(&input), &mut output)
+    }));
+    assert!(caught.is_err(), "the device did not panic: {caught:?}");
+    // The freed staging buffer's memory goes to the next allocations.
+    let reused: Vec<Vec<u8>> = (0..8).map(|_| vec![0xEE; COUNT * 4]).collect();
+    let t0 = Instant::now();
+    const SENTINEL: f32 = -1.0;
+    let mut got = vec![SENTINEL; COUNT];
+    let r = comms[1].broadcast_in_place(&mut got, 0);
+    let took = t0.elapsed();
+    drop(reused);
+    match r {
+        Err(e) => {
+            let msg = e.to_string();
+            assert_eq!(e.kind(), ErrorKind::Remote, "{msg}");
+            assert!(
+                msg.contains("rank 0") && msg.contains("withdrew a transfer"),
+                "{msg}"
+            );
+            assert!(took < Duration::from_secs(5), "{took:?}");
+        }
+        Ok(()) => {
+            let wrong = got.iter().zip(&sent).filter(|(g, s)| g != s).count();
+            panic!(
+                "rank 1 completed a call rank 0 abandoned, with {wrong} of {COUNT} elements wrong"
+            );
+        }
+    }
+    assert!(
+        got.iter().all(|&x| x == SENTINEL),
+        "bytes of the abandoned call reached rank 1's buffer"
+    );
+}

@@ -23,6 +23,14 @@ pub enum TransportError {
         /// "end of stream", "connection reset", ...
         how: String,
     },
+    /// The peer took back a write it had posted for this side to copy from
+    /// its memory ([`Link::withdraw`](crate::Link::withdraw)): its call
+    /// failed, and the bytes it had offered are no longer its call's data.
+    #[error("rank {peer} withdrew a transfer: its call failed")]
+    Withdrawn {
+        /// The peer's rank.
+        peer: usize,
+    },
     /// A deadline passed.
     #[error("timed out after {waited:.1?} {what}")]
     Timeout {

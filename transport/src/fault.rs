@@ -8,6 +8,7 @@
 //! carries the hang-up, so that [`wait`](crate::wait) and
 //! [`wait_watching`](crate::wait_watching) sleep and wake on it as on a
 //! real link. Faults are drawn from a seed: a failing test replays exactly.
+//! Each end counts the calls of [`Link::withdraw`] made on it.
 
 use std::collections::VecDeque;
 use std::io::{IoSlice, IoSliceMut, Read, Write};
@@ -75,6 +76,8 @@ pub struct FaultLink {
     faults: Faults,
     moved: u64,
     rng: u64,
+    /// Calls of [`Link::withdraw`] so far.
+    withdrawals: usize,
 }
 
 /// A connected pair: `a` is rank `a_rank`'s end (its peer is `b_rank`), `b`
@@ -99,6 +102,7 @@ pub fn pair(
                 faults,
                 moved: 0,
                 rng: faults.seed | 1,
+                withdrawals: 0,
             })
         };
     Ok((
@@ -155,6 +159,14 @@ impl FaultLink {
             n = n.min(usize::try_from(limit - self.moved).unwrap_or(usize::MAX));
         }
         Ok(Some(n))
+    }
+
+    /// How many times [`Link::withdraw`] was called on this end. The queues
+    /// copy the bytes in `try_write`, so a withdrawal changes nothing else;
+    /// a test counts them to check that what drives the link takes back a
+    /// partial write before it lets go of the buffer.
+    pub fn withdrawals(&self) -> usize {
+        self.withdrawals
     }
 
     /// Closes this end: the peer reads what is queued, then the end of the stream.
@@ -244,6 +256,10 @@ impl Link for FaultLink {
 
     fn fd(&self) -> BorrowedFd<'_> {
         self.bell.as_fd()
+    }
+
+    fn withdraw(&mut self) {
+        self.withdrawals += 1;
     }
 
     fn shutdown_handle(&self) -> Result<ShutdownHandle, TransportError> {

@@ -68,6 +68,23 @@ pub trait Link: Send + fmt::Debug {
     /// reader, which only pays when the writer has copying of its own to do.
     fn allow_single_copy(&mut self, _allowed: bool) {}
 
+    /// Takes back a write that the peer may still be reading from the
+    /// caller's memory, so that the caller may free or reuse the buffers it
+    /// passed to [`try_write`](Self::try_write) before they were reported
+    /// written.
+    ///
+    /// Called when the caller abandons its call mid-frame (an error, a
+    /// panic), before it lets go of its buffers, and without shutting the
+    /// link down: whoever handles the failure may still have to report it
+    /// before the links close. After it the link carries no more bytes this
+    /// way: the peer fails its read of the rest, and this side fails its
+    /// next write. Stream sockets copy the bytes out in `try_write` and
+    /// never hold the caller's memory, so this does nothing there; shared
+    /// memory takes back a posted single-copy transfer
+    /// ([`TransportError::Withdrawn`] on the reader), and does nothing when
+    /// none is posted. It must not panic: it runs while a panic unwinds.
+    fn withdraw(&mut self) {}
+
     /// A handle that can shut the link down from another thread, waking any waiter.
     fn shutdown_handle(&self) -> Result<ShutdownHandle, TransportError>;
 

@@ -325,25 +325,61 @@ impl<'a> Call<'a> {
     }
 }
 
+/// The ring of a call in progress, which withdraws what the send half may
+/// have posted on the next link ([`Link::withdraw`]) when it is dropped
+/// before the call completed: on an error return and while a panic unwinds.
+///
+/// A partly written frame may still be read from the buffer it came from
+/// (shared memory's single copy reads the sender's memory in place), and
+/// that buffer is the caller's again, or freed, as soon as [`run`] is left:
+/// the call's input or output, or the send half's staging of a device slice,
+/// which is dropped with the [`Call`]. The failure handling that follows
+/// (reporting, then closing the links) may take seconds, and a panic skips
+/// it. Completing costs one store of a flag per call, nothing per frame.
+struct Withdraw<'a> {
+    ring: Ring<'a>,
+    completed: bool,
+}
+
+impl Drop for Withdraw<'_> {
+    fn drop(&mut self) {
+        if !self.completed {
+            self.ring.next.withdraw();
+        }
+    }
+}
+
 /// Runs `job` to completion. `ring` may be `None` only when the plan has no frames.
+///
+/// On every other exit, an error or a panic, whatever the send half posted
+/// on the next link is withdrawn before `run` returns or the panic leaves
+/// it, so the caller may free or reuse its buffers at once.
 pub(crate) fn run(ring: Option<Ring<'_>>, job: Job<'_>) -> Result<(), EngineError> {
     let (timeout, spin) = (job.timeout, job.spin);
     let mut call = Call::start(job)?;
     if !call.has_frames() {
         return call.finish();
     }
-    let Some(mut ring) = ring else {
+    let Some(ring) = ring else {
         return Err(EngineError::Protocol {
             peer: 0,
             reason: "a plan with frames but no links".into(),
         });
     };
+    // Declared after `call`, so dropped before it (and its staging).
+    let mut guard = Withdraw {
+        ring,
+        completed: false,
+    };
+    let ring = &mut guard.ring;
     let (next_rank, prev_rank) = (ring.next.peer(), ring.prev.peer());
     let cheap = ring.next.cheap_to_poll() && ring.prev.cheap_to_poll();
     let mut idle = Idle::new(spin, timeout, cheap);
     loop {
-        let pumped = call.pump(&mut ring)?;
+        let pumped = call.pump(ring)?;
         if call.done() {
+            // Every frame was written: nothing is posted any more.
+            guard.completed = true;
             return call.finish();
         }
         if pumped.moved {

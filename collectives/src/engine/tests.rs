@@ -261,3 +261,176 @@ proptest::proptest! {
         }
     }
 }
+
+/// A reducer that panics, as a bug in a kernel would.
+#[derive(Debug)]
+struct PanickingReducer;
+
+impl oxccl_kernels::Reducer for PanickingReducer {
+    fn name(&self) -> &'static str {
+        "panicking"
+    }
+    fn reduce(
+        &self,
+        _: DType,
+        _: ReduceOp,
+        _: &mut [u8],
+        _: &[u8],
+    ) -> Result<(), oxccl_kernels::KernelError> {
+        panic!("a reducer bug");
+    }
+    fn finish_avg(
+        &self,
+        _: DType,
+        _: &mut [u8],
+        _: usize,
+    ) -> Result<(), oxccl_kernels::KernelError> {
+        panic!("a reducer bug");
+    }
+}
+
+/// Runs rank `rank`'s allreduce of `count` elements in a world of two over
+/// `next` and `prev`, with `reducer`; returns its output or error.
+fn run_rank(
+    rank: usize,
+    count: usize,
+    next: &mut FaultLink,
+    prev: &mut FaultLink,
+    reducer: &dyn oxccl_kernels::Reducer,
+    timeout: Duration,
+) -> Result<Vec<i32>, EngineError> {
+    let p = plan(&shape(Kind::AllReduce, 2, rank, count));
+    let own = input(rank, count);
+    let mut out = vec![0i32; count];
+    let mut staging = Vec::new();
+    run(
+        Some(Ring { next, prev }),
+        Job {
+            plan: &p,
+            seq: 1,
+            descriptor: [Kind::AllReduce as u8; DESCRIPTOR_LEN],
+            input: Some(Input::Host(bytemuck::cast_slice(&own))),
+            output: Output::Host(bytemuck::cast_slice_mut(&mut out)),
+            dtype: DType::I32,
+            op: ReduceOp::Sum,
+            world: 2,
+            reducer,
+            staging: &mut staging,
+            timeout,
+            spin: Duration::from_micros(50),
+            single_copy_from: Some(0),
+        },
+    )
+    .map(|()| out)
+}
+
+/// The links of a world of two: rank 0's (to rank 1, from rank 1), then
+/// rank 1's. Rank 0's link to rank 1 holds `capacity` bytes in flight.
+fn two_ranks(capacity: usize) -> ((FaultLink, FaultLink), (FaultLink, FaultLink)) {
+    let small = Faults {
+        capacity,
+        ..Faults::default()
+    };
+    let (to1, from0) = fault::pair(0, 1, small, Faults::default()).unwrap();
+    let (to0, from1) = fault::pair(1, 0, Faults::default(), Faults::default()).unwrap();
+    ((to1, from1), (to0, from0))
+}
+
+#[test]
+fn a_call_that_fails_mid_frame_withdraws_before_it_returns() {
+    // Rank 1 never calls: rank 0's first frame (a 40-byte header and its
+    // payload) stops after 20 bytes, and its wait for rank 1's data times
+    // out. The buffers the frame came from are the caller's again once
+    // `run` returns, so the partial write is withdrawn before.
+    let ((mut next, mut prev), _silent) = two_ranks(20);
+    let r = run_rank(
+        0,
+        1000,
+        &mut next,
+        &mut prev,
+        &ReferenceReducer,
+        Duration::from_millis(200),
+    );
+    assert!(
+        matches!(r, Err(EngineError::Timeout { peer: 1, .. })),
+        "{r:?}"
+    );
+    assert_eq!(next.withdrawals(), 1, "the partial frame was not withdrawn");
+    assert_eq!(prev.withdrawals(), 0, "only the link written to withdraws");
+}
+
+#[test]
+fn a_call_that_panics_withdraws_before_the_panic_leaves_it() {
+    // Rank 0's reducer panics on the first frame it receives, while its own
+    // first frame is partly sent (its link holds 20 bytes). A caller that
+    // catches the panic (the C API does) may free its buffers at once.
+    let ((mut next0, mut prev0), (mut next1, mut prev1)) = two_ranks(20);
+    std::thread::scope(|s| {
+        let rank1 = s.spawn(|| {
+            let r = run_rank(
+                1,
+                1000,
+                &mut next1,
+                &mut prev1,
+                &ReferenceReducer,
+                Duration::from_secs(20),
+            );
+            (r, next1.withdrawals())
+        });
+        let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            run_rank(
+                0,
+                1000,
+                &mut next0,
+                &mut prev0,
+                &PanickingReducer,
+                Duration::from_secs(20),
+            )
+        }));
+        let withdrawn0 = next0.withdrawals();
+        // Rank 0 leaves (a communicator would be dropped or aborted).
+        next0.close();
+        prev0.close();
+        let (r1, withdrawn1) = rank1.join().unwrap();
+        assert!(caught.is_err(), "the reducer did not panic: {caught:?}");
+        assert_eq!(withdrawn0, 1, "the panic did not withdraw");
+        assert!(r1.is_err(), "rank 1 completed: {r1:?}");
+        // Rank 1 failed too, and withdrew whatever it had in flight.
+        assert_eq!(withdrawn1, 1);
+    });
+}
+
+#[test]
+fn a_call_that_completes_withdraws_nothing() {
+    let ((mut next0, mut prev0), (mut next1, mut prev1)) = two_ranks(20);
+    let (r0, r1) = std::thread::scope(|s| {
+        let rank1 = s.spawn(|| {
+            run_rank(
+                1,
+                1000,
+                &mut next1,
+                &mut prev1,
+                &ReferenceReducer,
+                Duration::from_secs(20),
+            )
+        });
+        let r0 = run_rank(
+            0,
+            1000,
+            &mut next0,
+            &mut prev0,
+            &ReferenceReducer,
+            Duration::from_secs(20),
+        );
+        (r0, rank1.join().unwrap())
+    });
+    let want: Vec<i32> = input(0, 1000)
+        .iter()
+        .zip(input(1, 1000))
+        .map(|(a, b)| a + b)
+        .collect();
+    assert_eq!((r0.unwrap(), r1.unwrap()), (want.clone(), want));
+    for l in [&next0, &prev0, &next1, &prev1] {
+        assert_eq!(l.withdrawals(), 0);
+    }
+}

@@ -23,7 +23,10 @@
 //! a published address; Yama's ptrace scope or separate pid namespaces may
 //! refuse) and tells the writer, which otherwise keeps to the ring. The
 //! caller chooses per write whether single copies are allowed
-//! ([`Link::allow_single_copy`]).
+//! ([`Link::allow_single_copy`]). A writer whose call fails mid-transfer
+//! withdraws it ([`Link::withdraw`]) before its caller may free or reuse
+//! the bytes, without shutting the link: the reader then delivers none of
+//! the rest and fails its read, naming the writer.
 //!
 //! Segments are POSIX shared-memory objects (`/dev/shm/oxccl-...`): the
 //! receiving side of a ring link creates one, offers its name and a random
@@ -61,9 +64,10 @@
 //! * A posted transfer's bytes belong to the writer's caller, who leaves
 //!   them alone until they are reported written; they are only read, by the
 //!   kernel, into the reader's own buffers (`process_vm_readv` checks both
-//!   sides). A writer that gives them up before the reader is done (an
-//!   abort, a drop) first marks the link shut, and the reader checks that
-//!   mark after each copy and discards the copy if it is set, so bytes the
+//!   sides). A writer that gives them up before the reader is done first
+//!   marks the link shut (an abort, a drop) or the transfer withdrawn (its
+//!   call failed, [`Link::withdraw`]), and the reader checks both marks
+//!   after each copy and discards the copy if either is set, so bytes the
 //!   caller may already have reused are never delivered.
 
 mod handshake;
@@ -131,6 +135,9 @@ pub struct ShmLink {
     posted: Cell<Option<Posted>>,
     /// As the writer: the reader's `pulled` as last loaded.
     pulled_seen: Cell<u64>,
+    /// As the writer: a posted transfer was withdrawn before the reader had
+    /// copied it all, so the stream lost bytes and takes no more.
+    withdrawn: Cell<bool>,
     /// As the reader: transfers finished, and bytes of the current one copied.
     pulls_done: Cell<u64>,
     pull_progress: Cell<usize>,
@@ -180,6 +187,7 @@ impl ShmLink {
             pullable: Cell::new(0),
             posted: Cell::new(None),
             pulled_seen: Cell::new(0),
+            withdrawn: Cell::new(false),
             pulls_done: Cell::new(0),
             pull_progress: Cell::new(0),
             source_pid: Cell::new(0),
@@ -206,6 +214,11 @@ impl ShmLink {
     #[inline]
     fn is_shut(&self) -> bool {
         self.map.word(SHUT).load(Ordering::Acquire) != 0
+    }
+
+    /// The reader's error once the writer withdrew the pending transfer.
+    fn withdrawn_error(&self) -> TransportError {
+        TransportError::Withdrawn { peer: self.peer }
     }
 
     fn shut_error(&self) -> TransportError {

@@ -148,6 +148,9 @@ impl Link for ShmLink {
         if self.is_shut() {
             return Err(self.shut_error());
         }
+        if self.withdrawn.get() {
+            return Err(self.withdrawn_write_error());
+        }
         if let Some(posted) = self.posted.get() {
             // Nothing else enters the stream before the posted bytes. The
             // reader may have copied them all and then left.
@@ -314,7 +317,8 @@ impl Link for ShmLink {
 
     fn arm(&self, dir: Direction) -> Result<Option<Direction>, TransportError> {
         self.drain_doorbell()?;
-        if self.closed.get() || self.is_shut() {
+        if self.closed.get() || self.is_shut() || (dir == Direction::Write && self.withdrawn.get())
+        {
             // Ready: the next try_read/try_write reports it.
             return Ok(None);
         }
@@ -377,6 +381,10 @@ impl Link for ShmLink {
 
     fn allow_single_copy(&mut self, allowed: bool) {
         self.single_copy_allowed = allowed;
+    }
+
+    fn withdraw(&mut self) {
+        self.withdraw_posted();
     }
 
     fn commit(&mut self) {

@@ -56,7 +56,12 @@ pub(super) struct Ctrl {
     pub(super) pull_addr: AtomicU64,
     /// Its length in bytes.
     pub(super) pull_len: AtomicU64,
-    _pad0: [u8; 16],
+    /// The number (the count `pull_posted` reached) of the last transfer the
+    /// writer withdrew ([`Link::withdraw`](crate::Link::withdraw)): while it
+    /// equals the pending transfer's, the reader copies no more of it and
+    /// discards a copy it finishes (see `single_copy`). 0: none withdrawn.
+    pub(super) pull_withdrawn: AtomicU64,
+    _pad0: [u8; 8],
     /// Bytes ever read (the reader advances it).
     pub(super) tail: AtomicU64,
     /// Bytes ever copied by single-copy transfers (the reader advances it).

@@ -12,9 +12,10 @@
 //! a bad remote address is an error, never an access in this process. A
 //! posted transfer's bytes belong to the writer's caller, who leaves them
 //! alone until they are reported written; a writer that gives them up
-//! before the reader is done (an abort, a drop) first marks the link shut,
-//! and the reader checks that mark after each copy and discards the copy if
-//! it is set, so bytes the caller may already have reused are never
+//! before the reader is done first marks the link shut (an abort, a drop)
+//! or the transfer withdrawn (its call failed: [`ShmLink::withdraw_posted`]),
+//! and the reader checks both marks after each copy and discards the copy
+//! if either is set, so bytes the caller may already have reused are never
 //! delivered.
 
 use std::io::IoSlice;
@@ -191,10 +192,59 @@ impl ShmLink {
         }
     }
 
+    /// As the writer: takes back the posted transfer, if one is posted
+    /// ([`Link::withdraw`](crate::Link::withdraw)), so that our caller may
+    /// free or reuse its bytes at once; the link stays up (no `SHUT`).
+    ///
+    /// The mark is the transfer's number in `pull_withdrawn`, stored and then
+    /// fenced (sequentially consistent) before we return, that is before the
+    /// caller may touch the bytes again. The reader fences after each copy
+    /// and then loads the mark (`pull`): a copy whose load does not see it
+    /// was ordered before our fence, so it read the bytes still posted; a
+    /// copy that may have read reused bytes sees the mark and is discarded.
+    /// Bytes the reader copied and counted before that are the call's, and
+    /// stay delivered. Only atomics, and at most a doorbell whose failure is
+    /// ignored: this runs while a panic unwinds, and must not panic.
+    pub(super) fn withdraw_posted(&self) {
+        if self.posted.get().is_none() {
+            return;
+        }
+        let ctrl = self.map.ctrl(self.tx);
+        ctrl.pull_withdrawn
+            .store(self.pulls_posted.get(), Ordering::Release);
+        fence(Ordering::SeqCst);
+        self.posted.set(None);
+        self.withdrawn.set(true);
+        // A reader sleeps only with nothing to copy, which a pending
+        // transfer is not; but waking one costs nothing on this path.
+        if ctrl.reader_waiting.load(Ordering::Relaxed) != 0 {
+            self.ring_doorbell();
+        }
+    }
+
+    /// As the writer: the error of a write after
+    /// [`withdraw_posted`](Self::withdraw_posted) took a transfer back.
+    pub(super) fn withdrawn_write_error(&self) -> TransportError {
+        TransportError::io(
+            format!("writing to rank {}", self.peer),
+            std::io::Error::other(
+                "a single-copy transfer to it was withdrawn (its call failed): \
+                 the stream lost those bytes and takes no more",
+            ),
+        )
+    }
+
     /// As the reader: copies up to the rest of the pending transfer straight
     /// from the writer's memory into `dst` (the unfilled parts of the
     /// caller's buffers), returning how many bytes.
     pub(super) fn pull(&self, ctrl: &Ctrl, dst: &[libc::iovec]) -> Result<usize, TransportError> {
+        // The pending transfer's number; the writer stores it as the mark of
+        // a withdrawal (any other value marks none of ours: only equality
+        // counts, so no value of the word can mislead us about another).
+        let number = self.pulls_done.get().wrapping_add(1);
+        if ctrl.pull_withdrawn.load(Ordering::Acquire) == number {
+            return Err(self.withdrawn_error());
+        }
         // The writer's words, checked every time: they must not move while
         // the transfer is pending, but only the writer keeps that promise.
         let addr = ctrl.pull_addr.load(Ordering::Relaxed);
@@ -265,11 +315,18 @@ impl ShmLink {
             });
         }
         // The writer's bytes were valid while it had not given up: an abort
-        // stores SHUT before its caller may touch them again, so a copy that
-        // still sees the link open afterwards copied the bytes it posted.
+        // stores SHUT, and a failed call the transfer's number in
+        // `pull_withdrawn` (`withdraw_posted`), each followed by a fence,
+        // before its caller may touch them again; so a copy that, after this
+        // fence, still sees neither mark copied the bytes it posted. One
+        // that sees a mark is discarded: nothing of it is counted or
+        // reported, and the caller's buffer holds no delivered byte of it.
         fence(Ordering::SeqCst);
         if self.is_shut() {
             return Err(self.shut_error());
+        }
+        if ctrl.pull_withdrawn.load(Ordering::Relaxed) == number {
+            return Err(self.withdrawn_error());
         }
         if n == 0 {
             return Err(self.peer_wrote(format!(
@@ -428,6 +485,129 @@ mod tests {
         drop(big);
         let mut buf = [0u8; 200];
         expect_closed(b.try_read(&mut [IoSliceMut::new(&mut buf)]), 0);
+    }
+
+    /// Asserts that a read failed because rank `peer` withdrew its transfer.
+    fn expect_withdrawn(r: Result<usize, TransportError>, peer: usize) {
+        match r {
+            Err(e @ TransportError::Withdrawn { peer: p }) if p == peer => {
+                let msg = e.to_string();
+                assert!(
+                    msg.contains(&format!("rank {peer} withdrew a transfer")),
+                    "{msg}"
+                );
+            }
+            other => panic!("expected rank {peer}'s withdrawal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_withdrawn_transfer_delivers_nothing_copied_after_the_withdrawal() {
+        let (mut a, mut b) = pair(0, 1, MIN_CAPACITY).unwrap();
+        a.set_single_copy(Some(16));
+        if !single_copy_here(&a) {
+            return;
+        }
+        let pulled = pulled_counter(&b);
+        let mut big: Vec<u8> = (0..100u8).collect();
+        assert_eq!(a.try_write(&[IoSlice::new(&big)]).unwrap(), 0);
+        let mut got = [0u8; 100];
+        assert_eq!(
+            b.try_read(&mut [IoSliceMut::new(&mut got[..40])]).unwrap(),
+            40
+        );
+        assert_eq!(got[..40], big[..40]);
+        // The writer's call fails: it takes the transfer back (the link
+        // stays up) and its caller reuses the buffer.
+        a.withdraw();
+        big.fill(0xEE);
+        expect_withdrawn(b.try_read(&mut [IoSliceMut::new(&mut got[40..])]), 0);
+        assert!(
+            got[40..].iter().all(|&x| x == 0),
+            "bytes were copied after the withdrawal"
+        );
+        assert_eq!(pulled(), 40, "the 40 bytes copied before it count");
+        // It stays that way: the reader fails again, and the writer's
+        // stream, which lost the rest of the transfer, takes nothing more.
+        expect_withdrawn(b.try_read(&mut [IoSliceMut::new(&mut got[40..])]), 0);
+        assert!(a.try_write(&[IoSlice::new(b"more")]).is_err());
+        assert!(
+            a.arm(Direction::Write).unwrap().is_none(),
+            "a writer that withdrew must not sleep before its write fails"
+        );
+        // Not shut: that is the failure handling's to do, after withdraw.
+        assert!(!a.is_shut() && !b.is_shut());
+    }
+
+    #[test]
+    fn withdrawing_with_nothing_posted_changes_nothing() {
+        let (mut a, mut b) = pair(0, 1, MIN_CAPACITY).unwrap();
+        a.set_single_copy(Some(16));
+        a.withdraw();
+        assert_eq!(a.try_write(&[IoSlice::new(b"ring")]).unwrap(), 4);
+        a.withdraw();
+        let mut got = [0u8; 4];
+        assert_eq!(b.try_read(&mut [IoSliceMut::new(&mut got)]).unwrap(), 4);
+        assert_eq!(&got, b"ring");
+        if !single_copy_here(&a) {
+            return;
+        }
+        // A transfer copied to the end before the withdrawal was written.
+        let big = [3u8; 100];
+        assert_eq!(a.try_write(&[IoSlice::new(&big)]).unwrap(), 0);
+        let mut all = [0u8; 100];
+        assert_eq!(b.try_read(&mut [IoSliceMut::new(&mut all)]).unwrap(), 100);
+        assert_eq!(a.try_write(&[IoSlice::new(&big)]).unwrap(), 100);
+        a.withdraw();
+        assert_eq!(a.try_write(&[IoSlice::new(b"next")]).unwrap(), 4);
+        assert_eq!(b.try_read(&mut [IoSliceMut::new(&mut got)]).unwrap(), 4);
+        assert_eq!((&all, &got), (&big, b"next"));
+    }
+
+    #[test]
+    fn a_copy_racing_a_withdrawal_delivers_only_the_posted_bytes() {
+        // The reader copies 16 MiB (milliseconds) while the writer withdraws
+        // and overwrites its buffer at some point of it: the reader either
+        // finished before (and delivers the posted bytes) or fails.
+        const LEN: usize = 16 << 20;
+        let (mut failed, mut delivered) = (0, 0);
+        for round in 0..8u32 {
+            let (mut a, mut b) = pair(0, 1, MIN_CAPACITY).unwrap();
+            a.set_single_copy(Some(16));
+            if !single_copy_here(&a) {
+                return;
+            }
+            let mut big = vec![0x5Au8; LEN];
+            assert_eq!(a.try_write(&[IoSlice::new(&big)]).unwrap(), 0);
+            let (tx, rx) = std::sync::mpsc::channel();
+            let reader = std::thread::spawn(move || {
+                let mut got = vec![0u8; LEN];
+                tx.send(()).unwrap();
+                let r = b.try_read(&mut [IoSliceMut::new(&mut got)]);
+                (r, got)
+            });
+            rx.recv().unwrap();
+            let t0 = std::time::Instant::now();
+            while t0.elapsed() < Duration::from_micros(u64::from(round) * 300) {
+                std::hint::spin_loop();
+            }
+            a.withdraw();
+            big.fill(0xEE);
+            let (r, got) = reader.join().unwrap();
+            match r {
+                Ok(n) => {
+                    delivered += 1;
+                    let wrong = got[..n].iter().filter(|&&x| x != 0x5A).count();
+                    assert_eq!(
+                        wrong, 0,
+                        "round {round}: {wrong} of {n} bytes delivered were overwritten"
+                    );
+                }
+                Err(TransportError::Withdrawn { peer: 0 }) => failed += 1,
+                Err(e) => panic!("round {round}: {e}"),
+            }
+        }
+        eprintln!("{failed} reads failed, {delivered} finished before the withdrawal");
     }
 
     #[test]
