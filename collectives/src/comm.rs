@@ -85,6 +85,11 @@ pub struct Communicator {
     reducer: Box<dyn Reducer>,
     seq: u64,
     poisoned: Option<(ErrorKind, String)>,
+    /// The sequence number of a call that started and has not returned: set
+    /// at its start, cleared when it returns. Found set at the next call's
+    /// start, the earlier call unwound (a panic, caught by the application
+    /// or at the C boundary) with its links in an unknown state.
+    in_call: Option<u64>,
     staging: Vec<u8>,
     work: Vec<u8>,
     /// The last call's plan and its shape: a loop of identical calls (every
@@ -127,6 +132,7 @@ impl Communicator {
             reducer: Box::new(CpuReducer),
             seq: 0,
             poisoned: None,
+            in_call: None,
             staging: Vec::new(),
             work: Vec::new(),
             last_plan: None,
@@ -341,7 +347,18 @@ impl Communicator {
         output: &mut [u8],
     ) -> Result<()> {
         let seq = self.begin(&d, input.map(<[u8]>::len), output.len())?;
+        let result = self.run_bytes_started(d, seq, input, output);
+        self.in_call = None;
+        result
+    }
 
+    fn run_bytes_started(
+        &mut self,
+        d: Descriptor,
+        seq: u64,
+        input: Option<&[u8]>,
+        output: &mut [u8],
+    ) -> Result<()> {
         let world = self.world;
         let rank = self.rank;
         let elem = d.dtype.size();
@@ -398,6 +415,18 @@ impl Communicator {
         output: &mut dyn DeviceMemory,
     ) -> Result<()> {
         let seq = self.begin(&d, input.map(|i| i.len_bytes()), output.len_bytes())?;
+        let result = self.run_device_started(d, seq, input, output);
+        self.in_call = None;
+        result
+    }
+
+    fn run_device_started(
+        &mut self,
+        d: Descriptor,
+        seq: u64,
+        input: Option<&dyn DeviceMemory>,
+        output: &mut dyn DeviceMemory,
+    ) -> Result<()> {
         let (world, rank) = (self.world, self.rank);
         let elem = d.dtype.size();
         if self.takes_small_path(&d) {
@@ -571,6 +600,18 @@ impl Communicator {
 
     /// Checks a call before it starts and gives it its sequence number.
     fn begin(&mut self, d: &Descriptor, input: Option<usize>, output: usize) -> Result<u64> {
+        if let Some(seq) = self.in_call.take() {
+            // The call before unwound: its links are out of step. Fail as
+            // any failed call does, so that the peers learn of it now.
+            let err = Error::Internal(format!(
+                "rank {}: call #{seq} did not return (it panicked): the communicator's links are in an unknown state",
+                self.rank
+            ));
+            self.failures.publish(&err);
+            self.abort.abort();
+            tracing::warn!("{err}");
+            self.poisoned = Some((err.kind(), err.to_string()));
+        }
         if let Some((kind, cause)) = &self.poisoned {
             return Err(Error::Aborted {
                 rank: self.rank,
@@ -581,6 +622,7 @@ impl Communicator {
         self.validate_lengths(d, input, output)?;
         let seq = self.seq;
         self.seq += 1;
+        self.in_call = Some(seq);
         tracing::debug!(rank = self.rank, "{}", d.call(seq));
         Ok(seq)
     }

@@ -515,4 +515,15 @@ fn a_sender_that_panics_mid_call_fails_its_reader_instead_of_feeding_it_freed_by
         got.iter().all(|&x| x == SENTINEL),
         "bytes of the abandoned call reached rank 1's buffer"
     );
+    // The root's next call finds the call that unwound and fails: the
+    // communicator is poisoned, never run on links out of step.
+    let mut again = vec![0f32; 4];
+    let e = comms[0].broadcast_in_place(&mut again, 0).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Aborted, "{e}");
+    assert_eq!(e.cause_kind(), ErrorKind::Internal, "{e}");
+    assert!(
+        e.to_string()
+            .contains("call #0 did not return (it panicked)"),
+        "{e}"
+    );
 }
