@@ -402,9 +402,23 @@ fn check_rank(rank: usize, world: usize) -> Result<()> {
 }
 
 fn read_job(store: &dyn Store, rank: usize, deadline: Instant) -> Result<u64> {
-    let v = store
-        .get(&format!("{PREFIX}/job"), deadline)
-        .map_err(|source| Error::Store { rank, source })?;
+    let v = match store.get(&format!("{PREFIX}/job"), deadline) {
+        Ok(v) => v,
+        // Rank 0 writes the job id first thing: it never came.
+        Err(StoreError::Timeout { waited, .. }) => {
+            return Err(Error::Timeout {
+                rank,
+                call: "bootstrap".into(),
+                what: format!(
+                    "rank 0 to start the job in {}: it never did; was it started, with the same \
+                     master address and port?",
+                    store.describe()
+                ),
+                waited,
+            });
+        }
+        Err(source) => return Err(Error::Store { rank, source }),
+    };
     let b: [u8; 8] = v
         .as_slice()
         .try_into()

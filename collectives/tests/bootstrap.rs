@@ -275,6 +275,17 @@ fn ranks_that_never_come_are_named() {
         "{}",
         errors[1]
     );
+    // Without rank 0, the others say that rank 0 is the one missing.
+    let store: Arc<dyn oxccl_transport::store::Store> = Arc::new(MemStore::new());
+    let e = Communicator::with_store(store, 1, 2, short)
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.starts_with("rank 1: bootstrap: no progress") && e.contains("rank 0 to start the job"),
+        "{e}"
+    );
+    assert!(e.contains("it never did"), "{e}");
 }
 
 /// A timeout too long to add to the clock (set in code) is a valid setting:
