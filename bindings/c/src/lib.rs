@@ -42,12 +42,13 @@
 //!   failing oxccl call on the same thread.
 
 use std::cell::RefCell;
+use std::collections::BTreeSet;
 use std::ffi::{CStr, CString, c_char, c_int, c_void};
 use std::fmt;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicI32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use oxccl::{AbortHandle, Communicator, Config, DType, Descriptor, ErrorKind, Kind, ReduceOp};
 
@@ -506,11 +507,34 @@ unsafe fn comm_ref(comm: oxcclComm_t) -> Outcome<Arc<oxcclComm>> {
     if comm.is_null() {
         return Err(Failure::arg("comm is NULL"));
     }
-    // SAFETY: non-NULL, and by the caller's promise a live handle made by
-    // `Arc::into_raw` in `new_handle`, whose count is therefore at least one.
+    // Under the registry's lock, so that a destroy on another thread cannot
+    // free the communicator between the check and the increment.
+    let live = live_handles();
+    if !live.contains(&(comm as usize)) {
+        return Err(not_live());
+    }
+    // SAFETY: a live handle (in the registry): made by `Arc::into_raw` in
+    // `new_handle` and not yet destroyed, so its count is at least one.
     unsafe { Arc::increment_strong_count(comm.cast_const()) };
+    drop(live);
     // SAFETY: as above; the increment is the count this Arc owns.
     Ok(unsafe { Arc::from_raw(comm.cast_const()) })
+}
+
+/// The handles made by `new_handle` and not yet destroyed, by address. A
+/// call on anything else (a destroyed handle, a pointer oxccl never made)
+/// is refused instead of reading freed memory, which NCCL leaves undefined.
+/// An address that a later communicator reuses is that communicator's.
+static LIVE: Mutex<BTreeSet<usize>> = Mutex::new(BTreeSet::new());
+
+fn live_handles() -> MutexGuard<'static, BTreeSet<usize>> {
+    LIVE.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn not_live() -> Failure {
+    Failure::arg(
+        "comm is not a live communicator: it was destroyed (or aborted) already, or oxccl never made it",
+    )
 }
 
 /// Writes `value` through the out-pointer `ptr` named `name`.
@@ -648,14 +672,16 @@ fn ignore_sigpipe() {
 }
 
 fn new_handle(c: Communicator) -> oxcclComm_t {
-    Arc::into_raw(Arc::new(oxcclComm {
+    let handle = Arc::into_raw(Arc::new(oxcclComm {
         rank: c.rank(),
         world: c.world(),
         abort: c.abort_handle(),
         async_error: AtomicI32::new(ResultCode::oxcclSuccess as c_int),
         comm: Mutex::new(c),
     }))
-    .cast_mut()
+    .cast_mut();
+    live_handles().insert(handle as usize);
+    handle
 }
 
 /// A collective entry point: check, then run now or queue in the open group.
@@ -1058,10 +1084,14 @@ unsafe fn destroy(comm: oxcclComm_t, abort: bool) -> Outcome {
             ),
         ));
     }
-    // SAFETY: a handle made by `new_handle` (Arc::into_raw), not yet
-    // destroyed: this takes back the count the handle owned. A call in
-    // progress on another thread holds its own count, so the communicator
-    // is dropped (its links closed) when the last of them ends.
+    if !live_handles().remove(&(comm as usize)) {
+        return Err(not_live());
+    }
+    // SAFETY: a handle made by `new_handle` (Arc::into_raw) and, having been
+    // in the registry, not destroyed before: this takes back the count the
+    // handle owned. A call in progress on another thread holds its own
+    // count, so the communicator is dropped (its links closed) when the
+    // last of them ends.
     let c = unsafe { Arc::from_raw(comm.cast_const()) };
     if abort {
         c.abort.abort();

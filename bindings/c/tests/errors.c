@@ -63,6 +63,27 @@ int main(void) {
   CHECK(comm == NULL, "a failed init wrote a handle");
   FAILS(oxcclInvalidArgument, oxcclCommInitFromEnv(NULL));
   FAILS(oxcclInvalidUsage, oxcclGroupEnd());
+
+  /* A destroyed or aborted handle, or a pointer oxccl never made, is refused
+     without reading freed memory (NCCL leaves this undefined). */
+  {
+    oxcclComm_t one = NULL;
+    float x = 1.0f;
+    int n1 = 0;
+    OK(oxcclCommInitAll(&one, 1, NULL));
+    OK(oxcclAllReduce(&x, &x, 1, oxcclFloat, oxcclSum, one, NULL));
+    OK(oxcclCommDestroy(one));
+    FAILS(oxcclInvalidArgument, oxcclCommDestroy(one));
+    msg = oxcclGetLastError(NULL);
+    CHECK(strstr(msg, "not a live communicator") != NULL, "double destroy: '%s'", msg);
+    FAILS(oxcclInvalidArgument, oxcclCommCount(one, &n1));
+    FAILS(oxcclInvalidArgument, oxcclAllReduce(&x, &x, 1, oxcclFloat, oxcclSum, one, NULL));
+    OK(oxcclCommInitAll(&one, 1, NULL));
+    OK(oxcclCommAbort(one));
+    FAILS(oxcclInvalidArgument, oxcclCommAbort(one));
+    FAILS(oxcclInvalidArgument, oxcclCommUserRank(one, &n1));
+    FAILS(oxcclInvalidArgument, oxcclCommDestroy((oxcclComm_t)(void *)&x));
+  }
   OK(oxcclCommDestroy(NULL));
   OK(oxcclCommAbort(NULL));
 
