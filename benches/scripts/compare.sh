@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # compare.sh -- oxccl's all_reduce_perf, broadcast_perf and all_gather_perf
-# against the peers of /work/shared/peers (Open MPI over shared memory and
+# against the peers of ../shared/peers (Open MPI over shared memory and
 # TCP, the Gloo C++ library, machine ceilings), alternating runs over the same
 # sizes and rank counts, then writes benches/RESULTS.md (tables and the
 # targets of issue 3 with their ratios) and the busbw plot. One command
@@ -18,7 +18,7 @@
 #   COMPARE_TINY=1                 also 8-byte allreduces (ours, Open MPI TCP and shm); 0 skips
 #   COMPARE_PEERS="ceilings mpi-shm mpi-tcp gloo-native"   PEERS_ONLY for run_peers.sh
 #                                  ("" skips the peers; ceilings run in the first rep only)
-#   COMPARE_PEERS_SCRIPT=/work/shared/peers/run_peers.sh
+#   COMPARE_PEERS_SCRIPT=../shared/peers/run_peers.sh
 #   COMPARE_ITERS_SMALL=10000 COMPARE_WARMUP_SMALL=500  iterations for 8 B, 4K and 64K
 #   COMPARE_ITERS=200 COMPARE_WARMUP=20         iterations for 1M and 16M
 #   COMPARE_ITERS_LARGE=5 COMPARE_WARMUP_LARGE=1 iterations for 64M..256M

@@ -7,7 +7,7 @@ Standard library only. Usage:
 RUN_DIR holds what compare.sh wrote:
     RUN_DIR/oxccl/*.json         -J output of all_reduce_perf, broadcast_perf and
                                  all_gather_perf (one file per run)
-    RUN_DIR/peers/rep*/raw/*.log raw logs of /work/shared/peers/run_peers.sh
+    RUN_DIR/peers/rep*/raw/*.log raw logs of ../shared/peers/run_peers.sh
     RUN_DIR/peers/rep*/ceilings.log
 
 Every (collective, library, ranks, size) is combined over runs: time is the
@@ -278,7 +278,7 @@ def markdown(run_dir, med, wrong, iperf, plot=None):
         "# oxccl benchmark results",
         "",
         "Allreduce (float32 sum), broadcast and allgather (float32) on this machine, against the",
-        "peers of `/work/shared/peers` (Open MPI over shared memory and over TCP, the Gloo C++",
+        "peers of `../shared/peers` (Open MPI over shared memory and over TCP, the Gloo C++",
         "library over TCP). Regenerate everything with `bash benches/scripts/compare.sh`",
         f"(raw data: `{os.path.relpath(run_dir)}`).",
         "",
