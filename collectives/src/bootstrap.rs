@@ -189,15 +189,7 @@ impl Communicator {
         let store =
             TcpStore::connect(master, deadline).map_err(|source| Error::Store { rank, source })?;
         let local_ip = store.local_addr().ip();
-        let job = if rank == 0 {
-            let job = random_job()?;
-            store
-                .set(&format!("{PREFIX}/job"), &job.to_le_bytes())
-                .map_err(|source| Error::Store { rank, source })?;
-            job
-        } else {
-            read_job(&store, rank, deadline)?
-        };
+        let job = job_id(&store, rank, deadline)?;
         connect(
             Arc::new(store),
             server,
@@ -235,15 +227,7 @@ impl Communicator {
             "rank {rank}: rendezvous through torchrun's store at {master} (communicator {n} of this rank)"
         );
         let store: Arc<dyn Store> = Arc::new(PrefixStore::new(client, &format!("{prefix}/{n}")));
-        let job = if rank == 0 {
-            let job = random_job()?;
-            store
-                .set(&format!("{PREFIX}/job"), &job.to_le_bytes())
-                .map_err(store_err)?;
-            job
-        } else {
-            read_job(store.as_ref(), rank, deadline)?
-        };
+        let job = job_id(store.as_ref(), rank, deadline)?;
         connect(store, None, rank, world, config, job, Some(local_ip))
     }
 
@@ -298,14 +282,8 @@ impl Communicator {
         let deadline = crate::deadline_in(config.timeout);
         let job = if world == 1 {
             0
-        } else if rank == 0 {
-            let job = random_job()?;
-            store
-                .set(&format!("{PREFIX}/job"), &job.to_le_bytes())
-                .map_err(|source| Error::Store { rank, source })?;
-            job
         } else {
-            read_job(store.as_ref(), rank, deadline)?
+            job_id(store.as_ref(), rank, deadline)?
         };
         connect(store, None, rank, world, config, job, None)
     }
@@ -399,6 +377,19 @@ fn check_rank(rank: usize, world: usize) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// The job id of a group meeting through `store`: rank 0 makes one and
+/// writes it first thing; the others read it.
+fn job_id(store: &dyn Store, rank: usize, deadline: Instant) -> Result<u64> {
+    if rank == 0 {
+        let job = random_job()?;
+        store
+            .set(&format!("{PREFIX}/job"), &job.to_le_bytes())
+            .map_err(|source| Error::Store { rank, source })?;
+        return Ok(job);
+    }
+    read_job(store, rank, deadline)
 }
 
 fn read_job(store: &dyn Store, rank: usize, deadline: Instant) -> Result<u64> {
