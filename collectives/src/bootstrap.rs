@@ -19,16 +19,21 @@ use oxccl_transport::store::{
     FileStore, MemStore, PrefixStore, Store, StoreError, TcpStore, TcpStoreServer, TorchStore,
 };
 use oxccl_transport::tcp::{self, Listener, TcpOptions};
-use oxccl_transport::{Link, TransportError, inproc, shm};
+use std::os::unix::net::UnixStream;
 
-use crate::comm::{Communicator, Parts, RingLinks};
+use oxccl_transport::{StreamLink, TransportError, shm};
+
+use crate::comm::{Communicator, Parts};
 use crate::config::{self, Config, Launch, Rendezvous, Transport};
+use crate::links::Links;
 use crate::{Error, Result};
 
 /// Prefix of every key oxccl writes to a store.
 const PREFIX: &str = "oxccl";
 /// The purpose code of ring connections in the handshake.
 const RING: u32 = 1;
+/// The purpose of a connection between two ranks that are not ring neighbours.
+const PAIR: u32 = 2;
 
 /// What every rank needs to find the others: the address of a store and a
 /// job id. Rank 0 (or any one process) creates it and hands it to the others,
@@ -299,42 +304,30 @@ impl Communicator {
         }
         let store: Arc<dyn Store> = Arc::new(MemStore::new());
         let boot = |source| Error::Bootstrap { rank: 0, source };
-        let links: Vec<Option<RingLinks>> = if config.transport == Transport::Tcp || world == 1 {
-            inproc::ring(world)
-                .map_err(boot)?
-                .into_iter()
-                .map(|l| {
-                    l.map(|l| RingLinks {
-                        next: Box::new(l.next) as Box<dyn Link>,
-                        prev: Box::new(l.prev) as Box<dyn Link>,
-                    })
-                })
-                .collect()
+        let links = if config.transport == Transport::Tcp {
+            crate::links::in_process(world, |a, b| {
+                let (x, y) = UnixStream::pair()
+                    .map_err(|e| TransportError::io("creating a socket pair", e))?;
+                Ok((StreamLink::unix(b, x)?, StreamLink::unix(a, y)?))
+            })
         } else {
-            // Pair r joins rank r (sending) to rank r + 1 (receiving).
-            let mut next = Vec::with_capacity(world);
-            let mut prev = Vec::with_capacity(world);
-            for r in 0..world {
-                let (mut a, b) = shm::pair(r, (r + 1) % world, config.shm_bytes).map_err(boot)?;
-                a.set_single_copy(config.shm_single_copy);
-                next.push(Box::new(a) as Box<dyn Link>);
-                prev.push(Box::new(b) as Box<dyn Link>);
-            }
-            prev.rotate_right(1);
-            next.into_iter()
-                .zip(prev)
-                .map(|(next, prev)| Some(RingLinks { next, prev }))
-                .collect()
-        };
+            crate::links::in_process(world, |a, b| {
+                let (mut x, mut y) = shm::pair(a, b, config.shm_bytes)?;
+                x.set_single_copy(config.shm_single_copy);
+                y.set_single_copy(config.shm_single_copy);
+                Ok((x, y))
+            })
+        }
+        .map_err(boot)?;
         links
             .into_iter()
             .enumerate()
-            .map(|(rank, ring)| {
+            .map(|(rank, links)| {
                 Communicator::assemble(Parts {
                     rank,
                     world,
                     config: config.clone(),
-                    ring,
+                    links,
                     store: store.clone(),
                     key_prefix: PREFIX.into(),
                     server: None,
@@ -430,7 +423,7 @@ fn connect(
     let deadline = crate::deadline_in(config.timeout);
     let boot = |source: TransportError| Error::Bootstrap { rank, source };
     let mut refused = 0;
-    let ring = if world > 1 {
+    let links = if world > 1 {
         let ip = config
             .socket_addr
             .or(local_ip)
@@ -447,18 +440,25 @@ fn connect(
         agree(store.as_ref(), job, rank, world, &config, deadline)?;
         let next = (rank + 1) % world;
         let prev = (rank + world - 1) % world;
-        let raw = store
-            .get(&format!("{prefix}/addr/{next}"), deadline)
-            .map_err(|source| Error::Store { rank, source })?;
-        let next_addr: SocketAddr = String::from_utf8_lossy(&raw).parse().map_err(|_| {
-            Error::Internal(format!(
-                "rank {rank}: malformed address of rank {next} in the store"
-            ))
-        })?;
+        let addr_of = |peer: usize| -> Result<SocketAddr> {
+            let raw = store
+                .get(&format!("{prefix}/addr/{peer}"), deadline)
+                .map_err(|source| Error::Store { rank, source })?;
+            String::from_utf8_lossy(&raw).parse().map_err(|_| {
+                Error::Internal(format!(
+                    "rank {rank}: malformed address of rank {peer} in the store"
+                ))
+            })
+        };
         let options = TcpOptions {
             send_buffer: config.socket_buffer,
             recv_buffer: config.socket_buffer,
         };
+        // Links to the peers other algorithms talk to: the lower rank of a
+        // pair connects, the higher accepts.
+        let pair_peers = crate::algo::pair_peers(rank, world);
+        let (higher, lower): (Vec<usize>, Vec<usize>) = pair_peers.iter().partition(|&&q| q > rank);
+        let next_addr = addr_of(next)?;
         let pending = tcp::connect_start(
             next_addr,
             tcp::hello(job, world, rank, next, RING),
@@ -466,14 +466,33 @@ fn connect(
             deadline,
         )
         .map_err(boot)?;
-        let (prev_link, n) = listener
-            .accept_peer(tcp::hello(job, world, prev, rank, RING), options, deadline)
+        let mut pending_pairs = Vec::with_capacity(higher.len());
+        for &q in &higher {
+            let hello = tcp::hello(job, world, rank, q, PAIR);
+            pending_pairs
+                .push(tcp::connect_start(addr_of(q)?, hello, options, deadline).map_err(boot)?);
+        }
+        // One accept for every expected peer: a connection that comes early
+        // is never taken for a stray.
+        let mut expect = vec![tcp::hello(job, world, prev, rank, RING)];
+        expect.extend(lower.iter().map(|&q| tcp::hello(job, world, q, rank, PAIR)));
+        let (accepted, n) = listener
+            .accept_peers(&expect, options, deadline)
             .map_err(boot)?;
         refused = n;
+        let mut accepted = accepted.into_iter();
+        let prev_link = accepted
+            .next()
+            .ok_or_else(|| Error::Internal(format!("rank {rank}: no link from rank {prev}")))?;
         let next_link = pending.finish(deadline).map_err(boot)?;
+        let mut pairs: Vec<(StreamLink, bool)> = accepted.map(|l| (l, false)).collect();
+        for p in pending_pairs {
+            pairs.push((p.finish(deadline).map_err(boot)?, true));
+        }
         tracing::info!(
-            "rank {rank}: ring connected over tcp (next rank {next} at {next_addr}, listening on {})",
-            listener.local_addr()
+            "rank {rank}: ring connected over tcp (next rank {next} at {next_addr}, listening on {}); {} more links",
+            listener.local_addr(),
+            pairs.len()
         );
         let policy = match config.transport {
             Transport::Auto => shm::Policy::Auto,
@@ -489,15 +508,23 @@ fn connect(
             deadline,
         )
         .map_err(boot)?;
+        let pairs = shm::upgrade_pairs(
+            pairs,
+            policy,
+            config.shm_bytes,
+            config.shm_single_copy,
+            deadline,
+        )
+        .map_err(boot)?;
         tracing::info!(
             "rank {rank}: to rank {next} over {}; from rank {prev} over {}",
             up.next.describe(),
             up.prev.describe()
         );
-        Some(RingLinks {
-            next: up.next,
-            prev: up.prev,
-        })
+        for l in &pairs {
+            tracing::debug!("rank {rank}: with rank {} over {}", l.peer(), l.describe());
+        }
+        Some(Links::new(up.next, up.prev, pairs))
     } else {
         None
     };
@@ -505,7 +532,7 @@ fn connect(
         rank,
         world,
         config,
-        ring,
+        links,
         store,
         key_prefix: format!("{PREFIX}/{job:x}"),
         server,

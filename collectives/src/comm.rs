@@ -7,22 +7,16 @@ use std::time::Duration;
 use oxccl_kernels::cpu::CpuReducer;
 use oxccl_kernels::{DType, DeviceMemory, Element, ReduceOp, Reducer};
 use oxccl_transport::store::{Store, TcpStoreServer};
-use oxccl_transport::{Link, ShutdownHandle, TransportError, wait_watching};
+use oxccl_transport::{ShutdownHandle, TransportError, wait_watching};
 
-use crate::algo::{self, Algorithm, GatherReduce};
+use crate::algo::{self, Algorithm, GatherReduce, LinkModel};
 use crate::config::Config;
 use crate::descriptor::Descriptor;
-use crate::engine::{self, EngineError, Input, Job, Output, Ring};
+use crate::engine::{self, EngineError, Input, Job, Output};
 use crate::failure::Failures;
-use crate::schedule::{self, Kind, Plan, Shape, chunk_range};
+use crate::links::Links;
+use crate::schedule::{Kind, Plan, Shape, chunk_range};
 use crate::{Error, ErrorKind, Result};
-
-/// A rank's two ring links.
-#[derive(Debug)]
-pub(crate) struct RingLinks {
-    pub next: Box<dyn Link>,
-    pub prev: Box<dyn Link>,
-}
 
 /// Cancels a communicator's collectives from another thread.
 #[derive(Debug, Clone, Default)]
@@ -78,7 +72,7 @@ pub struct Communicator {
     rank: usize,
     world: usize,
     config: Config,
-    ring: Option<RingLinks>,
+    links: Option<Links<'static>>,
     /// How failures are reported, attributed and passed on.
     failures: Failures,
     _server: Option<TcpStoreServer>,
@@ -92,9 +86,11 @@ pub struct Communicator {
     in_call: Option<u64>,
     staging: Vec<u8>,
     work: Vec<u8>,
-    /// The last call's plan and its shape: a loop of identical calls (every
-    /// training step) builds its plan once.
-    last_plan: Option<(Shape, Plan)>,
+    /// The last call's plan, its algorithm and its shape: a loop of
+    /// identical calls (every training step) builds its plan once.
+    last_plan: Option<(&'static str, Shape, Plan)>,
+    /// The cost parameters of the links, for choosing algorithms.
+    model: LinkModel,
     stats: Stats,
     abort: AbortHandle,
 }
@@ -104,7 +100,7 @@ pub(crate) struct Parts {
     pub rank: usize,
     pub world: usize,
     pub config: Config,
-    pub ring: Option<RingLinks>,
+    pub links: Option<Links<'static>>,
     pub store: Arc<dyn Store>,
     pub key_prefix: String,
     pub server: Option<TcpStoreServer>,
@@ -114,20 +110,26 @@ pub(crate) struct Parts {
 impl Communicator {
     pub(crate) fn assemble(p: Parts) -> Result<Communicator> {
         let mut links = Vec::new();
-        if let Some(r) = &p.ring {
-            for l in [&r.next, &r.prev] {
+        if let Some(r) = &p.links {
+            for l in r.iter() {
                 links.push(l.shutdown_handle().map_err(|source| Error::Bootstrap {
                     rank: p.rank,
                     source,
                 })?);
             }
         }
+        // Shared memory throughout (one host), or the slower sockets.
+        let model = match &p.links {
+            Some(l) if l.iter().all(|l| l.cheap_to_poll()) => LinkModel::SHM,
+            _ => LinkModel::TCP,
+        };
         Ok(Communicator {
+            model,
             rank: p.rank,
             world: p.world,
             failures: Failures::new(p.rank, p.store, p.key_prefix, p.config.timeout),
             config: p.config,
-            ring: p.ring,
+            links: p.links,
             _server: p.server,
             reducer: Box::new(CpuReducer),
             seq: 0,
@@ -362,11 +364,12 @@ impl Communicator {
         let world = self.world;
         let rank = self.rank;
         let elem = d.dtype.size();
-        if self.takes_small_path(&d) {
+        let algo = self.select(&d);
+        if algo.name() == GatherReduce.name() {
             return self.small_all_reduce(d, seq, input, output);
         }
-        let (shape, count, use_work) = self.ring_shape(&d, input.is_none());
-        let plan = self.take_plan(shape);
+        let (shape, count, use_work) = self.shape(&d, input.is_none());
+        let plan = self.take_plan(algo, shape);
 
         let (driver, work) = self.driver();
         let result = {
@@ -391,7 +394,7 @@ impl Communicator {
                 Output::Host(job_output),
             )
         };
-        self.last_plan = Some((shape, plan));
+        self.last_plan = Some((algo.name(), shape, plan));
         match result {
             Ok(()) => {
                 if use_work && d.kind == Kind::ReduceScatter {
@@ -429,11 +432,12 @@ impl Communicator {
     ) -> Result<()> {
         let (world, rank) = (self.world, self.rank);
         let elem = d.dtype.size();
-        if self.takes_small_path(&d) {
+        let algo = self.select(&d);
+        if algo.name() == GatherReduce.name() {
             return self.small_all_reduce_device(d, seq, input, output);
         }
-        let (shape, count, use_work) = self.ring_shape(&d, input.is_none());
-        let plan = self.take_plan(shape);
+        let (shape, count, use_work) = self.shape(&d, input.is_none());
+        let plan = self.take_plan(algo, shape);
         let mut work: Option<Box<dyn DeviceMemory>> = None;
         if use_work {
             let scratch = output
@@ -469,27 +473,27 @@ impl Communicator {
             }
             Ok(())
         });
-        self.last_plan = Some((shape, plan));
+        self.last_plan = Some((algo.name(), shape, plan));
         result.map_err(|e| self.fail(&d, seq, e))
     }
 
-    /// Whether [`algo::select`] runs `d` on the small-message path.
-    fn takes_small_path(&self, d: &Descriptor) -> bool {
-        algo::select(d, self.world, &self.config).name() == GatherReduce.name()
+    /// The algorithm that runs `d` ([`algo::select`]).
+    fn select(&self, d: &Descriptor) -> &'static dyn Algorithm {
+        algo::select(d, self.world, &self.config, &self.model)
     }
 
-    /// The plan of `shape`: the last call's when the shape is the same (the
-    /// caller puts it back in `last_plan` when done), else a new one.
-    fn take_plan(&mut self, shape: Shape) -> Plan {
+    /// The plan of `shape` by `algo`: the last call's when both are the
+    /// same (the caller puts it back in `last_plan` when done), else a new one.
+    fn take_plan(&mut self, algo: &'static dyn Algorithm, shape: Shape) -> Plan {
         match self.last_plan.take() {
-            Some((s, p)) if s == shape => p,
-            _ => schedule::plan(&shape),
+            Some((a, s, p)) if a == algo.name() && s == shape => p,
+            _ => algo.plan(&shape),
         }
     }
 
-    /// The ring's shape for `d`, the element count of the buffer it works on,
-    /// and whether that is a scratch buffer rather than the caller's output.
-    fn ring_shape(&self, d: &Descriptor, in_place: bool) -> (Shape, usize, bool) {
+    /// The shape of `d`, the element count of the buffer it works on, and
+    /// whether that is a scratch buffer rather than the caller's output.
+    fn shape(&self, d: &Descriptor, in_place: bool) -> (Shape, usize, bool) {
         let (world, rank, elem) = (self.world, self.rank, d.dtype.size());
         let (count, use_work) = match d.kind {
             Kind::AllGather | Kind::ReduceScatter => {
@@ -586,7 +590,7 @@ impl Communicator {
             out_of_place: false,
             slice_elems: d.count,
         };
-        let plan = self.take_plan(shape);
+        let plan = self.take_plan(&algo::Ring, shape);
         let (driver, work) = self.driver();
         if work.len() < bytes * world {
             work.resize(bytes * world, 0);
@@ -594,7 +598,7 @@ impl Communicator {
         let work = &mut work[..bytes * world];
         work[rank * bytes..(rank + 1) * bytes].copy_from_slice(own);
         let result = driver.run(&plan, seq, d, None, Output::Host(work));
-        self.last_plan = Some((shape, plan));
+        self.last_plan = Some((algo::Ring.name(), shape, plan));
         result
     }
 
@@ -631,7 +635,7 @@ impl Communicator {
     fn driver(&mut self) -> (Driver<'_>, &mut Vec<u8>) {
         (
             Driver {
-                ring: &mut self.ring,
+                links: &mut self.links,
                 reducer: self.reducer.as_ref(),
                 staging: &mut self.staging,
                 config: &self.config,
@@ -720,7 +724,7 @@ impl Communicator {
 
 /// The parts of a communicator that run a plan on the ring.
 struct Driver<'a> {
-    ring: &'a mut Option<RingLinks>,
+    links: &'a mut Option<Links<'static>>,
     reducer: &'a dyn Reducer,
     staging: &'a mut Vec<u8>,
     config: &'a Config,
@@ -739,12 +743,8 @@ impl<'a> Driver<'a> {
     where
         'a: 'b,
     {
-        let ring = self.ring.as_mut().map(|r| Ring {
-            next: r.next.as_mut(),
-            prev: r.prev.as_mut(),
-        });
         let result = engine::run(
-            ring,
+            self.links.as_mut(),
             Job {
                 plan,
                 seq,
@@ -761,27 +761,34 @@ impl<'a> Driver<'a> {
                 single_copy_from: single_copy_from(d, self.world),
             },
         );
-        let Some(r) = self.ring.as_mut() else {
+        let Some(links) = self.links.as_mut() else {
             return result;
         };
         match result {
             Ok(()) => {
                 // This call's bytes survive a later abort (see `Link::commit`).
-                r.next.commit();
-                r.prev.commit();
+                links.iter_mut().for_each(|l| l.commit());
                 Ok(())
             }
             Err(EngineError::Transport(TransportError::PeerClosed { peer, how }))
-                if peer == r.prev.peer() && peer != r.next.peer() =>
+                if links
+                    .ring()
+                    .is_some_and(|(next, prev)| peer == prev.peer() && peer != next.peer()) =>
             {
+                let Some((next, _)) = links.ring() else {
+                    return Err(EngineError::Transport(TransportError::PeerClosed {
+                        peer,
+                        how,
+                    }));
+                };
                 // Both neighbours may be gone, the previous one because of the
                 // next one's failure (and with the store, if it hosted it):
                 // say so rather than blame the one that happened to be seen
                 // first.
-                let next_gone = wait_watching(None, None, Some(&*r.next), Duration::ZERO)
+                let next_gone = wait_watching(None, None, Some(next), Duration::ZERO)
                     .is_ok_and(|ready| ready.hung_up);
                 let how = if next_gone {
-                    format!("{how}; rank {} has hung up too", r.next.peer())
+                    format!("{how}; rank {} has hung up too", next.peer())
                 } else {
                     how
                 };

@@ -37,15 +37,26 @@ pub enum Transport {
 /// Which algorithm runs a collective (`OXCCL_ALGO`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Algo {
-    /// The ring for everything but allreduces small enough for the
-    /// small-message path (`OXCCL_SMALL_BYTES`).
+    /// For each call, the algorithm the cost model finds fastest
+    /// ([`crate::algo::select`]).
     #[default]
     Auto,
-    /// The pipelined ring for every call.
-    Ring,
-    /// The small-message path (gather, then reduce locally) for every
-    /// allreduce; the ring for the rest.
-    GatherReduce,
+    /// The named algorithm (one of [`crate::algo::ALL`]) wherever it can
+    /// run the call, the automatic choice elsewhere.
+    Only(&'static str),
+}
+
+impl Algo {
+    /// `OXCCL_ALGO=ring`, the pipelined ring for every call.
+    pub const RING: Algo = Algo::Only("ring");
+
+    /// The name `OXCCL_ALGO` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Algo::Auto => "auto",
+            Algo::Only(name) => name,
+        }
+    }
 }
 
 /// One setting: an `OXCCL_*` variable, its default, what it does and how
@@ -225,7 +236,7 @@ pub const SETTINGS: &[Setting] = &[
     Setting {
         name: "OXCCL_SMALL_BYTES",
         default: "64K",
-        doc: "Allreduces whose gathered size (bytes times ranks) is at most this (at most 1G) take the small-message path: one allgather and a local reduction in rank order.",
+        doc: "The small-message path (one allgather, then a local reduction in rank order) may run allreduces whose gathered size (bytes times ranks) is at most this (at most 1G), where the cost model prefers it.",
         agree: true,
         parse: Some(|c, v| {
             c.small_bytes = parse_bytes_in("OXCCL_SMALL_BYTES", v, 0, 1 << 30)?;
@@ -236,30 +247,27 @@ pub const SETTINGS: &[Setting] = &[
     Setting {
         name: "OXCCL_ALGO",
         default: "auto",
-        doc: "Which algorithm runs each collective: auto (the small-message path for allreduces up to OXCCL_SMALL_BYTES, the ring for the rest), ring, or gather_reduce (the small-message path for every allreduce).",
+        doc: "Which algorithm runs each collective: auto (the one the cost model predicts fastest for the call's size, the world and the link), or one of ring, gather_reduce, halving_doubling, recursive_doubling, tree for every call it can run (auto for the rest).",
         agree: true,
         parse: Some(|c, v| {
-            c.algo = match v.trim().to_ascii_lowercase().replace('-', "_").as_str() {
+            let want = v.trim().to_ascii_lowercase().replace('-', "_");
+            c.algo = match want.as_str() {
                 "auto" => Algo::Auto,
-                "ring" => Algo::Ring,
-                "gather_reduce" | "small" => Algo::GatherReduce,
-                _ => {
-                    return Err(bad(
-                        "OXCCL_ALGO",
-                        format!("'{v}' is not one of auto, ring, gather_reduce"),
-                    ));
-                }
+                "small" => Algo::Only("gather_reduce"),
+                name => match crate::algo::ALL.iter().find(|a| a.name() == name) {
+                    Some(a) => Algo::Only(a.name()),
+                    None => {
+                        let names: Vec<&str> = crate::algo::ALL.iter().map(|a| a.name()).collect();
+                        return Err(bad(
+                            "OXCCL_ALGO",
+                            format!("'{v}' is not one of auto, {}", names.join(", ")),
+                        ));
+                    }
+                },
             };
             Ok(())
         }),
-        show: Some(|c| {
-            match c.algo {
-                Algo::Auto => "auto",
-                Algo::Ring => "ring",
-                Algo::GatherReduce => "gather_reduce",
-            }
-            .into()
-        }),
+        show: Some(|c| c.algo.name().into()),
     },
     Setting {
         name: "OXCCL_WGPU_ADAPTER",

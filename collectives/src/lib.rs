@@ -38,6 +38,7 @@ mod engine;
 mod error;
 mod failure;
 pub mod fusion;
+mod links;
 mod schedule;
 
 pub use bootstrap::{UniqueId, run_in_process};

@@ -189,7 +189,7 @@ fn a_setting_that_ranks_disagree_on_is_named_on_every_rank() {
     use oxccl_transport::store::MemStore;
     type Change = fn(&mut Config);
     let cases: [(&str, Change, &str, &str); 4] = [
-        ("OXCCL_ALGO", |c| c.algo = oxccl::Algo::Ring, "auto", "ring"),
+        ("OXCCL_ALGO", |c| c.algo = oxccl::Algo::RING, "auto", "ring"),
         (
             "OXCCL_SLICE_BYTES",
             |c| c.slice_bytes = 4096,

@@ -7,7 +7,9 @@
 
 use std::time::Duration;
 
-use oxccl::{Communicator, Config, DType, Descriptor, Kind, ReduceOp, Transport, run_in_process};
+use oxccl::{
+    Algo, Communicator, Config, DType, Descriptor, Kind, ReduceOp, Transport, run_in_process,
+};
 use oxccl_kernels::Reducer;
 use oxccl_kernels::reference::ReferenceReducer;
 use oxccl_tools::pattern::{count_wrong, input};
@@ -36,11 +38,13 @@ fn run(
     in_place: bool,
     small_bytes: usize,
     transport: Transport,
+    algo: Algo,
 ) -> Vec<usize> {
     run_in_process(
         world,
         Config {
             transport,
+            algo,
             ..config(slice_bytes, small_bytes)
         },
         |comm: &mut Communicator| {
@@ -83,15 +87,39 @@ fn run(
     .unwrap()
 }
 
+/// The automatic choice, and every algorithm forced where it can run `kind`.
+fn algos(kind: Kind) -> Vec<Algo> {
+    let mut v = vec![Algo::Auto, Algo::RING];
+    match kind {
+        Kind::AllReduce | Kind::Barrier => {
+            v.push(Algo::Only("halving_doubling"));
+            v.push(Algo::Only("recursive_doubling"));
+        }
+        Kind::Broadcast => v.push(Algo::Only("tree")),
+        _ => {}
+    }
+    v
+}
+
 fn assert_right(d: Descriptor, world: usize, slice_bytes: usize, in_place: bool) {
     for transport in [Transport::Shm, Transport::Tcp] {
         for small_bytes in [0, 1 << 20] {
-            let wrong = run(d, world, slice_bytes, in_place, small_bytes, transport);
-            assert!(
-                wrong.iter().all(|w| *w == 0),
-                "{} world {world} slice {slice_bytes} in_place {in_place} small {small_bytes} {transport:?}: wrong elements per rank {wrong:?}",
-                d.call(0)
-            );
+            for algo in algos(d.kind) {
+                let wrong = run(
+                    d,
+                    world,
+                    slice_bytes,
+                    in_place,
+                    small_bytes,
+                    transport,
+                    algo,
+                );
+                assert!(
+                    wrong.iter().all(|w| *w == 0),
+                    "{} world {world} slice {slice_bytes} in_place {in_place} small {small_bytes} {transport:?} {algo:?}: wrong elements per rank {wrong:?}",
+                    d.call(0)
+                );
+            }
         }
     }
 }
@@ -371,20 +399,33 @@ proptest! {
         in_place: bool,
         small in prop::sample::select(vec![0usize, 1 << 16]),
         transport in prop::sample::select(vec![Transport::Shm, Transport::Tcp]),
+        pick in 0usize..4,
     ) {
         let count = if kind == Kind::Barrier { 0 } else { count };
         let d = Descriptor { kind, dtype, op, root: root % world, count };
-        let wrong = run(d, world, slice_elems * dtype.size(), in_place, small, transport);
-        prop_assert!(wrong.iter().all(|w| *w == 0), "{}: {:?}", d.call(0), wrong);
+        let options = algos(kind);
+        let algo = options[pick % options.len()];
+        let wrong = run(d, world, slice_elems * dtype.size(), in_place, small, transport, algo);
+        prop_assert!(wrong.iter().all(|w| *w == 0), "{} {algo:?}: {:?}", d.call(0), wrong);
     }
 }
 
-/// `OXCCL_ALGO` forces an algorithm: the ring for a tiny allreduce, the
-/// gather-and-reduce path for a large one; both exact on every rank.
+/// `OXCCL_ALGO` forces an algorithm at any size: every allreduce
+/// algorithm on a tiny and a large buffer, on worlds that are and are not
+/// powers of two; exact on every rank.
 #[test]
-fn the_algorithm_override_runs_either_algorithm_at_any_size() {
-    for (algo, count) in [(oxccl::Algo::Ring, 3), (oxccl::Algo::GatherReduce, 50_000)] {
-        for world in [2, 3] {
+fn the_algorithm_override_runs_every_algorithm_at_any_size() {
+    let names = [
+        "ring",
+        "gather_reduce",
+        "halving_doubling",
+        "recursive_doubling",
+    ];
+    for (algo, count) in names
+        .into_iter()
+        .flat_map(|n| [(Algo::Only(n), 3), (Algo::Only(n), 50_000)])
+    {
+        for world in [2, 3, 4, 6] {
             let d = Descriptor {
                 kind: Kind::AllReduce,
                 dtype: DType::I32,

@@ -92,6 +92,47 @@ pub trait Link: Send + fmt::Debug {
     fn describe(&self) -> String;
 }
 
+/// A borrowed link is a link: a caller may lend its links to a driver and
+/// look at them again afterwards.
+impl<L: Link + ?Sized> Link for &mut L {
+    fn peer(&self) -> usize {
+        (**self).peer()
+    }
+    fn try_write(&mut self, bufs: &[IoSlice<'_>]) -> Result<usize, TransportError> {
+        (**self).try_write(bufs)
+    }
+    fn try_read(&mut self, bufs: &mut [IoSliceMut<'_>]) -> Result<usize, TransportError> {
+        (**self).try_read(bufs)
+    }
+    fn fd(&self) -> BorrowedFd<'_> {
+        (**self).fd()
+    }
+    fn arm(&self, dir: Direction) -> Result<Option<Direction>, TransportError> {
+        (**self).arm(dir)
+    }
+    fn disarm(&self, dir: Direction) {
+        (**self).disarm(dir)
+    }
+    fn cheap_to_poll(&self) -> bool {
+        (**self).cheap_to_poll()
+    }
+    fn commit(&mut self) {
+        (**self).commit()
+    }
+    fn allow_single_copy(&mut self, allowed: bool) {
+        (**self).allow_single_copy(allowed)
+    }
+    fn withdraw(&mut self) {
+        (**self).withdraw()
+    }
+    fn shutdown_handle(&self) -> Result<ShutdownHandle, TransportError> {
+        (**self).shutdown_handle()
+    }
+    fn describe(&self) -> String {
+        (**self).describe()
+    }
+}
+
 /// A direction of a link's traffic, from this side's point of view.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Direction {

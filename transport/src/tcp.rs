@@ -97,6 +97,31 @@ impl Listener {
         options: TcpOptions,
         deadline: Instant,
     ) -> Result<(StreamLink, usize), TransportError> {
+        let (mut links, refused) = self.accept_peers(&[expect], options, deadline)?;
+        match links.pop() {
+            Some(l) => Ok((l, refused)),
+            None => Err(TransportError::Protocol {
+                peer: expect.from as usize,
+                reason: "accepted no connection".into(),
+            }),
+        }
+    }
+
+    /// Accepts one connection for each [`Hello`] of `expect`, in any order,
+    /// refusing and logging every other connection meanwhile.
+    ///
+    /// Returns the links in the order of `expect`, and the number of
+    /// connections refused.
+    pub fn accept_peers(
+        &self,
+        expect: &[Hello],
+        options: TcpOptions,
+        deadline: Instant,
+    ) -> Result<(Vec<StreamLink>, usize), TransportError> {
+        let mut found: Vec<Option<StreamLink>> = expect.iter().map(|_| None).collect();
+        if expect.is_empty() {
+            return Ok((Vec::new(), 0));
+        }
         struct Pending {
             stream: TcpStream,
             addr: SocketAddr,
@@ -137,13 +162,13 @@ impl Listener {
             let mut i = 0;
             while i < pending.len() {
                 let p = &mut pending[i];
-                let verdict: Option<Result<(), String>> =
+                let verdict: Option<Result<usize, String>> =
                     match p.stream.read(&mut p.buf[p.filled..]) {
                         Ok(0) => Some(Err("closed before completing the handshake".into())),
                         Ok(n) => {
                             p.filled += n;
                             if p.filled == Hello::LEN {
-                                Some(check_hello(&p.buf, &expect, &p.stream))
+                                Some(check_hello(&p.buf, expect, &found, &p.stream))
                             } else {
                                 None
                             }
@@ -164,15 +189,9 @@ impl Listener {
                     };
                 match verdict {
                     None => i += 1,
-                    Some(Ok(())) => {
+                    Some(Ok(k)) => {
                         let p = pending.remove(i);
-                        for other in &pending {
-                            tracing::warn!(
-                                "dropping connection from {} on {}: the expected peer arrived first",
-                                other.addr,
-                                self.addr
-                            );
-                        }
+                        let want = &expect[k];
                         // The reply is 12 bytes on a fresh socket: it fits the send buffer.
                         p.stream
                             .set_nonblocking(false)
@@ -187,18 +206,28 @@ impl Listener {
                                 TransportError::io(
                                     format!(
                                         "answering the handshake of rank {} at {}",
-                                        expect.from, p.addr
+                                        want.from, p.addr
                                     ),
                                     e,
                                 )
                             })?;
                         tracing::info!(
                             "accepted rank {} from {} on {}",
-                            expect.from,
+                            want.from,
                             p.addr,
                             self.addr
                         );
-                        return Ok((StreamLink::tcp(expect.from as usize, p.stream)?, refused));
+                        found[k] = Some(StreamLink::tcp(want.from as usize, p.stream)?);
+                        if found.iter().all(Option::is_some) {
+                            for other in &pending {
+                                tracing::warn!(
+                                    "dropping connection from {} on {}: the expected peers arrived first",
+                                    other.addr,
+                                    self.addr
+                                );
+                            }
+                            return Ok((found.into_iter().flatten().collect(), refused));
+                        }
                     }
                     Some(Err(reason)) => {
                         let p = pending.remove(i);
@@ -213,10 +242,16 @@ impl Listener {
             }
             let left = remaining(deadline);
             if left.is_zero() {
+                let missing: Vec<String> = expect
+                    .iter()
+                    .zip(&found)
+                    .filter(|(_, f)| f.is_none())
+                    .map(|(e, _)| e.from.to_string())
+                    .collect();
                 return Err(TransportError::Timeout {
                     what: format!(
                         "waiting for rank {} to connect to {}{}",
-                        expect.from,
+                        missing.join(", "),
                         self.addr,
                         if refused > 0 {
                             format!(" ({refused} other connections refused)")
@@ -247,9 +282,22 @@ impl Listener {
     }
 }
 
-/// Checks a received hello against what is expected; on refusal tells the peer why.
-fn check_hello(buf: &[u8; Hello::LEN], expect: &Hello, stream: &TcpStream) -> Result<(), String> {
+/// Checks a received hello against the ones expected and not yet found;
+/// returns the index of the one it is. On refusal tells the peer why.
+fn check_hello(
+    buf: &[u8; Hello::LEN],
+    expected: &[Hello],
+    found: &[Option<StreamLink>],
+    stream: &TcpStream,
+) -> Result<usize, String> {
     let hello = Hello::decode(buf).map_err(|e| e.to_string())?;
+    let open = |i: &usize| found[*i].is_none();
+    let k = (0..expected.len())
+        .filter(open)
+        .find(|&i| expected[i].from == hello.from)
+        .or_else(|| (0..expected.len()).find(open))
+        .unwrap_or(0);
+    let expect = &expected[k];
     let code = if hello.version != expect.version {
         Some((
             refuse::VERSION,
@@ -281,7 +329,7 @@ fn check_hello(buf: &[u8; Hello::LEN], expect: &Hello, stream: &TcpStream) -> Re
         None
     };
     match code {
-        None => Ok(()),
+        None => Ok(k),
         Some((code, why)) => {
             // Best effort: tell a real oxccl peer why it was refused.
             let _ = (&*stream).write(&HelloReply::Refuse(code).encode());

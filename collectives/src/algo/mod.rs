@@ -1,29 +1,34 @@
 //! Algorithms as types: each collective algorithm is a value that says
-//! which calls it can run, what it costs on a given link, and how its plan
-//! is built; [`select`] picks one per call, and `OXCCL_ALGO` overrides.
-//!
-//! Today's algorithms:
+//! which calls it can run, what it costs on a given link, which peers it
+//! talks to, and how its plan is built; [`select`] picks the cheapest per
+//! call, and `OXCCL_ALGO` overrides.
 //!
 //! * [`Ring`]: the pipelined ring of every collective: `world - 1` steps of a
 //!   reduce-scatter and `world - 1` of an allgather for an allreduce, each
 //!   chunk cut into slices so that sending, receiving and reducing overlap.
-//!   Bandwidth-optimal: each rank sends `2 (world - 1) / world` of the buffer.
+//!   Bandwidth-optimal: each rank sends `2 (world - 1) / world` of the
+//!   buffer; latency grows with the world.
+//! * [`HalvingDoubling`]: Rabenseifner's allreduce, a reduce-scatter by
+//!   recursive halving and an allgather by recursive doubling: the ring's
+//!   bytes in `2 log2 world` steps. For middle sizes and large worlds.
+//! * [`RecursiveDoubling`]: `log2 world` exchanges of the whole buffer, each
+//!   reduced: the fewest steps, the most bytes. For small allreduces (and
+//!   barriers) at scale.
 //! * [`GatherReduce`]: the small-message allreduce: one allgather of every
-//!   rank's whole buffer (`world - 1` steps of one frame instead of
-//!   `2 (world - 1)`), then each rank reduces the `world` buffers itself in
-//!   rank order, so every rank gets the same bits. Latency-optimal on a ring
-//!   for buffers small enough that sending `world - 1` of them costs less
-//!   than the steps it saves.
+//!   rank's whole buffer over the ring (`world - 1` steps of one frame),
+//!   then each rank reduces the `world` buffers itself in rank order. The
+//!   fewest messages per rank on few ranks.
+//! * [`Tree`]: broadcast down a binomial tree, `log2 world` hops from the
+//!   root instead of the chain's `world - 1`.
 //!
 //! Each algorithm's cost is the usual latency/bandwidth model: `alpha` per
-//! message, `beta` per byte on the wire, `gamma` per byte reduced. The
-//! automatic choice is still the measured threshold `OXCCL_SMALL_BYTES`
-//! (benches/RESULTS.md): the model's crossover on this two-core machine
-//! depends on oversubscription, which the model does not capture yet.
+//! message, `beta` per byte a rank sends, `gamma` per byte reduced, with
+//! the parameters of the communicator's links ([`LinkModel::SHM`],
+//! [`LinkModel::TCP`], measured on this project's machines).
 
 use crate::config::{Algo, Config};
 use crate::descriptor::Descriptor;
-use crate::schedule::Kind;
+use crate::schedule::{self, Kind, Plan, Shape};
 
 /// A link's cost parameters, in seconds: the latency/bandwidth model the
 /// algorithms' [`Algorithm::cost`] functions use.
@@ -37,6 +42,31 @@ pub struct LinkModel {
     pub gamma: f64,
 }
 
+impl LinkModel {
+    /// Shared memory between ranks of one host (benches/RESULTS.md): a
+    /// frame's round of doorbell-free polling about 0.35 µs, copies through
+    /// the ring about 5 GB/s, sums about 10 GB/s.
+    pub const SHM: LinkModel = LinkModel {
+        alpha: 0.35e-6,
+        beta: 1.0 / 5e9,
+        gamma: 1.0 / 10e9,
+    };
+
+    /// TCP (loopback here: about 6.6 µs a message, 1.7 GB/s a stream).
+    pub const TCP: LinkModel = LinkModel {
+        alpha: 6.6e-6,
+        beta: 1.0 / 1.7e9,
+        gamma: 1.0 / 10e9,
+    };
+
+    /// A 100 Gbit/s datacenter network: 2 µs a message, 12.5 GB/s.
+    pub const DATACENTER: LinkModel = LinkModel {
+        alpha: 2e-6,
+        beta: 1.0 / 12.5e9,
+        gamma: 1.0 / 10e9,
+    };
+}
+
 /// One collective algorithm.
 pub trait Algorithm: Sync {
     /// Its name, as `OXCCL_ALGO` takes it and messages show it.
@@ -45,15 +75,60 @@ pub trait Algorithm: Sync {
     fn supports(&self, d: &Descriptor, world: usize) -> bool;
     /// Its modelled time, in seconds, for `d` on a world of `world`.
     fn cost(&self, d: &Descriptor, world: usize, link: &LinkModel) -> f64;
+    /// The ranks `rank` exchanges frames with, on any call it can run.
+    fn peers(&self, rank: usize, world: usize) -> Vec<usize>;
+    /// The plan of one rank for a call of `shape`, which it
+    /// [`supports`](Self::supports).
+    #[doc(hidden)]
+    fn plan(&self, shape: &Shape) -> Plan;
 }
 
 /// The pipelined ring (see the module docs).
 #[derive(Debug, Clone, Copy)]
 pub struct Ring;
 
+/// Recursive halving-doubling (see the module docs).
+#[derive(Debug, Clone, Copy)]
+pub struct HalvingDoubling;
+
+/// Recursive doubling (see the module docs).
+#[derive(Debug, Clone, Copy)]
+pub struct RecursiveDoubling;
+
 /// The small-message allreduce: gather everything, reduce locally.
 #[derive(Debug, Clone, Copy)]
 pub struct GatherReduce;
+
+/// The binomial-tree broadcast (see the module docs).
+#[derive(Debug, Clone, Copy)]
+pub struct Tree;
+
+fn bytes(d: &Descriptor) -> f64 {
+    d.count.saturating_mul(d.dtype.size()) as f64
+}
+
+fn log2_floor(world: usize) -> u32 {
+    usize::BITS - 1 - world.max(1).leading_zeros()
+}
+
+/// What folding a world onto the largest power of two below it costs: the
+/// extra ranks' buffers in and the results out.
+fn fold_cost(n: f64, world: usize, l: &LinkModel) -> f64 {
+    if world.is_power_of_two() {
+        0.0
+    } else {
+        2.0 * (l.alpha + n * l.beta) + n * l.gamma
+    }
+}
+
+fn ring_neighbours(rank: usize, world: usize) -> Vec<usize> {
+    if world < 2 {
+        return Vec::new();
+    }
+    let mut v = vec![(rank + 1) % world, (rank + world - 1) % world];
+    v.dedup();
+    v
+}
 
 impl Algorithm for Ring {
     fn name(&self) -> &'static str {
@@ -65,7 +140,7 @@ impl Algorithm for Ring {
     }
 
     fn cost(&self, d: &Descriptor, world: usize, l: &LinkModel) -> f64 {
-        let (p, n) = (world as f64, (d.count * d.dtype.size()) as f64);
+        let (p, n) = (world as f64, bytes(d));
         let steps = (p - 1.0).max(0.0);
         match d.kind {
             Kind::AllReduce => {
@@ -79,6 +154,66 @@ impl Algorithm for Ring {
             Kind::Barrier => 2.0 * steps * l.alpha,
         }
     }
+
+    fn peers(&self, rank: usize, world: usize) -> Vec<usize> {
+        ring_neighbours(rank, world)
+    }
+
+    fn plan(&self, shape: &Shape) -> Plan {
+        schedule::plan(shape)
+    }
+}
+
+impl Algorithm for HalvingDoubling {
+    fn name(&self) -> &'static str {
+        "halving_doubling"
+    }
+
+    fn supports(&self, d: &Descriptor, world: usize) -> bool {
+        matches!(d.kind, Kind::AllReduce | Kind::Barrier) && world > 1
+    }
+
+    fn cost(&self, d: &Descriptor, world: usize, l: &LinkModel) -> f64 {
+        let n = bytes(d);
+        let lg = log2_floor(world) as f64;
+        let pw = 2f64.powf(lg);
+        fold_cost(n, world, l)
+            + 2.0 * lg * l.alpha
+            + 2.0 * (pw - 1.0) / pw * n * l.beta
+            + (pw - 1.0) / pw * n * l.gamma
+    }
+
+    fn peers(&self, rank: usize, world: usize) -> Vec<usize> {
+        schedule::hypercube_peers(rank, world)
+    }
+
+    fn plan(&self, shape: &Shape) -> Plan {
+        schedule::halving_doubling(shape)
+    }
+}
+
+impl Algorithm for RecursiveDoubling {
+    fn name(&self) -> &'static str {
+        "recursive_doubling"
+    }
+
+    fn supports(&self, d: &Descriptor, world: usize) -> bool {
+        matches!(d.kind, Kind::AllReduce | Kind::Barrier) && world > 1
+    }
+
+    fn cost(&self, d: &Descriptor, world: usize, l: &LinkModel) -> f64 {
+        let n = bytes(d);
+        let lg = log2_floor(world) as f64;
+        fold_cost(n, world, l) + lg * (l.alpha + n * l.beta + n * l.gamma)
+    }
+
+    fn peers(&self, rank: usize, world: usize) -> Vec<usize> {
+        schedule::hypercube_peers(rank, world)
+    }
+
+    fn plan(&self, shape: &Shape) -> Plan {
+        schedule::recursive_doubling(shape)
+    }
 }
 
 impl Algorithm for GatherReduce {
@@ -91,28 +226,103 @@ impl Algorithm for GatherReduce {
     }
 
     fn cost(&self, d: &Descriptor, world: usize, l: &LinkModel) -> f64 {
-        let (p, n) = (world as f64, (d.count * d.dtype.size()) as f64);
+        let (p, n) = (world as f64, bytes(d));
         let steps = (p - 1.0).max(0.0);
         steps * (l.alpha + n * l.beta) + steps * n * l.gamma
+    }
+
+    fn peers(&self, rank: usize, world: usize) -> Vec<usize> {
+        ring_neighbours(rank, world)
+    }
+
+    /// The allgather of every rank's whole buffer; the communicator reduces.
+    fn plan(&self, shape: &Shape) -> Plan {
+        schedule::plan(shape)
+    }
+}
+
+impl Algorithm for Tree {
+    fn name(&self) -> &'static str {
+        "tree"
+    }
+
+    fn supports(&self, d: &Descriptor, world: usize) -> bool {
+        d.kind == Kind::Broadcast && world > 1
+    }
+
+    fn cost(&self, d: &Descriptor, world: usize, l: &LinkModel) -> f64 {
+        let n = bytes(d);
+        // Depth hops, and the root sends the buffer once per child; plus
+        // the children's acknowledgement.
+        let depth = (usize::BITS - (world.max(2) - 1).leading_zeros()) as f64;
+        (depth + 1.0) * l.alpha + depth * n * l.beta
+    }
+
+    fn peers(&self, rank: usize, world: usize) -> Vec<usize> {
+        schedule::tree_peers(rank, world)
+    }
+
+    fn plan(&self, shape: &Shape) -> Plan {
+        schedule::binomial_broadcast(shape)
     }
 }
 
 /// Every algorithm, in the order `select` prefers them on a tie.
-pub const ALL: [&dyn Algorithm; 2] = [&Ring, &GatherReduce];
+pub const ALL: [&dyn Algorithm; 5] = [
+    &Ring,
+    &GatherReduce,
+    &HalvingDoubling,
+    &RecursiveDoubling,
+    &Tree,
+];
 
-/// The algorithm for `d` on a world of `world`: the one `OXCCL_ALGO`
-/// names where it can run the call, else the automatic choice (the
-/// small-message path for allreduces whose gathered size is at most
-/// `OXCCL_SMALL_BYTES`, the ring for everything else).
-pub fn select(d: &Descriptor, world: usize, config: &Config) -> &'static dyn Algorithm {
-    let small = GatherReduce.supports(d, world)
-        && d.count.saturating_mul(d.dtype.size()).saturating_mul(world) <= config.small_bytes;
-    match config.algo {
-        Algo::Ring => &Ring,
-        Algo::GatherReduce if GatherReduce.supports(d, world) => &GatherReduce,
-        Algo::GatherReduce | Algo::Auto if small => &GatherReduce,
-        Algo::GatherReduce | Algo::Auto => &Ring,
+/// The peers `rank` needs links to beyond its ring neighbours, so that
+/// every algorithm can run: the union of their [`Algorithm::peers`].
+pub(crate) fn pair_peers(rank: usize, world: usize) -> Vec<usize> {
+    let ring = ring_neighbours(rank, world);
+    let mut v: Vec<usize> = ALL
+        .iter()
+        .flat_map(|a| a.peers(rank, world))
+        .filter(|q| *q != rank && !ring.contains(q))
+        .collect();
+    v.sort_unstable();
+    v.dedup();
+    v
+}
+
+/// The algorithm for `d` on a world of `world` over links like `link`: the
+/// one `OXCCL_ALGO` names where it can run the call, else the cheapest by
+/// its [`Algorithm::cost`] (the small-message path only for allreduces
+/// whose gathered size is at most `OXCCL_SMALL_BYTES`).
+pub fn select(
+    d: &Descriptor,
+    world: usize,
+    config: &Config,
+    link: &LinkModel,
+) -> &'static dyn Algorithm {
+    if let Algo::Only(name) = config.algo {
+        if let Some(a) = ALL
+            .iter()
+            .find(|a| a.name() == name && a.supports(d, world))
+        {
+            return *a;
+        }
     }
+    let gathered = d.count.saturating_mul(d.dtype.size()).saturating_mul(world);
+    let mut best: &'static dyn Algorithm = &Ring;
+    let mut best_cost = Ring.cost(d, world, link);
+    for a in ALL {
+        if !a.supports(d, world)
+            || (a.name() == GatherReduce.name() && gathered > config.small_bytes)
+        {
+            continue;
+        }
+        let c = a.cost(d, world, link);
+        if c < best_cost {
+            (best, best_cost) = (a, c);
+        }
+    }
+    best
 }
 
 #[cfg(test)]
@@ -131,32 +341,73 @@ mod tests {
         }
     }
 
+    fn pick(kind: Kind, count: usize, world: usize, c: &Config, l: &LinkModel) -> &'static str {
+        select(&d(kind, count), world, c, l).name()
+    }
+
     #[test]
-    fn auto_keeps_the_measured_threshold_and_the_override_wins_where_it_can() {
+    fn auto_takes_the_cheapest_and_the_override_wins_where_it_can() {
         let auto = Config::default(); // 64 KiB gathered
+        let tcp = &LinkModel::TCP;
+        // Few ranks, small: the gather (one step on two ranks, two on
+        // three, where recursive doubling must fold); from four ranks
+        // recursive doubling's log2 steps win. Larger: halving-doubling on
+        // a power of two, the ring on three ranks (the fold costs more than
+        // the steps it saves).
+        assert_eq!(pick(Kind::AllReduce, 16, 2, &auto, tcp), "gather_reduce");
+        assert_eq!(pick(Kind::AllReduce, 16, 3, &auto, tcp), "gather_reduce");
         assert_eq!(
-            select(&d(Kind::AllReduce, 4096), 4, &auto).name(),
-            "gather_reduce"
+            pick(Kind::AllReduce, 16, 4, &auto, tcp),
+            "recursive_doubling"
         );
-        assert_eq!(select(&d(Kind::AllReduce, 4097), 4, &auto).name(), "ring");
-        assert_eq!(select(&d(Kind::AllReduce, 0), 4, &auto).name(), "ring");
-        assert_eq!(select(&d(Kind::AllReduce, 10), 1, &auto).name(), "ring");
-        assert_eq!(select(&d(Kind::AllGather, 10), 4, &auto).name(), "ring");
+        assert_eq!(
+            pick(Kind::AllReduce, 1 << 18, 4, &auto, tcp),
+            "halving_doubling"
+        );
+        assert_eq!(pick(Kind::AllReduce, 1 << 18, 3, &auto, tcp), "ring");
+        // Many ranks, small: recursive doubling (log2 steps), never the
+        // gather beyond its size limit.
+        assert_eq!(
+            pick(Kind::AllReduce, 2, 1024, &auto, tcp),
+            "recursive_doubling"
+        );
+        assert_eq!(pick(Kind::Barrier, 0, 64, &auto, tcp), "recursive_doubling");
+        assert_eq!(pick(Kind::AllReduce, 10, 1, &auto, tcp), "ring");
+        assert_eq!(pick(Kind::AllGather, 10, 4, &auto, tcp), "ring");
+        // Broadcast: the tree for latency, the chain for bandwidth.
+        assert_eq!(pick(Kind::Broadcast, 2, 64, &auto, tcp), "tree");
+        assert_eq!(pick(Kind::Broadcast, 1 << 24, 4, &auto, tcp), "ring");
         let ring = Config {
-            algo: Algo::Ring,
+            algo: Algo::RING,
             ..Config::default()
         };
-        assert_eq!(select(&d(Kind::AllReduce, 1), 4, &ring).name(), "ring");
+        assert_eq!(pick(Kind::AllReduce, 1, 4, &ring, tcp), "ring");
         let gather = Config {
-            algo: Algo::GatherReduce,
+            algo: Algo::Only("gather_reduce"),
             ..Config::default()
         };
         assert_eq!(
-            select(&d(Kind::AllReduce, 1 << 20), 4, &gather).name(),
+            pick(Kind::AllReduce, 1 << 20, 4, &gather, tcp),
             "gather_reduce"
         );
         // Where it cannot run the call, the override gives way.
-        assert_eq!(select(&d(Kind::Broadcast, 10), 4, &gather).name(), "ring");
+        assert_eq!(pick(Kind::Broadcast, 1 << 24, 4, &gather, tcp), "ring");
+    }
+
+    #[test]
+    fn every_algorithm_names_symmetric_peers_and_links_cover_them() {
+        for world in 1..=20 {
+            for r in 0..world {
+                for a in ALL {
+                    for q in a.peers(r, world) {
+                        assert!(a.peers(q, world).contains(&r), "{} {r} {q}", a.name());
+                    }
+                }
+                for q in pair_peers(r, world) {
+                    assert!(pair_peers(q, world).contains(&r));
+                }
+            }
+        }
     }
 
     /// The models order the algorithms as their step counts say: the

@@ -1,8 +1,8 @@
-//! Drives a [`Plan`] over the ring's two links and a reducer.
+//! Drives a [`Plan`] over a rank's links and a reducer.
 //!
 //! One thread per rank does everything: it writes the next allowed frame to
-//! the next rank, reads the next frame from the previous rank, and reduces a
-//! slice as soon as it has arrived, with nonblocking links, so both
+//! its peer, reads the next frame from its peer, and reduces a slice as soon
+//! as it has arrived, with nonblocking links, so both
 //! directions stay busy while the kernel's socket buffers (or the shared
 //! memory rings) carry the slices in flight. When neither direction can
 //! move it sleeps in `poll` on exactly the links that can unblock it. This
@@ -38,18 +38,11 @@ use oxccl_kernels::{DType, DeviceMemory, KernelError, ReduceOp, Reducer};
 use oxccl_transport::wire::{DESCRIPTOR_LEN, FrameHeader};
 use oxccl_transport::{Link, TransportError, wait_watching};
 
+use crate::links::Links;
 use crate::schedule::{Plan, Progress};
 use idle::{Idle, Step};
 use recv::RecvHalf;
 use send::SendHalf;
-
-/// The two links of a rank in the ring.
-pub(crate) struct Ring<'a> {
-    /// To `rank + 1`.
-    pub next: &'a mut dyn Link,
-    /// From `rank - 1`.
-    pub prev: &'a mut dyn Link,
-}
 
 /// Where the engine reads a call's input.
 #[derive(Clone, Copy)]
@@ -254,9 +247,9 @@ impl<'a> Call<'a> {
 
     /// Moves every frame that can move now, both ways, without waiting.
     #[inline]
-    pub(crate) fn pump(&mut self, ring: &mut Ring<'_>) -> Result<Pumped, EngineError> {
+    pub(crate) fn pump(&mut self, links: &mut Links<'_>) -> Result<Pumped, EngineError> {
         let (sent, send_full) = self.send.pump(
-            &mut *ring.next,
+            links,
             self.plan,
             &mut self.progress,
             &self.wire,
@@ -264,7 +257,7 @@ impl<'a> Call<'a> {
             self.single_copy_from,
         )?;
         let received = self.recv.pump(
-            &mut *ring.prev,
+            links,
             self.plan,
             &mut self.progress,
             &self.wire,
@@ -298,13 +291,18 @@ impl<'a> Call<'a> {
     }
 
     /// The error of a call that made no progress for `waited`.
-    fn timed_out(&self, waited: Duration, next: usize, prev: usize) -> EngineError {
+    fn timed_out(&self, waited: Duration) -> EngineError {
         let p = &self.progress;
-        match p.next_recv(self.plan) {
-            Some(r) => EngineError::Timeout {
-                peer: prev,
+        let to = p
+            .next_send(self.plan)
+            .or_else(|| self.plan.sends.get(p.sent()))
+            .map(|s| s.peer);
+        match (p.next_recv(self.plan), to) {
+            (Some(r), _) if !self.recv.holding() => EngineError::Timeout {
+                peer: r.peer,
                 what: format!(
-                    "data from rank {prev} (step {}, slice {}; {} of {} frames received)",
+                    "data from rank {} (step {}, slice {}; {} of {} frames received)",
+                    r.peer,
                     r.step,
                     r.slice,
                     p.received(),
@@ -312,7 +310,7 @@ impl<'a> Call<'a> {
                 ),
                 waited,
             },
-            None => EngineError::Timeout {
+            (_, Some(next)) => EngineError::Timeout {
                 peer: next,
                 what: format!(
                     "rank {next} to take data ({} of {} frames sent)",
@@ -321,13 +319,38 @@ impl<'a> Call<'a> {
                 ),
                 waited,
             },
+            (_, None) => EngineError::Protocol {
+                peer: 0,
+                reason: "a call stalled with nothing left to send or receive".into(),
+            },
+        }
+    }
+
+    /// The link to sleep on for reading, and for writing when the send
+    /// half found its link full; and the link of the next frame still owed
+    /// to a peer, watched for a hang-up.
+    fn waits<'l>(&self, links: &'l Links<'_>, send_full: bool) -> [Option<&'l dyn Link>; 3] {
+        let p = &self.progress;
+        let read = match p.next_recv(self.plan) {
+            Some(r) if !self.recv.holding() => links.link_from_ref(r.peer),
+            _ => None,
+        };
+        let owed = self
+            .plan
+            .sends
+            .get(p.sent())
+            .and_then(|s| links.link_to_ref(s.peer));
+        if send_full {
+            [read, owed, None]
+        } else {
+            [read, None, owed]
         }
     }
 }
 
-/// The ring of a call in progress, which withdraws what the send half may
-/// have posted on the next link ([`Link::withdraw`]) when it is dropped
-/// before the call completed: on an error return and while a panic unwinds.
+/// The links of a call in progress, which withdraws what the send half may
+/// have posted ([`Link::withdraw`]) when it is dropped before the call
+/// completed: on an error return and while a panic unwinds.
 ///
 /// A partly written frame may still be read from the buffer it came from
 /// (shared memory's single copy reads the sender's memory in place), and
@@ -336,31 +359,42 @@ impl<'a> Call<'a> {
 /// which is dropped with the [`Call`]. The failure handling that follows
 /// (reporting, then closing the links) may take seconds, and a panic skips
 /// it. Completing costs one store of a flag per call, nothing per frame.
-struct Withdraw<'a> {
-    ring: Ring<'a>,
+struct Withdraw<'a, 'l> {
+    links: &'a mut Links<'l>,
+    plan: &'a Plan,
     completed: bool,
 }
 
-impl Drop for Withdraw<'_> {
+impl Drop for Withdraw<'_, '_> {
     fn drop(&mut self) {
-        if !self.completed {
-            self.ring.next.withdraw();
+        if self.completed {
+            return;
+        }
+        // Every link this call writes to, once.
+        let mut done: Vec<usize> = Vec::new();
+        for s in &self.plan.sends {
+            if !done.contains(&s.peer) {
+                done.push(s.peer);
+                if let Some(l) = self.links.link_to(s.peer) {
+                    l.withdraw();
+                }
+            }
         }
     }
 }
 
-/// Runs `job` to completion. `ring` may be `None` only when the plan has no frames.
+/// Runs `job` to completion. `links` may be `None` only when the plan has no frames.
 ///
 /// On every other exit, an error or a panic, whatever the send half posted
-/// on the next link is withdrawn before `run` returns or the panic leaves
-/// it, so the caller may free or reuse its buffers at once.
-pub(crate) fn run(ring: Option<Ring<'_>>, job: Job<'_>) -> Result<(), EngineError> {
+/// on a link is withdrawn before `run` returns or the panic leaves it, so
+/// the caller may free or reuse its buffers at once.
+pub(crate) fn run(links: Option<&mut Links<'_>>, job: Job<'_>) -> Result<(), EngineError> {
     let (timeout, spin) = (job.timeout, job.spin);
     let mut call = Call::start(job)?;
     if !call.has_frames() {
         return call.finish();
     }
-    let Some(ring) = ring else {
+    let Some(links) = links else {
         return Err(EngineError::Protocol {
             peer: 0,
             reason: "a plan with frames but no links".into(),
@@ -368,15 +402,15 @@ pub(crate) fn run(ring: Option<Ring<'_>>, job: Job<'_>) -> Result<(), EngineErro
     };
     // Declared after `call`, so dropped before it (and its staging).
     let mut guard = Withdraw {
-        ring,
+        links,
+        plan: call.plan,
         completed: false,
     };
-    let ring = &mut guard.ring;
-    let (next_rank, prev_rank) = (ring.next.peer(), ring.prev.peer());
-    let cheap = ring.next.cheap_to_poll() && ring.prev.cheap_to_poll();
+    let links = &mut *guard.links;
+    let cheap = links.iter().all(|l| l.cheap_to_poll());
     let mut idle = Idle::new(spin, timeout, cheap);
     loop {
-        let pumped = call.pump(ring)?;
+        let pumped = call.pump(links)?;
         if call.done() {
             // Every frame was written: nothing is posted any more.
             guard.completed = true;
@@ -392,22 +426,16 @@ pub(crate) fn run(ring: Option<Ring<'_>>, job: Job<'_>) -> Result<(), EngineErro
         match idle.next(Instant::now()) {
             Step::Pause(n) => (0..n).for_each(|_| std::hint::spin_loop()),
             Step::Yield => std::thread::yield_now(),
-            Step::TimedOut(waited) => return Err(call.timed_out(waited, next_rank, prev_rank)),
+            Step::TimedOut(waited) => return Err(call.timed_out(waited)),
             Step::Sleep(left) => {
-                let plan = call.plan;
-                let progress = &call.progress;
-                let read: Option<&dyn Link> = progress.next_recv(plan).map(|_| &*ring.prev as _);
-                let write: Option<&dyn Link> = pumped.send_full.then_some(&*ring.next as _);
-                // Frames still owed to the next rank: watch its link for a
-                // hang-up too, so that its death is noticed now, from its own
-                // socket.
-                let owed = plan.sends.len() - progress.sent();
-                let watch: Option<&dyn Link> =
-                    (write.is_none() && owed > 0).then_some(&*ring.next as _);
+                let [read, write, watch] = call.waits(links, pumped.send_full);
                 let ready = wait_watching(read, write, watch, left)?;
                 if ready.hung_up {
+                    let plan = call.plan;
+                    let owed = plan.sends.len() - call.progress.sent();
+                    let peer = watch.map_or(0, |l| l.peer());
                     return Err(EngineError::Transport(TransportError::PeerClosed {
-                        peer: next_rank,
+                        peer,
                         how: format!(
                             "hung up while {owed} of {} frames were still to be sent to it",
                             plan.sends.len()

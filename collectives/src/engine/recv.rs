@@ -1,13 +1,14 @@
-//! The receive half: reads the plan's frames from the previous rank, checks
+//! The receive half: reads the plan's frames from their peers, checks
 //! each header before any byte of its payload reaches the caller's buffer,
 //! and copies or reduces the payload into place.
 
 use std::io::IoSliceMut;
 
-use oxccl_transport::Link;
 use oxccl_transport::wire::FrameHeader;
 
+use super::send::no_link;
 use super::{Data, EngineError, HDR, Input, Output, Wire};
+use crate::links::Links;
 use crate::schedule::{Commit, Plan, Progress, Src};
 
 /// Copied frames up to this size are received through staging and copied
@@ -23,6 +24,11 @@ pub(super) struct RecvHalf<'a> {
     pos: usize,
     /// Received payloads to reduce, small copies, and device slices.
     staging: &'a mut Vec<u8>,
+    /// The current frame is received whole and waits to be committed
+    /// until the send it depends on is done ([`RecvOp::after_send`]).
+    ///
+    /// [`RecvOp::after_send`]: crate::schedule::RecvOp::after_send
+    held: bool,
 }
 
 impl<'a> RecvHalf<'a> {
@@ -41,14 +47,20 @@ impl<'a> RecvHalf<'a> {
             hdr: [0; HDR],
             pos: 0,
             staging,
+            held: false,
         }
+    }
+
+    /// Whether a received frame waits for a send before it is committed.
+    pub(super) fn holding(&self) -> bool {
+        self.held
     }
 
     /// Reads every frame available. Returns whether any byte came.
     #[inline]
     pub(super) fn pump(
         &mut self,
-        link: &mut dyn Link,
+        links: &mut Links<'_>,
         plan: &Plan,
         progress: &mut Progress,
         wire: &Wire,
@@ -57,7 +69,7 @@ impl<'a> RecvHalf<'a> {
         let mut moved = false;
         let mut empty = [0u8; 0];
         while let Some(r) = progress.next_recv(plan) {
-            let peer = link.peer();
+            let peer = r.peer;
             let len = r.range.len();
             // No byte reaches the caller's buffer before its frame's header
             // is checked: a large copied frame is read in place after its
@@ -65,32 +77,48 @@ impl<'a> RecvHalf<'a> {
             // bytes count only once the frame is complete.
             let in_place = matches!((r.commit, &data.output), (Commit::Copy, Output::Host(_)))
                 && len > STAGED_COPY;
-            let target: &mut [u8] = match (r.commit, &mut data.output) {
-                (Commit::Copy, Output::Host(o)) if in_place => &mut o[r.range.clone()],
-                (Commit::Discard, _) => &mut empty,
-                _ => &mut self.staging[..len],
-            };
-            let was_header = self.pos < HDR;
-            let n = if was_header && in_place {
-                link.try_read(&mut [IoSliceMut::new(&mut self.hdr[self.pos..])])?
-            } else if was_header {
-                link.try_read(&mut [
-                    IoSliceMut::new(&mut self.hdr[self.pos..]),
-                    IoSliceMut::new(target),
-                ])?
+            if self.held {
+                if !progress.may_commit(r) {
+                    break;
+                }
+                self.held = false;
             } else {
-                link.try_read(&mut [IoSliceMut::new(&mut target[self.pos - HDR..])])?
-            };
-            if n == 0 {
-                break;
-            }
-            moved = true;
-            self.pos += n;
-            if was_header && self.pos >= HDR {
-                check_header(&self.hdr, wire, r.step, r.slice, len, peer)?;
-            }
-            if self.pos < HDR + len {
-                continue;
+                let Some(link) = links.link_from(peer) else {
+                    return Err(no_link(peer));
+                };
+                let target: &mut [u8] = match (r.commit, &mut data.output) {
+                    (Commit::Copy, Output::Host(o)) if in_place => &mut o[r.range.clone()],
+                    (Commit::Discard, _) => &mut empty,
+                    _ => &mut self.staging[..len],
+                };
+                let was_header = self.pos < HDR;
+                let n = if was_header && in_place {
+                    link.try_read(&mut [IoSliceMut::new(&mut self.hdr[self.pos..])])?
+                } else if was_header {
+                    link.try_read(&mut [
+                        IoSliceMut::new(&mut self.hdr[self.pos..]),
+                        IoSliceMut::new(target),
+                    ])?
+                } else {
+                    link.try_read(&mut [IoSliceMut::new(&mut target[self.pos - HDR..])])?
+                };
+                if n == 0 {
+                    break;
+                }
+                moved = true;
+                self.pos += n;
+                if was_header && self.pos >= HDR {
+                    check_header(&self.hdr, wire, r.step, r.slice, len, peer)?;
+                }
+                if self.pos < HDR + len {
+                    continue;
+                }
+                if !progress.may_commit(r) {
+                    // Complete, but its range is still being sent: it waits in
+                    // staging (reductions always go through staging).
+                    self.held = true;
+                    break;
+                }
             }
             // Not sized for frames received in place.
             let staged = || &self.staging[..len];

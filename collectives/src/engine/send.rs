@@ -1,13 +1,13 @@
-//! The send half: writes the plan's frames to the next rank, each a header
+//! The send half: writes the plan's frames to their peers, each a header
 //! and a payload taken straight from the caller's buffer (or staged from a
 //! device), as far as the link takes them.
 
 use std::io::IoSlice;
 
-use oxccl_transport::Link;
 use oxccl_transport::wire::{FrameHeader, Tag};
 
 use super::{Data, EngineError, HDR, Input, Output, Wire};
+use crate::links::Links;
 use crate::schedule::{Plan, Progress, Src};
 
 /// The frame being written and the host copy of a device slice.
@@ -38,7 +38,7 @@ impl SendHalf {
     #[inline]
     pub(super) fn pump(
         &mut self,
-        link: &mut dyn Link,
+        links: &mut Links<'_>,
         plan: &Plan,
         progress: &mut Progress,
         wire: &Wire,
@@ -47,6 +47,9 @@ impl SendHalf {
     ) -> Result<(bool, bool), EngineError> {
         let mut moved = false;
         while let Some(s) = progress.next_send(plan) {
+            let Some(link) = links.link_to(s.peer) else {
+                return Err(no_link(s.peer));
+            };
             let len = s.range.len();
             let off = data.off;
             let payload: &[u8] = match (s.src, data.input, &data.output) {
@@ -109,5 +112,16 @@ impl SendHalf {
             }
         }
         Ok((moved, false))
+    }
+}
+
+/// A plan names a peer this rank has no link to: a bug in choosing the
+/// links or the algorithm, reported rather than panicked on.
+pub(super) fn no_link(peer: usize) -> EngineError {
+    EngineError::Protocol {
+        peer,
+        reason: format!(
+            "the plan exchanges frames with rank {peer}, but this rank has no link to it"
+        ),
     }
 }

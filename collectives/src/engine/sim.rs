@@ -12,7 +12,10 @@ use oxccl_kernels::{DType, ReduceOp};
 use oxccl_transport::fault::{self, Faults};
 use proptest::prelude::*;
 
-use super::{Call, Input, Job, Output, Ring};
+use super::{Call, Input, Job, Output};
+use crate::algo::{self, Algorithm};
+use crate::descriptor::Descriptor;
+use crate::links;
 use crate::schedule::*;
 
 /// xorshift64*: enough randomness to shuffle turns, reproducible from a seed.
@@ -29,6 +32,7 @@ impl Rng {
 /// Runs one collective (`inputs` one per rank, outputs of `out_len` bytes)
 /// and returns each rank's output.
 fn simulate(
+    algo: &dyn Algorithm,
     shape: Shape,
     dtype: DType,
     rop: ReduceOp,
@@ -39,7 +43,7 @@ fn simulate(
     let world = shape.world;
     let mut rng = Rng(seed | 1);
     let plans: Vec<Plan> = (0..world)
-        .map(|rank| plan(&Shape { rank, ..shape }))
+        .map(|rank| algo.plan(&Shape { rank, ..shape }))
         .collect();
     for p in &plans {
         check_deferred_prologue(p);
@@ -61,7 +65,8 @@ fn simulate(
             ..Faults::default()
         })
         .collect();
-    let mut links: Vec<_> = fault::ring(world, |r| faults[r]).unwrap();
+    let mut links: Vec<_> =
+        links::in_process(world, |a, b| fault::pair(a, b, faults[a], faults[b])).unwrap();
     let mut stagings: Vec<Vec<u8>> = vec![Vec::new(); world];
     let mut calls: Vec<Call<'_>> = outputs
         .iter_mut()
@@ -92,14 +97,13 @@ fn simulate(
     while calls.iter().any(|c| !c.done()) {
         assert!(idle < 1_000_000, "deadlock");
         let r = (rng.next() % world as u64) as usize;
-        let (Some((next, prev)), false) = (links[r].as_mut(), calls[r].done()) else {
+        let (Some(l), false) = (links[r].as_mut(), calls[r].done()) else {
             idle += 1;
             continue;
         };
-        let mut ring = Ring { next, prev };
         // The deferred prologue runs at the end, the latest the engine may
         // run it: a frame that read its range would carry stale bytes.
-        if calls[r].pump(&mut ring).unwrap().moved {
+        if calls[r].pump(l).unwrap().moved {
             idle = 0;
         } else {
             idle += 1;
@@ -167,7 +171,24 @@ fn shape(
     }
 }
 
+/// Checks `s` with every algorithm that can run it.
 fn check(s: Shape, op: ReduceOp, seed: u64) {
+    let d = Descriptor {
+        kind: s.kind,
+        dtype: DType::I64,
+        op,
+        root: s.root,
+        count: s.count,
+    };
+    for a in algo::ALL {
+        // The small-message path's plan is the ring's allgather.
+        if a.name() != "gather_reduce" && (a.name() == "ring" || a.supports(&d, s.world)) {
+            check_with(a, s, op, seed);
+        }
+    }
+}
+
+fn check_with(algo: &dyn Algorithm, s: Shape, op: ReduceOp, seed: u64) {
     let Shape {
         kind,
         world,
@@ -188,7 +209,7 @@ fn check(s: Shape, op: ReduceOp, seed: u64) {
             _ => bytes(v),
         })
         .collect();
-    let outs = simulate(s, DType::I64, op, &raw, count * 8, seed);
+    let outs = simulate(algo, s, DType::I64, op, &raw, count * 8, seed);
     let outs: Vec<Vec<i64>> = outs
         .iter()
         .map(|o| {
@@ -198,8 +219,10 @@ fn check(s: Shape, op: ReduceOp, seed: u64) {
         })
         .collect();
     let reduced = reduce_all(op, &refs);
-    let ctx =
-        format!("{kind:?} world {world} count {count} root {root} {op} oop {oop} slice {slice}");
+    let ctx = format!(
+        "{} {kind:?} world {world} count {count} root {root} {op} oop {oop} slice {slice}",
+        algo.name()
+    );
     match kind {
         Kind::AllReduce => outs.iter().for_each(|o| assert_eq!(o, &reduced, "{ctx}")),
         Kind::Reduce => assert_eq!(outs[root], reduced, "{ctx}"),

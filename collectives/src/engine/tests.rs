@@ -11,7 +11,8 @@ use oxccl_transport::TransportError;
 use oxccl_transport::fault::{self, FaultLink, Faults};
 use oxccl_transport::wire::DESCRIPTOR_LEN;
 
-use super::{EngineError, Input, Job, Output, Ring, run};
+use super::{EngineError, Input, Job, Output, run};
+use crate::links::Links;
 use crate::schedule::{Kind, Shape, chunk_range, plan};
 
 /// Slices of 7 elements, or of 2048 (8 KiB frames, received in place) for
@@ -61,11 +62,10 @@ fn run_world(
                     };
                     let mut out = vec![0i32; count];
                     let mut staging = Vec::new();
+                    let mut links =
+                        Links::new(Box::new(&mut next), Box::new(&mut prev), Vec::new());
                     let result = run(
-                        Some(Ring {
-                            next: &mut next,
-                            prev: &mut prev,
-                        }),
+                        Some(&mut links),
                         Job {
                             plan: &p,
                             seq: 1,
@@ -303,8 +303,9 @@ fn run_rank(
     let own = input(rank, count);
     let mut out = vec![0i32; count];
     let mut staging = Vec::new();
+    let mut links = Links::new(Box::new(next), Box::new(prev), Vec::new());
     run(
-        Some(Ring { next, prev }),
+        Some(&mut links),
         Job {
             plan: &p,
             seq: 1,

@@ -1,8 +1,12 @@
 //! Pure, sans-IO schedules of the collectives.
 //!
-//! A [`Plan`] lists, for one rank, the frames it sends to the next rank of
-//! the ring and the frames it receives from the previous one, each with the
-//! byte range it covers and the dependency that orders it. [`Progress`] walks
+//! A [`Plan`] lists, for one rank, the frames it sends and the frames it
+//! receives, each in the order it happens, with the peer it goes to or
+//! comes from, the byte range it covers and the dependency that orders it.
+//! Frames to one peer arrive in the order sent; the engine takes sends in
+//! plan order and receives in plan order. The ring schedules are here;
+//! `hypercube` (halving-doubling, recursive doubling) and `tree` (binomial
+//! broadcast) hold the others. [`Progress`] walks
 //! a plan: it is fed completions (`handle_sent`, `handle_received`) and
 //! polled for the next frame that may go (`next_send`, `next_recv`). There are
 //! no sockets, threads or clocks here: the engine drives a plan over links,
@@ -37,9 +41,13 @@
 //!   each slice, reduces it with its input and forwards it; the root receives
 //!   last. The root sends the first rank an empty frame for the same reason.
 
+mod hypercube;
 mod layout;
+mod tree;
 
+pub use hypercube::{halving_doubling, hypercube_peers, recursive_doubling};
 pub use layout::{chunk_range, slices};
+pub use tree::{binomial_broadcast, tree_peers};
 
 use std::ops::Range;
 
@@ -99,10 +107,12 @@ pub enum Src {
     Output,
 }
 
-/// One frame to send to the next rank.
+/// One frame to send.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SendOp {
-    /// Ring step.
+    /// The rank it goes to.
+    pub peer: usize,
+    /// Step of the algorithm.
     pub step: u32,
     /// Slice within the step.
     pub slice: u32,
@@ -130,10 +140,12 @@ pub enum Commit {
     Discard,
 }
 
-/// One frame to receive from the previous rank.
+/// One frame to receive.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RecvOp {
-    /// Ring step.
+    /// The rank it comes from.
+    pub peer: usize,
+    /// Step of the algorithm.
     pub step: u32,
     /// Slice within the step.
     pub slice: u32,
@@ -141,6 +153,11 @@ pub struct RecvOp {
     pub range: Range<usize>,
     /// What to do with it.
     pub commit: Commit,
+    /// Index of the send that must have completed before this frame is
+    /// committed: a frame reduced into a range that a send of the same
+    /// step reads (recursive doubling exchanges whole buffers). The frame
+    /// may arrive earlier; it waits, received, until the send is done.
+    pub after_send: Option<usize>,
 }
 
 /// Everything one rank sends and receives in one collective.
@@ -265,6 +282,7 @@ fn ring_reduce_scatter(s: &Shape, p: &mut Plan, first_step: u32) {
             slices(chunk_range(s.count, s.world, send_chunk), s.slice_elems).enumerate()
         {
             p.sends.push(SendOp {
+                peer: wrap(s, r + 1),
                 step,
                 slice: j as u32,
                 src: if k == 0 { Src::Input } else { Src::Output },
@@ -279,6 +297,7 @@ fn ring_reduce_scatter(s: &Shape, p: &mut Plan, first_step: u32) {
         {
             prev_recvs.push(p.recvs.len());
             p.recvs.push(RecvOp {
+                peer: wrap(s, r - 1),
                 step,
                 slice: j as u32,
                 range: byte_range(s, elems),
@@ -286,6 +305,7 @@ fn ring_reduce_scatter(s: &Shape, p: &mut Plan, first_step: u32) {
                     with: Src::Input,
                     finish_avg: last && s.avg,
                 },
+                after_send: None,
             });
         }
     }
@@ -317,6 +337,7 @@ fn ring_all_gather(s: &Shape, p: &mut Plan, first_step: u32, after: Option<usize
                 (Src::Output, Some(prev_recvs[j]))
             };
             p.sends.push(SendOp {
+                peer: wrap(s, r + 1),
                 step,
                 slice: j as u32,
                 src,
@@ -330,10 +351,12 @@ fn ring_all_gather(s: &Shape, p: &mut Plan, first_step: u32, after: Option<usize
         {
             prev_recvs.push(p.recvs.len());
             p.recvs.push(RecvOp {
+                peer: wrap(s, r - 1),
                 step,
                 slice: j as u32,
                 range: byte_range(s, elems),
                 commit: Commit::Copy,
+                after_send: None,
             });
         }
     }
@@ -357,6 +380,7 @@ fn chain_broadcast(s: &Shape, p: &mut Plan) {
         }
         for (j, elems) in slices(all, s.slice_elems).enumerate() {
             p.sends.push(SendOp {
+                peer: wrap(s, s.rank as isize + 1),
                 step: 0,
                 slice: j as u32,
                 src: Src::Input,
@@ -364,18 +388,21 @@ fn chain_broadcast(s: &Shape, p: &mut Plan) {
                 after_recv: None,
             });
         }
-        p.recvs.push(done_frame(1));
+        p.recvs.push(done_frame(wrap(s, s.rank as isize - 1), 1));
         return;
     }
     for (j, elems) in slices(all, s.slice_elems).enumerate() {
         p.recvs.push(RecvOp {
+            peer: wrap(s, s.rank as isize - 1),
             step: 0,
             slice: j as u32,
             range: byte_range(s, elems.clone()),
             commit: Commit::Copy,
+            after_send: None,
         });
         if pos + 1 < n {
             p.sends.push(SendOp {
+                peer: wrap(s, s.rank as isize + 1),
                 step: 0,
                 slice: j as u32,
                 src: Src::Output,
@@ -386,6 +413,7 @@ fn chain_broadcast(s: &Shape, p: &mut Plan) {
     }
     if pos + 1 == n {
         p.sends.push(SendOp {
+            peer: wrap(s, s.rank as isize + 1),
             step: 1,
             slice: 0,
             src: Src::Output,
@@ -413,6 +441,7 @@ fn chain_reduce(s: &Shape, p: &mut Plan) {
     if pos == 0 {
         for (j, elems) in slices(all, s.slice_elems).enumerate() {
             p.sends.push(SendOp {
+                peer: wrap(s, s.rank as isize + 1),
                 step: 0,
                 slice: j as u32,
                 src: Src::Input,
@@ -420,12 +449,13 @@ fn chain_reduce(s: &Shape, p: &mut Plan) {
                 after_recv: None,
             });
         }
-        p.recvs.push(done_frame(1));
+        p.recvs.push(done_frame(wrap(s, s.rank as isize - 1), 1));
         return;
     }
     let root = pos + 1 == n;
     if root {
         p.sends.push(SendOp {
+            peer: wrap(s, s.rank as isize + 1),
             step: 1,
             slice: 0,
             src: Src::Output,
@@ -435,6 +465,7 @@ fn chain_reduce(s: &Shape, p: &mut Plan) {
     }
     for (j, elems) in slices(all, s.slice_elems).enumerate() {
         p.recvs.push(RecvOp {
+            peer: wrap(s, s.rank as isize - 1),
             step: 0,
             slice: j as u32,
             range: byte_range(s, elems.clone()),
@@ -442,9 +473,11 @@ fn chain_reduce(s: &Shape, p: &mut Plan) {
                 with: Src::Input,
                 finish_avg: root && s.avg,
             },
+            after_send: None,
         });
         if !root {
             p.sends.push(SendOp {
+                peer: wrap(s, s.rank as isize + 1),
                 step: 0,
                 slice: j as u32,
                 src: Src::Output,
@@ -455,12 +488,14 @@ fn chain_reduce(s: &Shape, p: &mut Plan) {
     }
 }
 
-fn done_frame(step: u32) -> RecvOp {
+fn done_frame(peer: usize, step: u32) -> RecvOp {
     RecvOp {
+        peer,
         step,
         slice: 0,
         range: 0..0,
         commit: Commit::Discard,
+        after_send: None,
     }
 }
 
@@ -484,6 +519,13 @@ impl Progress {
     /// The next frame to receive.
     pub fn next_recv<'p>(&self, plan: &'p Plan) -> Option<&'p RecvOp> {
         plan.recvs.get(self.received)
+    }
+
+    /// Whether the received frame `op` may be committed now (its
+    /// [`RecvOp::after_send`] is done).
+    #[inline]
+    pub fn may_commit(&self, op: &RecvOp) -> bool {
+        op.after_send.is_none_or(|i| i < self.sent)
     }
 
     /// The frame returned by `next_send` has been written entirely.

@@ -223,6 +223,7 @@ pub(super) fn read_answer(
     created: Result<Created, String>,
     policy: Policy,
     capacity: usize,
+    single_copy: Option<usize>,
     deadline: Instant,
 ) -> Result<Box<dyn Link>, TransportError> {
     let mut fixed = [0u8; 8 + 1 + 1 + 2];
@@ -250,7 +251,9 @@ pub(super) fn read_answer(
             let Created { map, _unlink, .. } = c;
             drop(_unlink);
             let peer = prev.peer();
-            Box::new(ShmLink::new(peer, map, capacity, 0, prev, &name))
+            let mut link = ShmLink::new(peer, map, capacity, 0, prev, &name);
+            link.set_single_copy(single_copy);
+            Box::new(link)
         }
         created => {
             let reason = match created {

@@ -292,8 +292,47 @@ pub fn upgrade_ring(
     // 2. Answer the offer on next.
     let next = handshake::answer(next, policy, capacity, single_copy, deadline)?;
     // 3. Read the answer on prev.
-    let prev = handshake::read_answer(prev, created, policy, capacity, deadline)?;
+    let prev = handshake::read_answer(prev, created, policy, capacity, single_copy, deadline)?;
     Ok(Upgraded { next, prev })
+}
+
+/// [`upgrade_ring`] for links to other peers: on each link of `links`, the
+/// side given `true` creates and offers the segment and the other side
+/// answers. Every rank calls it with all its pair links at once; it sends
+/// all its offers first, then answers the offers it gets, then reads the
+/// answers to its own, so no rank waits for one that waits for it. Returns
+/// the links in the order given.
+pub fn upgrade_pairs(
+    links: Vec<(StreamLink, bool)>,
+    policy: Policy,
+    capacity: usize,
+    single_copy: Option<usize>,
+    deadline: Instant,
+) -> Result<Vec<Box<dyn Link>>, TransportError> {
+    let capacity = capacity.max(MIN_CAPACITY);
+    let mut offered = Vec::new();
+    let mut answering = Vec::new();
+    for (i, (mut link, offers)) in links.into_iter().enumerate() {
+        if offers {
+            let created = handshake::offer(&mut link, policy, capacity, deadline)?;
+            offered.push((i, link, created));
+        } else {
+            answering.push((i, link));
+        }
+    }
+    let mut out: Vec<(usize, Box<dyn Link>)> = Vec::new();
+    for (i, link) in answering {
+        out.push((
+            i,
+            handshake::answer(link, policy, capacity, single_copy, deadline)?,
+        ));
+    }
+    for (i, link, created) in offered {
+        let l = handshake::read_answer(link, created, policy, capacity, single_copy, deadline)?;
+        out.push((i, l));
+    }
+    out.sort_by_key(|(i, _)| *i);
+    Ok(out.into_iter().map(|(_, l)| l).collect())
 }
 
 /// Shared-memory links between two threads of this process: `(a, b)` where

@@ -1,0 +1,181 @@
+//! A rank's links, found by peer.
+//!
+//! Every rank has the ring's two links (to `rank + 1`, from `rank - 1`),
+//! and one link to each other peer that some algorithm's schedule talks to
+//! (`algo::peers`). Every link is one connection both ways, so the two
+//! ranks of a pair agree on it from either side: frames to a peer go on
+//! the link to the next rank when the peer is the next rank, else on the
+//! pair link, else on the link from the previous rank (backwards along the
+//! ring); frames from a peer come the mirror way. In a world of two the
+//! next and the previous rank are the same peer and each ring link carries
+//! one direction, as in the ring.
+
+use oxccl_transport::Link;
+
+/// Where a link is kept.
+#[derive(Debug, Clone, Copy)]
+enum Slot {
+    Next,
+    Prev,
+    Pair(usize),
+}
+
+/// A rank's links.
+#[derive(Debug, Default)]
+pub(crate) struct Links<'a> {
+    /// To `rank + 1`.
+    next: Option<Box<dyn Link + 'a>>,
+    /// From `rank - 1`.
+    prev: Option<Box<dyn Link + 'a>>,
+    /// To every other peer, sorted by peer.
+    pairs: Vec<Box<dyn Link + 'a>>,
+}
+
+impl<'a> Links<'a> {
+    /// The ring's links and the pair links to other peers.
+    pub(crate) fn new(
+        next: Box<dyn Link + 'a>,
+        prev: Box<dyn Link + 'a>,
+        mut pairs: Vec<Box<dyn Link + 'a>>,
+    ) -> Links<'a> {
+        pairs.sort_by_key(|l| l.peer());
+        Links {
+            next: Some(next),
+            prev: Some(prev),
+            pairs,
+        }
+    }
+
+    /// Where the link for frames to (`out`) or from `peer` is.
+    #[inline]
+    fn slot(&self, peer: usize, out: bool) -> Option<Slot> {
+        let is = |l: &Option<Box<dyn Link + 'a>>| l.as_ref().is_some_and(|l| l.peer() == peer);
+        let (first, second) = if out {
+            (Slot::Next, Slot::Prev)
+        } else {
+            (Slot::Prev, Slot::Next)
+        };
+        let of = |s: Slot| match s {
+            Slot::Next => &self.next,
+            _ => &self.prev,
+        };
+        if is(of(first)) {
+            return Some(first);
+        }
+        if is(of(second)) {
+            return Some(second);
+        }
+        self.pairs
+            .binary_search_by_key(&peer, |l| l.peer())
+            .ok()
+            .map(Slot::Pair)
+    }
+
+    fn get(&self, slot: Slot) -> Option<&(dyn Link + 'a)> {
+        match slot {
+            Slot::Next => self.next.as_deref(),
+            Slot::Prev => self.prev.as_deref(),
+            Slot::Pair(i) => self.pairs.get(i).map(|l| l.as_ref()),
+        }
+    }
+
+    fn get_mut(&mut self, slot: Slot) -> Option<&mut (dyn Link + 'a)> {
+        match slot {
+            Slot::Next => self.next.as_deref_mut(),
+            Slot::Prev => self.prev.as_deref_mut(),
+            Slot::Pair(i) => self.pairs.get_mut(i).map(|l| l.as_mut()),
+        }
+    }
+
+    /// The link that carries frames to `peer`.
+    #[inline]
+    pub(crate) fn link_to(&mut self, peer: usize) -> Option<&mut (dyn Link + 'a)> {
+        self.slot(peer, true).and_then(|s| self.get_mut(s))
+    }
+
+    /// The link that carries frames from `peer`.
+    #[inline]
+    pub(crate) fn link_from(&mut self, peer: usize) -> Option<&mut (dyn Link + 'a)> {
+        self.slot(peer, false).and_then(|s| self.get_mut(s))
+    }
+
+    /// [`link_to`](Self::link_to), shared.
+    pub(crate) fn link_to_ref(&self, peer: usize) -> Option<&(dyn Link + 'a)> {
+        self.slot(peer, true).and_then(|s| self.get(s))
+    }
+
+    /// [`link_from`](Self::link_from), shared.
+    pub(crate) fn link_from_ref(&self, peer: usize) -> Option<&(dyn Link + 'a)> {
+        self.slot(peer, false).and_then(|s| self.get(s))
+    }
+
+    /// Every link.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &(dyn Link + 'a)> {
+        self.next
+            .iter()
+            .chain(self.prev.iter())
+            .chain(self.pairs.iter())
+            .map(|l| l.as_ref())
+    }
+
+    /// Every link, mutably.
+    pub(crate) fn iter_mut(&mut self) -> impl Iterator<Item = &mut (dyn Link + 'a)> {
+        self.next
+            .iter_mut()
+            .chain(self.prev.iter_mut())
+            .chain(self.pairs.iter_mut())
+            .map(|l| l.as_mut())
+    }
+
+    /// The link to the next rank of the ring and the one from the previous.
+    pub(crate) fn ring(&self) -> Option<(&(dyn Link + 'a), &(dyn Link + 'a))> {
+        Some((self.next.as_deref()?, self.prev.as_deref()?))
+    }
+}
+
+/// The links of every rank of a world in one process, indexed by rank
+/// (`None` for a world of one): the ring and every pair link of
+/// [`algo::pair_peers`](crate::algo::pair_peers), each made by
+/// `make(a, b)`, which returns `a`'s end (to `b`) and `b`'s end (to `a`).
+pub(crate) fn in_process<'a, L: Link + 'a, E>(
+    world: usize,
+    mut make: impl FnMut(usize, usize) -> Result<(L, L), E>,
+) -> Result<Vec<Option<Links<'a>>>, E> {
+    if world <= 1 {
+        return Ok((0..world).map(|_| None).collect());
+    }
+    let mut next: Vec<Option<Box<dyn Link + 'a>>> = (0..world).map(|_| None).collect();
+    let mut prev: Vec<Option<Box<dyn Link + 'a>>> = (0..world).map(|_| None).collect();
+    let mut pairs: Vec<Vec<Box<dyn Link + 'a>>> = (0..world).map(|_| Vec::new()).collect();
+    for (r, slot) in next.iter_mut().enumerate() {
+        let to = (r + 1) % world;
+        let (a, b) = make(r, to)?;
+        *slot = Some(Box::new(a));
+        prev[to] = Some(Box::new(b));
+    }
+    for a in 0..world {
+        for b in crate::algo::pair_peers(a, world) {
+            if a < b {
+                let (x, y) = make(a, b)?;
+                pairs[a].push(Box::new(x));
+                pairs[b].push(Box::new(y));
+            }
+        }
+    }
+    Ok(next
+        .into_iter()
+        .zip(prev)
+        .zip(pairs)
+        .map(|((n, p), pairs)| {
+            Some(Links {
+                next: n,
+                prev: p,
+                pairs: {
+                    let mut pairs = pairs;
+                    pairs.sort_by_key(|l| l.peer());
+                    pairs
+                },
+            })
+        })
+        .collect())
+}
