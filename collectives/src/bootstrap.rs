@@ -528,7 +528,7 @@ fn connect(
     } else {
         None
     };
-    Communicator::assemble(Parts {
+    let mut comm = Communicator::assemble(Parts {
         rank,
         world,
         config,
@@ -537,7 +537,9 @@ fn connect(
         key_prefix: format!("{PREFIX}/{job:x}"),
         server,
         refused,
-    })
+    })?;
+    comm.agree_link_model()?;
+    Ok(comm)
 }
 
 /// Checks, before any link exists, that every rank came and that the ranks

@@ -349,62 +349,9 @@ impl Communicator {
         output: &mut [u8],
     ) -> Result<()> {
         let seq = self.begin(&d, input.map(<[u8]>::len), output.len())?;
-        let result = self.run_bytes_started(d, seq, input, output);
+        let result = self.run_started(d, seq, Bufs::Host { input, output });
         self.in_call = None;
         result
-    }
-
-    fn run_bytes_started(
-        &mut self,
-        d: Descriptor,
-        seq: u64,
-        input: Option<&[u8]>,
-        output: &mut [u8],
-    ) -> Result<()> {
-        let world = self.world;
-        let rank = self.rank;
-        let elem = d.dtype.size();
-        let algo = self.select(&d);
-        if algo.name() == GatherReduce.name() {
-            return self.small_all_reduce(d, seq, input, output);
-        }
-        let (shape, count, use_work) = self.shape(&d, input.is_none());
-        let plan = self.take_plan(algo, shape);
-
-        let (driver, work) = self.driver();
-        let result = {
-            let (job_input, job_output): (Option<&[u8]>, &mut [u8]) = if use_work {
-                if work.len() < count * elem {
-                    work.resize(count * elem, 0);
-                }
-                // In place on a non-root reduce, the caller's buffer is the input.
-                let inp: &[u8] = match input {
-                    Some(i) => i,
-                    None => &*output,
-                };
-                (Some(inp), &mut work[..count * elem])
-            } else {
-                (input, &mut *output)
-            };
-            driver.run(
-                &plan,
-                seq,
-                &d,
-                job_input.map(Input::Host),
-                Output::Host(job_output),
-            )
-        };
-        self.last_plan = Some((algo.name(), shape, plan));
-        match result {
-            Ok(()) => {
-                if use_work && d.kind == Kind::ReduceScatter {
-                    let own = chunk_range(count, world, rank);
-                    output.copy_from_slice(&self.work[own.start * elem..own.end * elem]);
-                }
-                Ok(())
-            }
-            Err(e) => Err(self.fail(&d, seq, e)),
-        }
     }
 
     /// Runs the collective `d` on device buffers (wgpu, CUDA), with the same
@@ -418,63 +365,124 @@ impl Communicator {
         output: &mut dyn DeviceMemory,
     ) -> Result<()> {
         let seq = self.begin(&d, input.map(|i| i.len_bytes()), output.len_bytes())?;
-        let result = self.run_device_started(d, seq, input, output);
+        let result = self.run_started(d, seq, Bufs::Device { input, output });
         self.in_call = None;
         result
     }
 
-    fn run_device_started(
-        &mut self,
-        d: Descriptor,
-        seq: u64,
-        input: Option<&dyn DeviceMemory>,
-        output: &mut dyn DeviceMemory,
-    ) -> Result<()> {
-        let (world, rank) = (self.world, self.rank);
-        let elem = d.dtype.size();
+    /// Runs a started call, on host or device buffers alike: the algorithm,
+    /// its plan, a scratch buffer where the call needs one, the engine, and
+    /// the failure handling.
+    fn run_started(&mut self, d: Descriptor, seq: u64, bufs: Bufs<'_>) -> Result<()> {
         let algo = self.select(&d);
         if algo.name() == GatherReduce.name() {
-            return self.small_all_reduce_device(d, seq, input, output);
+            let result = self.small_all_reduce(&d, seq, bufs);
+            return result.map_err(|e| self.fail(&d, seq, e));
         }
-        let (shape, count, use_work) = self.shape(&d, input.is_none());
+        let (shape, count, use_work) = self.shape(&d, bufs.in_place());
         let plan = self.take_plan(algo, shape);
-        let mut work: Option<Box<dyn DeviceMemory>> = None;
-        if use_work {
-            let scratch = output
-                .alloc_like(count * elem)
-                .map_err(|source| Error::Kernel {
-                    rank,
-                    call: d.call(seq),
-                    source,
-                })?;
-            work = Some(scratch);
-        }
-        let (driver, _) = self.driver();
-        let result = {
-            let (job_input, job_output) = match work.as_mut() {
-                Some(w) => {
-                    // In place on a non-root reduce, the caller's buffer is the input.
-                    let inp: &dyn DeviceMemory = match input {
-                        Some(i) => i,
-                        None => &*output,
-                    };
-                    (Some(Input::Device(inp)), Output::Device(w.as_mut()))
+        let bytes = count * d.dtype.size();
+        // Where the engine writes: the caller's output, or a scratch buffer
+        // of `bytes` (a non-root reduce, an out-of-place reduce-scatter),
+        // with the caller's buffer as input when the call is in place.
+        let (driver, work) = self.driver();
+        let result = match bufs {
+            Bufs::Host { input, output } => {
+                if !use_work {
+                    driver.run(&plan, seq, &d, input.map(Input::Host), Output::Host(output))
+                } else {
+                    if work.len() < bytes {
+                        work.resize(bytes, 0);
+                    }
+                    let inp: &[u8] = input.unwrap_or(&*output);
+                    let r = driver.run(
+                        &plan,
+                        seq,
+                        &d,
+                        Some(Input::Host(inp)),
+                        Output::Host(&mut work[..bytes]),
+                    );
+                    r.map(|()| {
+                        if d.kind == Kind::ReduceScatter {
+                            let elem = d.dtype.size();
+                            let own = chunk_range(shape.count, shape.world, shape.rank);
+                            output.copy_from_slice(&work[own.start * elem..own.end * elem]);
+                        }
+                    })
                 }
-                None => (input.map(Input::Device), Output::Device(&mut *output)),
-            };
-            driver.run(&plan, seq, &d, job_input, job_output)
-        }
-        .and_then(|()| {
-            if let (Some(w), Kind::ReduceScatter) = (&work, d.kind) {
-                let own = chunk_range(count, world, rank);
-                let mut host = vec![0u8; own.len() * elem];
-                w.read(own.start * elem, &mut host)?;
-                output.write(0, &host)?;
             }
-            Ok(())
-        });
+            Bufs::Device { input, output } => {
+                if !use_work {
+                    driver.run(
+                        &plan,
+                        seq,
+                        &d,
+                        input.map(Input::Device),
+                        Output::Device(output),
+                    )
+                } else {
+                    let mut w = output.alloc_like(bytes)?;
+                    let inp: &dyn DeviceMemory = input.unwrap_or(&*output);
+                    let r = driver.run(
+                        &plan,
+                        seq,
+                        &d,
+                        Some(Input::Device(inp)),
+                        Output::Device(w.as_mut()),
+                    );
+                    r.and_then(|()| {
+                        if d.kind != Kind::ReduceScatter {
+                            return Ok(());
+                        }
+                        // Only the own chunk comes back through the host.
+                        let elem = d.dtype.size();
+                        let own = chunk_range(shape.count, shape.world, shape.rank);
+                        let mut host = vec![0u8; own.len() * elem];
+                        w.read(own.start * elem, &mut host)?;
+                        output.write(0, &host)?;
+                        Ok(())
+                    })
+                }
+            }
+        };
         self.last_plan = Some((algo.name(), shape, plan));
         result.map_err(|e| self.fail(&d, seq, e))
+    }
+
+    /// Makes every rank choose algorithms with the same link model: the
+    /// shared-memory one only if every rank's links are all shared memory.
+    /// A rank whose peers all share its host would otherwise choose
+    /// differently from one that talks to another host, and their plans
+    /// would not match. One allreduce (minimum) of a byte over the ring, at
+    /// init, outside the numbered calls.
+    pub(crate) fn agree_link_model(&mut self) -> Result<()> {
+        /// The sequence number of the init call; numbered calls start at 0.
+        const INIT: u64 = u64::MAX;
+        if self.world < 2 {
+            return Ok(());
+        }
+        let d = Descriptor {
+            kind: Kind::AllReduce,
+            dtype: DType::U8,
+            op: ReduceOp::Min,
+            root: 0,
+            count: 1,
+        };
+        let mut flag = [u8::from(self.model == LinkModel::SHM)];
+        let (shape, _, _) = self.shape(&d, true);
+        let plan = algo::Ring.plan(&shape);
+        let (driver, _) = self.driver();
+        let result = driver.run(&plan, INIT, &d, None, Output::Host(&mut flag));
+        if let Err(e) = result {
+            return Err(self.fail(&d, INIT, e));
+        }
+        self.model = if flag[0] == 1 {
+            LinkModel::SHM
+        } else {
+            LinkModel::TCP
+        };
+        tracing::debug!(rank = self.rank, "link model: {:?}", self.model);
+        Ok(())
     }
 
     /// The algorithm that runs `d` ([`algo::select`]).
@@ -519,61 +527,39 @@ impl Communicator {
     /// Allreduce of a small buffer: one allgather of every rank's buffer (one
     /// frame per step, `world - 1` steps instead of `2 (world - 1)`), then
     /// every rank reduces the gathered buffers itself, in rank order, so all
-    /// ranks get the same bits.
+    /// ranks get the same bits: the host reducer into host memory, the
+    /// device's own kernels into device memory.
     fn small_all_reduce(
         &mut self,
-        d: Descriptor,
+        d: &Descriptor,
         seq: u64,
-        input: Option<&[u8]>,
-        output: &mut [u8],
-    ) -> Result<()> {
-        let (world, bytes) = (self.world, output.len());
-        let result = self
-            .small_gather(&d, seq, input.unwrap_or(&*output))
-            .and_then(|()| {
-                let work = &self.work[..bytes * world];
-                output.copy_from_slice(&work[..bytes]);
-                for r in 1..world {
-                    let theirs = &work[r * bytes..(r + 1) * bytes];
-                    self.reducer.reduce(d.dtype, d.op, output, theirs)?;
-                }
-                if d.op == ReduceOp::Avg {
-                    self.reducer.finish_avg(d.dtype, output, world)?;
-                }
-                Ok(())
-            });
-        result.map_err(|e| self.fail(&d, seq, e))
-    }
-
-    /// [`small_all_reduce`](Self::small_all_reduce) on device buffers: the
-    /// gather goes through host memory, and the device reduces the gathered
-    /// buffers into its output with its own kernels, in rank order.
-    fn small_all_reduce_device(
-        &mut self,
-        d: Descriptor,
-        seq: u64,
-        input: Option<&dyn DeviceMemory>,
-        output: &mut dyn DeviceMemory,
-    ) -> Result<()> {
-        let (world, bytes) = (self.world, output.len_bytes());
-        let mut own = vec![0u8; bytes];
-        let result = input
-            .unwrap_or(&*output)
-            .read(0, &mut own)
-            .map_err(EngineError::Kernel)
-            .and_then(|()| self.small_gather(&d, seq, &own))
-            .and_then(|()| {
-                let work = &self.work[..bytes * world];
-                output.write(0, &work[..bytes])?;
-                for r in 1..world {
-                    output.reduce_from_host(d.dtype, d.op, 0, &work[r * bytes..(r + 1) * bytes])?;
-                }
-                if d.op == ReduceOp::Avg {
-                    output.finish_avg(d.dtype, 0, bytes, world)?;
-                }
-                Ok(())
-            });
-        result.map_err(|e| self.fail(&d, seq, e))
+        bufs: Bufs<'_>,
+    ) -> Result<(), EngineError> {
+        let world = self.world;
+        let (mut out, bytes) = match bufs {
+            Bufs::Host { input, output } => {
+                self.small_gather(d, seq, input.unwrap_or(&*output))?;
+                let n = output.len();
+                (Sink::Host(output), n)
+            }
+            Bufs::Device { input, output } => {
+                let n = output.len_bytes();
+                let mut own = vec![0u8; n];
+                input.unwrap_or(&*output).read(0, &mut own)?;
+                self.small_gather(d, seq, &own)?;
+                (Sink::Device(output), n)
+            }
+        };
+        let work = &self.work[..bytes * world];
+        let reducer = self.reducer.as_ref();
+        out.write(&work[..bytes])?;
+        for r in 1..world {
+            out.reduce(reducer, d, &work[r * bytes..(r + 1) * bytes])?;
+        }
+        if d.op == ReduceOp::Avg {
+            out.finish_avg(reducer, d, world)?;
+        }
+        Ok(())
     }
 
     /// Gathers every rank's `own` bytes into `self.work`, in rank order.
@@ -823,5 +809,71 @@ fn single_copy_from(d: &Descriptor, world: usize) -> Option<u32> {
         Kind::Broadcast if d.count.saturating_mul(d.dtype.size()) <= 1 << 20 => Some(0),
         Kind::AllReduce if world >= 3 => Some(world as u32 - 1),
         _ => None,
+    }
+}
+
+/// A call's buffers: host memory or device memory. Both take one path
+/// ([`Communicator::run_started`]); only where bytes are written differs.
+enum Bufs<'b> {
+    Host {
+        input: Option<&'b [u8]>,
+        output: &'b mut [u8],
+    },
+    Device {
+        input: Option<&'b dyn DeviceMemory>,
+        output: &'b mut dyn DeviceMemory,
+    },
+}
+
+impl Bufs<'_> {
+    fn in_place(&self) -> bool {
+        match self {
+            Bufs::Host { input, .. } => input.is_none(),
+            Bufs::Device { input, .. } => input.is_none(),
+        }
+    }
+}
+
+/// Where a result computed on the host goes: host memory, reduced by the
+/// host reducer, or device memory, reduced by the device's kernels.
+enum Sink<'b> {
+    Host(&'b mut [u8]),
+    Device(&'b mut dyn DeviceMemory),
+}
+
+impl Sink<'_> {
+    /// `self = src`.
+    fn write(&mut self, src: &[u8]) -> Result<(), EngineError> {
+        match self {
+            Sink::Host(o) => o.copy_from_slice(src),
+            Sink::Device(o) => o.write(0, src)?,
+        }
+        Ok(())
+    }
+
+    /// `self = op(self, src)`.
+    fn reduce(&mut self, r: &dyn Reducer, d: &Descriptor, src: &[u8]) -> Result<(), EngineError> {
+        match self {
+            Sink::Host(o) => r.reduce(d.dtype, d.op, o, src)?,
+            Sink::Device(o) => o.reduce_from_host(d.dtype, d.op, 0, src)?,
+        }
+        Ok(())
+    }
+
+    /// Turns sums over `world` ranks into averages.
+    fn finish_avg(
+        &mut self,
+        r: &dyn Reducer,
+        d: &Descriptor,
+        world: usize,
+    ) -> Result<(), EngineError> {
+        match self {
+            Sink::Host(o) => r.finish_avg(d.dtype, o, world)?,
+            Sink::Device(o) => {
+                let n = o.len_bytes();
+                o.finish_avg(d.dtype, 0, n, world)?
+            }
+        }
+        Ok(())
     }
 }

@@ -179,3 +179,56 @@ pub(crate) fn in_process<'a, L: Link + 'a, E>(
         })
         .collect())
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::io::{IoSlice, IoSliceMut};
+
+    use oxccl_transport::fault::{self, Faults};
+
+    use super::*;
+
+    fn world(n: usize) -> Vec<Links<'static>> {
+        in_process(n, |a, b| {
+            fault::pair(a, b, Faults::default(), Faults::default())
+        })
+        .unwrap()
+        .into_iter()
+        .map(Option::unwrap)
+        .collect()
+    }
+
+    /// A byte written to a peer is read by that peer from this rank: the
+    /// two sides of every pair pick the same connection, whichever way it
+    /// is used (the ring forwards, backwards, a pair link, a world of two).
+    #[test]
+    fn both_sides_of_every_pair_agree_on_the_link() {
+        for n in [2, 3, 4, 5, 8] {
+            let mut links = world(n);
+            for a in 0..n {
+                let mut peers: Vec<usize> = crate::algo::pair_peers(a, n);
+                peers.extend([(a + 1) % n, (a + n - 1) % n]);
+                for b in peers {
+                    let byte = (a * 16 + b) as u8;
+                    let l = links[a].link_to(b).unwrap();
+                    assert_eq!(l.peer(), b);
+                    assert_eq!(l.try_write(&[IoSlice::new(&[byte])]).unwrap(), 1);
+                    let mut got = [0u8];
+                    let r = links[b].link_from(a).unwrap();
+                    assert_eq!(r.try_read(&mut [IoSliceMut::new(&mut got)]).unwrap(), 1);
+                    assert_eq!(got[0], byte, "world {n}: {a} -> {b}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_peer_without_a_link_is_none() {
+        let mut links = world(8);
+        // Rank 0 of 8 talks to 1, 2, 4, 6, 7 (ring, hypercube, tree); not 3 or 5.
+        assert!(links[0].link_to(3).is_none());
+        assert!(links[0].link_from(5).is_none());
+        assert!(links[0].link_to(4).is_some());
+    }
+}

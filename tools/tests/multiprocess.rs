@@ -79,6 +79,29 @@ fn every_collective_through_oxrun_with_2_and_4_ranks_over_shm_and_tcp() {
 }
 
 /// Starts `n` ranks of `oxccl-check` with the environment `vars(rank)` sets.
+/// Every algorithm forced, across processes, on worlds that are and are
+/// not powers of two: their pair links connect over TCP and become shared
+/// memory like the ring's, and every result checks out.
+#[test]
+fn every_algorithm_across_processes_over_shm_and_tcp() {
+    for algo in ["halving_doubling", "recursive_doubling", "tree"] {
+        for (n, transport) in [(3, "shm"), (4, "tcp"), (5, "shm")] {
+            let args = ["-c", "all", "-b", "4100", "-o", "sum", "-r", "2"];
+            let (ok, stdout, stderr) = oxrun(
+                n,
+                &args,
+                &[("OXCCL_TRANSPORT", transport), ("OXCCL_ALGO", algo)],
+            );
+            assert!(ok, "{algo} {n} ranks {transport}:\n{stdout}\n{stderr}");
+            let checked = stdout
+                .lines()
+                .filter(|l| l.starts_with("[0] ") && l.ends_with("result OK"))
+                .count();
+            assert!(checked >= 6, "{algo} {n} ranks {transport}:\n{stdout}");
+        }
+    }
+}
+
 fn spawn_ranks(
     n: usize,
     args: &[&str],
