@@ -95,7 +95,7 @@ fn algos(kind: Kind) -> Vec<Algo> {
             v.push(Algo::Only("halving_doubling"));
             v.push(Algo::Only("recursive_doubling"));
         }
-        Kind::Broadcast => v.push(Algo::Only("tree")),
+        Kind::Broadcast | Kind::Reduce => v.push(Algo::Only("tree")),
         _ => {}
     }
     v

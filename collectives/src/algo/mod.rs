@@ -18,8 +18,9 @@
 //!   rank's whole buffer over the ring (`world - 1` steps of one frame),
 //!   then each rank reduces the `world` buffers itself in rank order. The
 //!   fewest messages per rank on few ranks.
-//! * [`Tree`]: broadcast down a binomial tree, `log2 world` hops from the
-//!   root instead of the chain's `world - 1`.
+//! * [`Tree`]: broadcast down and reduce up a binomial tree, `log2 world`
+//!   hops between the root and every rank instead of the chain's
+//!   `world - 1`.
 //!
 //! Each algorithm's cost is the usual latency/bandwidth model: `alpha` per
 //! message, `beta` per byte a rank sends, `gamma` per byte reduced, with
@@ -247,15 +248,19 @@ impl Algorithm for Tree {
     }
 
     fn supports(&self, d: &Descriptor, world: usize) -> bool {
-        d.kind == Kind::Broadcast && world > 1
+        matches!(d.kind, Kind::Broadcast | Kind::Reduce) && world > 1
     }
 
     fn cost(&self, d: &Descriptor, world: usize, l: &LinkModel) -> f64 {
         let n = bytes(d);
-        // Depth hops, and the root sends the buffer once per child; plus
-        // the children's acknowledgement.
+        // Depth hops, and the root sends (or receives and reduces) the
+        // buffer once per child; plus the last word the other way.
         let depth = (usize::BITS - (world.max(2) - 1).leading_zeros()) as f64;
-        (depth + 1.0) * l.alpha + depth * n * l.beta
+        let per_byte = match d.kind {
+            Kind::Reduce => l.beta + l.gamma,
+            _ => l.beta,
+        };
+        (depth + 1.0) * l.alpha + depth * n * per_byte
     }
 
     fn peers(&self, rank: usize, world: usize) -> Vec<usize> {
@@ -263,7 +268,10 @@ impl Algorithm for Tree {
     }
 
     fn plan(&self, shape: &Shape) -> Plan {
-        schedule::binomial_broadcast(shape)
+        match shape.kind {
+            Kind::Reduce => schedule::binomial_reduce(shape),
+            _ => schedule::binomial_broadcast(shape),
+        }
     }
 }
 
@@ -377,6 +385,8 @@ mod tests {
         // Broadcast: the tree for latency, the chain for bandwidth.
         assert_eq!(pick(Kind::Broadcast, 2, 64, &auto, tcp), "tree");
         assert_eq!(pick(Kind::Broadcast, 1 << 24, 4, &auto, tcp), "ring");
+        assert_eq!(pick(Kind::Reduce, 2, 64, &auto, tcp), "tree");
+        assert_eq!(pick(Kind::Reduce, 1 << 24, 4, &auto, tcp), "ring");
         let ring = Config {
             algo: Algo::RING,
             ..Config::default()

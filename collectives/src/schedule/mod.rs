@@ -47,7 +47,7 @@ mod tree;
 
 pub use hypercube::{halving_doubling, hypercube_peers, recursive_doubling};
 pub use layout::{chunk_range, slices};
-pub use tree::{binomial_broadcast, tree_peers};
+pub use tree::{binomial_broadcast, binomial_reduce, tree_peers};
 
 use std::ops::Range;
 

@@ -1,5 +1,6 @@
-//! Broadcast down a binomial tree: `ceil(log2 world)` hops from the root to
-//! the farthest rank instead of the chain's `world - 1`.
+//! Broadcast down and reduce up a binomial tree: `ceil(log2 world)` hops
+//! between the root and the farthest rank instead of the chain's
+//! `world - 1`.
 //!
 //! Ranks are numbered from the root (`v = rank - root`, modulo the world).
 //! The parent of `v > 0` is `v` without its highest set bit; its children
@@ -29,17 +30,13 @@ pub fn tree_peers(rank: usize, world: usize) -> Vec<usize> {
     peers
 }
 
-/// The binomial-tree broadcast of one rank (see the module docs).
-pub fn binomial_broadcast(s: &Shape) -> Plan {
-    assert_eq!(s.kind, Kind::Broadcast);
+/// A rank's parent and children in the binomial tree of `s` (children
+/// smallest subtree first).
+fn family(s: &Shape) -> (Option<usize>, Vec<usize>) {
     let n = s.world;
-    if n == 1 {
-        return plan(s);
-    }
     let v = (s.rank + n - s.root) % n;
     let real = |v: usize| (v + s.root) % n;
     let parent = (v > 0).then(|| real(v & !(1 << (usize::BITS - 1 - v.leading_zeros()))));
-    // Children, largest subtree first.
     let mut children = Vec::new();
     let mut d = if v == 0 {
         1
@@ -50,6 +47,85 @@ pub fn binomial_broadcast(s: &Shape) -> Plan {
         children.push(real(v + d));
         d *= 2;
     }
+    (parent, children)
+}
+
+/// The binomial-tree reduce of one rank: each rank receives every slice
+/// from its children (smallest subtree first, the first to be ready),
+/// reduces it into its own, and sends it on to its parent; the root ends
+/// with the reduction. The root then sends each child an empty frame, so
+/// that every rank learns in the same call of a root that failed or made a
+/// different call.
+pub fn binomial_reduce(s: &Shape) -> Plan {
+    assert_eq!(s.kind, Kind::Reduce);
+    if s.world == 1 {
+        return plan(s);
+    }
+    let (parent, children) = family(s);
+    let mut p = Plan::default();
+    let bytes = |e: std::ops::Range<usize>| e.start * s.elem..e.end * s.elem;
+    for (j, e) in slices(0..s.count, s.slice_elems).enumerate() {
+        for (i, &c) in children.iter().enumerate() {
+            p.recvs.push(RecvOp {
+                peer: c,
+                step: 0,
+                slice: j as u32,
+                range: bytes(e.clone()),
+                commit: Commit::Reduce {
+                    with: if i == 0 { Src::Input } else { Src::Output },
+                    finish_avg: parent.is_none() && i + 1 == children.len() && s.avg,
+                },
+                after_send: None,
+            });
+        }
+        if let Some(to) = parent {
+            p.sends.push(SendOp {
+                peer: to,
+                step: 0,
+                slice: j as u32,
+                src: if children.is_empty() {
+                    Src::Input
+                } else {
+                    Src::Output
+                },
+                range: bytes(e.clone()),
+                after_recv: p.recvs.len().checked_sub(1),
+            });
+        }
+    }
+    // The root's word to every child, passed down the tree.
+    if let Some(from) = parent {
+        p.recvs.push(RecvOp {
+            peer: from,
+            step: 1,
+            slice: 0,
+            range: 0..0,
+            commit: Commit::Discard,
+            after_send: None,
+        });
+    }
+    let last = p.recvs.len().checked_sub(1);
+    for &c in &children {
+        p.sends.push(SendOp {
+            peer: c,
+            step: 1,
+            slice: 0,
+            src: Src::Output,
+            range: 0..0,
+            after_recv: last,
+        });
+    }
+    p
+}
+
+/// The binomial-tree broadcast of one rank (see the module docs).
+pub fn binomial_broadcast(s: &Shape) -> Plan {
+    assert_eq!(s.kind, Kind::Broadcast);
+    if s.world == 1 {
+        return plan(s);
+    }
+    let (parent, mut children) = family(s);
+    // Largest subtree first: it has the longest way to go.
     children.reverse();
     let mut p = Plan::default();
     let bytes = |e: std::ops::Range<usize>| e.start * s.elem..e.end * s.elem;
