@@ -156,7 +156,7 @@ impl Builder<'_> {
 
 /// The last receive among `recvs` (consecutive, ascending, contiguous
 /// ranges) that writes a byte of `range`: the one that must complete before
-/// `range` may be sent.
+/// `range` may be sent. `None` when `recvs` is empty (the first step).
 fn covering(plan: &Plan, recvs: &Range<usize>, range: &Range<usize>) -> Option<usize> {
     let ops = &plan.recvs[recvs.clone()];
     // Ranges of empty slices count by their start.
@@ -242,11 +242,7 @@ pub fn halving_doubling(s: &Shape) -> Plan {
             let step = 1 + k;
             let prev = dep.clone();
             b.send(peer, step, src, elems(give.0, give.1), |p, range| {
-                if prev.is_empty() {
-                    None
-                } else {
-                    covering(p, &prev, range)
-                }
+                covering(p, &prev, range)
             });
             let commit = Commit::Reduce {
                 with: src,
@@ -281,11 +277,7 @@ pub fn recursive_doubling(s: &Shape) -> Plan {
             let step = 1 + k;
             let prev = dep.clone();
             let sent = b.send(peer, step, src, 0..s.count, |p, range| {
-                if prev.is_empty() {
-                    None
-                } else {
-                    covering(p, &prev, range)
-                }
+                covering(p, &prev, range)
             });
             let commit = Commit::Reduce {
                 with: src,
