@@ -6,13 +6,13 @@
 //!
 //! * a frame of `len` bytes occupies the sender's outbound port for
 //!   `alpha + len * beta`; sends go strictly in plan order, each once its
-//!   [`after_recv`](crate::schedule::SendOp::after_recv) receive has been
+//!   `after_recv` receive has been
 //!   committed and the port is free. The frame has arrived when the send ends.
 //! * the receiver's inbound port takes `len * beta` per frame, in arrival
 //!   order, so that two senders into one rank share its bandwidth.
 //! * receives are committed strictly in plan order, each once its frame has
 //!   arrived, the previous commit is done and its
-//!   [`after_send`](crate::schedule::RecvOp::after_send) send has ended: a
+//!   `after_send` send has ended: a
 //!   reduction costs the CPU `len * gamma`, a copy nothing (the copy out of
 //!   the socket is part of `beta`).
 //!
@@ -23,7 +23,7 @@
 //! allow, then wakes the peers it sent to), with no event queue. A plan that
 //! cannot complete ends in [`SimError::Deadlock`] instead of hanging.
 //!
-//! [`GatherReduce`](super::GatherReduce) runs its allgather plan (the ring of
+//! [`GatherReduce`] runs its allgather plan (the ring of
 //! every rank's whole buffer) and then, as the communicator does, reduces the
 //! `world` buffers locally: `(world - 1) * bytes * gamma` more per rank.
 //!
@@ -140,16 +140,22 @@ struct RecvC {
 
 const REDUCE_BIT: u32 = 1 << 31;
 
-/// One rank's compact plan and its progress.
+/// One rank's compact plan.
 #[derive(Debug, Default)]
 struct Rank {
     sends: Vec<SendC>,
     recvs: Vec<RecvC>,
+    /// Whether a receive waits for a send (then send ends are kept).
+    keep_send_done: bool,
+}
+
+/// One rank's progress through its plan in one run.
+#[derive(Debug, Default)]
+struct State {
     /// Commit time of each receive done so far.
     recv_done: Vec<f64>,
     /// End of each send done so far (kept only where a receive waits for one).
     send_done: Vec<f64>,
-    keep_send_done: bool,
     /// Sends done so far.
     sent: usize,
     out_free: f64,
@@ -216,16 +222,9 @@ fn compact(plan: &Plan) -> Result<Rank, SimError> {
         });
     }
     Ok(Rank {
-        recv_done: Vec::with_capacity(recvs.len()),
-        send_done: if keep_send_done {
-            Vec::with_capacity(sends.len())
-        } else {
-            Vec::new()
-        },
         sends,
         recvs,
         keep_send_done,
-        ..Rank::default()
     })
 }
 
@@ -279,6 +278,22 @@ pub fn simulate_with(
     link: &LinkModel,
     limits: Limits,
 ) -> Result<SimResult, SimError> {
+    simulate_many(algo, world, bytes, slice_bytes, &[*link], limits)?
+        .pop()
+        .unwrap_or(Err(SimError::Unsupported("no link".into())))
+}
+
+/// [`simulate_with`] over several links at once: the plans are built once
+/// and each link runs on its own thread. The outer error is one that no
+/// link could get past (building the plans); the inner ones are per link.
+pub fn simulate_many(
+    algo: &dyn Algorithm,
+    world: usize,
+    bytes: usize,
+    slice_bytes: usize,
+    links: &[LinkModel],
+    limits: Limits,
+) -> Result<Vec<Result<SimResult, SimError>>, SimError> {
     let d = Descriptor {
         kind: Kind::AllReduce,
         dtype: DType::F32,
@@ -293,10 +308,11 @@ pub fn simulate_with(
         )));
     }
     if world == 1 {
-        return Ok(SimResult {
+        let zero = SimResult {
             time: 0.0,
             frames: 0,
-        });
+        };
+        return Ok(links.iter().map(|_| Ok(zero)).collect());
     }
     let build = |r: usize| algo.plan(&shape(algo, world, r, bytes, slice_bytes));
     let first = build(0);
@@ -308,17 +324,31 @@ pub fn simulate_with(
         });
     }
     let ranks = build_all(world, first, &build)?;
-    let mut time = run(ranks, link)?;
-    if algo.name() == GatherReduce.name() {
-        let local = (world - 1) as f64 * (d.count * ELEM) as f64 * link.gamma;
-        for t in &mut time.0 {
-            *t += local;
-        }
-    }
-    Ok(SimResult {
-        time: time.0.iter().copied().fold(0.0, f64::max),
-        frames: time.1,
-    })
+    check_peers(&ranks)?;
+    let gather = algo.name() == GatherReduce.name();
+    let one = |l: &LinkModel| {
+        let (finish, frames) = run(&ranks, l)?;
+        // The gather-reduce's local reduction of the world's buffers.
+        let local = if gather {
+            (world - 1) as f64 * (d.count * ELEM) as f64 * l.gamma
+        } else {
+            0.0
+        };
+        Ok(SimResult {
+            time: finish.iter().copied().fold(0.0, f64::max) + local,
+            frames,
+        })
+    };
+    Ok(std::thread::scope(|s| {
+        let handles: Vec<_> = links.iter().map(|l| s.spawn(move || one(l))).collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(SimError::Unsupported("a run panicked".into())))
+            })
+            .collect()
+    }))
 }
 
 /// Every rank's compact plan, built on as many threads as there are cores.
@@ -359,10 +389,9 @@ fn build_all(
     Ok(ranks)
 }
 
-/// Runs the compact plans; returns each rank's finish time and the frames sent.
-fn run(mut ranks: Vec<Rank>, l: &LinkModel) -> Result<(Vec<f64>, u64), SimError> {
+fn check_peers(ranks: &[Rank]) -> Result<(), SimError> {
     let world = ranks.len();
-    for rk in &ranks {
+    for rk in ranks {
         if rk.sends.iter().any(|s| s.peer as usize >= world)
             || rk.recvs.iter().any(|r| r.peer as usize >= world)
         {
@@ -371,31 +400,49 @@ fn run(mut ranks: Vec<Rank>, l: &LinkModel) -> Result<(Vec<f64>, u64), SimError>
             ));
         }
     }
+    Ok(())
+}
+
+/// Runs the compact plans; returns each rank's finish time and the frames sent.
+fn run(ranks: &[Rank], l: &LinkModel) -> Result<(Vec<f64>, u64), SimError> {
+    let world = ranks.len();
+    let mut states: Vec<State> = ranks
+        .iter()
+        .map(|rk| State {
+            recv_done: Vec::with_capacity(rk.recvs.len()),
+            send_done: if rk.keep_send_done {
+                Vec::with_capacity(rk.sends.len())
+            } else {
+                Vec::new()
+            },
+            ..State::default()
+        })
+        .collect();
     let mut inboxes: Vec<Inbox> = (0..world).map(|_| Inbox::default()).collect();
     let mut queue: VecDeque<usize> = (0..world).collect();
     let mut queued = vec![true; world];
     let mut frames = 0u64;
     while let Some(r) = queue.pop_front() {
         queued[r] = false;
-        let rk = &mut ranks[r];
+        let (rk, st) = (&ranks[r], &mut states[r]);
         loop {
             let mut moved = false;
             // Sends, in plan order, each once its receive is committed.
-            while let Some(op) = rk.sends.get(rk.sent) {
+            while let Some(op) = rk.sends.get(st.sent) {
                 let dep = if op.after == NONE {
                     0.0
                 } else {
-                    match rk.recv_done.get(op.after as usize) {
+                    match st.recv_done.get(op.after as usize) {
                         Some(t) => *t,
                         None => break,
                     }
                 };
-                let end = rk.out_free.max(dep) + l.alpha + op.len as f64 * l.beta;
-                rk.out_free = end;
+                let end = st.out_free.max(dep) + l.alpha + op.len as f64 * l.beta;
+                st.out_free = end;
                 if rk.keep_send_done {
-                    rk.send_done.push(end);
+                    st.send_done.push(end);
                 }
-                rk.sent += 1;
+                st.sent += 1;
                 let peer = op.peer as usize;
                 inboxes[peer].push(r as u32, end);
                 if !queued[peer] {
@@ -407,11 +454,11 @@ fn run(mut ranks: Vec<Rank>, l: &LinkModel) -> Result<(Vec<f64>, u64), SimError>
             }
             // Receives, in plan order, each once its frame is in and its
             // send is done.
-            while let Some(op) = rk.recvs.get(rk.recv_done.len()) {
+            while let Some(op) = rk.recvs.get(st.recv_done.len()) {
                 let dep = if op.after == NONE {
                     0.0
-                } else if (op.after as usize) < rk.sent {
-                    rk.send_done.get(op.after as usize).copied().unwrap_or(0.0)
+                } else if (op.after as usize) < st.sent {
+                    st.send_done.get(op.after as usize).copied().unwrap_or(0.0)
                 } else {
                     break;
                 };
@@ -419,16 +466,16 @@ fn run(mut ranks: Vec<Rank>, l: &LinkModel) -> Result<(Vec<f64>, u64), SimError>
                     break;
                 };
                 let len = (op.len_reduce & !REDUCE_BIT) as f64;
-                let got = arrived.max(rk.in_free + len * l.beta);
-                rk.in_free = got;
+                let got = arrived.max(st.in_free + len * l.beta);
+                st.in_free = got;
                 let work = if op.len_reduce & REDUCE_BIT != 0 {
                     len * l.gamma
                 } else {
                     0.0
                 };
-                let end = got.max(rk.cpu_free).max(dep) + work;
-                rk.cpu_free = end;
-                rk.recv_done.push(end);
+                let end = got.max(st.cpu_free).max(dep) + work;
+                st.cpu_free = end;
+                st.recv_done.push(end);
                 moved = true;
             }
             if !moved {
@@ -437,17 +484,17 @@ fn run(mut ranks: Vec<Rank>, l: &LinkModel) -> Result<(Vec<f64>, u64), SimError>
         }
     }
     let mut finish = Vec::with_capacity(world);
-    for (rank, rk) in ranks.iter().enumerate() {
-        if rk.sent < rk.sends.len() || rk.recv_done.len() < rk.recvs.len() {
+    for (rank, (rk, st)) in ranks.iter().zip(&states).enumerate() {
+        if st.sent < rk.sends.len() || st.recv_done.len() < rk.recvs.len() {
             return Err(SimError::Deadlock {
                 rank,
-                sent: rk.sent,
+                sent: st.sent,
                 sends: rk.sends.len(),
-                received: rk.recv_done.len(),
+                received: st.recv_done.len(),
                 recvs: rk.recvs.len(),
             });
         }
-        finish.push(rk.out_free.max(rk.cpu_free));
+        finish.push(st.out_free.max(st.cpu_free));
     }
     Ok((finish, frames))
 }
