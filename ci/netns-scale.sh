@@ -36,6 +36,7 @@ ALGOS=${ALGOS:-ring halving_doubling recursive_doubling gather_reduce auto}
 BW_SIZE=${BW_SIZE:-16M}
 GAMMA_GBYTES=${GAMMA_GBYTES:-10}
 SPIN=${SPIN:-0}
+BURST=${BURST:-256kb}
 BIN=${CARGO_TARGET_DIR:-target}/release
 NET=10.201.78
 PORT=${PORT:-29911}
@@ -61,11 +62,13 @@ for i in $(seq 0 $((N - 1))); do
   ip netns exec "oxs$i" ip addr add "$NET.$((i + 1))/24" dev "oxw$i"
   ip netns exec "oxs$i" ip link set "oxw$i" up
   ip netns exec "oxs$i" ip link set lo up
-  # A small bucket (1 ms at 500 Mbit/s) so that 64 KiB-1 MiB calls do not
-  # ride the burst after an idle gap.
-  ip netns exec "oxs$i" tc qdisc add dev "oxw$i" root tbf rate "$RATE" burst 64kb latency 100ms
+  # A bucket of 256 KiB (4 ms at 500 Mbit/s): small enough that 1 MiB calls
+  # do not ride it, large enough for 64 KiB GSO packets. A bucket below
+  # the GSO size (64kb) makes tbf cut every packet to the MTU; the 8 ranks
+  # then got a quarter of the rate, bound by softirq on the 2 cores.
+  ip netns exec "oxs$i" tc qdisc add dev "oxw$i" root tbf rate "$RATE" burst "$BURST" latency 100ms
 done
-echo "# $N hosts $NET.1-$N, each outbound link limited to $RATE (tc tbf, burst 64kb); OXCCL_SPIN_US=$SPIN; logs in $OUT"
+echo "# $N hosts $NET.1-$N, each outbound link limited to $RATE (tc tbf, burst $BURST); OXCCL_SPIN_US=$SPIN; logs in $OUT"
 
 iters_for() { # size -> "-n N -w W"
   case "$1" in

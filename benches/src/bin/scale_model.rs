@@ -239,6 +239,7 @@ fn markdown(runs: &[Run], a: &Args, slice: usize) -> String {
                 Some(Ok(t)) => (
                     show(*t),
                     match &r.times[0].0 {
+                        Ok(ring) if t / ring < 0.1 => format!("{:.4}", t / ring),
                         Ok(ring) => format!("{:.2}", t / ring),
                         Err(_) => "—".into(),
                     },
