@@ -31,6 +31,8 @@ use crate::config::{Algo, Config};
 use crate::descriptor::Descriptor;
 use crate::schedule::{self, Kind, Plan, Shape};
 
+pub mod model;
+
 /// A link's cost parameters, in seconds: the latency/bandwidth model the
 /// algorithms' [`Algorithm::cost`] functions use.
 #[derive(Debug, Clone, Copy, PartialEq)]
