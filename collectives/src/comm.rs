@@ -495,7 +495,17 @@ impl Communicator {
     fn take_plan(&mut self, algo: &'static dyn Algorithm, shape: Shape) -> Plan {
         match self.last_plan.take() {
             Some((a, s, p)) if a == algo.name() && s == shape => p,
-            _ => algo.plan(&shape),
+            _ => {
+                tracing::debug!(
+                    rank = self.rank,
+                    "{} of {} elements on {} ranks: {}",
+                    shape.kind.name(),
+                    shape.count,
+                    shape.world,
+                    algo.name()
+                );
+                algo.plan(&shape)
+            }
         }
     }
 
