@@ -379,7 +379,7 @@ impl Communicator {
             let result = self.small_all_reduce(&d, seq, bufs);
             return result.map_err(|e| self.fail(&d, seq, e));
         }
-        let (shape, count, use_work) = self.shape(&d, bufs.in_place());
+        let (shape, count, use_work) = self.shape(&d, bufs.in_place(), algo);
         let plan = self.take_plan(algo, shape);
         let bytes = count * d.dtype.size();
         // Where the engine writes: the caller's output, or a scratch buffer
@@ -469,7 +469,7 @@ impl Communicator {
             count: 1,
         };
         let mut flag = [u8::from(self.model == LinkModel::SHM)];
-        let (shape, _, _) = self.shape(&d, true);
+        let (shape, _, _) = self.shape(&d, true, &algo::Ring);
         let plan = algo::Ring.plan(&shape);
         let (driver, _) = self.driver();
         let result = driver.run(&plan, INIT, &d, None, Output::Host(&mut flag));
@@ -511,7 +511,7 @@ impl Communicator {
 
     /// The shape of `d`, the element count of the buffer it works on, and
     /// whether that is a scratch buffer rather than the caller's output.
-    fn shape(&self, d: &Descriptor, in_place: bool) -> (Shape, usize, bool) {
+    fn shape(&self, d: &Descriptor, in_place: bool, algo: &dyn Algorithm) -> (Shape, usize, bool) {
         let (world, rank, elem) = (self.world, self.rank, d.dtype.size());
         let (count, use_work) = match d.kind {
             Kind::AllGather | Kind::ReduceScatter => {
@@ -529,7 +529,8 @@ impl Communicator {
             root: d.root,
             avg: d.reduces() && d.op == ReduceOp::Avg,
             out_of_place: !in_place || use_work,
-            slice_elems: (self.config.slice_bytes / elem).max(1),
+            slice_elems: (algo.slice_bytes(d, world, &self.model, self.config.slice_bytes) / elem)
+                .max(1),
         };
         (shape, count, use_work)
     }

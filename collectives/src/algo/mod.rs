@@ -80,6 +80,13 @@ pub trait Algorithm: Sync {
     fn cost(&self, d: &Descriptor, world: usize, link: &LinkModel) -> f64;
     /// The ranks `rank` exchanges frames with, on any call it can run.
     fn peers(&self, rank: usize, world: usize) -> Vec<usize>;
+    /// The largest slice, in bytes, for `d` on a world of `world` over links
+    /// like `link`, when `OXCCL_SLICE_BYTES` is `max`. Most algorithms take
+    /// `max`; chains and trees, whose slices hop from rank to rank, cut a
+    /// buffer into as many slices as pays for the hops ([`pipeline_slice`]).
+    fn slice_bytes(&self, _d: &Descriptor, _world: usize, _link: &LinkModel, max: usize) -> usize {
+        max
+    }
     /// The plan of one rank for a call of `shape`, which it
     /// [`supports`](Self::supports).
     #[doc(hidden)]
@@ -124,6 +131,20 @@ fn fold_cost(n: f64, world: usize, l: &LinkModel) -> f64 {
     }
 }
 
+/// The slice size that makes `bytes` flow fastest through a pipeline of
+/// `hops` links: `s` slices take `(hops + s - 1) (alpha + bytes beta / s)`,
+/// least at `s = sqrt((hops - 1) bytes beta / alpha)`. At least 4 KiB (the
+/// frames received through staging), at most `max`.
+pub fn pipeline_slice(bytes: usize, hops: usize, link: &LinkModel, max: usize) -> usize {
+    const MIN: usize = 4096;
+    if hops <= 1 || bytes == 0 || link.alpha <= 0.0 {
+        return max;
+    }
+    let s = ((hops - 1) as f64 * bytes as f64 * link.beta / link.alpha).sqrt();
+    let slice = (bytes as f64 / s.max(1.0)).ceil() as usize;
+    slice.clamp(MIN.min(max), max)
+}
+
 fn ring_neighbours(rank: usize, world: usize) -> Vec<usize> {
     if world < 2 {
         return Vec::new();
@@ -160,6 +181,16 @@ impl Algorithm for Ring {
 
     fn peers(&self, rank: usize, world: usize) -> Vec<usize> {
         ring_neighbours(rank, world)
+    }
+
+    /// Broadcast and reduce are chains of `world - 1` hops.
+    fn slice_bytes(&self, d: &Descriptor, world: usize, link: &LinkModel, max: usize) -> usize {
+        match d.kind {
+            Kind::Broadcast | Kind::Reduce => {
+                pipeline_slice(bytes(d) as usize, world.saturating_sub(1), link, max)
+            }
+            _ => max,
+        }
     }
 
     fn plan(&self, shape: &Shape) -> Plan {
@@ -267,6 +298,12 @@ impl Algorithm for Tree {
 
     fn peers(&self, rank: usize, world: usize) -> Vec<usize> {
         schedule::tree_peers(rank, world)
+    }
+
+    /// The deepest path has `ceil(log2 world)` hops.
+    fn slice_bytes(&self, d: &Descriptor, world: usize, link: &LinkModel, max: usize) -> usize {
+        let depth = (usize::BITS - (world.max(2) - 1).leading_zeros()) as usize;
+        pipeline_slice(bytes(d) as usize, depth, link, max)
     }
 
     fn plan(&self, shape: &Shape) -> Plan {
@@ -404,6 +441,29 @@ mod tests {
         );
         // Where it cannot run the call, the override gives way.
         assert_eq!(pick(Kind::Broadcast, 1 << 24, 4, &gather, tcp), "ring");
+    }
+
+    /// Chains cut a buffer into more slices the more hops it takes and the
+    /// cheaper a frame is against its bytes; never below 4 KiB or above the
+    /// configured slice.
+    #[test]
+    fn pipeline_slices_follow_hops_and_latency() {
+        let shm = &LinkModel::SHM;
+        let tcp = &LinkModel::TCP;
+        let max = 512 << 10;
+        assert_eq!(pipeline_slice(64 << 10, 1, shm, max), max);
+        let s3 = pipeline_slice(64 << 10, 3, shm, max);
+        let s7 = pipeline_slice(64 << 10, 7, shm, max);
+        assert!(s7 < s3 && s3 < 64 << 10, "{s7} {s3}");
+        assert!(pipeline_slice(1 << 20, 3, tcp, max) > pipeline_slice(1 << 20, 3, shm, max));
+        assert_eq!(pipeline_slice(100, 3, shm, max), 4096);
+        assert_eq!(pipeline_slice(1 << 30, 3, tcp, max), max);
+        // The ring's allreduce keeps the configured slice.
+        assert_eq!(
+            Ring.slice_bytes(&d(Kind::AllReduce, 1 << 20), 4, shm, max),
+            max
+        );
+        assert!(Ring.slice_bytes(&d(Kind::Broadcast, 1 << 20), 4, shm, max) < max);
     }
 
     #[test]
