@@ -256,3 +256,46 @@ fn bad_flags_exit_2_with_a_clear_message() {
     assert!(out.iter().all(|o| o.status.code() == Some(2)));
     assert!(text(&out[0].stderr).contains("root 2 (-r) is not a rank of this world of 2"));
 }
+
+/// The scale model's binary on small worlds: one row per algorithm and
+/// size that can run, select's pick among them, and at 64 ranks the
+/// latency algorithms far ahead of the ring at 8 bytes.
+#[test]
+fn scale_model_prints_every_algorithm_and_the_pick() {
+    let bin = env!("CARGO_BIN_EXE_scale_model");
+    let out = Command::new(bin)
+        .args([
+            "--tsv", "--links", "tcp", "--worlds", "8,64", "--sizes", "8,64K",
+        ])
+        .output()
+        .unwrap();
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
+    let lines: Vec<Vec<&str>> = stdout
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| l.split('\t').collect())
+        .filter(|f: &Vec<&str>| f.len() >= 7)
+        .collect();
+    let time = |world: &str, bytes: &str, algo: &str| -> f64 {
+        lines
+            .iter()
+            .find(|f| f[1] == world && f[2] == bytes && f[3] == algo)
+            .unwrap_or_else(|| panic!("no {algo} {world} {bytes}:\n{stdout}"))[4]
+            .parse()
+            .unwrap()
+    };
+    for algo in [
+        "ring",
+        "gather_reduce",
+        "halving_doubling",
+        "recursive_doubling",
+    ] {
+        for world in ["8", "64"] {
+            for bytes in ["8", "65536"] {
+                assert!(time(world, bytes, algo) > 0.0);
+            }
+        }
+    }
+    assert!(time("64", "8", "recursive_doubling") * 5.0 < time("64", "8", "ring"));
+}

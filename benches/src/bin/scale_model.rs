@@ -93,6 +93,8 @@ fn link(name: &str, a: &Args) -> Result<LinkModel, String> {
             alpha: a.alpha_us * 1e-6,
             beta: 1.0 / (a.gbytes * 1e9),
             gamma: 1.0 / (a.reduce_gbytes * 1e9),
+            // Allreduce only here: no chains to cut.
+            pipelines: false,
         }),
         _ => Err(format!(
             "unknown link '{name}': use tcp, datacenter, shm or custom"
