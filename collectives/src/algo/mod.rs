@@ -125,6 +125,15 @@ pub struct GatherReduce;
 #[derive(Debug, Clone, Copy)]
 pub struct Tree;
 
+/// How much more each byte of halving-doubling costs than the ring's, as
+/// measured: at 16 and 64 MiB it took 1.07-1.16 times the ring's time on 8
+/// network-namespace hosts (benches/RESULTS.md, "Scale study") and 1.13-1.22
+/// times on 4 ranks here, over TCP and shared memory alike, where the model
+/// without it has them level. The ring keeps the large buffers of small
+/// worlds; halving-doubling wins where the ring's `2 (p - 1)` steps cost
+/// more than that (middle sizes, large worlds).
+pub const HD_BYTE_PENALTY: f64 = 0.15;
+
 fn bytes(d: &Descriptor) -> f64 {
     d.count.saturating_mul(d.dtype.size()) as f64
 }
@@ -219,13 +228,16 @@ impl Algorithm for HalvingDoubling {
         matches!(d.kind, Kind::AllReduce | Kind::Barrier) && world > 1
     }
 
+    /// The ring's bytes in `2 log2 p` steps, with the bytes weighed
+    /// [`HD_BYTE_PENALTY`] more: it moves them in bursts to a new partner
+    /// each step where the ring streams to one neighbour.
     fn cost(&self, d: &Descriptor, world: usize, l: &LinkModel) -> f64 {
         let n = bytes(d);
         let lg = log2_floor(world) as f64;
         let pw = 2f64.powf(lg);
         fold_cost(n, world, l)
             + 2.0 * lg * l.alpha
-            + 2.0 * (pw - 1.0) / pw * n * l.beta
+            + 2.0 * (pw - 1.0) / pw * n * l.beta * (1.0 + HD_BYTE_PENALTY)
             + (pw - 1.0) / pw * n * l.gamma
     }
 
@@ -410,9 +422,9 @@ mod tests {
         let tcp = &LinkModel::TCP;
         // Few ranks, small: the gather (one step on two ranks, two on
         // three, where recursive doubling must fold); from four ranks
-        // recursive doubling's log2 steps win. Larger: halving-doubling on
-        // a power of two, the ring on three ranks (the fold costs more than
-        // the steps it saves).
+        // recursive doubling's log2 steps win. Middle sizes: halving-doubling
+        // on a power of two, the ring on three ranks (the fold costs more
+        // than the steps it saves); large buffers on few ranks: the ring.
         assert_eq!(pick(Kind::AllReduce, 16, 2, &auto, tcp), "gather_reduce");
         assert_eq!(pick(Kind::AllReduce, 16, 3, &auto, tcp), "gather_reduce");
         assert_eq!(
@@ -420,10 +432,15 @@ mod tests {
             "recursive_doubling"
         );
         assert_eq!(
-            pick(Kind::AllReduce, 1 << 18, 4, &auto, tcp),
+            pick(Kind::AllReduce, 1 << 14, 4, &auto, tcp),
             "halving_doubling"
         );
-        assert_eq!(pick(Kind::AllReduce, 1 << 18, 3, &auto, tcp), "ring");
+        assert_eq!(pick(Kind::AllReduce, 1 << 14, 3, &auto, tcp), "ring");
+        assert_eq!(pick(Kind::AllReduce, 1 << 22, 4, &auto, tcp), "ring");
+        assert_eq!(
+            pick(Kind::AllReduce, 1 << 22, 1024, &auto, tcp),
+            "halving_doubling"
+        );
         // Many ranks, small: recursive doubling (log2 steps), never the
         // gather beyond its size limit.
         assert_eq!(
