@@ -21,25 +21,11 @@ OUT=${OUT:-$(mktemp -d)}
 
 cargo build --release -p oxccl-tools --bin oxrun -p oxccl-benches --bin all_reduce_perf >&2
 
-cleanup() {
-  for i in $(seq 0 $((N - 1))); do ip netns del "oxh$i" 2>/dev/null || true; done
-  ip link del oxbr0 2>/dev/null || true
-}
+# shellcheck source=ci/netns-hosts.sh
+source ci/netns-hosts.sh
+cleanup() { netns_down oxh oxbr0 "$N"; }
 trap cleanup EXIT
-cleanup
-
-ip link add oxbr0 type bridge
-ip link set oxbr0 up
-for i in $(seq 0 $((N - 1))); do
-  ip netns add "oxh$i"
-  ip link add "oxv$i" type veth peer name "oxv${i}b"
-  ip link set "oxv$i" netns "oxh$i"
-  ip link set "oxv${i}b" master oxbr0 up
-  ip netns exec "oxh$i" ip addr add "$NET.$((i + 1))/24" dev "oxv$i"
-  ip netns exec "oxh$i" ip link set "oxv$i" up
-  ip netns exec "oxh$i" ip link set lo up
-  ip netns exec "oxh$i" tc qdisc add dev "oxv$i" root tbf rate "$RATE" burst 1mb latency 100ms
-done
+netns_up oxh oxbr0 oxv "$N" "$NET" "$RATE" 1mb
 echo "# $N hosts $NET.1-$N, each link limited to $RATE (tc tbf); logs in $OUT"
 
 echo "## oxccl all_reduce_perf"

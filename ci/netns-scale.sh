@@ -45,29 +45,15 @@ mkdir -p "$OUT"
 
 cargo build --release -p oxccl-benches --bin all_reduce_perf --bin scale_model >&2
 
-cleanup() {
-  for i in $(seq 0 $((N - 1))); do ip netns del "oxs$i" 2>/dev/null || true; done
-  ip link del oxsbr0 2>/dev/null || true
-}
+# shellcheck source=ci/netns-hosts.sh
+source ci/netns-hosts.sh
+cleanup() { netns_down oxs oxsbr0 "$N"; }
 trap cleanup EXIT
-cleanup
-
-ip link add oxsbr0 type bridge
-ip link set oxsbr0 up
-for i in $(seq 0 $((N - 1))); do
-  ip netns add "oxs$i"
-  ip link add "oxw$i" type veth peer name "oxw${i}b"
-  ip link set "oxw$i" netns "oxs$i"
-  ip link set "oxw${i}b" master oxsbr0 up
-  ip netns exec "oxs$i" ip addr add "$NET.$((i + 1))/24" dev "oxw$i"
-  ip netns exec "oxs$i" ip link set "oxw$i" up
-  ip netns exec "oxs$i" ip link set lo up
-  # A bucket of 256 KiB (4 ms at 500 Mbit/s): small enough that 1 MiB calls
-  # do not ride it, large enough for 64 KiB GSO packets. A bucket below
-  # the GSO size (64kb) makes tbf cut every packet to the MTU; the 8 ranks
-  # then got a quarter of the rate, bound by softirq on the 2 cores.
-  ip netns exec "oxs$i" tc qdisc add dev "oxw$i" root tbf rate "$RATE" burst "$BURST" latency 100ms
-done
+# A bucket of 256 KiB (4 ms at 500 Mbit/s): small enough that 1 MiB calls
+# do not ride it, large enough for 64 KiB GSO packets. A bucket below
+# the GSO size (64kb) makes tbf cut every packet to the MTU; the 8 ranks
+# then got a quarter of the rate, bound by softirq on the 2 cores.
+netns_up oxs oxsbr0 oxw "$N" "$NET" "$RATE" "$BURST"
 echo "# $N hosts $NET.1-$N, each outbound link limited to $RATE (tc tbf, burst $BURST); OXCCL_SPIN_US=$SPIN; logs in $OUT"
 
 iters_for() { # size -> "-n N -w W"

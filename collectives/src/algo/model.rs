@@ -43,6 +43,18 @@ use crate::schedule::{Commit, Kind, Plan, Shape};
 
 /// Bytes per element of the modelled allreduce (f32).
 const ELEM: usize = 4;
+
+/// The allreduce of `bytes` per rank the simulations run (f32, sum).
+pub(crate) fn allreduce(bytes: usize) -> Descriptor {
+    Descriptor {
+        kind: Kind::AllReduce,
+        dtype: DType::F32,
+        op: ReduceOp::Sum,
+        root: 0,
+        count: bytes / ELEM,
+    }
+}
+
 /// "No dependency" in the compact ops.
 const NONE: u32 = u32::MAX;
 
@@ -294,13 +306,7 @@ pub fn simulate_many(
     links: &[LinkModel],
     limits: Limits,
 ) -> Result<Vec<Result<SimResult, SimError>>, SimError> {
-    let d = Descriptor {
-        kind: Kind::AllReduce,
-        dtype: DType::F32,
-        op: ReduceOp::Sum,
-        root: 0,
-        count: bytes / ELEM,
-    };
+    let d = allreduce(bytes);
     if world == 0 || !algo.supports(&d, world) {
         return Err(SimError::Unsupported(format!(
             "{} cannot run an allreduce of {bytes} bytes on {world} ranks",
@@ -512,13 +518,7 @@ mod tests {
     /// The closed form, without halving-doubling's measured byte penalty
     /// (which no schedule shows: the simulated links stream alike).
     fn closed(a: &dyn Algorithm, world: usize, bytes: usize, l: &LinkModel) -> f64 {
-        let d = Descriptor {
-            kind: Kind::AllReduce,
-            dtype: DType::F32,
-            op: ReduceOp::Sum,
-            root: 0,
-            count: bytes / ELEM,
-        };
+        let d = allreduce(bytes);
         let cost = a.cost(&d, world, l);
         if a.name() != "halving_doubling" {
             return cost;
@@ -596,13 +596,7 @@ mod tests {
         for world in [2, 3, 5, 7, 9, 33] {
             for bytes in [0, 4, 12, 1000, 300_000] {
                 for a in ALL {
-                    let d = Descriptor {
-                        kind: Kind::AllReduce,
-                        dtype: DType::F32,
-                        op: ReduceOp::Sum,
-                        root: 0,
-                        count: bytes / ELEM,
-                    };
+                    let d = allreduce(bytes);
                     if a.supports(&d, world) {
                         let t = simulate(a, world, bytes, 64 << 10, &TCP).unwrap();
                         assert!(t > 0.0, "{} {world} {bytes}", a.name());
