@@ -498,6 +498,69 @@ mod tests {
         assert!(Ring.slice_bytes(&d(Kind::Broadcast, 1 << 20), 4, shm, max) < max);
     }
 
+    /// Every plan of every algorithm keeps the rules the engine relies on:
+    /// dependencies point at frames that exist; a frame that waits for a
+    /// send is one received through staging (a reduction), so no byte of it
+    /// reaches the caller's buffer before it is committed; frames go only
+    /// to the peers the algorithm declares, which the links cover.
+    #[test]
+    fn every_plan_keeps_the_engines_rules() {
+        for a in ALL {
+            for kind in Kind::ALL {
+                for world in 1..=9 {
+                    for count in [0, 1, 37] {
+                        let desc = d(kind, count);
+                        if a.name() != "ring" && !a.supports(&desc, world) {
+                            continue;
+                        }
+                        for rank in 0..world {
+                            for slice_elems in [1, 5, 1000] {
+                                let shape = Shape {
+                                    kind,
+                                    world,
+                                    rank,
+                                    count: if kind == Kind::AllGather {
+                                        count * world
+                                    } else {
+                                        count
+                                    },
+                                    elem: 4,
+                                    root: world / 2,
+                                    avg: true,
+                                    out_of_place: true,
+                                    slice_elems,
+                                };
+                                let p = a.plan(&shape);
+                                let peers = a.peers(rank, world);
+                                let ctx =
+                                    format!("{} {kind:?} world {world} rank {rank}", a.name());
+                                for op in &p.sends {
+                                    assert!(
+                                        op.after_recv.is_none_or(|i| i < p.recvs.len()),
+                                        "{ctx}"
+                                    );
+                                    assert!(peers.contains(&op.peer), "{ctx}: to {}", op.peer);
+                                }
+                                for op in &p.recvs {
+                                    assert!(
+                                        op.after_send.is_none_or(|i| i < p.sends.len()),
+                                        "{ctx}"
+                                    );
+                                    assert!(
+                                        op.after_send.is_none()
+                                            || matches!(op.commit, schedule::Commit::Reduce { .. }),
+                                        "{ctx}: a copied frame waits for a send"
+                                    );
+                                    assert!(peers.contains(&op.peer), "{ctx}: from {}", op.peer);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn every_algorithm_names_symmetric_peers_and_links_cover_them() {
         for world in 1..=20 {
