@@ -768,16 +768,9 @@ impl<'a> Driver<'a> {
                 Ok(())
             }
             Err(EngineError::Transport(TransportError::PeerClosed { peer, how }))
-                if links
-                    .ring()
-                    .is_some_and(|(next, prev)| peer == prev.peer() && peer != next.peer()) =>
+                if peer == links.ring().1.peer() && peer != links.ring().0.peer() =>
             {
-                let Some((next, _)) = links.ring() else {
-                    return Err(EngineError::Transport(TransportError::PeerClosed {
-                        peer,
-                        how,
-                    }));
-                };
+                let next = links.ring().0;
                 // Both neighbours may be gone, the previous one because of the
                 // next one's failure (and with the store, if it hosted it):
                 // say so rather than blame the one that happened to be seen

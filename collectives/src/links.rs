@@ -21,14 +21,18 @@ enum Slot {
 }
 
 /// A rank's links.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Links<'a> {
     /// To `rank + 1`.
-    next: Option<Box<dyn Link + 'a>>,
+    next: Box<dyn Link + 'a>,
     /// From `rank - 1`.
-    prev: Option<Box<dyn Link + 'a>>,
+    prev: Box<dyn Link + 'a>,
+    /// The peers of `next` and `prev`, kept so that finding a frame's link
+    /// costs no call through the trait object.
+    next_peer: usize,
+    prev_peer: usize,
     /// To every other peer, sorted by peer.
-    pairs: Vec<Box<dyn Link + 'a>>,
+    pairs: Vec<(usize, Box<dyn Link + 'a>)>,
 }
 
 impl<'a> Links<'a> {
@@ -36,12 +40,16 @@ impl<'a> Links<'a> {
     pub(crate) fn new(
         next: Box<dyn Link + 'a>,
         prev: Box<dyn Link + 'a>,
-        mut pairs: Vec<Box<dyn Link + 'a>>,
+        pairs: Vec<Box<dyn Link + 'a>>,
     ) -> Links<'a> {
-        pairs.sort_by_key(|l| l.peer());
+        let mut pairs: Vec<(usize, Box<dyn Link + 'a>)> =
+            pairs.into_iter().map(|l| (l.peer(), l)).collect();
+        pairs.sort_by_key(|(p, _)| *p);
         Links {
-            next: Some(next),
-            prev: Some(prev),
+            next_peer: next.peer(),
+            prev_peer: prev.peer(),
+            next,
+            prev,
             pairs,
         }
     }
@@ -49,41 +57,34 @@ impl<'a> Links<'a> {
     /// Where the link for frames to (`out`) or from `peer` is.
     #[inline]
     fn slot(&self, peer: usize, out: bool) -> Option<Slot> {
-        let is = |l: &Option<Box<dyn Link + 'a>>| l.as_ref().is_some_and(|l| l.peer() == peer);
-        let (first, second) = if out {
-            (Slot::Next, Slot::Prev)
+        let ring = if out {
+            [(Slot::Next, self.next_peer), (Slot::Prev, self.prev_peer)]
         } else {
-            (Slot::Prev, Slot::Next)
+            [(Slot::Prev, self.prev_peer), (Slot::Next, self.next_peer)]
         };
-        let of = |s: Slot| match s {
-            Slot::Next => &self.next,
-            _ => &self.prev,
-        };
-        if is(of(first)) {
-            return Some(first);
+        match ring.into_iter().find(|&(_, p)| p == peer) {
+            Some((slot, _)) => Some(slot),
+            None => self
+                .pairs
+                .binary_search_by_key(&peer, |(p, _)| *p)
+                .ok()
+                .map(Slot::Pair),
         }
-        if is(of(second)) {
-            return Some(second);
-        }
-        self.pairs
-            .binary_search_by_key(&peer, |l| l.peer())
-            .ok()
-            .map(Slot::Pair)
     }
 
     fn get(&self, slot: Slot) -> Option<&(dyn Link + 'a)> {
         match slot {
-            Slot::Next => self.next.as_deref(),
-            Slot::Prev => self.prev.as_deref(),
-            Slot::Pair(i) => self.pairs.get(i).map(|l| l.as_ref()),
+            Slot::Next => Some(self.next.as_ref()),
+            Slot::Prev => Some(self.prev.as_ref()),
+            Slot::Pair(i) => self.pairs.get(i).map(|(_, l)| l.as_ref()),
         }
     }
 
     fn get_mut(&mut self, slot: Slot) -> Option<&mut (dyn Link + 'a)> {
         match slot {
-            Slot::Next => self.next.as_deref_mut(),
-            Slot::Prev => self.prev.as_deref_mut(),
-            Slot::Pair(i) => self.pairs.get_mut(i).map(|l| l.as_mut()),
+            Slot::Next => Some(self.next.as_mut()),
+            Slot::Prev => Some(self.prev.as_mut()),
+            Slot::Pair(i) => self.pairs.get_mut(i).map(|(_, l)| l.as_mut()),
         }
     }
 
@@ -111,25 +112,21 @@ impl<'a> Links<'a> {
 
     /// Every link.
     pub(crate) fn iter(&self) -> impl Iterator<Item = &(dyn Link + 'a)> {
-        self.next
-            .iter()
-            .chain(self.prev.iter())
-            .chain(self.pairs.iter())
-            .map(|l| l.as_ref())
+        [self.next.as_ref(), self.prev.as_ref()]
+            .into_iter()
+            .chain(self.pairs.iter().map(|(_, l)| l.as_ref()))
     }
 
     /// Every link, mutably.
     pub(crate) fn iter_mut(&mut self) -> impl Iterator<Item = &mut (dyn Link + 'a)> {
-        self.next
-            .iter_mut()
-            .chain(self.prev.iter_mut())
-            .chain(self.pairs.iter_mut())
-            .map(|l| l.as_mut())
+        [self.next.as_mut(), self.prev.as_mut()]
+            .into_iter()
+            .chain(self.pairs.iter_mut().map(|(_, l)| l.as_mut()))
     }
 
     /// The link to the next rank of the ring and the one from the previous.
-    pub(crate) fn ring(&self) -> Option<(&(dyn Link + 'a), &(dyn Link + 'a))> {
-        Some((self.next.as_deref()?, self.prev.as_deref()?))
+    pub(crate) fn ring(&self) -> (&(dyn Link + 'a), &(dyn Link + 'a)) {
+        (self.next.as_ref(), self.prev.as_ref())
     }
 }
 
@@ -162,21 +159,12 @@ pub(crate) fn in_process<'a, L: Link + 'a, E>(
             }
         }
     }
+    // Every rank got both ring links above.
     Ok(next
         .into_iter()
         .zip(prev)
         .zip(pairs)
-        .map(|((n, p), pairs)| {
-            Some(Links {
-                next: n,
-                prev: p,
-                pairs: {
-                    let mut pairs = pairs;
-                    pairs.sort_by_key(|l| l.peer());
-                    pairs
-                },
-            })
-        })
+        .map(|((n, p), pairs)| n.zip(p).map(|(n, p)| Links::new(n, p, pairs)))
         .collect())
 }
 

@@ -26,7 +26,9 @@
 
 use std::ops::Range;
 
-use super::{Commit, Kind, Plan, RecvOp, SendOp, Shape, Src, chunk_range, plan, slices};
+use super::{
+    Commit, Kind, Plan, RecvOp, SendOp, Shape, Src, byte_range, chunk_range, plan, slices,
+};
 
 /// The fold of a world onto the largest power of two below it.
 #[derive(Debug, Clone, Copy)]
@@ -99,10 +101,6 @@ struct Builder<'s> {
 }
 
 impl Builder<'_> {
-    fn bytes(&self, elems: Range<usize>) -> Range<usize> {
-        elems.start * self.s.elem..elems.end * self.s.elem
-    }
-
     /// Sends `elems` to `peer` as slices; `after(slice)` is each one's dependency.
     fn send(
         &mut self,
@@ -114,7 +112,7 @@ impl Builder<'_> {
     ) -> Range<usize> {
         let first = self.p.sends.len();
         for (j, e) in slices(elems, self.s.slice_elems).enumerate() {
-            let range = self.bytes(e);
+            let range = byte_range(self.s, e);
             let after_recv = after(&self.p, &range);
             self.p.sends.push(SendOp {
                 peer,
@@ -140,7 +138,7 @@ impl Builder<'_> {
     ) -> Range<usize> {
         let first = self.p.recvs.len();
         for (j, e) in slices(elems, self.s.slice_elems).enumerate() {
-            let range = self.bytes(e);
+            let range = byte_range(self.s, e);
             self.p.recvs.push(RecvOp {
                 peer,
                 step,

@@ -261,7 +261,8 @@ pub fn plan(s: &Shape) -> Plan {
     p
 }
 
-fn byte_range(s: &Shape, elems: Range<usize>) -> Range<usize> {
+/// The bytes of elements `elems`.
+pub(super) fn byte_range(s: &Shape, elems: Range<usize>) -> Range<usize> {
     elems.start * s.elem..elems.end * s.elem
 }
 

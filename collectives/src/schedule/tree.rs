@@ -11,7 +11,7 @@
 //! frame, so that each parent, the root included, learns in the same call
 //! of a child that failed or made a different call.
 
-use super::{Commit, Plan, RecvOp, SendOp, Shape, Src, plan, slices};
+use super::{Commit, Plan, RecvOp, SendOp, Shape, Src, byte_range, plan, slices};
 use crate::schedule::Kind;
 
 /// The ranks `rank` exchanges frames with in a binomial tree rooted
@@ -63,14 +63,13 @@ pub fn binomial_reduce(s: &Shape) -> Plan {
     }
     let (parent, children) = family(s);
     let mut p = Plan::default();
-    let bytes = |e: std::ops::Range<usize>| e.start * s.elem..e.end * s.elem;
     for (j, e) in slices(0..s.count, s.slice_elems).enumerate() {
         for (i, &c) in children.iter().enumerate() {
             p.recvs.push(RecvOp {
                 peer: c,
                 step: 0,
                 slice: j as u32,
-                range: bytes(e.clone()),
+                range: byte_range(s, e.clone()),
                 commit: Commit::Reduce {
                     with: if i == 0 { Src::Input } else { Src::Output },
                     finish_avg: parent.is_none() && i + 1 == children.len() && s.avg,
@@ -88,7 +87,7 @@ pub fn binomial_reduce(s: &Shape) -> Plan {
                 } else {
                     Src::Output
                 },
-                range: bytes(e.clone()),
+                range: byte_range(s, e.clone()),
                 after_recv: p.recvs.len().checked_sub(1),
             });
         }
@@ -128,7 +127,6 @@ pub fn binomial_broadcast(s: &Shape) -> Plan {
     // Largest subtree first: it has the longest way to go.
     children.reverse();
     let mut p = Plan::default();
-    let bytes = |e: std::ops::Range<usize>| e.start * s.elem..e.end * s.elem;
     if parent.is_none() && s.out_of_place {
         p.prologue_copy = Some(0..s.count * s.elem);
         p.prologue_deferrable = true;
@@ -139,7 +137,7 @@ pub fn binomial_broadcast(s: &Shape) -> Plan {
                 peer: from,
                 step: 0,
                 slice: j as u32,
-                range: bytes(e.clone()),
+                range: byte_range(s, e.clone()),
                 commit: Commit::Copy,
                 after_send: None,
             });
@@ -155,7 +153,7 @@ pub fn binomial_broadcast(s: &Shape) -> Plan {
                 } else {
                     Src::Input
                 },
-                range: bytes(e.clone()),
+                range: byte_range(s, e.clone()),
                 after_recv,
             });
         }
