@@ -21,7 +21,7 @@ use oxccl_transport::store::{
 use oxccl_transport::tcp::{self, Listener, TcpOptions};
 use std::os::unix::net::UnixStream;
 
-use oxccl_transport::{StreamLink, TransportError, shm};
+use oxccl_transport::{MessageLink, StreamLink, TransportError, shm};
 
 use crate::comm::{Communicator, Parts};
 use crate::config::{self, Config, Launch, Rendezvous, Transport};
@@ -524,6 +524,10 @@ fn connect(
         for l in &pairs {
             tracing::debug!("rank {rank}: with rank {} over {}", l.peer(), l.describe());
         }
+        let pairs = pairs
+            .into_iter()
+            .map(|l| l as Box<dyn MessageLink>)
+            .collect();
         Some(Links::new(up.next, up.prev, pairs))
     } else {
         None

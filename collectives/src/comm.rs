@@ -7,7 +7,7 @@ use std::time::Duration;
 use oxccl_kernels::cpu::CpuReducer;
 use oxccl_kernels::{DType, DeviceMemory, Element, ReduceOp, Reducer};
 use oxccl_transport::store::{Store, TcpStoreServer};
-use oxccl_transport::{ShutdownHandle, TransportError, wait_watching};
+use oxccl_transport::{Endpoint, ShutdownHandle, TransportError, wait_watching};
 
 use crate::algo::{self, Algorithm, GatherReduce, LinkModel};
 use crate::config::Config;
@@ -120,7 +120,7 @@ impl Communicator {
         }
         // Shared memory throughout (one host), or the slower sockets.
         let model = match &p.links {
-            Some(l) if l.iter().all(|l| l.cheap_to_poll()) => LinkModel::SHM,
+            Some(l) if l.iter().all(|l| l.capabilities().cheap_polling) => LinkModel::SHM,
             _ => LinkModel::TCP,
         };
         Ok(Communicator {
@@ -763,7 +763,7 @@ impl<'a> Driver<'a> {
         };
         match result {
             Ok(()) => {
-                // This call's bytes survive a later abort (see `Link::commit`).
+                // This call's bytes survive a later abort (see `Endpoint::commit`).
                 links.iter_mut().for_each(|l| l.commit());
                 Ok(())
             }
@@ -775,8 +775,9 @@ impl<'a> Driver<'a> {
                 // next one's failure (and with the store, if it hosted it):
                 // say so rather than blame the one that happened to be seen
                 // first.
-                let next_gone = wait_watching(None, None, Some(next), Duration::ZERO)
-                    .is_ok_and(|ready| ready.hung_up);
+                let next_gone =
+                    wait_watching(None, None, Some(next as &dyn Endpoint), Duration::ZERO)
+                        .is_ok_and(|ready| ready.hung_up);
                 let how = if next_gone {
                     format!("{how}; rank {} has hung up too", next.peer())
                 } else {

@@ -10,7 +10,7 @@
 //! next and the previous rank are the same peer and each ring link carries
 //! one direction, as in the ring.
 
-use oxccl_transport::Link;
+use oxccl_transport::{Link, MessageLink};
 
 /// Where a link is kept.
 #[derive(Debug, Clone, Copy)]
@@ -24,28 +24,35 @@ enum Slot {
 #[derive(Debug)]
 pub(crate) struct Links<'a> {
     /// To `rank + 1`.
-    next: Box<dyn Link + 'a>,
+    next: Box<dyn MessageLink + 'a>,
     /// From `rank - 1`.
-    prev: Box<dyn Link + 'a>,
+    prev: Box<dyn MessageLink + 'a>,
     /// The peers of `next` and `prev`, kept so that finding a frame's link
     /// costs no call through the trait object.
     next_peer: usize,
     prev_peer: usize,
     /// To every other peer, sorted by peer.
-    pairs: Vec<(usize, Box<dyn Link + 'a>)>,
+    pairs: Vec<(usize, Box<dyn MessageLink + 'a>)>,
+    /// Some link needs memory registered before it is posted.
+    registration: bool,
 }
 
 impl<'a> Links<'a> {
     /// The ring's links and the pair links to other peers.
     pub(crate) fn new(
-        next: Box<dyn Link + 'a>,
-        prev: Box<dyn Link + 'a>,
-        pairs: Vec<Box<dyn Link + 'a>>,
+        next: Box<dyn MessageLink + 'a>,
+        prev: Box<dyn MessageLink + 'a>,
+        pairs: Vec<Box<dyn MessageLink + 'a>>,
     ) -> Links<'a> {
-        let mut pairs: Vec<(usize, Box<dyn Link + 'a>)> =
+        let mut pairs: Vec<(usize, Box<dyn MessageLink + 'a>)> =
             pairs.into_iter().map(|l| (l.peer(), l)).collect();
         pairs.sort_by_key(|(p, _)| *p);
+        let registration = [&next, &prev]
+            .into_iter()
+            .chain(pairs.iter().map(|(_, l)| l))
+            .any(|l| l.capabilities().registration);
         Links {
+            registration,
             next_peer: next.peer(),
             prev_peer: prev.peer(),
             next,
@@ -72,7 +79,7 @@ impl<'a> Links<'a> {
         }
     }
 
-    fn get(&self, slot: Slot) -> Option<&(dyn Link + 'a)> {
+    fn get(&self, slot: Slot) -> Option<&(dyn MessageLink + 'a)> {
         match slot {
             Slot::Next => Some(self.next.as_ref()),
             Slot::Prev => Some(self.prev.as_ref()),
@@ -80,7 +87,7 @@ impl<'a> Links<'a> {
         }
     }
 
-    fn get_mut(&mut self, slot: Slot) -> Option<&mut (dyn Link + 'a)> {
+    fn get_mut(&mut self, slot: Slot) -> Option<&mut (dyn MessageLink + 'a)> {
         match slot {
             Slot::Next => Some(self.next.as_mut()),
             Slot::Prev => Some(self.prev.as_mut()),
@@ -88,44 +95,52 @@ impl<'a> Links<'a> {
         }
     }
 
+    /// Whether memory must be registered with a link before it is posted
+    /// ([`MessageLink::register`]); false for byte streams, so the engine
+    /// then makes no call per frame.
+    #[inline]
+    pub(crate) fn registration(&self) -> bool {
+        self.registration
+    }
+
     /// The link that carries frames to `peer`.
     #[inline]
-    pub(crate) fn link_to(&mut self, peer: usize) -> Option<&mut (dyn Link + 'a)> {
+    pub(crate) fn link_to(&mut self, peer: usize) -> Option<&mut (dyn MessageLink + 'a)> {
         self.slot(peer, true).and_then(|s| self.get_mut(s))
     }
 
     /// The link that carries frames from `peer`.
     #[inline]
-    pub(crate) fn link_from(&mut self, peer: usize) -> Option<&mut (dyn Link + 'a)> {
+    pub(crate) fn link_from(&mut self, peer: usize) -> Option<&mut (dyn MessageLink + 'a)> {
         self.slot(peer, false).and_then(|s| self.get_mut(s))
     }
 
     /// [`link_to`](Self::link_to), shared.
-    pub(crate) fn link_to_ref(&self, peer: usize) -> Option<&(dyn Link + 'a)> {
+    pub(crate) fn link_to_ref(&self, peer: usize) -> Option<&(dyn MessageLink + 'a)> {
         self.slot(peer, true).and_then(|s| self.get(s))
     }
 
     /// [`link_from`](Self::link_from), shared.
-    pub(crate) fn link_from_ref(&self, peer: usize) -> Option<&(dyn Link + 'a)> {
+    pub(crate) fn link_from_ref(&self, peer: usize) -> Option<&(dyn MessageLink + 'a)> {
         self.slot(peer, false).and_then(|s| self.get(s))
     }
 
     /// Every link.
-    pub(crate) fn iter(&self) -> impl Iterator<Item = &(dyn Link + 'a)> {
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &(dyn MessageLink + 'a)> {
         [self.next.as_ref(), self.prev.as_ref()]
             .into_iter()
             .chain(self.pairs.iter().map(|(_, l)| l.as_ref()))
     }
 
     /// Every link, mutably.
-    pub(crate) fn iter_mut(&mut self) -> impl Iterator<Item = &mut (dyn Link + 'a)> {
+    pub(crate) fn iter_mut(&mut self) -> impl Iterator<Item = &mut (dyn MessageLink + 'a)> {
         [self.next.as_mut(), self.prev.as_mut()]
             .into_iter()
             .chain(self.pairs.iter_mut().map(|(_, l)| l.as_mut()))
     }
 
     /// The link to the next rank of the ring and the one from the previous.
-    pub(crate) fn ring(&self) -> (&(dyn Link + 'a), &(dyn Link + 'a)) {
+    pub(crate) fn ring(&self) -> (&(dyn MessageLink + 'a), &(dyn MessageLink + 'a)) {
         (self.next.as_ref(), self.prev.as_ref())
     }
 }
@@ -141,9 +156,9 @@ pub(crate) fn in_process<'a, L: Link + 'a, E>(
     if world <= 1 {
         return Ok((0..world).map(|_| None).collect());
     }
-    let mut next: Vec<Option<Box<dyn Link + 'a>>> = (0..world).map(|_| None).collect();
-    let mut prev: Vec<Option<Box<dyn Link + 'a>>> = (0..world).map(|_| None).collect();
-    let mut pairs: Vec<Vec<Box<dyn Link + 'a>>> = (0..world).map(|_| Vec::new()).collect();
+    let mut next: Vec<Option<Box<dyn MessageLink + 'a>>> = (0..world).map(|_| None).collect();
+    let mut prev: Vec<Option<Box<dyn MessageLink + 'a>>> = (0..world).map(|_| None).collect();
+    let mut pairs: Vec<Vec<Box<dyn MessageLink + 'a>>> = (0..world).map(|_| Vec::new()).collect();
     for (r, slot) in next.iter_mut().enumerate() {
         let to = (r + 1) % world;
         let (a, b) = make(r, to)?;
@@ -171,9 +186,10 @@ pub(crate) fn in_process<'a, L: Link + 'a, E>(
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
-    use std::io::{IoSlice, IoSliceMut};
-
     use oxccl_transport::fault::{self, Faults};
+    use oxccl_transport::wire::{FrameHeader, Tag};
+    use oxccl_transport::{Incoming, Lent, Outgoing, Status};
+    use smallvec::smallvec;
 
     use super::*;
 
@@ -187,9 +203,9 @@ mod tests {
         .collect()
     }
 
-    /// A byte written to a peer is read by that peer from this rank: the
-    /// two sides of every pair pick the same connection, whichever way it
-    /// is used (the ring forwards, backwards, a pair link, a world of two).
+    /// A message sent to a peer is received by that peer from this rank:
+    /// the two sides of every pair pick the same connection, whichever way
+    /// it is used (the ring forwards, backwards, a pair link, a world of two).
     #[test]
     fn both_sides_of_every_pair_agree_on_the_link() {
         for n in [2, 3, 4, 5, 8] {
@@ -198,14 +214,27 @@ mod tests {
                 let mut peers: Vec<usize> = crate::algo::pair_peers(a, n);
                 peers.extend([(a + 1) % n, (a + n - 1) % n]);
                 for b in peers {
-                    let byte = (a * 16 + b) as u8;
+                    let byte = [(a * 16 + b) as u8];
+                    let header = FrameHeader {
+                        tag: Tag {
+                            seq: 7,
+                            step: a as u32,
+                            slice: b as u32,
+                        },
+                        len: 1,
+                        descriptor: [0; 16],
+                    };
                     let l = links[a].link_to(b).unwrap();
                     assert_eq!(l.peer(), b);
-                    assert_eq!(l.try_write(&[IoSlice::new(&[byte])]).unwrap(), 1);
+                    let mut m = Outgoing::new(&header, smallvec![Lent::Shared(&byte)], b).unwrap();
+                    assert_eq!(l.post_send(&mut m).unwrap(), Status::Done);
                     let mut got = [0u8];
                     let r = links[b].link_from(a).unwrap();
-                    assert_eq!(r.try_read(&mut [IoSliceMut::new(&mut got)]).unwrap(), 1);
-                    assert_eq!(got[0], byte, "world {n}: {a} -> {b}");
+                    let mut m =
+                        Incoming::new(header, smallvec![Lent::Exclusive(&mut got)], a).unwrap();
+                    assert_eq!(r.post_recv(&mut m).unwrap(), Status::Done);
+                    drop(m);
+                    assert_eq!(got, byte, "world {n}: {a} -> {b}");
                 }
             }
         }

@@ -24,7 +24,7 @@ pub enum TransportError {
         how: String,
     },
     /// The peer took back a write it had posted for this side to copy from
-    /// its memory ([`Link::withdraw`](crate::Link::withdraw)): its call
+    /// its memory ([`Endpoint::withdraw`](crate::Endpoint::withdraw)): its call
     /// failed, and the bytes it had offered are no longer its call's data.
     #[error("rank {peer} withdrew a transfer: its call failed")]
     Withdrawn {
@@ -55,6 +55,18 @@ pub enum TransportError {
         peer: usize,
         /// What was wrong.
         reason: String,
+    },
+    /// A message arrived whose header is not the one the receive expected:
+    /// the peer is in another call, another step, or out of step. None of
+    /// its payload reached the receive's memory.
+    #[error("rank {peer} sent {got:?} where {expected:?} was expected")]
+    Unexpected {
+        /// The peer's rank.
+        peer: usize,
+        /// The header the receive was posted for.
+        expected: Box<crate::wire::FrameHeader>,
+        /// The header that came.
+        got: Box<crate::wire::FrameHeader>,
     },
     /// A rendezvous store failed.
     #[error(transparent)]

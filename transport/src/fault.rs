@@ -8,7 +8,7 @@
 //! carries the hang-up, so that [`wait`](crate::wait) and
 //! [`wait_watching`](crate::wait_watching) sleep and wake on it as on a
 //! real link. Faults are drawn from a seed: a failing test replays exactly.
-//! Each end counts the calls of [`Link::withdraw`] made on it.
+//! Each end counts the calls of [`Endpoint::withdraw`] made on it.
 
 use std::collections::VecDeque;
 use std::io::{IoSlice, IoSliceMut, Read, Write};
@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::TransportError;
-use crate::link::{Link, ShutdownHandle};
+use crate::link::{Endpoint, Link, ShutdownHandle};
 
 /// How one end of a [`FaultLink`] misbehaves. The default is a well-behaved
 /// link with unbounded buffering.
@@ -76,7 +76,7 @@ pub struct FaultLink {
     faults: Faults,
     moved: u64,
     rng: u64,
-    /// Calls of [`Link::withdraw`] so far.
+    /// Calls of [`Endpoint::withdraw`] so far.
     withdrawals: usize,
 }
 
@@ -161,7 +161,7 @@ impl FaultLink {
         Ok(Some(n))
     }
 
-    /// How many times [`Link::withdraw`] was called on this end. The queues
+    /// How many times [`Endpoint::withdraw`] was called on this end. The queues
     /// copy the bytes in `try_write`, so a withdrawal changes nothing else;
     /// a test counts them to check that what drives the link takes back a
     /// partial write before it lets go of the buffer.
@@ -182,11 +182,35 @@ impl Drop for FaultLink {
     }
 }
 
-impl Link for FaultLink {
+impl Endpoint for FaultLink {
     fn peer(&self) -> usize {
         self.peer
     }
 
+    fn fd(&self) -> BorrowedFd<'_> {
+        self.bell.as_fd()
+    }
+
+    fn withdraw(&mut self) {
+        self.withdrawals += 1;
+    }
+
+    fn shutdown_handle(&self) -> Result<ShutdownHandle, TransportError> {
+        let bell = self
+            .bell
+            .try_clone()
+            .map_err(|e| TransportError::io("duplicating a doorbell", e))?;
+        let tx = self.tx.clone();
+        Ok(ShutdownHandle::unix(bell)
+            .with_hook(Arc::new(move || tx.closed.store(true, Ordering::SeqCst))))
+    }
+
+    fn describe(&self) -> String {
+        format!("fault link to rank {} ({:?})", self.peer, self.faults)
+    }
+}
+
+impl Link for FaultLink {
     fn try_write(&mut self, bufs: &[IoSlice<'_>]) -> Result<usize, TransportError> {
         if self.rx.closed.load(Ordering::SeqCst) {
             return Err(TransportError::PeerClosed {
@@ -252,28 +276,6 @@ impl Link for FaultLink {
         drop(q);
         self.moved += n as u64;
         Ok(n)
-    }
-
-    fn fd(&self) -> BorrowedFd<'_> {
-        self.bell.as_fd()
-    }
-
-    fn withdraw(&mut self) {
-        self.withdrawals += 1;
-    }
-
-    fn shutdown_handle(&self) -> Result<ShutdownHandle, TransportError> {
-        let bell = self
-            .bell
-            .try_clone()
-            .map_err(|e| TransportError::io("duplicating a doorbell", e))?;
-        let tx = self.tx.clone();
-        Ok(ShutdownHandle::unix(bell)
-            .with_hook(Arc::new(move || tx.closed.store(true, Ordering::SeqCst))))
-    }
-
-    fn describe(&self) -> String {
-        format!("fault link to rank {} ({:?})", self.peer, self.faults)
     }
 }
 

@@ -44,7 +44,7 @@ pub fn ring(world: usize) -> Result<Vec<Option<RingLinks>>, TransportError> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::Link;
+    use crate::Endpoint;
 
     #[test]
     fn ring_peers_are_neighbours() {

@@ -1,10 +1,14 @@
-//! Byte transport for oxccl: links between ranks, their wire format, and the
+//! Transport for oxccl: links between ranks, their wire format, and the
 //! rendezvous stores ranks meet through.
 //!
-//! This crate moves bytes and knows nothing of dtypes or collectives. A
-//! [`Link`] is one ordered, reliable byte stream to one peer, driven without
-//! blocking: the collective engine writes and reads what it can and waits on
-//! several links at once with [`wait`]. Implementations:
+//! This crate moves messages and knows nothing of dtypes or collectives.
+//! The engine drives every link as a [`MessageLink`] ([`message`]): it
+//! registers memory, posts sends and receives whose memory the operation
+//! owns until it is done, and tests them, never blocking; it sleeps on
+//! several links at once with [`wait`]. What every link offers besides
+//! (its descriptor to sleep on, withdrawing, shutting down, capabilities)
+//! is its [`Endpoint`]. Byte streams ([`Link`]) carry messages by framing
+//! them; implementations:
 //!
 //! * TCP ([`tcp`]): socket2-configured sockets with a handshake that refuses
 //!   stray and mismatched connections ([`wire::Hello`]);
@@ -20,18 +24,23 @@
 //! Every wire format (frames, handshakes, store protocols) is read and
 //! written with one codec ([`codec`]) whose errors name the format and field.
 //!
-//! Frames on a link are a fixed [`wire::FrameHeader`] followed by a payload;
-//! the engine decides what the header's opaque descriptor bytes mean.
+//! Messages are a fixed [`wire::FrameHeader`] and a payload; the engine
+//! decides what the header's opaque descriptor bytes mean.
 
 pub mod codec;
 mod error;
 pub mod fault;
 pub mod inproc;
 mod link;
+pub mod message;
 pub mod shm;
 pub mod store;
 pub mod tcp;
 pub mod wire;
 
 pub use error::TransportError;
-pub use link::{Direction, Link, Readiness, ShutdownHandle, StreamLink, wait, wait_watching};
+pub use link::{
+    Capabilities, Direction, Endpoint, Link, Readiness, ShutdownHandle, StreamLink, wait,
+    wait_watching,
+};
+pub use message::{Incoming, Lent, MessageLink, Outgoing, Status};

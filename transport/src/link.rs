@@ -11,21 +11,16 @@ use std::time::Duration;
 use rustix::event::{PollFd, PollFlags, Timespec};
 
 use crate::TransportError;
+use crate::message::MessageLink;
 
-/// One ordered, reliable byte stream to one peer, used without blocking.
+/// What every link is, whatever it carries: a connection to one peer that
+/// the caller can sleep on, take a posted send back from, and shut down.
 ///
-/// `try_write` and `try_read` never block: they return `Ok(0)` when the
-/// stream cannot take or give bytes now. A closed or reset stream is
-/// [`TransportError::PeerClosed`]. Callers wait for readiness with [`wait`].
-pub trait Link: Send + fmt::Debug {
+/// [`MessageLink`] (what the engine drives) and [`Link`] (a byte stream,
+/// which frames messages on top) both build on it.
+pub trait Endpoint: Send + fmt::Debug {
     /// The peer's rank.
     fn peer(&self) -> usize;
-
-    /// Writes some bytes from `bufs` (in order), returning how many; `Ok(0)` if the stream is full.
-    fn try_write(&mut self, bufs: &[IoSlice<'_>]) -> Result<usize, TransportError>;
-
-    /// Reads some bytes into `bufs` (in order), returning how many; `Ok(0)` if none are available.
-    fn try_read(&mut self, bufs: &mut [IoSliceMut<'_>]) -> Result<usize, TransportError>;
 
     /// The descriptor to wait on.
     fn fd(&self) -> BorrowedFd<'_>;
@@ -44,11 +39,9 @@ pub trait Link: Send + fmt::Debug {
     /// Ends a wait begun by [`arm`](Self::arm).
     fn disarm(&self, _dir: Direction) {}
 
-    /// Whether `try_read`/`try_write` that move nothing cost about as much as
-    /// a memory load (shared memory), rather than a system call (sockets).
-    /// A busy-polling caller may check such a link after every pause.
-    fn cheap_to_poll(&self) -> bool {
-        false
+    /// What the link can do beyond moving bytes.
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::default()
     }
 
     /// Marks every byte written so far as part of a completed collective.
@@ -61,24 +54,17 @@ pub trait Link: Send + fmt::Debug {
     /// nothing there.
     fn commit(&mut self) {}
 
-    /// Whether the following writes may go by single copy, where the link
-    /// offers it (shared memory: the reader copies large buffers straight
-    /// from the writer's memory). The caller decides per collective: a
-    /// single copy halves the bytes copied, but puts all the copying on the
-    /// reader, which only pays when the writer has copying of its own to do.
-    fn allow_single_copy(&mut self, _allowed: bool) {}
-
-    /// Takes back a write that the peer may still be reading from the
-    /// caller's memory, so that the caller may free or reuse the buffers it
-    /// passed to [`try_write`](Self::try_write) before they were reported
-    /// written.
+    /// Takes back the operations in flight, so that the caller may free
+    /// or reuse the memory of a send or receive not yet reported done: a
+    /// send the peer may still be reading from the caller's memory (shared
+    /// memory's single copy), a receive an adapter may still write (RDMA).
     ///
-    /// Called when the caller abandons its call mid-frame (an error, a
-    /// panic), before it lets go of its buffers, and without shutting the
+    /// Called when the caller abandons its call mid-message (an error, a
+    /// panic), before it lets go of its memory, and without shutting the
     /// link down: whoever handles the failure may still have to report it
     /// before the links close. After it the link carries no more bytes this
     /// way: the peer fails its read of the rest, and this side fails its
-    /// next write. Stream sockets copy the bytes out in `try_write` and
+    /// next write. Stream sockets copy the bytes out as they write them and
     /// never hold the caller's memory, so this does nothing there; shared
     /// memory takes back a posted single-copy transfer
     /// ([`TransportError::Withdrawn`] on the reader), and does nothing when
@@ -92,17 +78,45 @@ pub trait Link: Send + fmt::Debug {
     fn describe(&self) -> String;
 }
 
+/// What a link can do beyond moving bytes or messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Capabilities {
+    /// Testing an operation that cannot progress costs about a memory load
+    /// (shared memory), not a system call (sockets): a busy-polling caller
+    /// may test after every pause.
+    pub cheap_polling: bool,
+    /// Memory must be registered ([`MessageLink::register`]) before a send
+    /// or receive is posted from or into it (RDMA). Byte streams copy
+    /// through the kernel or a ring and need no registration.
+    pub registration: bool,
+}
+
+/// One ordered, reliable byte stream to one peer, used without blocking.
+///
+/// `try_write` and `try_read` never block: they return `Ok(0)` when the
+/// stream cannot take or give bytes now. A closed or reset stream is
+/// [`TransportError::PeerClosed`]. Callers wait for readiness with [`wait`].
+/// Every byte stream is a [`MessageLink`], framing each message on the
+/// stream.
+pub trait Link: MessageLink {
+    /// Writes some bytes from `bufs` (in order), returning how many; `Ok(0)` if the stream is full.
+    fn try_write(&mut self, bufs: &[IoSlice<'_>]) -> Result<usize, TransportError>;
+
+    /// Reads some bytes into `bufs` (in order), returning how many; `Ok(0)` if none are available.
+    fn try_read(&mut self, bufs: &mut [IoSliceMut<'_>]) -> Result<usize, TransportError>;
+
+    /// Whether the following writes may go by single copy, where the stream
+    /// offers it (shared memory: the reader copies large buffers straight
+    /// from the writer's memory). Set by the framing from each message's
+    /// [`Outgoing::single_copy`](crate::message::Outgoing::single_copy).
+    fn allow_single_copy(&mut self, _allowed: bool) {}
+}
+
 /// A borrowed link is a link: a caller may lend its links to a driver and
 /// look at them again afterwards.
-impl<L: Link + ?Sized> Link for &mut L {
+impl<L: Endpoint + ?Sized> Endpoint for &mut L {
     fn peer(&self) -> usize {
         (**self).peer()
-    }
-    fn try_write(&mut self, bufs: &[IoSlice<'_>]) -> Result<usize, TransportError> {
-        (**self).try_write(bufs)
-    }
-    fn try_read(&mut self, bufs: &mut [IoSliceMut<'_>]) -> Result<usize, TransportError> {
-        (**self).try_read(bufs)
     }
     fn fd(&self) -> BorrowedFd<'_> {
         (**self).fd()
@@ -113,14 +127,11 @@ impl<L: Link + ?Sized> Link for &mut L {
     fn disarm(&self, dir: Direction) {
         (**self).disarm(dir)
     }
-    fn cheap_to_poll(&self) -> bool {
-        (**self).cheap_to_poll()
+    fn capabilities(&self) -> Capabilities {
+        (**self).capabilities()
     }
     fn commit(&mut self) {
         (**self).commit()
-    }
-    fn allow_single_copy(&mut self, allowed: bool) {
-        (**self).allow_single_copy(allowed)
     }
     fn withdraw(&mut self) {
         (**self).withdraw()
@@ -130,6 +141,18 @@ impl<L: Link + ?Sized> Link for &mut L {
     }
     fn describe(&self) -> String {
         (**self).describe()
+    }
+}
+
+impl<L: Link + ?Sized> Link for &mut L {
+    fn try_write(&mut self, bufs: &[IoSlice<'_>]) -> Result<usize, TransportError> {
+        (**self).try_write(bufs)
+    }
+    fn try_read(&mut self, bufs: &mut [IoSliceMut<'_>]) -> Result<usize, TransportError> {
+        (**self).try_read(bufs)
+    }
+    fn allow_single_copy(&mut self, allowed: bool) {
+        (**self).allow_single_copy(allowed)
     }
 }
 
@@ -204,11 +227,40 @@ impl StreamLink {
     }
 }
 
-impl Link for StreamLink {
+impl Endpoint for StreamLink {
     fn peer(&self) -> usize {
         self.peer
     }
 
+    fn fd(&self) -> BorrowedFd<'_> {
+        match &self.stream {
+            Stream::Tcp(s) => s.as_fd(),
+            Stream::Unix(s) => s.as_fd(),
+        }
+    }
+
+    fn shutdown_handle(&self) -> Result<ShutdownHandle, TransportError> {
+        let what = || format!("duplicating the link to rank {}", self.peer);
+        let stream = match &self.stream {
+            Stream::Tcp(s) => {
+                Stream::Tcp(s.try_clone().map_err(|e| TransportError::io(what(), e))?)
+            }
+            Stream::Unix(s) => {
+                Stream::Unix(s.try_clone().map_err(|e| TransportError::io(what(), e))?)
+            }
+        };
+        Ok(ShutdownHandle {
+            stream,
+            before: None,
+        })
+    }
+
+    fn describe(&self) -> String {
+        self.description.clone()
+    }
+}
+
+impl Link for StreamLink {
     fn try_write(&mut self, bufs: &[IoSlice<'_>]) -> Result<usize, TransportError> {
         // sendmsg with MSG_NOSIGNAL: a peer that died is an EPIPE error here,
         // never a SIGPIPE that kills a host process which did not ignore it
@@ -240,33 +292,6 @@ impl Link for StreamLink {
             Ok(n) => Ok(n),
             Err(e) => self.classify("receiving", e),
         }
-    }
-
-    fn fd(&self) -> BorrowedFd<'_> {
-        match &self.stream {
-            Stream::Tcp(s) => s.as_fd(),
-            Stream::Unix(s) => s.as_fd(),
-        }
-    }
-
-    fn shutdown_handle(&self) -> Result<ShutdownHandle, TransportError> {
-        let what = || format!("duplicating the link to rank {}", self.peer);
-        let stream = match &self.stream {
-            Stream::Tcp(s) => {
-                Stream::Tcp(s.try_clone().map_err(|e| TransportError::io(what(), e))?)
-            }
-            Stream::Unix(s) => {
-                Stream::Unix(s.try_clone().map_err(|e| TransportError::io(what(), e))?)
-            }
-        };
-        Ok(ShutdownHandle {
-            stream,
-            before: None,
-        })
-    }
-
-    fn describe(&self) -> String {
-        self.description.clone()
     }
 }
 
@@ -335,8 +360,8 @@ pub struct Readiness {
 /// Either may be `None`. Hang-ups and errors count as ready, so that the next
 /// `try_read`/`try_write` reports them. Returns an empty [`Readiness`] on timeout.
 pub fn wait(
-    read: Option<&dyn Link>,
-    write: Option<&dyn Link>,
+    read: Option<&dyn Endpoint>,
+    write: Option<&dyn Endpoint>,
     timeout: Duration,
 ) -> Result<Readiness, TransportError> {
     wait_watching(read, write, None, timeout)
@@ -353,9 +378,9 @@ pub fn wait(
 /// With no link to wait on (all three `None`), it returns an empty
 /// [`Readiness`] after a pause of at most a millisecond, whatever `timeout`.
 pub fn wait_watching(
-    read: Option<&dyn Link>,
-    write: Option<&dyn Link>,
-    watch: Option<&dyn Link>,
+    read: Option<&dyn Endpoint>,
+    write: Option<&dyn Endpoint>,
+    watch: Option<&dyn Endpoint>,
     timeout: Duration,
 ) -> Result<Readiness, TransportError> {
     let mut fds: Vec<PollFd<'_>> = Vec::with_capacity(3);
@@ -363,8 +388,8 @@ pub fn wait_watching(
     let mut write_idx = None;
     let mut watch_idx = None;
     let mut ready = Readiness::default();
-    let mut armed: Vec<(&dyn Link, Direction)> = Vec::with_capacity(2);
-    let arm = |l: &dyn Link, dir: Direction| -> Result<Option<PollFlags>, TransportError> {
+    let mut armed: Vec<(&dyn Endpoint, Direction)> = Vec::with_capacity(2);
+    let arm = |l: &dyn Endpoint, dir: Direction| -> Result<Option<PollFlags>, TransportError> {
         Ok(l.arm(dir)?.map(|d| match d {
             Direction::Read => PollFlags::IN,
             Direction::Write => PollFlags::OUT,

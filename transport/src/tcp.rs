@@ -496,7 +496,7 @@ mod tests {
     use std::net::Ipv4Addr;
 
     use super::*;
-    use crate::Link;
+    use crate::{Endpoint, Link};
 
     fn soon() -> Instant {
         Instant::now() + Duration::from_secs(10)

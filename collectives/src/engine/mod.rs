@@ -23,6 +23,7 @@
 //!   simulator (`sim`, tests only) pumps every rank's call in one thread in
 //!   a seeded random order, over links that deliver a byte at a time.
 
+mod cells;
 mod idle;
 mod recv;
 mod send;
@@ -35,11 +36,12 @@ use std::ops::Range;
 use std::time::{Duration, Instant};
 
 use oxccl_kernels::{DType, DeviceMemory, KernelError, ReduceOp, Reducer};
-use oxccl_transport::wire::{DESCRIPTOR_LEN, FrameHeader};
-use oxccl_transport::{Link, TransportError, wait_watching};
+use oxccl_transport::wire::DESCRIPTOR_LEN;
+use oxccl_transport::{Endpoint, TransportError, wait_watching};
 
 use crate::links::Links;
 use crate::schedule::{Plan, Progress};
+use cells::Cells;
 use idle::{Idle, Step};
 use recv::RecvHalf;
 use send::SendHalf;
@@ -79,7 +81,7 @@ pub(crate) struct Job<'a> {
     /// How long to busy-poll before sleeping in `poll`.
     pub spin: Duration,
     /// Frames of this step and later may go by single copy where the link
-    /// offers it ([`Link::allow_single_copy`], set before every frame);
+    /// offers it ([`Outgoing::single_copy`](oxccl_transport::Outgoing::single_copy));
     /// `None`: none may.
     pub single_copy_from: Option<u32>,
 }
@@ -117,8 +119,6 @@ impl From<KernelError> for EngineError {
     }
 }
 
-const HDR: usize = FrameHeader::LEN;
-
 /// What identifies this call's frames on the wire.
 #[derive(Clone, Copy)]
 struct Wire {
@@ -126,10 +126,18 @@ struct Wire {
     descriptor: [u8; DESCRIPTOR_LEN],
 }
 
+/// Where a call in progress writes its result.
+enum Out<'a> {
+    /// Host memory, in cells that frames in flight own in turn.
+    Host(Cells<'a>),
+    /// Device memory.
+    Device(&'a mut dyn DeviceMemory),
+}
+
 /// The buffers and arithmetic of a call, which both halves use.
 struct Data<'a> {
     input: Option<Input<'a>>,
-    output: Output<'a>,
+    output: Out<'a>,
     /// Where the input's byte 0 sits in the output's coordinates.
     off: usize,
     dtype: DType,
@@ -148,10 +156,15 @@ impl Data<'_> {
         };
         let src = range.start - self.off..range.end - self.off;
         match (input, &mut self.output) {
-            (Input::Host(i), Output::Host(o)) => o[range].copy_from_slice(&i[src]),
-            (Input::Host(i), Output::Device(o)) => o.write(range.start, &i[src])?,
-            (Input::Device(i), Output::Host(o)) => i.read(src.start, &mut o[range])?,
-            (Input::Device(i), Output::Device(o)) => {
+            (Input::Host(i), Out::Host(o)) => o.each_mut(&range, |at, dst| {
+                dst.copy_from_slice(&i[src.start + at..src.start + at + dst.len()]);
+                Ok(())
+            })?,
+            (Input::Host(i), Out::Device(o)) => o.write(range.start, &i[src])?,
+            (Input::Device(i), Out::Host(o)) => {
+                o.each_mut(&range, |at, dst| Ok(i.read(src.start + at, dst)?))?
+            }
+            (Input::Device(i), Out::Device(o)) => {
                 self.bounce.resize(range.len(), 0);
                 i.read(src.start, &mut self.bounce)?;
                 o.write(range.start, &self.bounce)?;
@@ -176,7 +189,7 @@ pub(crate) struct Call<'a> {
     wire: Wire,
     data: Data<'a>,
     progress: Progress,
-    send: SendHalf,
+    send: SendHalf<'a>,
     recv: RecvHalf<'a>,
     single_copy_from: Option<u32>,
     /// A prologue copy that waits for the first moment without traffic.
@@ -203,6 +216,10 @@ impl<'a> Call<'a> {
             ..
         } = job;
         let device = matches!(output, Output::Device(_));
+        let output = match output {
+            Output::Host(o) => Out::Host(Cells::new(o, plan, input.is_none())),
+            Output::Device(d) => Out::Device(d),
+        };
         let mut data = Data {
             input,
             output,
@@ -224,8 +241,8 @@ impl<'a> Call<'a> {
         }
         if let Some(r) = plan.local_avg.clone() {
             match &mut data.output {
-                Output::Host(o) => reducer.finish_avg(dtype, &mut o[r], world)?,
-                Output::Device(d) => d.finish_avg(dtype, r.start, r.len(), world)?,
+                Out::Host(o) => o.each_mut(&r, |_, c| Ok(reducer.finish_avg(dtype, c, world)?))?,
+                Out::Device(d) => d.finish_avg(dtype, r.start, r.len(), world)?,
             }
         }
         Ok(Call {
@@ -329,17 +346,20 @@ impl<'a> Call<'a> {
     /// The link to sleep on for reading, and for writing when the send
     /// half found its link full; and the link of the next frame still owed
     /// to a peer, watched for a hang-up.
-    fn waits<'l>(&self, links: &'l Links<'_>, send_full: bool) -> [Option<&'l dyn Link>; 3] {
+    fn waits<'l>(&self, links: &'l Links<'_>, send_full: bool) -> [Option<&'l dyn Endpoint>; 3] {
         let p = &self.progress;
         let read = match p.next_recv(self.plan) {
-            Some(r) if !self.recv.holding() => links.link_from_ref(r.peer),
+            Some(r) if !self.recv.holding() => {
+                links.link_from_ref(r.peer).map(|l| l as &dyn Endpoint)
+            }
             _ => None,
         };
         let owed = self
             .plan
             .sends
             .get(p.sent())
-            .and_then(|s| links.link_to_ref(s.peer));
+            .and_then(|s| links.link_to_ref(s.peer))
+            .map(|l| l as &dyn Endpoint);
         if send_full {
             [read, owed, None]
         } else {
@@ -348,17 +368,20 @@ impl<'a> Call<'a> {
     }
 }
 
-/// The links of a call in progress, which withdraws what the send half may
-/// have posted ([`Link::withdraw`]) when it is dropped before the call
+/// The links of a call in progress, which withdraws what the halves may
+/// have posted ([`Endpoint::withdraw`]) when it is dropped before the call
 /// completed: on an error return and while a panic unwinds.
 ///
-/// A partly written frame may still be read from the buffer it came from
-/// (shared memory's single copy reads the sender's memory in place), and
-/// that buffer is the caller's again, or freed, as soon as [`run`] is left:
-/// the call's input or output, or the send half's staging of a device slice,
-/// which is dropped with the [`Call`]. The failure handling that follows
-/// (reporting, then closing the links) may take seconds, and a panic skips
-/// it. Completing costs one store of a flag per call, nothing per frame.
+/// The frames in flight own their memory ([`oxccl_transport::Outgoing`],
+/// [`oxccl_transport::Incoming`]), so none of it can be reused while they
+/// live; but they are dropped with the [`Call`] when [`run`] is left, and a
+/// link may still use that memory then: shared memory's single copy has
+/// the peer read a partly sent frame in place, and an RDMA adapter writes
+/// a posted receive when its message comes. The failure handling that
+/// follows (reporting, then closing the links) may take seconds, and a
+/// panic skips it, so the guard, declared after the call and dropped
+/// before it, takes the operations back first. Completing costs one store
+/// of a flag per call, nothing per frame.
 struct Withdraw<'a, 'l> {
     links: &'a mut Links<'l>,
     plan: &'a Plan,
@@ -370,14 +393,22 @@ impl Drop for Withdraw<'_, '_> {
         if self.completed {
             return;
         }
-        // Every link this call writes to, once.
-        let mut done: Vec<usize> = Vec::new();
-        for s in &self.plan.sends {
-            if !done.contains(&s.peer) {
-                done.push(s.peer);
-                if let Some(l) = self.links.link_to(s.peer) {
-                    l.withdraw();
-                }
+        // Every link this call uses, once.
+        let mut done: Vec<(usize, bool)> = Vec::new();
+        let sends = self.plan.sends.iter().map(|s| (s.peer, true));
+        let recvs = self.plan.recvs.iter().map(|r| (r.peer, false));
+        for (peer, out) in sends.chain(recvs) {
+            if done.contains(&(peer, out)) {
+                continue;
+            }
+            done.push((peer, out));
+            let link = if out {
+                self.links.link_to(peer)
+            } else {
+                self.links.link_from(peer)
+            };
+            if let Some(l) = link {
+                l.withdraw();
             }
         }
     }
@@ -407,7 +438,7 @@ pub(crate) fn run(links: Option<&mut Links<'_>>, job: Job<'_>) -> Result<(), Eng
         completed: false,
     };
     let links = &mut *guard.links;
-    let cheap = links.iter().all(|l| l.cheap_to_poll());
+    let cheap = links.iter().all(|l| l.capabilities().cheap_polling);
     let mut idle = Idle::new(spin, timeout, cheap);
     loop {
         let pumped = call.pump(links)?;

@@ -1,38 +1,39 @@
-//! The receive half: reads the plan's frames from their peers, checks
-//! each header before any byte of its payload reaches the caller's buffer,
-//! and copies or reduces the payload into place.
+//! The receive half: posts the plan's receives, one at a time, each
+//! expecting the exact header of its frame (the link checks it before any
+//! byte of the payload reaches the caller's buffer), and copies or reduces
+//! each payload into place.
 
-use std::io::IoSliceMut;
+use oxccl_transport::wire::{FrameHeader, Tag};
+use oxccl_transport::{Incoming, Lent, Status, TransportError};
+use smallvec::{SmallVec, smallvec};
 
-use oxccl_transport::wire::FrameHeader;
-
-use super::send::no_link;
-use super::{Data, EngineError, HDR, Input, Output, Wire};
+use super::send::{frame_len, no_link};
+use super::{Data, EngineError, Input, Out, Wire};
 use crate::links::Links;
-use crate::schedule::{Commit, Plan, Progress, Src};
+use crate::schedule::{Commit, Plan, Progress, RecvOp, Src};
 
 /// Copied frames up to this size are received through staging and copied
 /// into place once their header is checked (a copy cheaper than the extra
-/// read that receiving the header alone would cost); larger ones are
-/// received in place, after their header alone.
+/// read that receiving the header alone would cost on a byte stream);
+/// larger ones are received in place.
 pub(super) const STAGED_COPY: usize = 4096;
 
-/// The frame being read and the buffer that takes what is not received in place.
+/// The receive in flight and the staging buffer.
 pub(super) struct RecvHalf<'a> {
-    hdr: [u8; HDR],
-    /// Bytes of the current frame read, header included.
-    pos: usize,
-    /// Received payloads to reduce, small copies, and device slices.
-    staging: &'a mut Vec<u8>,
-    /// The current frame is received whole and waits to be committed
+    /// The receive posted and not yet done: `plan.recvs[progress.received()]`.
+    flight: Option<Incoming<'a>>,
+    /// Received payloads to reduce, small copies, and device slices;
+    /// `None` while lent to the receive in flight.
+    staging: Option<Vec<u8>>,
+    /// Where the staging buffer lives between calls.
+    home: &'a mut Vec<u8>,
+    /// The staging buffer holds a whole frame that waits to be committed
     /// until the send it depends on is done ([`RecvOp::after_send`]).
-    ///
-    /// [`RecvOp::after_send`]: crate::schedule::RecvOp::after_send
     held: bool,
 }
 
 impl<'a> RecvHalf<'a> {
-    pub(super) fn new(plan: &Plan, device: bool, staging: &'a mut Vec<u8>) -> RecvHalf<'a> {
+    pub(super) fn new(plan: &Plan, device: bool, home: &'a mut Vec<u8>) -> RecvHalf<'a> {
         let lens = plan.recvs.iter().map(|r| r.range.len());
         let need = if device {
             lens.max().unwrap_or(0)
@@ -40,13 +41,13 @@ impl<'a> RecvHalf<'a> {
             plan.staging_len()
                 .max(lens.filter(|&l| l <= STAGED_COPY).max().unwrap_or(0))
         };
-        if staging.len() < need {
-            staging.resize(need, 0);
+        if home.len() < need {
+            home.resize(need, 0);
         }
         RecvHalf {
-            hdr: [0; HDR],
-            pos: 0,
-            staging,
+            flight: None,
+            staging: Some(std::mem::take(home)),
+            home,
             held: false,
         }
     }
@@ -56,7 +57,7 @@ impl<'a> RecvHalf<'a> {
         self.held
     }
 
-    /// Reads every frame available. Returns whether any byte came.
+    /// Receives and commits every frame available. Returns whether any byte came.
     #[inline]
     pub(super) fn pump(
         &mut self,
@@ -64,138 +65,276 @@ impl<'a> RecvHalf<'a> {
         plan: &Plan,
         progress: &mut Progress,
         wire: &Wire,
-        data: &mut Data<'_>,
+        data: &mut Data<'a>,
     ) -> Result<bool, EngineError> {
         let mut moved = false;
-        let mut empty = [0u8; 0];
         while let Some(r) = progress.next_recv(plan) {
-            let peer = r.peer;
-            let len = r.range.len();
-            // No byte reaches the caller's buffer before its frame's header
-            // is checked: a large copied frame is read in place after its
-            // header alone; everything else goes through staging, whose
-            // bytes count only once the frame is complete.
-            let in_place = matches!((r.commit, &data.output), (Commit::Copy, Output::Host(_)))
-                && len > STAGED_COPY;
+            let in_place = in_place(r, data);
             if self.held {
                 if !progress.may_commit(r) {
                     break;
                 }
                 self.held = false;
             } else {
-                let Some(link) = links.link_from(peer) else {
-                    return Err(no_link(peer));
+                let registration = links.registration();
+                let link = links.link_from(r.peer).ok_or_else(|| no_link(r.peer))?;
+                let status = match self.flight.as_mut() {
+                    Some(op) => {
+                        let before = op.moved();
+                        let status = link.test_recv(op).map_err(unexpected)?;
+                        moved |= op.moved() != before;
+                        status
+                    }
+                    None => {
+                        if in_place && send_first(plan, progress, r, data.input.is_none()) {
+                            break;
+                        }
+                        let Some(into) = self.memory(r, in_place, data)? else {
+                            // A send in flight still reads its range.
+                            break;
+                        };
+                        let expect = FrameHeader {
+                            tag: Tag {
+                                seq: wire.seq,
+                                step: r.step,
+                                slice: r.slice,
+                            },
+                            len: frame_len(r.range.len(), r.peer)?,
+                            descriptor: wire.descriptor,
+                        };
+                        if registration {
+                            for p in &into {
+                                link.register(p.bytes())?;
+                            }
+                        }
+                        let op = Incoming::new(expect, into, r.peer)?;
+                        let op = self.flight.insert(if in_place { op } else { op.scratch() });
+                        let status = link.post_recv(op).map_err(unexpected)?;
+                        moved |= op.moved() != 0;
+                        status
+                    }
                 };
-                let target: &mut [u8] = match (r.commit, &mut data.output) {
-                    (Commit::Copy, Output::Host(o)) if in_place => &mut o[r.range.clone()],
-                    (Commit::Discard, _) => &mut empty,
-                    _ => &mut self.staging[..len],
-                };
-                let was_header = self.pos < HDR;
-                let n = if was_header && in_place {
-                    link.try_read(&mut [IoSliceMut::new(&mut self.hdr[self.pos..])])?
-                } else if was_header {
-                    link.try_read(&mut [
-                        IoSliceMut::new(&mut self.hdr[self.pos..]),
-                        IoSliceMut::new(target),
-                    ])?
-                } else {
-                    link.try_read(&mut [IoSliceMut::new(&mut target[self.pos - HDR..])])?
-                };
-                if n == 0 {
+                if status == Status::Pending {
                     break;
                 }
                 moved = true;
-                self.pos += n;
-                if was_header && self.pos >= HDR {
-                    check_header(&self.hdr, wire, r.step, r.slice, len, peer)?;
+                if let Some(op) = self.flight.take() {
+                    self.give_back(r, op, data)?;
                 }
-                if self.pos < HDR + len {
-                    continue;
-                }
-                if !progress.may_commit(r) {
-                    // Complete, but its range is still being sent: it waits in
-                    // staging (reductions always go through staging).
+                if !in_place && !progress.may_commit(r) {
+                    // Complete, but its range is still being sent: it waits
+                    // in staging (reductions always go through staging).
                     self.held = true;
                     break;
                 }
             }
-            // Not sized for frames received in place.
-            let staged = || &self.staging[..len];
-            match (r.commit, &mut data.output) {
-                (Commit::Reduce { with, finish_avg }, Output::Host(o)) => {
-                    let dst = &mut o[r.range.clone()];
-                    if let (Src::Input, Some(Input::Host(inp))) = (with, data.input) {
-                        dst.copy_from_slice(&inp[r.range.start - data.off..r.range.end - data.off]);
-                    }
-                    data.reducer.reduce(data.dtype, data.op, dst, staged())?;
-                    if finish_avg {
-                        data.reducer.finish_avg(data.dtype, dst, data.world)?;
-                    }
-                }
-                (Commit::Reduce { with, finish_avg }, Output::Device(_)) => {
-                    if with == Src::Input && data.input.is_some() {
-                        data.copy_input(r.range.clone())?;
-                    }
-                    if let Output::Device(d) = &mut data.output {
-                        d.reduce_from_host(data.dtype, data.op, r.range.start, staged())?;
-                        if finish_avg {
-                            d.finish_avg(data.dtype, r.range.start, len, data.world)?;
-                        }
-                    }
-                }
-                (Commit::Copy, Output::Device(d)) => d.write(r.range.start, staged())?,
-                (Commit::Copy, Output::Host(o)) if !in_place => {
-                    o[r.range.clone()].copy_from_slice(staged());
-                }
-                (Commit::Copy, Output::Host(_)) | (Commit::Discard, _) => {}
+            if !in_place {
+                self.commit(r, data)?;
             }
             tracing::trace!(
                 seq = wire.seq,
                 step = r.step,
                 slice = r.slice,
-                bytes = len,
-                from = peer,
+                bytes = r.range.len(),
+                from = r.peer,
                 "received"
             );
             progress.handle_received();
-            self.pos = 0;
         }
         Ok(moved)
     }
+
+    /// The memory a receive is posted into: the output's cells for a large
+    /// copy to the host (`None` while a send in flight reads some of them),
+    /// else the staging buffer.
+    fn memory(
+        &mut self,
+        r: &RecvOp,
+        in_place: bool,
+        data: &mut Data<'a>,
+    ) -> Result<Option<SmallVec<[Lent<'a>; 2]>>, EngineError> {
+        if r.commit == Commit::Discard {
+            return Ok(Some(SmallVec::new()));
+        }
+        match &mut data.output {
+            Out::Host(cells) if in_place => cells.lend(&r.range),
+            _ => {
+                let buf = self.staging.take().ok_or_else(staging_gone)?;
+                Ok(Some(smallvec![Lent::Owned {
+                    buf,
+                    len: r.range.len()
+                }]))
+            }
+        }
+    }
+
+    /// Takes back what a done receive was lent.
+    fn give_back(
+        &mut self,
+        r: &RecvOp,
+        op: Incoming<'a>,
+        data: &mut Data<'a>,
+    ) -> Result<(), EngineError> {
+        let mut into = op.into_buffers();
+        match (into.first(), &mut data.output) {
+            (Some(Lent::Owned { .. }), _) => {
+                if let Some(Lent::Owned { buf, .. }) = into.pop() {
+                    self.staging = Some(buf);
+                }
+                Ok(())
+            }
+            (Some(Lent::Exclusive(_)), Out::Host(cells)) => cells.give_back(&r.range, into),
+            _ => Ok(()),
+        }
+    }
+
+    /// Copies or reduces a staged payload into place.
+    fn commit(&mut self, r: &RecvOp, data: &mut Data<'a>) -> Result<(), EngineError> {
+        if r.commit == Commit::Discard {
+            return Ok(());
+        }
+        let len = r.range.len();
+        let staged = self
+            .staging
+            .as_deref()
+            .and_then(|s| s.get(..len))
+            .ok_or_else(staging_gone)?;
+        if let Out::Host(cells) = &mut data.output {
+            let (dtype, op, world, reducer) = (data.dtype, data.op, data.world, data.reducer);
+            return match r.commit {
+                Commit::Reduce { with, finish_avg } => {
+                    let local = match (with, data.input) {
+                        (Src::Input, Some(Input::Host(inp))) => {
+                            Some(&inp[r.range.start - data.off..r.range.end - data.off])
+                        }
+                        _ => None,
+                    };
+                    cells.each_mut(&r.range, |at, dst| {
+                        if let Some(local) = local {
+                            dst.copy_from_slice(&local[at..at + dst.len()]);
+                        }
+                        reducer.reduce(dtype, op, dst, &staged[at..at + dst.len()])?;
+                        if finish_avg {
+                            reducer.finish_avg(dtype, dst, world)?;
+                        }
+                        Ok(())
+                    })
+                }
+                Commit::Copy => cells.each_mut(&r.range, |at, dst| {
+                    dst.copy_from_slice(&staged[at..at + dst.len()]);
+                    Ok(())
+                }),
+                Commit::Discard => Ok(()),
+            };
+        }
+        match r.commit {
+            Commit::Reduce { with, finish_avg } => {
+                if with == Src::Input && data.input.is_some() {
+                    data.copy_input(r.range.clone())?;
+                }
+                if let Out::Device(d) = &mut data.output {
+                    d.reduce_from_host(data.dtype, data.op, r.range.start, staged)?;
+                    if finish_avg {
+                        d.finish_avg(data.dtype, r.range.start, len, data.world)?;
+                    }
+                }
+            }
+            Commit::Copy => {
+                if let Out::Device(d) = &mut data.output {
+                    d.write(r.range.start, staged)?;
+                }
+            }
+            Commit::Discard => {}
+        }
+        Ok(())
+    }
 }
 
-/// Checks a frame's header against the call and the frame the plan expects.
+impl Drop for RecvHalf<'_> {
+    /// Puts the staging buffer back for the next call (lost only when a
+    /// failed call dropped it with the receive it was lent to).
+    fn drop(&mut self) {
+        let buf = self.staging.take().or_else(|| {
+            let op = self.flight.take()?;
+            op.into_buffers().into_iter().find_map(|l| match l {
+                Lent::Owned { buf, .. } => Some(buf),
+                _ => None,
+            })
+        });
+        if let Some(buf) = buf {
+            *self.home = buf;
+        }
+    }
+}
+
+/// Whether a send that reads what `r` overwrites in place has still to go
+/// first: a send not yet done, from the output (or an in-place call's
+/// input), over bytes of `r`'s range, that does not itself wait for `r` or
+/// a later receive. Byte streams got this order for free (the bytes of `r`
+/// could only come once the peer had that send's), but a receive posted
+/// early owns its memory, and the send could then never be posted.
+///
+/// Sends are taken in plan order and wait for receives in plan order, so
+/// the scan stops at the first send that waits for `r` or later: it covers
+/// only the few frames the send half is behind.
+fn send_first(plan: &Plan, progress: &Progress, r: &RecvOp, in_place_call: bool) -> bool {
+    let i = progress.received();
+    plan.sends
+        .get(progress.sent()..)
+        .unwrap_or_default()
+        .iter()
+        .take_while(|s| s.after_recv.is_none_or(|a| a < i))
+        .any(|s| {
+            (s.src == Src::Output || in_place_call)
+                && s.range.start < r.range.end
+                && r.range.start < s.range.end
+        })
+}
+
+/// Whether `r` is received straight into the caller's host output.
 #[inline]
-fn check_header(
-    raw: &[u8; HDR],
-    wire: &Wire,
-    step: u32,
-    slice: u32,
-    len: usize,
-    peer: usize,
-) -> Result<(), EngineError> {
-    let h = FrameHeader::parse(raw).map_err(|e| EngineError::Protocol {
-        peer,
-        reason: e.to_string(),
-    })?;
-    // Two words, not a memcmp call: this runs for every frame.
-    let same = u128::from_ne_bytes(h.descriptor) == u128::from_ne_bytes(wire.descriptor);
-    if !same || h.tag.seq != wire.seq {
-        return Err(EngineError::Mismatch {
-            peer,
-            descriptor: h.descriptor,
-            seq: h.tag.seq,
-        });
+fn in_place(r: &RecvOp, data: &Data<'_>) -> bool {
+    matches!((r.commit, &data.output), (Commit::Copy, Out::Host(_))) && r.range.len() > STAGED_COPY
+}
+
+fn staging_gone() -> EngineError {
+    EngineError::Protocol {
+        peer: 0,
+        reason: "the staging buffer is lent to another frame".into(),
     }
-    if h.tag.step != step || h.tag.slice != slice || h.len as usize != len {
-        return Err(EngineError::Protocol {
+}
+
+/// A frame whose header is not the expected one: another call (a
+/// mismatch between ranks), or this call out of step.
+fn unexpected(e: TransportError) -> EngineError {
+    match e {
+        TransportError::Unexpected {
             peer,
-            reason: format!(
-                "expected frame step {step} slice {slice} of {len} bytes, got step {} slice {} of {} bytes",
-                h.tag.step, h.tag.slice, h.len
-            ),
-        });
+            expected,
+            got,
+        } => {
+            let same = got.descriptor == expected.descriptor;
+            if !same || got.tag.seq != expected.tag.seq {
+                EngineError::Mismatch {
+                    peer,
+                    descriptor: got.descriptor,
+                    seq: got.tag.seq,
+                }
+            } else {
+                EngineError::Protocol {
+                    peer,
+                    reason: format!(
+                        "expected frame step {} slice {} of {} bytes, got step {} slice {} of {} bytes",
+                        expected.tag.step,
+                        expected.tag.slice,
+                        expected.len,
+                        got.tag.step,
+                        got.tag.slice,
+                        got.len
+                    ),
+                }
+            }
+        }
+        e => EngineError::Transport(e),
     }
-    Ok(())
 }

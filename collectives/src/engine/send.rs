@@ -1,40 +1,41 @@
-//! The send half: writes the plan's frames to their peers, each a header
-//! and a payload taken straight from the caller's buffer (or staged from a
-//! device), as far as the link takes them.
-
-use std::io::IoSlice;
+//! The send half: posts the plan's frames to their peers, one at a time,
+//! each a header and a payload lent straight from the caller's buffer (an
+//! input range, or the output's cells) or staged from a device, and tests
+//! the frame in flight until its link is done with it.
 
 use oxccl_transport::wire::{FrameHeader, Tag};
+use oxccl_transport::{Lent, Outgoing, Status};
+use smallvec::{SmallVec, smallvec};
 
-use super::{Data, EngineError, HDR, Input, Output, Wire};
+use super::{Data, EngineError, Input, Out, Wire};
 use crate::links::Links;
-use crate::schedule::{Plan, Progress, Src};
+use crate::schedule::{Plan, Progress, SendOp, Src};
 
-/// The frame being written and the host copy of a device slice.
-pub(super) struct SendHalf {
-    hdr: [u8; HDR],
-    /// Bytes of the current frame written, header included.
-    pos: usize,
-    /// Host bytes of a device slice about to be sent.
+/// The frame in flight and the host copy of a device slice.
+pub(super) struct SendHalf<'a> {
+    /// The frame posted and not yet done: `plan.sends[progress.sent()]`.
+    flight: Option<Outgoing<'a>>,
+    /// Host bytes of a device slice about to be sent; owned by the frame
+    /// in flight while it carries one.
     stage: Vec<u8>,
 }
 
-impl SendHalf {
-    pub(super) fn new(plan: &Plan, device: bool) -> SendHalf {
+impl<'a> SendHalf<'a> {
+    pub(super) fn new(plan: &Plan, device: bool) -> SendHalf<'a> {
         let stage_len = if device {
             plan.sends.iter().map(|s| s.range.len()).max().unwrap_or(0)
         } else {
             0
         };
         SendHalf {
-            hdr: [0; HDR],
-            pos: 0,
+            flight: None,
             stage: vec![0; stage_len],
         }
     }
 
-    /// Writes every frame that may go, until the link is full. Returns
-    /// whether any byte went, and whether the link is full.
+    /// Posts every frame that may go and tests the one in flight, until a
+    /// link cannot take more now. Returns whether any byte went, and
+    /// whether a link is full.
     #[inline]
     pub(super) fn pump(
         &mut self,
@@ -42,76 +43,138 @@ impl SendHalf {
         plan: &Plan,
         progress: &mut Progress,
         wire: &Wire,
-        data: &mut Data<'_>,
+        data: &mut Data<'a>,
         single_copy_from: Option<u32>,
     ) -> Result<(bool, bool), EngineError> {
         let mut moved = false;
-        while let Some(s) = progress.next_send(plan) {
-            let Some(link) = links.link_to(s.peer) else {
-                return Err(no_link(s.peer));
-            };
-            let len = s.range.len();
-            let off = data.off;
-            let payload: &[u8] = match (s.src, data.input, &data.output) {
-                (Src::Input, Some(Input::Host(inp)), _) => {
-                    &inp[s.range.start - off..s.range.end - off]
+        loop {
+            let (s, status) = match self.flight.as_mut() {
+                Some(op) => {
+                    let Some(s) = plan.sends.get(progress.sent()) else {
+                        return Err(protocol("a frame in flight that the plan does not send"));
+                    };
+                    let link = links.link_to(s.peer).ok_or_else(|| no_link(s.peer))?;
+                    let before = op.moved();
+                    let status = link.test_send(op)?;
+                    moved |= op.moved() != before;
+                    (s, status)
                 }
-                (Src::Input, Some(Input::Device(inp)), _) => {
-                    if self.pos == 0 {
-                        inp.read(s.range.start - off, &mut self.stage[..len])?;
+                None => {
+                    let Some(s) = progress.next_send(plan) else {
+                        return Ok((moved, false));
+                    };
+                    let Some(payload) = self.payload(s, data)? else {
+                        // A receive posted early holds part of its range.
+                        return Ok((moved, false));
+                    };
+                    let header = FrameHeader {
+                        tag: Tag {
+                            seq: wire.seq,
+                            step: s.step,
+                            slice: s.slice,
+                        },
+                        len: frame_len(s.range.len(), s.peer)?,
+                        descriptor: wire.descriptor,
+                    };
+                    let registration = links.registration();
+                    let link = links.link_to(s.peer).ok_or_else(|| no_link(s.peer))?;
+                    if registration {
+                        for p in &payload {
+                            link.register(p.bytes())?;
+                        }
                     }
-                    &self.stage[..len]
-                }
-                (_, _, Output::Host(o)) => &o[s.range.clone()],
-                (_, _, Output::Device(o)) => {
-                    if self.pos == 0 {
-                        o.read(s.range.start, &mut self.stage[..len])?;
-                    }
-                    &self.stage[..len]
+                    let op = Outgoing::new(&header, payload, s.peer)?
+                        .single_copy(single_copy_from.is_some_and(|from| s.step >= from));
+                    let op = self.flight.insert(op);
+                    let status = link.post_send(op)?;
+                    moved |= op.moved() != 0;
+                    (s, status)
                 }
             };
-            if self.pos == 0 {
-                link.allow_single_copy(single_copy_from.is_some_and(|from| s.step >= from));
-                self.hdr = FrameHeader {
-                    tag: Tag {
-                        seq: wire.seq,
-                        step: s.step,
-                        slice: s.slice,
-                    },
-                    // Slices and the small-message path are at most 1 GiB
-                    // (Config::validate); a larger frame is a bug, not a wrap.
-                    len: u32::try_from(len).map_err(|_| EngineError::Protocol {
-                        peer: link.peer(),
-                        reason: format!("a frame of {len} bytes exceeds the 4 GiB frame limit"),
-                    })?,
-                    descriptor: wire.descriptor,
-                }
-                .encode();
-            }
-            let n = if self.pos < HDR {
-                link.try_write(&[IoSlice::new(&self.hdr[self.pos..]), IoSlice::new(payload)])?
-            } else {
-                link.try_write(&[IoSlice::new(&payload[self.pos - HDR..])])?
-            };
-            if n == 0 {
+            if status == Status::Pending {
                 return Ok((moved, true));
             }
-            moved = true;
-            self.pos += n;
-            if self.pos == HDR + len {
-                tracing::trace!(
-                    seq = wire.seq,
-                    step = s.step,
-                    slice = s.slice,
-                    bytes = len,
-                    to = link.peer(),
-                    "sent"
-                );
-                progress.handle_sent();
-                self.pos = 0;
+            if let Some(op) = self.flight.take() {
+                self.give_back(s, op, data)?;
             }
+            moved = true;
+            tracing::trace!(
+                seq = wire.seq,
+                step = s.step,
+                slice = s.slice,
+                bytes = s.range.len(),
+                to = s.peer,
+                "sent"
+            );
+            progress.handle_sent();
         }
-        Ok((moved, false))
+    }
+
+    /// The memory a frame's payload is lent from; `None` while a receive
+    /// in flight holds part of it.
+    fn payload(
+        &mut self,
+        s: &SendOp,
+        data: &mut Data<'a>,
+    ) -> Result<Option<SmallVec<[Lent<'a>; 2]>>, EngineError> {
+        let len = s.range.len();
+        let off = data.off;
+        let mut staged = |read: &mut dyn FnMut(&mut [u8]) -> Result<(), EngineError>| {
+            let mut buf = std::mem::take(&mut self.stage);
+            let Some(dst) = buf.get_mut(..len) else {
+                return Err(protocol("a device slice larger than the send staging"));
+            };
+            read(dst)?;
+            Ok(Some(smallvec![Lent::Owned { buf, len }]))
+        };
+        match (s.src, data.input, &mut data.output) {
+            (Src::Input, Some(Input::Host(inp)), _) => Ok(Some(smallvec![Lent::Shared(
+                &inp[s.range.start - off..s.range.end - off]
+            )])),
+            (Src::Input, Some(Input::Device(inp)), _) => {
+                staged(&mut |dst| Ok(inp.read(s.range.start - off, dst)?))
+            }
+            (_, _, Out::Host(cells)) => cells.lend(&s.range),
+            (_, _, Out::Device(o)) => staged(&mut |dst| Ok(o.read(s.range.start, dst)?)),
+        }
+    }
+
+    /// Takes back what a done frame was lent.
+    fn give_back(
+        &mut self,
+        s: &SendOp,
+        op: Outgoing<'a>,
+        data: &mut Data<'a>,
+    ) -> Result<(), EngineError> {
+        let mut payload = op.into_payload();
+        match (payload.first(), &mut data.output) {
+            (Some(Lent::Owned { .. }), _) => {
+                if let Some(Lent::Owned { buf, .. }) = payload.pop() {
+                    self.stage = buf;
+                }
+                Ok(())
+            }
+            (Some(Lent::Exclusive(_)), Out::Host(cells)) => cells.give_back(&s.range, payload),
+            // Input bytes, or an empty range.
+            _ => Ok(()),
+        }
+    }
+}
+
+/// A frame's length as its header carries it. Slices and the small-message
+/// path are at most 1 GiB (`Config::validate`); a larger frame is a bug,
+/// reported rather than wrapped.
+pub(super) fn frame_len(len: usize, peer: usize) -> Result<u32, EngineError> {
+    u32::try_from(len).map_err(|_| EngineError::Protocol {
+        peer,
+        reason: format!("a frame of {len} bytes exceeds the 4 GiB frame limit"),
+    })
+}
+
+fn protocol(reason: &str) -> EngineError {
+    EngineError::Protocol {
+        peer: 0,
+        reason: reason.into(),
     }
 }
 

@@ -1,7 +1,9 @@
 //! A simulator that runs the engine's own code for every rank of a world in
 //! one thread: each rank's [`Call`] is pumped in a seeded random order, over
 //! fault-injecting links that deliver a few bytes (down to one) per call and
-//! stall at random, with the reference reducer. Every interleaving of
+//! stall at random, with the reference reducer; one rank is slow and reads
+//! whole frames, so that its peers run as far ahead of it as they can.
+//! Every interleaving of
 //! partial headers, partial payloads and stalls the seed draws is one the
 //! engine meets on real links.
 
@@ -57,12 +59,24 @@ fn simulate(
             o
         })
         .collect();
+    // One rank is slow: pumped first, then only once the others have made
+    // no progress for a while, over links that never stall, so its peers
+    // run as far ahead as they can and it finds several whole frames
+    // waiting at once (and posts receives early).
+    let slow = (seed / 2) as usize % world.max(1);
     let faults: Vec<Faults> = (0..world)
         .map(|r| Faults {
             max_chunk: 1 + (rng.next() % 48) as usize,
             stall_one_in: 3,
             seed: seed ^ (r as u64 + 1),
             ..Faults::default()
+        })
+        .map(|f| {
+            if f.seed == seed ^ (slow as u64 + 1) {
+                Faults::default()
+            } else {
+                f
+            }
         })
         .collect();
     let mut links: Vec<_> =
@@ -94,9 +108,17 @@ fn simulate(
         })
         .collect();
     let mut idle = 0;
+    // The slow rank moves first (sending what needs nothing), then waits.
+    let mut slow_first = true;
     while calls.iter().any(|c| !c.done()) {
         assert!(idle < 1_000_000, "deadlock");
         let r = (rng.next() % world as u64) as usize;
+        let first = std::mem::take(&mut slow_first);
+        let r = if first { slow } else { r };
+        if r == slow && !first && idle < 8 * world && calls.iter().filter(|c| !c.done()).count() > 1
+        {
+            continue;
+        }
         let (Some(l), false) = (links[r].as_mut(), calls[r].done()) else {
             idle += 1;
             continue;

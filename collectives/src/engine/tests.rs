@@ -7,9 +7,11 @@ use std::time::{Duration, Instant};
 
 use oxccl_kernels::reference::{ReferenceReducer, reduce_all};
 use oxccl_kernels::{DType, ReduceOp};
-use oxccl_transport::TransportError;
 use oxccl_transport::fault::{self, FaultLink, Faults};
 use oxccl_transport::wire::DESCRIPTOR_LEN;
+use oxccl_transport::{
+    Capabilities, Endpoint, Incoming, MessageLink, Outgoing, Status, TransportError,
+};
 
 use super::{EngineError, Input, Job, Output, run};
 use crate::links::Links;
@@ -357,7 +359,9 @@ fn a_call_that_fails_mid_frame_withdraws_before_it_returns() {
         "{r:?}"
     );
     assert_eq!(next.withdrawals(), 1, "the partial frame was not withdrawn");
-    assert_eq!(prev.withdrawals(), 0, "only the link written to withdraws");
+    // The receive posted on the other link is taken back too (an RDMA
+    // adapter would otherwise write into the freed buffer).
+    assert_eq!(prev.withdrawals(), 1, "the receive was not withdrawn");
 }
 
 #[test]
@@ -433,5 +437,179 @@ fn a_call_that_completes_withdraws_nothing() {
     assert_eq!((r0.unwrap(), r1.unwrap()), (want.clone(), want));
     for l in [&next0, &prev0, &next1, &prev1] {
         assert_eq!(l.withdrawals(), 0);
+    }
+}
+
+/// A link that insists on registered memory, as RDMA does: it fails any
+/// post from or into memory not registered first.
+#[derive(Debug)]
+struct Registering<'l> {
+    inner: &'l mut FaultLink,
+    /// Registered address ranges; `None`: registration is ignored (so
+    /// every post fails), to show the check bites.
+    regions: Option<Vec<std::ops::Range<usize>>>,
+    posts: &'l std::sync::atomic::AtomicUsize,
+}
+
+impl Registering<'_> {
+    fn check(&mut self, parts: &[oxccl_transport::Lent<'_>]) -> Result<(), TransportError> {
+        self.posts
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let regions = self.regions.as_deref().unwrap_or_default();
+        for p in parts {
+            let b = p.bytes();
+            let at = b.as_ptr() as usize;
+            if !b.is_empty()
+                && !regions
+                    .iter()
+                    .any(|r| r.start <= at && at + b.len() <= r.end)
+            {
+                return Err(TransportError::Protocol {
+                    peer: self.inner.peer(),
+                    reason: format!("{} bytes at {at:#x} posted unregistered", b.len()),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Endpoint for Registering<'_> {
+    fn peer(&self) -> usize {
+        self.inner.peer()
+    }
+    fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        Endpoint::fd(&*self.inner)
+    }
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            registration: true,
+            ..Capabilities::default()
+        }
+    }
+    fn withdraw(&mut self) {
+        self.inner.withdraw()
+    }
+    fn shutdown_handle(&self) -> Result<oxccl_transport::ShutdownHandle, TransportError> {
+        self.inner.shutdown_handle()
+    }
+    fn describe(&self) -> String {
+        "registering".into()
+    }
+}
+
+impl MessageLink for Registering<'_> {
+    fn register(&mut self, mem: &[u8]) -> Result<(), TransportError> {
+        if let Some(r) = &mut self.regions {
+            let at = mem.as_ptr() as usize;
+            r.push(at..at + mem.len());
+        }
+        Ok(())
+    }
+    fn post_send(&mut self, m: &mut Outgoing<'_>) -> Result<Status, TransportError> {
+        self.check(m.payload())?;
+        self.inner.post_send(m)
+    }
+    fn test_send(&mut self, m: &mut Outgoing<'_>) -> Result<Status, TransportError> {
+        self.inner.test_send(m)
+    }
+    fn post_recv(&mut self, m: &mut Incoming<'_>) -> Result<Status, TransportError> {
+        self.check(m.buffers())?;
+        self.inner.post_recv(m)
+    }
+    fn test_recv(&mut self, m: &mut Incoming<'_>) -> Result<Status, TransportError> {
+        self.inner.test_recv(m)
+    }
+}
+
+/// Allreduces over links that need registration, out of place and in
+/// place, with frames received in place (8 KiB) and staged: every post is
+/// of registered memory, and the results are right. With registration
+/// ignored by the link, the first post fails.
+#[test]
+fn every_posted_buffer_is_registered_first_where_the_link_asks() {
+    for record in [true, false] {
+        for in_place in [false, true] {
+            let count = 10_000;
+            let mut links = fault::ring(2, |_| Faults::default()).unwrap();
+            let results: Vec<Result<(Vec<i32>, usize), EngineError>> = std::thread::scope(|s| {
+                let threads: Vec<_> = links
+                    .iter_mut()
+                    .enumerate()
+                    .map(|(rank, l)| {
+                        let (next, prev) = l.as_mut().unwrap();
+                        s.spawn(move || {
+                            let mut sh = shape(Kind::AllReduce, 2, rank, count);
+                            sh.out_of_place = !in_place;
+                            let p = plan(&sh);
+                            let own = input(rank, count);
+                            let mut out = if in_place {
+                                own.clone()
+                            } else {
+                                vec![0; count]
+                            };
+                            let mut staging = Vec::new();
+                            let posts = std::sync::atomic::AtomicUsize::new(0);
+                            let shut = [
+                                next.shutdown_handle().unwrap(),
+                                prev.shutdown_handle().unwrap(),
+                            ];
+                            let wrap = |inner| Registering {
+                                inner,
+                                regions: record.then(Vec::new),
+                                posts: &posts,
+                            };
+                            let r = {
+                                let mut links = Links::new(
+                                    Box::new(wrap(next)),
+                                    Box::new(wrap(prev)),
+                                    Vec::new(),
+                                );
+                                run(
+                                    Some(&mut links),
+                                    Job {
+                                        plan: &p,
+                                        seq: 1,
+                                        descriptor: [1; DESCRIPTOR_LEN],
+                                        input: (!in_place)
+                                            .then(|| Input::Host(bytemuck::cast_slice(&own))),
+                                        output: Output::Host(bytemuck::cast_slice_mut(&mut out)),
+                                        dtype: DType::I32,
+                                        op: ReduceOp::Sum,
+                                        world: 2,
+                                        reducer: &ReferenceReducer,
+                                        staging: &mut staging,
+                                        timeout: Duration::from_millis(500),
+                                        spin: Duration::from_micros(50),
+                                        single_copy_from: None,
+                                    },
+                                )
+                            };
+                            if r.is_err() {
+                                // As a communicator does: the peer fails at once.
+                                shut.iter().for_each(|h| h.shutdown());
+                            }
+                            r.map(|()| (out, posts.into_inner()))
+                        })
+                    })
+                    .collect();
+                threads.into_iter().map(|t| t.join().unwrap()).collect()
+            });
+            let want = expected(Kind::AllReduce, 2, count);
+            for (rank, r) in results.into_iter().enumerate() {
+                match (record, r) {
+                    (true, Ok((out, posts))) => {
+                        assert_eq!(out, want, "rank {rank}, in place {in_place}");
+                        assert!(posts >= 4, "{posts} posts");
+                    }
+                    (
+                        false,
+                        Err(EngineError::Transport(TransportError::Protocol { reason, .. })),
+                    ) if reason.contains("unregistered") => {}
+                    (false, Err(_)) => {} // the peer of the rank that failed first
+                    (record, other) => panic!("record {record}, rank {rank}: {other:?}"),
+                }
+            }
+        }
     }
 }

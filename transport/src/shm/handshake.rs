@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use super::segment::{Created, Mapping, create_segment, open_segment};
 use super::{Policy, ShmLink};
-use crate::{Link, StreamLink, TransportError};
+use crate::{Endpoint, Link, StreamLink, TransportError};
 
 const OFFER_MAGIC: &[u8; 8] = b"OXSHOFR1";
 const REPLY_MAGIC: &[u8; 8] = b"OXSHREP1";

@@ -24,7 +24,7 @@
 //! refuse) and tells the writer, which otherwise keeps to the ring. The
 //! caller chooses per write whether single copies are allowed
 //! ([`Link::allow_single_copy`]). A writer whose call fails mid-transfer
-//! withdraws it ([`Link::withdraw`]) before its caller may free or reuse
+//! withdraws it ([`Endpoint::withdraw`]) before its caller may free or reuse
 //! the bytes, without shutting the link: the reader then delivers none of
 //! the rest and fails its read, naming the writer.
 //!
@@ -66,7 +66,7 @@
 //!   kernel, into the reader's own buffers (`process_vm_readv` checks both
 //!   sides). A writer that gives them up before the reader is done first
 //!   marks the link shut (an abort, a drop) or the transfer withdrawn (its
-//!   call failed, [`Link::withdraw`]), and the reader checks both marks
+//!   call failed, [`Endpoint::withdraw`]), and the reader checks both marks
 //!   after each copy and discards the copy if either is set, so bytes the
 //!   caller may already have reused are never delivered.
 
@@ -85,7 +85,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use crate::{Link, StreamLink, TransportError};
+use crate::{Endpoint, Link, StreamLink, TransportError};
 use segment::{HEADER_LEN, Mapping, SHUT};
 use single_copy::Posted;
 

@@ -1,6 +1,6 @@
 //! The byte ring of each direction and its doorbell: writes and reads
 //! through the ring, the eventcount that lets a side sleep on the socket
-//! ([`Link::arm`], [`Link::disarm`]), and commit and shutdown.
+//! ([`Endpoint::arm`], [`Endpoint::disarm`]), and commit and shutdown.
 //!
 //! # Safety
 //!
@@ -21,7 +21,7 @@ use std::sync::atomic::{Ordering, fence};
 
 use super::ShmLink;
 use super::segment::{Ctrl, HEADER_LEN, SHUT};
-use crate::link::{Direction, ShutdownHandle};
+use crate::link::{Capabilities, Direction, Endpoint, ShutdownHandle};
 use crate::{Link, TransportError};
 
 /// A long write (or read) publishes its progress at least this often, so
@@ -139,11 +139,110 @@ impl ShmLink {
     }
 }
 
-impl Link for ShmLink {
+impl Endpoint for ShmLink {
     fn peer(&self) -> usize {
         self.peer
     }
 
+    fn fd(&self) -> BorrowedFd<'_> {
+        self.doorbell.fd()
+    }
+
+    fn arm(&self, dir: Direction) -> Result<Option<Direction>, TransportError> {
+        self.drain_doorbell()?;
+        if self.closed.get() || self.is_shut() || (dir == Direction::Write && self.withdrawn.get())
+        {
+            // Ready: the next try_read/try_write reports it.
+            return Ok(None);
+        }
+        let ready = match dir {
+            Direction::Read => {
+                let ctrl = self.map.ctrl(1 - self.tx);
+                ctrl.reader_waiting.store(1, Ordering::Relaxed);
+                fence(Ordering::SeqCst);
+                ctrl.head.load(Ordering::Relaxed) != self.tail.get()
+                    || ctrl.pull_posted.load(Ordering::Relaxed) != self.pulls_done.get()
+            }
+            Direction::Write if self.posted.get().is_some() => {
+                let ctrl = self.map.ctrl(self.tx);
+                ctrl.writer_waiting.store(1, Ordering::Relaxed);
+                fence(Ordering::SeqCst);
+                ctrl.pulled.load(Ordering::Relaxed) != self.pulled_seen.get()
+            }
+            Direction::Write => {
+                let ctrl = self.map.ctrl(self.tx);
+                ctrl.writer_waiting.store(1, Ordering::Relaxed);
+                fence(Ordering::SeqCst);
+                // Ready unless exactly full: room, or an impossible tail
+                // that the next write reports.
+                let used = self
+                    .head
+                    .get()
+                    .wrapping_sub(ctrl.tail.load(Ordering::Relaxed));
+                used != self.capacity as u64
+            }
+        };
+        if ready {
+            self.disarm(dir);
+            return Ok(None);
+        }
+        // Both the peer's doorbell and its end of stream make the socket readable.
+        Ok(Some(Direction::Read))
+    }
+
+    fn disarm(&self, dir: Direction) {
+        // A wake-up may have been the end of the stream: note it now, so the
+        // next try_read/try_write reports it instead of spinning first.
+        let _ = self.drain_doorbell();
+        match dir {
+            Direction::Read => self
+                .map
+                .ctrl(1 - self.tx)
+                .reader_waiting
+                .store(0, Ordering::Relaxed),
+            Direction::Write => self
+                .map
+                .ctrl(self.tx)
+                .writer_waiting
+                .store(0, Ordering::Relaxed),
+        }
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            cheap_polling: true,
+            registration: false,
+        }
+    }
+
+    fn withdraw(&mut self) {
+        self.withdraw_posted();
+    }
+
+    fn commit(&mut self) {
+        self.map
+            .ctrl(self.tx)
+            .committed
+            .store(self.head.get(), Ordering::Release);
+    }
+
+    fn shutdown_handle(&self) -> Result<ShutdownHandle, TransportError> {
+        let map = Arc::clone(&self.map);
+        let mark = move || {
+            map.word(SHUT).store(1, Ordering::Release);
+            // Before our caller may touch a posted transfer's bytes again
+            // (see `pull`).
+            fence(Ordering::SeqCst);
+        };
+        Ok(self.doorbell.shutdown_handle()?.with_hook(Arc::new(mark)))
+    }
+
+    fn describe(&self) -> String {
+        self.description.clone()
+    }
+}
+
+impl Link for ShmLink {
     fn try_write(&mut self, bufs: &[IoSlice<'_>]) -> Result<usize, TransportError> {
         if self.is_shut() {
             return Err(self.shut_error());
@@ -311,102 +410,8 @@ impl Link for ShmLink {
         Ok(read)
     }
 
-    fn fd(&self) -> BorrowedFd<'_> {
-        self.doorbell.fd()
-    }
-
-    fn arm(&self, dir: Direction) -> Result<Option<Direction>, TransportError> {
-        self.drain_doorbell()?;
-        if self.closed.get() || self.is_shut() || (dir == Direction::Write && self.withdrawn.get())
-        {
-            // Ready: the next try_read/try_write reports it.
-            return Ok(None);
-        }
-        let ready = match dir {
-            Direction::Read => {
-                let ctrl = self.map.ctrl(1 - self.tx);
-                ctrl.reader_waiting.store(1, Ordering::Relaxed);
-                fence(Ordering::SeqCst);
-                ctrl.head.load(Ordering::Relaxed) != self.tail.get()
-                    || ctrl.pull_posted.load(Ordering::Relaxed) != self.pulls_done.get()
-            }
-            Direction::Write if self.posted.get().is_some() => {
-                let ctrl = self.map.ctrl(self.tx);
-                ctrl.writer_waiting.store(1, Ordering::Relaxed);
-                fence(Ordering::SeqCst);
-                ctrl.pulled.load(Ordering::Relaxed) != self.pulled_seen.get()
-            }
-            Direction::Write => {
-                let ctrl = self.map.ctrl(self.tx);
-                ctrl.writer_waiting.store(1, Ordering::Relaxed);
-                fence(Ordering::SeqCst);
-                // Ready unless exactly full: room, or an impossible tail
-                // that the next write reports.
-                let used = self
-                    .head
-                    .get()
-                    .wrapping_sub(ctrl.tail.load(Ordering::Relaxed));
-                used != self.capacity as u64
-            }
-        };
-        if ready {
-            self.disarm(dir);
-            return Ok(None);
-        }
-        // Both the peer's doorbell and its end of stream make the socket readable.
-        Ok(Some(Direction::Read))
-    }
-
-    fn disarm(&self, dir: Direction) {
-        // A wake-up may have been the end of the stream: note it now, so the
-        // next try_read/try_write reports it instead of spinning first.
-        let _ = self.drain_doorbell();
-        match dir {
-            Direction::Read => self
-                .map
-                .ctrl(1 - self.tx)
-                .reader_waiting
-                .store(0, Ordering::Relaxed),
-            Direction::Write => self
-                .map
-                .ctrl(self.tx)
-                .writer_waiting
-                .store(0, Ordering::Relaxed),
-        }
-    }
-
-    fn cheap_to_poll(&self) -> bool {
-        true
-    }
-
     fn allow_single_copy(&mut self, allowed: bool) {
         self.single_copy_allowed = allowed;
-    }
-
-    fn withdraw(&mut self) {
-        self.withdraw_posted();
-    }
-
-    fn commit(&mut self) {
-        self.map
-            .ctrl(self.tx)
-            .committed
-            .store(self.head.get(), Ordering::Release);
-    }
-
-    fn shutdown_handle(&self) -> Result<ShutdownHandle, TransportError> {
-        let map = Arc::clone(&self.map);
-        let mark = move || {
-            map.word(SHUT).store(1, Ordering::Release);
-            // Before our caller may touch a posted transfer's bytes again
-            // (see `pull`).
-            fence(Ordering::SeqCst);
-        };
-        Ok(self.doorbell.shutdown_handle()?.with_hook(Arc::new(mark)))
-    }
-
-    fn describe(&self) -> String {
-        self.description.clone()
     }
 }
 

@@ -42,7 +42,7 @@ pub(super) struct Ctrl {
     /// Bytes ever written (the writer advances it).
     pub(super) head: AtomicU64,
     /// Bytes written by completed collectives
-    /// ([`Link::commit`](crate::Link::commit)): after a shutdown the reader
+    /// ([`Endpoint::commit`](crate::Endpoint::commit)): after a shutdown the reader
     /// still gets these, and only these.
     pub(super) committed: AtomicU64,
     /// Single-copy transfers ever posted by the writer; one is pending while
@@ -57,7 +57,7 @@ pub(super) struct Ctrl {
     /// Its length in bytes.
     pub(super) pull_len: AtomicU64,
     /// The number (the count `pull_posted` reached) of the last transfer the
-    /// writer withdrew ([`Link::withdraw`](crate::Link::withdraw)): while it
+    /// writer withdrew ([`Endpoint::withdraw`](crate::Endpoint::withdraw)): while it
     /// equals the pending transfer's, the reader copies no more of it and
     /// discards a copy it finishes (see `single_copy`). 0: none withdrawn.
     pub(super) pull_withdrawn: AtomicU64,

@@ -193,7 +193,7 @@ impl ShmLink {
     }
 
     /// As the writer: takes back the posted transfer, if one is posted
-    /// ([`Link::withdraw`](crate::Link::withdraw)), so that our caller may
+    /// ([`Endpoint::withdraw`](crate::Endpoint::withdraw)), so that our caller may
     /// free or reuse its bytes at once; the link stays up (no `SHUT`).
     ///
     /// The mark is the transfer's number in `pull_withdrawn`, stored and then
@@ -396,7 +396,7 @@ mod tests {
     use crate::shm::tests::{expect_closed, expect_protocol, stream};
     use crate::shm::{MIN_CAPACITY, pair};
     use crate::wait;
-    use crate::{Link, link::Direction};
+    use crate::{Endpoint, Link, link::Direction};
     use std::io::IoSliceMut;
     use std::sync::Arc;
     use std::time::Duration;

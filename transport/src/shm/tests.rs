@@ -5,7 +5,7 @@ use std::io::{IoSlice, IoSliceMut};
 use std::time::Duration;
 
 use super::{MIN_CAPACITY, pair};
-use crate::{Link, TransportError, wait};
+use crate::{Endpoint, Link, TransportError, wait};
 
 /// Asserts that a transfer failed because rank `peer` went away.
 pub(super) fn expect_closed(r: Result<usize, TransportError>, peer: usize) {

@@ -1,0 +1,220 @@
+//! A call's host output, cut into cells at every boundary of its plan's
+//! ranges, so that a frame in flight can own exactly the bytes it covers.
+//!
+//! A send from the output lends the link the cells of its range until the
+//! link reports it done, while receives and reductions write other cells;
+//! a receive in place lends its cells the same way. The borrow checker sees
+//! only disjoint `&mut` slices (`split_at_mut`), so no `unsafe` is needed
+//! and no byte is read and written at once. A frame whose cells are lent
+//! waits for them (a receive posted early, into the range a send still
+//! reads); writing into a lent range is an engine error, never a data race.
+
+use std::ops::Range;
+
+use oxccl_transport::Lent;
+use smallvec::SmallVec;
+
+use super::EngineError;
+use crate::schedule::{Plan, Src};
+
+/// The cells of one buffer.
+pub(super) struct Cells<'b> {
+    /// Where each cell starts, then the buffer's end.
+    bounds: Vec<usize>,
+    /// Each cell, or `None` while it is lent to a frame in flight.
+    cells: Vec<Option<&'b mut [u8]>>,
+}
+
+impl<'b> Cells<'b> {
+    /// Cuts `buf` at every boundary of `plan`'s output ranges.
+    pub(super) fn new(buf: &'b mut [u8], plan: &Plan, in_place: bool) -> Cells<'b> {
+        let len = buf.len();
+        let mut bounds: Vec<usize> =
+            Vec::with_capacity(2 * (plan.sends.len() + plan.recvs.len()) + 2);
+        bounds.push(0);
+        let sends = plan
+            .sends
+            .iter()
+            .filter(|s| s.src == Src::Output || in_place)
+            .map(|s| &s.range);
+        let ranges = sends
+            .chain(plan.recvs.iter().map(|r| &r.range))
+            .chain(plan.prologue_copy.iter())
+            .chain(plan.local_avg.iter());
+        for r in ranges {
+            bounds.push(r.start.min(len));
+            bounds.push(r.end.min(len));
+        }
+        bounds.push(len);
+        bounds.sort_unstable();
+        bounds.dedup();
+        let mut cells = Vec::with_capacity(bounds.len());
+        let mut rest = buf;
+        for w in bounds.windows(2) {
+            let (cell, tail) = std::mem::take(&mut rest).split_at_mut(w[1] - w[0]);
+            cells.push(Some(cell));
+            rest = tail;
+        }
+        Cells { bounds, cells }
+    }
+
+    /// The cells that make up `range` exactly.
+    fn span(&self, range: &Range<usize>) -> Result<Range<usize>, EngineError> {
+        let find = |at: usize| self.bounds.binary_search(&at).ok();
+        match (find(range.start), find(range.end)) {
+            (Some(a), Some(b)) if a <= b => Ok(a..b),
+            _ => Err(EngineError::Protocol {
+                peer: 0,
+                reason: format!(
+                    "bytes {range:?} are not a range of the call's plan (a buffer of {} bytes)",
+                    self.bounds.last().copied().unwrap_or(0)
+                ),
+            }),
+        }
+    }
+
+    /// Lends the cells of `range` to a frame; `None` while a frame in
+    /// flight holds some of them.
+    pub(super) fn lend(
+        &mut self,
+        range: &Range<usize>,
+    ) -> Result<Option<SmallVec<[Lent<'b>; 2]>>, EngineError> {
+        let span = self.span(range)?;
+        if self.cells[span.clone()].iter().any(Option::is_none) {
+            return Ok(None);
+        }
+        Ok(Some(
+            self.cells[span]
+                .iter_mut()
+                .filter_map(Option::take)
+                .map(Lent::Exclusive)
+                .collect(),
+        ))
+    }
+
+    /// Takes back the cells of `range` from a completed frame.
+    pub(super) fn give_back(
+        &mut self,
+        range: &Range<usize>,
+        lent: SmallVec<[Lent<'b>; 2]>,
+    ) -> Result<(), EngineError> {
+        let span = self.span(range)?;
+        let mut back = lent.into_iter();
+        for slot in &mut self.cells[span] {
+            match back.next() {
+                Some(Lent::Exclusive(cell)) if slot.is_none() => *slot = Some(cell),
+                _ => return Err(in_flight(range)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Calls `f(offset in range, cell)` for each cell of `range`, in order.
+    pub(super) fn each_mut(
+        &mut self,
+        range: &Range<usize>,
+        mut f: impl FnMut(usize, &mut [u8]) -> Result<(), EngineError>,
+    ) -> Result<(), EngineError> {
+        let span = self.span(range)?;
+        let mut off = 0;
+        for slot in &mut self.cells[span] {
+            let Some(cell) = slot.as_deref_mut() else {
+                return Err(in_flight(range));
+            };
+            f(off, cell)?;
+            off += cell.len();
+        }
+        Ok(())
+    }
+}
+
+fn in_flight(range: &Range<usize>) -> EngineError {
+    EngineError::Protocol {
+        peer: 0,
+        reason: format!(
+            "the plan touches bytes {range:?} while a frame in flight holds some of them"
+        ),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::single_range_in_vec_init)]
+mod tests {
+    use super::*;
+    use crate::schedule::{Commit, RecvOp, SendOp};
+
+    fn plan(sends: &[Range<usize>], recvs: &[Range<usize>]) -> Plan {
+        Plan {
+            sends: sends
+                .iter()
+                .map(|r| SendOp {
+                    peer: 1,
+                    step: 0,
+                    slice: 0,
+                    src: Src::Output,
+                    range: r.clone(),
+                    after_recv: None,
+                })
+                .collect(),
+            recvs: recvs
+                .iter()
+                .map(|r| RecvOp {
+                    peer: 1,
+                    step: 0,
+                    slice: 0,
+                    range: r.clone(),
+                    commit: Commit::Copy,
+                    after_send: None,
+                })
+                .collect(),
+            ..Plan::default()
+        }
+    }
+
+    #[test]
+    fn a_lent_range_is_refused_until_given_back() {
+        let mut buf: Vec<u8> = (0..10).collect();
+        let p = plan(&[0..4, 4..10], &[2..6]);
+        let mut cells = Cells::new(&mut buf, &p, false);
+        let lent = cells.lend(&(4..10)).unwrap().unwrap();
+        let bytes: Vec<u8> = lent.iter().flat_map(|l| l.bytes().to_vec()).collect();
+        assert_eq!(bytes, (4..10).collect::<Vec<u8>>());
+        // 2..6 overlaps the lent 4..10: neither lent again nor written.
+        assert!(cells.lend(&(2..6)).unwrap().is_none());
+        assert!(cells.each_mut(&(2..6), |_, _| Ok(())).is_err());
+        // 0..4 is free.
+        cells
+            .each_mut(&(0..4), |off, c| {
+                c.fill(100 + off as u8);
+                Ok(())
+            })
+            .unwrap();
+        cells.give_back(&(4..10), lent).unwrap();
+        cells
+            .each_mut(&(2..6), |_, c| {
+                c.iter_mut().for_each(|b| *b += 1);
+                Ok(())
+            })
+            .unwrap();
+        drop(cells);
+        assert_eq!(buf, [100, 100, 103, 103, 5, 6, 6, 7, 8, 9]);
+    }
+
+    #[test]
+    fn ranges_off_the_plan_are_errors_not_panics() {
+        let mut buf = vec![0u8; 8];
+        let p = plan(&[0..4], &[4..20]);
+        let mut cells = Cells::new(&mut buf, &p, false);
+        assert!(cells.lend(&(1..3)).is_err());
+        // Clamped to the buffer: 4..20 is cut at 8.
+        assert!(cells.lend(&(4..20)).is_err());
+        assert_eq!(cells.lend(&(4..8)).unwrap().unwrap().len(), 1);
+        assert!(cells.lend(&(0..0)).unwrap().unwrap().is_empty());
+        // Giving back what was not lent is refused.
+        assert!(
+            cells
+                .give_back(&(0..4), SmallVec::from_vec(vec![Lent::Shared(&[0; 4])]))
+                .is_err()
+        );
+    }
+}

@@ -1,0 +1,569 @@
+//! The message-level interface the engine drives: register memory, post a
+//! send of a buffer, post a receive into a buffer, test for completion.
+//!
+//! This is the shape RDMA works in (NCCL's network plugins, UCX's
+//! nonblocking tag operations, verbs work requests), and the one every link
+//! offers the engine. A posted operation owns the memory it was posted with
+//! until the link reports it done: an [`Outgoing`] holds its payload and an
+//! [`Incoming`] its destination for their lifetime `'b`, so the borrow
+//! checker keeps the caller from touching that memory while a link (or a
+//! peer reading it in place) may still use it, and the caller gets its
+//! exclusive slices back only from a completed operation
+//! ([`Outgoing::into_payload`], [`Incoming::into_buffers`]). An operation
+//! abandoned before completion is taken back with
+//! [`Endpoint::withdraw`] before it is dropped, so its memory may be
+//! reused at once.
+//!
+//! Every byte stream ([`Link`]: TCP, Unix socket pairs, shared-memory
+//! rings, the fault-injecting link) is a message link: the blanket
+//! implementation here frames each message as a [`FrameHeader`] and its
+//! payload, keeping the framing state in the operation itself, and checks a
+//! received header before any payload byte reaches the caller's memory. A
+//! link that works in messages of its own (UCX) implements [`MessageLink`]
+//! directly, with its request handle in [`Outgoing::slot`].
+//!
+//! Links differ in what they can do beyond moving messages; the caller asks
+//! through [`Endpoint::capabilities`] instead of calling hooks that most
+//! links ignore, and a send says whether the peer may read it in place
+//! ([`Outgoing::single_copy`]).
+
+use std::io::{IoSlice, IoSliceMut};
+
+use smallvec::SmallVec;
+
+use crate::TransportError;
+use crate::link::{Endpoint, Link};
+use crate::wire::FrameHeader;
+
+const HDR: usize = FrameHeader::LEN;
+
+/// The most slices one write or read hands the operating system.
+const IOV: usize = 8;
+
+/// Memory lent to a posted operation.
+#[derive(Debug)]
+pub enum Lent<'b> {
+    /// Memory the caller only reads during the operation (an input
+    /// buffer); a send's only.
+    Shared(&'b [u8]),
+    /// Memory the caller uses again once the operation is done (an output
+    /// range that later frames reduce into or send from): given back by
+    /// [`Outgoing::into_payload`] and [`Incoming::into_buffers`].
+    Exclusive(&'b mut [u8]),
+    /// A buffer the operation owns while in flight (a staging buffer),
+    /// of which the first `len` bytes are the message's; given back the
+    /// same way, `buf` unchanged in length.
+    Owned {
+        /// The buffer.
+        buf: Vec<u8>,
+        /// How many of its bytes the message covers.
+        len: usize,
+    },
+}
+
+impl Lent<'_> {
+    /// The lent bytes.
+    #[inline]
+    pub fn bytes(&self) -> &[u8] {
+        match self {
+            Lent::Shared(b) => b,
+            Lent::Exclusive(b) => b,
+            Lent::Owned { buf, len } => buf.get(..*len).unwrap_or_default(),
+        }
+    }
+
+    /// The lent bytes, writable; `None` for [`Lent::Shared`].
+    #[inline]
+    pub fn bytes_mut(&mut self) -> Option<&mut [u8]> {
+        match self {
+            Lent::Shared(_) => None,
+            Lent::Exclusive(b) => Some(b),
+            Lent::Owned { buf, len } => buf.get_mut(..*len),
+        }
+    }
+
+    /// Whether the memory is what it says: an owned buffer holds its `len`.
+    fn valid(&self) -> bool {
+        match self {
+            Lent::Owned { buf, len } => *len <= buf.len(),
+            _ => true,
+        }
+    }
+}
+
+/// Where a send or receive stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    /// In flight: the link still holds the operation's memory.
+    Pending,
+    /// Done: the link no longer touches the operation's memory.
+    Done,
+}
+
+/// A message to send: a frame header and a payload lent for `'b`.
+#[derive(Debug)]
+pub struct Outgoing<'b> {
+    header: [u8; HDR],
+    payload: SmallVec<[Lent<'b>; 2]>,
+    len: usize,
+    single_copy: bool,
+    /// Stream framing: bytes written so far, header included.
+    moved: usize,
+    /// A link's own handle on the posted operation (a request), for links
+    /// that post messages natively; untouched by byte streams.
+    pub slot: u64,
+}
+
+impl<'b> Outgoing<'b> {
+    /// A message of `header` whose payload is `payload`, in order.
+    ///
+    /// The payload's length must be `header.len`: a mismatch is the caller's
+    /// bug, reported as [`TransportError::Protocol`] naming `peer`.
+    pub fn new(
+        header: &FrameHeader,
+        payload: SmallVec<[Lent<'b>; 2]>,
+        peer: usize,
+    ) -> Result<Outgoing<'b>, TransportError> {
+        let len: usize = payload.iter().map(|p| p.bytes().len()).sum();
+        if len != header.len as usize || !payload.iter().all(Lent::valid) {
+            return Err(TransportError::Protocol {
+                peer,
+                reason: format!(
+                    "a send of {len} bytes under a header that says {}",
+                    header.len
+                ),
+            });
+        }
+        Ok(Outgoing {
+            header: header.encode(),
+            payload,
+            len,
+            single_copy: false,
+            moved: 0,
+            slot: 0,
+        })
+    }
+
+    /// Lets (or forbids) the link have the peer read the payload in place.
+    /// The caller decides per message: a single copy halves the bytes
+    /// copied, but puts all the copying on the reader.
+    pub fn single_copy(mut self, allowed: bool) -> Outgoing<'b> {
+        self.single_copy = allowed;
+        self
+    }
+
+    /// The payload's length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the payload is empty (a header alone).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// How far the send got, as the link counts (bytes, header included,
+    /// for byte streams): a hint for the caller's idle policy that bytes
+    /// moved although the send is not done. Links that cannot tell keep
+    /// it at 0 until the send is done.
+    pub fn moved(&self) -> usize {
+        self.moved
+    }
+
+    /// The memory the payload is lent from, in order (for links that post
+    /// it natively, and to register it).
+    pub fn payload(&self) -> &[Lent<'b>] {
+        &self.payload
+    }
+
+    /// The lent memory, back from a completed send.
+    pub fn into_payload(self) -> SmallVec<[Lent<'b>; 2]> {
+        self.payload
+    }
+
+    /// The encoded header and the payload from byte `from` of the framed
+    /// message on, as at most [`IOV`] slices.
+    fn slices(&self, from: usize) -> SmallVec<[IoSlice<'_>; IOV]> {
+        let mut out = SmallVec::new();
+        if from < HDR {
+            out.push(IoSlice::new(&self.header[from..]));
+        }
+        let mut skip = from.saturating_sub(HDR);
+        for p in &self.payload {
+            let b = p.bytes();
+            if skip >= b.len() {
+                skip -= b.len();
+                continue;
+            }
+            out.push(IoSlice::new(&b[skip..]));
+            skip = 0;
+            if out.len() == IOV {
+                break;
+            }
+        }
+        out
+    }
+}
+
+/// A message to receive: the header it must carry and the memory its
+/// payload goes to, lent for `'b`.
+#[derive(Debug)]
+pub struct Incoming<'b> {
+    expect: FrameHeader,
+    into: SmallVec<[Lent<'b>; 2]>,
+    len: usize,
+    /// The payload may land before the header is checked: the memory is
+    /// the caller's scratch, whose bytes count only once the message is
+    /// complete.
+    scratch: bool,
+    header: [u8; HDR],
+    /// Stream framing: bytes read so far, header included.
+    moved: usize,
+    /// A link's own handle on the posted operation, as [`Outgoing::slot`].
+    pub slot: u64,
+}
+
+impl<'b> Incoming<'b> {
+    /// A receive of the message `expect`, its payload going to `into`, in
+    /// order. No payload byte reaches `into` before the received header is
+    /// found equal to `expect`.
+    pub fn new(
+        expect: FrameHeader,
+        into: SmallVec<[Lent<'b>; 2]>,
+        peer: usize,
+    ) -> Result<Incoming<'b>, TransportError> {
+        let len: usize = into.iter().map(|p| p.bytes().len()).sum();
+        let writable = into
+            .iter()
+            .all(|p| p.valid() && !matches!(p, Lent::Shared(_)));
+        if len != expect.len as usize || !writable {
+            return Err(TransportError::Protocol {
+                peer,
+                reason: format!(
+                    "a receive into {len} bytes{} of a message of {}",
+                    if writable { "" } else { " (not all writable)" },
+                    expect.len
+                ),
+            });
+        }
+        Ok(Incoming {
+            expect,
+            into,
+            len,
+            scratch: false,
+            header: [0; HDR],
+            moved: 0,
+            slot: 0,
+        })
+    }
+
+    /// Marks `into` as the caller's scratch: payload bytes may land in it
+    /// before the header is checked, which lets a byte stream read a small
+    /// message with its header in one call.
+    pub fn scratch(mut self) -> Incoming<'b> {
+        self.scratch = true;
+        self
+    }
+
+    /// The header this receive expects.
+    pub fn expected(&self) -> &FrameHeader {
+        &self.expect
+    }
+
+    /// The payload's length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the payload is empty (a header alone).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// How far the receive got, as [`Outgoing::moved`].
+    pub fn moved(&self) -> usize {
+        self.moved
+    }
+
+    /// The memory the payload goes to, in order.
+    pub fn buffers(&self) -> &[Lent<'b>] {
+        &self.into
+    }
+
+    /// The memory, back from a completed (or abandoned) receive.
+    pub fn into_buffers(self) -> SmallVec<[Lent<'b>; 2]> {
+        self.into
+    }
+
+    /// Checks the header once it is all here.
+    fn check(&self, peer: usize) -> Result<(), TransportError> {
+        let got = FrameHeader::parse(&self.header).map_err(|e| TransportError::Protocol {
+            peer,
+            reason: e.to_string(),
+        })?;
+        if got != self.expect {
+            return Err(TransportError::Unexpected {
+                peer,
+                expected: Box::new(self.expect),
+                got: Box::new(got),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// One connection to one peer, in messages.
+///
+/// The waiting, withdrawing and shutting down that every link offers are
+/// its [`Endpoint`]. A send or receive is posted once ([`post_send`](Self::post_send),
+/// [`post_recv`](Self::post_recv)) and then tested until it reports
+/// [`Status::Done`]; neither call blocks. Messages to one peer arrive in the
+/// order posted, and each side posts one send and one receive at a time per
+/// link. Between posting and completion the operation holds its memory; the
+/// caller keeps the operation alive (and its memory with it) until the link
+/// is done with it or has [withdrawn](Endpoint::withdraw) it.
+pub trait MessageLink: Endpoint {
+    /// Makes `mem` ready to be posted from or into, before the first post
+    /// that uses it. RDMA links pin and register it with the adapter (and
+    /// keep a cache by address, as registration is costly); byte streams
+    /// need nothing.
+    fn register(&mut self, _mem: &[u8]) -> Result<(), TransportError> {
+        Ok(())
+    }
+
+    /// Posts a send, moving what can move now.
+    fn post_send(&mut self, m: &mut Outgoing<'_>) -> Result<Status, TransportError>;
+
+    /// Moves a posted send on; `Done` once the link no longer reads its payload.
+    fn test_send(&mut self, m: &mut Outgoing<'_>) -> Result<Status, TransportError>;
+
+    /// Posts a receive, moving what can move now.
+    ///
+    /// A message whose header differs from the expected one is
+    /// [`TransportError::Unexpected`], and none of its payload reaches the
+    /// receive's memory (unless that is [scratch](Incoming::scratch)).
+    fn post_recv(&mut self, m: &mut Incoming<'_>) -> Result<Status, TransportError>;
+
+    /// Moves a posted receive on; `Done` once its payload is all in place.
+    fn test_recv(&mut self, m: &mut Incoming<'_>) -> Result<Status, TransportError>;
+}
+
+/// Every byte stream carries messages, each framed as its header and its
+/// payload. The framing state lives in the operations, so the stream needs
+/// none of its own.
+impl<L: Link + ?Sized> MessageLink for L {
+    #[inline]
+    fn post_send(&mut self, m: &mut Outgoing<'_>) -> Result<Status, TransportError> {
+        self.allow_single_copy(m.single_copy);
+        MessageLink::test_send(self, m)
+    }
+
+    #[inline]
+    fn test_send(&mut self, m: &mut Outgoing<'_>) -> Result<Status, TransportError> {
+        let total = HDR + m.len;
+        while m.moved < total {
+            let n = self.try_write(&m.slices(m.moved))?;
+            if n == 0 {
+                return Ok(Status::Pending);
+            }
+            m.moved += n;
+        }
+        Ok(Status::Done)
+    }
+
+    #[inline]
+    fn post_recv(&mut self, m: &mut Incoming<'_>) -> Result<Status, TransportError> {
+        MessageLink::test_recv(self, m)
+    }
+
+    #[inline]
+    fn test_recv(&mut self, m: &mut Incoming<'_>) -> Result<Status, TransportError> {
+        let total = HDR + m.len;
+        while m.moved < total {
+            let before = m.moved;
+            let n = if before < HDR && !m.scratch {
+                // The caller's own memory: the header alone first.
+                self.try_read(&mut [IoSliceMut::new(&mut m.header[before..])])?
+            } else {
+                let mut iov: SmallVec<[IoSliceMut<'_>; IOV]> = SmallVec::new();
+                if before < HDR {
+                    iov.push(IoSliceMut::new(&mut m.header[before..]));
+                }
+                let mut skip = before.saturating_sub(HDR);
+                for p in m.into.iter_mut() {
+                    let Some(p) = p.bytes_mut() else { continue };
+                    if skip >= p.len() {
+                        skip -= p.len();
+                        continue;
+                    }
+                    iov.push(IoSliceMut::new(&mut p[skip..]));
+                    skip = 0;
+                    if iov.len() == IOV {
+                        break;
+                    }
+                }
+                self.try_read(&mut iov)?
+            };
+            if n == 0 {
+                return Ok(Status::Pending);
+            }
+            m.moved += n;
+            if before < HDR && m.moved >= HDR {
+                m.check(self.peer())?;
+            }
+        }
+        Ok(Status::Done)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use proptest::prelude::*;
+    use smallvec::smallvec;
+
+    use super::*;
+    use crate::fault::{self, Faults};
+    use crate::wire::Tag;
+
+    fn header(step: u32, len: usize) -> FrameHeader {
+        FrameHeader {
+            tag: Tag {
+                seq: 9,
+                step,
+                slice: 1,
+            },
+            len: len as u32,
+            descriptor: [3; 16],
+        }
+    }
+
+    fn faulty(max_chunk: usize, capacity: usize, seed: u64) -> Faults {
+        Faults {
+            max_chunk,
+            stall_one_in: 3,
+            capacity,
+            seed,
+            ..Faults::default()
+        }
+    }
+
+    proptest! {
+        /// Messages whose payloads are lent in several pieces arrive whole
+        /// and in order into receives cut differently, over a stream that
+        /// moves a few bytes per call, stalls and fills up.
+        #[test]
+        fn pieces_arrive_whole_over_a_faulty_stream(
+            lens in prop::collection::vec(0usize..300, 1..6),
+            cut in 1usize..64,
+            chunk in 1usize..50,
+            capacity in 1usize..200,
+            seed in any::<u64>(),
+        ) {
+            let (mut a, mut b) = fault::pair(0, 1, faulty(chunk, capacity, seed), faulty(chunk, capacity, !seed)).unwrap();
+            let sent: Vec<Vec<u8>> = lens
+                .iter()
+                .enumerate()
+                .map(|(i, &n)| (0..n).map(|j| (i * 31 + j) as u8).collect())
+                .collect();
+            let mut got: Vec<Vec<u8>> = lens.iter().map(|&n| vec![0xEE; n]).collect();
+            for (i, (data, out)) in sent.iter().zip(got.iter_mut()).enumerate() {
+                let h = header(i as u32, data.len());
+                let (x, y) = data.split_at(data.len().min(cut));
+                let mut tx = Outgoing::new(&h, smallvec![Lent::Shared(x), Lent::Shared(y)], 1).unwrap();
+                let half = out.len() / 2;
+                let (p, q) = out.split_at_mut(half);
+                let mut rx = Incoming::new(h, smallvec![Lent::Exclusive(p), Lent::Exclusive(q)], 0).unwrap();
+                let mut s = a.post_send(&mut tx).unwrap();
+                let mut r = b.post_recv(&mut rx).unwrap();
+                let mut turns = 0;
+                while s == Status::Pending || r == Status::Pending {
+                    turns += 1;
+                    prop_assert!(turns < 100_000, "no progress");
+                    if s == Status::Pending {
+                        s = a.test_send(&mut tx).unwrap();
+                    }
+                    if r == Status::Pending {
+                        r = b.test_recv(&mut rx).unwrap();
+                    }
+                }
+            }
+            prop_assert_eq!(got, sent);
+        }
+    }
+
+    #[test]
+    fn a_wrong_header_leaves_the_receivers_memory_untouched() {
+        let (mut a, mut b) = fault::pair(0, 1, Faults::default(), Faults::default()).unwrap();
+        let data = [7u8; 100];
+        let mut tx = Outgoing::new(&header(5, 100), smallvec![Lent::Shared(&data)], 1).unwrap();
+        assert_eq!(a.post_send(&mut tx).unwrap(), Status::Done);
+        let mut out = [0u8; 100];
+        let mut rx =
+            Incoming::new(header(4, 100), smallvec![Lent::Exclusive(&mut out)], 0).unwrap();
+        match b.post_recv(&mut rx) {
+            Err(TransportError::Unexpected {
+                peer: 0,
+                expected,
+                got,
+            }) => {
+                assert_eq!(expected.tag.step, 4);
+                assert_eq!(got.tag.step, 5);
+            }
+            other => panic!("{other:?}"),
+        }
+        drop(rx);
+        assert_eq!(out, [0u8; 100], "payload bytes reached the caller's memory");
+    }
+
+    #[test]
+    fn scratch_takes_the_payload_with_the_header() {
+        let (mut a, mut b) = fault::pair(0, 1, Faults::default(), Faults::default()).unwrap();
+        let data = [9u8; 10];
+        let mut tx = Outgoing::new(&header(1, 10), smallvec![Lent::Shared(&data)], 1).unwrap();
+        a.post_send(&mut tx).unwrap();
+        let mut rx = Incoming::new(
+            header(1, 10),
+            smallvec![Lent::Owned {
+                buf: vec![0; 64],
+                len: 10
+            }],
+            0,
+        )
+        .unwrap()
+        .scratch();
+        assert_eq!(b.post_recv(&mut rx).unwrap(), Status::Done);
+        let back = rx.into_buffers();
+        assert!(
+            matches!(&back[0], Lent::Owned { buf, len: 10 } if buf.len() == 64 && buf[..10] == data)
+        );
+    }
+
+    #[test]
+    fn sizes_that_disagree_with_the_header_are_refused() {
+        let data = [0u8; 8];
+        assert!(Outgoing::new(&header(0, 9), smallvec![Lent::Shared(&data)], 1).is_err());
+        let over = Lent::Owned {
+            buf: vec![0; 4],
+            len: 8,
+        };
+        assert!(Outgoing::new(&header(0, 8), smallvec![over], 1).is_err());
+        // A receive cannot write into shared memory.
+        assert!(Incoming::new(header(0, 8), smallvec![Lent::Shared(&data)], 1).is_err());
+        let mut out = [0u8; 8];
+        assert!(Incoming::new(header(0, 7), smallvec![Lent::Exclusive(&mut out)], 1).is_err());
+    }
+
+    #[test]
+    fn a_closed_peer_fails_a_receive_in_flight() {
+        let (a, mut b) = fault::pair(0, 1, Faults::default(), Faults::default()).unwrap();
+        let mut out = [0u8; 8];
+        let mut rx = Incoming::new(header(0, 8), smallvec![Lent::Exclusive(&mut out)], 0).unwrap();
+        assert_eq!(b.post_recv(&mut rx).unwrap(), Status::Pending);
+        drop(a);
+        assert!(matches!(
+            b.test_recv(&mut rx),
+            Err(TransportError::PeerClosed { peer: 0, .. })
+        ));
+    }
+}
