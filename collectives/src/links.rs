@@ -226,12 +226,11 @@ mod tests {
                     };
                     let l = links[a].link_to(b).unwrap();
                     assert_eq!(l.peer(), b);
-                    let mut m = Outgoing::new(&header, smallvec![Lent::Shared(&byte)], b).unwrap();
+                    let mut m = Outgoing::new(&header, smallvec![Lent::Shared(&byte)]);
                     assert_eq!(l.post_send(&mut m).unwrap(), Status::Done);
                     let mut got = [0u8];
                     let r = links[b].link_from(a).unwrap();
-                    let mut m =
-                        Incoming::new(header, smallvec![Lent::Exclusive(&mut got)], a).unwrap();
+                    let mut m = Incoming::new(header, smallvec![Lent::Exclusive(&mut got)]);
                     assert_eq!(r.post_recv(&mut m).unwrap(), Status::Done);
                     drop(m);
                     assert_eq!(got, byte, "world {n}: {a} -> {b}");

@@ -43,4 +43,4 @@ pub use link::{
     Capabilities, Direction, Endpoint, Link, Readiness, ShutdownHandle, StreamLink, wait,
     wait_watching,
 };
-pub use message::{Incoming, Lent, MessageLink, Outgoing, Status};
+pub use message::{Incoming, Lent, MessageLink, Outgoing, Parts, Status};

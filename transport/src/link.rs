@@ -108,7 +108,7 @@ pub trait Link: MessageLink {
     /// Whether the following writes may go by single copy, where the stream
     /// offers it (shared memory: the reader copies large buffers straight
     /// from the writer's memory). Set by the framing from each message's
-    /// [`Outgoing::single_copy`](crate::message::Outgoing::single_copy).
+    /// [`Outgoing::set_single_copy`](crate::message::Outgoing::set_single_copy).
     fn allow_single_copy(&mut self, _allowed: bool) {}
 }
 

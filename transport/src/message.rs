@@ -25,7 +25,7 @@
 //! Links differ in what they can do beyond moving messages; the caller asks
 //! through [`Endpoint::capabilities`] instead of calling hooks that most
 //! links ignore, and a send says whether the peer may read it in place
-//! ([`Outgoing::single_copy`]).
+//! ([`Outgoing::set_single_copy`]).
 
 use std::io::{IoSlice, IoSliceMut};
 
@@ -91,6 +91,10 @@ impl Lent<'_> {
     }
 }
 
+/// The memory of one operation, in order: most often one piece, kept
+/// inline.
+pub type Parts<'b> = SmallVec<[Lent<'b>; 1]>;
+
 /// Where a send or receive stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Status {
@@ -104,8 +108,10 @@ pub enum Status {
 #[derive(Debug)]
 pub struct Outgoing<'b> {
     header: [u8; HDR],
-    payload: SmallVec<[Lent<'b>; 2]>,
+    payload: Parts<'b>,
     len: usize,
+    /// The payload disagrees with the header ([`Outgoing::check`]).
+    bad: bool,
     single_copy: bool,
     /// Stream framing: bytes written so far, header included.
     moved: usize,
@@ -118,38 +124,49 @@ impl<'b> Outgoing<'b> {
     /// A message of `header` whose payload is `payload`, in order.
     ///
     /// The payload's length must be `header.len`: a mismatch is the caller's
-    /// bug, reported as [`TransportError::Protocol`] naming `peer`.
-    pub fn new(
-        header: &FrameHeader,
-        payload: SmallVec<[Lent<'b>; 2]>,
-        peer: usize,
-    ) -> Result<Outgoing<'b>, TransportError> {
+    /// bug, reported as [`TransportError::Protocol`] when the send is posted
+    /// ([`Outgoing::check`]). Building a message never fails, so that it is
+    /// built where it is kept, without a copy.
+    pub fn new(header: &FrameHeader, payload: Parts<'b>) -> Outgoing<'b> {
         let len: usize = payload.iter().map(|p| p.bytes().len()).sum();
-        if len != header.len as usize || !payload.iter().all(Lent::valid) {
-            return Err(TransportError::Protocol {
-                peer,
-                reason: format!(
-                    "a send of {len} bytes under a header that says {}",
-                    header.len
-                ),
-            });
-        }
-        Ok(Outgoing {
+        let bad = len != header.len as usize || !payload.iter().all(Lent::valid);
+        Outgoing {
             header: header.encode(),
             payload,
             len,
+            bad,
             single_copy: false,
             moved: 0,
             slot: 0,
+        }
+    }
+
+    /// The error of a send whose payload disagrees with its header (the
+    /// caller's bug), which every link reports when it is posted.
+    pub fn check(&self, peer: usize) -> Result<(), TransportError> {
+        if !self.bad {
+            return Ok(());
+        }
+        let said = u32::from_le_bytes([
+            self.header[4],
+            self.header[5],
+            self.header[6],
+            self.header[7],
+        ]);
+        Err(TransportError::Protocol {
+            peer,
+            reason: format!(
+                "a send of {} bytes under a header that says {said}",
+                self.len
+            ),
         })
     }
 
     /// Lets (or forbids) the link have the peer read the payload in place.
     /// The caller decides per message: a single copy halves the bytes
     /// copied, but puts all the copying on the reader.
-    pub fn single_copy(mut self, allowed: bool) -> Outgoing<'b> {
+    pub fn set_single_copy(&mut self, allowed: bool) {
         self.single_copy = allowed;
-        self
     }
 
     /// The payload's length in bytes.
@@ -177,8 +194,15 @@ impl<'b> Outgoing<'b> {
     }
 
     /// The lent memory, back from a completed send.
-    pub fn into_payload(self) -> SmallVec<[Lent<'b>; 2]> {
+    pub fn into_payload(self) -> Parts<'b> {
         self.payload
+    }
+
+    /// [`into_payload`](Self::into_payload) in place: the memory back from
+    /// a completed send, leaving it empty.
+    pub fn take_payload(&mut self) -> Parts<'b> {
+        self.len = 0;
+        std::mem::take(&mut self.payload)
     }
 
     /// The encoded header and the payload from byte `from` of the framed
@@ -210,8 +234,10 @@ impl<'b> Outgoing<'b> {
 #[derive(Debug)]
 pub struct Incoming<'b> {
     expect: FrameHeader,
-    into: SmallVec<[Lent<'b>; 2]>,
+    into: Parts<'b>,
     len: usize,
+    /// The memory disagrees with the header ([`Incoming::check`]).
+    bad: bool,
     /// The payload may land before the header is checked: the memory is
     /// the caller's scratch, whose bytes count only once the message is
     /// complete.
@@ -226,43 +252,48 @@ pub struct Incoming<'b> {
 impl<'b> Incoming<'b> {
     /// A receive of the message `expect`, its payload going to `into`, in
     /// order. No payload byte reaches `into` before the received header is
-    /// found equal to `expect`.
-    pub fn new(
-        expect: FrameHeader,
-        into: SmallVec<[Lent<'b>; 2]>,
-        peer: usize,
-    ) -> Result<Incoming<'b>, TransportError> {
+    /// found equal to `expect`. Memory that disagrees with `expect.len` is
+    /// reported when the receive is posted ([`Incoming::check`]).
+    pub fn new(expect: FrameHeader, into: Parts<'b>) -> Incoming<'b> {
         let len: usize = into.iter().map(|p| p.bytes().len()).sum();
         let writable = into
             .iter()
             .all(|p| p.valid() && !matches!(p, Lent::Shared(_)));
-        if len != expect.len as usize || !writable {
-            return Err(TransportError::Protocol {
-                peer,
-                reason: format!(
-                    "a receive into {len} bytes{} of a message of {}",
-                    if writable { "" } else { " (not all writable)" },
-                    expect.len
-                ),
-            });
-        }
-        Ok(Incoming {
+        Incoming {
             expect,
             into,
             len,
+            bad: len != expect.len as usize || !writable,
             scratch: false,
             header: [0; HDR],
             moved: 0,
             slot: 0,
+        }
+    }
+
+    /// The error of a receive whose memory disagrees with the expected
+    /// header, or is not writable (the caller's bug), which every link
+    /// reports when it is posted.
+    pub fn check(&self, peer: usize) -> Result<(), TransportError> {
+        if !self.bad {
+            return Ok(());
+        }
+        Err(TransportError::Protocol {
+            peer,
+            reason: format!(
+                "a receive into {} bytes (all writable: {}) of a message of {}",
+                self.len,
+                self.into.iter().all(|p| !matches!(p, Lent::Shared(_))),
+                self.expect.len
+            ),
         })
     }
 
     /// Marks `into` as the caller's scratch: payload bytes may land in it
     /// before the header is checked, which lets a byte stream read a small
     /// message with its header in one call.
-    pub fn scratch(mut self) -> Incoming<'b> {
+    pub fn set_scratch(&mut self) {
         self.scratch = true;
-        self
     }
 
     /// The header this receive expects.
@@ -291,12 +322,19 @@ impl<'b> Incoming<'b> {
     }
 
     /// The memory, back from a completed (or abandoned) receive.
-    pub fn into_buffers(self) -> SmallVec<[Lent<'b>; 2]> {
+    pub fn into_buffers(self) -> Parts<'b> {
         self.into
     }
 
+    /// [`into_buffers`](Self::into_buffers) in place, leaving the receive
+    /// without memory.
+    pub fn take_buffers(&mut self) -> Parts<'b> {
+        self.len = 0;
+        std::mem::take(&mut self.into)
+    }
+
     /// Checks the header once it is all here.
-    fn check(&self, peer: usize) -> Result<(), TransportError> {
+    fn check_header(&self, peer: usize) -> Result<(), TransportError> {
         let got = FrameHeader::parse(&self.header).map_err(|e| TransportError::Protocol {
             peer,
             reason: e.to_string(),
@@ -341,7 +379,7 @@ pub trait MessageLink: Endpoint {
     ///
     /// A message whose header differs from the expected one is
     /// [`TransportError::Unexpected`], and none of its payload reaches the
-    /// receive's memory (unless that is [scratch](Incoming::scratch)).
+    /// receive's memory (unless that is [scratch](Incoming::set_scratch)).
     fn post_recv(&mut self, m: &mut Incoming<'_>) -> Result<Status, TransportError>;
 
     /// Moves a posted receive on; `Done` once its payload is all in place.
@@ -354,6 +392,7 @@ pub trait MessageLink: Endpoint {
 impl<L: Link + ?Sized> MessageLink for L {
     #[inline]
     fn post_send(&mut self, m: &mut Outgoing<'_>) -> Result<Status, TransportError> {
+        m.check(self.peer())?;
         self.allow_single_copy(m.single_copy);
         MessageLink::test_send(self, m)
     }
@@ -362,7 +401,15 @@ impl<L: Link + ?Sized> MessageLink for L {
     fn test_send(&mut self, m: &mut Outgoing<'_>) -> Result<Status, TransportError> {
         let total = HDR + m.len;
         while m.moved < total {
-            let n = self.try_write(&m.slices(m.moved))?;
+            let n = match m.payload.as_slice() {
+                // One piece (most messages): no list to build.
+                [] => self.try_write(&[IoSlice::new(&m.header[m.moved..])])?,
+                [p] if m.moved < HDR => {
+                    self.try_write(&[IoSlice::new(&m.header[m.moved..]), IoSlice::new(p.bytes())])?
+                }
+                [p] => self.try_write(&[IoSlice::new(&p.bytes()[m.moved - HDR..])])?,
+                _ => self.try_write(&m.slices(m.moved))?,
+            };
             if n == 0 {
                 return Ok(Status::Pending);
             }
@@ -373,6 +420,7 @@ impl<L: Link + ?Sized> MessageLink for L {
 
     #[inline]
     fn post_recv(&mut self, m: &mut Incoming<'_>) -> Result<Status, TransportError> {
+        m.check(self.peer())?;
         MessageLink::test_recv(self, m)
     }
 
@@ -384,6 +432,17 @@ impl<L: Link + ?Sized> MessageLink for L {
             let n = if before < HDR && !m.scratch {
                 // The caller's own memory: the header alone first.
                 self.try_read(&mut [IoSliceMut::new(&mut m.header[before..])])?
+            } else if let [p] = m.into.as_mut_slice() {
+                // One piece (most messages): no list to build.
+                let p = p.bytes_mut().unwrap_or_default();
+                if before < HDR {
+                    self.try_read(&mut [
+                        IoSliceMut::new(&mut m.header[before..]),
+                        IoSliceMut::new(p),
+                    ])?
+                } else {
+                    self.try_read(&mut [IoSliceMut::new(&mut p[before - HDR..])])?
+                }
             } else {
                 let mut iov: SmallVec<[IoSliceMut<'_>; IOV]> = SmallVec::new();
                 if before < HDR {
@@ -409,7 +468,7 @@ impl<L: Link + ?Sized> MessageLink for L {
             }
             m.moved += n;
             if before < HDR && m.moved >= HDR {
-                m.check(self.peer())?;
+                m.check_header(self.peer())?;
             }
         }
         Ok(Status::Done)
@@ -470,10 +529,10 @@ mod tests {
             for (i, (data, out)) in sent.iter().zip(got.iter_mut()).enumerate() {
                 let h = header(i as u32, data.len());
                 let (x, y) = data.split_at(data.len().min(cut));
-                let mut tx = Outgoing::new(&h, smallvec![Lent::Shared(x), Lent::Shared(y)], 1).unwrap();
+                let mut tx = Outgoing::new(&h, smallvec![Lent::Shared(x), Lent::Shared(y)]);
                 let half = out.len() / 2;
                 let (p, q) = out.split_at_mut(half);
-                let mut rx = Incoming::new(h, smallvec![Lent::Exclusive(p), Lent::Exclusive(q)], 0).unwrap();
+                let mut rx = Incoming::new(h, smallvec![Lent::Exclusive(p), Lent::Exclusive(q)]);
                 let mut s = a.post_send(&mut tx).unwrap();
                 let mut r = b.post_recv(&mut rx).unwrap();
                 let mut turns = 0;
@@ -496,11 +555,10 @@ mod tests {
     fn a_wrong_header_leaves_the_receivers_memory_untouched() {
         let (mut a, mut b) = fault::pair(0, 1, Faults::default(), Faults::default()).unwrap();
         let data = [7u8; 100];
-        let mut tx = Outgoing::new(&header(5, 100), smallvec![Lent::Shared(&data)], 1).unwrap();
+        let mut tx = Outgoing::new(&header(5, 100), smallvec![Lent::Shared(&data)]);
         assert_eq!(a.post_send(&mut tx).unwrap(), Status::Done);
         let mut out = [0u8; 100];
-        let mut rx =
-            Incoming::new(header(4, 100), smallvec![Lent::Exclusive(&mut out)], 0).unwrap();
+        let mut rx = Incoming::new(header(4, 100), smallvec![Lent::Exclusive(&mut out)]);
         match b.post_recv(&mut rx) {
             Err(TransportError::Unexpected {
                 peer: 0,
@@ -520,7 +578,7 @@ mod tests {
     fn scratch_takes_the_payload_with_the_header() {
         let (mut a, mut b) = fault::pair(0, 1, Faults::default(), Faults::default()).unwrap();
         let data = [9u8; 10];
-        let mut tx = Outgoing::new(&header(1, 10), smallvec![Lent::Shared(&data)], 1).unwrap();
+        let mut tx = Outgoing::new(&header(1, 10), smallvec![Lent::Shared(&data)]);
         a.post_send(&mut tx).unwrap();
         let mut rx = Incoming::new(
             header(1, 10),
@@ -528,10 +586,8 @@ mod tests {
                 buf: vec![0; 64],
                 len: 10
             }],
-            0,
-        )
-        .unwrap()
-        .scratch();
+        );
+        rx.set_scratch();
         assert_eq!(b.post_recv(&mut rx).unwrap(), Status::Done);
         let back = rx.into_buffers();
         assert!(
@@ -540,25 +596,44 @@ mod tests {
     }
 
     #[test]
-    fn sizes_that_disagree_with_the_header_are_refused() {
+    fn sizes_that_disagree_with_the_header_are_refused_when_posted() {
+        let (mut a, mut b) = fault::pair(0, 1, Faults::default(), Faults::default()).unwrap();
         let data = [0u8; 8];
-        assert!(Outgoing::new(&header(0, 9), smallvec![Lent::Shared(&data)], 1).is_err());
+        let refused = |r: Result<Status, TransportError>| {
+            assert!(matches!(r, Err(TransportError::Protocol { .. })), "{r:?}")
+        };
+        refused(a.post_send(&mut Outgoing::new(
+            &header(0, 9),
+            smallvec![Lent::Shared(&data)],
+        )));
         let over = Lent::Owned {
             buf: vec![0; 4],
             len: 8,
         };
-        assert!(Outgoing::new(&header(0, 8), smallvec![over], 1).is_err());
+        refused(a.post_send(&mut Outgoing::new(&header(0, 8), smallvec![over])));
         // A receive cannot write into shared memory.
-        assert!(Incoming::new(header(0, 8), smallvec![Lent::Shared(&data)], 1).is_err());
+        refused(b.post_recv(&mut Incoming::new(
+            header(0, 8),
+            smallvec![Lent::Shared(&data)],
+        )));
         let mut out = [0u8; 8];
-        assert!(Incoming::new(header(0, 7), smallvec![Lent::Exclusive(&mut out)], 1).is_err());
+        refused(b.post_recv(&mut Incoming::new(
+            header(0, 7),
+            smallvec![Lent::Exclusive(&mut out)],
+        )));
+        // Nothing went: a good message after them arrives alone.
+        let mut tx = Outgoing::new(&header(1, 8), smallvec![Lent::Shared(&data)]);
+        assert_eq!(a.post_send(&mut tx).unwrap(), Status::Done);
+        let mut got = [1u8; 8];
+        let mut rx = Incoming::new(header(1, 8), smallvec![Lent::Exclusive(&mut got)]);
+        assert_eq!(b.post_recv(&mut rx).unwrap(), Status::Done);
     }
 
     #[test]
     fn a_closed_peer_fails_a_receive_in_flight() {
         let (a, mut b) = fault::pair(0, 1, Faults::default(), Faults::default()).unwrap();
         let mut out = [0u8; 8];
-        let mut rx = Incoming::new(header(0, 8), smallvec![Lent::Exclusive(&mut out)], 0).unwrap();
+        let mut rx = Incoming::new(header(0, 8), smallvec![Lent::Exclusive(&mut out)]);
         assert_eq!(b.post_recv(&mut rx).unwrap(), Status::Pending);
         drop(a);
         assert!(matches!(

@@ -11,63 +11,84 @@
 
 use std::ops::Range;
 
-use oxccl_transport::Lent;
+use oxccl_transport::{Lent, Parts};
 use smallvec::SmallVec;
 
 use super::EngineError;
-use crate::schedule::{Plan, Src};
+use crate::schedule::Plan;
 
 /// The cells of one buffer.
 pub(super) struct Cells<'b> {
     /// Where each cell starts, then the buffer's end.
-    bounds: Vec<usize>,
+    bounds: Bounds<'b>,
     /// Each cell, or `None` while it is lent to a frame in flight.
-    cells: Vec<Option<&'b mut [u8]>>,
+    cells: SmallVec<[Option<&'b mut [u8]>; INLINE]>,
 }
 
+/// The plan's cuts when they end at the buffer's end (the usual case: no
+/// work per call), else those that fall in the buffer and its end.
+enum Bounds<'b> {
+    Plan(&'b [usize]),
+    Own(Vec<usize>),
+}
+
+/// Cells kept without a heap allocation: the plans of small calls, which
+/// must not pay one per call.
+const INLINE: usize = 4;
+
 impl<'b> Cells<'b> {
-    /// Cuts `buf` at every boundary of `plan`'s output ranges.
-    pub(super) fn new(buf: &'b mut [u8], plan: &Plan, in_place: bool) -> Cells<'b> {
+    /// Cuts `buf` at every boundary of `plan`'s ranges ([`Plan::cuts`]).
+    pub(super) fn new(buf: &'b mut [u8], plan: &'b Plan) -> Cells<'b> {
         let len = buf.len();
-        let mut bounds: Vec<usize> =
-            Vec::with_capacity(2 * (plan.sends.len() + plan.recvs.len()) + 2);
-        bounds.push(0);
-        let sends = plan
-            .sends
-            .iter()
-            .filter(|s| s.src == Src::Output || in_place)
-            .map(|s| &s.range);
-        let ranges = sends
-            .chain(plan.recvs.iter().map(|r| &r.range))
-            .chain(plan.prologue_copy.iter())
-            .chain(plan.local_avg.iter());
-        for r in ranges {
-            bounds.push(r.start.min(len));
-            bounds.push(r.end.min(len));
-        }
-        bounds.push(len);
-        bounds.sort_unstable();
-        bounds.dedup();
-        let mut cells = Vec::with_capacity(bounds.len());
+        let cuts = plan.cuts();
+        let bounds = if cuts.last() == Some(&len) {
+            Bounds::Plan(cuts)
+        } else {
+            let mut own: Vec<usize> = cuts.iter().copied().filter(|&c| c < len).collect();
+            own.push(len);
+            Bounds::Own(own)
+        };
+        let b: &[usize] = match &bounds {
+            Bounds::Plan(b) => b,
+            Bounds::Own(b) => b,
+        };
         let mut rest = buf;
-        for w in bounds.windows(2) {
-            let (cell, tail) = std::mem::take(&mut rest).split_at_mut(w[1] - w[0]);
-            cells.push(Some(cell));
-            rest = tail;
-        }
+        let cells = b
+            .windows(2)
+            .map(|w| {
+                let (cell, tail) = std::mem::take(&mut rest).split_at_mut(w[1] - w[0]);
+                rest = tail;
+                Some(cell)
+            })
+            .collect();
         Cells { bounds, cells }
+    }
+
+    fn bounds(&self) -> &[usize] {
+        match &self.bounds {
+            Bounds::Plan(b) => b,
+            Bounds::Own(b) => b,
+        }
     }
 
     /// The cells that make up `range` exactly.
     fn span(&self, range: &Range<usize>) -> Result<Range<usize>, EngineError> {
-        let find = |at: usize| self.bounds.binary_search(&at).ok();
+        let bounds = self.bounds();
+        // Small calls have a handful of cells: a scan beats a search.
+        let find = |at: usize| {
+            if bounds.len() <= 2 * INLINE {
+                bounds.iter().position(|&b| b == at)
+            } else {
+                bounds.binary_search(&at).ok()
+            }
+        };
         match (find(range.start), find(range.end)) {
             (Some(a), Some(b)) if a <= b => Ok(a..b),
             _ => Err(EngineError::Protocol {
                 peer: 0,
                 reason: format!(
                     "bytes {range:?} are not a range of the call's plan (a buffer of {} bytes)",
-                    self.bounds.last().copied().unwrap_or(0)
+                    bounds.last().copied().unwrap_or(0)
                 ),
             }),
         }
@@ -75,10 +96,7 @@ impl<'b> Cells<'b> {
 
     /// Lends the cells of `range` to a frame; `None` while a frame in
     /// flight holds some of them.
-    pub(super) fn lend(
-        &mut self,
-        range: &Range<usize>,
-    ) -> Result<Option<SmallVec<[Lent<'b>; 2]>>, EngineError> {
+    pub(super) fn lend(&mut self, range: &Range<usize>) -> Result<Option<Parts<'b>>, EngineError> {
         let span = self.span(range)?;
         if self.cells[span.clone()].iter().any(Option::is_none) {
             return Ok(None);
@@ -96,7 +114,7 @@ impl<'b> Cells<'b> {
     pub(super) fn give_back(
         &mut self,
         range: &Range<usize>,
-        lent: SmallVec<[Lent<'b>; 2]>,
+        lent: Parts<'b>,
     ) -> Result<(), EngineError> {
         let span = self.span(range)?;
         let mut back = lent.into_iter();
@@ -141,7 +159,7 @@ fn in_flight(range: &Range<usize>) -> EngineError {
 #[allow(clippy::unwrap_used, clippy::single_range_in_vec_init)]
 mod tests {
     use super::*;
-    use crate::schedule::{Commit, RecvOp, SendOp};
+    use crate::schedule::{Commit, RecvOp, SendOp, Src};
 
     fn plan(sends: &[Range<usize>], recvs: &[Range<usize>]) -> Plan {
         Plan {
@@ -175,7 +193,7 @@ mod tests {
     fn a_lent_range_is_refused_until_given_back() {
         let mut buf: Vec<u8> = (0..10).collect();
         let p = plan(&[0..4, 4..10], &[2..6]);
-        let mut cells = Cells::new(&mut buf, &p, false);
+        let mut cells = Cells::new(&mut buf, &p);
         let lent = cells.lend(&(4..10)).unwrap().unwrap();
         let bytes: Vec<u8> = lent.iter().flat_map(|l| l.bytes().to_vec()).collect();
         assert_eq!(bytes, (4..10).collect::<Vec<u8>>());
@@ -204,7 +222,7 @@ mod tests {
     fn ranges_off_the_plan_are_errors_not_panics() {
         let mut buf = vec![0u8; 8];
         let p = plan(&[0..4], &[4..20]);
-        let mut cells = Cells::new(&mut buf, &p, false);
+        let mut cells = Cells::new(&mut buf, &p);
         assert!(cells.lend(&(1..3)).is_err());
         // Clamped to the buffer: 4..20 is cut at 8.
         assert!(cells.lend(&(4..20)).is_err());

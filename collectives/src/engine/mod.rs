@@ -81,7 +81,7 @@ pub(crate) struct Job<'a> {
     /// How long to busy-poll before sleeping in `poll`.
     pub spin: Duration,
     /// Frames of this step and later may go by single copy where the link
-    /// offers it ([`Outgoing::single_copy`](oxccl_transport::Outgoing::single_copy));
+    /// offers it ([`Outgoing::set_single_copy`](oxccl_transport::Outgoing::set_single_copy));
     /// `None`: none may.
     pub single_copy_from: Option<u32>,
 }
@@ -197,10 +197,18 @@ pub(crate) struct Call<'a> {
 }
 
 impl<'a> Call<'a> {
-    /// Starts `job`: runs the parts that need no peer (a prologue copy that
-    /// cannot wait, an average over one rank) and sizes the buffers.
-    #[inline]
+    /// Starts `job`: [`Call::new`], then [`Call::begin`].
+    #[cfg(test)]
     pub(crate) fn start(job: Job<'a>) -> Result<Call<'a>, EngineError> {
+        let mut call = Call::new(job);
+        call.begin()?;
+        Ok(call)
+    }
+
+    /// The call of `job`, with its buffers sized and nothing run yet.
+    /// Infallible, so that the (large) call is built where it is kept.
+    #[inline]
+    pub(crate) fn new(job: Job<'a>) -> Call<'a> {
         let Job {
             plan,
             seq,
@@ -217,44 +225,50 @@ impl<'a> Call<'a> {
         } = job;
         let device = matches!(output, Output::Device(_));
         let output = match output {
-            Output::Host(o) => Out::Host(Cells::new(o, plan, input.is_none())),
+            Output::Host(o) => Out::Host(Cells::new(o, plan)),
             Output::Device(d) => Out::Device(d),
         };
-        let mut data = Data {
-            input,
-            output,
-            off: plan.input_offset,
-            dtype,
-            op,
-            world,
-            reducer,
-            bounce: Vec::new(),
-        };
-        let has_frames = !(plan.sends.is_empty() && plan.recvs.is_empty());
-        let mut deferred = None;
-        if let (Some(r), Some(_)) = (plan.prologue_copy.clone(), input) {
-            if plan.prologue_deferrable && has_frames {
-                deferred = Some(r);
-            } else {
-                data.copy_input(r)?;
-            }
-        }
-        if let Some(r) = plan.local_avg.clone() {
-            match &mut data.output {
-                Out::Host(o) => o.each_mut(&r, |_, c| Ok(reducer.finish_avg(dtype, c, world)?))?,
-                Out::Device(d) => d.finish_avg(dtype, r.start, r.len(), world)?,
-            }
-        }
-        Ok(Call {
+        Call {
             plan,
             wire: Wire { seq, descriptor },
-            data,
+            data: Data {
+                input,
+                output,
+                off: plan.input_offset,
+                dtype,
+                op,
+                world,
+                reducer,
+                bounce: Vec::new(),
+            },
             progress: Progress::default(),
             send: SendHalf::new(plan, device),
             recv: RecvHalf::new(plan, device, staging),
             single_copy_from,
-            deferred,
-        })
+            deferred: None,
+        }
+    }
+
+    /// Runs the parts that need no peer: a prologue copy that cannot wait
+    /// (one that can is kept for a moment without traffic), an average over
+    /// one rank.
+    pub(crate) fn begin(&mut self) -> Result<(), EngineError> {
+        let plan = self.plan;
+        if let (Some(r), Some(_)) = (plan.prologue_copy.clone(), self.data.input) {
+            if plan.prologue_deferrable && self.has_frames() {
+                self.deferred = Some(r);
+            } else {
+                self.data.copy_input(r)?;
+            }
+        }
+        if let Some(r) = plan.local_avg.clone() {
+            let (dtype, world, reducer) = (self.data.dtype, self.data.world, self.data.reducer);
+            match &mut self.data.output {
+                Out::Host(o) => o.each_mut(&r, |_, c| Ok(reducer.finish_avg(dtype, c, world)?))?,
+                Out::Device(d) => d.finish_avg(dtype, r.start, r.len(), world)?,
+            }
+        }
+        Ok(())
     }
 
     /// Whether the call exchanges any frame at all.
@@ -421,7 +435,8 @@ impl Drop for Withdraw<'_, '_> {
 /// the caller may free or reuse its buffers at once.
 pub(crate) fn run(links: Option<&mut Links<'_>>, job: Job<'_>) -> Result<(), EngineError> {
     let (timeout, spin) = (job.timeout, job.spin);
-    let mut call = Call::start(job)?;
+    let mut call = Call::new(job);
+    call.begin()?;
     if !call.has_frames() {
         return call.finish();
     }
@@ -440,6 +455,7 @@ pub(crate) fn run(links: Option<&mut Links<'_>>, job: Job<'_>) -> Result<(), Eng
     let links = &mut *guard.links;
     let cheap = links.iter().all(|l| l.capabilities().cheap_polling);
     let mut idle = Idle::new(spin, timeout, cheap);
+
     loop {
         let pumped = call.pump(links)?;
         if call.done() {

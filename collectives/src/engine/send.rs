@@ -4,8 +4,8 @@
 //! the frame in flight until its link is done with it.
 
 use oxccl_transport::wire::{FrameHeader, Tag};
-use oxccl_transport::{Lent, Outgoing, Status};
-use smallvec::{SmallVec, smallvec};
+use oxccl_transport::{Lent, Outgoing, Parts, Status};
+use smallvec::smallvec;
 
 use super::{Data, EngineError, Input, Out, Wire};
 use crate::links::Links;
@@ -83,9 +83,8 @@ impl<'a> SendHalf<'a> {
                             link.register(p.bytes())?;
                         }
                     }
-                    let op = Outgoing::new(&header, payload, s.peer)?
-                        .single_copy(single_copy_from.is_some_and(|from| s.step >= from));
-                    let op = self.flight.insert(op);
+                    let op = self.flight.insert(Outgoing::new(&header, payload));
+                    op.set_single_copy(single_copy_from.is_some_and(|from| s.step >= from));
                     let status = link.post_send(op)?;
                     moved |= op.moved() != 0;
                     (s, status)
@@ -94,8 +93,10 @@ impl<'a> SendHalf<'a> {
             if status == Status::Pending {
                 return Ok((moved, true));
             }
-            if let Some(op) = self.flight.take() {
-                self.give_back(s, op, data)?;
+            let payload = self.flight.as_mut().map(Outgoing::take_payload);
+            self.flight = None;
+            if let Some(payload) = payload {
+                self.give_back(s, payload, data)?;
             }
             moved = true;
             tracing::trace!(
@@ -116,7 +117,7 @@ impl<'a> SendHalf<'a> {
         &mut self,
         s: &SendOp,
         data: &mut Data<'a>,
-    ) -> Result<Option<SmallVec<[Lent<'a>; 2]>>, EngineError> {
+    ) -> Result<Option<Parts<'a>>, EngineError> {
         let len = s.range.len();
         let off = data.off;
         let mut staged = |read: &mut dyn FnMut(&mut [u8]) -> Result<(), EngineError>| {
@@ -143,10 +144,9 @@ impl<'a> SendHalf<'a> {
     fn give_back(
         &mut self,
         s: &SendOp,
-        op: Outgoing<'a>,
+        mut payload: Parts<'a>,
         data: &mut Data<'a>,
     ) -> Result<(), EngineError> {
-        let mut payload = op.into_payload();
         match (payload.first(), &mut data.output) {
             (Some(Lent::Owned { .. }), _) => {
                 if let Some(Lent::Owned { buf, .. }) = payload.pop() {

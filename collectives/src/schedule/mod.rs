@@ -180,9 +180,44 @@ pub struct Plan {
     /// that read [`Src::Input`] of an out-of-place call are shifted down by
     /// it. Non-zero only for allgather, whose input is the rank's own chunk.
     pub input_offset: usize,
+    /// [`Plan::cuts`], once computed.
+    pub(crate) cuts: Cuts,
 }
 
+/// A plan's cuts, computed on first use and kept with the (cached) plan.
+/// Not part of a plan's identity: equal plans are equal with or without.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Cuts(std::sync::OnceLock<Vec<usize>>);
+
+impl PartialEq for Cuts {
+    fn eq(&self, _: &Cuts) -> bool {
+        true
+    }
+}
+
+impl Eq for Cuts {}
+
 impl Plan {
+    /// Every offset of the output where a range of the plan starts or
+    /// ends (every send's, every receive's, the prologue's and the local
+    /// average's), and 0, sorted and without repeats. The engine cuts the
+    /// output there, so that a frame in flight owns exactly its bytes.
+    pub fn cuts(&self) -> &[usize] {
+        self.cuts.0.get_or_init(|| {
+            let ranges = (self.sends.iter().map(|s| &s.range))
+                .chain(self.recvs.iter().map(|r| &r.range))
+                .chain(self.prologue_copy.iter())
+                .chain(self.local_avg.iter());
+            let mut cuts = vec![0];
+            for r in ranges {
+                cuts.extend([r.start, r.end]);
+            }
+            cuts.sort_unstable();
+            cuts.dedup();
+            cuts
+        })
+    }
+
     /// The largest payload of any received frame that goes through staging.
     pub fn staging_len(&self) -> usize {
         self.recvs
