@@ -83,6 +83,7 @@ impl Lent<'_> {
     }
 
     /// Whether the memory is what it says: an owned buffer holds its `len`.
+    #[inline]
     fn valid(&self) -> bool {
         match self {
             Lent::Owned { buf, len } => *len <= buf.len(),
@@ -127,6 +128,7 @@ impl<'b> Outgoing<'b> {
     /// bug, reported as [`TransportError::Protocol`] when the send is posted
     /// ([`Outgoing::check`]). Building a message never fails, so that it is
     /// built where it is kept, without a copy.
+    #[inline]
     pub fn new(header: &FrameHeader, payload: Parts<'b>) -> Outgoing<'b> {
         let len: usize = payload.iter().map(|p| p.bytes().len()).sum();
         let bad = len != header.len as usize || !payload.iter().all(Lent::valid);
@@ -143,6 +145,7 @@ impl<'b> Outgoing<'b> {
 
     /// The error of a send whose payload disagrees with its header (the
     /// caller's bug), which every link reports when it is posted.
+    #[inline]
     pub fn check(&self, peer: usize) -> Result<(), TransportError> {
         if !self.bad {
             return Ok(());
@@ -165,16 +168,19 @@ impl<'b> Outgoing<'b> {
     /// Lets (or forbids) the link have the peer read the payload in place.
     /// The caller decides per message: a single copy halves the bytes
     /// copied, but puts all the copying on the reader.
+    #[inline]
     pub fn set_single_copy(&mut self, allowed: bool) {
         self.single_copy = allowed;
     }
 
     /// The payload's length in bytes.
+    #[inline]
     pub fn len(&self) -> usize {
         self.len
     }
 
     /// Whether the payload is empty (a header alone).
+    #[inline]
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
@@ -183,12 +189,14 @@ impl<'b> Outgoing<'b> {
     /// for byte streams): a hint for the caller's idle policy that bytes
     /// moved although the send is not done. Links that cannot tell keep
     /// it at 0 until the send is done.
+    #[inline]
     pub fn moved(&self) -> usize {
         self.moved
     }
 
     /// The memory the payload is lent from, in order (for links that post
     /// it natively, and to register it).
+    #[inline]
     pub fn payload(&self) -> &[Lent<'b>] {
         &self.payload
     }
@@ -200,6 +208,7 @@ impl<'b> Outgoing<'b> {
 
     /// [`into_payload`](Self::into_payload) in place: the memory back from
     /// a completed send, leaving it empty.
+    #[inline]
     pub fn take_payload(&mut self) -> Parts<'b> {
         self.len = 0;
         std::mem::take(&mut self.payload)
@@ -254,6 +263,7 @@ impl<'b> Incoming<'b> {
     /// order. No payload byte reaches `into` before the received header is
     /// found equal to `expect`. Memory that disagrees with `expect.len` is
     /// reported when the receive is posted ([`Incoming::check`]).
+    #[inline]
     pub fn new(expect: FrameHeader, into: Parts<'b>) -> Incoming<'b> {
         let len: usize = into.iter().map(|p| p.bytes().len()).sum();
         let writable = into
@@ -274,6 +284,7 @@ impl<'b> Incoming<'b> {
     /// The error of a receive whose memory disagrees with the expected
     /// header, or is not writable (the caller's bug), which every link
     /// reports when it is posted.
+    #[inline]
     pub fn check(&self, peer: usize) -> Result<(), TransportError> {
         if !self.bad {
             return Ok(());
@@ -292,6 +303,7 @@ impl<'b> Incoming<'b> {
     /// Marks `into` as the caller's scratch: payload bytes may land in it
     /// before the header is checked, which lets a byte stream read a small
     /// message with its header in one call.
+    #[inline]
     pub fn set_scratch(&mut self) {
         self.scratch = true;
     }
@@ -302,21 +314,25 @@ impl<'b> Incoming<'b> {
     }
 
     /// The payload's length in bytes.
+    #[inline]
     pub fn len(&self) -> usize {
         self.len
     }
 
     /// Whether the payload is empty (a header alone).
+    #[inline]
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
 
     /// How far the receive got, as [`Outgoing::moved`].
+    #[inline]
     pub fn moved(&self) -> usize {
         self.moved
     }
 
     /// The memory the payload goes to, in order.
+    #[inline]
     pub fn buffers(&self) -> &[Lent<'b>] {
         &self.into
     }
@@ -328,12 +344,14 @@ impl<'b> Incoming<'b> {
 
     /// [`into_buffers`](Self::into_buffers) in place, leaving the receive
     /// without memory.
+    #[inline]
     pub fn take_buffers(&mut self) -> Parts<'b> {
         self.len = 0;
         std::mem::take(&mut self.into)
     }
 
     /// Checks the header once it is all here.
+    #[inline]
     fn check_header(&self, peer: usize) -> Result<(), TransportError> {
         let got = FrameHeader::parse(&self.header).map_err(|e| TransportError::Protocol {
             peer,

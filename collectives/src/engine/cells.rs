@@ -94,27 +94,35 @@ impl<'b> Cells<'b> {
         }
     }
 
-    /// Lends the cells of `range` to a frame; `None` while a frame in
-    /// flight holds some of them.
-    pub(super) fn lend(&mut self, range: &Range<usize>) -> Result<Option<Parts<'b>>, EngineError> {
+    /// Lends the cells of `range` to a frame, appending them to `out`;
+    /// false (and nothing appended) while a frame in flight holds some of
+    /// them.
+    #[inline]
+    pub(super) fn lend(
+        &mut self,
+        range: &Range<usize>,
+        out: &mut Parts<'b>,
+    ) -> Result<bool, EngineError> {
         let span = self.span(range)?;
-        if self.cells[span.clone()].iter().any(Option::is_none) {
-            return Ok(None);
+        let cells = &mut self.cells[span];
+        if cells.iter().any(Option::is_none) {
+            return Ok(false);
         }
-        Ok(Some(
-            self.cells[span]
+        out.extend(
+            cells
                 .iter_mut()
                 .filter_map(Option::take)
-                .map(Lent::Exclusive)
-                .collect(),
-        ))
+                .map(Lent::Exclusive),
+        );
+        Ok(true)
     }
 
     /// Takes back the cells of `range` from a completed frame.
+    #[inline]
     pub(super) fn give_back(
         &mut self,
         range: &Range<usize>,
-        lent: Parts<'b>,
+        lent: impl IntoIterator<Item = Lent<'b>>,
     ) -> Result<(), EngineError> {
         let span = self.span(range)?;
         let mut back = lent.into_iter();
@@ -194,11 +202,12 @@ mod tests {
         let mut buf: Vec<u8> = (0..10).collect();
         let p = plan(&[0..4, 4..10], &[2..6]);
         let mut cells = Cells::new(&mut buf, &p);
-        let lent = cells.lend(&(4..10)).unwrap().unwrap();
+        let mut lent = Parts::new();
+        assert!(cells.lend(&(4..10), &mut lent).unwrap());
         let bytes: Vec<u8> = lent.iter().flat_map(|l| l.bytes().to_vec()).collect();
         assert_eq!(bytes, (4..10).collect::<Vec<u8>>());
         // 2..6 overlaps the lent 4..10: neither lent again nor written.
-        assert!(cells.lend(&(2..6)).unwrap().is_none());
+        assert!(!cells.lend(&(2..6), &mut Parts::new()).unwrap());
         assert!(cells.each_mut(&(2..6), |_, _| Ok(())).is_err());
         // 0..4 is free.
         cells
@@ -223,16 +232,15 @@ mod tests {
         let mut buf = vec![0u8; 8];
         let p = plan(&[0..4], &[4..20]);
         let mut cells = Cells::new(&mut buf, &p);
-        assert!(cells.lend(&(1..3)).is_err());
+        let mut out = Parts::new();
+        assert!(cells.lend(&(1..3), &mut out).is_err());
         // Clamped to the buffer: 4..20 is cut at 8.
-        assert!(cells.lend(&(4..20)).is_err());
-        assert_eq!(cells.lend(&(4..8)).unwrap().unwrap().len(), 1);
-        assert!(cells.lend(&(0..0)).unwrap().unwrap().is_empty());
+        assert!(cells.lend(&(4..20), &mut out).is_err());
+        assert!(cells.lend(&(4..8), &mut out).unwrap());
+        assert_eq!(out.len(), 1);
+        assert!(cells.lend(&(0..0), &mut out).unwrap());
+        assert_eq!(out.len(), 1);
         // Giving back what was not lent is refused.
-        assert!(
-            cells
-                .give_back(&(0..4), SmallVec::from_vec(vec![Lent::Shared(&[0; 4])]))
-                .is_err()
-        );
+        assert!(cells.give_back(&(0..4), [Lent::Shared(&[0; 4])]).is_err());
     }
 }

@@ -5,7 +5,6 @@
 
 use oxccl_transport::wire::{FrameHeader, Tag};
 use oxccl_transport::{Incoming, Lent, Parts, Status, TransportError};
-use smallvec::{SmallVec, smallvec};
 
 use super::send::{frame_len, no_link};
 use super::{Data, EngineError, Input, Out, Wire};
@@ -94,10 +93,11 @@ impl<'a> RecvHalf<'a> {
                         if in_place && send_first(plan, progress, r, data.input.is_none()) {
                             return Ok(moved);
                         }
-                        let Some(into) = self.memory(r, in_place, data)? else {
+                        let mut into = Parts::new();
+                        if !self.memory(r, in_place, data, &mut into)? {
                             // A send in flight still reads its range.
                             return Ok(moved);
-                        };
+                        }
                         let expect = FrameHeader {
                             tag: Tag {
                                 seq: wire.seq,
@@ -159,26 +159,29 @@ impl<'a> RecvHalf<'a> {
         Ok(moved)
     }
 
-    /// The memory a receive is posted into: the output's cells for a large
-    /// copy to the host (`None` while a send in flight reads some of them),
-    /// else the staging buffer.
+    /// Appends the memory a receive is posted into to `into`: the
+    /// output's cells for a large copy to the host (false while a send in
+    /// flight reads some of them), else the staging buffer.
+    #[inline]
     fn memory(
         &mut self,
         r: &RecvOp,
         in_place: bool,
         data: &mut Data<'a>,
-    ) -> Result<Option<Parts<'a>>, EngineError> {
+        into: &mut Parts<'a>,
+    ) -> Result<bool, EngineError> {
         if r.commit == Commit::Discard {
-            return Ok(Some(SmallVec::new()));
+            return Ok(true);
         }
         match &mut data.output {
-            Out::Host(cells) if in_place => cells.lend(&r.range),
+            Out::Host(cells) if in_place => cells.lend(&r.range, into),
             _ => {
                 let buf = self.staging.take().ok_or_else(staging_gone)?;
-                Ok(Some(smallvec![Lent::Owned {
+                into.push(Lent::Owned {
                     buf,
-                    len: r.range.len()
-                }]))
+                    len: r.range.len(),
+                });
+                Ok(true)
             }
         }
     }

@@ -5,7 +5,6 @@
 
 use oxccl_transport::wire::{FrameHeader, Tag};
 use oxccl_transport::{Lent, Outgoing, Parts, Status};
-use smallvec::smallvec;
 
 use super::{Data, EngineError, Input, Out, Wire};
 use crate::links::Links;
@@ -63,10 +62,11 @@ impl<'a> SendHalf<'a> {
                     let Some(s) = progress.next_send(plan) else {
                         return Ok((moved, false));
                     };
-                    let Some(payload) = self.payload(s, data)? else {
+                    let mut payload = Parts::new();
+                    if !self.payload(s, data, &mut payload)? {
                         // A receive posted early holds part of its range.
                         return Ok((moved, false));
-                    };
+                    }
                     let header = FrameHeader {
                         tag: Tag {
                             seq: wire.seq,
@@ -111,13 +111,15 @@ impl<'a> SendHalf<'a> {
         }
     }
 
-    /// The memory a frame's payload is lent from; `None` while a receive
-    /// in flight holds part of it.
+    /// Appends the memory a frame's payload is lent from to `out`; false
+    /// while a receive in flight holds part of it.
+    #[inline]
     fn payload(
         &mut self,
         s: &SendOp,
         data: &mut Data<'a>,
-    ) -> Result<Option<Parts<'a>>, EngineError> {
+        out: &mut Parts<'a>,
+    ) -> Result<bool, EngineError> {
         let len = s.range.len();
         let off = data.off;
         let mut staged = |read: &mut dyn FnMut(&mut [u8]) -> Result<(), EngineError>| {
@@ -126,16 +128,18 @@ impl<'a> SendHalf<'a> {
                 return Err(protocol("a device slice larger than the send staging"));
             };
             read(dst)?;
-            Ok(Some(smallvec![Lent::Owned { buf, len }]))
+            out.push(Lent::Owned { buf, len });
+            Ok(true)
         };
         match (s.src, data.input, &mut data.output) {
-            (Src::Input, Some(Input::Host(inp)), _) => Ok(Some(smallvec![Lent::Shared(
-                &inp[s.range.start - off..s.range.end - off]
-            )])),
+            (Src::Input, Some(Input::Host(inp)), _) => {
+                out.push(Lent::Shared(&inp[s.range.start - off..s.range.end - off]));
+                Ok(true)
+            }
             (Src::Input, Some(Input::Device(inp)), _) => {
                 staged(&mut |dst| Ok(inp.read(s.range.start - off, dst)?))
             }
-            (_, _, Out::Host(cells)) => cells.lend(&s.range),
+            (_, _, Out::Host(cells)) => cells.lend(&s.range, out),
             (_, _, Out::Device(o)) => staged(&mut |dst| Ok(o.read(s.range.start, dst)?)),
         }
     }

@@ -1,0 +1,97 @@
+#!/usr/bin/env python3
+"""ab.py -- two builds of oxccl side by side: for each row, the *_perf
+binaries of build A and build B alternate, AB_REPS times, and the table
+shows the median time of each and the ratio B/A (below 1: B is faster).
+
+    git worktree add /tmp/base <rev>
+    (cd /tmp/base && CARGO_TARGET_DIR=/tmp/base-target cargo build --release \\
+        -p oxccl-tools --bin oxrun && CARGO_TARGET_DIR=/tmp/base-target \\
+        cargo build --release -p oxccl-benches --bins)
+    cargo build --release -p oxccl-tools --bin oxrun && \\
+        cargo build --release -p oxccl-benches --bins
+    python3 benches/scripts/ab.py /tmp/base-target/release target/release
+
+Knobs: AB_REPS (5), AB_ONLY (a substring a row's name must contain).
+"""
+
+import os
+import statistics
+import subprocess
+import sys
+
+K, M = 1 << 10, 1 << 20
+# (transport, collective, ranks, size, in place)
+ROWS = [
+    ("shm", "all_reduce", 2, 8, True),
+    ("shm", "all_reduce", 4, 8, True),
+    ("shm", "all_reduce", 2, 4 * K, True),
+    ("shm", "all_reduce", 2, 1 * M, True),
+    ("shm", "all_reduce", 4, 1 * M, True),
+    ("shm", "all_reduce", 2, 16 * M, True),
+    ("shm", "all_reduce", 4, 64 * M, True),
+    ("tcp", "all_reduce", 2, 8, True),
+    ("tcp", "all_reduce", 4, 1 * M, True),
+    ("shm", "broadcast", 4, 64 * K, True),
+    ("shm", "broadcast", 4, 1 * M, True),
+    ("shm", "all_gather", 2, 64 * M, False),
+    ("shm", "all_gather", 4, 1 * M, False),
+    ("tcp", "all_gather", 2, 1 * M, False),
+]
+REPS = int(os.environ.get("AB_REPS", "5"))
+ONLY = os.environ.get("AB_ONLY", "")
+
+
+def iters(size):
+    if size <= 64 * K:
+        return 3000, 300
+    if size <= 1 * M:
+        return 300, 30
+    if size <= 16 * M:
+        return 30, 3
+    return 10, 2
+
+
+def human(n):
+    for unit, size in (("MiB", M), ("KiB", K)):
+        if n >= size:
+            return f"{n // size} {unit}"
+    return f"{n} B"
+
+
+def run(bindir, transport, coll, ranks, size, in_place):
+    n, w = iters(size)
+    variant = "--in-place-only" if in_place else "--out-of-place-only"
+    cmd = [
+        os.path.join(bindir, "oxrun"), "-n", str(ranks), "--",
+        os.path.join(bindir, f"{coll}_perf"),
+        "-b", str(size), "-e", str(size), "-n", str(n), "-w", str(w), "-c", "0", variant,
+    ]
+    env = dict(os.environ, OXCCL_TRANSPORT=transport)
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    for line in out.stdout.splitlines():
+        f = line.split()
+        if len(f) >= 13 and f[0] == "[0]" and f[1] == str(size):
+            return float(f[10] if in_place else f[6])
+    raise RuntimeError(f"no result in: {' '.join(cmd)}\n{out.stdout}\n{out.stderr}")
+
+
+def main():
+    if len(sys.argv) != 3:
+        sys.exit(__doc__)
+    builds = {"A": sys.argv[1], "B": sys.argv[2]}
+    rows = [r for r in ROWS if ONLY in f"{r[0]} {r[1]} {human(r[3])}, {r[2]} ranks"]
+    times = {r: {"A": [], "B": []} for r in rows}
+    for rep in range(REPS):
+        for r in rows:
+            # Alternate which build goes first.
+            for side in ("A", "B") if rep % 2 == 0 else ("B", "A"):
+                times[r][side].append(run(builds[side], *r))
+    print(f"| row | A (us) | B (us) | B/A |\n|---|---:|---:|---:|")
+    for r in rows:
+        a, b = statistics.median(times[r]["A"]), statistics.median(times[r]["B"])
+        name = f"{r[0]} {r[1]} {human(r[3])}, {r[2]} ranks"
+        print(f"| {name} | {a:.2f} | {b:.2f} | {b / a:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
