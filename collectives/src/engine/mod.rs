@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 
 use oxccl_kernels::{DType, DeviceMemory, KernelError, ReduceOp, Reducer};
 use oxccl_transport::wire::DESCRIPTOR_LEN;
-use oxccl_transport::{Endpoint, TransportError, wait_watching};
+use oxccl_transport::{Endpoint, Lent, Parts, TransportError, wait_watching};
 
 use crate::links::Links;
 use crate::schedule::{Plan, Progress};
@@ -171,6 +171,27 @@ impl Data<'_> {
             }
         }
         Ok(())
+    }
+}
+
+/// Takes back the memory a done frame of `range` was lent: the output's
+/// cells go back to the output; a staging buffer is returned to its owner.
+#[inline]
+fn take_back<'a>(
+    mut parts: Parts<'a>,
+    range: &Range<usize>,
+    data: &mut Data<'a>,
+) -> Result<Option<Vec<u8>>, EngineError> {
+    match (parts.first(), &mut data.output) {
+        (Some(Lent::Owned { .. }), _) => match parts.pop() {
+            Some(Lent::Owned { buf, .. }) => Ok(Some(buf)),
+            _ => Ok(None),
+        },
+        (Some(Lent::Exclusive(_)), Out::Host(cells)) => {
+            cells.give_back(range, parts).map(|()| None)
+        }
+        // Input bytes, or an empty range.
+        _ => Ok(None),
     }
 }
 

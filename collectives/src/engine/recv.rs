@@ -7,7 +7,7 @@ use oxccl_transport::wire::{FrameHeader, Tag};
 use oxccl_transport::{Incoming, Lent, Parts, Status, TransportError};
 
 use super::send::{frame_len, no_link};
-use super::{Data, EngineError, Input, Out, Wire};
+use super::{Data, EngineError, Input, Out, Wire, take_back};
 use crate::links::Links;
 use crate::schedule::{Commit, Plan, Progress, RecvOp, Src};
 
@@ -127,8 +127,12 @@ impl<'a> RecvHalf<'a> {
                 moved = true;
                 let into = self.flight.as_mut().map(Incoming::take_buffers);
                 self.flight = None;
-                if let Some(into) = into {
-                    self.give_back(r, into, data)?;
+                if let Some(buf) = into
+                    .map(|p| take_back(p, &r.range, data))
+                    .transpose()?
+                    .flatten()
+                {
+                    self.staging = Some(buf);
                 }
                 if !in_place && !progress.may_commit(r) {
                     // Complete, but its range is still being sent: it waits
@@ -183,25 +187,6 @@ impl<'a> RecvHalf<'a> {
                 });
                 Ok(true)
             }
-        }
-    }
-
-    /// Takes back what a done receive was lent.
-    fn give_back(
-        &mut self,
-        r: &RecvOp,
-        mut into: Parts<'a>,
-        data: &mut Data<'a>,
-    ) -> Result<(), EngineError> {
-        match (into.first(), &mut data.output) {
-            (Some(Lent::Owned { .. }), _) => {
-                if let Some(Lent::Owned { buf, .. }) = into.pop() {
-                    self.staging = Some(buf);
-                }
-                Ok(())
-            }
-            (Some(Lent::Exclusive(_)), Out::Host(cells)) => cells.give_back(&r.range, into),
-            _ => Ok(()),
         }
     }
 

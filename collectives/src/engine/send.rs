@@ -6,7 +6,7 @@
 use oxccl_transport::wire::{FrameHeader, Tag};
 use oxccl_transport::{Lent, Outgoing, Parts, Status};
 
-use super::{Data, EngineError, Input, Out, Wire};
+use super::{Data, EngineError, Input, Out, Wire, take_back};
 use crate::links::Links;
 use crate::schedule::{Plan, Progress, SendOp, Src};
 
@@ -95,8 +95,12 @@ impl<'a> SendHalf<'a> {
             }
             let payload = self.flight.as_mut().map(Outgoing::take_payload);
             self.flight = None;
-            if let Some(payload) = payload {
-                self.give_back(s, payload, data)?;
+            if let Some(buf) = payload
+                .map(|p| take_back(p, &s.range, data))
+                .transpose()?
+                .flatten()
+            {
+                self.stage = buf;
             }
             moved = true;
             tracing::trace!(
@@ -141,26 +145,6 @@ impl<'a> SendHalf<'a> {
             }
             (_, _, Out::Host(cells)) => cells.lend(&s.range, out),
             (_, _, Out::Device(o)) => staged(&mut |dst| Ok(o.read(s.range.start, dst)?)),
-        }
-    }
-
-    /// Takes back what a done frame was lent.
-    fn give_back(
-        &mut self,
-        s: &SendOp,
-        mut payload: Parts<'a>,
-        data: &mut Data<'a>,
-    ) -> Result<(), EngineError> {
-        match (payload.first(), &mut data.output) {
-            (Some(Lent::Owned { .. }), _) => {
-                if let Some(Lent::Owned { buf, .. }) = payload.pop() {
-                    self.stage = buf;
-                }
-                Ok(())
-            }
-            (Some(Lent::Exclusive(_)), Out::Host(cells)) => cells.give_back(&s.range, payload),
-            // Input bytes, or an empty range.
-            _ => Ok(()),
         }
     }
 }
