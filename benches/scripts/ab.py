@@ -19,7 +19,8 @@ import statistics
 import subprocess
 import sys
 
-K, M = 1 << 10, 1 << 20
+from lost_rows import K, M, human, iters
+
 # (transport, collective, ranks, size, in place)
 ROWS = [
     ("shm", "all_reduce", 2, 8, True),
@@ -39,23 +40,6 @@ ROWS = [
 ]
 REPS = int(os.environ.get("AB_REPS", "5"))
 ONLY = os.environ.get("AB_ONLY", "")
-
-
-def iters(size):
-    if size <= 64 * K:
-        return 3000, 300
-    if size <= 1 * M:
-        return 300, 30
-    if size <= 16 * M:
-        return 30, 3
-    return 10, 2
-
-
-def human(n):
-    for unit, size in (("MiB", M), ("KiB", K)):
-        if n >= size:
-            return f"{n // size} {unit}"
-    return f"{n} B"
 
 
 def run(bindir, transport, coll, ranks, size, in_place):
