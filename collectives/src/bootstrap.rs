@@ -180,14 +180,7 @@ impl Communicator {
             return Communicator::through_torch_store(master, prefix, rank, world, config);
         }
         let server = if rank == 0 {
-            let any = match master.ip() {
-                IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-                IpAddr::V6(_) => IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
-            };
-            Some(
-                TcpStoreServer::bind(SocketAddr::new(any, master.port()))
-                    .map_err(|source| Error::Store { rank, source })?,
-            )
+            Some(serve_store(host, master).map_err(|source| Error::Store { rank, source })?)
         } else {
             None
         };
@@ -668,11 +661,123 @@ fn differ(mine: &str, theirs: &str, r: usize) -> Option<(String, String)> {
     None
 }
 
+/// Where rank 0's store listens, given the master address as the launcher
+/// spelled it (`host`) and as it resolved here (`master`).
+///
+/// The master address itself, so that `MASTER_ADDR=127.0.0.1` keeps the
+/// store off every other interface and a routable address keeps it off the
+/// others; every interface only when a host name resolves to loopback here
+/// but cannot elsewhere (Debian's /etc/hosts maps a machine's own name to
+/// 127.0.1.1, while the other hosts resolve it to the real address).
+fn store_bind_addr(host: &str, master: SocketAddr) -> SocketAddr {
+    let literal = host.parse::<IpAddr>().is_ok();
+    let localhost = host.eq_ignore_ascii_case("localhost");
+    if master.ip().is_loopback() && !literal && !localhost {
+        SocketAddr::new(unspecified(master.ip()), master.port())
+    } else {
+        master
+    }
+}
+
+/// The "any address" of `ip`'s family.
+fn unspecified(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        IpAddr::V6(_) => IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+    }
+}
+
+/// Starts rank 0's store at [`store_bind_addr`]; on every interface, with a
+/// warning, when the master address is not one of this host's (a name that
+/// resolves to a NAT address here, say), where the others still reach it.
+fn serve_store(host: &str, master: SocketAddr) -> std::result::Result<TcpStoreServer, StoreError> {
+    let want = store_bind_addr(host, master);
+    match TcpStoreServer::bind(want) {
+        Err(StoreError::Io { source, .. })
+            if source.kind() == std::io::ErrorKind::AddrNotAvailable =>
+        {
+            let any = SocketAddr::new(unspecified(want.ip()), want.port());
+            tracing::warn!(
+                "the master address {want} ('{host}') is not one of this host's; \
+                 the rendezvous store listens on {any}, every interface"
+            );
+            TcpStoreServer::bind(any)
+        }
+        r => r,
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn the_store_listens_on_the_master_address_it_was_given() {
+        let at = |ip: [u8; 4]| SocketAddr::new(IpAddr::from(ip), 29500);
+        // Loopback given as such stays on loopback: nobody else gets in.
+        assert_eq!(
+            store_bind_addr("127.0.0.1", at([127, 0, 0, 1])),
+            at([127, 0, 0, 1])
+        );
+        assert_eq!(
+            store_bind_addr("localhost", at([127, 0, 0, 1])),
+            at([127, 0, 0, 1])
+        );
+        // A routable address: that interface only.
+        assert_eq!(
+            store_bind_addr("10.1.2.3", at([10, 1, 2, 3])),
+            at([10, 1, 2, 3])
+        );
+        assert_eq!(
+            store_bind_addr("node7", at([10, 1, 2, 3])),
+            at([10, 1, 2, 3])
+        );
+        // A host name that resolves to loopback here only (/etc/hosts):
+        // every interface, or the other hosts could not reach it.
+        assert_eq!(
+            store_bind_addr("node7", at([127, 0, 1, 1])),
+            at([0, 0, 0, 0])
+        );
+        let v6 = SocketAddr::new(IpAddr::from(std::net::Ipv6Addr::LOCALHOST), 1);
+        assert_eq!(store_bind_addr("::1", v6), v6);
+        assert!(store_bind_addr("node7", v6).ip().is_unspecified());
+    }
+
+    #[test]
+    fn a_store_on_loopback_is_not_reachable_from_another_interface() {
+        // The address the machine reaches others with, if it has one.
+        let Some(other) = std::net::UdpSocket::bind("0.0.0.0:0")
+            .and_then(|u| u.connect("192.0.2.1:9").map(|()| u))
+            .and_then(|u| u.local_addr())
+            .ok()
+            .map(|a| a.ip())
+            .filter(|ip| !ip.is_loopback() && !ip.is_unspecified())
+        else {
+            eprintln!("skipping: this machine has no address but loopback to test from");
+            return;
+        };
+        let server = serve_store("127.0.0.1", "127.0.0.1:0".parse().unwrap()).unwrap();
+        let port = server.local_addr().port();
+        assert!(server.local_addr().ip().is_loopback());
+        assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+        assert!(
+            std::net::TcpStream::connect_timeout(
+                &SocketAddr::new(other, port),
+                std::time::Duration::from_secs(2)
+            )
+            .is_err(),
+            "the store answered on {other}"
+        );
+    }
+
+    #[test]
+    fn a_master_address_of_another_host_falls_back_to_every_interface() {
+        // 192.0.2.1 (TEST-NET-1) is nobody's address here.
+        let server = serve_store("192.0.2.1", "192.0.2.1:0".parse().unwrap()).unwrap();
+        assert!(server.local_addr().ip().is_unspecified());
+    }
 
     #[test]
     fn unique_id_layout_is_fixed() {
