@@ -180,7 +180,12 @@ impl Communicator {
             return Communicator::through_torch_store(master, prefix, rank, world, config);
         }
         let server = if rank == 0 {
-            Some(serve_store(host, master).map_err(|source| Error::Store { rank, source })?)
+            let server =
+                serve_store(host, master).map_err(|source| Error::Store { rank, source })?;
+            // One connection per rank; the slack is for a rank's retry
+            // racing its own closed attempt.
+            server.limit_clients(world.saturating_mul(2).saturating_add(8));
+            Some(server)
         } else {
             None
         };

@@ -26,7 +26,7 @@
 use std::collections::HashMap;
 use std::io::{self, BufReader, ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -301,6 +301,8 @@ struct ServerShared {
     stop: AtomicBool,
     clients: Mutex<Clients>,
     addr: SocketAddr,
+    /// Connections served at once at most ([`TcpStoreServer::limit_clients`]).
+    max_clients: AtomicUsize,
 }
 
 impl ServerShared {
@@ -347,6 +349,7 @@ impl TcpStoreServer {
             stop: AtomicBool::new(false),
             clients: Mutex::new(Clients::default()),
             addr: local,
+            max_clients: AtomicUsize::new(usize::MAX),
         });
         let accept = {
             let shared = Arc::clone(&shared);
@@ -360,6 +363,15 @@ impl TcpStoreServer {
             shared,
             accept: Some(accept),
         })
+    }
+
+    /// Serves at most `n` connections at once; a connection beyond them is
+    /// closed as soon as it is accepted (and logged with its address), so
+    /// that a flood of connections costs neither a thread each nor the
+    /// descriptors the job's own clients need. A job sets it from its world
+    /// size; the default is no limit.
+    pub fn limit_clients(&self, n: usize) {
+        self.shared.max_clients.store(n, Ordering::SeqCst);
     }
 
     /// The address the server listens on (with the real port if bound to
@@ -403,6 +415,15 @@ fn accept_loop(shared: &Arc<ServerShared>, listener: &TcpListener) {
 }
 
 fn start_client(shared: &Arc<ServerShared>, stream: TcpStream, peer: SocketAddr) {
+    let served = shared.clients().streams.len();
+    if served >= shared.max_clients.load(Ordering::SeqCst) {
+        tracing::warn!(
+            %peer,
+            "tcp store server: refused a connection: {served} clients already, the most this job has"
+        );
+        let _ = stream.shutdown(Shutdown::Both);
+        return;
+    }
     let setup = || -> io::Result<TcpStream> {
         stream.set_nonblocking(false)?;
         stream.set_nodelay(true)?;
@@ -811,6 +832,38 @@ mod tests {
         let server = TcpStoreServer::bind(loopback()).unwrap();
         let client = TcpStore::connect(server.local_addr(), soon(5000)).unwrap();
         (server, client)
+    }
+
+    #[test]
+    fn connections_beyond_the_limit_are_closed_and_the_others_served() {
+        let server = TcpStoreServer::bind(loopback()).unwrap();
+        server.limit_clients(2);
+        let a = TcpStore::connect(server.local_addr(), soon(5000)).unwrap();
+        let b = TcpStore::connect(server.local_addr(), soon(5000)).unwrap();
+        // The third is accepted by the kernel, then closed by the server.
+        let third = TcpStore::connect(server.local_addr(), soon(2000));
+        match third {
+            Err(_) => {}
+            Ok(c) => assert!(c.set("k", b"v").is_err(), "a third client was served"),
+        }
+        a.set("k", b"1").unwrap();
+        assert_eq!(b.get("k", soon(2000)).unwrap(), b"1");
+        // A slot frees when a client leaves.
+        drop(a);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let c = TcpStore::connect(server.local_addr(), soon(2000));
+            if let Ok(c) = c {
+                if c.set("k", b"2").is_ok() {
+                    break;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no slot freed after a client left"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     #[test]
