@@ -45,9 +45,16 @@ pub struct UniqueId {
     job: u64,
 }
 
-/// Stores served by unique ids created in this process, until rank 0 of the
-/// id takes its own over.
+/// Stores served by unique ids created in this process, oldest first,
+/// until rank 0 of the id takes its own over.
 static SERVED: Mutex<Vec<(u64, TcpStoreServer)>> = Mutex::new(Vec::new());
+
+/// The most unique ids a process serves unclaimed: each costs a listening
+/// socket and a thread, and an id that is made and never used (as NCCL's
+/// `ncclGetUniqueId` allows) would otherwise keep them for the life of the
+/// process. Beyond it the oldest unclaimed id stops being served, with a
+/// warning; a communicator made from it then fails to reach its store.
+const MAX_SERVED: usize = 64;
 
 const ID_MAGIC: [u8; 8] = *b"OXCCLUID";
 
@@ -69,10 +76,18 @@ impl UniqueId {
             addr: server.local_addr(),
             job: random_job()?,
         };
-        SERVED
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push((id.job, server));
+        let evicted = {
+            let mut served = SERVED.lock().unwrap_or_else(|p| p.into_inner());
+            served.push((id.job, server));
+            (served.len() > MAX_SERVED).then(|| served.remove(0))
+        };
+        // Dropped outside the lock: stopping a server waits for its thread.
+        if let Some((job, old)) = evicted {
+            tracing::warn!(
+                "{MAX_SERVED} unique ids of this process are unclaimed: the oldest (job {job:#x}, store {}) is no longer served",
+                old.local_addr()
+            );
+        }
         Ok(id)
     }
 
@@ -182,9 +197,7 @@ impl Communicator {
         let server = if rank == 0 {
             let server =
                 serve_store(host, master).map_err(|source| Error::Store { rank, source })?;
-            // One connection per rank; the slack is for a rank's retry
-            // racing its own closed attempt.
-            server.limit_clients(world.saturating_mul(2).saturating_add(8));
+            server.limit_clients(client_limit(world));
             Some(server)
         } else {
             None
@@ -254,10 +267,13 @@ impl Communicator {
             served
                 .iter()
                 .position(|(j, _)| *j == id.job)
-                .map(|i| served.swap_remove(i).1)
+                .map(|i| served.remove(i).1)
         } else {
             None
         };
+        if let Some(server) = &server {
+            server.limit_clients(client_limit(world));
+        }
         let store =
             TcpStore::connect(id.addr, deadline).map_err(|source| Error::Store { rank, source })?;
         let local_ip = store.local_addr().ip();
@@ -666,6 +682,12 @@ fn differ(mine: &str, theirs: &str, r: usize) -> Option<(String, String)> {
     None
 }
 
+/// How many connections rank 0's store serves at once: one per rank, and
+/// as many again for a rank's retry racing its own closed attempt.
+fn client_limit(world: usize) -> usize {
+    world.saturating_mul(2).saturating_add(8)
+}
+
 /// Where rank 0's store listens, given the master address as the launcher
 /// spelled it (`host`) and as it resolved here (`master`).
 ///
@@ -717,6 +739,25 @@ fn serve_store(host: &str, master: SocketAddr) -> std::result::Result<TcpStoreSe
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn unique_ids_never_claimed_stop_being_served_beyond_a_bound() {
+        let ids: Vec<UniqueId> = (0..MAX_SERVED + 3)
+            .map(|_| UniqueId::new_on(IpAddr::from([127, 0, 0, 1])).unwrap())
+            .collect();
+        let served = |id: &UniqueId| SERVED.lock().unwrap().iter().any(|(j, _)| *j == id.job);
+        // Other tests make ids too, so only this test's oldest and newest
+        // are compared: the newest is served, the first three are not (at
+        // most MAX_SERVED are, and they are the newest).
+        assert!(served(ids.last().unwrap()));
+        assert!(ids[..3].iter().all(|id| !served(id)));
+        assert!(SERVED.lock().unwrap().len() <= MAX_SERVED);
+        assert!(
+            std::net::TcpStream::connect(ids[0].addr).is_err(),
+            "the oldest still listens"
+        );
+        assert!(std::net::TcpStream::connect(ids.last().unwrap().addr).is_ok());
+    }
 
     #[test]
     fn the_store_listens_on_the_master_address_it_was_given() {
