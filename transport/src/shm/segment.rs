@@ -23,8 +23,13 @@ use rustix::mm::{MapFlags, ProtFlags};
 
 use crate::TransportError;
 
-/// "oxcclshm": the first word of every segment.
-const MAGIC: u64 = u64::from_le_bytes(*b"oxcclshm");
+/// The first word of every segment: "oxshm" and the layout's version, so
+/// that ranks of builds whose layouts differ (version 2 added
+/// `pull_withdrawn`) refuse each other's segments by name, rather than
+/// reading words the other does not write.
+const MAGIC: u64 = u64::from_le_bytes([b'o', b'x', b's', b'h', b'm', 0, 0, b'2']);
+/// The first word of the layout before [`MAGIC`] carried a version.
+const MAGIC_V1: u64 = u64::from_le_bytes(*b"oxcclshm");
 /// Bytes before the first ring: the header and two control blocks, one page.
 pub(super) const HEADER_LEN: usize = 4096;
 /// Offset of the control block of direction `d` (0: creator to opener).
@@ -239,7 +244,21 @@ pub(super) fn open_segment(name: &str, nonce: u64, capacity: usize) -> Result<Ma
         return Err(format!("{name} has {} bytes, expected {len}", st.st_size));
     }
     let map = Mapping::map(fd.as_fd(), len).map_err(|e| e.to_string())?;
-    if map.word(0).load(Ordering::Acquire) != MAGIC
+    let magic = map.word(0).load(Ordering::Acquire);
+    if magic == MAGIC_V1 || (magic != MAGIC && magic.to_le_bytes()[..5] == MAGIC.to_le_bytes()[..5])
+    {
+        return Err(format!(
+            "{name} was made by a build of oxccl with another shared-memory layout \
+             (version {}, this build's {}): run one build on every rank",
+            if magic == MAGIC_V1 {
+                1
+            } else {
+                magic.to_le_bytes()[7].wrapping_sub(b'0')
+            },
+            MAGIC.to_le_bytes()[7] - b'0'
+        ));
+    }
+    if magic != MAGIC
         || map.word(8).load(Ordering::Relaxed) != nonce
         || map.word(16).load(Ordering::Relaxed) != capacity as u64
     {
@@ -249,4 +268,39 @@ pub(super) fn open_segment(name: &str, nonce: u64, capacity: usize) -> Result<Ma
     }
     map.publish_source(1);
     Ok(map)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_segment_of_another_layout_is_refused_by_name() {
+        let cap = super::super::MIN_CAPACITY;
+        for (magic, version) in [
+            (MAGIC_V1, "version 1"),
+            (
+                u64::from_le_bytes([b'o', b'x', b's', b'h', b'm', 0, 0, b'9']),
+                "version 9",
+            ),
+        ] {
+            let created = create_segment(cap).unwrap();
+            created.map.word(0).store(magic, Ordering::Release);
+            let name = created.name.to_str().unwrap();
+            let err = open_segment(name, created.nonce, cap).err().unwrap();
+            assert!(
+                err.contains("another shared-memory layout") && err.contains(version),
+                "{err}"
+            );
+        }
+        // This build's own segments open.
+        let created = create_segment(cap).unwrap();
+        let name = created.name.to_str().unwrap().to_owned();
+        assert!(open_segment(&name, created.nonce, cap).is_ok());
+        // A segment of something else is another segment, not another layout.
+        created.map.word(0).store(7, Ordering::Release);
+        let err = open_segment(&name, created.nonce, cap).err().unwrap();
+        assert!(err.contains("holds another segment"), "{err}");
+    }
 }
