@@ -768,18 +768,19 @@ impl<'a> Driver<'a> {
                 Ok(())
             }
             Err(EngineError::Transport(TransportError::PeerClosed { peer, how }))
-                if peer == links.ring().1.peer() && peer != links.ring().0.peer() =>
+                if links.ring().0.peer() != links.ring().1.peer()
+                    && (peer == links.ring().0.peer() || peer == links.ring().1.peer()) =>
             {
-                let next = links.ring().0;
-                // Both neighbours may be gone, the previous one because of the
-                // next one's failure (and with the store, if it hosted it):
-                // say so rather than blame the one that happened to be seen
-                // first.
-                let next_gone =
-                    wait_watching(None, None, Some(next as &dyn Endpoint), Duration::ZERO)
+                let (next, prev) = links.ring();
+                let other = if peer == prev.peer() { next } else { prev };
+                // Both neighbours may be gone, one because of the other's
+                // failure (and with the store, if it hosted it): say so
+                // rather than blame the one that happened to be seen first.
+                let other_gone =
+                    wait_watching(None, None, Some(other as &dyn Endpoint), Duration::ZERO)
                         .is_ok_and(|ready| ready.hung_up);
-                let how = if next_gone {
-                    format!("{how}; rank {} has hung up too", next.peer())
+                let how = if other_gone {
+                    format!("{how}; rank {} has hung up too", other.peer())
                 } else {
                     how
                 };
