@@ -36,8 +36,8 @@ use std::ops::Range;
 use std::time::{Duration, Instant};
 
 use oxccl_kernels::{DType, DeviceMemory, KernelError, ReduceOp, Reducer};
-use oxccl_transport::wire::DESCRIPTOR_LEN;
-use oxccl_transport::{Endpoint, Lent, Parts, TransportError, wait_watching};
+use oxccl_transport::wire::{DESCRIPTOR_LEN, FrameHeader, Tag};
+use oxccl_transport::{Endpoint, Lent, MessageLink, Parts, TransportError, wait_watching};
 
 use crate::links::Links;
 use crate::schedule::{Plan, Progress};
@@ -124,6 +124,50 @@ impl From<KernelError> for EngineError {
 struct Wire {
     seq: u64,
     descriptor: [u8; DESCRIPTOR_LEN],
+}
+
+impl Wire {
+    /// The header of this call's frame of `step` and `slice`, `len` bytes,
+    /// exchanged with `peer`. Slices and the small-message path are at
+    /// most 1 GiB (`Config::validate`); a larger frame is a bug, reported
+    /// rather than wrapped.
+    #[inline]
+    fn header(
+        &self,
+        step: u32,
+        slice: u32,
+        len: usize,
+        peer: usize,
+    ) -> Result<FrameHeader, EngineError> {
+        Ok(FrameHeader {
+            tag: Tag {
+                seq: self.seq,
+                step,
+                slice,
+            },
+            len: u32::try_from(len).map_err(|_| EngineError::Protocol {
+                peer,
+                reason: format!("a frame of {len} bytes exceeds the 4 GiB frame limit"),
+            })?,
+            descriptor: self.descriptor,
+        })
+    }
+}
+
+/// Registers the memory of an operation with `link` when the links ask for
+/// it (`registration`, from [`Links::registration`]).
+#[inline]
+fn register(
+    registration: bool,
+    link: &mut (dyn MessageLink + '_),
+    parts: &Parts<'_>,
+) -> Result<(), EngineError> {
+    if registration {
+        for p in parts {
+            link.register(p.bytes())?;
+        }
+    }
+    Ok(())
 }
 
 /// Where a call in progress writes its result.

@@ -3,11 +3,10 @@
 //! byte of the payload reaches the caller's buffer), and copies or reduces
 //! each payload into place.
 
-use oxccl_transport::wire::{FrameHeader, Tag};
 use oxccl_transport::{Incoming, Lent, Parts, Status, TransportError};
 
-use super::send::{frame_len, no_link};
-use super::{Data, EngineError, Input, Out, Wire, take_back};
+use super::send::no_link;
+use super::{Data, EngineError, Input, Out, Wire, register, take_back};
 use crate::links::Links;
 use crate::schedule::{Commit, Plan, Progress, RecvOp, Src};
 
@@ -98,20 +97,8 @@ impl<'a> RecvHalf<'a> {
                             // A send in flight still reads its range.
                             return Ok(moved);
                         }
-                        let expect = FrameHeader {
-                            tag: Tag {
-                                seq: wire.seq,
-                                step: r.step,
-                                slice: r.slice,
-                            },
-                            len: frame_len(r.range.len(), r.peer)?,
-                            descriptor: wire.descriptor,
-                        };
-                        if registration {
-                            for p in &into {
-                                link.register(p.bytes())?;
-                            }
-                        }
+                        let expect = wire.header(r.step, r.slice, r.range.len(), r.peer)?;
+                        register(registration, link, &into)?;
                         let op = self.flight.insert(Incoming::new(expect, into));
                         if !in_place {
                             op.set_scratch();

@@ -3,10 +3,9 @@
 //! input range, or the output's cells) or staged from a device, and tests
 //! the frame in flight until its link is done with it.
 
-use oxccl_transport::wire::{FrameHeader, Tag};
 use oxccl_transport::{Lent, Outgoing, Parts, Status};
 
-use super::{Data, EngineError, Input, Out, Wire, take_back};
+use super::{Data, EngineError, Input, Out, Wire, register, take_back};
 use crate::links::Links;
 use crate::schedule::{Plan, Progress, SendOp, Src};
 
@@ -67,22 +66,10 @@ impl<'a> SendHalf<'a> {
                         // A receive posted early holds part of its range.
                         return Ok((moved, false));
                     }
-                    let header = FrameHeader {
-                        tag: Tag {
-                            seq: wire.seq,
-                            step: s.step,
-                            slice: s.slice,
-                        },
-                        len: frame_len(s.range.len(), s.peer)?,
-                        descriptor: wire.descriptor,
-                    };
+                    let header = wire.header(s.step, s.slice, s.range.len(), s.peer)?;
                     let registration = links.registration();
                     let link = links.link_to(s.peer).ok_or_else(|| no_link(s.peer))?;
-                    if registration {
-                        for p in &payload {
-                            link.register(p.bytes())?;
-                        }
-                    }
+                    register(registration, link, &payload)?;
                     let op = self.flight.insert(Outgoing::new(&header, payload));
                     op.set_single_copy(single_copy_from.is_some_and(|from| s.step >= from));
                     let status = link.post_send(op)?;
@@ -147,16 +134,6 @@ impl<'a> SendHalf<'a> {
             (_, _, Out::Device(o)) => staged(&mut |dst| Ok(o.read(s.range.start, dst)?)),
         }
     }
-}
-
-/// A frame's length as its header carries it. Slices and the small-message
-/// path are at most 1 GiB (`Config::validate`); a larger frame is a bug,
-/// reported rather than wrapped.
-pub(super) fn frame_len(len: usize, peer: usize) -> Result<u32, EngineError> {
-    u32::try_from(len).map_err(|_| EngineError::Protocol {
-        peer,
-        reason: format!("a frame of {len} bytes exceeds the 4 GiB frame limit"),
-    })
 }
 
 fn protocol(reason: &str) -> EngineError {
