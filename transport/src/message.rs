@@ -9,7 +9,7 @@
 //! checker keeps the caller from touching that memory while a link (or a
 //! peer reading it in place) may still use it, and the caller gets its
 //! exclusive slices back only from a completed operation
-//! ([`Outgoing::into_payload`], [`Incoming::into_buffers`]). An operation
+//! ([`Outgoing::take_payload`], [`Incoming::take_buffers`]). An operation
 //! abandoned before completion is taken back with
 //! [`Endpoint::withdraw`] before it is dropped, so its memory may be
 //! reused at once.
@@ -48,7 +48,7 @@ pub enum Lent<'b> {
     Shared(&'b [u8]),
     /// Memory the caller uses again once the operation is done (an output
     /// range that later frames reduce into or send from): given back by
-    /// [`Outgoing::into_payload`] and [`Incoming::into_buffers`].
+    /// [`Outgoing::take_payload`] and [`Incoming::take_buffers`].
     Exclusive(&'b mut [u8]),
     /// A buffer the operation owns while in flight (a staging buffer),
     /// of which the first `len` bytes are the message's; given back the
@@ -201,13 +201,7 @@ impl<'b> Outgoing<'b> {
         &self.payload
     }
 
-    /// The lent memory, back from a completed send.
-    pub fn into_payload(self) -> Parts<'b> {
-        self.payload
-    }
-
-    /// [`into_payload`](Self::into_payload) in place: the memory back from
-    /// a completed send, leaving it empty.
+    /// The lent memory, back from a completed send, leaving it empty.
     #[inline]
     pub fn take_payload(&mut self) -> Parts<'b> {
         self.len = 0;
@@ -337,13 +331,8 @@ impl<'b> Incoming<'b> {
         &self.into
     }
 
-    /// The memory, back from a completed (or abandoned) receive.
-    pub fn into_buffers(self) -> Parts<'b> {
-        self.into
-    }
-
-    /// [`into_buffers`](Self::into_buffers) in place, leaving the receive
-    /// without memory.
+    /// The memory, back from a completed (or abandoned) receive, leaving
+    /// the receive without memory.
     #[inline]
     pub fn take_buffers(&mut self) -> Parts<'b> {
         self.len = 0;
@@ -607,7 +596,7 @@ mod tests {
         );
         rx.set_scratch();
         assert_eq!(b.post_recv(&mut rx).unwrap(), Status::Done);
-        let back = rx.into_buffers();
+        let back = rx.take_buffers();
         assert!(
             matches!(&back[0], Lent::Owned { buf, len: 10 } if buf.len() == 64 && buf[..10] == data)
         );

@@ -244,8 +244,8 @@ impl Drop for RecvHalf<'_> {
     /// failed call dropped it with the receive it was lent to).
     fn drop(&mut self) {
         let buf = self.staging.take().or_else(|| {
-            let op = self.flight.take()?;
-            op.into_buffers().into_iter().find_map(|l| match l {
+            let mut op = self.flight.take()?;
+            op.take_buffers().into_iter().find_map(|l| match l {
                 Lent::Owned { buf, .. } => Some(buf),
                 _ => None,
             })
