@@ -16,10 +16,9 @@ Knobs: AB_REPS (5), AB_ONLY (a substring a row's name must contain).
 
 import os
 import statistics
-import subprocess
 import sys
 
-from lost_rows import K, M, human, iters
+from lost_rows import K, M, human, ours
 
 # (transport, collective, ranks, size, in place)
 ROWS = [
@@ -42,23 +41,6 @@ REPS = int(os.environ.get("AB_REPS", "5"))
 ONLY = os.environ.get("AB_ONLY", "")
 
 
-def run(bindir, transport, coll, ranks, size, in_place):
-    n, w = iters(size)
-    variant = "--in-place-only" if in_place else "--out-of-place-only"
-    cmd = [
-        os.path.join(bindir, "oxrun"), "-n", str(ranks), "--",
-        os.path.join(bindir, f"{coll}_perf"),
-        "-b", str(size), "-e", str(size), "-n", str(n), "-w", str(w), "-c", "0", variant,
-    ]
-    env = dict(os.environ, OXCCL_TRANSPORT=transport)
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    for line in out.stdout.splitlines():
-        f = line.split()
-        if len(f) >= 13 and f[0] == "[0]" and f[1] == str(size):
-            return float(f[10] if in_place else f[6])
-    raise RuntimeError(f"no result in: {' '.join(cmd)}\n{out.stdout}\n{out.stderr}")
-
-
 def main():
     if len(sys.argv) != 3:
         sys.exit(__doc__)
@@ -69,7 +51,7 @@ def main():
         for r in rows:
             # Alternate which build goes first.
             for side in ("A", "B") if rep % 2 == 0 else ("B", "A"):
-                times[r][side].append(run(builds[side], *r))
+                times[r][side].append(ours(*r, bindir=builds[side]))
     print(f"| row | A (us) | B (us) | B/A |\n|---|---:|---:|---:|")
     for r in rows:
         a, b = statistics.median(times[r]["A"]), statistics.median(times[r]["B"])

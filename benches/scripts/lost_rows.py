@@ -65,12 +65,12 @@ def iters(size):
     return 10, 2
 
 
-def ours(transport, coll, ranks, size, in_place):
+def ours(transport, coll, ranks, size, in_place, bindir=BIN):
     n, w = iters(size)
     variant = "--in-place-only" if in_place else "--out-of-place-only"
     cmd = [
-        os.path.join(BIN, "oxrun"), "-n", str(ranks), "--",
-        os.path.join(BIN, f"{coll}_perf"),
+        os.path.join(bindir, "oxrun"), "-n", str(ranks), "--",
+        os.path.join(bindir, f"{coll}_perf"),
         "-b", str(size), "-e", str(size), "-n", str(n), "-w", str(w), "-c", "0", variant,
     ]
     env = dict(os.environ, OXCCL_TRANSPORT=transport, OXCCL_ALGO=ALGO)
