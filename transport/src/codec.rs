@@ -309,16 +309,22 @@ pub trait Put {
         self.put(&[v])
     }
 
+    /// Appends a field of a fixed width `K` (an integer's bytes, an array).
+    #[inline]
+    fn put_array<const K: usize>(&mut self, b: [u8; K]) -> &mut Self {
+        self.put(&b)
+    }
+
     /// Appends a little-endian `u32`.
     #[inline]
     fn put_u32(&mut self, v: u32) -> &mut Self {
-        self.put(&v.to_le_bytes())
+        self.put_array(v.to_le_bytes())
     }
 
     /// Appends a little-endian `u64`.
     #[inline]
     fn put_u64(&mut self, v: u64) -> &mut Self {
-        self.put(&v.to_le_bytes())
+        self.put_array(v.to_le_bytes())
     }
 }
 
@@ -367,10 +373,36 @@ impl<const N: usize> Put for ArrayWriter<N> {
     /// encoder, which its tests catch), never written out of bounds.
     #[inline]
     fn put(&mut self, b: &[u8]) -> &mut Self {
-        let end = (self.len + b.len()).min(N);
-        let n = end - self.len;
-        self.buf[self.len..end].copy_from_slice(&b[..n]);
-        self.len += b.len();
+        let start = self.len;
+        self.len = start.saturating_add(b.len());
+        match self.buf.get_mut(start..self.len) {
+            Some(dst) => dst.copy_from_slice(b),
+            None => {
+                let tail = self.buf.get_mut(start.min(N)..).unwrap_or_default();
+                let n = tail.len();
+                tail.copy_from_slice(&b[..n]);
+            }
+        }
+        self
+    }
+
+    /// A field of a width known when compiled: a few moves, not a call to
+    /// `memcpy` (frame headers are encoded on every frame).
+    #[inline]
+    fn put_array<const K: usize>(&mut self, b: [u8; K]) -> &mut Self {
+        let start = self.len;
+        self.len = start.saturating_add(K);
+        match self
+            .buf
+            .get_mut(start..self.len)
+            .and_then(|d| <&mut [u8; K]>::try_from(d).ok())
+        {
+            Some(dst) => *dst = b,
+            None => {
+                self.len = start;
+                self.put(&b);
+            }
+        }
         self
     }
 }
@@ -595,6 +627,30 @@ impl<'a> Reader<'a> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// The array writer writes what the growable one does, and drops
+    /// (never writes out of bounds) what does not fit, through either path.
+    #[test]
+    fn the_array_writer_matches_the_writer_and_drops_overflow() {
+        let mut a = ArrayWriter::<18>::new();
+        a.put_u32(7)
+            .put_u64(u64::MAX - 1)
+            .put(&[1, 2])
+            .put_array([3u8; 4]);
+        let mut w = Writer::new();
+        w.put_u32(7)
+            .put_u64(u64::MAX - 1)
+            .put(&[1, 2])
+            .put_array([3u8; 4]);
+        assert_eq!(a.finish().as_slice(), w.as_bytes());
+        let mut short = ArrayWriter::<6>::new();
+        short
+            .put_u32(0x0403_0201)
+            .put_u32(0x0807_0605)
+            .put_array([9u8; 3]);
+        assert_eq!(short.buf, [1, 2, 3, 4, 5, 6]);
+        assert_eq!(short.len, 11);
+    }
 
     #[test]
     fn integers_are_little_endian_and_round_trip() {
