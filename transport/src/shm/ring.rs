@@ -305,7 +305,11 @@ impl Link for ShmLink {
                 src = &src[n..];
                 free -= n;
                 written += n;
-                pos = (pos + n) % self.capacity;
+                // `n <= capacity - pos`: at most one wrap, no division.
+                pos += n;
+                if pos == self.capacity {
+                    pos = 0;
+                }
                 if written - published >= PUBLISH_BYTES {
                     self.publish_head(ctrl, head + written as u64);
                     published = written;
@@ -394,7 +398,10 @@ impl Link for ShmLink {
                 dst = &mut dst[n..];
                 avail -= n;
                 read += n;
-                pos = (pos + n) % self.capacity;
+                pos += n;
+                if pos == self.capacity {
+                    pos = 0;
+                }
                 if read - published >= PUBLISH_BYTES {
                     self.publish_tail(ctrl, tail + read as u64);
                     published = read;
