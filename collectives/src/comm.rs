@@ -89,10 +89,24 @@ pub struct Communicator {
     /// The last call's plan, its algorithm and its shape: a loop of
     /// identical calls (every training step) builds its plan once.
     last_plan: Option<(&'static str, Shape, Plan)>,
+    /// The last call's descriptor and the algorithm chosen for it: the
+    /// choice weighs every algorithm's cost, which a loop of identical
+    /// calls need not pay each time.
+    last_algo: Option<Chosen>,
     /// The cost parameters of the links, for choosing algorithms.
     model: LinkModel,
     stats: Stats,
     abort: AbortHandle,
+}
+
+/// A call's descriptor and the algorithm chosen for it.
+#[derive(Clone, Copy)]
+struct Chosen(Descriptor, &'static dyn Algorithm);
+
+impl std::fmt::Debug for Chosen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}: {}", self.0, self.1.name())
+    }
 }
 
 /// The parts bootstrap hands to [`Communicator::assemble`].
@@ -138,6 +152,7 @@ impl Communicator {
             staging: Vec::new(),
             work: Vec::new(),
             last_plan: None,
+            last_algo: None,
             stats: Stats {
                 collectives: 0,
                 refused_connections: p.refused,
@@ -476,6 +491,7 @@ impl Communicator {
         if let Err(e) = result {
             return Err(self.fail(&d, INIT, e));
         }
+        self.last_algo = None;
         self.model = if flag[0] == 1 {
             LinkModel::SHM
         } else {
@@ -485,9 +501,18 @@ impl Communicator {
         Ok(())
     }
 
-    /// The algorithm that runs `d` ([`algo::select`]).
-    fn select(&self, d: &Descriptor) -> &'static dyn Algorithm {
-        algo::select(d, self.world, &self.config, &self.model)
+    /// The algorithm that runs `d` ([`algo::select`]), the last call's when
+    /// `d` is the same (the config and the link model do not change after
+    /// init).
+    fn select(&mut self, d: &Descriptor) -> &'static dyn Algorithm {
+        match self.last_algo {
+            Some(Chosen(last, a)) if last == *d => a,
+            _ => {
+                let a = algo::select(d, self.world, &self.config, &self.model);
+                self.last_algo = Some(Chosen(*d, a));
+                a
+            }
+        }
     }
 
     /// The plan of `shape` by `algo`: the last call's when both are the
@@ -881,5 +906,42 @@ impl Sink<'_> {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::{Config, run_in_process};
+
+    /// The algorithm kept from the last call is the one `algo::select`
+    /// picks for each new descriptor, also when sizes alternate.
+    #[test]
+    fn the_kept_algorithm_follows_the_call() {
+        let picks = run_in_process(4, Config::default(), |c| {
+            let mut out = Vec::new();
+            for count in [2usize, 1 << 18, 2, 3, 1 << 18] {
+                let mut buf = vec![1.0f32; count];
+                c.all_reduce_in_place(&mut buf, ReduceOp::Sum).unwrap();
+                assert!(buf.iter().all(|&x| x == 4.0));
+                let d = Descriptor {
+                    kind: Kind::AllReduce,
+                    dtype: DType::F32,
+                    op: ReduceOp::Sum,
+                    root: 0,
+                    count,
+                };
+                let Chosen(kept, a) = c.last_algo.unwrap();
+                assert_eq!(kept, d);
+                let fresh = algo::select(&d, c.world, &c.config, &c.model);
+                assert_eq!(a.name(), fresh.name(), "count {count}");
+                out.push(a.name());
+            }
+            out
+        })
+        .unwrap();
+        // The small and the large calls took different algorithms.
+        assert_ne!(picks[0][0], picks[0][1], "{:?}", picks[0]);
     }
 }
