@@ -502,7 +502,8 @@ mod tests {
     /// dependencies point at frames that exist; a frame that waits for a
     /// send is one received through staging (a reduction), so no byte of it
     /// reaches the caller's buffer before it is committed; frames go only
-    /// to the peers the algorithm declares, which the links cover.
+    /// to the peers the algorithm declares, which the links cover; each
+    /// frame's cut indices ([`Plan::send_cuts`]) name its range.
     #[test]
     fn every_plan_keeps_the_engines_rules() {
         for a in ALL {
@@ -552,6 +553,16 @@ mod tests {
                                         "{ctx}: a copied frame waits for a send"
                                     );
                                     assert!(peers.contains(&op.peer), "{ctx}: from {}", op.peer);
+                                }
+                                // Each frame's cut indices name its range.
+                                let cuts = p.cuts();
+                                for (i, op) in p.sends.iter().enumerate() {
+                                    let at = p.send_cuts(i);
+                                    assert_eq!(cuts[at.start]..cuts[at.end], op.range, "{ctx}");
+                                }
+                                for (i, op) in p.recvs.iter().enumerate() {
+                                    let at = p.recv_cuts(i);
+                                    assert_eq!(cuts[at.start]..cuts[at.end], op.range, "{ctx}");
                                 }
                             }
                         }

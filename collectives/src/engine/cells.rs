@@ -38,6 +38,7 @@ const INLINE: usize = 4;
 
 impl<'b> Cells<'b> {
     /// Cuts `buf` at every boundary of `plan`'s ranges ([`Plan::cuts`]).
+    #[inline]
     pub(super) fn new(buf: &'b mut [u8], plan: &'b Plan) -> Cells<'b> {
         let len = buf.len();
         let cuts = plan.cuts();
@@ -71,17 +72,25 @@ impl<'b> Cells<'b> {
         }
     }
 
-    /// The cells that make up `range` exactly.
-    fn span(&self, range: &Range<usize>) -> Result<Range<usize>, EngineError> {
+    /// The cells that make up `range` exactly: `at` when it names them
+    /// (the plan's own indices of the range's cuts, [`Plan::send_cuts`]:
+    /// two comparisons), else found by a search.
+    #[inline]
+    fn span(&self, range: &Range<usize>, at: Range<usize>) -> Result<Range<usize>, EngineError> {
         let bounds = self.bounds();
-        // Small calls have a handful of cells: a scan beats a search.
-        let find = |at: usize| {
-            if bounds.len() <= 2 * INLINE {
-                bounds.iter().position(|&b| b == at)
-            } else {
-                bounds.binary_search(&at).ok()
-            }
-        };
+        if at.start <= at.end
+            && bounds.get(at.start) == Some(&range.start)
+            && bounds.get(at.end) == Some(&range.end)
+        {
+            return Ok(at);
+        }
+        self.search(range)
+    }
+
+    #[cold]
+    fn search(&self, range: &Range<usize>) -> Result<Range<usize>, EngineError> {
+        let bounds = self.bounds();
+        let find = |at: usize| bounds.binary_search(&at).ok();
         match (find(range.start), find(range.end)) {
             (Some(a), Some(b)) if a <= b => Ok(a..b),
             _ => Err(EngineError::Protocol {
@@ -94,17 +103,22 @@ impl<'b> Cells<'b> {
         }
     }
 
-    /// Lends the cells of `range` to a frame, appending them to `out`;
-    /// false (and nothing appended) while a frame in flight holds some of
-    /// them.
+    /// Lends the cells of `range` (at cuts `at`, see [`Cells::span`]) to a
+    /// frame, appending them to `out`; false (and nothing appended) while
+    /// a frame in flight holds some of them.
     #[inline]
     pub(super) fn lend(
         &mut self,
         range: &Range<usize>,
+        at: Range<usize>,
         out: &mut Parts<'b>,
     ) -> Result<bool, EngineError> {
-        let span = self.span(range)?;
+        let span = self.span(range, at)?;
         let cells = &mut self.cells[span];
+        if let [one] = cells {
+            // Most frames: one cell.
+            return Ok(one.take().map(|c| out.push(Lent::Exclusive(c))).is_some());
+        }
         if cells.iter().any(Option::is_none) {
             return Ok(false);
         }
@@ -117,16 +131,25 @@ impl<'b> Cells<'b> {
         Ok(true)
     }
 
-    /// Takes back the cells of `range` from a completed frame.
+    /// Takes back the cells of `range` (at cuts `at`) from a completed frame.
     #[inline]
     pub(super) fn give_back(
         &mut self,
         range: &Range<usize>,
-        lent: impl IntoIterator<Item = Lent<'b>>,
+        at: Range<usize>,
+        mut lent: Parts<'b>,
     ) -> Result<(), EngineError> {
-        let span = self.span(range)?;
+        let span = self.span(range, at)?;
+        let slots = &mut self.cells[span];
+        if let ([slot @ None], 1) = (&mut *slots, lent.len()) {
+            if let Some(Lent::Exclusive(cell)) = lent.pop() {
+                *slot = Some(cell);
+                return Ok(());
+            }
+            return Err(in_flight(range));
+        }
         let mut back = lent.into_iter();
-        for slot in &mut self.cells[span] {
+        for slot in slots {
             match back.next() {
                 Some(Lent::Exclusive(cell)) if slot.is_none() => *slot = Some(cell),
                 _ => return Err(in_flight(range)),
@@ -135,13 +158,15 @@ impl<'b> Cells<'b> {
         Ok(())
     }
 
-    /// Calls `f(offset in range, cell)` for each cell of `range`, in order.
+    /// Calls `f(offset in range, cell)` for each cell of `range` (at cuts
+    /// `at`), in order.
     pub(super) fn each_mut(
         &mut self,
         range: &Range<usize>,
+        at: Range<usize>,
         mut f: impl FnMut(usize, &mut [u8]) -> Result<(), EngineError>,
     ) -> Result<(), EngineError> {
-        let span = self.span(range)?;
+        let span = self.span(range, at)?;
         let mut off = 0;
         for slot in &mut self.cells[span] {
             let Some(cell) = slot.as_deref_mut() else {
@@ -203,22 +228,22 @@ mod tests {
         let p = plan(&[0..4, 4..10], &[2..6]);
         let mut cells = Cells::new(&mut buf, &p);
         let mut lent = Parts::new();
-        assert!(cells.lend(&(4..10), &mut lent).unwrap());
+        assert!(cells.lend(&(4..10), 0..0, &mut lent).unwrap());
         let bytes: Vec<u8> = lent.iter().flat_map(|l| l.bytes().to_vec()).collect();
         assert_eq!(bytes, (4..10).collect::<Vec<u8>>());
         // 2..6 overlaps the lent 4..10: neither lent again nor written.
-        assert!(!cells.lend(&(2..6), &mut Parts::new()).unwrap());
-        assert!(cells.each_mut(&(2..6), |_, _| Ok(())).is_err());
+        assert!(!cells.lend(&(2..6), 0..0, &mut Parts::new()).unwrap());
+        assert!(cells.each_mut(&(2..6), 0..0, |_, _| Ok(())).is_err());
         // 0..4 is free.
         cells
-            .each_mut(&(0..4), |off, c| {
+            .each_mut(&(0..4), 0..0, |off, c| {
                 c.fill(100 + off as u8);
                 Ok(())
             })
             .unwrap();
-        cells.give_back(&(4..10), lent).unwrap();
+        cells.give_back(&(4..10), 0..0, lent).unwrap();
         cells
-            .each_mut(&(2..6), |_, c| {
+            .each_mut(&(2..6), 0..0, |_, c| {
                 c.iter_mut().for_each(|b| *b += 1);
                 Ok(())
             })
@@ -233,14 +258,18 @@ mod tests {
         let p = plan(&[0..4], &[4..20]);
         let mut cells = Cells::new(&mut buf, &p);
         let mut out = Parts::new();
-        assert!(cells.lend(&(1..3), &mut out).is_err());
+        assert!(cells.lend(&(1..3), 0..0, &mut out).is_err());
         // Clamped to the buffer: 4..20 is cut at 8.
-        assert!(cells.lend(&(4..20), &mut out).is_err());
-        assert!(cells.lend(&(4..8), &mut out).unwrap());
+        assert!(cells.lend(&(4..20), 0..0, &mut out).is_err());
+        assert!(cells.lend(&(4..8), 0..0, &mut out).unwrap());
         assert_eq!(out.len(), 1);
-        assert!(cells.lend(&(0..0), &mut out).unwrap());
+        assert!(cells.lend(&(0..0), 0..0, &mut out).unwrap());
         assert_eq!(out.len(), 1);
         // Giving back what was not lent is refused.
-        assert!(cells.give_back(&(0..4), [Lent::Shared(&[0; 4])]).is_err());
+        assert!(
+            cells
+                .give_back(&(0..4), 0..0, smallvec::smallvec![Lent::Shared(&[0; 4])])
+                .is_err()
+        );
     }
 }

@@ -200,13 +200,13 @@ impl Data<'_> {
         };
         let src = range.start - self.off..range.end - self.off;
         match (input, &mut self.output) {
-            (Input::Host(i), Out::Host(o)) => o.each_mut(&range, |at, dst| {
+            (Input::Host(i), Out::Host(o)) => o.each_mut(&range, 0..0, |at, dst| {
                 dst.copy_from_slice(&i[src.start + at..src.start + at + dst.len()]);
                 Ok(())
             })?,
             (Input::Host(i), Out::Device(o)) => o.write(range.start, &i[src])?,
             (Input::Device(i), Out::Host(o)) => {
-                o.each_mut(&range, |at, dst| Ok(i.read(src.start + at, dst)?))?
+                o.each_mut(&range, 0..0, |at, dst| Ok(i.read(src.start + at, dst)?))?
             }
             (Input::Device(i), Out::Device(o)) => {
                 self.bounce.resize(range.len(), 0);
@@ -224,6 +224,7 @@ impl Data<'_> {
 fn take_back<'a>(
     mut parts: Parts<'a>,
     range: &Range<usize>,
+    at: Range<usize>,
     data: &mut Data<'a>,
 ) -> Result<Option<Vec<u8>>, EngineError> {
     match (parts.first(), &mut data.output) {
@@ -232,7 +233,7 @@ fn take_back<'a>(
             _ => Ok(None),
         },
         (Some(Lent::Exclusive(_)), Out::Host(cells)) => {
-            cells.give_back(range, parts).map(|()| None)
+            cells.give_back(range, at, parts).map(|()| None)
         }
         // Input bytes, or an empty range.
         _ => Ok(None),
@@ -329,7 +330,9 @@ impl<'a> Call<'a> {
         if let Some(r) = plan.local_avg.clone() {
             let (dtype, world, reducer) = (self.data.dtype, self.data.world, self.data.reducer);
             match &mut self.data.output {
-                Out::Host(o) => o.each_mut(&r, |_, c| Ok(reducer.finish_avg(dtype, c, world)?))?,
+                Out::Host(o) => {
+                    o.each_mut(&r, 0..0, |_, c| Ok(reducer.finish_avg(dtype, c, world)?))?
+                }
                 Out::Device(d) => d.finish_avg(dtype, r.start, r.len(), world)?,
             }
         }

@@ -3,6 +3,8 @@
 //! byte of the payload reaches the caller's buffer), and copies or reduces
 //! each payload into place.
 
+use std::ops::Range;
+
 use oxccl_transport::{Incoming, Lent, Parts, Status, TransportError};
 
 use super::send::no_link;
@@ -31,6 +33,7 @@ pub(super) struct RecvHalf<'a> {
 }
 
 impl<'a> RecvHalf<'a> {
+    #[inline]
     pub(super) fn new(plan: &Plan, device: bool, home: &'a mut Vec<u8>) -> RecvHalf<'a> {
         let lens = plan.recvs.iter().map(|r| r.range.len());
         let need = if device {
@@ -93,7 +96,13 @@ impl<'a> RecvHalf<'a> {
                             return Ok(moved);
                         }
                         let mut into = Parts::new();
-                        if !self.memory(r, in_place, data, &mut into)? {
+                        if !self.memory(
+                            r,
+                            in_place,
+                            plan.recv_cuts(progress.received()),
+                            data,
+                            &mut into,
+                        )? {
                             // A send in flight still reads its range.
                             return Ok(moved);
                         }
@@ -115,7 +124,7 @@ impl<'a> RecvHalf<'a> {
                 let into = self.flight.as_mut().map(Incoming::take_buffers);
                 self.flight = None;
                 if let Some(buf) = into
-                    .map(|p| take_back(p, &r.range, data))
+                    .map(|p| take_back(p, &r.range, plan.recv_cuts(progress.received()), data))
                     .transpose()?
                     .flatten()
                 {
@@ -129,7 +138,7 @@ impl<'a> RecvHalf<'a> {
                 }
             }
             if !in_place {
-                self.commit(r, data)?;
+                self.commit(r, plan.recv_cuts(progress.received()), data)?;
             }
             tracing::trace!(
                 seq = wire.seq,
@@ -158,6 +167,7 @@ impl<'a> RecvHalf<'a> {
         &mut self,
         r: &RecvOp,
         in_place: bool,
+        at: Range<usize>,
         data: &mut Data<'a>,
         into: &mut Parts<'a>,
     ) -> Result<bool, EngineError> {
@@ -165,7 +175,7 @@ impl<'a> RecvHalf<'a> {
             return Ok(true);
         }
         match &mut data.output {
-            Out::Host(cells) if in_place => cells.lend(&r.range, into),
+            Out::Host(cells) if in_place => cells.lend(&r.range, at, into),
             _ => {
                 let buf = self.staging.take().ok_or_else(staging_gone)?;
                 into.push(Lent::Owned {
@@ -178,7 +188,12 @@ impl<'a> RecvHalf<'a> {
     }
 
     /// Copies or reduces a staged payload into place.
-    fn commit(&mut self, r: &RecvOp, data: &mut Data<'a>) -> Result<(), EngineError> {
+    fn commit(
+        &mut self,
+        r: &RecvOp,
+        at: Range<usize>,
+        data: &mut Data<'a>,
+    ) -> Result<(), EngineError> {
         if r.commit == Commit::Discard {
             return Ok(());
         }
@@ -198,19 +213,19 @@ impl<'a> RecvHalf<'a> {
                         }
                         _ => None,
                     };
-                    cells.each_mut(&r.range, |at, dst| {
+                    cells.each_mut(&r.range, at, |off, dst| {
                         if let Some(local) = local {
-                            dst.copy_from_slice(&local[at..at + dst.len()]);
+                            dst.copy_from_slice(&local[off..off + dst.len()]);
                         }
-                        reducer.reduce(dtype, op, dst, &staged[at..at + dst.len()])?;
+                        reducer.reduce(dtype, op, dst, &staged[off..off + dst.len()])?;
                         if finish_avg {
                             reducer.finish_avg(dtype, dst, world)?;
                         }
                         Ok(())
                     })
                 }
-                Commit::Copy => cells.each_mut(&r.range, |at, dst| {
-                    dst.copy_from_slice(&staged[at..at + dst.len()]);
+                Commit::Copy => cells.each_mut(&r.range, at, |off, dst| {
+                    dst.copy_from_slice(&staged[off..off + dst.len()]);
                     Ok(())
                 }),
                 Commit::Discard => Ok(()),

@@ -3,6 +3,8 @@
 //! input range, or the output's cells) or staged from a device, and tests
 //! the frame in flight until its link is done with it.
 
+use std::ops::Range;
+
 use oxccl_transport::{Lent, Outgoing, Parts, Status};
 
 use super::{Data, EngineError, Input, Out, Wire, register, take_back};
@@ -19,6 +21,7 @@ pub(super) struct SendHalf<'a> {
 }
 
 impl<'a> SendHalf<'a> {
+    #[inline]
     pub(super) fn new(plan: &Plan, device: bool) -> SendHalf<'a> {
         let stage_len = if device {
             plan.sends.iter().map(|s| s.range.len()).max().unwrap_or(0)
@@ -62,7 +65,7 @@ impl<'a> SendHalf<'a> {
                         return Ok((moved, false));
                     };
                     let mut payload = Parts::new();
-                    if !self.payload(s, data, &mut payload)? {
+                    if !self.payload(s, plan.send_cuts(progress.sent()), data, &mut payload)? {
                         // A receive posted early holds part of its range.
                         return Ok((moved, false));
                     }
@@ -83,7 +86,7 @@ impl<'a> SendHalf<'a> {
             let payload = self.flight.as_mut().map(Outgoing::take_payload);
             self.flight = None;
             if let Some(buf) = payload
-                .map(|p| take_back(p, &s.range, data))
+                .map(|p| take_back(p, &s.range, plan.send_cuts(progress.sent()), data))
                 .transpose()?
                 .flatten()
             {
@@ -108,6 +111,7 @@ impl<'a> SendHalf<'a> {
     fn payload(
         &mut self,
         s: &SendOp,
+        at: Range<usize>,
         data: &mut Data<'a>,
         out: &mut Parts<'a>,
     ) -> Result<bool, EngineError> {
@@ -130,7 +134,7 @@ impl<'a> SendHalf<'a> {
             (Src::Input, Some(Input::Device(inp)), _) => {
                 staged(&mut |dst| Ok(inp.read(s.range.start - off, dst)?))
             }
-            (_, _, Out::Host(cells)) => cells.lend(&s.range, out),
+            (_, _, Out::Host(cells)) => cells.lend(&s.range, at, out),
             (_, _, Out::Device(o)) => staged(&mut |dst| Ok(o.read(s.range.start, dst)?)),
         }
     }

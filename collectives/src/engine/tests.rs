@@ -613,3 +613,96 @@ fn every_posted_buffer_is_registered_first_where_the_link_asks() {
         }
     }
 }
+
+/// The engine's own cost of a small call, with no waiting: both ranks of a
+/// 2-rank allgather of 8 bytes each (the small allreduce's exchange) are
+/// pumped in turn in one thread over in-process shared-memory links, so
+/// the time is all CPU work of the engine and the links. A measurement,
+/// not a check (`--ignored`, in release; `OXCCL_BENCH_CALLS` sets the
+/// calls per round):
+/// `cargo test --release -p oxccl --lib small_call_cost -- --ignored --nocapture`.
+#[test]
+#[ignore = "a measurement: run in release with --ignored --nocapture"]
+fn small_call_cost() {
+    use super::Call;
+    use crate::algo::{Algorithm, Ring};
+    let world = 2;
+    let bytes = 8;
+    let plans: Vec<_> = (0..world)
+        .map(|rank| {
+            Ring.plan(&Shape {
+                kind: Kind::AllGather,
+                world,
+                rank,
+                count: world * bytes / 4,
+                elem: 4,
+                root: 0,
+                avg: false,
+                out_of_place: false,
+                slice_elems: bytes / 4,
+            })
+        })
+        .collect();
+    let links = crate::links::in_process(world, |a, b| oxccl_transport::shm::pair(a, b, 1 << 20));
+    let mut links: Vec<Links<'_>> = links.unwrap().into_iter().map(Option::unwrap).collect();
+    let [l0, l1] = &mut links[..] else {
+        unreachable!("two ranks")
+    };
+    let (mut o0, mut o1) = (vec![1u8; world * bytes], vec![2u8; world * bytes]);
+    let (mut s0, mut s1) = (Vec::new(), Vec::new());
+    let calls: u64 = std::env::var("OXCCL_BENCH_CALLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200_000);
+    let mut best = f64::MAX;
+    for _round in 0..5 {
+        let start = Instant::now();
+        for seq in 0..calls {
+            let mut c0 = Call::new(Job {
+                plan: &plans[0],
+                seq,
+                descriptor: [7; DESCRIPTOR_LEN],
+                input: None,
+                output: Output::Host(o0.as_mut_slice()),
+                dtype: DType::F32,
+                op: ReduceOp::Sum,
+                world,
+                reducer: &ReferenceReducer,
+                staging: &mut s0,
+                timeout: Duration::from_secs(10),
+                spin: Duration::ZERO,
+                single_copy_from: None,
+            });
+            let mut c1 = Call::new(Job {
+                plan: &plans[1],
+                seq,
+                descriptor: [7; DESCRIPTOR_LEN],
+                input: None,
+                output: Output::Host(o1.as_mut_slice()),
+                dtype: DType::F32,
+                op: ReduceOp::Sum,
+                world,
+                reducer: &ReferenceReducer,
+                staging: &mut s1,
+                timeout: Duration::from_secs(10),
+                spin: Duration::ZERO,
+                single_copy_from: None,
+            });
+            c0.begin().unwrap();
+            c1.begin().unwrap();
+            while !(c0.done() && c1.done()) {
+                if !c0.done() {
+                    c0.pump(l0).unwrap();
+                }
+                if !c1.done() {
+                    c1.pump(l1).unwrap();
+                }
+            }
+            c0.finish().unwrap();
+            c1.finish().unwrap();
+        }
+        best = best.min(start.elapsed().as_nanos() as f64 / calls as f64);
+    }
+    assert_eq!(o0, o1, "both ranks gathered the same bytes");
+    println!("small_call_cost: {best:.0} ns per call of both ranks (best of 5 rounds of {calls})");
+}

@@ -184,10 +184,20 @@ pub struct Plan {
     pub(crate) cuts: Cuts,
 }
 
-/// A plan's cuts, computed on first use and kept with the (cached) plan.
-/// Not part of a plan's identity: equal plans are equal with or without.
+/// A plan's cuts, and where each frame's range lies among them, computed
+/// on first use and kept with the (cached) plan. Not part of a plan's
+/// identity: equal plans are equal with or without.
 #[derive(Debug, Clone, Default)]
-pub(crate) struct Cuts(std::sync::OnceLock<Vec<usize>>);
+pub(crate) struct Cuts(std::sync::OnceLock<CutTable>);
+
+#[derive(Debug, Clone, Default)]
+struct CutTable {
+    cuts: Vec<usize>,
+    /// `sends[i]`: the cuts at which send `i`'s range starts and ends.
+    sends: Vec<Range<usize>>,
+    /// The same for each receive.
+    recvs: Vec<Range<usize>>,
+}
 
 impl PartialEq for Cuts {
     fn eq(&self, _: &Cuts) -> bool {
@@ -198,11 +208,7 @@ impl PartialEq for Cuts {
 impl Eq for Cuts {}
 
 impl Plan {
-    /// Every offset of the output where a range of the plan starts or
-    /// ends (every send's, every receive's, the prologue's and the local
-    /// average's), and 0, sorted and without repeats. The engine cuts the
-    /// output there, so that a frame in flight owns exactly its bytes.
-    pub fn cuts(&self) -> &[usize] {
+    fn cut_table(&self) -> &CutTable {
         self.cuts.0.get_or_init(|| {
             let ranges = (self.sends.iter().map(|s| &s.range))
                 .chain(self.recvs.iter().map(|r| &r.range))
@@ -214,8 +220,33 @@ impl Plan {
             }
             cuts.sort_unstable();
             cuts.dedup();
-            cuts
+            // Every boundary is a cut, so each is found.
+            let at = |x: usize| cuts.binary_search(&x).unwrap_or_default();
+            let span = |r: &Range<usize>| at(r.start)..at(r.end);
+            let sends = self.sends.iter().map(|s| span(&s.range)).collect();
+            let recvs = self.recvs.iter().map(|r| span(&r.range)).collect();
+            CutTable { cuts, sends, recvs }
         })
+    }
+
+    /// Every offset of the output where a range of the plan starts or
+    /// ends (every send's, every receive's, the prologue's and the local
+    /// average's), and 0, sorted and without repeats. The engine cuts the
+    /// output there, so that a frame in flight owns exactly its bytes.
+    pub fn cuts(&self) -> &[usize] {
+        &self.cut_table().cuts
+    }
+
+    /// The indices in [`Plan::cuts`] where send `i`'s range starts and
+    /// ends, so that the engine finds its cells without a search; an empty
+    /// range for a send the plan does not have.
+    pub fn send_cuts(&self, i: usize) -> Range<usize> {
+        self.cut_table().sends.get(i).cloned().unwrap_or_default()
+    }
+
+    /// The same for receive `i`.
+    pub fn recv_cuts(&self, i: usize) -> Range<usize> {
+        self.cut_table().recvs.get(i).cloned().unwrap_or_default()
     }
 
     /// The largest payload of any received frame that goes through staging.
