@@ -130,17 +130,59 @@ impl<'b> Outgoing<'b> {
     /// built where it is kept, without a copy.
     #[inline]
     pub fn new(header: &FrameHeader, payload: Parts<'b>) -> Outgoing<'b> {
-        let len: usize = payload.iter().map(|p| p.bytes().len()).sum();
-        let bad = len != header.len as usize || !payload.iter().all(Lent::valid);
+        let mut m = Outgoing::empty();
+        let filled = m.fill(header, |p| {
+            *p = payload;
+            Ok::<_, std::convert::Infallible>(true)
+        });
+        debug_assert!(matches!(filled, Ok(true)));
+        m
+    }
+
+    /// An operation that carries no message yet, for [`Outgoing::fill`].
+    #[inline]
+    pub fn empty() -> Outgoing<'b> {
         Outgoing {
-            header: header.encode(),
-            payload,
-            len,
-            bad,
+            header: [0; HDR],
+            payload: Parts::new(),
+            len: 0,
+            bad: false,
             single_copy: false,
             moved: 0,
             slot: 0,
         }
+    }
+
+    /// Makes this operation, empty or done with its payload taken back
+    /// ([`Outgoing::take_payload`]), the message of `header`, whose payload
+    /// `lend` appends to the empty list it is given. A caller that sends one
+    /// message after another keeps one operation and refills it, instead of
+    /// building and moving one per message. When `lend` returns false or
+    /// an error (the memory is not available now), the operation is left
+    /// empty. Checked as [`Outgoing::new`] is.
+    #[inline]
+    pub fn fill<E>(
+        &mut self,
+        header: &FrameHeader,
+        lend: impl FnOnce(&mut Parts<'b>) -> Result<bool, E>,
+    ) -> Result<bool, E> {
+        self.payload.clear();
+        self.len = 0;
+        match lend(&mut self.payload) {
+            Ok(true) => {}
+            other => {
+                self.payload.clear();
+                return other;
+            }
+        }
+        let len: usize = self.payload.iter().map(|p| p.bytes().len()).sum();
+        self.bad = len != header.len as usize || !self.payload.iter().all(Lent::valid);
+        self.header = header.encode();
+        self.len = len;
+        self.single_copy = false;
+        self.moved = 0;
+        self.slot = 0;
+        Ok(true)
     }
 
     /// The error of a send whose payload disagrees with its header (the
@@ -259,20 +301,63 @@ impl<'b> Incoming<'b> {
     /// reported when the receive is posted ([`Incoming::check`]).
     #[inline]
     pub fn new(expect: FrameHeader, into: Parts<'b>) -> Incoming<'b> {
-        let len: usize = into.iter().map(|p| p.bytes().len()).sum();
-        let writable = into
-            .iter()
-            .all(|p| p.valid() && !matches!(p, Lent::Shared(_)));
+        let mut m = Incoming::empty();
+        let filled = m.fill(expect, |p| {
+            *p = into;
+            Ok::<_, std::convert::Infallible>(true)
+        });
+        debug_assert!(matches!(filled, Ok(true)));
+        m
+    }
+
+    /// A receive that expects nothing yet, for [`Incoming::fill`].
+    #[inline]
+    pub fn empty() -> Incoming<'b> {
         Incoming {
-            expect,
-            into,
-            len,
-            bad: len != expect.len as usize || !writable,
+            expect: FrameHeader::default(),
+            into: Parts::new(),
+            len: 0,
+            bad: false,
             scratch: false,
             header: [0; HDR],
             moved: 0,
             slot: 0,
         }
+    }
+
+    /// Makes this receive, empty or done with its memory taken back
+    /// ([`Incoming::take_buffers`]), the receive of a message of `expect`
+    /// into the memory `lend` appends to the empty list it is given; as
+    /// [`Outgoing::fill`] (left empty when `lend` returns false or an
+    /// error), checked as [`Incoming::new`] is. Not a scratch receive until
+    /// [`Incoming::set_scratch`].
+    #[inline]
+    pub fn fill<E>(
+        &mut self,
+        expect: FrameHeader,
+        lend: impl FnOnce(&mut Parts<'b>) -> Result<bool, E>,
+    ) -> Result<bool, E> {
+        self.into.clear();
+        self.len = 0;
+        match lend(&mut self.into) {
+            Ok(true) => {}
+            other => {
+                self.into.clear();
+                return other;
+            }
+        }
+        let len: usize = self.into.iter().map(|p| p.bytes().len()).sum();
+        let writable = self
+            .into
+            .iter()
+            .all(|p| p.valid() && !matches!(p, Lent::Shared(_)));
+        self.expect = expect;
+        self.len = len;
+        self.bad = len != expect.len as usize || !writable;
+        self.scratch = false;
+        self.moved = 0;
+        self.slot = 0;
+        Ok(true)
     }
 
     /// The error of a receive whose memory disagrees with the expected
@@ -639,6 +724,85 @@ mod tests {
         let mut got = [1u8; 8];
         let mut rx = Incoming::new(header(1, 8), smallvec![Lent::Exclusive(&mut got)]);
         assert_eq!(b.post_recv(&mut rx).unwrap(), Status::Done);
+    }
+
+    /// One operation of each kind, refilled, carries message after message;
+    /// a lend that declines (or fails) leaves it empty and sends nothing.
+    #[test]
+    fn refilled_operations_carry_one_message_after_another() {
+        let (mut a, mut b) = fault::pair(0, 1, faulty(7, 64, 3), faulty(7, 64, 4)).unwrap();
+        // The memory outlives the operations that borrow it in turn.
+        let sent: Vec<Vec<u8>> = (0..5u32)
+            .map(|step| (0..step * 10).map(|i| (i + step) as u8).collect())
+            .collect();
+        let mut got: Vec<Vec<u8>> = sent.iter().map(|d| vec![0xEE; d.len()]).collect();
+        let last = [1u8; 3];
+        let mut last_got = [0u8; 3];
+        let mut tx = Outgoing::empty();
+        let mut rx = Incoming::empty();
+        assert_eq!(tx.fill(&header(0, 4), |_| Ok::<_, ()>(false)), Ok(false));
+        assert!(tx.is_empty() && tx.payload().is_empty());
+        assert_eq!(
+            rx.fill(header(0, 4), |into| {
+                into.push(Lent::Owned {
+                    buf: vec![0; 4],
+                    len: 4,
+                });
+                Err(())
+            }),
+            Err(())
+        );
+        assert!(rx.is_empty() && rx.buffers().is_empty());
+        for (step, (data, got)) in sent.iter().zip(got.iter_mut()).enumerate() {
+            let h = header(step as u32, data.len());
+            assert_eq!(
+                tx.fill(&h, |p| {
+                    p.push(Lent::Shared(data));
+                    Ok::<_, ()>(true)
+                }),
+                Ok(true)
+            );
+            assert_eq!(
+                rx.fill(h, |p| {
+                    p.push(Lent::Exclusive(got));
+                    Ok::<_, ()>(true)
+                }),
+                Ok(true)
+            );
+            let mut s = a.post_send(&mut tx).unwrap();
+            let mut r = b.post_recv(&mut rx).unwrap();
+            while s == Status::Pending || r == Status::Pending {
+                if s == Status::Pending {
+                    s = a.test_send(&mut tx).unwrap();
+                }
+                if r == Status::Pending {
+                    r = b.test_recv(&mut rx).unwrap();
+                }
+            }
+            assert_eq!(tx.take_payload().len(), 1);
+            assert_eq!(rx.take_buffers().len(), 1);
+        }
+        // A refilled receive still checks the header it now expects.
+        tx.fill(&header(9, 3), |p| {
+            p.push(Lent::Shared(&last));
+            Ok::<_, ()>(true)
+        })
+        .unwrap();
+        a.post_send(&mut tx).unwrap();
+        rx.fill(header(8, 3), |p| {
+            p.push(Lent::Exclusive(&mut last_got));
+            Ok::<_, ()>(true)
+        })
+        .unwrap();
+        let mut r = b.post_recv(&mut rx);
+        while matches!(r, Ok(Status::Pending)) {
+            let _ = a.test_send(&mut tx);
+            r = b.test_recv(&mut rx);
+        }
+        assert!(matches!(r, Err(TransportError::Unexpected { .. })), "{r:?}");
+        drop((tx, rx));
+        assert_eq!(got, sent);
+        assert_eq!(last_got, [0; 3], "a wrong header's payload landed");
     }
 
     #[test]

@@ -175,7 +175,7 @@ pub struct Tag {
 pub const DESCRIPTOR_LEN: usize = 16;
 
 /// The fixed header before each frame's payload.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct FrameHeader {
     /// Which frame this is.
     pub tag: Tag,

@@ -160,7 +160,7 @@ impl Wire {
 fn register(
     registration: bool,
     link: &mut (dyn MessageLink + '_),
-    parts: &Parts<'_>,
+    parts: &[Lent<'_>],
 ) -> Result<(), EngineError> {
     if registration {
         for p in parts {

@@ -20,8 +20,11 @@ pub(super) const STAGED_COPY: usize = 4096;
 
 /// The receive in flight and the staging buffer.
 pub(super) struct RecvHalf<'a> {
-    /// The receive posted and not yet done: `plan.recvs[progress.received()]`.
-    flight: Option<Incoming<'a>>,
+    /// The operation of every receive, refilled for each
+    /// ([`Incoming::fill`]); while `posted`, that of
+    /// `plan.recvs[progress.received()]`, not yet done.
+    op: Incoming<'a>,
+    posted: bool,
     /// Received payloads to reduce, small copies, and device slices;
     /// `None` while lent to the receive in flight.
     staging: Option<Vec<u8>>,
@@ -46,7 +49,8 @@ impl<'a> RecvHalf<'a> {
             home.resize(need, 0);
         }
         RecvHalf {
-            flight: None,
+            op: Incoming::empty(),
+            posted: false,
             staging: Some(std::mem::take(home)),
             home,
             held: false,
@@ -84,50 +88,40 @@ impl<'a> RecvHalf<'a> {
             } else {
                 let registration = links.registration();
                 let link = links.link_from(r.peer).ok_or_else(|| no_link(r.peer))?;
-                let status = match self.flight.as_mut() {
-                    Some(op) => {
-                        let before = op.moved();
-                        let status = link.test_recv(op).map_err(unexpected)?;
-                        moved |= op.moved() != before;
-                        status
+                let at = plan.recv_cuts(progress.received());
+                let status = if self.posted {
+                    let op = &mut self.op;
+                    let before = op.moved();
+                    let status = link.test_recv(op).map_err(unexpected)?;
+                    moved |= op.moved() != before;
+                    status
+                } else {
+                    if in_place && send_first(plan, progress, r, data.input.is_none()) {
+                        return Ok(moved);
                     }
-                    None => {
-                        if in_place && send_first(plan, progress, r, data.input.is_none()) {
-                            return Ok(moved);
-                        }
-                        let mut into = Parts::new();
-                        if !self.memory(
-                            r,
-                            in_place,
-                            plan.recv_cuts(progress.received()),
-                            data,
-                            &mut into,
-                        )? {
-                            // A send in flight still reads its range.
-                            return Ok(moved);
-                        }
-                        let expect = wire.header(r.step, r.slice, r.range.len(), r.peer)?;
-                        register(registration, link, &into)?;
-                        let op = self.flight.insert(Incoming::new(expect, into));
-                        if !in_place {
-                            op.set_scratch();
-                        }
-                        let status = link.post_recv(op).map_err(unexpected)?;
-                        moved |= op.moved() != 0;
-                        status
+                    let expect = wire.header(r.step, r.slice, r.range.len(), r.peer)?;
+                    let (op, staging) = (&mut self.op, &mut self.staging);
+                    let lend =
+                        |into: &mut Parts<'a>| memory(staging, r, in_place, at.clone(), data, into);
+                    if !op.fill(expect, lend)? {
+                        // A send in flight still reads its range.
+                        return Ok(moved);
                     }
+                    register(registration, link, op.buffers())?;
+                    if !in_place {
+                        op.set_scratch();
+                    }
+                    self.posted = true;
+                    let status = link.post_recv(op).map_err(unexpected)?;
+                    moved |= op.moved() != 0;
+                    status
                 };
                 if status == Status::Pending {
                     return Ok(moved);
                 }
                 moved = true;
-                let into = self.flight.as_mut().map(Incoming::take_buffers);
-                self.flight = None;
-                if let Some(buf) = into
-                    .map(|p| take_back(p, &r.range, plan.recv_cuts(progress.received()), data))
-                    .transpose()?
-                    .flatten()
-                {
+                self.posted = false;
+                if let Some(buf) = take_back(self.op.take_buffers(), &r.range, at, data)? {
                     self.staging = Some(buf);
                 }
                 if !in_place && !progress.may_commit(r) {
@@ -157,34 +151,6 @@ impl<'a> RecvHalf<'a> {
         // downstream idle meanwhile (measured: a 64 MiB allgather over
         // shared memory on 2 ranks took 1.3x as long).
         Ok(moved)
-    }
-
-    /// Appends the memory a receive is posted into to `into`: the
-    /// output's cells for a large copy to the host (false while a send in
-    /// flight reads some of them), else the staging buffer.
-    #[inline]
-    fn memory(
-        &mut self,
-        r: &RecvOp,
-        in_place: bool,
-        at: Range<usize>,
-        data: &mut Data<'a>,
-        into: &mut Parts<'a>,
-    ) -> Result<bool, EngineError> {
-        if r.commit == Commit::Discard {
-            return Ok(true);
-        }
-        match &mut data.output {
-            Out::Host(cells) if in_place => cells.lend(&r.range, at, into),
-            _ => {
-                let buf = self.staging.take().ok_or_else(staging_gone)?;
-                into.push(Lent::Owned {
-                    buf,
-                    len: r.range.len(),
-                });
-                Ok(true)
-            }
-        }
     }
 
     /// Copies or reduces a staged payload into place.
@@ -259,14 +225,41 @@ impl Drop for RecvHalf<'_> {
     /// failed call dropped it with the receive it was lent to).
     fn drop(&mut self) {
         let buf = self.staging.take().or_else(|| {
-            let mut op = self.flight.take()?;
-            op.take_buffers().into_iter().find_map(|l| match l {
+            self.op.take_buffers().into_iter().find_map(|l| match l {
                 Lent::Owned { buf, .. } => Some(buf),
                 _ => None,
             })
         });
         if let Some(buf) = buf {
             *self.home = buf;
+        }
+    }
+}
+
+/// Appends the memory a receive is posted into to `into`: the
+/// output's cells for a large copy to the host (false while a send in
+/// flight reads some of them), else the staging buffer.
+#[inline]
+fn memory<'a>(
+    staging: &mut Option<Vec<u8>>,
+    r: &RecvOp,
+    in_place: bool,
+    at: Range<usize>,
+    data: &mut Data<'a>,
+    into: &mut Parts<'a>,
+) -> Result<bool, EngineError> {
+    if r.commit == Commit::Discard {
+        return Ok(true);
+    }
+    match &mut data.output {
+        Out::Host(cells) if in_place => cells.lend(&r.range, at, into),
+        _ => {
+            let buf = staging.take().ok_or_else(staging_gone)?;
+            into.push(Lent::Owned {
+                buf,
+                len: r.range.len(),
+            });
+            Ok(true)
         }
     }
 }

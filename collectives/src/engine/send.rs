@@ -13,8 +13,11 @@ use crate::schedule::{Plan, Progress, SendOp, Src};
 
 /// The frame in flight and the host copy of a device slice.
 pub(super) struct SendHalf<'a> {
-    /// The frame posted and not yet done: `plan.sends[progress.sent()]`.
-    flight: Option<Outgoing<'a>>,
+    /// The operation of every frame, refilled for each
+    /// ([`Outgoing::fill`]); while `posted`, that of
+    /// `plan.sends[progress.sent()]`, not yet done.
+    op: Outgoing<'a>,
+    posted: bool,
     /// Host bytes of a device slice about to be sent; owned by the frame
     /// in flight while it carries one.
     stage: Vec<u8>,
@@ -29,7 +32,8 @@ impl<'a> SendHalf<'a> {
             0
         };
         SendHalf {
-            flight: None,
+            op: Outgoing::empty(),
+            posted: false,
             stage: vec![0; stage_len],
         }
     }
@@ -49,47 +53,42 @@ impl<'a> SendHalf<'a> {
     ) -> Result<(bool, bool), EngineError> {
         let mut moved = false;
         loop {
-            let (s, status) = match self.flight.as_mut() {
-                Some(op) => {
-                    let Some(s) = plan.sends.get(progress.sent()) else {
-                        return Err(protocol("a frame in flight that the plan does not send"));
-                    };
-                    let link = links.link_to(s.peer).ok_or_else(|| no_link(s.peer))?;
-                    let before = op.moved();
-                    let status = link.test_send(op)?;
-                    moved |= op.moved() != before;
-                    (s, status)
+            let op = &mut self.op;
+            let (s, status) = if self.posted {
+                let Some(s) = plan.sends.get(progress.sent()) else {
+                    return Err(protocol("a frame in flight that the plan does not send"));
+                };
+                let link = links.link_to(s.peer).ok_or_else(|| no_link(s.peer))?;
+                let before = op.moved();
+                let status = link.test_send(op)?;
+                moved |= op.moved() != before;
+                (s, status)
+            } else {
+                let Some(s) = progress.next_send(plan) else {
+                    return Ok((moved, false));
+                };
+                let header = wire.header(s.step, s.slice, s.range.len(), s.peer)?;
+                let at = plan.send_cuts(progress.sent());
+                let stage = &mut self.stage;
+                if !op.fill(&header, |out| payload(stage, s, at, data, out))? {
+                    // A receive posted early holds part of its range.
+                    return Ok((moved, false));
                 }
-                None => {
-                    let Some(s) = progress.next_send(plan) else {
-                        return Ok((moved, false));
-                    };
-                    let mut payload = Parts::new();
-                    if !self.payload(s, plan.send_cuts(progress.sent()), data, &mut payload)? {
-                        // A receive posted early holds part of its range.
-                        return Ok((moved, false));
-                    }
-                    let header = wire.header(s.step, s.slice, s.range.len(), s.peer)?;
-                    let registration = links.registration();
-                    let link = links.link_to(s.peer).ok_or_else(|| no_link(s.peer))?;
-                    register(registration, link, &payload)?;
-                    let op = self.flight.insert(Outgoing::new(&header, payload));
-                    op.set_single_copy(single_copy_from.is_some_and(|from| s.step >= from));
-                    let status = link.post_send(op)?;
-                    moved |= op.moved() != 0;
-                    (s, status)
-                }
+                let registration = links.registration();
+                let link = links.link_to(s.peer).ok_or_else(|| no_link(s.peer))?;
+                register(registration, link, op.payload())?;
+                op.set_single_copy(single_copy_from.is_some_and(|from| s.step >= from));
+                self.posted = true;
+                let status = link.post_send(op)?;
+                moved |= op.moved() != 0;
+                (s, status)
             };
             if status == Status::Pending {
                 return Ok((moved, true));
             }
-            let payload = self.flight.as_mut().map(Outgoing::take_payload);
-            self.flight = None;
-            if let Some(buf) = payload
-                .map(|p| take_back(p, &s.range, plan.send_cuts(progress.sent()), data))
-                .transpose()?
-                .flatten()
-            {
+            self.posted = false;
+            let at = plan.send_cuts(progress.sent());
+            if let Some(buf) = take_back(op.take_payload(), &s.range, at, data)? {
                 self.stage = buf;
             }
             moved = true;
@@ -104,39 +103,39 @@ impl<'a> SendHalf<'a> {
             progress.handle_sent();
         }
     }
+}
 
-    /// Appends the memory a frame's payload is lent from to `out`; false
-    /// while a receive in flight holds part of it.
-    #[inline]
-    fn payload(
-        &mut self,
-        s: &SendOp,
-        at: Range<usize>,
-        data: &mut Data<'a>,
-        out: &mut Parts<'a>,
-    ) -> Result<bool, EngineError> {
-        let len = s.range.len();
-        let off = data.off;
-        let mut staged = |read: &mut dyn FnMut(&mut [u8]) -> Result<(), EngineError>| {
-            let mut buf = std::mem::take(&mut self.stage);
-            let Some(dst) = buf.get_mut(..len) else {
-                return Err(protocol("a device slice larger than the send staging"));
-            };
-            read(dst)?;
-            out.push(Lent::Owned { buf, len });
-            Ok(true)
+/// Appends the memory a frame's payload is lent from to `out`; false
+/// while a receive in flight holds part of it.
+#[inline]
+fn payload<'a>(
+    stage: &mut Vec<u8>,
+    s: &SendOp,
+    at: Range<usize>,
+    data: &mut Data<'a>,
+    out: &mut Parts<'a>,
+) -> Result<bool, EngineError> {
+    let len = s.range.len();
+    let off = data.off;
+    let mut staged = |read: &mut dyn FnMut(&mut [u8]) -> Result<(), EngineError>| {
+        let mut buf = std::mem::take(stage);
+        let Some(dst) = buf.get_mut(..len) else {
+            return Err(protocol("a device slice larger than the send staging"));
         };
-        match (s.src, data.input, &mut data.output) {
-            (Src::Input, Some(Input::Host(inp)), _) => {
-                out.push(Lent::Shared(&inp[s.range.start - off..s.range.end - off]));
-                Ok(true)
-            }
-            (Src::Input, Some(Input::Device(inp)), _) => {
-                staged(&mut |dst| Ok(inp.read(s.range.start - off, dst)?))
-            }
-            (_, _, Out::Host(cells)) => cells.lend(&s.range, at, out),
-            (_, _, Out::Device(o)) => staged(&mut |dst| Ok(o.read(s.range.start, dst)?)),
+        read(dst)?;
+        out.push(Lent::Owned { buf, len });
+        Ok(true)
+    };
+    match (s.src, data.input, &mut data.output) {
+        (Src::Input, Some(Input::Host(inp)), _) => {
+            out.push(Lent::Shared(&inp[s.range.start - off..s.range.end - off]));
+            Ok(true)
         }
+        (Src::Input, Some(Input::Device(inp)), _) => {
+            staged(&mut |dst| Ok(inp.read(s.range.start - off, dst)?))
+        }
+        (_, _, Out::Host(cells)) => cells.lend(&s.range, at, out),
+        (_, _, Out::Device(o)) => staged(&mut |dst| Ok(o.read(s.range.start, dst)?)),
     }
 }
 
