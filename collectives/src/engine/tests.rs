@@ -706,3 +706,58 @@ fn small_call_cost() {
     assert_eq!(o0, o1, "both ranks gathered the same bytes");
     println!("small_call_cost: {best:.0} ns per call of both ranks (best of 5 rounds of {calls})");
 }
+
+/// What one turn of the engine's loop costs while it waits for a frame
+/// that has not come: rank 0's call of the exchange in `small_call_cost`,
+/// pumped with its peer silent. A rank sees the frame at the first turn
+/// after it lands, so this is added to every small call's latency. A
+/// measurement, like `small_call_cost`.
+#[test]
+#[ignore = "a measurement: run in release with --ignored --nocapture"]
+fn waiting_turn_cost() {
+    use super::Call;
+    use crate::algo::{Algorithm, Ring};
+    let world = 2;
+    let plan = Ring.plan(&Shape {
+        kind: Kind::AllGather,
+        world,
+        rank: 0,
+        count: 4,
+        elem: 4,
+        root: 0,
+        avg: false,
+        out_of_place: false,
+        slice_elems: 2,
+    });
+    let links = crate::links::in_process(world, |a, b| oxccl_transport::shm::pair(a, b, 1 << 20));
+    let mut links: Vec<Links<'_>> = links.unwrap().into_iter().map(Option::unwrap).collect();
+    let mut out = vec![1u8; 16];
+    let mut staging = Vec::new();
+    let mut call = Call::new(Job {
+        plan: &plan,
+        seq: 0,
+        descriptor: [7; DESCRIPTOR_LEN],
+        input: None,
+        output: Output::Host(out.as_mut_slice()),
+        dtype: DType::F32,
+        op: ReduceOp::Sum,
+        world,
+        reducer: &ReferenceReducer,
+        staging: &mut staging,
+        timeout: Duration::from_secs(10),
+        spin: Duration::ZERO,
+        single_copy_from: None,
+    });
+    call.begin().unwrap();
+    let turns = 2_000_000u32;
+    let mut best = f64::MAX;
+    for _round in 0..5 {
+        let start = Instant::now();
+        for _ in 0..turns {
+            let p = call.pump(&mut links[0]).unwrap();
+            assert!(!call.done() && !p.send_full);
+        }
+        best = best.min(start.elapsed().as_nanos() as f64 / f64::from(turns));
+    }
+    println!("waiting_turn_cost: {best:.1} ns per turn (best of 5 rounds of {turns})");
+}
