@@ -27,6 +27,7 @@
 //! Messages are a fixed [`wire::FrameHeader`] and a payload; the engine
 //! decides what the header's opaque descriptor bytes mean.
 
+pub mod auth;
 pub mod codec;
 mod error;
 pub mod fault;
