@@ -240,7 +240,7 @@ pub enum AuthError {
         peer: String,
         /// What is wrong with it.
         #[source]
-        source: DecodeError,
+        source: Box<DecodeError>,
     },
     /// The peer closed the connection before authentication was done.
     #[error("{peer} closed the connection during authentication")]
@@ -452,7 +452,7 @@ impl Handshake {
     fn take_greeting(&mut self) -> Result<(), AuthError> {
         let malformed = |source| AuthError::Malformed {
             peer: self.peer.clone(),
-            source,
+            source: Box::new(source),
         };
         let (mode, peer_nonce) = (|| -> Result<(u8, [u8; NONCE_LEN]), DecodeError> {
             let mut r = Reader::new(FORMAT, &self.buf);

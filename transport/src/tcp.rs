@@ -602,6 +602,15 @@ fn handshake(
 }
 
 impl PendingConnect {
+    /// The handshake's error, if it has failed already (without waiting):
+    /// a rank whose accept failed reports this first, as it says more.
+    pub fn failed_now(&self) -> Option<TransportError> {
+        match self.done.try_recv() {
+            Ok(Err(e)) => Some(e),
+            _ => None,
+        }
+    }
+
     /// Waits for the handshake to end and returns the link.
     pub fn finish(self, deadline: Instant) -> Result<StreamLink, TransportError> {
         let PendingConnect {
