@@ -620,6 +620,14 @@ fn connect(
             listener.local_addr(),
             pairs.len()
         );
+        tracing::info!(
+            "rank {rank}: every link {}",
+            if secret.is_some() {
+                "authenticated with the job secret"
+            } else {
+                "unauthenticated (no job secret)"
+            }
+        );
         let policy = match config.transport {
             Transport::Auto => shm::Policy::Auto,
             Transport::Tcp => shm::Policy::Never,
