@@ -770,6 +770,7 @@ mod tests {
 
     #[test]
     fn a_stray_with_another_secret_is_dropped_and_the_real_peer_connects() {
+        crate::test_log::warnings();
         let ours = secret("ours");
         let l = Listener::bind(IpAddr::V4(Ipv4Addr::LOCALHOST)).unwrap();
         let addr = l.local_addr();
@@ -807,6 +808,15 @@ mod tests {
             .unwrap();
         assert_eq!(link.peer(), 0);
         assert_eq!(refused, 1);
+        let logged = crate::test_log::warnings();
+        assert!(
+            logged
+                .lines()
+                .any(|l| l.contains("refused connection from 127.0.0.1:")
+                    && l.contains(&format!("on {addr}"))
+                    && l.contains("belongs to another job")),
+            "{logged}"
+        );
         assert_eq!(real.join().unwrap().unwrap().peer(), 1);
         // The stray is told, naming the rank and address it reached.
         let e = stray.finish(soon()).unwrap_err();

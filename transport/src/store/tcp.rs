@@ -1160,6 +1160,7 @@ mod tests {
 
     #[test]
     fn tcp_store_refuses_clients_without_the_secret_and_keeps_serving() {
+        crate::test_log::warnings();
         let ours = JobSecret::from_text("our job").unwrap();
         let theirs = JobSecret::from_text("another job").unwrap();
         let server = TcpStoreServer::bind_with_secret(loopback(), Some(ours.clone())).unwrap();
@@ -1186,6 +1187,14 @@ mod tests {
         let why = why.unwrap();
         assert!(why.contains("belongs to another job"), "{why}");
         assert!(why.starts_with("client 127.0.0.1:"), "{why}");
+        // Logged as a warning with the client's address.
+        let logged = crate::test_log::warnings();
+        assert!(
+            logged.lines().any(|l| l.contains(&format!(
+                "tcp store server {addr}: refused client 127.0.0.1:"
+            )) && l.contains("belongs to another job")),
+            "{logged}"
+        );
 
         // A client without a secret: refused, naming the variable to set.
         let err = TcpStore::connect(addr, soon(5000)).unwrap_err();
