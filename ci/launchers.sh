@@ -33,6 +33,10 @@ fi
 run "torchrun 2 ranks" torchrun --nproc-per-node 2 --no-python "$check" "${args[@]}"
 run "torchrun --standalone 4 ranks" torchrun --standalone --nproc-per-node 4 --no-python "$check" "${args[@]}"
 run "torchrun 2 ranks, every collective" torchrun --nproc-per-node 2 --master-port 29611 --no-python "$check" -c all -b 64K -i 1 -w 0
+# A job secret shared by every rank, required: torch's store cannot be
+# authenticated (oxccl says so), the ring links are.
+secret=$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')
+OXCCL_JOB_SECRET=$secret OXCCL_AUTH=require run "torchrun 2 ranks, authenticated links" torchrun --nproc-per-node 2 --master-port 29613 --no-python "$check" "${args[@]}"
 
 # A single-node Slurm. SLURM_* reach every task; the innermost launcher wins.
 # Without MASTER_ADDR, rank 0's address and port come from the launcher (one
@@ -42,6 +46,8 @@ mpi=(mpirun --allow-run-as-root --oversubscribe --bind-to none)
 run "srun -n 4" srun -n 4 "$check" "${args[@]}"
 run "mpirun inside salloc -n 4" salloc -n 4 "${mpi[@]}" -np 4 "$check" "${args[@]}"
 run "torchrun inside srun" srun -n 1 torchrun --nproc-per-node 2 --no-python "$check" "${args[@]}"
+OXCCL_JOB_SECRET=$secret OXCCL_AUTH=require run "srun -n 2, authenticated" srun -n 2 "$check" "${args[@]}"
+OXCCL_JOB_SECRET=$secret OXCCL_AUTH=require run "mpirun -x OXCCL_JOB_SECRET inside salloc -n 2, authenticated" salloc -n 2 "${mpi[@]}" -x OXCCL_JOB_SECRET -x OXCCL_AUTH -np 2 "$check" "${args[@]}"
 MASTER_ADDR=127.0.0.1 MASTER_PORT=29621 run "srun -n 2, rank 0's address given" srun -n 2 "$check" "${args[@]}"
 job=$(mktemp -d)
 cat >"$job/job.sh" <<EOF

@@ -118,9 +118,16 @@ fn tcp_pair() -> (End, End) {
     let deadline = Instant::now() + Duration::from_secs(10);
     let listener = Listener::bind(IpAddr::V4(Ipv4Addr::LOCALHOST)).unwrap();
     let h = hello(0xBE4C, 2, 0, 1, 0);
-    let pending = connect_start(listener.local_addr(), h, TcpOptions::default(), deadline).unwrap();
+    let pending = connect_start(
+        listener.local_addr(),
+        h,
+        None,
+        TcpOptions::default(),
+        deadline,
+    )
+    .unwrap();
     let (accepted, _) = listener
-        .accept_peer(h, TcpOptions::default(), deadline)
+        .accept_peer(h, None, TcpOptions::default(), deadline)
         .unwrap();
     let connected = pending.finish(deadline).unwrap();
     (

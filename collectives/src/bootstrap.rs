@@ -14,6 +14,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use oxccl_transport::auth::JobSecret;
 use oxccl_transport::codec::{DecodeError, Reader, Writer};
 use oxccl_transport::store::{
     FileStore, MemStore, PrefixStore, Store, StoreError, TcpStore, TcpStoreServer, TorchStore,
@@ -35,14 +36,29 @@ const RING: u32 = 1;
 /// The purpose of a connection between two ranks that are not ring neighbours.
 const PAIR: u32 = 2;
 
-/// What every rank needs to find the others: the address of a store and a
-/// job id. Rank 0 (or any one process) creates it and hands it to the others,
-/// as with NCCL's `ncclGetUniqueId`. Its 128-byte form crosses process
-/// boundaries ([`UniqueId::to_bytes`], [`UniqueId::from_bytes`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What every rank needs to find the others: the address of a store, a
+/// job id and the job's secret. Rank 0 (or any one process) creates it and
+/// hands it to the others, as with NCCL's `ncclGetUniqueId`. Its 128-byte
+/// form crosses process boundaries ([`UniqueId::to_bytes`],
+/// [`UniqueId::from_bytes`]); it holds the secret, so hand it over as a
+/// secret (a pipe, MPI, a file only this user reads), not on a command
+/// line. Its `Debug` form does not show the secret.
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub struct UniqueId {
     addr: SocketAddr,
     job: u64,
+    /// The key of the job's secret, if it has one.
+    secret: Option<[u8; 32]>,
+}
+
+impl std::fmt::Debug for UniqueId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UniqueId")
+            .field("addr", &self.addr)
+            .field("job", &self.job)
+            .field("secret", &self.secret.map(|_| ".."))
+            .finish()
+    }
 }
 
 /// Stores served by unique ids created in this process, oldest first,
@@ -62,19 +78,37 @@ impl UniqueId {
     /// Size of the byte form.
     pub const LEN: usize = 128;
 
-    /// Starts a store on `OXCCL_BOOTSTRAP_ADDR` (default 127.0.0.1) and returns its id.
+    /// Starts a store on `OXCCL_BOOTSTRAP_ADDR` (default 127.0.0.1) and
+    /// returns its id. The id carries the job's secret: `OXCCL_JOB_SECRET`'s
+    /// (or `OXCCL_JOB_SECRET_FILE`'s) if set, else a fresh random one; none
+    /// with `OXCCL_AUTH=off`.
     pub fn new() -> Result<UniqueId> {
         let config = Config::from_env()?;
-        UniqueId::new_on(config.bootstrap_addr)
+        let secret = match config.auth {
+            config::AuthMode::Off => None,
+            _ => Some(match config.job_secret {
+                Some(s) => s,
+                None => random_secret()?,
+            }),
+        };
+        UniqueId::new_with(config.bootstrap_addr, secret)
     }
 
-    /// Starts a store on `ip` (port chosen by the system) and returns its id.
+    /// Starts a store on `ip` (port chosen by the system) and returns its
+    /// id, which carries a fresh random secret.
     pub fn new_on(ip: IpAddr) -> Result<UniqueId> {
-        let server = TcpStoreServer::bind(SocketAddr::new(ip, 0))
+        UniqueId::new_with(ip, Some(random_secret()?))
+    }
+
+    /// Starts a store on `ip` whose clients must know `secret` (none: an
+    /// unauthenticated job) and returns its id, which carries it.
+    pub fn new_with(ip: IpAddr, secret: Option<JobSecret>) -> Result<UniqueId> {
+        let server = TcpStoreServer::bind_with_secret(SocketAddr::new(ip, 0), secret.clone())
             .map_err(|source| Error::Store { rank: 0, source })?;
         let id = UniqueId {
             addr: server.local_addr(),
             job: random_job()?,
+            secret: secret.map(|s| *s.key()),
         };
         let evicted = {
             let mut served = SERVED.lock().unwrap_or_else(|p| p.into_inner());
@@ -96,7 +130,9 @@ impl UniqueId {
 
     /// The 128-byte form: magic, port (u16), address family (4 or 6), five
     /// bytes of padding, the address (16 bytes, an IPv4 one in the first 4),
-    /// the job (u64), and zeros up to 128 bytes.
+    /// the job (u64), flags (u8: 1 when a secret follows, else 0), seven
+    /// bytes of padding, the secret's key (32 bytes, zeros without one), and
+    /// zeros up to 128 bytes.
     pub fn to_bytes(&self) -> [u8; Self::LEN] {
         let mut w = Writer::with_capacity(Self::LEN);
         w.bytes(&ID_MAGIC).u16(self.addr.port());
@@ -104,7 +140,12 @@ impl UniqueId {
             IpAddr::V4(v4) => w.u8(4).zeros(5).bytes(&v4.octets()).zeros(12),
             IpAddr::V6(v6) => w.u8(6).zeros(5).bytes(&v6.octets()),
         };
-        w.u64(self.job).zeros(Self::LEN - 40);
+        w.u64(self.job);
+        match &self.secret {
+            Some(key) => w.u8(1).zeros(7).bytes(key),
+            None => w.u8(0).zeros(7 + 32),
+        };
+        w.zeros(Self::LEN - 80);
         w.into_array()
     }
 
@@ -128,11 +169,20 @@ impl UniqueId {
             }
         };
         let job = r.u64("job")?;
-        r.skip("reserved", Self::LEN - 40)?;
+        let flags = r.u8("flags")?;
+        r.skip("padding", 7)?;
+        let key: [u8; 32] = r.array("secret")?;
+        let secret = match flags {
+            0 => None,
+            1 => Some(key),
+            f => return Err(r.invalid("flags", format!("unknown flags {f:#04x}"))),
+        };
+        r.skip("reserved", Self::LEN - 80)?;
         r.finish()?;
         Ok(UniqueId {
             addr: SocketAddr::new(ip, port),
             job,
+            secret,
         })
     }
 
@@ -140,6 +190,15 @@ impl UniqueId {
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }
+
+    /// Whether the id carries a job secret (its connections are authenticated).
+    pub fn has_secret(&self) -> bool {
+        self.secret.is_some()
+    }
+}
+
+fn random_secret() -> Result<JobSecret> {
+    JobSecret::random().map_err(|e| Error::Internal(e.to_string()))
 }
 
 fn random_job() -> Result<u64> {
@@ -162,6 +221,11 @@ impl Communicator {
     pub fn from_launch(launch: &Launch, config: Config) -> Result<Communicator> {
         config.validate()?;
         let (rank, world) = (launch.rank, launch.world);
+        let secret = if world == 1 {
+            None
+        } else {
+            config.secret_in_use(None)?
+        };
         tracing::info!(
             "rank {rank} of {world}: bootstrap from {} variables",
             launch.source
@@ -171,6 +235,8 @@ impl Communicator {
             return Communicator::with_store(Arc::new(MemStore::new()), rank, world, config);
         }
         if let Some(dir) = &config.file_store {
+            // The directory holds addresses and settings, never the secret:
+            // the ring links prove it to each other.
             let store =
                 FileStore::new(dir.clone()).map_err(|source| Error::Store { rank, source })?;
             return Communicator::with_store(Arc::new(store), rank, world, config);
@@ -192,18 +258,18 @@ impl Communicator {
                 reason: format!("cannot resolve '{host}'"),
             })?;
         if let Rendezvous::Torch { prefix } = &launch.rendezvous {
-            return Communicator::through_torch_store(master, prefix, rank, world, config);
+            return Communicator::through_torch_store(master, prefix, rank, world, config, secret);
         }
         let server = if rank == 0 {
-            let server =
-                serve_store(host, master).map_err(|source| Error::Store { rank, source })?;
+            let server = serve_store(host, master, secret.clone())
+                .map_err(|source| Error::Store { rank, source })?;
             server.limit_clients(client_limit(world));
             Some(server)
         } else {
             None
         };
-        let store =
-            TcpStore::connect(master, deadline).map_err(|source| Error::Store { rank, source })?;
+        let store = TcpStore::connect_with_secret(master, deadline, secret.as_ref())
+            .map_err(|source| Error::Store { rank, source })?;
         let local_ip = store.local_addr().ip();
         let job = job_id(&store, rank, deadline)?;
         connect(
@@ -214,6 +280,7 @@ impl Communicator {
             config,
             job,
             Some(local_ip),
+            secret,
         )
     }
 
@@ -230,9 +297,21 @@ impl Communicator {
         rank: usize,
         world: usize,
         config: Config,
+        secret: Option<JobSecret>,
     ) -> Result<Communicator> {
         let deadline = crate::deadline_in(config.timeout);
         let store_err = |source| Error::Store { rank, source };
+        // Torch's store speaks torch's protocol, which has no place for
+        // authentication: say so, once per communicator.
+        tracing::warn!(
+            "rank {rank}: torchrun's store at {master} is not authenticated (its protocol is \
+             torch's); {}",
+            if secret.is_some() {
+                "ring links are, with the job secret"
+            } else {
+                "nor are ring links: no job secret (set OXCCL_JOB_SECRET on every rank)"
+            }
+        );
         let client = TorchStore::connect(master, deadline).map_err(store_err)?;
         let local_ip = client.local_addr().ip();
         let client: Arc<dyn Store> = Arc::new(client);
@@ -244,7 +323,16 @@ impl Communicator {
         );
         let store: Arc<dyn Store> = Arc::new(PrefixStore::new(client, &format!("{prefix}/{n}")));
         let job = job_id(store.as_ref(), rank, deadline)?;
-        connect(store, None, rank, world, config, job, Some(local_ip))
+        connect(
+            store,
+            None,
+            rank,
+            world,
+            config,
+            job,
+            Some(local_ip),
+            secret,
+        )
     }
 
     /// Creates rank `rank` of a world of `world` from a unique id (NCCL style).
@@ -261,6 +349,7 @@ impl Communicator {
     ) -> Result<Communicator> {
         config.validate()?;
         check_rank(rank, world)?;
+        let secret = config.secret_in_use(id.secret.map(JobSecret::from_key))?;
         let deadline = crate::deadline_in(config.timeout);
         let server = if rank == 0 {
             let mut served = SERVED.lock().unwrap_or_else(|p| p.into_inner());
@@ -274,8 +363,8 @@ impl Communicator {
         if let Some(server) = &server {
             server.limit_clients(client_limit(world));
         }
-        let store =
-            TcpStore::connect(id.addr, deadline).map_err(|source| Error::Store { rank, source })?;
+        let store = TcpStore::connect_with_secret(id.addr, deadline, secret.as_ref())
+            .map_err(|source| Error::Store { rank, source })?;
         let local_ip = store.local_addr().ip();
         connect(
             Arc::new(store),
@@ -285,6 +374,7 @@ impl Communicator {
             config,
             id.job,
             Some(local_ip),
+            secret,
         )
     }
 
@@ -299,12 +389,13 @@ impl Communicator {
         config.validate()?;
         check_rank(rank, world)?;
         let deadline = crate::deadline_in(config.timeout);
-        let job = if world == 1 {
-            0
+        let (job, secret) = if world == 1 {
+            (0, None)
         } else {
-            job_id(store.as_ref(), rank, deadline)?
+            let secret = config.secret_in_use(None)?;
+            (job_id(store.as_ref(), rank, deadline)?, secret)
         };
-        connect(store, None, rank, world, config, job, None)
+        connect(store, None, rank, world, config, job, None, secret)
     }
 
     /// Creates a group of `world` communicators in this process, connected by
@@ -424,7 +515,9 @@ fn read_job(store: &dyn Store, rank: usize, deadline: Instant) -> Result<u64> {
     Ok(u64::from_le_bytes(b))
 }
 
-/// Publishes this rank's listener, connects to the next rank and accepts the previous one.
+/// Publishes this rank's listener, connects to the next rank and accepts
+/// the previous one; every link proves knowledge of `secret` both ways.
+#[allow(clippy::too_many_arguments)]
 fn connect(
     store: Arc<dyn Store>,
     server: Option<TcpStoreServer>,
@@ -433,6 +526,7 @@ fn connect(
     config: Config,
     job: u64,
     local_ip: Option<IpAddr>,
+    secret: Option<JobSecret>,
 ) -> Result<Communicator> {
     let deadline = crate::deadline_in(config.timeout);
     let boot = |source: TransportError| Error::Bootstrap { rank, source };
@@ -451,7 +545,15 @@ fn connect(
             )
             .map_err(|source| Error::Store { rank, source })?;
         // Connections that arrive meanwhile wait in the listener's backlog.
-        agree(store.as_ref(), job, rank, world, &config, deadline)?;
+        agree(
+            store.as_ref(),
+            server.as_ref(),
+            job,
+            rank,
+            world,
+            &config,
+            deadline,
+        )?;
         let next = (rank + 1) % world;
         let prev = (rank + world - 1) % world;
         let addr_of = |peer: usize| -> Result<SocketAddr> {
@@ -476,6 +578,7 @@ fn connect(
         let pending = tcp::connect_start(
             next_addr,
             tcp::hello(job, world, rank, next, RING),
+            secret.as_ref(),
             options,
             deadline,
         )
@@ -483,16 +586,25 @@ fn connect(
         let mut pending_pairs = Vec::with_capacity(higher.len());
         for &q in &higher {
             let hello = tcp::hello(job, world, rank, q, PAIR);
-            pending_pairs
-                .push(tcp::connect_start(addr_of(q)?, hello, options, deadline).map_err(boot)?);
+            pending_pairs.push(
+                tcp::connect_start(addr_of(q)?, hello, secret.as_ref(), options, deadline)
+                    .map_err(boot)?,
+            );
         }
         // One accept for every expected peer: a connection that comes early
         // is never taken for a stray.
         let mut expect = vec![tcp::hello(job, world, prev, rank, RING)];
         expect.extend(lower.iter().map(|&q| tcp::hello(job, world, q, rank, PAIR)));
         let (accepted, n) = listener
-            .accept_peers(&expect, options, deadline)
-            .map_err(boot)?;
+            .accept_peers(&expect, secret.as_ref(), options, deadline)
+            .map_err(|e| {
+                // A connection of this rank's own that was refused (another
+                // job's secret, say) explains the wait in vain best.
+                let own = std::iter::once(&pending)
+                    .chain(&pending_pairs)
+                    .find_map(tcp::PendingConnect::failed_now);
+                boot(own.unwrap_or(e))
+            })?;
         refused = n;
         let mut accepted = accepted.into_iter();
         let prev_link = accepted
@@ -507,6 +619,14 @@ fn connect(
             "rank {rank}: ring connected over tcp (next rank {next} at {next_addr}, listening on {}); {} more links",
             listener.local_addr(),
             pairs.len()
+        );
+        tracing::info!(
+            "rank {rank}: every link {}",
+            if secret.is_some() {
+                "authenticated with the job secret"
+            } else {
+                "unauthenticated (no job secret)"
+            }
         );
         let policy = match config.transport {
             Transport::Auto => shm::Policy::Auto,
@@ -569,6 +689,7 @@ fn connect(
 /// (not a frame error later), and rank 0 names the ranks that never came.
 fn agree(
     store: &dyn Store,
+    server: Option<&TcpStoreServer>,
     job: u64,
     rank: usize,
     world: usize,
@@ -628,13 +749,20 @@ fn agree(
     }
     if !missing.is_empty() {
         let list: Vec<String> = missing.iter().map(|r| r.to_string()).collect();
+        // Ranks refused by the store's authentication never register.
+        let refusals = match server.map(TcpStoreServer::auth_refusals) {
+            Some((n, Some(why))) if n > 0 => format!(
+                "; the store refused {n} connections that failed authentication, the last: {why}"
+            ),
+            _ => String::new(),
+        };
         return Err(Error::Timeout {
             rank,
             call: "bootstrap".into(),
             what: format!(
                 "every rank to register: {} of {world} ranks never did ({}); was every rank started \
                  (srun -n {world}, torchrun --nproc-per-node, mpirun -np {world}), with the same \
-                 master address and port?",
+                 master address and port?{refusals}",
                 missing.len(),
                 list.join(", ")
             ),
@@ -717,9 +845,13 @@ fn unspecified(ip: IpAddr) -> IpAddr {
 /// Starts rank 0's store at [`store_bind_addr`]; on every interface, with a
 /// warning, when the master address is not one of this host's (a name that
 /// resolves to a NAT address here, say), where the others still reach it.
-fn serve_store(host: &str, master: SocketAddr) -> std::result::Result<TcpStoreServer, StoreError> {
+fn serve_store(
+    host: &str,
+    master: SocketAddr,
+    secret: Option<JobSecret>,
+) -> std::result::Result<TcpStoreServer, StoreError> {
     let want = store_bind_addr(host, master);
-    match TcpStoreServer::bind(want) {
+    match TcpStoreServer::bind_with_secret(want, secret.clone()) {
         Err(StoreError::Io { source, .. })
             if source.kind() == std::io::ErrorKind::AddrNotAvailable =>
         {
@@ -728,7 +860,7 @@ fn serve_store(host: &str, master: SocketAddr) -> std::result::Result<TcpStoreSe
                 "the master address {want} ('{host}') is not one of this host's; \
                  the rendezvous store listens on {any}, every interface"
             );
-            TcpStoreServer::bind(any)
+            TcpStoreServer::bind_with_secret(any, secret)
         }
         r => r,
     }
@@ -804,7 +936,7 @@ mod tests {
             eprintln!("skipping: this machine has no address but loopback to test from");
             return;
         };
-        let server = serve_store("127.0.0.1", "127.0.0.1:0".parse().unwrap()).unwrap();
+        let server = serve_store("127.0.0.1", "127.0.0.1:0".parse().unwrap(), None).unwrap();
         let port = server.local_addr().port();
         assert!(server.local_addr().ip().is_loopback());
         assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
@@ -821,15 +953,16 @@ mod tests {
     #[test]
     fn a_master_address_of_another_host_falls_back_to_every_interface() {
         // 192.0.2.1 (TEST-NET-1) is nobody's address here.
-        let server = serve_store("192.0.2.1", "192.0.2.1:0".parse().unwrap()).unwrap();
+        let server = serve_store("192.0.2.1", "192.0.2.1:0".parse().unwrap(), None).unwrap();
         assert!(server.local_addr().ip().is_unspecified());
     }
 
     #[test]
     fn unique_id_layout_is_fixed() {
-        let id = UniqueId {
+        let mut id = UniqueId {
             addr: SocketAddr::new(IpAddr::from([10, 1, 2, 3]), 0x1234),
             job: 0x0102_0304_0506_0708,
+            secret: None,
         };
         let b = id.to_bytes();
         let mut want = [0u8; UniqueId::LEN];
@@ -839,6 +972,17 @@ mod tests {
         want[16..20].copy_from_slice(&[10, 1, 2, 3]);
         want[32..40].copy_from_slice(&[8, 7, 6, 5, 4, 3, 2, 1]);
         assert_eq!(b, want);
+        // With a secret: flags 1 at byte 40, the key at 48..80.
+        id.secret = Some([0xA5; 32]);
+        let b = id.to_bytes();
+        want[40] = 1;
+        want[48..80].copy_from_slice(&[0xA5; 32]);
+        assert_eq!(b, want);
+        assert_eq!(UniqueId::from_bytes(&b).unwrap(), id);
+        assert!(!format!("{id:?}").contains("165"), "{id:?}");
+        let mut bad_flags = b;
+        bad_flags[40] = 2;
+        assert!(UniqueId::from_bytes(&bad_flags).is_err());
         let mut bad = b;
         bad[10] = 5;
         let e = UniqueId::from_bytes(&bad).unwrap_err();
@@ -851,9 +995,9 @@ mod tests {
 
     proptest! {
         #[test]
-        fn unique_ids_round_trip(v6 in any::<bool>(), ip in any::<[u8; 16]>(), port in any::<u16>(), job in any::<u64>()) {
+        fn unique_ids_round_trip(v6 in any::<bool>(), ip in any::<[u8; 16]>(), port in any::<u16>(), job in any::<u64>(), secret in any::<Option<[u8; 32]>>()) {
             let ip = if v6 { IpAddr::from(ip) } else { IpAddr::from([ip[0], ip[1], ip[2], ip[3]]) };
-            let id = UniqueId { addr: SocketAddr::new(ip, port), job };
+            let id = UniqueId { addr: SocketAddr::new(ip, port), job, secret };
             prop_assert_eq!(UniqueId::from_bytes(&id.to_bytes()).unwrap(), id);
         }
 
@@ -862,11 +1006,11 @@ mod tests {
             let mut b = [fill; UniqueId::LEN];
             b[..32].copy_from_slice(&head);
             let _ = UniqueId::from_bytes(&b);
-            let id = UniqueId { addr: SocketAddr::new(IpAddr::from([127, 0, 0, 1]), 9), job: 5 };
+            let id = UniqueId { addr: SocketAddr::new(IpAddr::from([127, 0, 0, 1]), 9), job: 5, secret: None };
             let mut m = id.to_bytes();
             m[at] ^= flip;
-            // A flipped magic or family byte is refused; other bytes decode.
-            let refused = at < 8 || (at == 10 && m[10] != 6);
+            // A flipped magic, family or flags byte is refused; other bytes decode.
+            let refused = at < 8 || (at == 10 && m[10] != 6) || (at == 40 && m[40] != 1);
             prop_assert_eq!(UniqueId::from_bytes(&m).is_err(), refused);
         }
     }

@@ -17,10 +17,99 @@
 //! is an error.
 
 use std::net::IpAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use oxccl_transport::auth::JobSecret;
+
 use crate::{Error, Result};
+
+/// Whether connections are authenticated with the job's secret (`OXCCL_AUTH`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AuthMode {
+    /// A secret is required: init fails without one.
+    Require,
+    /// With a secret, authenticate; without one, run unauthenticated and
+    /// warn once.
+    #[default]
+    Auto,
+    /// Never authenticate (a peer that does is refused, by name).
+    Off,
+}
+
+impl AuthMode {
+    /// The name `OXCCL_AUTH` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            AuthMode::Require => "require",
+            AuthMode::Auto => "auto",
+            AuthMode::Off => "off",
+        }
+    }
+}
+
+/// The variables that supply a job secret, for messages.
+pub(crate) const SECRET_VARIABLES: &str = "OXCCL_JOB_SECRET (or OXCCL_JOB_SECRET_FILE)";
+
+/// The largest secret file read.
+const MAX_SECRET_FILE: u64 = 64 << 10;
+
+/// Reads a job secret from `path`: a regular file owned by this user that
+/// nobody else may read or write (mode 0600 or stricter).
+fn read_secret_file(variable: &str, path: &Path) -> Result<JobSecret> {
+    use std::io::Read;
+    use std::os::unix::fs::MetadataExt;
+    let shown = path.display();
+    let file = std::fs::File::open(path).map_err(|e| {
+        bad(
+            variable,
+            format!("cannot open the secret file {shown}: {e}"),
+        )
+    })?;
+    let meta = file.metadata().map_err(|e| {
+        bad(
+            variable,
+            format!("cannot read the secret file {shown}: {e}"),
+        )
+    })?;
+    if !meta.is_file() {
+        return Err(bad(
+            variable,
+            format!("the secret file {shown} is not a regular file"),
+        ));
+    }
+    let mode = meta.mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(bad(
+            variable,
+            format!(
+                "the secret file {shown} has mode {mode:04o}: others may read it; \
+                 it must be 0600 or stricter (chmod 600 {shown})"
+            ),
+        ));
+    }
+    let me = rustix::process::geteuid().as_raw();
+    if meta.uid() != me {
+        return Err(bad(
+            variable,
+            format!(
+                "the secret file {shown} belongs to user {}, not to this user ({me})",
+                meta.uid()
+            ),
+        ));
+    }
+    let mut text = String::new();
+    file.take(MAX_SECRET_FILE)
+        .read_to_string(&mut text)
+        .map_err(|e| {
+            bad(
+                variable,
+                format!("cannot read the secret file {shown}: {e}"),
+            )
+        })?;
+    JobSecret::from_text(&text)
+        .map_err(|why| bad(variable, format!("the secret file {shown} {why}")))
+}
 
 /// How ring neighbours connect (`OXCCL_TRANSPORT`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -176,6 +265,61 @@ pub const SETTINGS: &[Setting] = &[
             Ok(())
         }),
         show: Some(|c| show_path(&c.file_store)),
+    },
+    Setting {
+        name: "OXCCL_AUTH",
+        default: "auto",
+        doc: "Whether connections (the TCP store, ring links, the shared-memory handshake that runs on them) are authenticated with the job's secret: require (init fails without a secret), auto (authenticate with a secret; without one run unauthenticated and warn once), or off. Ranks that disagree fail at connect time naming why.",
+        agree: false,
+        parse: Some(|c, v| {
+            c.auth = match v.trim().to_ascii_lowercase().as_str() {
+                "require" => AuthMode::Require,
+                "auto" => AuthMode::Auto,
+                "off" => AuthMode::Off,
+                _ => {
+                    return Err(bad(
+                        "OXCCL_AUTH",
+                        format!("'{v}' is not one of require, auto, off"),
+                    ));
+                }
+            };
+            Ok(())
+        }),
+        show: Some(|c| c.auth.name().into()),
+    },
+    Setting {
+        name: "OXCCL_JOB_SECRET",
+        default: "",
+        doc: "The job's secret, the same on every rank (oxrun sets a fresh one per job): 64 hex digits, or any text (hashed to a key). Never logged, never written to a store.",
+        agree: false,
+        parse: Some(|c, v| {
+            c.job_secret = match v.trim() {
+                "" => None,
+                t => Some(JobSecret::from_text(t).map_err(|why| bad("OXCCL_JOB_SECRET", why))?),
+            };
+            Ok(())
+        }),
+        show: None,
+    },
+    Setting {
+        name: "OXCCL_JOB_SECRET_FILE",
+        default: "",
+        doc: "A file holding the job's secret (as OXCCL_JOB_SECRET's text), owned by this user with mode 0600 or stricter; instead of OXCCL_JOB_SECRET.",
+        agree: false,
+        parse: Some(|c, v| {
+            let Some(path) = opt_path(v) else {
+                return Ok(());
+            };
+            if c.job_secret.is_some() {
+                return Err(bad(
+                    "OXCCL_JOB_SECRET_FILE",
+                    "is set, and so is OXCCL_JOB_SECRET: set only one",
+                ));
+            }
+            c.job_secret = Some(read_secret_file("OXCCL_JOB_SECRET_FILE", &path)?);
+            Ok(())
+        }),
+        show: None,
     },
     Setting {
         name: "OXCCL_SOCKET_ADDR",
@@ -563,6 +707,11 @@ pub struct Config {
     pub stall_shutdown: Option<Duration>,
     /// Fusion engine: path of the Chrome trace to write.
     pub timeline: Option<PathBuf>,
+    /// Whether connections are authenticated.
+    pub auth: AuthMode,
+    /// The job's secret (from `OXCCL_JOB_SECRET` or `OXCCL_JOB_SECRET_FILE`;
+    /// a unique id's own secret takes its place).
+    pub job_secret: Option<JobSecret>,
 }
 
 impl Default for Config {
@@ -606,7 +755,40 @@ impl Config {
             stall_warning: Duration::ZERO,
             stall_shutdown: None,
             timeline: None,
+            auth: AuthMode::Auto,
+            job_secret: None,
         }
+    }
+
+    /// The secret this rank's connections use: `carried` (a unique id's)
+    /// or this config's, none with `OXCCL_AUTH=off`. Without one, `require`
+    /// is an error naming the variables to set, and `auto` warns once.
+    pub(crate) fn secret_in_use(&self, carried: Option<JobSecret>) -> Result<Option<JobSecret>> {
+        static WARNED: std::sync::Once = std::sync::Once::new();
+        if self.auth == AuthMode::Off {
+            return Ok(None);
+        }
+        let secret = carried.or_else(|| self.job_secret.clone());
+        if secret.is_none() {
+            if self.auth == AuthMode::Require {
+                return Err(bad(
+                    "OXCCL_AUTH",
+                    format!(
+                        "is require, but this rank has no job secret: set {SECRET_VARIABLES} to \
+                         the same secret on every rank (oxrun does), or make the communicator \
+                         from a unique id, which carries one"
+                    ),
+                ));
+            }
+            WARNED.call_once(|| {
+                tracing::warn!(
+                    "no job secret: connections are not authenticated, and any process that \
+                     reaches this job's ports can join it; set OXCCL_JOB_SECRET (the same on \
+                     every rank) to authenticate, or OXCCL_AUTH=off to silence this"
+                );
+            });
+        }
+        Ok(secret)
     }
 }
 
@@ -1376,7 +1558,11 @@ mod tests {
             if let Some(parse) = s.parse {
                 let mut c = Config::blank();
                 parse(&mut c, s.default).unwrap_or_else(|e| panic!("default of {}: {e}", s.name));
-                let shown = s.value(&d).unwrap();
+                // Secrets are never shown.
+                let Some(shown) = s.value(&d) else {
+                    assert!(s.name.contains("SECRET"), "{} has no show", s.name);
+                    continue;
+                };
                 let mut back = d.clone();
                 parse(&mut back, &shown).unwrap();
                 assert_eq!(back, d, "{} shows as {shown:?}", s.name);
@@ -1427,5 +1613,115 @@ mod tests {
         assert!(a.contains("OXCCL_SLICE_BYTES=4096\n"), "{a}");
         assert!(a.contains("OXCCL_TRANSPORT=auto\n"), "{a}");
         assert!(!a.contains("OXCCL_TIMEOUT"), "{a}");
+    }
+
+    fn cerr(pairs: &[(&str, &str)]) -> String {
+        Config::from_lookup(&env(pairs)).unwrap_err().to_string()
+    }
+
+    fn secret_file(name: &str, text: &str, mode: u32) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("oxccl-secret-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("secret");
+        std::fs::write(&path, text).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        path
+    }
+
+    #[test]
+    fn job_secrets_come_from_the_environment_or_a_private_file() {
+        let hexed = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
+        let c = Config::from_lookup(&env(&[("OXCCL_JOB_SECRET", hexed)])).unwrap();
+        assert_eq!(c.job_secret, Some(JobSecret::from_text(hexed).unwrap()));
+        let c = Config::from_lookup(&env(&[("OXCCL_JOB_SECRET", "a pass phrase")])).unwrap();
+        assert_eq!(
+            c.job_secret,
+            Some(JobSecret::from_text("a pass phrase").unwrap())
+        );
+        // Never shown: not in Debug, not among the agreed settings.
+        assert!(!format!("{c:?}").contains("pass phrase"));
+        assert!(!c.agreed().contains("SECRET"));
+        c.validate().unwrap();
+
+        // A file of mode 0600 (or stricter) works, and means the same text.
+        let ok = secret_file("ok", "a pass phrase\n", 0o600);
+        let c =
+            Config::from_lookup(&env(&[("OXCCL_JOB_SECRET_FILE", ok.to_str().unwrap())])).unwrap();
+        assert_eq!(
+            c.job_secret,
+            Some(JobSecret::from_text("a pass phrase").unwrap())
+        );
+        let strict = secret_file("strict", "x", 0o400);
+        Config::from_lookup(&env(&[("OXCCL_JOB_SECRET_FILE", strict.to_str().unwrap())])).unwrap();
+
+        // Others may read it: refused, naming the file and its mode.
+        let open = secret_file("open", "a pass phrase", 0o644);
+        let e = cerr(&[("OXCCL_JOB_SECRET_FILE", open.to_str().unwrap())]);
+        assert!(e.starts_with("OXCCL_JOB_SECRET_FILE"), "{e}");
+        assert!(e.contains(&open.display().to_string()), "{e}");
+        assert!(e.contains("mode 0644"), "{e}");
+        assert!(e.contains("0600"), "{e}");
+        let group = secret_file("group", "x", 0o640);
+        assert!(cerr(&[("OXCCL_JOB_SECRET_FILE", group.to_str().unwrap())]).contains("mode 0640"));
+
+        // Missing, empty, or given twice.
+        let e = cerr(&[("OXCCL_JOB_SECRET_FILE", "/nonexistent/oxccl-secret")]);
+        assert!(e.contains("/nonexistent/oxccl-secret"), "{e}");
+        let empty = secret_file("empty", " \n", 0o600);
+        assert!(cerr(&[("OXCCL_JOB_SECRET_FILE", empty.to_str().unwrap())]).contains("is empty"));
+        let e = cerr(&[
+            ("OXCCL_JOB_SECRET", "x"),
+            ("OXCCL_JOB_SECRET_FILE", ok.to_str().unwrap()),
+        ]);
+        assert!(e.contains("set only one"), "{e}");
+        for p in [ok, strict, open, group, empty] {
+            let _ = std::fs::remove_dir_all(p.parent().unwrap());
+        }
+    }
+
+    #[test]
+    fn auth_modes() {
+        assert_eq!(Config::default().auth, AuthMode::Auto);
+        for (v, m) in [
+            ("require", AuthMode::Require),
+            ("AUTO", AuthMode::Auto),
+            ("off", AuthMode::Off),
+        ] {
+            assert_eq!(
+                Config::from_lookup(&env(&[("OXCCL_AUTH", v)]))
+                    .unwrap()
+                    .auth,
+                m
+            );
+        }
+        let e = cerr(&[("OXCCL_AUTH", "maybe")]);
+        assert!(e.starts_with("OXCCL_AUTH"), "{e}");
+        assert!(e.contains("require, auto, off"), "{e}");
+
+        // require without a secret: an error naming the variables to set.
+        let c = Config {
+            auth: AuthMode::Require,
+            ..Config::default()
+        };
+        let e = c.secret_in_use(None).unwrap_err().to_string();
+        assert!(
+            e.contains("OXCCL_AUTH") && e.contains("OXCCL_JOB_SECRET"),
+            "{e}"
+        );
+        // ... which a unique id's secret satisfies.
+        let carried = JobSecret::from_text("carried").unwrap();
+        assert_eq!(
+            c.secret_in_use(Some(carried.clone())).unwrap(),
+            Some(carried.clone())
+        );
+        // auto without one: none (and a warning); off: none even with one.
+        assert_eq!(Config::default().secret_in_use(None).unwrap(), None);
+        let off = Config {
+            auth: AuthMode::Off,
+            job_secret: Some(carried.clone()),
+            ..Config::default()
+        };
+        assert_eq!(off.secret_in_use(Some(carried)).unwrap(), None);
     }
 }

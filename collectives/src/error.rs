@@ -163,6 +163,7 @@ impl Error {
                 | TransportError::Withdrawn { .. } => ErrorKind::Remote,
                 TransportError::Timeout { .. } => ErrorKind::Timeout,
                 TransportError::Handshake { .. } => ErrorKind::Remote,
+                TransportError::Auth(a) => auth_kind(a),
                 TransportError::Store(s) => store_kind(s),
                 _ => ErrorKind::System,
             },
@@ -195,7 +196,20 @@ impl Error {
 fn store_kind(e: &StoreError) -> ErrorKind {
     match e {
         StoreError::Timeout { .. } => ErrorKind::Timeout,
+        StoreError::Auth { source, .. } => auth_kind(source),
         _ => ErrorKind::System,
+    }
+}
+
+/// A peer that fails authentication disagrees with this rank (another
+/// job, another secret, another build): remote, unless the wait ran out or
+/// the system failed.
+fn auth_kind(e: &oxccl_transport::auth::AuthError) -> ErrorKind {
+    use oxccl_transport::auth::AuthError;
+    match e {
+        AuthError::Timeout { .. } => ErrorKind::Timeout,
+        AuthError::Io { .. } | AuthError::Randomness(_) => ErrorKind::System,
+        _ => ErrorKind::Remote,
     }
 }
 

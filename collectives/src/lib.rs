@@ -43,7 +43,7 @@ mod schedule;
 
 pub use bootstrap::{UniqueId, run_in_process};
 pub use comm::{AbortHandle, Communicator, Stats};
-pub use config::{Algo, Config, Transport};
+pub use config::{Algo, AuthMode, Config, Transport};
 pub use descriptor::Descriptor;
 pub use error::{Error, ErrorKind, Result};
 pub use half::{bf16, f16};
@@ -51,6 +51,7 @@ pub use half::{bf16, f16};
 pub use oxccl_kernels as kernels;
 pub use oxccl_kernels::DeviceMemory;
 pub use oxccl_kernels::{DType, Element, ReduceOp};
+pub use oxccl_transport::auth::JobSecret;
 pub use schedule::Kind;
 
 /// The instant `after` from now; a wait longer than a century (a timeout of

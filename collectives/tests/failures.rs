@@ -329,6 +329,7 @@ fn stray_connections_are_refused_and_the_job_completes() {
     let other = tcp::connect_start(
         addr,
         tcp::hello(job_id ^ 1, 3, 2, 0, 1),
+        None,
         TcpOptions::default(),
         deadline,
     )

@@ -34,6 +34,54 @@ fn oxrun(n: usize, args: &[&str], vars: &[(&str, &str)]) -> (bool, String, Strin
     )
 }
 
+/// oxrun's secret authenticates the job: with OXCCL_AUTH=require the ranks
+/// have one (or init would fail), and the collectives run over both links.
+#[test]
+fn an_oxrun_job_is_authenticated() {
+    for transport in ["shm", "tcp"] {
+        let (ok, stdout, stderr) = oxrun(
+            3,
+            &["-c", "all_reduce", "-b", "64K", "-i", "1"],
+            &[
+                ("OXCCL_AUTH", "require"),
+                ("OXCCL_TRANSPORT", transport),
+                ("OXCCL_DEBUG", "info"),
+            ],
+        );
+        assert!(ok, "{transport}:\n{stdout}\n{stderr}");
+        assert!(stdout.contains("all_reduce"), "{stdout}");
+        for r in 0..3 {
+            let said = format!("rank {r}: every link authenticated with the job secret");
+            assert!(
+                stderr.contains(&said),
+                "{transport}: no '{said}' in:\n{stderr}"
+            );
+        }
+    }
+    // Without oxrun's secret (OXCCL_AUTH=require, and the ranks' secret
+    // taken away by a wrapper), init fails naming the variable.
+    let out = Command::new(OXRUN)
+        .args([
+            "-n",
+            "2",
+            "--timeout",
+            "60",
+            "--",
+            "/usr/bin/env",
+            "-u",
+            "OXCCL_JOB_SECRET",
+            CHECK,
+        ])
+        .args(["-c", "all_reduce", "-b", "1K", "-i", "1"])
+        .env("OXCCL_TIMEOUT", "10")
+        .env("OXCCL_AUTH", "require")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("OXCCL_JOB_SECRET"), "{stderr}");
+}
+
 #[test]
 fn every_collective_through_oxrun_with_2_and_4_ranks_over_shm_and_tcp() {
     for (n, transport) in [(2, "shm"), (4, "shm"), (2, "tcp"), (4, "tcp")] {

@@ -9,6 +9,8 @@ fn oxrun() -> Command {
     // Keep the children's environment predictable.
     for v in [
         "OXCCL_RANK",
+        "OXCCL_JOB_SECRET",
+        "OXCCL_JOB_SECRET_FILE",
         "RANK",
         "SLURM_PROCID",
         "SLURM_NTASKS",
@@ -259,4 +261,39 @@ fn stopping_the_job_kills_processes_started_by_ranks() {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Every rank of a job gets the same secret, fresh for each job; a secret
+/// in oxrun's environment is passed on instead.
+#[test]
+fn gives_each_job_a_fresh_secret() {
+    let secrets = |cmd: &mut Command| -> Vec<String> {
+        let (out, _) = run(cmd);
+        let stdout = text(&out.stdout);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{stdout}\n{}",
+            text(&out.stderr)
+        );
+        let mut v: Vec<String> = stdout
+            .lines()
+            .filter_map(|l| l.split_once("secret=").map(|(_, s)| s.to_string()))
+            .collect();
+        v.sort();
+        v
+    };
+    let first = secrets(&mut sh("3", "echo secret=$OXCCL_JOB_SECRET"));
+    assert_eq!(first.len(), 3, "{first:?}");
+    assert!(first.iter().all(|s| *s == first[0]), "{first:?}");
+    assert_eq!(first[0].len(), 64, "{first:?}");
+    assert!(first[0].bytes().all(|b| b.is_ascii_hexdigit()), "{first:?}");
+    let second = secrets(&mut sh("2", "echo secret=$OXCCL_JOB_SECRET"));
+    assert_ne!(first[0], second[0], "two jobs got the same secret");
+    let given = secrets(sh("2", "echo secret=$OXCCL_JOB_SECRET").env("OXCCL_JOB_SECRET", "mine"));
+    assert_eq!(given, vec!["mine", "mine"]);
+    let file = secrets(
+        sh("1", "echo secret=$OXCCL_JOB_SECRET").env("OXCCL_JOB_SECRET_FILE", "/some/file"),
+    );
+    assert_eq!(file, vec![""]);
 }

@@ -68,6 +68,10 @@ pub enum TransportError {
         /// The header that came.
         got: Box<crate::wire::FrameHeader>,
     },
+    /// A connection did not authenticate: a rank of another job, a peer
+    /// without the job's secret, or no oxccl peer at all.
+    #[error(transparent)]
+    Auth(#[from] crate::auth::AuthError),
     /// A rendezvous store failed.
     #[error(transparent)]
     Store(#[from] StoreError),

@@ -27,6 +27,7 @@
 //! Messages are a fixed [`wire::FrameHeader`] and a payload; the engine
 //! decides what the header's opaque descriptor bytes mean.
 
+pub mod auth;
 pub mod codec;
 mod error;
 pub mod fault;
@@ -44,3 +45,44 @@ pub use link::{
     wait_watching,
 };
 pub use message::{Incoming, Lent, MessageLink, Outgoing, Parts, Status};
+
+/// What the code under test logs, for tests that check a warning is given.
+#[cfg(test)]
+pub(crate) mod test_log {
+    use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+
+    #[derive(Clone, Default)]
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Sink {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .extend_from_slice(b);
+            Ok(b.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    static SINK: OnceLock<Sink> = OnceLock::new();
+
+    /// Everything logged at warn and above in this test process so far
+    /// (from every thread: the subscriber is global, installed on first use).
+    pub(crate) fn warnings() -> String {
+        let sink = SINK.get_or_init(|| {
+            let sink = Sink::default();
+            let writer = sink.clone();
+            let _ = tracing_subscriber::fmt()
+                .with_max_level(tracing::Level::WARN)
+                .with_ansi(false)
+                .with_writer(move || writer.clone())
+                .try_init();
+            sink
+        });
+        String::from_utf8_lossy(&sink.0.lock().unwrap_or_else(PoisonError::into_inner)).into_owned()
+    }
+}

@@ -1,6 +1,9 @@
 //! TCP links: socket options, connecting and accepting with a handshake.
 //!
-//! Every connection starts with a [`Hello`] from the connecting side. The
+//! Every connection starts with authentication ([`auth`](crate::auth)):
+//! both sides prove they know the job's secret (or, without one, exchange
+//! greetings that say so) before anything else is read. Then the
+//! connecting side sends a [`Hello`]. The
 //! accepting side checks magic, protocol version, job id, world size and the
 //! sender's rank, answers with a [`HelloReply`], and only then hands the
 //! connection to the engine. Anything else that connects (a port scanner, a
@@ -10,11 +13,13 @@
 
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use rustix::event::{PollFd, PollFlags, Timespec};
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
 
+use crate::auth::{self, AuthError, Handshake, JobSecret, Role, link_context};
 use crate::wire::{Hello, HelloReply, PROTOCOL_VERSION, refuse};
 use crate::{StreamLink, TransportError};
 
@@ -94,10 +99,11 @@ impl Listener {
     pub fn accept_peer(
         &self,
         expect: Hello,
+        secret: Option<&JobSecret>,
         options: TcpOptions,
         deadline: Instant,
     ) -> Result<(StreamLink, usize), TransportError> {
-        let (mut links, refused) = self.accept_peers(&[expect], options, deadline)?;
+        let (mut links, refused) = self.accept_peers(&[expect], secret, options, deadline)?;
         match links.pop() {
             Some(l) => Ok((l, refused)),
             None => Err(TransportError::Protocol {
@@ -108,27 +114,35 @@ impl Listener {
     }
 
     /// Accepts one connection for each [`Hello`] of `expect`, in any order,
-    /// refusing and logging every other connection meanwhile.
+    /// refusing and logging every other connection meanwhile. Each must
+    /// first prove it knows `secret` (none: it must have none either).
     ///
     /// Returns the links in the order of `expect`, and the number of
     /// connections refused.
     pub fn accept_peers(
         &self,
         expect: &[Hello],
+        secret: Option<&JobSecret>,
         options: TcpOptions,
         deadline: Instant,
     ) -> Result<(Vec<StreamLink>, usize), TransportError> {
         let mut found: Vec<Option<StreamLink>> = expect.iter().map(|_| None).collect();
-        if expect.is_empty() {
+        let Some(own) = expect.first().map(|h| h.to) else {
             return Ok((Vec::new(), 0));
-        }
+        };
+        let context = link_context(own);
         struct Pending {
             stream: TcpStream,
             addr: SocketAddr,
+            auth: Handshake,
             buf: [u8; Hello::LEN],
             filled: usize,
             since: Instant,
         }
+        // Connections that failed authentication, and the last reason: a
+        // wait that ends in vain says so.
+        let mut auth_refused = 0usize;
+        let mut last_auth: Option<String> = None;
         const STRAY_PATIENCE: Duration = Duration::from_secs(10);
         let start = Instant::now();
         let mut pending: Vec<Pending> = Vec::new();
@@ -138,17 +152,31 @@ impl Listener {
             loop {
                 match self.inner.accept() {
                     Ok((stream, addr)) => {
-                        if let Err(e) = stream.set_nonblocking(true) {
-                            tracing::warn!("dropping connection from {addr}: {e}");
-                            continue;
-                        }
-                        pending.push(Pending {
+                        let auth = Handshake::new(
+                            Role::Accepting,
+                            secret,
+                            &context,
+                            format!("connection from {addr}"),
+                        )?;
+                        let mut p = Pending {
                             stream,
                             addr,
+                            auth,
                             buf: [0; Hello::LEN],
                             filled: 0,
                             since: Instant::now(),
-                        });
+                        };
+                        // The greeting goes out at once (48 bytes fit a
+                        // fresh socket's buffer).
+                        if let Err(e) = p
+                            .stream
+                            .set_nonblocking(true)
+                            .and_then(|()| send_now(&p.stream, &mut p.auth))
+                        {
+                            tracing::warn!("dropping connection from {addr} on {}: {e}", self.addr);
+                            continue;
+                        }
+                        pending.push(p);
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -162,7 +190,22 @@ impl Listener {
             let mut i = 0;
             while i < pending.len() {
                 let p = &mut pending[i];
-                let verdict: Option<Result<usize, String>> =
+                let verdict: Option<Result<usize, String>> = if !p.auth.is_done() {
+                    match authenticate_step_on(&p.stream, &mut p.auth) {
+                        Ok(()) => None,
+                        Err(e) => {
+                            if let Some(e) = e.auth() {
+                                auth_refused += 1;
+                                last_auth = Some(e.to_string());
+                            }
+                            Some(Err(e.to_string()))
+                        }
+                    }
+                    .or_else(|| {
+                        (!p.auth.is_done() && p.since.elapsed() > STRAY_PATIENCE)
+                            .then(|| Err(format!("did not authenticate within {STRAY_PATIENCE:?}")))
+                    })
+                } else {
                     match p.stream.read(&mut p.buf[p.filled..]) {
                         Ok(0) => Some(Err("closed before completing the handshake".into())),
                         Ok(n) => {
@@ -186,7 +229,8 @@ impl Listener {
                             }
                         }
                         Err(e) => Some(Err(format!("failed during the handshake: {e}"))),
-                    };
+                    }
+                };
                 match verdict {
                     None => i += 1,
                     Some(Ok(k)) => {
@@ -250,13 +294,18 @@ impl Listener {
                     .collect();
                 return Err(TransportError::Timeout {
                     what: format!(
-                        "waiting for rank {} to connect to {}{}",
+                        "waiting for rank {} to connect to {}{}{}",
                         missing.join(", "),
                         self.addr,
                         if refused > 0 {
                             format!(" ({refused} other connections refused)")
                         } else {
                             String::new()
+                        },
+                        match &last_auth {
+                            Some(why) =>
+                                format!("; {auth_refused} failed authentication, the last: {why}"),
+                            None => String::new(),
                         }
                     ),
                     waited: start.elapsed(),
@@ -280,6 +329,72 @@ impl Listener {
             }
         }
     }
+}
+
+/// Why an accepted connection's authentication stopped.
+enum StepError {
+    /// It did not authenticate.
+    Auth(AuthError),
+    /// The connection failed.
+    Io(io::Error),
+}
+
+impl StepError {
+    fn auth(&self) -> Option<&AuthError> {
+        match self {
+            StepError::Auth(e) => Some(e),
+            StepError::Io(_) => None,
+        }
+    }
+}
+
+impl std::fmt::Display for StepError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StepError::Auth(e) => write!(f, "{e}"),
+            StepError::Io(e) => write!(f, "failed during authentication: {e}"),
+        }
+    }
+}
+
+/// Sends what the handshake has to send on a nonblocking socket; its
+/// messages are small enough for a fresh socket's buffer, so a full buffer
+/// is an error.
+fn send_now(stream: &TcpStream, hs: &mut Handshake) -> io::Result<()> {
+    while !hs.output().is_empty() {
+        match (&*stream).write(hs.output()) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => hs.sent(n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Reads what the peer sent of its authentication and answers it, without
+/// blocking.
+fn authenticate_step_on(stream: &TcpStream, hs: &mut Handshake) -> Result<(), StepError> {
+    while !hs.is_done() {
+        match (&*stream).read(hs.input()) {
+            Ok(0) => {
+                return Err(StepError::Auth(AuthError::Closed {
+                    peer: hs.peer().to_owned(),
+                }));
+            }
+            Ok(n) => hs.received(n).map_err(StepError::Auth)?,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if auth::closed(&e) => {
+                return Err(StepError::Auth(AuthError::Closed {
+                    peer: hs.peer().to_owned(),
+                }));
+            }
+            Err(e) => return Err(StepError::Io(e)),
+        }
+        send_now(stream, hs).map_err(StepError::Io)?;
+    }
+    Ok(())
 }
 
 /// Checks a received hello against the ones expected and not yet found;
@@ -338,23 +453,28 @@ fn check_hello(
     }
 }
 
-/// A connection whose hello is sent and whose reply is still to be read.
+/// A connection whose handshake (authentication, hello and reply) runs on
+/// a thread of its own, while this rank accepts its own peers.
 ///
 /// Connecting is split in two so that every rank can first connect to its
-/// next peer and then accept from its previous one without a deadlock.
+/// next peer and then accept from its previous one without a deadlock:
+/// authentication needs both sides to take turns, so the connecting side
+/// cannot wait for its answers before it accepts.
 #[derive(Debug)]
 pub struct PendingConnect {
-    stream: TcpStream,
+    done: mpsc::Receiver<Result<TcpStream, TransportError>>,
     addr: SocketAddr,
     peer: usize,
     options: TcpOptions,
 }
 
-/// Connects to `addr` (retrying while nobody listens there, until `deadline`)
-/// and sends `hello`.
+/// Connects to `addr` (retrying while nobody listens there, until
+/// `deadline`) and starts the handshake: authenticating with `secret`,
+/// then sending `hello` and reading the reply, all before `deadline`.
 pub fn connect_start(
     addr: SocketAddr,
     hello: Hello,
+    secret: Option<&JobSecret>,
     options: TcpOptions,
     deadline: Instant,
 ) -> Result<PendingConnect, TransportError> {
@@ -391,6 +511,39 @@ pub fn connect_start(
             }
         }
     };
+    // The greeting's nonce is drawn here, so that a failure shows at once.
+    let hs = Handshake::new(
+        Role::Connecting,
+        secret,
+        &link_context(hello.to),
+        format!("rank {peer} at {addr}"),
+    )?;
+    let (tx, done) = mpsc::channel();
+    std::thread::Builder::new()
+        .name(format!("oxccl-connect-{peer}"))
+        .spawn(move || {
+            // The receiver may be gone (the rank failed meanwhile): fine.
+            let _ = tx.send(handshake(stream, hs, hello, addr, deadline));
+        })
+        .map_err(|e| TransportError::io(format!("starting the handshake with rank {peer}"), e))?;
+    Ok(PendingConnect {
+        done,
+        addr,
+        peer,
+        options,
+    })
+}
+
+/// The connecting side's handshake: authentication, the hello, the reply.
+fn handshake(
+    stream: TcpStream,
+    mut hs: Handshake,
+    hello: Hello,
+    addr: SocketAddr,
+    deadline: Instant,
+) -> Result<TcpStream, TransportError> {
+    let peer = hello.to;
+    auth::drive(&stream, &mut hs, deadline)?;
     let what = || format!("sending the handshake to rank {peer} at {addr}");
     stream
         .set_write_timeout(Some(remaining(deadline).max(Duration::from_millis(100))))
@@ -398,75 +551,92 @@ pub fn connect_start(
     (&stream)
         .write_all(&hello.encode())
         .map_err(|e| TransportError::io(what(), e))?;
-    Ok(PendingConnect {
-        stream,
-        addr,
-        peer,
-        options,
-    })
+    let start = Instant::now();
+    let mut buf = [0u8; HelloReply::LEN];
+    let mut filled = 0;
+    while filled < buf.len() {
+        let left = remaining(deadline);
+        if left.is_zero() {
+            return Err(TransportError::Timeout {
+                what: format!("waiting for rank {peer} at {addr} to answer the handshake"),
+                waited: start.elapsed(),
+            });
+        }
+        stream
+            .set_read_timeout(Some(left))
+            .map_err(|e| TransportError::io("setting a read timeout", e))?;
+        match (&stream).read(&mut buf[filled..]) {
+            Ok(0) => {
+                return Err(TransportError::Handshake {
+                    addr: addr.to_string(),
+                    reason: format!("rank {peer} closed the connection during the handshake"),
+                });
+            }
+            Ok(n) => filled += n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::Interrupted
+                ) => {}
+            Err(e) => {
+                return Err(TransportError::io(
+                    format!("reading the handshake reply of rank {peer} at {addr}"),
+                    e,
+                ));
+            }
+        }
+    }
+    match HelloReply::decode(&buf) {
+        Ok(HelloReply::Accept) => Ok(stream),
+        Ok(HelloReply::Refuse(code)) => Err(TransportError::Handshake {
+            addr: addr.to_string(),
+            reason: format!("rank {peer} refused us: {}", HelloReply::reason(code)),
+        }),
+        Err(e) => Err(TransportError::Handshake {
+            addr: addr.to_string(),
+            reason: e.to_string(),
+        }),
+    }
 }
 
 impl PendingConnect {
-    /// Waits for the peer's reply and returns the link.
+    /// The handshake's error, if it has failed already (without waiting):
+    /// a rank whose accept failed reports this first, as it says more.
+    pub fn failed_now(&self) -> Option<TransportError> {
+        match self.done.try_recv() {
+            Ok(Err(e)) => Some(e),
+            _ => None,
+        }
+    }
+
+    /// Waits for the handshake to end and returns the link.
     pub fn finish(self, deadline: Instant) -> Result<StreamLink, TransportError> {
         let PendingConnect {
-            stream,
+            done,
             addr,
             peer,
             options,
         } = self;
         let start = Instant::now();
-        let mut buf = [0u8; HelloReply::LEN];
-        let mut filled = 0;
-        while filled < buf.len() {
-            let left = remaining(deadline);
-            if left.is_zero() {
+        // The handshake's own reads end by its deadline; the margin lets
+        // its error (which says more than this one) arrive first.
+        let stream = match done.recv_timeout(remaining(deadline) + Duration::from_secs(2)) {
+            Ok(r) => r?,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
                 return Err(TransportError::Timeout {
-                    what: format!("waiting for rank {peer} at {addr} to answer the handshake"),
+                    what: format!("waiting for the handshake with rank {peer} at {addr}"),
                     waited: start.elapsed(),
                 });
             }
-            stream
-                .set_read_timeout(Some(left))
-                .map_err(|e| TransportError::io("setting a read timeout", e))?;
-            match (&stream).read(&mut buf[filled..]) {
-                Ok(0) => {
-                    return Err(TransportError::Handshake {
-                        addr: addr.to_string(),
-                        reason: format!("rank {peer} closed the connection during the handshake"),
-                    });
-                }
-                Ok(n) => filled += n,
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock
-                            | io::ErrorKind::TimedOut
-                            | io::ErrorKind::Interrupted
-                    ) => {}
-                Err(e) => {
-                    return Err(TransportError::io(
-                        format!("reading the handshake reply of rank {peer} at {addr}"),
-                        e,
-                    ));
-                }
-            }
-        }
-        match HelloReply::decode(&buf) {
-            Ok(HelloReply::Accept) => {}
-            Ok(HelloReply::Refuse(code)) => {
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
                 return Err(TransportError::Handshake {
                     addr: addr.to_string(),
-                    reason: format!("rank {peer} refused us: {}", HelloReply::reason(code)),
+                    reason: format!("the handshake with rank {peer} ended without a result"),
                 });
             }
-            Err(e) => {
-                return Err(TransportError::Handshake {
-                    addr: addr.to_string(),
-                    reason: e.to_string(),
-                });
-            }
-        }
+        };
         stream
             .set_read_timeout(None)
             .and_then(|_| stream.set_write_timeout(None))
@@ -510,16 +680,28 @@ mod tests {
         let mut garbage = TcpStream::connect(addr).unwrap();
         garbage.write_all(&[0xAB; 64]).unwrap();
         let _silent = TcpStream::connect(addr).unwrap();
-        let other_job =
-            connect_start(addr, hello(99, 2, 0, 1, 0), TcpOptions::default(), soon()).unwrap();
+        let other_job = connect_start(
+            addr,
+            hello(99, 2, 0, 1, 0),
+            None,
+            TcpOptions::default(),
+            soon(),
+        )
+        .unwrap();
         std::thread::sleep(Duration::from_millis(50));
         let real = std::thread::spawn(move || {
-            let p =
-                connect_start(addr, hello(7, 2, 0, 1, 0), TcpOptions::default(), soon()).unwrap();
+            let p = connect_start(
+                addr,
+                hello(7, 2, 0, 1, 0),
+                None,
+                TcpOptions::default(),
+                soon(),
+            )
+            .unwrap();
             p.finish(soon()).unwrap()
         });
         let (mut link, refused) = l
-            .accept_peer(hello(7, 2, 0, 1, 0), TcpOptions::default(), soon())
+            .accept_peer(hello(7, 2, 0, 1, 0), None, TcpOptions::default(), soon())
             .unwrap();
         assert_eq!(link.peer(), 0);
         assert!(refused >= 1, "refused {refused}");
@@ -555,6 +737,7 @@ mod tests {
         let e = l
             .accept_peer(
                 hello(1, 3, 2, 0, 0),
+                None,
                 TcpOptions::default(),
                 Instant::now() + Duration::from_millis(100),
             )
@@ -572,11 +755,139 @@ mod tests {
         let e = connect_start(
             addr,
             hello(1, 2, 0, 1, 0),
+            None,
             TcpOptions::default(),
             Instant::now() + Duration::from_millis(200),
         )
         .unwrap_err();
         assert!(matches!(e, TransportError::Timeout { .. }), "{e}");
         assert!(e.to_string().contains("rank 1"), "{e}");
+    }
+
+    fn secret(s: &str) -> JobSecret {
+        JobSecret::from_text(s).unwrap()
+    }
+
+    #[test]
+    fn a_stray_with_another_secret_is_dropped_and_the_real_peer_connects() {
+        crate::test_log::warnings();
+        let ours = secret("ours");
+        let l = Listener::bind(IpAddr::V4(Ipv4Addr::LOCALHOST)).unwrap();
+        let addr = l.local_addr();
+        // A rank of another job whose hello is exactly the expected one.
+        let stray = connect_start(
+            addr,
+            hello(7, 2, 0, 1, 0),
+            Some(&secret("theirs")),
+            TcpOptions::default(),
+            soon(),
+        )
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        let real = {
+            let ours = ours.clone();
+            std::thread::spawn(move || {
+                connect_start(
+                    addr,
+                    hello(7, 2, 0, 1, 0),
+                    Some(&ours),
+                    TcpOptions::default(),
+                    soon(),
+                )
+                .unwrap()
+                .finish(soon())
+            })
+        };
+        let (link, refused) = l
+            .accept_peer(
+                hello(7, 2, 0, 1, 0),
+                Some(&ours),
+                TcpOptions::default(),
+                soon(),
+            )
+            .unwrap();
+        assert_eq!(link.peer(), 0);
+        assert_eq!(refused, 1);
+        let logged = crate::test_log::warnings();
+        assert!(
+            logged
+                .lines()
+                .any(|l| l.contains("refused connection from 127.0.0.1:")
+                    && l.contains(&format!("on {addr}"))
+                    && l.contains("belongs to another job")),
+            "{logged}"
+        );
+        assert_eq!(real.join().unwrap().unwrap().peer(), 1);
+        // The stray is told, naming the rank and address it reached.
+        let e = stray.finish(soon()).unwrap_err();
+        assert!(
+            matches!(&e, TransportError::Auth(a) if a.is_wrong_secret()),
+            "{e:?}"
+        );
+        assert!(
+            e.to_string()
+                .starts_with(&format!("rank 1 at {addr} belongs to another job")),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_wait_in_vain_names_the_failed_authentication() {
+        let l = Listener::bind(IpAddr::V4(Ipv4Addr::LOCALHOST)).unwrap();
+        let addr = l.local_addr();
+        let stray = connect_start(
+            addr,
+            hello(7, 2, 0, 1, 0),
+            Some(&secret("theirs")),
+            TcpOptions::default(),
+            soon(),
+        )
+        .unwrap();
+        let start = Instant::now();
+        let e = l
+            .accept_peer(
+                hello(7, 2, 0, 1, 0),
+                Some(&secret("ours")),
+                TcpOptions::default(),
+                Instant::now() + Duration::from_millis(500),
+            )
+            .unwrap_err();
+        assert!(start.elapsed() < Duration::from_secs(3));
+        let msg = e.to_string();
+        assert!(msg.contains("waiting for rank 0"), "{msg}");
+        assert!(msg.contains("1 failed authentication"), "{msg}");
+        assert!(msg.contains("belongs to another job"), "{msg}");
+        assert!(
+            stray
+                .finish(soon())
+                .unwrap_err()
+                .to_string()
+                .contains("another job")
+        );
+    }
+
+    #[test]
+    fn a_peer_without_the_secret_is_told_which_variable_to_set() {
+        let l = Listener::bind(IpAddr::V4(Ipv4Addr::LOCALHOST)).unwrap();
+        let addr = l.local_addr();
+        let bare = connect_start(
+            addr,
+            hello(7, 2, 0, 1, 0),
+            None,
+            TcpOptions::default(),
+            soon(),
+        )
+        .unwrap();
+        let e = l
+            .accept_peer(
+                hello(7, 2, 0, 1, 0),
+                Some(&secret("ours")),
+                TcpOptions::default(),
+                Instant::now() + Duration::from_millis(500),
+            )
+            .unwrap_err();
+        assert!(e.to_string().contains("has no job secret"), "{e}");
+        let e = bare.finish(soon()).unwrap_err();
+        assert!(e.to_string().contains("OXCCL_JOB_SECRET"), "{e}");
     }
 }

@@ -97,6 +97,8 @@ typedef struct oxcclComm oxcclComm;
 
 // What every rank needs to find the others, made by `oxcclGetUniqueId` on
 // one rank and passed by the application to the others (128 bytes, as NCCL's).
+// It carries the job's secret, with which the store and every link are
+// authenticated: hand it to the other ranks as you would a password.
 typedef struct {
   // Opaque bytes.
   char internal[128];
@@ -133,7 +135,9 @@ oxcclResult_t oxcclGetVersion(int *version);
 
 // Creates a unique id (serving a rendezvous store on OXCCL_BOOTSTRAP_ADDR,
 // default 127.0.0.1, from this process) for `oxcclCommInitRank`. Call it on
-// one rank and pass the bytes to the others.
+// one rank and pass the bytes to the others. The id carries the job's
+// secret: OXCCL_JOB_SECRET's if set, else fresh random bytes (none with
+// OXCCL_AUTH=off).
 //
 // # Safety
 //

@@ -168,12 +168,21 @@ pub enum RedOp {
 
 /// What every rank needs to find the others, made by `oxcclGetUniqueId` on
 /// one rank and passed by the application to the others (128 bytes, as NCCL's).
+/// It carries the job's secret, with which the store and every link are
+/// authenticated: hand it to the other ranks as you would a password.
 #[allow(non_camel_case_types)]
 #[repr(C)]
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone, Copy)]
 pub struct oxcclUniqueId {
     /// Opaque bytes.
     pub internal: [c_char; 128],
+}
+
+impl std::fmt::Debug for oxcclUniqueId {
+    /// The bytes hold the job's secret: they are not shown.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("oxcclUniqueId(..)")
+    }
 }
 
 /// A communicator: one rank's place in a world. Opaque to C.
@@ -936,7 +945,9 @@ pub unsafe extern "C" fn oxcclGetVersion(version: *mut c_int) -> oxcclResult_t {
 
 /// Creates a unique id (serving a rendezvous store on OXCCL_BOOTSTRAP_ADDR,
 /// default 127.0.0.1, from this process) for `oxcclCommInitRank`. Call it on
-/// one rank and pass the bytes to the others.
+/// one rank and pass the bytes to the others. The id carries the job's
+/// secret: OXCCL_JOB_SECRET's if set, else fresh random bytes (none with
+/// OXCCL_AUTH=off).
 ///
 /// # Safety
 ///
@@ -1427,6 +1438,52 @@ mod tests {
         match r {
             Ok(_) => ResultCode::oxcclSuccess,
             Err(f) => f.code,
+        }
+    }
+
+    #[test]
+    fn unique_ids_carry_a_fresh_secret_that_init_uses() {
+        let get = || {
+            let mut id = oxcclUniqueId { internal: [0; 128] };
+            // SAFETY: a writable id.
+            assert_eq!(unsafe { oxcclGetUniqueId(&mut id) }, 0);
+            id
+        };
+        let (a, b) = (get(), get());
+        let bytes = |id: &oxcclUniqueId| id.internal.map(|c| c as u8);
+        // Byte 40 says a secret follows at 48..80; each id has its own.
+        assert_eq!(bytes(&a)[40], 1);
+        assert_ne!(bytes(&a)[48..80], bytes(&b)[48..80]);
+        assert_eq!(format!("{a:?}"), "oxcclUniqueId(..)");
+        // An id with another secret is refused by the store, by name.
+        let mut forged = a;
+        forged.internal[60] ^= 0x55;
+        let mut c = std::ptr::null_mut();
+        // SAFETY: a writable handle.
+        assert_ne!(unsafe { oxcclCommInitRank(&mut c, 2, forged, 1) }, 0);
+        let msg = oxcclGetLastError(std::ptr::null_mut());
+        // SAFETY: a valid C string from oxcclGetLastError.
+        let msg = unsafe { CStr::from_ptr(msg) }
+            .to_string_lossy()
+            .into_owned();
+        assert!(msg.contains("belongs to another job"), "{msg}");
+        // The real id works.
+        let ranks: Vec<_> = (0..2)
+            .map(|r| {
+                std::thread::spawn(move || {
+                    let mut c = std::ptr::null_mut();
+                    // SAFETY: a writable handle.
+                    let rc = unsafe { oxcclCommInitRank(&mut c, 2, a, r) };
+                    if rc == 0 {
+                        // SAFETY: a communicator made above, destroyed once.
+                        assert_eq!(unsafe { oxcclCommDestroy(c) }, 0);
+                    }
+                    rc
+                })
+            })
+            .collect();
+        for t in ranks {
+            assert_eq!(t.join().unwrap(), 0);
         }
     }
 

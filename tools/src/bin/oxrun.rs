@@ -100,6 +100,10 @@ Every rank R in 0..N is started with these environment variables:
 and torchrun's, so that other libraries find them too:
   RANK=R  WORLD_SIZE=N  LOCAL_RANK=R  LOCAL_WORLD_SIZE=N
   MASTER_ADDR=ADDR  MASTER_PORT=PORT
+and the job's secret, with which the ranks authenticate every connection:
+  OXCCL_JOB_SECRET=64 hex digits, fresh random bytes for each job
+(unless oxrun's own environment sets OXCCL_JOB_SECRET or
+OXCCL_JOB_SECRET_FILE, which the ranks then inherit instead).
 The variables of other launchers that oxccl also reads, and that would
 contradict these, are removed: OMPI_COMM_WORLD_RANK, OMPI_COMM_WORLD_SIZE,
 OMPI_COMM_WORLD_LOCAL_RANK, PMI_RANK, PMI_SIZE, MPI_LOCALRANKID, SLURM_PROCID,
@@ -394,7 +398,7 @@ fn free_port() -> io::Result<u16> {
     Ok(l.local_addr()?.port())
 }
 
-fn spawn_rank(cli: &Cli, port: u16, rank: usize) -> io::Result<Rank> {
+fn spawn_rank(cli: &Cli, port: u16, secret: Option<&str>, rank: usize) -> io::Result<Rank> {
     let (program, args) = match cli.command.split_first() {
         Some(pa) => pa,
         None => return Err(io::Error::new(io::ErrorKind::InvalidInput, "no program")),
@@ -425,6 +429,9 @@ fn spawn_rank(cli: &Cli, port: u16, rank: usize) -> io::Result<Rank> {
         .env("LOCAL_WORLD_SIZE", &world)
         .env("MASTER_ADDR", &cli.master_addr)
         .env("MASTER_PORT", &port_s);
+    if let Some(secret) = secret {
+        cmd.env("OXCCL_JOB_SECRET", secret);
+    }
     let mut child = cmd.spawn()?;
     let mut readers = Vec::with_capacity(2);
     let mut start_readers = || -> io::Result<()> {
@@ -472,11 +479,27 @@ fn run(cli: &Cli) -> u8 {
         .map(|p| p.to_string_lossy().into_owned())
         .unwrap_or_default();
 
+    // One secret per job, unless the caller gives the ranks one already.
+    let given = ["OXCCL_JOB_SECRET", "OXCCL_JOB_SECRET_FILE"]
+        .iter()
+        .any(|v| std::env::var_os(v).is_some_and(|s| !s.is_empty()));
+    let secret = if given {
+        None
+    } else {
+        match oxccl::JobSecret::random_text() {
+            Ok(s) => Some(s),
+            Err(e) => {
+                eprintln!("oxrun: cannot make a job secret: {e}");
+                return 1;
+            }
+        }
+    };
+
     let start = Instant::now();
     let world = usize::try_from(cli.nproc).unwrap_or(usize::MAX);
     let mut ranks: Vec<Rank> = Vec::with_capacity(world);
     for rank in 0..world {
-        match spawn_rank(cli, port, rank) {
+        match spawn_rank(cli, port, secret.as_deref(), rank) {
             Ok(r) => ranks.push(r),
             Err(e) => {
                 eprintln!("oxrun: cannot start program '{program}' (rank {rank}): {e}");

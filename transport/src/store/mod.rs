@@ -142,6 +142,16 @@ pub enum StoreError {
     /// (wrong magic, wrong version, malformed frame).
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// The store's server did not authenticate (another job's store, a
+    /// server without the job's secret, or no oxccl store at all).
+    #[error("{source}")]
+    Auth {
+        /// The store's [`Store::describe`].
+        store: String,
+        /// Why.
+        #[source]
+        source: crate::auth::AuthError,
+    },
     /// [`Store::add`] on a key whose value is not a counter, or whose sum
     /// overflows an `i64`.
     #[error("{store}: key {key:?}: {detail}")]

@@ -3,6 +3,12 @@
 //!
 //! # Protocol
 //!
+//! First both sides authenticate ([`auth`](crate::auth)): with the job's
+//! secret each proves it knows it, without one they only exchange
+//! greetings. A client that fails is dropped with a warning naming its
+//! address and why, and counted ([`TcpStoreServer::auth_refusals`]); the
+//! server keeps serving the others.
+//!
 //! All integers are little-endian. A client opens with [`MAGIC`] (8 bytes)
 //! and its version (u16); the server answers with the same ten bytes of its
 //! own, or drops a connection whose magic is wrong. Then the client sends
@@ -36,6 +42,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use super::client::{Client, Conn};
 use super::mem::{SharedMap, Wait};
 use super::{Store, StoreError, short_key};
+use crate::auth::{self, AuthError, JobSecret, Role, STORE_CONTEXT};
 use crate::codec::{DecodeError, EncodeError, Prefix, Reader, Writer};
 
 /// The largest key or value, in bytes, that the TCP store carries (64 MiB).
@@ -63,6 +70,8 @@ const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 const GET_MARGIN: Duration = Duration::from_secs(5);
 /// The longest a server waits for a key in one `get` request.
 const MAX_GET_WAIT: Duration = Duration::from_secs(30 * 24 * 3600);
+/// How long a new connection has to authenticate.
+const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the accept loop checks whether the server is dropped.
 const ACCEPT_POLL: Duration = Duration::from_millis(20);
 
@@ -303,6 +312,10 @@ struct ServerShared {
     addr: SocketAddr,
     /// Connections served at once at most ([`TcpStoreServer::limit_clients`]).
     max_clients: AtomicUsize,
+    /// The job's secret that clients must prove they know.
+    secret: Option<JobSecret>,
+    /// Connections refused for failing authentication, and the last reason.
+    refused: Mutex<(usize, Option<String>)>,
 }
 
 impl ServerShared {
@@ -325,8 +338,19 @@ pub struct TcpStoreServer {
 
 impl TcpStoreServer {
     /// Binds `addr` (port 0 picks a free port; `SO_REUSEADDR` is set) and
-    /// starts serving.
+    /// starts serving clients without authentication (see
+    /// [`bind_with_secret`](Self::bind_with_secret)).
     pub fn bind(addr: SocketAddr) -> Result<TcpStoreServer, StoreError> {
+        TcpStoreServer::bind_with_secret(addr, None)
+    }
+
+    /// Binds `addr` and starts serving the clients that prove they know
+    /// `secret` (none: clients without a secret; a client with one is then
+    /// refused, and told so).
+    pub fn bind_with_secret(
+        addr: SocketAddr,
+        secret: Option<JobSecret>,
+    ) -> Result<TcpStoreServer, StoreError> {
         let what = |doing: &str| format!("{doing} for tcp store server on {addr}");
         let io = |doing: &str| {
             let what = what(doing);
@@ -350,6 +374,8 @@ impl TcpStoreServer {
             clients: Mutex::new(Clients::default()),
             addr: local,
             max_clients: AtomicUsize::new(usize::MAX),
+            secret,
+            refused: Mutex::new((0, None)),
         });
         let accept = {
             let shared = Arc::clone(&shared);
@@ -378,6 +404,16 @@ impl TcpStoreServer {
     /// port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.shared.addr
+    }
+
+    /// How many connections failed authentication so far, and why the last
+    /// one did (for a rank that waits for peers in vain to say why).
+    pub fn auth_refusals(&self) -> (usize, Option<String>) {
+        self.shared
+            .refused
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 }
 
@@ -467,6 +503,8 @@ enum End {
     Stopping,
     /// The client broke the protocol.
     Fault(String),
+    /// The client did not authenticate.
+    Refused(AuthError),
     /// The connection failed.
     Io(io::Error),
 }
@@ -482,12 +520,25 @@ impl From<io::Error> for End {
 }
 
 fn serve_client(shared: &ServerShared, stream: TcpStream, peer: SocketAddr) {
-    let end = serve_requests(shared, stream);
+    let end = serve_requests(shared, stream, peer);
     let stopping = shared.stop.load(Ordering::SeqCst);
     match end {
         End::Clean => tracing::debug!(%peer, "tcp store client disconnected"),
         End::Stopping => {}
         End::Io(_) if stopping => {}
+        End::Refused(why) => {
+            tracing::warn!(
+                %peer,
+                "tcp store server {}: refused client {peer}: {why}",
+                shared.addr
+            );
+            let mut refused = shared
+                .refused
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            refused.0 += 1;
+            refused.1 = Some(why.to_string());
+        }
         End::Fault(why) => tracing::warn!(
             %peer,
             "tcp store server {}: dropping client {peer}: {why}",
@@ -522,7 +573,18 @@ impl From<EncodeError> for End {
     }
 }
 
-fn serve_requests(shared: &ServerShared, stream: TcpStream) -> End {
+fn serve_requests(shared: &ServerShared, stream: TcpStream, peer: SocketAddr) -> End {
+    // Nothing the client sends is read before it is authenticated.
+    if let Err(e) = auth::authenticate(
+        &stream,
+        Role::Accepting,
+        shared.secret.as_ref(),
+        STORE_CONTEXT,
+        &format!("client {peer}"),
+        Instant::now() + AUTH_TIMEOUT,
+    ) {
+        return End::Refused(e);
+    }
     let mut writer = match stream.try_clone() {
         Ok(w) => w,
         Err(e) => return End::Io(e),
@@ -664,8 +726,20 @@ pub(super) fn connect_retrying(
 impl TcpStore {
     /// Connects to the server at `addr`, retrying while nothing listens
     /// there yet (rank 0 may start its server after the others start) until
-    /// `deadline`.
+    /// `deadline`, without a secret (see
+    /// [`connect_with_secret`](Self::connect_with_secret)).
     pub fn connect(addr: SocketAddr, deadline: Instant) -> Result<TcpStore, StoreError> {
+        TcpStore::connect_with_secret(addr, deadline, None)
+    }
+
+    /// [`connect`](Self::connect), proving knowledge of `secret` to the
+    /// server and checking that the server knows it too. A server of
+    /// another job fails with [`StoreError::Auth`] naming it.
+    pub fn connect_with_secret(
+        addr: SocketAddr,
+        deadline: Instant,
+        secret: Option<&JobSecret>,
+    ) -> Result<TcpStore, StoreError> {
         let store = describe_addr(addr);
         let handshake_wait = deadline
             .saturating_duration_since(Instant::now())
@@ -675,6 +749,18 @@ impl TcpStore {
                 what: format!("{doing} {store}"),
                 source,
             };
+            auth::authenticate(
+                &conn.writer,
+                Role::Connecting,
+                secret,
+                STORE_CONTEXT,
+                &format!("the tcp store at {addr}"),
+                Instant::now() + handshake_wait,
+            )
+            .map_err(|source| StoreError::Auth {
+                store: store.clone(),
+                source,
+            })?;
             conn.writer
                 .write_all(&hello())
                 .map_err(|e| io("sending handshake to", e))?;
@@ -943,9 +1029,25 @@ mod tests {
         assert!(start.elapsed() < Duration::from_secs(2));
     }
 
-    /// Writes `bytes` on a raw connection and checks the server closes it.
+    /// Writes `bytes` on a raw connection (after the greetings of an
+    /// unauthenticated client when `greet`) and checks the server closes it.
     fn assert_dropped(server: &TcpStoreServer, bytes: &[u8], half_close: bool) {
+        assert_dropped_after(server, bytes, half_close, true);
+    }
+
+    fn assert_dropped_after(server: &TcpStoreServer, bytes: &[u8], half_close: bool, greet: bool) {
         let mut raw = TcpStream::connect(server.local_addr()).unwrap();
+        if greet {
+            auth::authenticate(
+                &raw,
+                Role::Connecting,
+                None,
+                STORE_CONTEXT,
+                "store",
+                soon(5000),
+            )
+            .unwrap();
+        }
         raw.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         raw.write_all(bytes).unwrap();
         if half_close {
@@ -969,8 +1071,13 @@ mod tests {
         let garbage: Vec<u8> = (0..4096u32)
             .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
             .collect();
+        assert_dropped_after(&server, &garbage, false, false);
+        assert_dropped_after(&server, b"GET / HTTP/1.1\r\n\r\n", false, false);
+        // A client of a build that does not authenticate.
+        assert_dropped_after(&server, &hello(), false, false);
+        assert_eq!(server.auth_refusals_soon(3), 3);
+        // Garbage after the greetings.
         assert_dropped(&server, &garbage, false);
-        assert_dropped(&server, b"GET / HTTP/1.1\r\n\r\n", false);
         // Right magic, wrong version: answered, then dropped.
         let mut wrong_version = MAGIC.to_vec();
         wrong_version.extend_from_slice(&99u16.to_le_bytes());
@@ -1024,9 +1131,91 @@ mod tests {
             let _ = s.read(&mut hello);
         });
         let err = TcpStore::connect(addr, soon(5000)).unwrap_err();
-        assert!(matches!(err, StoreError::Protocol(_)), "{err:?}");
+        assert!(
+            matches!(
+                err,
+                StoreError::Auth {
+                    source: AuthError::NotOxccl { .. },
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
         assert!(err.to_string().contains(&addr.to_string()), "{err}");
+        assert!(err.to_string().contains("not an oxccl peer"), "{err}");
         fake.join().unwrap();
+    }
+
+    impl TcpStoreServer {
+        /// The refusals, once there are `n` (they are counted by the
+        /// client's thread after the client is told).
+        fn auth_refusals_soon(&self, n: usize) -> usize {
+            let until = Instant::now() + Duration::from_secs(5);
+            while self.auth_refusals().0 < n && Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            self.auth_refusals().0
+        }
+    }
+
+    #[test]
+    fn tcp_store_refuses_clients_without_the_secret_and_keeps_serving() {
+        crate::test_log::warnings();
+        let ours = JobSecret::from_text("our job").unwrap();
+        let theirs = JobSecret::from_text("another job").unwrap();
+        let server = TcpStoreServer::bind_with_secret(loopback(), Some(ours.clone())).unwrap();
+        let addr = server.local_addr();
+        let client = TcpStore::connect_with_secret(addr, soon(5000), Some(&ours)).unwrap();
+        client.set("k", b"v").unwrap();
+        assert_eq!(client.add("n", 5).unwrap(), 5);
+
+        // A rank of another job: refused, and told why.
+        let start = Instant::now();
+        let err = TcpStore::connect_with_secret(addr, soon(5000), Some(&theirs)).unwrap_err();
+        assert!(start.elapsed() < Duration::from_secs(2));
+        assert!(
+            matches!(&err, StoreError::Auth { source, .. } if source.is_wrong_secret()),
+            "{err:?}"
+        );
+        assert!(
+            err.to_string()
+                .starts_with(&format!("the tcp store at {addr} belongs to another job")),
+            "{err}"
+        );
+        assert_eq!(server.auth_refusals_soon(1), 1);
+        let (_, why) = server.auth_refusals();
+        let why = why.unwrap();
+        assert!(why.contains("belongs to another job"), "{why}");
+        assert!(why.starts_with("client 127.0.0.1:"), "{why}");
+        // Logged as a warning with the client's address.
+        let logged = crate::test_log::warnings();
+        assert!(
+            logged.lines().any(|l| l.contains(&format!(
+                "tcp store server {addr}: refused client 127.0.0.1:"
+            )) && l.contains("belongs to another job")),
+            "{logged}"
+        );
+
+        // A client without a secret: refused, naming the variable to set.
+        let err = TcpStore::connect(addr, soon(5000)).unwrap_err();
+        assert!(err.to_string().contains("OXCCL_JOB_SECRET"), "{err}");
+        assert_eq!(server.auth_refusals_soon(2), 2);
+
+        // The job's clients go on, and nothing was changed.
+        assert_eq!(client.get("k", soon(1000)).unwrap(), b"v");
+        let fresh = TcpStore::connect_with_secret(addr, soon(5000), Some(&ours)).unwrap();
+        assert_eq!(fresh.get("k", soon(1000)).unwrap(), b"v");
+        assert_eq!(fresh.add("n", 0).unwrap(), 5);
+        assert_eq!(server.auth_refusals().0, 2);
+    }
+
+    #[test]
+    fn an_authenticating_client_is_told_when_the_server_has_no_secret() {
+        let (server, _client) = server_and_client();
+        let s = JobSecret::from_text("ours").unwrap();
+        let err =
+            TcpStore::connect_with_secret(server.local_addr(), soon(5000), Some(&s)).unwrap_err();
+        assert!(err.to_string().contains("has no job secret"), "{err}");
     }
 
     #[test]
