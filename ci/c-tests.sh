@@ -83,7 +83,7 @@ run $CC "${cflags[@]}" $(pkg-config --cflags oxccl) "$work/header.c" -o "$work/h
 if command -v c++ >/dev/null 2>&1; then
     run c++ -x c++ -Wall -Wextra -Werror $(pkg-config --cflags oxccl) "$work/header.c" -o "$work/header-cxx"
 fi
-for t in collectives errors threads; do
+for t in collectives errors threads leaks; do
     run $CC "${cflags[@]}" -I "$prefix/include" "bindings/c/tests/$t.c" \
         "$prefix/lib/liboxccl.a" -lpthread -ldl -lm -o "$work/$t-static"
     run $CC "${cflags[@]}" "bindings/c/tests/$t.c" $(pkg-config --cflags --libs oxccl) \
@@ -99,6 +99,7 @@ echo "== run"
 cd "$work"
 for kind in static shared; do
     run_test "./threads-$kind"
+    run_test "./leaks-$kind"
     for n in 2 4; do
         run_test "$oxrun" -n "$n" --timeout 300 -- "./collectives-$kind" "$work/id-$kind-$n"
         run_test "$oxrun" -n "$n" --timeout 300 -- "./errors-$kind"

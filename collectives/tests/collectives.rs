@@ -12,7 +12,7 @@ use oxccl::{
 };
 use oxccl_kernels::Reducer;
 use oxccl_kernels::reference::ReferenceReducer;
-use oxccl_tools::pattern::{count_wrong, input};
+use oxccl_tools::pattern::{check_call, count_wrong, input};
 use proptest::prelude::*;
 
 /// `small_bytes` 0 sends every allreduce around the ring; a large one sends
@@ -47,42 +47,7 @@ fn run(
             algo,
             ..config(slice_bytes, small_bytes)
         },
-        |comm: &mut Communicator| {
-            let (rank, size) = (comm.rank(), d.dtype.size());
-            let inp = input(&d, world, rank);
-            let out_len = match d.kind {
-                Kind::AllGather => d.count * world * size,
-                _ => d.count * size,
-            };
-            if in_place {
-                let mut buf = match d.kind {
-                    Kind::AllGather => {
-                        let mut b = vec![0u8; out_len];
-                        b[rank * inp.len()..(rank + 1) * inp.len()].copy_from_slice(&inp);
-                        b
-                    }
-                    _ => inp.clone(),
-                };
-                comm.run_bytes(d, None, &mut buf).unwrap();
-                if d.kind == Kind::Reduce && rank != d.root {
-                    assert_eq!(
-                        buf, inp,
-                        "a non-root's buffer is untouched by an in-place reduce"
-                    );
-                }
-                let result = match d.kind {
-                    Kind::ReduceScatter => &buf[rank * d.count * size..(rank + 1) * d.count * size],
-                    _ => &buf[..],
-                };
-                count_wrong(&d, world, rank, result)
-            } else {
-                // Poison the output so that an element never written counts as wrong.
-                let mut out = vec![0xA5u8; out_len];
-                comm.run_bytes(d, Some(&inp), &mut out).unwrap();
-                assert_eq!(inp, input(&d, world, rank), "the input is not modified");
-                count_wrong(&d, world, rank, &out)
-            }
-        },
+        |comm: &mut Communicator| check_call(comm, &d, in_place).unwrap(),
     )
     .unwrap()
 }

@@ -8,7 +8,7 @@
 
 use oxccl::kernels::Reducer;
 use oxccl::kernels::reference::ReferenceReducer;
-use oxccl::{DType, Descriptor, Kind, ReduceOp, bf16, f16};
+use oxccl::{Communicator, DType, Descriptor, Kind, ReduceOp, bf16, f16};
 
 /// Writes the expected elements `first..` into its first buffer (the second is scratch).
 type Expected<'a> = dyn Fn(&mut [u8], &mut [u8], usize) + 'a;
@@ -104,6 +104,52 @@ pub fn count_wrong(d: &Descriptor, world: usize, rank: usize, output: &[u8]) -> 
         }
     }
     wrong
+}
+
+/// Runs `d` on `comm` with this rank's [`input`], in place or out of
+/// place, and returns [`count_wrong`] of its result. Out of place, the
+/// output starts poisoned (so an element never written counts as wrong)
+/// and a modified input is an error; in place, a non-root's buffer of a
+/// reduce must come back untouched.
+pub fn check_call(comm: &mut Communicator, d: &Descriptor, in_place: bool) -> oxccl::Result<usize> {
+    let (world, rank, size) = (comm.world(), comm.rank(), d.dtype.size());
+    let inp = input(d, world, rank);
+    let out_len = match d.kind {
+        Kind::AllGather => d.count * world * size,
+        _ => d.count * size,
+    };
+    if in_place {
+        let mut buf = match d.kind {
+            Kind::AllGather => {
+                let mut b = vec![0u8; out_len];
+                b[rank * inp.len()..(rank + 1) * inp.len()].copy_from_slice(&inp);
+                b
+            }
+            _ => inp.clone(),
+        };
+        comm.run_bytes(*d, None, &mut buf)?;
+        if d.kind == Kind::Reduce && rank != d.root && buf != inp {
+            return Err(oxccl::Error::Internal(format!(
+                "rank {rank}: {}: an in-place reduce changed a non-root's buffer",
+                d.call(0)
+            )));
+        }
+        let result = match d.kind {
+            Kind::ReduceScatter => &buf[rank * d.count * size..(rank + 1) * d.count * size],
+            _ => &buf[..],
+        };
+        Ok(count_wrong(d, world, rank, result))
+    } else {
+        let mut out = vec![0xA5u8; out_len];
+        comm.run_bytes(*d, Some(&inp), &mut out)?;
+        if inp != input(d, world, rank) {
+            return Err(oxccl::Error::Internal(format!(
+                "rank {rank}: {}: the call modified its input",
+                d.call(0)
+            )));
+        }
+        Ok(count_wrong(d, world, rank, &out))
+    }
 }
 
 #[cfg(test)]
