@@ -34,19 +34,10 @@ impl Rng {
     }
 }
 
-const KINDS: [Kind; 6] = [
-    Kind::AllReduce,
-    Kind::Broadcast,
-    Kind::Reduce,
-    Kind::AllGather,
-    Kind::ReduceScatter,
-    Kind::Barrier,
-];
-
 /// Call `i` of a run: counts 0 and 1, small, not divisible by the world,
 /// and now and then large enough for many slices.
 fn call(rng: &mut Rng, world: usize) -> (Descriptor, bool) {
-    let kind = KINDS[rng.below(KINDS.len())];
+    let kind = Kind::ALL[rng.below(Kind::ALL.len())];
     let count = match rng.below(10) {
         0 => 0,
         1 => 1,
