@@ -67,7 +67,7 @@ nm -D --defined-only "$prefix/lib/liboxccl.so" | awk '$2 == "T" { print "  " $3 
 for sym in oxcclGetVersion oxcclGetUniqueId oxcclCommInitRank oxcclCommInitAll oxcclCommInitFromEnv \
     oxcclCommDestroy oxcclCommAbort oxcclCommCount oxcclCommUserRank oxcclCommGetAsyncError \
     oxcclAllReduce oxcclBroadcast oxcclReduce oxcclAllGather oxcclReduceScatter \
-    oxcclGroupStart oxcclGroupEnd oxcclGetErrorString oxcclGetLastError; do
+    oxcclCommSplit oxcclGroupStart oxcclGroupEnd oxcclGetErrorString oxcclGetLastError; do
     grep -qx "  $sym" "$work/symbols.txt" || { echo "missing symbol $sym" >&2; exit 1; }
 done
 if grep -v '^  oxccl' "$work/symbols.txt"; then

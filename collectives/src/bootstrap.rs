@@ -388,14 +388,12 @@ impl Communicator {
     ) -> Result<Communicator> {
         config.validate()?;
         check_rank(rank, world)?;
-        let deadline = crate::deadline_in(config.timeout);
-        let (job, secret) = if world == 1 {
-            (0, None)
+        let secret = if world == 1 {
+            None
         } else {
-            let secret = config.secret_in_use(None)?;
-            (job_id(store.as_ref(), rank, deadline)?, secret)
+            config.secret_in_use(None)?
         };
-        connect(store, None, rank, world, config, job, None, secret)
+        join(store, rank, world, config, secret)
     }
 
     /// Creates a group of `world` communicators in this process, connected by
@@ -437,6 +435,7 @@ impl Communicator {
                     key_prefix: PREFIX.into(),
                     server: None,
                     refused: 0,
+                    secret: None,
                 })
             })
             .collect()
@@ -675,9 +674,29 @@ fn connect(
         key_prefix: format!("{PREFIX}/{job:x}"),
         server,
         refused,
+        secret,
     })?;
     comm.agree_link_model()?;
     Ok(comm)
+}
+
+/// Creates rank `rank` of `world` through `store`, whose connections prove
+/// `secret` (checked by the caller): [`Communicator::with_store`], and the
+/// communicators split from another.
+pub(crate) fn join(
+    store: Arc<dyn Store>,
+    rank: usize,
+    world: usize,
+    config: Config,
+    secret: Option<JobSecret>,
+) -> Result<Communicator> {
+    let deadline = crate::deadline_in(config.timeout);
+    let job = if world == 1 {
+        0
+    } else {
+        job_id(store.as_ref(), rank, deadline)?
+    };
+    connect(store, None, rank, world, config, job, None, secret)
 }
 
 /// Checks, before any link exists, that every rank came and that the ranks

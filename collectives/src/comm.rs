@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use oxccl_kernels::cpu::CpuReducer;
 use oxccl_kernels::{DType, DeviceMemory, Element, ReduceOp, Reducer};
+use oxccl_transport::auth::JobSecret;
 use oxccl_transport::store::{Store, TcpStoreServer};
 use oxccl_transport::{Endpoint, ShutdownHandle, TransportError, wait_watching};
 
@@ -97,6 +98,19 @@ pub struct Communicator {
     model: LinkModel,
     stats: Stats,
     abort: AbortHandle,
+    /// What [`Communicator::split`] bootstraps a new communicator with:
+    /// the store, the keys' prefix, the job's secret, and how many splits
+    /// came before (the same count on every rank, as splits are collective).
+    pub(crate) origin: Origin,
+}
+
+/// Where a communicator came from, for the ones split from it.
+#[derive(Debug)]
+pub(crate) struct Origin {
+    pub store: Arc<dyn Store>,
+    pub key_prefix: String,
+    pub secret: Option<JobSecret>,
+    pub splits: u64,
 }
 
 /// A call's descriptor and the algorithm chosen for it.
@@ -119,6 +133,7 @@ pub(crate) struct Parts {
     pub key_prefix: String,
     pub server: Option<TcpStoreServer>,
     pub refused: usize,
+    pub secret: Option<JobSecret>,
 }
 
 impl Communicator {
@@ -141,6 +156,12 @@ impl Communicator {
             model,
             rank: p.rank,
             world: p.world,
+            origin: Origin {
+                store: p.store.clone(),
+                key_prefix: p.key_prefix.clone(),
+                secret: p.secret,
+                splits: 0,
+            },
             failures: Failures::new(p.rank, p.store, p.key_prefix, p.config.timeout),
             config: p.config,
             links: p.links,

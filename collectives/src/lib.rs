@@ -40,6 +40,7 @@ mod failure;
 pub mod fusion;
 mod links;
 mod schedule;
+mod split;
 
 pub use bootstrap::{UniqueId, run_in_process};
 pub use comm::{AbortHandle, Communicator, Stats};

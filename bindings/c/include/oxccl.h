@@ -32,6 +32,10 @@
 // `NCCL_VERSION_CODE`; `oxcclGetVersion` returns it.
 #define OXCCL_VERSION_CODE (((OXCCL_MAJOR * 10000) + (OXCCL_MINOR * 100)) + OXCCL_PATCH)
 
+// The color of a rank that joins no new communicator in
+// [`oxcclCommSplit`], as NCCL's `NCCL_SPLIT_NOCOLOR`.
+#define OXCCL_SPLIT_NOCOLOR -1
+
 // Result of every oxccl call; NCCL's `ncclResult_t` values.
 typedef enum {
   // The call succeeded.
@@ -194,6 +198,19 @@ oxcclResult_t oxcclCommDestroy(oxcclComm_t comm);
 // `comm` is NULL or a live handle; no call on it starts after this one (a
 // call already in progress holds the communicator until it returns).
 oxcclResult_t oxcclCommAbort(oxcclComm_t comm);
+
+// Splits `comm`, as NCCL's `ncclCommSplit`: the ranks that pass the same
+// `color` (not negative) form a new communicator, ranked by `key` and then
+// by their rank in `comm`, written to `*newcomm`; a rank that passes
+// [`OXCCL_SPLIT_NOCOLOR`] gets NULL. Every rank of `comm` calls it, in the
+// same order as its other calls (not inside a group). The new
+// communicator has `comm`'s settings, its own links, and fails on its own;
+// destroy it with `oxcclCommDestroy`. `config` is reserved: pass NULL.
+//
+// # Safety
+//
+// `comm` is NULL or a live handle; `newcomm` is NULL or writable.
+oxcclResult_t oxcclCommSplit(oxcclComm_t comm, int color, int key, oxcclComm_t *newcomm, void *config);
 
 // Writes the number of ranks to `*count`.
 //

@@ -778,6 +778,11 @@ mod group {
         })
     }
 
+    /// Whether this thread has an open group.
+    pub(super) fn open() -> bool {
+        with(|g| g.depth > 0).unwrap_or(false)
+    }
+
     pub(super) fn start() -> Outcome {
         with(|g| g.depth += 1)
             .ok_or_else(|| Failure::new(ResultCode::oxcclInternalError, "no group state"))
@@ -1147,6 +1152,59 @@ pub unsafe extern "C" fn oxcclCommAbort(comm: oxcclComm_t) -> oxcclResult_t {
         }
         // SAFETY: the caller's promise.
         unsafe { destroy(comm, true) }
+    })
+}
+
+/// The color of a rank that joins no new communicator in
+/// [`oxcclCommSplit`], as NCCL's `NCCL_SPLIT_NOCOLOR`.
+pub const OXCCL_SPLIT_NOCOLOR: c_int = -1;
+
+/// Splits `comm`, as NCCL's `ncclCommSplit`: the ranks that pass the same
+/// `color` (not negative) form a new communicator, ranked by `key` and then
+/// by their rank in `comm`, written to `*newcomm`; a rank that passes
+/// [`OXCCL_SPLIT_NOCOLOR`] gets NULL. Every rank of `comm` calls it, in the
+/// same order as its other calls (not inside a group). The new
+/// communicator has `comm`'s settings, its own links, and fails on its own;
+/// destroy it with `oxcclCommDestroy`. `config` is reserved: pass NULL.
+///
+/// # Safety
+///
+/// `comm` is NULL or a live handle; `newcomm` is NULL or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn oxcclCommSplit(
+    comm: oxcclComm_t,
+    color: c_int,
+    key: c_int,
+    newcomm: *mut oxcclComm_t,
+    config: *mut std::ffi::c_void,
+) -> oxcclResult_t {
+    boundary("oxcclCommSplit", || {
+        if newcomm.is_null() {
+            return Err(Failure::arg("newcomm is NULL"));
+        }
+        if !config.is_null() {
+            return Err(Failure::arg("config is reserved: pass NULL"));
+        }
+        let color = match color {
+            OXCCL_SPLIT_NOCOLOR => None,
+            c => Some(u32::try_from(c).map_err(|_| {
+                Failure::arg(format!(
+                    "color {c} is negative (and not OXCCL_SPLIT_NOCOLOR)"
+                ))
+            })?),
+        };
+        if group::open() {
+            return Err(Failure::new(
+                ResultCode::oxcclInvalidUsage,
+                "oxcclCommSplit inside a group: call it outside oxcclGroupStart/oxcclGroupEnd",
+            ));
+        }
+        // SAFETY: the caller's promise.
+        let c = unsafe { comm_ref(comm) }?;
+        let sub = lock(&c)?.split(color, i64::from(key))?;
+        let handle = sub.map_or(std::ptr::null_mut(), new_handle);
+        // SAFETY: non-NULL, and writable by the caller's promise.
+        unsafe { write_out("newcomm", newcomm, handle) }
     })
 }
 

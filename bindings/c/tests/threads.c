@@ -2,7 +2,8 @@
  * API driving every communicator from one thread (collectives and
  * oxcclCommInitRank), unique ids used from threads, per-thread last errors,
  * a timeout (oxcclTimeout, then oxcclRemoteError for the rank that comes
- * late) and oxcclCommAbort of a call in progress on another thread. */
+ * late), oxcclCommAbort of a call in progress on another thread, and
+ * oxcclCommSplit from one thread per rank. */
 #define _POSIX_C_SOURCE 200809L
 #include <pthread.h>
 #include <time.h>
@@ -133,6 +134,34 @@ static void *abort_victim(void *p) {
   float x = 1.0f;
   a->started = 1;
   a->result = oxcclAllReduce(&x, &x, 1, oxcclFloat, oxcclSum, a->comm, NULL);
+  return NULL;
+}
+
+/* One rank of a split: ranks 0 and 2 form one communicator in reverse
+ * order (key -rank), rank 1 one alone, rank 3 none (OXCCL_SPLIT_NOCOLOR). */
+static void *split_thread(void *p) {
+  struct rank_args *a = p;
+  static const int colors[N] = {0, 1, 0, OXCCL_SPLIT_NOCOLOR};
+  oxcclComm_t sub = (oxcclComm_t)1;
+  int r = -1, n = -1;
+  int32_t v;
+  TOK(oxcclCommSplit(a->comm, colors[a->rank], -a->rank, &sub, NULL));
+  if (a->rank == 3) {
+    TCHECK(sub == NULL, "rank 3 without a color got a communicator");
+    return NULL;
+  }
+  if (sub == NULL || sub == (oxcclComm_t)1) {
+    TCHECK(0, "rank %d got no communicator", a->rank);
+    return NULL;
+  }
+  TOK(oxcclCommUserRank(sub, &r));
+  TOK(oxcclCommCount(sub, &n));
+  TCHECK(n == (a->rank == 1 ? 1 : 2), "rank %d: split world %d", a->rank, n);
+  TCHECK(r == (a->rank == 0 ? 1 : 0), "rank %d: split rank %d", a->rank, r);
+  v = a->rank;
+  TOK(oxcclAllReduce(&v, &v, 1, oxcclInt32, oxcclSum, sub, NULL));
+  TCHECK(v == (a->rank == 1 ? 1 : 2), "rank %d: split sum %d", a->rank, v);
+  TOK(oxcclCommDestroy(sub));
   return NULL;
 }
 
@@ -298,6 +327,28 @@ int main(void) {
     CHECK(aa.result == oxcclInvalidUsage, "aborted call returned %d", (int)aa.result);
     CHECK(now() - t0 < 30.0, "abort took %.1f s", now() - t0);
     OK(oxcclCommDestroy(ac[1]));
+  }
+  /* 7. oxcclCommSplit, one thread per rank; bad arguments refused. */
+  {
+    oxcclComm_t sc[N];
+    oxcclComm_t sub = NULL;
+    int dummy = 0;
+    OK(oxcclCommInitAll(sc, N, NULL));
+    FAILS(oxcclInvalidArgument, oxcclCommSplit(sc[0], -2, 0, &sub, NULL));
+    FAILS(oxcclInvalidArgument, oxcclCommSplit(sc[0], 0, 0, NULL, NULL));
+    FAILS(oxcclInvalidArgument, oxcclCommSplit(sc[0], 0, 0, &sub, &dummy));
+    OK(oxcclGroupStart());
+    FAILS(oxcclInvalidUsage, oxcclCommSplit(sc[0], 0, 0, &sub, NULL));
+    OK(oxcclGroupEnd());
+    for (i = 0; i < N; i++) {
+      args[i].comm = sc[i];
+      args[i].rank = i;
+      pthread_create(&th[i], NULL, split_thread, &args[i]);
+    }
+    for (i = 0; i < N; i++)
+      pthread_join(th[i], NULL);
+    for (i = 0; i < N; i++)
+      OK(oxcclCommDestroy(sc[i]));
   }
   return finish("threads", 0);
 }
