@@ -1,6 +1,9 @@
 //! Case counts and byte mutations shared by the fuzz targets of every crate
 //! (the collectives and the C API include this file with `#[path]`).
 
+// Each crate that includes this file uses a part of it.
+#![allow(dead_code)]
+
 use proptest::prelude::*;
 use proptest::test_runner::Config;
 
