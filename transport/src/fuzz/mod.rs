@@ -631,6 +631,29 @@ proptest! {
         prop_assert!(!hs.authenticated());
     }
 
+    /// The job's secret as a user gives it (`OXCCL_JOB_SECRET`, a secret
+    /// file): any text is a secret unless blank; hex digits name bytes,
+    /// whatever their case.
+    #[test]
+    fn fuzz_job_secret_text(text in prop_oneof![".{0,80}", "[0-9a-fA-F]{30,70}", "\\PC{0,40}"]) {
+        match JobSecret::from_text(&text) {
+            Ok(s) => {
+                prop_assert!(!text.trim().is_empty());
+                let upper = JobSecret::from_text(&text.to_ascii_uppercase()).unwrap();
+                let lower = JobSecret::from_text(&text.to_ascii_lowercase()).unwrap();
+                let t = text.trim();
+                if t.len() >= 32 && t.len() % 2 == 0 && t.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    prop_assert_eq!(upper.key(), lower.key());
+                    prop_assert!(s.key() == upper.key());
+                }
+            }
+            Err(e) => {
+                prop_assert!(text.trim().is_empty());
+                prop_assert_eq!(e, "is empty");
+            }
+        }
+    }
+
     /// Two sides in random pieces: authenticated when the secrets match,
     /// done unauthenticated when neither has one, else both refuse by name.
     #[test]
