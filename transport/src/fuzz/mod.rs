@@ -30,7 +30,7 @@ use crate::shm::{MIN_CAPACITY, Policy};
 use crate::store::tcp::{
     self, ReadError, Request, read_add_reply, read_fixed, read_set_reply, read_value_reply,
 };
-use crate::store::{Store, TcpStore, TcpStoreServer, torch};
+use crate::store::{Store, StoreError, TcpStore, TcpStoreServer, torch};
 use crate::wire::{DESCRIPTOR_LEN, FrameHeader, Hello, HelloReply, Tag};
 use crate::{Link, TransportError};
 use mutate::{any_bytes, config, config_scaled, edge_u64, mutate, mutations};
@@ -961,4 +961,106 @@ fn regression_auth_received_past_what_was_asked() {
     c.input().copy_from_slice(&greeting[..8]);
     c.received(usize::MAX).unwrap();
     assert_eq!(c.input().len(), GREETING_LEN - 8);
+}
+
+/// What a hostile store server answers a client's hello with.
+fn hostile_answer() -> impl Strategy<Value = Vec<u8>> {
+    let hello = [&tcp::MAGIC[..], &tcp::VERSION.to_le_bytes()].concat();
+    let valid = {
+        let hello = hello.clone();
+        proptest::collection::vec(
+            prop_oneof![
+                Just(vec![0u8]),
+                Just(vec![1u8]),
+                (any_bytes(8)).prop_map(|v| {
+                    let mut w = crate::codec::Writer::new();
+                    w.u8(0).u32(v.len() as u32).bytes(&v);
+                    w.into_bytes()
+                }),
+                any::<i64>().prop_map(|n| {
+                    let mut w = crate::codec::Writer::new();
+                    w.u8(0).i64(n);
+                    w.into_bytes()
+                }),
+            ],
+            0..4,
+        )
+        .prop_map(move |replies| [hello.clone(), replies.concat()].concat())
+    };
+    prop_oneof![
+        1 => any_bytes(64),
+        1 => any_bytes(64).prop_map(move |b| [hello.clone(), b].concat()),
+        2 => (valid, mutations(), any::<bool>()).prop_map(|(b, ms, m)| if m { mutate(b, &ms) } else { b }),
+    ]
+}
+
+proptest! {
+    // A listener, a thread and a connection per case (see the server
+    // session's target).
+    #![proptest_config(config_scaled(8, 20_000))]
+
+    /// The store client against a hostile server: it authenticates, then
+    /// answers with any bytes (a hello or not, replies or garbage) and
+    /// closes. Connecting and every request end at once, in a value or an
+    /// error, never a panic; after a failed request the connection is not
+    /// reused.
+    #[test]
+    fn fuzz_tcp_store_client_session(answer in hostile_answer(), ops in proptest::collection::vec(0u8..4, 1..5), key in key()) {
+        let listener = std::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let sent = answer.clone();
+        let server = std::thread::spawn(move || -> std::io::Result<()> {
+            let (s, _) = listener.accept()?;
+            s.set_nodelay(true)?;
+            s.set_read_timeout(Some(Duration::from_secs(10)))?;
+            let deadline = Instant::now() + Duration::from_secs(10);
+            auth::authenticate(&s, Role::Accepting, None, auth::STORE_CONTEXT, "fuzz client", deadline)
+                .map_err(std::io::Error::other)?;
+            let mut hello = [0u8; 10];
+            (&s).read_exact(&mut hello)?;
+            // The client may give up before reading all of it.
+            let _ = (&s).write_all(&sent);
+            s.shutdown(Shutdown::Write)?;
+            let mut rest = Vec::new();
+            let _ = (&s).read_to_end(&mut rest);
+            Ok(())
+        });
+        let started = Instant::now();
+        let good_hello = answer.starts_with(&[&tcp::MAGIC[..], &tcp::VERSION.to_le_bytes()].concat());
+        match TcpStore::connect(addr, Instant::now() + Duration::from_secs(5)) {
+            Err(e) => {
+                prop_assert!(!good_hello, "{}", e);
+                prop_assert!(e.to_string().contains(&addr.to_string()), "{}", e);
+            }
+            Ok(store) => {
+                prop_assert!(good_hello);
+                let mut failed = false;
+                for op in ops {
+                    let soon = Instant::now() + Duration::from_millis(200);
+                    let result = match op {
+                        0 => store.set(&key, b"v").map(drop),
+                        1 => store.get(&key, soon).map(drop),
+                        2 => store.try_get(&key).map(drop),
+                        _ => store.add(&key, 1).map(drop),
+                    };
+                    match result {
+                        Ok(()) => prop_assert!(!failed, "a request succeeded on a broken connection"),
+                        Err(e) => {
+                            prop_assert!(e.to_string().contains(&addr.to_string()), "{}", e);
+                            if failed {
+                                prop_assert!(matches!(e, StoreError::Closed { .. }), "{}", e);
+                            }
+                            // "Not found" and a counter's error are answers;
+                            // anything else leaves the connection out of step.
+                            let answer = matches!(e, StoreError::Timeout { .. } | StoreError::Counter { .. });
+                            failed |= !answer;
+                        }
+                    }
+                }
+            }
+        }
+        prop_assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+        // The server thread ends once the client is gone.
+        let _ = server.join().unwrap();
+    }
 }
