@@ -1064,3 +1064,91 @@ proptest! {
         let _ = server.join().unwrap();
     }
 }
+
+/// What a hostile torch store answers: its pong to the handshake's ping
+/// (or not), then replies or garbage.
+fn hostile_torch_answer() -> impl Strategy<Value = Vec<u8>> {
+    let pong = std::process::id().to_le_bytes().to_vec();
+    let piece = prop_oneof![
+        Just(vec![0u8]),
+        Just(vec![1u8]),
+        Just(std::process::id().to_le_bytes().to_vec()),
+        any_bytes(8).prop_map(|v| {
+            let mut w = crate::codec::Writer::new();
+            w.bytes_u64_prefixed(&v);
+            w.into_bytes()
+        }),
+        any::<i64>().prop_map(|n| n.to_le_bytes().to_vec()),
+    ];
+    let valid = {
+        let pong = pong.clone();
+        proptest::collection::vec(piece, 0..5)
+            .prop_map(move |replies| [pong.clone(), replies.concat()].concat())
+    };
+    prop_oneof![
+        1 => any_bytes(64),
+        1 => any_bytes(64).prop_map(move |b| [pong.clone(), b].concat()),
+        2 => (valid, mutations(), any::<bool>()).prop_map(|(b, ms, m)| if m { mutate(b, &ms) } else { b }),
+    ]
+}
+
+proptest! {
+    // A listener, a thread and a connection per case (see the server
+    // session's target).
+    #![proptest_config(config_scaled(8, 20_000))]
+
+    /// The torch store client against a hostile torch server, as
+    /// `fuzz_tcp_store_client_session` for oxccl's own store.
+    #[test]
+    fn fuzz_torch_store_client_session(answer in hostile_torch_answer(), ops in proptest::collection::vec(0u8..4, 1..5), key in key()) {
+        let listener = std::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let sent = answer.clone();
+        let server = std::thread::spawn(move || -> std::io::Result<()> {
+            let (s, _) = listener.accept()?;
+            s.set_nodelay(true)?;
+            s.set_read_timeout(Some(Duration::from_secs(10)))?;
+            // Validate (query type and magic) and a ping (type and nonce).
+            let mut hello = [0u8; 10];
+            (&s).read_exact(&mut hello)?;
+            let _ = (&s).write_all(&sent);
+            s.shutdown(Shutdown::Write)?;
+            let mut rest = Vec::new();
+            let _ = (&s).read_to_end(&mut rest);
+            Ok(())
+        });
+        let started = Instant::now();
+        let good_pong = answer.starts_with(&std::process::id().to_le_bytes());
+        match crate::store::TorchStore::connect(addr, Instant::now() + Duration::from_secs(5)) {
+            Err(e) => {
+                prop_assert!(!good_pong, "{}", e);
+                prop_assert!(e.to_string().contains(&addr.to_string()), "{}", e);
+            }
+            Ok(store) => {
+                prop_assert!(good_pong);
+                let mut failed = false;
+                for op in ops {
+                    let soon = Instant::now() + Duration::from_millis(200);
+                    let result = match op {
+                        0 => store.set(&key, b"v").map(drop),
+                        1 => store.get(&key, soon).map(drop),
+                        2 => store.try_get(&key).map(drop),
+                        _ => store.add(&key, 1).map(drop),
+                    };
+                    match result {
+                        Ok(()) => prop_assert!(!failed, "a request succeeded on a broken connection"),
+                        Err(e) => {
+                            prop_assert!(e.to_string().contains(&addr.to_string()), "{}", e);
+                            if failed {
+                                prop_assert!(matches!(e, StoreError::Closed { .. }), "{}", e);
+                            }
+                            failed |= !matches!(e, StoreError::Timeout { .. });
+                        }
+                    }
+                }
+            }
+        }
+        prop_assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+        let _ = server.join().unwrap();
+    }
+}
