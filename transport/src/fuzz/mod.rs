@@ -1152,3 +1152,56 @@ proptest! {
         let _ = server.join().unwrap();
     }
 }
+
+/// The shared-memory offer and answer, now read with the codec: a bad
+/// magic, an unknown policy, a yes/no byte other than 0 or 1 (once read as
+/// no) and a text past its limit are refused, each by name.
+#[test]
+fn shm_offer_and_answer_errors_name_the_format_and_field() {
+    let offer = OfferHead {
+        policy: Policy::Auto,
+        offered: true,
+        nonce: 7,
+        capacity: 4096,
+        text_len: 0,
+    }
+    .encode(b"/oxccl-x");
+    let head = |b: &[u8]| -> [u8; OfferHead::LEN] { b[..OfferHead::LEN].try_into().unwrap() };
+    let cases: [(usize, u8, &str); 4] = [
+        (0, b'X', "shared-memory offer: bad magic"),
+        (
+            8,
+            3,
+            "shared-memory offer: invalid policy: unknown policy 3",
+        ),
+        (
+            9,
+            2,
+            "shared-memory offer: invalid offered: 2 is neither 0 nor 1",
+        ),
+        (
+            27,
+            1,
+            "shared-memory offer: text of length 264 exceeds the limit of 200",
+        ),
+    ];
+    for (at, v, want) in cases {
+        let mut b = offer.clone();
+        b[at] = v;
+        let e = OfferHead::decode(&head(&b)).unwrap_err().to_string();
+        assert!(e.starts_with(want), "{e}");
+    }
+    let answer = AnswerHead {
+        policy: Policy::Require,
+        accepted: false,
+        text_len: 0,
+    }
+    .encode(b"why");
+    let mut b: [u8; AnswerHead::LEN] = answer[..AnswerHead::LEN].try_into().unwrap();
+    b[9] = 9;
+    let e = AnswerHead::decode(&b).unwrap_err().to_string();
+    assert!(
+        e.starts_with("shared-memory answer: invalid accepted: 9 is neither 0 nor 1"),
+        "{e}"
+    );
+}
