@@ -126,7 +126,7 @@ impl UniqueId {
     }
 
     /// The format's name in decoding errors.
-    const FORMAT: &'static str = "unique id";
+    pub(crate) const FORMAT: &'static str = "unique id";
 
     /// The 128-byte form: magic, port (u16), address family (4 or 6), five
     /// bytes of padding, the address (16 bytes, an IPv4 one in the first 4),
@@ -154,7 +154,13 @@ impl UniqueId {
         UniqueId::parse(b).map_err(|e| Error::InvalidArgument(e.to_string()))
     }
 
-    fn parse(b: &[u8; Self::LEN]) -> std::result::Result<UniqueId, DecodeError> {
+    /// An id of these parts, serving nothing (for tests of its byte form).
+    #[cfg(test)]
+    pub(crate) fn from_parts(addr: SocketAddr, job: u64, secret: Option<[u8; 32]>) -> UniqueId {
+        UniqueId { addr, job, secret }
+    }
+
+    pub(crate) fn parse(b: &[u8; Self::LEN]) -> std::result::Result<UniqueId, DecodeError> {
         let mut r = Reader::new(Self::FORMAT, b);
         r.magic(&ID_MAGIC)?;
         let port = r.u16("port")?;
@@ -489,7 +495,7 @@ fn job_id(store: &dyn Store, rank: usize, deadline: Instant) -> Result<u64> {
     read_job(store, rank, deadline)
 }
 
-fn read_job(store: &dyn Store, rank: usize, deadline: Instant) -> Result<u64> {
+pub(crate) fn read_job(store: &dyn Store, rank: usize, deadline: Instant) -> Result<u64> {
     let v = match store.get(&format!("{PREFIX}/job"), deadline) {
         Ok(v) => v,
         // Rank 0 writes the job id first thing: it never came.
@@ -803,7 +809,7 @@ fn agree(
 
 /// The first setting in which rank 0's `mine` and rank `r`'s `theirs`
 /// differ, as (variable, reason); both are `NAME=value` lines.
-fn differ(mine: &str, theirs: &str, r: usize) -> Option<(String, String)> {
+pub(crate) fn differ(mine: &str, theirs: &str, r: usize) -> Option<(String, String)> {
     let parse = |s: &str| -> Vec<(String, String)> {
         s.lines()
             .filter_map(|l| l.split_once('='))

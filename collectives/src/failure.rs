@@ -31,14 +31,14 @@ pub(crate) struct Report {
 }
 
 /// The longest cause a report carries.
-const MAX_CAUSE: usize = 64 << 10;
+pub(crate) const MAX_CAUSE: usize = 64 << 10;
 
 impl Report {
-    const FORMAT: &'static str = "failure report";
+    pub(crate) const FORMAT: &'static str = "failure report";
 
     /// `origin: u64`, then the cause as UTF-8 with a `u32` length (cut at
     /// [`MAX_CAUSE`] bytes, on a character boundary).
-    fn encode(&self) -> Vec<u8> {
+    pub(crate) fn encode(&self) -> Vec<u8> {
         let mut end = self.cause.len().min(MAX_CAUSE);
         while !self.cause.is_char_boundary(end) {
             end -= 1;
@@ -50,7 +50,7 @@ impl Report {
             .unwrap_or_default()
     }
 
-    fn parse(bytes: &[u8]) -> Result<Report, DecodeError> {
+    pub(crate) fn parse(bytes: &[u8]) -> Result<Report, DecodeError> {
         let mut r = Reader::new(Self::FORMAT, bytes);
         let origin = r.u64_usize("origin")?;
         let cause = r.str_prefixed("cause", Prefix::U32, MAX_CAUSE)?.to_string();

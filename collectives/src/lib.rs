@@ -38,6 +38,8 @@ mod engine;
 mod error;
 mod failure;
 pub mod fusion;
+#[cfg(test)]
+mod fuzz;
 mod links;
 mod schedule;
 mod split;

@@ -4,7 +4,7 @@
 //!
 //! # Protocol
 //!
-//! Each side sends a [`Greeting`] at once, without waiting for the other's:
+//! Each side sends a greeting at once, without waiting for the other's:
 //!
 //! | bytes | field |
 //! |---|---|
@@ -397,10 +397,12 @@ impl Handshake {
     }
 
     /// Takes `n` bytes read into [`input`](Self::input). An error is final:
-    /// the connection must be closed.
+    /// the connection must be closed. A count past what `input` asked for
+    /// counts as all of it (the bytes beyond were never in the buffer).
     pub fn received(&mut self, n: usize) -> Result<(), AuthError> {
         let before = self.filled;
-        self.filled = (self.filled + n).min(GREETING_LEN);
+        let asked = self.input().len();
+        self.filled += n.min(asked);
         match self.state {
             State::Greeting => {
                 if before < HEAD_LEN && self.filled >= HEAD_LEN {

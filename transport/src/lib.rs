@@ -31,6 +31,8 @@ pub mod auth;
 pub mod codec;
 mod error;
 pub mod fault;
+#[cfg(test)]
+mod fuzz;
 pub mod inproc;
 mod link;
 pub mod message;

@@ -1,6 +1,6 @@
 //! TCP links: socket options, connecting and accepting with a handshake.
 //!
-//! Every connection starts with authentication ([`auth`](crate::auth)):
+//! Every connection starts with authentication ([`crate::auth`]):
 //! both sides prove they know the job's secret (or, without one, exchange
 //! greetings that say so) before anything else is read. Then the
 //! connecting side sends a [`Hello`]. The

@@ -1475,6 +1475,9 @@ pub extern "C" fn oxcclGetLastError(comm: oxcclComm_t) -> *const c_char {
 }
 
 #[cfg(test)]
+mod fuzz_args;
+
+#[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;

@@ -65,9 +65,9 @@
 //! }
 //! ```
 
-mod plan;
+pub(crate) mod plan;
 mod timeline;
-mod wire;
+pub(crate) mod wire;
 mod worker;
 
 use std::any::Any;

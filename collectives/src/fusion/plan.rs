@@ -29,7 +29,7 @@ pub(crate) fn buckets(
         }
         let key = m.key();
         match open.iter().position(|(k, _, _)| *k == key) {
-            Some(p) if open[p].1 + bytes <= threshold => {
+            Some(p) if open[p].1.saturating_add(bytes) <= threshold => {
                 open[p].1 += bytes;
                 open[p].2.push(i);
             }

@@ -43,11 +43,13 @@ impl Meta {
         }
     }
 
-    /// Bytes of the buffer the collective works on (the gathered output for allgather).
+    /// Bytes of the buffer the collective works on (the gathered output
+    /// for allgather). Saturates: the count comes from a peer, and a size
+    /// past the address space is larger than any threshold anyway.
     pub fn bytes(&self, world: usize) -> usize {
-        let n = self.count * self.dtype.size();
+        let n = self.count.saturating_mul(self.dtype.size());
         if self.kind == Kind::AllGather {
-            n * world
+            n.saturating_mul(world)
         } else {
             n
         }
@@ -120,8 +122,8 @@ pub(crate) struct ResponseList {
 }
 
 /// Format names of the coordination messages, as decoding errors name them.
-const REQUESTS: &str = "fusion request list";
-const RESPONSES: &str = "fusion response list";
+pub(crate) const REQUESTS: &str = "fusion request list";
+pub(crate) const RESPONSES: &str = "fusion response list";
 
 /// The longest name or message a coordination message carries.
 const MAX_TEXT: usize = 16 << 20;

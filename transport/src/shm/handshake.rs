@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use super::segment::{Created, Mapping, create_segment, open_segment};
 use super::{Policy, ShmLink};
+use crate::codec::{DecodeError, Prefix, Reader, Writer};
 use crate::{Endpoint, Link, StreamLink, TransportError};
 
 const OFFER_MAGIC: &[u8; 8] = b"OXSHOFR1";
@@ -31,6 +32,120 @@ impl Policy {
             2 => Some(Policy::Require),
             _ => None,
         }
+    }
+}
+
+/// Format names of the handshake's messages, as decoding errors name them.
+const OFFER: &str = "shared-memory offer";
+const ANSWER: &str = "shared-memory answer";
+
+/// Reads a policy code (one byte).
+fn read_policy(r: &mut Reader<'_>) -> Result<Policy, DecodeError> {
+    let c = r.u8("policy")?;
+    Policy::from_code(c).ok_or_else(|| r.invalid("policy", format!("unknown policy {c}")))
+}
+
+/// Reads a yes/no byte (0 or 1).
+fn read_flag(r: &mut Reader<'_>, field: &'static str) -> Result<bool, DecodeError> {
+    match r.u8(field)? {
+        0 => Ok(false),
+        1 => Ok(true),
+        v => Err(r.invalid(field, format!("{v} is neither 0 nor 1"))),
+    }
+}
+
+/// The fixed part of an offer; `text_len` bytes follow it: the segment's
+/// name, or why this rank offers none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct OfferHead {
+    /// The offering rank's policy.
+    pub policy: Policy,
+    /// Whether a segment is offered.
+    pub offered: bool,
+    /// The segment's nonce (0 without one).
+    pub nonce: u64,
+    /// The ring capacity of the segment (0 without one).
+    pub capacity: u64,
+    /// Bytes of the text that follows (at most `MAX_NAME`).
+    pub text_len: usize,
+}
+
+impl OfferHead {
+    /// Encoded size in bytes.
+    pub(crate) const LEN: usize = 8 + 1 + 1 + 8 + 8 + 2;
+
+    /// The offer: this head and `text` (cut at `MAX_NAME` bytes, which
+    /// `text_len` is set to).
+    pub(crate) fn encode(&self, text: &[u8]) -> Vec<u8> {
+        let text = &text[..text.len().min(MAX_NAME)];
+        let mut w = Writer::with_capacity(Self::LEN + text.len());
+        w.bytes(OFFER_MAGIC)
+            .u8(self.policy.code())
+            .u8(u8::from(self.offered))
+            .u64(self.nonce)
+            .u64(self.capacity)
+            // At most MAX_NAME bytes: a u16 holds the length.
+            .u16(text.len() as u16)
+            .bytes(text);
+        w.into_bytes()
+    }
+
+    /// Decodes the fixed part of a peer's offer.
+    pub(crate) fn decode(b: &[u8; Self::LEN]) -> Result<OfferHead, DecodeError> {
+        let mut r = Reader::new(OFFER, b);
+        r.magic(OFFER_MAGIC)?;
+        let head = OfferHead {
+            policy: read_policy(&mut r)?,
+            offered: read_flag(&mut r, "offered")?,
+            nonce: r.u64("nonce")?,
+            capacity: r.u64("capacity")?,
+            text_len: r.len_prefix("text", Prefix::U16, MAX_NAME)?,
+        };
+        r.finish()?;
+        Ok(head)
+    }
+}
+
+/// The fixed part of an answer; `text_len` bytes follow it: why the
+/// segment was not taken (empty when it was).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct AnswerHead {
+    /// The answering rank's policy.
+    pub policy: Policy,
+    /// Whether the segment was mapped.
+    pub accepted: bool,
+    /// Bytes of the text that follows (at most `MAX_NAME`).
+    pub text_len: usize,
+}
+
+impl AnswerHead {
+    /// Encoded size in bytes.
+    pub(crate) const LEN: usize = 8 + 1 + 1 + 2;
+
+    /// The answer: this head and `text` (cut at `MAX_NAME` bytes).
+    pub(crate) fn encode(&self, text: &[u8]) -> Vec<u8> {
+        let text = &text[..text.len().min(MAX_NAME)];
+        let mut w = Writer::with_capacity(Self::LEN + text.len());
+        w.bytes(REPLY_MAGIC)
+            .u8(self.policy.code())
+            .u8(u8::from(self.accepted))
+            // At most MAX_NAME bytes: a u16 holds the length.
+            .u16(text.len() as u16)
+            .bytes(text);
+        w.into_bytes()
+    }
+
+    /// Decodes the fixed part of a peer's answer.
+    pub(crate) fn decode(b: &[u8; Self::LEN]) -> Result<AnswerHead, DecodeError> {
+        let mut r = Reader::new(ANSWER, b);
+        r.magic(REPLY_MAGIC)?;
+        let head = AnswerHead {
+            policy: read_policy(&mut r)?,
+            accepted: read_flag(&mut r, "accepted")?,
+            text_len: r.len_prefix("text", Prefix::U16, MAX_NAME)?,
+        };
+        r.finish()?;
+        Ok(head)
     }
 }
 
@@ -99,27 +214,24 @@ pub(super) fn offer(
     } else {
         create_segment(capacity).map_err(|e| e.to_string())
     };
-    let mut offer = Vec::with_capacity(64);
-    offer.extend_from_slice(OFFER_MAGIC);
-    offer.push(policy.code());
-    match &created {
-        Ok(c) => {
-            offer.push(1);
-            offer.extend_from_slice(&c.nonce.to_le_bytes());
-            offer.extend_from_slice(&(capacity as u64).to_le_bytes());
-            let name = c.name.to_bytes();
-            offer.extend_from_slice(&(name.len() as u16).to_le_bytes());
-            offer.extend_from_slice(name);
+    let offer = match &created {
+        Ok(c) => OfferHead {
+            policy,
+            offered: true,
+            nonce: c.nonce,
+            capacity: capacity as u64,
+            text_len: 0,
         }
-        Err(reason) => {
-            offer.push(0);
-            offer.extend_from_slice(&0u64.to_le_bytes());
-            offer.extend_from_slice(&0u64.to_le_bytes());
-            let r = &reason.as_bytes()[..reason.len().min(MAX_NAME)];
-            offer.extend_from_slice(&(r.len() as u16).to_le_bytes());
-            offer.extend_from_slice(r);
+        .encode(c.name.to_bytes()),
+        Err(reason) => OfferHead {
+            policy,
+            offered: false,
+            nonce: 0,
+            capacity: 0,
+            text_len: 0,
         }
-    }
+        .encode(reason.as_bytes()),
+    };
     send_all(prev, &offer, deadline, "a shared-memory offer")?;
     Ok(created)
 }
@@ -134,24 +246,18 @@ pub(super) fn answer(
     single_copy: Option<usize>,
     deadline: Instant,
 ) -> Result<Box<dyn Link>, TransportError> {
-    let mut fixed = [0u8; 8 + 1 + 1 + 8 + 8 + 2];
+    let mut fixed = [0u8; OfferHead::LEN];
     recv_exact(&mut next, &mut fixed, deadline, "a shared-memory offer")?;
-    let bad = |reason: String| TransportError::Protocol {
+    let OfferHead {
+        policy: peer_policy,
+        offered,
+        nonce,
+        capacity: peer_capacity,
+        text_len,
+    } = OfferHead::decode(&fixed).map_err(|e| TransportError::Protocol {
         peer: next.peer(),
-        reason,
-    };
-    if &fixed[..8] != OFFER_MAGIC {
-        return Err(bad("expected a shared-memory offer".into()));
-    }
-    let peer_policy =
-        Policy::from_code(fixed[8]).ok_or_else(|| bad(format!("unknown policy {}", fixed[8])))?;
-    let offered = fixed[9] == 1;
-    let nonce = u64::from_le_bytes(fixed[10..18].try_into().unwrap_or([0; 8]));
-    let peer_capacity = u64::from_le_bytes(fixed[18..26].try_into().unwrap_or([0; 8]));
-    let text_len = u16::from_le_bytes([fixed[26], fixed[27]]) as usize;
-    if text_len > MAX_NAME {
-        return Err(bad(format!("offer text of {text_len} bytes")));
-    }
+        reason: e.to_string(),
+    })?;
     let mut text = vec![0u8; text_len];
     recv_exact(&mut next, &mut text, deadline, "a shared-memory offer")?;
     let text = String::from_utf8_lossy(&text).into_owned();
@@ -171,22 +277,16 @@ pub(super) fn answer(
     } else {
         open_segment(&text, nonce, capacity)
     };
-    let mut reply = Vec::with_capacity(64);
-    reply.extend_from_slice(REPLY_MAGIC);
-    reply.push(policy.code());
     let reason = match &opened {
-        Ok(_) => {
-            reply.push(1);
-            String::new()
-        }
-        Err(r) => {
-            reply.push(0);
-            r.clone()
-        }
+        Ok(_) => String::new(),
+        Err(r) => r.clone(),
     };
-    let r = &reason.as_bytes()[..reason.len().min(MAX_NAME)];
-    reply.extend_from_slice(&(r.len() as u16).to_le_bytes());
-    reply.extend_from_slice(r);
+    let reply = AnswerHead {
+        policy,
+        accepted: opened.is_ok(),
+        text_len: 0,
+    }
+    .encode(reason.as_bytes());
     let sent = send_all(&mut next, &reply, deadline, "a shared-memory answer");
     let next_link: Box<dyn Link> = match opened {
         Ok(map) => {
@@ -226,22 +326,16 @@ pub(super) fn read_answer(
     single_copy: Option<usize>,
     deadline: Instant,
 ) -> Result<Box<dyn Link>, TransportError> {
-    let mut fixed = [0u8; 8 + 1 + 1 + 2];
+    let mut fixed = [0u8; AnswerHead::LEN];
     recv_exact(&mut prev, &mut fixed, deadline, "a shared-memory answer")?;
-    let bad = |reason: String| TransportError::Protocol {
+    let AnswerHead {
+        policy: peer_policy,
+        accepted,
+        text_len,
+    } = AnswerHead::decode(&fixed).map_err(|e| TransportError::Protocol {
         peer: prev.peer(),
-        reason,
-    };
-    if &fixed[..8] != REPLY_MAGIC {
-        return Err(bad("expected a shared-memory answer".into()));
-    }
-    let peer_policy =
-        Policy::from_code(fixed[8]).ok_or_else(|| bad(format!("unknown policy {}", fixed[8])))?;
-    let accepted = fixed[9] == 1;
-    let text_len = u16::from_le_bytes([fixed[10], fixed[11]]) as usize;
-    if text_len > MAX_NAME {
-        return Err(bad(format!("answer text of {text_len} bytes")));
-    }
+        reason: e.to_string(),
+    })?;
     let mut text = vec![0u8; text_len];
     recv_exact(&mut prev, &mut text, deadline, "a shared-memory answer")?;
     let prev_link: Box<dyn Link> = match created {

@@ -70,7 +70,7 @@
 //!   after each copy and discards the copy if either is set, so bytes the
 //!   caller may already have reused are never delivered.
 
-mod handshake;
+pub(crate) mod handshake;
 mod ring;
 mod segment;
 mod single_copy;

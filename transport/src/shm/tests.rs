@@ -85,3 +85,40 @@ fn in_process_pair_carries_a_stream_across_wraps() {
     // The other direction of the same kind of segment.
     stream(Box::new(b), Box::new(a), 1_000_000, 70_001);
 }
+
+/// The words of a segment that a peer writes and this side loads, by
+/// number (for [`ShmLink::scribble`]): direction 0's control words first,
+/// then direction 1's, then the shutdown mark and both sides' probe words.
+pub(crate) const PEER_WORDS: usize = 2 * 9 + 1 + 2 * 4;
+
+impl super::ShmLink {
+    /// Stores `value` in the segment's peer-written word number `word`
+    /// (modulo [`PEER_WORDS`]), as a faulty or hostile peer process could.
+    pub(crate) fn scribble(&self, word: usize, value: u64) {
+        use super::segment::{SHUT, SOURCE_OFFSET};
+        use std::sync::atomic::Ordering::Release;
+        let word = word % PEER_WORDS;
+        if word < 18 {
+            let c = self.map.ctrl(word / 9);
+            let w = match word % 9 {
+                0 => &c.head,
+                1 => &c.committed,
+                2 => &c.pull_posted,
+                3 => &c.pull_at,
+                4 => &c.pull_addr,
+                5 => &c.pull_len,
+                6 => &c.pull_withdrawn,
+                7 => &c.tail,
+                _ => &c.pulled,
+            };
+            w.store(value, Release);
+        } else if word == 18 {
+            self.map.word(SHUT).store(value, Release);
+        } else {
+            let k = word - 19;
+            self.map
+                .word(SOURCE_OFFSET[k / 4] + 8 * (k % 4))
+                .store(value, Release);
+        }
+    }
+}

@@ -24,8 +24,8 @@ use std::time::{Duration, Instant};
 mod client;
 mod file;
 mod mem;
-mod tcp;
-mod torch;
+pub(crate) mod tcp;
+pub(crate) mod torch;
 
 pub use file::FileStore;
 pub use mem::MemStore;

@@ -49,9 +49,9 @@ use crate::codec::{DecodeError, EncodeError, Prefix, Reader, Writer};
 pub const TCP_MAX_LEN: usize = 64 << 20;
 
 /// First bytes of every TCP store connection, from both sides.
-const MAGIC: [u8; 8] = *b"OXCCLKV\0";
+pub(crate) const MAGIC: [u8; 8] = *b"OXCCLKV\0";
 /// Protocol version, sent after [`MAGIC`].
-const VERSION: u16 = 1;
+pub(crate) const VERSION: u16 = 1;
 
 const OP_SET: u8 = 1;
 const OP_GET: u8 = 2;
@@ -80,14 +80,14 @@ fn describe_addr(addr: SocketAddr) -> String {
 }
 
 /// Format names of the protocol's messages, as decoding errors name them.
-const HANDSHAKE: &str = "tcp store handshake";
-const REQUEST: &str = "tcp store request";
-const REPLY: &str = "tcp store reply";
+pub(crate) const HANDSHAKE: &str = "tcp store handshake";
+pub(crate) const REQUEST: &str = "tcp store request";
+pub(crate) const REPLY: &str = "tcp store reply";
 
 /// Why a message could not be read from a stream: the stream failed (or
 /// ended), or its bytes do not follow the format.
 #[derive(Debug)]
-pub(super) enum ReadError {
+pub(crate) enum ReadError {
     /// The stream failed or ended early.
     Io(io::Error),
     /// The bytes do not follow the format.
@@ -108,7 +108,7 @@ impl From<DecodeError> for ReadError {
 
 /// Reads the next `N` bytes of a message of `format` from a stream and
 /// decodes them with `decode`, which must take all of them.
-pub(super) fn read_fixed<const N: usize, T>(
+pub(crate) fn read_fixed<const N: usize, T>(
     r: &mut impl Read,
     format: &'static str,
     decode: impl FnOnce(&mut Reader<'_>) -> Result<T, DecodeError>,
@@ -163,7 +163,7 @@ fn hello() -> [u8; 10] {
 
 /// A request, after its op byte.
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum Request {
+pub(crate) enum Request {
     Set { key: String, value: Vec<u8> },
     Get { key: String, wait_ms: u64 },
     TryGet { key: String },
@@ -199,7 +199,7 @@ impl Request {
     }
 
     /// The request's bytes, op byte first.
-    fn encode(&self) -> Result<Vec<u8>, EncodeError> {
+    pub(crate) fn encode(&self) -> Result<Vec<u8>, EncodeError> {
         let key = self.key();
         let mut w = Writer::with_capacity(5 + key.len());
         w.u8(self.op()).str_prefixed(Prefix::U32, key)?;
@@ -220,7 +220,7 @@ impl Request {
 
     /// Reads the rest of a request whose op byte was `op`. Lengths are
     /// refused over [`TCP_MAX_LEN`] before their bytes are read.
-    fn read(op: u8, r: &mut impl Read) -> Result<Request, ReadError> {
+    pub(crate) fn read(op: u8, r: &mut impl Read) -> Result<Request, ReadError> {
         if !matches!(op, OP_SET | OP_GET | OP_TRY_GET | OP_ADD) {
             return Err(ReadError::Decode(DecodeError::Invalid {
                 format: REQUEST,
@@ -258,7 +258,7 @@ fn read_status(r: &mut impl Read) -> Result<u8, ReadError> {
 }
 
 /// Reads an `OK, len, value` or `NOT_FOUND` reply (to get and try_get).
-fn read_value_reply(r: &mut impl Read) -> Result<Option<Vec<u8>>, ReadError> {
+pub(crate) fn read_value_reply(r: &mut impl Read) -> Result<Option<Vec<u8>>, ReadError> {
     match read_status(r)? {
         ST_OK => Ok(Some(read_prefixed(r, REPLY, "value")?)),
         ST_NOT_FOUND => Ok(None),
@@ -267,7 +267,7 @@ fn read_value_reply(r: &mut impl Read) -> Result<Option<Vec<u8>>, ReadError> {
 }
 
 /// Reads the `OK` reply to a set.
-fn read_set_reply(r: &mut impl Read) -> Result<(), ReadError> {
+pub(crate) fn read_set_reply(r: &mut impl Read) -> Result<(), ReadError> {
     match read_status(r)? {
         ST_OK => Ok(()),
         other => Err(unknown_status(other)),
@@ -276,7 +276,7 @@ fn read_set_reply(r: &mut impl Read) -> Result<(), ReadError> {
 
 /// Reads an `OK, new` or `ERR, len, message` reply (to add); the error is
 /// the server's message.
-fn read_add_reply(r: &mut impl Read) -> Result<Result<i64, String>, ReadError> {
+pub(crate) fn read_add_reply(r: &mut impl Read) -> Result<Result<i64, String>, ReadError> {
     match read_status(r)? {
         ST_OK => Ok(Ok(read_fixed::<8, _>(r, REPLY, |d| d.i64("counter"))?)),
         ST_ERR => {

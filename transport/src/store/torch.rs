@@ -65,7 +65,7 @@ pub const TORCH_MAX_KEY: usize = 8 << 10;
 pub const TORCH_MAX_VALUE: usize = 8 << 20;
 
 /// The format name of torch's replies, as decoding errors name it.
-const REPLY: &str = "torch store reply";
+pub(crate) const REPLY: &str = "torch store reply";
 
 /// How long a reply may take (other than a wait's), and the handshake.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -109,12 +109,12 @@ fn put_ping(w: &mut Writer, nonce: u32) {
     w.u8(PING).u32(nonce);
 }
 
-fn read_u8(r: &mut impl Read, field: &'static str) -> Result<u8, ReadError> {
+pub(crate) fn read_u8(r: &mut impl Read, field: &'static str) -> Result<u8, ReadError> {
     read_fixed::<1, _>(r, REPLY, |d| d.u8(field))
 }
 
 /// Reads a ping's reply and checks it is `nonce`.
-fn read_pong(r: &mut impl Read, nonce: u32, after: &str) -> Result<(), ReadError> {
+pub(crate) fn read_pong(r: &mut impl Read, nonce: u32, after: &str) -> Result<(), ReadError> {
     let echo = read_fixed::<4, _>(r, REPLY, |d| d.u32("ping nonce"))?;
     if echo != nonce {
         return Err(bad_reply(
@@ -126,7 +126,7 @@ fn read_pong(r: &mut impl Read, nonce: u32, after: &str) -> Result<(), ReadError
 }
 
 /// Reads a `u64` length (at most [`TORCH_MAX_VALUE`]) and that many bytes: a value.
-fn read_value(r: &mut impl Read) -> Result<Vec<u8>, ReadError> {
+pub(crate) fn read_value(r: &mut impl Read) -> Result<Vec<u8>, ReadError> {
     let len = read_fixed::<8, _>(r, REPLY, |d| {
         d.len_prefix("value", Prefix::U64, TORCH_MAX_VALUE)
     })?;
