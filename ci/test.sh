@@ -57,4 +57,12 @@ target/release/oxrun -n 2 --timeout 300 -- target/release/oxccl-check -c all -b 
 step "launchers: real torchrun, srun, sbatch, mpirun inside salloc, torchrun inside srun"
 bash ci/launchers.sh
 
+step "chaos, short: SIGKILL and SIGSTOP of a random rank of a looping 4-rank job, shm and tcp"
+# 3 SIGKILL trials and 2 SIGSTOP trials per transport (about a minute; the
+# long run and its counts are in the README, "Reliability"). Every survivor
+# must fail naming the signalled rank: within 2 s of a SIGKILL, within 10 s
+# of a SIGSTOP with OXCCL_TIMEOUT=5.
+target/release/oxccl-chaos run --scenario kill -n 3
+target/release/oxccl-chaos run --scenario stop -n 2
+
 step "done"

@@ -281,6 +281,7 @@ impl Communicator {
             job,
             Some(local_ip),
             secret,
+            Some(0),
         )
     }
 
@@ -332,6 +333,7 @@ impl Communicator {
             job,
             Some(local_ip),
             secret,
+            None,
         )
     }
 
@@ -375,6 +377,7 @@ impl Communicator {
             id.job,
             Some(local_ip),
             secret,
+            None,
         )
     }
 
@@ -395,7 +398,7 @@ impl Communicator {
             let secret = config.secret_in_use(None)?;
             (job_id(store.as_ref(), rank, deadline)?, secret)
         };
-        connect(store, None, rank, world, config, job, None, secret)
+        connect(store, None, rank, world, config, job, None, secret, None)
     }
 
     /// Creates a group of `world` communicators in this process, connected by
@@ -437,6 +440,7 @@ impl Communicator {
                     key_prefix: PREFIX.into(),
                     server: None,
                     refused: 0,
+                    store_host: None,
                 })
             })
             .collect()
@@ -527,6 +531,7 @@ fn connect(
     job: u64,
     local_ip: Option<IpAddr>,
     secret: Option<JobSecret>,
+    store_host: Option<usize>,
 ) -> Result<Communicator> {
     let deadline = crate::deadline_in(config.timeout);
     let boot = |source: TransportError| Error::Bootstrap { rank, source };
@@ -675,6 +680,7 @@ fn connect(
         key_prefix: format!("{PREFIX}/{job:x}"),
         server,
         refused,
+        store_host,
     })?;
     comm.agree_link_model()?;
     Ok(comm)
