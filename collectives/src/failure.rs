@@ -26,6 +26,7 @@
 //!   once with the original cause.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use oxccl_transport::TransportError;
@@ -43,6 +44,9 @@ pub(crate) struct Report {
     /// The rank the origin waited on when it timed out: a suspect, whose
     /// own report (or silence) says more.
     pub waited_on: Option<usize>,
+    /// The rank's last word: its call's error is decided. A timed-out
+    /// rank's first report is not (it is still following the waits).
+    pub settled: bool,
     pub cause: String,
 }
 
@@ -52,7 +56,8 @@ const MAX_CAUSE: usize = 64 << 10;
 impl Report {
     const FORMAT: &'static str = "failure report";
 
-    /// `origin: u64`, `waited_on: u64` (`u64::MAX`: none), then the cause
+    /// `origin: u64`, `waited_on: u64` (`u64::MAX`: none), `settled: u8`
+    /// (0 or 1), then the cause
     /// as UTF-8 with a `u32` length (cut at [`MAX_CAUSE`] bytes, on a
     /// character boundary).
     fn encode(&self) -> Vec<u8> {
@@ -63,6 +68,7 @@ impl Report {
         let mut w = Writer::new();
         w.u64(self.origin as u64)
             .u64(self.waited_on.map_or(u64::MAX, |r| r as u64))
+            .u8(u8::from(self.settled))
             .str_prefixed(Prefix::U32, &self.cause[..end])
             .map(|w| w.as_bytes().to_vec())
             .unwrap_or_default()
@@ -79,11 +85,23 @@ impl Report {
                 why: format!("{w} is not a rank"),
             })?),
         };
+        let settled = match r.u8("settled")? {
+            0 => false,
+            1 => true,
+            v => {
+                return Err(DecodeError::Invalid {
+                    format: Self::FORMAT,
+                    field: "settled",
+                    why: format!("{v} is not 0 or 1"),
+                });
+            }
+        };
         let cause = r.str_prefixed("cause", Prefix::U32, MAX_CAUSE)?.to_string();
         r.finish()?;
         Ok(Report {
             origin,
             waited_on,
+            settled,
             cause,
         })
     }
@@ -100,6 +118,8 @@ pub(crate) struct Failures {
     /// The rank whose process serves the store, when it is one of this
     /// communicator's (oxccl's TCP store: rank 0).
     store_host: Option<usize>,
+    /// The rank this one last timed out waiting on (`usize::MAX`: none).
+    waited_on: AtomicUsize,
 }
 
 /// What became of a wait for a rank's report.
@@ -127,6 +147,7 @@ impl Failures {
             key_prefix,
             timeout,
             store_host,
+            waited_on: AtomicUsize::new(usize::MAX),
         }
     }
 
@@ -234,9 +255,11 @@ impl Failures {
                     what,
                     waited,
                 };
+                self.waited_on.store(peer, Ordering::Relaxed);
                 self.report(&Report {
                     origin: rank,
                     waited_on: Some(peer),
+                    settled: false,
                     cause: own.to_string(),
                 });
                 self.follow_waits(call, peer, own)
@@ -334,6 +357,7 @@ impl Failures {
         let r = Report::parse(bytes).unwrap_or_else(|e| Report {
             origin: peer,
             waited_on: None,
+            settled: true,
             cause: format!("an unreadable report ({e})"),
         });
         Error::Remote {
@@ -352,6 +376,7 @@ impl Failures {
             Error::Remote { origin, cause, .. } => Report {
                 origin: *origin,
                 waited_on: None,
+                settled: true,
                 cause: cause.clone(),
             },
             Error::Mismatch {
@@ -359,16 +384,26 @@ impl Failures {
             } => Report {
                 origin: rank,
                 waited_on: None,
+                settled: true,
                 cause: format!(
                     "collective mismatch: rank {rank} called {call} but rank {peer} called {theirs}"
                 ),
             },
-            // Reported when it happened, with the rank it waited on
-            // (`attribute`), for the ranks that follow the waits.
-            Error::Timeout { .. } => return,
+            // This rank's own timeout is its last word: the rank it waited
+            // on, for the ranks that follow the waits, is kept.
+            Error::Timeout { .. } => Report {
+                origin: rank,
+                waited_on: match self.waited_on.load(Ordering::Relaxed) {
+                    usize::MAX => None,
+                    w => Some(w),
+                },
+                settled: true,
+                cause: err.to_string(),
+            },
             other => Report {
                 origin: rank,
                 waited_on: None,
+                settled: true,
                 cause: other.to_string(),
             },
         };
@@ -408,8 +443,9 @@ impl Failures {
 
     /// On the rank that serves the store, after a failure: waits until
     /// every other rank but one (the one that died or hung, which never
-    /// reports) has left its report, at most the grace, so that the
-    /// others can still read the reports they need to name the origin.
+    /// reports) has settled its report (its call's error is decided, so it
+    /// reads no more reports), at most the grace, so that the others can
+    /// still read the reports they need to name the origin.
     pub(crate) fn linger(&self) {
         if self.store_host != Some(self.rank) || self.world < 2 {
             return;
@@ -419,7 +455,11 @@ impl Failures {
             let mut reported = 0;
             for r in 0..self.world {
                 match self.store.try_get_within(&self.key(r), self.grace()) {
-                    Ok(Some(_)) => reported += 1,
+                    Ok(Some(bytes)) => {
+                        if Report::parse(&bytes).is_ok_and(|r| r.settled) {
+                            reported += 1;
+                        }
+                    }
                     Ok(None) => {}
                     Err(_) => return,
                 }
@@ -519,6 +559,59 @@ mod tests {
     }
 
     #[test]
+    fn the_store_host_lingers_until_every_other_rank_but_one_settled() {
+        let store: Arc<dyn Store> = Arc::new(MemStore::new());
+        let at = |rank| {
+            Failures::new(
+                rank,
+                4,
+                store.clone(),
+                "job".into(),
+                Duration::from_millis(400),
+                Some(0),
+            )
+        };
+        // Ranks 0 and 3 settled; rank 2 timed out and still follows the
+        // waits (its report is not settled): rank 0 serves it the grace.
+        at(0).publish(&Error::Internal("x".into()));
+        at(3).publish(&Error::Internal("y".into()));
+        let r2 = at(2);
+        let _ = r2.attribute("c".into(), timeout(1), false);
+        // (That took rank 2 the grace: rank 1 never reports. Its report
+        // is settled now; take it back to the provisional one.)
+        r2.report(&Report {
+            origin: 2,
+            waited_on: Some(1),
+            settled: false,
+            cause: "no progress".into(),
+        });
+        let t = Instant::now();
+        at(0).linger();
+        assert!(
+            t.elapsed() >= Duration::from_millis(190),
+            "{:?}",
+            t.elapsed()
+        );
+        // Rank 2 settles while rank 0 lingers: rank 0 stops at once.
+        let settle = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            r2.publish(&Error::Internal("z".into()));
+        });
+        let t = Instant::now();
+        at(0).linger();
+        settle.join().unwrap();
+        assert!(
+            t.elapsed() < Duration::from_millis(190),
+            "{:?}",
+            t.elapsed()
+        );
+        // A rank that does not serve the store never waits.
+        let t = Instant::now();
+        at(1).linger();
+        assert!(t.elapsed() < Duration::from_millis(50));
+    }
+
+    #[test]
     fn a_gone_store_that_rank_0_served_names_rank_0() {
         let store: Arc<dyn Store> = Arc::new(GoneStore);
         let with_host = |rank| {
@@ -571,17 +664,20 @@ mod tests {
         let r = Report {
             origin: 3,
             waited_on: None,
+            settled: true,
             cause: "it died\nwith two lines".into(),
         };
         assert_eq!(Report::parse(&r.encode()).unwrap(), r);
         let w = Report {
             waited_on: Some(2),
+            settled: false,
             ..r
         };
         assert_eq!(Report::parse(&w.encode()).unwrap(), w);
         let mut long = Report {
             origin: 1,
             waited_on: None,
+            settled: true,
             cause: "é".repeat(MAX_CAUSE),
         };
         let cut = Report::parse(&long.encode()).unwrap();
