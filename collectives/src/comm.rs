@@ -756,7 +756,7 @@ impl Communicator {
 impl Drop for Communicator {
     /// A rank that serves the store and failed keeps serving it until the
     /// others have read what they need to name the origin
-    /// ([`Failures::linger`]).
+    /// (`Failures::linger`).
     fn drop(&mut self) {
         if self.poisoned.is_some() && self._server.is_some() {
             self.failures.linger();
