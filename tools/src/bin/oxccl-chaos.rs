@@ -70,6 +70,9 @@ struct RunArgs {
     /// Ranks per job.
     #[arg(long, default_value_t = 4)]
     world: usize,
+    /// Signal only these ranks (comma-separated) [default: any rank].
+    #[arg(long, value_delimiter = ',')]
+    victim: Vec<usize>,
     /// Longest random wait, in milliseconds, from the first round of calls
     /// to the signal.
     #[arg(long, default_value_t = 1500)]
@@ -262,7 +265,11 @@ struct TrialSetup<'a> {
 fn trial(s: &TrialSetup<'_>, rng: &mut Rng, tally: &mut Tally) {
     let args = s.args;
     tally.trials += 1;
-    let victim = rng.below(args.world as u64) as usize;
+    let victim = if args.victim.is_empty() {
+        rng.below(args.world as u64) as usize
+    } else {
+        args.victim[rng.below(args.victim.len() as u64) as usize]
+    };
     let delay = Duration::from_millis(rng.below(args.max_delay_ms + 1));
     if victim == 0 {
         tally.rank0 += 1;
@@ -466,6 +473,13 @@ fn quantile(sorted: &[f64], q: f64) -> f64 {
 fn run(args: &RunArgs) -> ExitCode {
     if args.world < 2 {
         eprintln!("oxccl-chaos: --world must be at least 2");
+        return ExitCode::from(2);
+    }
+    if let Some(v) = args.victim.iter().find(|&&v| v >= args.world) {
+        eprintln!(
+            "oxccl-chaos: --victim {v} is not a rank of a world of {}",
+            args.world
+        );
         return ExitCode::from(2);
     }
     let seed = args.seed.unwrap_or_else(|| {
