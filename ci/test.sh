@@ -57,4 +57,15 @@ target/release/oxrun -n 2 --timeout 300 -- target/release/oxccl-check -c all -b 
 step "launchers: real torchrun, srun, sbatch, mpirun inside salloc, torchrun inside srun"
 bash ci/launchers.sh
 
+step "chaos, short: SIGKILL and SIGSTOP of a rank of a looping 4-rank job, shm and tcp"
+# Per transport: 2 SIGKILLs of rank 0 (which serves the store), 2 of a
+# random rank, 1 SIGSTOP of rank 0 and 1 of a random rank (about a minute;
+# the long run and its counts are in the README, "Reliability"). Every
+# survivor must fail naming the signalled rank: within 2 s of a SIGKILL,
+# within 10 s of a SIGSTOP with OXCCL_TIMEOUT=5.
+target/release/oxccl-chaos run --scenario kill -n 2 --victim 0
+target/release/oxccl-chaos run --scenario kill -n 2
+target/release/oxccl-chaos run --scenario stop -n 1 --victim 0
+target/release/oxccl-chaos run --scenario stop -n 1
+
 step "done"

@@ -287,6 +287,7 @@ impl Communicator {
             job,
             Some(local_ip),
             secret,
+            Some(0),
         )
     }
 
@@ -338,6 +339,7 @@ impl Communicator {
             job,
             Some(local_ip),
             secret,
+            None,
         )
     }
 
@@ -381,6 +383,7 @@ impl Communicator {
             id.job,
             Some(local_ip),
             secret,
+            None,
         )
     }
 
@@ -442,6 +445,7 @@ impl Communicator {
                     server: None,
                     refused: 0,
                     secret: None,
+                    store_host: None,
                 })
             })
             .collect()
@@ -532,6 +536,7 @@ fn connect(
     job: u64,
     local_ip: Option<IpAddr>,
     secret: Option<JobSecret>,
+    store_host: Option<usize>,
 ) -> Result<Communicator> {
     let deadline = crate::deadline_in(config.timeout);
     let boot = |source: TransportError| Error::Bootstrap { rank, source };
@@ -681,6 +686,7 @@ fn connect(
         server,
         refused,
         secret,
+        store_host,
     })?;
     comm.agree_link_model()?;
     Ok(comm)
@@ -702,7 +708,7 @@ pub(crate) fn join(
     } else {
         job_id(store.as_ref(), rank, deadline)?
     };
-    connect(store, None, rank, world, config, job, None, secret)
+    connect(store, None, rank, world, config, job, None, secret, None)
 }
 
 /// Checks, before any link exists, that every rank came and that the ranks

@@ -134,6 +134,8 @@ pub(crate) struct Parts {
     pub server: Option<TcpStoreServer>,
     pub refused: usize,
     pub secret: Option<JobSecret>,
+    /// The rank that serves the store, when it is one of this world's.
+    pub store_host: Option<usize>,
 }
 
 impl Communicator {
@@ -162,7 +164,14 @@ impl Communicator {
                 secret: p.secret,
                 splits: 0,
             },
-            failures: Failures::new(p.rank, p.store, p.key_prefix, p.config.timeout),
+            failures: Failures::new(
+                p.rank,
+                p.world,
+                p.store,
+                p.key_prefix,
+                p.config.timeout,
+                p.store_host,
+            ),
             config: p.config,
             links: p.links,
             _server: p.server,
@@ -762,6 +771,17 @@ impl Communicator {
         tracing::warn!("{err}");
         self.poisoned = Some((err.kind(), err.to_string()));
         err
+    }
+}
+
+impl Drop for Communicator {
+    /// A rank that serves the store and failed keeps serving it until the
+    /// others have read what they need to name the origin
+    /// (`Failures::linger`).
+    fn drop(&mut self) {
+        if self.poisoned.is_some() && self._server.is_some() {
+            self.failures.linger();
+        }
     }
 }
 

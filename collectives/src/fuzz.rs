@@ -213,8 +213,17 @@ proptest! {
     // -------------------------------------------------------- failure report
 
     #[test]
-    fn fuzz_failure_report(b in any_bytes(96), origin in count(), cause in ".{0,40}", ms in mutations()) {
-        for b in [b, mutate(Report { origin, cause: cause.clone() }.encode(), &ms)] {
+    fn fuzz_failure_report(
+        b in any_bytes(96),
+        origin in count(),
+        // A rank (u64::MAX encodes "none": no rank is that large).
+        waited_on in proptest::option::of(0usize..1 << 30),
+        settled: bool,
+        cause in ".{0,40}",
+        ms in mutations(),
+    ) {
+        let report = Report { origin, waited_on, settled, cause };
+        for b in [b, mutate(report.encode(), &ms)] {
             match Report::parse(&b) {
                 Ok(r) => {
                     prop_assert!(r.cause.len() <= MAX_CAUSE);
@@ -223,8 +232,7 @@ proptest! {
                 Err(e) => named(&e, Report::FORMAT)?,
             }
         }
-        let r = Report { origin, cause };
-        prop_assert_eq!(Report::parse(&r.encode()).unwrap(), r);
+        prop_assert_eq!(Report::parse(&report.encode()).unwrap(), report);
     }
 
     // -------------------------------------------------------- fusion

@@ -528,3 +528,53 @@ fn a_sender_that_panics_mid_call_fails_its_reader_instead_of_feeding_it_freed_by
         "{e}"
     );
 }
+
+/// The origin a failure message names: its first "rank N failed", else the
+/// rank its own timeout waited on.
+fn origin_named(msg: &str) -> Option<usize> {
+    let after = |pat: &str, end: &str| {
+        msg.match_indices(pat).find_map(|(i, _)| {
+            let rest = &msg[i + pat.len()..];
+            let n = rest.bytes().take_while(u8::is_ascii_digit).count();
+            (n > 0 && rest[n..].starts_with(end)).then(|| rest[..n].parse().ok())?
+        })
+    };
+    after("rank ", " failed")
+        .or_else(|| after("data from rank ", ""))
+        .or_else(|| after("rank ", " to take data"))
+}
+
+#[test]
+fn every_rank_names_a_stuck_rank_as_the_origin_however_far_round_the_ring() {
+    // Rank 2 never calls. Rank 3 waits on it, rank 0 on rank 3, rank 1 on
+    // rank 0 (or on rank 2, to take data): every one of them times out, and
+    // every one follows the reports of whom each waited on to rank 2.
+    for (transport, config) in on_each_transport(500) {
+        let t0 = Instant::now();
+        let out = run_in_process(4, config, |comm| {
+            if comm.rank() == 2 {
+                std::thread::sleep(Duration::from_millis(2500));
+                return None;
+            }
+            let mut buf = vec![0u32; 4096];
+            let e = comm
+                .all_reduce_in_place(&mut buf, ReduceOp::Sum)
+                .unwrap_err();
+            Some((e.to_string(), t0.elapsed()))
+        })
+        .unwrap();
+        for (rank, o) in out.into_iter().enumerate() {
+            let Some((msg, at)) = o else { continue };
+            assert_eq!(
+                origin_named(&msg),
+                Some(2),
+                "{transport:?} rank {rank}: {msg}"
+            );
+            // The timeout, then the grace (half of it) following the waits.
+            assert!(
+                at < Duration::from_millis(2000),
+                "{transport:?} rank {rank}: {at:?}"
+            );
+        }
+    }
+}

@@ -1,12 +1,14 @@
 //! Real processes on this host, over shared memory (what `auto` picks here)
 //! and over loopback TCP: jobs started through `oxrun`, through
-//! torchrun-style variables, and a rank killed with SIGKILL mid-allreduce.
+//! torchrun-style variables, and a rank killed with SIGKILL or stopped with SIGSTOP mid-allreduce.
 
 #![allow(clippy::unwrap_used)]
 
 use std::io::Read;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use rustix::process::{Pid, Signal, kill_process};
 
 const OXRUN: &str = env!("CARGO_BIN_EXE_oxrun");
 const CHECK: &str = env!("CARGO_BIN_EXE_oxccl-check");
@@ -218,82 +220,126 @@ fn auto_picks_shared_memory_on_one_host_and_tcp_when_asked() {
 
 #[test]
 fn a_rank_killed_mid_allreduce_over_shm_is_named_by_every_survivor_within_10s() {
-    kill_rank_2_of_4("shm");
+    signal_rank_of_4("shm", 2, Signal::KILL, 60, Duration::from_secs(10));
 }
 
 #[test]
 fn a_rank_killed_mid_allreduce_over_tcp_is_named_by_every_survivor_within_10s() {
-    kill_rank_2_of_4("tcp");
+    signal_rank_of_4("tcp", 2, Signal::KILL, 60, Duration::from_secs(10));
 }
 
-fn kill_rank_2_of_4(transport: &str) {
+/// Rank 0 serves the store: the survivors cannot read the reports there,
+/// and still name rank 0, not the neighbour that passed its failure on.
+#[test]
+fn a_killed_rank_0_is_named_by_every_survivor_within_2s_on_both_transports() {
+    for transport in ["shm", "tcp"] {
+        signal_rank_of_4(transport, 0, Signal::KILL, 60, Duration::from_secs(2));
+    }
+}
+
+/// A stopped rank 0 stops the store too: the survivors give up on it within
+/// the failure protocol's grace (half of OXCCL_TIMEOUT), not the store
+/// client's 30 s, and name rank 0.
+#[test]
+fn a_stopped_rank_0_is_named_by_every_survivor_within_twice_the_timeout_on_both_transports() {
+    for transport in ["shm", "tcp"] {
+        signal_rank_of_4(transport, 0, Signal::STOP, 2, Duration::from_secs(4));
+    }
+}
+
+/// The rank an error message names as the origin: its first "rank N failed",
+/// else the rank its own timeout waited on.
+fn origin_named(msg: &str) -> Option<usize> {
+    let after = |pat: &str, end: &str| {
+        msg.match_indices(pat).find_map(|(i, _)| {
+            let rest = &msg[i + pat.len()..];
+            let n = rest.bytes().take_while(u8::is_ascii_digit).count();
+            (n > 0 && rest[n..].starts_with(end)).then(|| rest[..n].parse().ok())?
+        })
+    };
+    after("rank ", " failed")
+        .or_else(|| after("data from rank ", ""))
+        .or_else(|| after("rank ", " to take data"))
+}
+
+/// Starts 4 ranks looping 1 MiB allreduces, sends `sig` to rank `victim`
+/// mid-loop, and checks that every other rank fails within `bound` with an
+/// error naming `victim` as the origin (rank `victim`'s neighbours may add
+/// that the other neighbour hung up too, having learned of it first).
+fn signal_rank_of_4(transport: &str, victim: usize, sig: Signal, timeout_s: u32, bound: Duration) {
     let port = free_port().to_string();
-    // 64 MiB allreduces, back to back, long enough to be killed in the middle of one.
-    let mut ranks = spawn_ranks(
-        4,
-        &[
-            "-c",
-            "all_reduce",
-            "-b",
-            "64M",
-            "-i",
-            "100000",
-            "-w",
-            "0",
-            "--no-check",
-        ],
-        |r| {
-            vec![
-                ("OXCCL_RANK".into(), r.to_string()),
-                ("OXCCL_WORLD_SIZE".into(), "4".into()),
-                ("OXCCL_MASTER_ADDR".into(), "127.0.0.1".into()),
-                ("OXCCL_MASTER_PORT".into(), port.clone()),
-                ("OXCCL_TRANSPORT".into(), transport.into()),
-            ]
-        },
-    );
+    let mut ranks: Vec<Child> = (0..4)
+        .map(|r| {
+            Command::new(CHECK)
+                .args([
+                    "-c",
+                    "all_reduce",
+                    "-b",
+                    "1M",
+                    "-i",
+                    "100000000",
+                    "-w",
+                    "0",
+                    "--no-check",
+                ])
+                .env("OXCCL_RANK", r.to_string())
+                .env("OXCCL_WORLD_SIZE", "4")
+                .env("OXCCL_MASTER_ADDR", "127.0.0.1")
+                .env("OXCCL_MASTER_PORT", &port)
+                .env("OXCCL_TRANSPORT", transport)
+                .env("OXCCL_TIMEOUT", timeout_s.to_string())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
     std::thread::sleep(Duration::from_millis(2500));
     for c in &mut ranks {
         assert!(
             c.try_wait().unwrap().is_none(),
-            "a rank ended before the kill: {}",
+            "a rank ended before the signal: {}",
             stderr_of(c)
         );
     }
-    ranks[2].kill().unwrap(); // SIGKILL
-    let killed_at = Instant::now();
-    ranks[2].wait().unwrap();
+    let pid = Pid::from_raw(ranks[victim].id() as i32).unwrap();
+    kill_process(pid, sig).unwrap();
+    let at = Instant::now();
+    let mut failures = Vec::new();
     for (r, c) in ranks.iter_mut().enumerate() {
-        if r == 2 {
+        if r == victim {
             continue;
         }
         let status = loop {
             if let Some(s) = c.try_wait().unwrap() {
                 break s;
             }
-            if killed_at.elapsed() > Duration::from_secs(10) {
+            if at.elapsed() > Duration::from_secs(60) {
                 let _ = c.kill();
-                panic!("rank {r} still running 10 s after rank 2 was killed");
+                break c.wait().unwrap();
             }
-            std::thread::sleep(Duration::from_millis(20));
+            std::thread::sleep(Duration::from_millis(10));
         };
+        let took = at.elapsed();
         let err = stderr_of(c);
-        assert!(!status.success(), "rank {r} succeeded");
-        // A rank whose previous rank left first (having learned of the
-        // kill, and taking the store with it when that is rank 0) names
-        // both.
-        assert!(
-            err.contains("rank 2 failed")
-                || err.contains("rank 2 closed")
-                || err.contains("rank 2 has hung up too"),
-            "rank {r}: {err}"
-        );
-        eprintln!(
-            "{transport}: rank {r} after {:?}: {}",
-            killed_at.elapsed(),
-            err.lines().last().unwrap_or("")
-        );
+        let line = err
+            .lines()
+            .find(|l| l.starts_with("oxccl-check: "))
+            .unwrap_or("")
+            .to_owned();
+        eprintln!("{transport}: rank {r} after {took:?}: {line}");
+        if status.success() || took > bound || origin_named(&line) != Some(victim) {
+            failures.push(format!("rank {r} after {took:?} ({status}): {err}"));
+        }
     }
+    // Rank `victim` stopped: killed (which also ends a stop) and reaped.
+    let _ = ranks[victim].kill();
+    let _ = ranks[victim].wait();
+    assert!(
+        failures.is_empty(),
+        "{transport}, rank {victim} signalled ({sig:?}), bound {bound:?}:\n{}",
+        failures.join("\n")
+    );
 }
 
 #[test]

@@ -49,6 +49,19 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Short description for logs and errors, e.g. "tcp store
     /// 127.0.0.1:29500" or "file store /path".
     fn describe(&self) -> String;
+    /// [`set`](Self::set), giving up once the store has not answered for
+    /// `wait` (a store whose server is stopped or hung). Stores that answer
+    /// from this process or a local file ignore `wait`. After giving up,
+    /// later requests of a network store may fail at once.
+    fn set_within(&self, key: &str, value: &[u8], wait: Duration) -> Result<(), StoreError> {
+        let _ = wait;
+        self.set(key, value)
+    }
+    /// [`try_get`](Self::try_get), giving up as [`set_within`](Self::set_within) does.
+    fn try_get_within(&self, key: &str, wait: Duration) -> Result<Option<Vec<u8>>, StoreError> {
+        let _ = wait;
+        self.try_get(key)
+    }
 }
 
 /// Another store's keys under a prefix: `key` is `prefix` + `key` there.
@@ -89,6 +102,12 @@ impl Store for PrefixStore {
     }
     fn describe(&self) -> String {
         format!("{} (keys under {:?})", self.inner.describe(), self.prefix)
+    }
+    fn set_within(&self, key: &str, value: &[u8], wait: Duration) -> Result<(), StoreError> {
+        self.inner.set_within(&self.key(key), value, wait)
+    }
+    fn try_get_within(&self, key: &str, wait: Duration) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner.try_get_within(&self.key(key), wait)
     }
 }
 

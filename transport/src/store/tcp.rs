@@ -859,6 +859,22 @@ impl Store for TcpStore {
         self.roundtrip(&request, DEFAULT_TIMEOUT, read_set_reply)
     }
 
+    fn set_within(&self, key: &str, value: &[u8], wait: Duration) -> Result<(), StoreError> {
+        self.check_len(key, "value", value.len())?;
+        let request = Request::Set {
+            key: key.to_owned(),
+            value: value.to_vec(),
+        };
+        self.roundtrip(&request, wait, read_set_reply)
+    }
+
+    fn try_get_within(&self, key: &str, wait: Duration) -> Result<Option<Vec<u8>>, StoreError> {
+        let request = Request::TryGet {
+            key: key.to_owned(),
+        };
+        self.roundtrip(&request, wait, read_value_reply)
+    }
+
     fn get(&self, key: &str, deadline: Instant) -> Result<Vec<u8>, StoreError> {
         let start = Instant::now();
         let left = deadline.saturating_duration_since(start);
