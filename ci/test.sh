@@ -68,4 +68,9 @@ target/release/oxccl-chaos run --scenario kill -n 2
 target/release/oxccl-chaos run --scenario stop -n 1 --victim 0
 target/release/oxccl-chaos run --scenario stop -n 1
 
+step "chaos, short: a link cut between network-namespace hosts (ci/chaos-netns.sh)"
+# Two trials: one rank's link goes down mid-run; every survivor must fail
+# naming it within 2 x OXCCL_TIMEOUT + 2 s (the long run: README, "Reliability").
+TRIALS=2 bash ci/chaos-netns.sh
+
 step "done"
