@@ -61,6 +61,13 @@ pub fn program_name(kind: Kind) -> &'static str {
         Kind::ReduceScatter => "reduce_scatter_perf",
         Kind::Reduce => "reduce_perf",
         Kind::Barrier => "barrier_perf",
+        Kind::AllToAll => "alltoall_perf",
+        Kind::AllToAllV => "alltoallv_perf",
+        Kind::Gather => "gather_perf",
+        Kind::Scatter => "scatter_perf",
+        Kind::AllGatherV => "all_gather_v_perf",
+        Kind::ReduceScatterV => "reduce_scatter_v_perf",
+        Kind::SendRecv => "sendrecv_perf",
     }
 }
 

@@ -13,7 +13,13 @@ pub fn bus_factor(kind: Kind, world: usize) -> f64 {
     match kind {
         Kind::AllReduce => 2.0 * (n - 1.0) / n,
         Kind::AllGather | Kind::ReduceScatter => (n - 1.0) / n,
-        Kind::Broadcast | Kind::Reduce | Kind::Barrier => 1.0,
+        Kind::Broadcast | Kind::Reduce | Kind::Barrier | Kind::SendRecv => 1.0,
+        Kind::AllToAll
+        | Kind::AllToAllV
+        | Kind::Gather
+        | Kind::Scatter
+        | Kind::AllGatherV
+        | Kind::ReduceScatterV => (n - 1.0) / n,
     }
 }
 
@@ -24,7 +30,14 @@ pub fn bus_factor(kind: Kind, world: usize) -> f64 {
 pub fn count_for(kind: Kind, bytes: usize, dtype: DType, world: usize) -> usize {
     let elems = bytes / dtype.size();
     match kind {
-        Kind::AllGather | Kind::ReduceScatter => elems / world.max(1),
+        Kind::AllGather
+        | Kind::ReduceScatter
+        | Kind::AllToAll
+        | Kind::AllToAllV
+        | Kind::Gather
+        | Kind::Scatter
+        | Kind::AllGatherV
+        | Kind::ReduceScatterV => elems / world.max(1),
         Kind::Barrier => 0,
         _ => elems,
     }
@@ -35,7 +48,14 @@ pub fn count_for(kind: Kind, bytes: usize, dtype: DType, world: usize) -> usize 
 /// whole elements on every rank): the bytes of all ranks' data.
 pub fn row_bytes(kind: Kind, count: usize, dtype: DType, world: usize) -> usize {
     match kind {
-        Kind::AllGather | Kind::ReduceScatter => count * dtype.size() * world,
+        Kind::AllGather
+        | Kind::ReduceScatter
+        | Kind::AllToAll
+        | Kind::AllToAllV
+        | Kind::Gather
+        | Kind::Scatter
+        | Kind::AllGatherV
+        | Kind::ReduceScatterV => count * dtype.size() * world,
         _ => count * dtype.size(),
     }
 }

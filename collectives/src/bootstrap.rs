@@ -19,13 +19,14 @@ use oxccl_transport::codec::{DecodeError, Reader, Writer};
 use oxccl_transport::store::{
     FileStore, MemStore, PrefixStore, Store, StoreError, TcpStore, TcpStoreServer, TorchStore,
 };
-use oxccl_transport::tcp::{self, Listener, TcpOptions};
+use oxccl_transport::tcp::{self, Listener, Parked, TcpOptions};
 use std::os::unix::net::UnixStream;
 
 use oxccl_transport::{MessageLink, StreamLink, TransportError, shm};
 
 use crate::comm::{Communicator, Parts};
 use crate::config::{self, Config, Launch, Rendezvous, Transport};
+use crate::lazy::{Connector, LAZY, MakePair, MemConnector, TcpConnector};
 use crate::links::Links;
 use crate::{Error, Result};
 
@@ -416,6 +417,27 @@ impl Communicator {
         }
         let store: Arc<dyn Store> = Arc::new(MemStore::new());
         let boot = |source| Error::Bootstrap { rank: 0, source };
+        let make: Arc<MakePair> = if config.transport == Transport::Tcp {
+            Arc::new(|a, b| {
+                let (x, y) = UnixStream::pair()
+                    .map_err(|e| TransportError::io("creating a socket pair", e))?;
+                Ok((
+                    Box::new(StreamLink::unix(b, x)?) as Box<dyn MessageLink>,
+                    Box::new(StreamLink::unix(a, y)?) as Box<dyn MessageLink>,
+                ))
+            })
+        } else {
+            let (bytes, single_copy) = (config.shm_bytes, config.shm_single_copy);
+            Arc::new(move |a, b| {
+                let (mut x, mut y) = shm::pair(a, b, bytes)?;
+                x.set_single_copy(single_copy);
+                y.set_single_copy(single_copy);
+                Ok((
+                    Box::new(x) as Box<dyn MessageLink>,
+                    Box::new(y) as Box<dyn MessageLink>,
+                ))
+            })
+        };
         let links = if config.transport == Transport::Tcp {
             crate::links::in_process(world, |a, b| {
                 let (x, y) = UnixStream::pair()
@@ -431,6 +453,7 @@ impl Communicator {
             })
         }
         .map_err(boot)?;
+        let left = Arc::new(Mutex::new(std::collections::HashMap::new()));
         links
             .into_iter()
             .enumerate()
@@ -446,6 +469,13 @@ impl Communicator {
                     refused: 0,
                     secret: None,
                     store_host: None,
+                    connector: (world > 1).then(|| {
+                        Box::new(MemConnector {
+                            rank,
+                            left: left.clone(),
+                            make: make.clone(),
+                        }) as Box<dyn Connector>
+                    }),
                 })
             })
             .collect()
@@ -541,6 +571,7 @@ fn connect(
     let deadline = crate::deadline_in(config.timeout);
     let boot = |source: TransportError| Error::Bootstrap { rank, source };
     let mut refused = 0;
+    let mut connector: Option<Box<dyn Connector>> = None;
     let links = if world > 1 {
         let ip = config
             .socket_addr
@@ -672,6 +703,20 @@ fn connect(
             .into_iter()
             .map(|l| l as Box<dyn MessageLink>)
             .collect();
+        connector = Some(Box::new(TcpConnector {
+            rank,
+            world,
+            job,
+            store: store.clone(),
+            prefix: prefix.clone(),
+            listener,
+            secret: secret.clone(),
+            options,
+            policy,
+            shm_bytes: config.shm_bytes,
+            single_copy: config.shm_single_copy,
+            parked: Parked::new(tcp::hello(job, world, 0, rank, LAZY)),
+        }));
         Some(Links::new(up.next, up.prev, pairs))
     } else {
         None
@@ -687,6 +732,7 @@ fn connect(
         refused,
         secret,
         store_host,
+        connector,
     })?;
     comm.agree_link_model()?;
     Ok(comm)

@@ -1,7 +1,7 @@
 //! The communicator: a rank's place in a world, its links, and its state.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use oxccl_kernels::cpu::CpuReducer;
@@ -15,6 +15,7 @@ use crate::config::Config;
 use crate::descriptor::Descriptor;
 use crate::engine::{self, EngineError, Input, Job, Output};
 use crate::failure::Failures;
+use crate::lazy::Connector;
 use crate::links::Links;
 use crate::schedule::{Kind, Plan, Shape, chunk_range};
 use crate::{Error, ErrorKind, Result};
@@ -28,7 +29,8 @@ pub struct AbortHandle {
 #[derive(Debug, Default)]
 struct AbortInner {
     aborted: AtomicBool,
-    links: Vec<ShutdownHandle>,
+    /// Every link's, also those made on first use.
+    links: Mutex<Vec<ShutdownHandle>>,
 }
 
 impl AbortHandle {
@@ -37,7 +39,9 @@ impl AbortHandle {
     /// every later call fails. Idempotent.
     pub fn abort(&self) {
         self.inner.aborted.store(true, Ordering::SeqCst);
-        for l in &self.inner.links {
+        // A link added while a panic held the lock is still shut down.
+        let links = self.inner.links.lock().unwrap_or_else(|e| e.into_inner());
+        for l in links.iter() {
             l.shutdown();
         }
     }
@@ -102,6 +106,13 @@ pub struct Communicator {
     /// the store, the keys' prefix, the job's secret, and how many splits
     /// came before (the same count on every rank, as splits are collective).
     pub(crate) origin: Origin,
+    /// Makes the links that exchanges need beyond those of init
+    /// ([`crate::lazy`]); `None` for a world of one.
+    connector: Option<Box<dyn Connector>>,
+    /// Messages sent to and received from each peer so far: the next
+    /// message's number at both its ends.
+    pub(crate) p2p_sent: Vec<u64>,
+    pub(crate) p2p_received: Vec<u64>,
 }
 
 /// Where a communicator came from, for the ones split from it.
@@ -136,6 +147,8 @@ pub(crate) struct Parts {
     pub secret: Option<JobSecret>,
     /// The rank that serves the store, when it is one of this world's.
     pub store_host: Option<usize>,
+    /// Makes links on first use.
+    pub connector: Option<Box<dyn Connector>>,
 }
 
 impl Communicator {
@@ -190,9 +203,12 @@ impl Communicator {
             abort: AbortHandle {
                 inner: Arc::new(AbortInner {
                     aborted: AtomicBool::new(false),
-                    links,
+                    links: Mutex::new(links),
                 }),
             },
+            connector: p.connector,
+            p2p_sent: vec![0; p.world],
+            p2p_received: vec![0; p.world],
         })
     }
 
@@ -656,6 +672,25 @@ impl Communicator {
 
     /// Checks a call before it starts and gives it its sequence number.
     fn begin(&mut self, d: &Descriptor, input: Option<usize>, output: usize) -> Result<u64> {
+        if !d.kind.on_ring() {
+            return Err(Error::InvalidArgument(format!(
+                "rank {}: {} takes its own buffers (Communicator::run_exchange), not run_bytes or run_device",
+                self.rank,
+                d.kind.name()
+            )));
+        }
+        self.check_usable()?;
+        self.validate_lengths(d, input, output)?;
+        let seq = self.seq;
+        self.seq += 1;
+        self.in_call = Some(seq);
+        tracing::debug!(rank = self.rank, "{}", d.call(seq));
+        Ok(seq)
+    }
+
+    /// Fails at once when the communicator is poisoned, or when the call
+    /// before unwound (which poisons it).
+    fn check_usable(&mut self) -> Result<()> {
         if let Some(seq) = self.in_call.take() {
             // The call before unwound: its links are out of step. Fail as
             // any failed call does, so that the peers learn of it now.
@@ -675,12 +710,104 @@ impl Communicator {
                 cause: cause.clone(),
             });
         }
-        self.validate_lengths(d, input, output)?;
+        Ok(())
+    }
+
+    /// [`begin`](Self::begin) for the calls that check their own buffers:
+    /// fails a poisoned communicator, and numbers the call when it is
+    /// collective (`numbered`; sends and receives are numbered per pair).
+    pub(crate) fn enter(&mut self, numbered: bool) -> Result<u64> {
+        self.check_usable()?;
         let seq = self.seq;
-        self.seq += 1;
+        if numbered {
+            self.seq += 1;
+        }
         self.in_call = Some(seq);
-        tracing::debug!(rank = self.rank, "{}", d.call(seq));
         Ok(seq)
+    }
+
+    /// Ends a call started with [`enter`](Self::enter).
+    pub(crate) fn leave(&mut self) {
+        self.in_call = None;
+    }
+
+    /// Makes the links to `peers` that this rank does not have yet
+    /// ([`crate::lazy`]); each of them must be making its link to this
+    /// rank too (it is in the same call). `call` names the call in errors.
+    pub(crate) fn ensure_links(&mut self, peers: &[usize], call: &str) -> Result<()> {
+        let rank = self.rank;
+        let Some(links) = self.links.as_ref() else {
+            return Ok(());
+        };
+        let mut missing: Vec<usize> = peers
+            .iter()
+            .copied()
+            .filter(|&q| q != rank && !links.has(q))
+            .collect();
+        missing.sort_unstable();
+        missing.dedup();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let Some(connector) = self.connector.as_mut() else {
+            return Err(Error::Internal(format!(
+                "rank {rank}: {call}: no link to rank {} and no way to make one",
+                missing[0]
+            )));
+        };
+        let deadline = crate::deadline_in(self.config.timeout);
+        tracing::debug!("rank {rank}: {call}: linking to ranks {missing:?}");
+        let made = connector.connect(&missing, deadline);
+        let made = match made {
+            Ok(m) => m,
+            Err(e) => return Err(self.fail_named(call.to_string(), EngineError::Transport(e))),
+        };
+        let mut handles = Vec::with_capacity(made.len());
+        for l in &made {
+            match l.shutdown_handle() {
+                Ok(h) => handles.push(h),
+                Err(e) => return Err(self.fail_named(call.to_string(), EngineError::Transport(e))),
+            }
+        }
+        {
+            let mut all = self
+                .abort
+                .inner
+                .links
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            all.extend(handles);
+        }
+        if self.abort.is_aborted() {
+            made.iter().for_each(|l| {
+                if let Ok(h) = l.shutdown_handle() {
+                    h.shutdown();
+                }
+            });
+        }
+        if let Some(links) = self.links.as_mut() {
+            made.into_iter().for_each(|l| links.add(l));
+        }
+        Ok(())
+    }
+
+    /// The cost parameters every rank chooses algorithms with.
+    pub(crate) fn model(&self) -> LinkModel {
+        self.model
+    }
+
+    /// Runs `plan` over this rank's links: the engine, without the
+    /// failure handling (the caller's).
+    pub(crate) fn run_plan<'b>(
+        &'b mut self,
+        plan: &'b Plan,
+        seq: u64,
+        d: &Descriptor,
+        input: Option<Input<'b>>,
+        output: Output<'b>,
+    ) -> std::result::Result<(), EngineError> {
+        let (driver, _) = self.driver();
+        driver.run(plan, seq, d, input, output)
     }
 
     /// What runs a plan, and the scratch buffer, borrowed apart.
@@ -730,6 +857,17 @@ impl Communicator {
             | (Kind::Reduce, _)
             | (Kind::AllReduce, _)
             | (Kind::Barrier, _) => (one, one),
+            // Checked by their own calls (`begin` refuses them).
+            (
+                Kind::AllToAll
+                | Kind::Gather
+                | Kind::Scatter
+                | Kind::AllToAllV
+                | Kind::AllGatherV
+                | Kind::ReduceScatterV
+                | Kind::SendRecv,
+                _,
+            ) => return Ok(()),
         };
         let check = |what: &str, got: usize, want: usize| {
             if got != want {
@@ -761,9 +899,12 @@ impl Communicator {
     /// poisons the communicator, tells the other ranks (through the store)
     /// and closes the links.
     fn fail(&mut self, d: &Descriptor, seq: u64, e: EngineError) -> Error {
-        let err = self
-            .failures
-            .attribute(d.call(seq), e, self.abort.is_aborted());
+        self.fail_named(d.call(seq), e)
+    }
+
+    /// [`fail`](Self::fail) for a call named `call`.
+    pub(crate) fn fail_named(&mut self, call: String, e: EngineError) -> Error {
+        let err = self.failures.attribute(call, e, self.abort.is_aborted());
         // Tell the others what happened before closing the links, so that a
         // neighbour that sees the links close finds the cause in the store.
         self.failures.publish(&err);

@@ -23,7 +23,10 @@ pub struct Descriptor {
     pub dtype: DType,
     /// Reduction (ignored by broadcast, allgather and barrier).
     pub op: ReduceOp,
-    /// Root of broadcast and reduce (0 otherwise).
+    /// Root of broadcast, reduce, gather and scatter; the sender of a
+    /// message between two ranks; in one message of a call of per-rank
+    /// counts, the count its sender expects back from the receiver
+    /// (truncated to 32 bits on the wire); 0 otherwise.
     pub root: usize,
     /// Element count, as described above.
     pub count: usize,
@@ -34,13 +37,23 @@ impl Descriptor {
     pub fn reduces(&self) -> bool {
         matches!(
             self.kind,
-            Kind::AllReduce | Kind::Reduce | Kind::ReduceScatter
+            Kind::AllReduce | Kind::Reduce | Kind::ReduceScatter | Kind::ReduceScatterV
         )
     }
 
     /// Whether the root takes part in this kind of call.
     pub fn rooted(&self) -> bool {
-        matches!(self.kind, Kind::Broadcast | Kind::Reduce)
+        matches!(
+            self.kind,
+            Kind::Broadcast
+                | Kind::Reduce
+                | Kind::Gather
+                | Kind::Scatter
+                | Kind::SendRecv
+                | Kind::AllToAllV
+                | Kind::AllGatherV
+                | Kind::ReduceScatterV
+        )
     }
 
     /// The format's name in decoding errors.
@@ -127,8 +140,22 @@ impl fmt::Display for Descriptor {
         if self.reduces() {
             write!(f, " {}", self.op)?;
         }
+        if matches!(
+            self.kind,
+            Kind::AllToAllV | Kind::AllGatherV | Kind::ReduceScatterV
+        ) {
+            // One message of the call, as its sender describes it to its
+            // receiver: its count, and the count it expects back (`root`).
+            return write!(
+                f,
+                ", sends this rank {} elements and expects {} from it",
+                self.count, self.root
+            );
+        }
         write!(f, ", {} elements", self.count)?;
-        if self.rooted() {
+        if self.kind == Kind::SendRecv {
+            write!(f, " from rank {}", self.root)?;
+        } else if self.rooted() {
             write!(f, ", root {}", self.root)?;
         }
         Ok(())

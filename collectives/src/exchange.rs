@@ -180,7 +180,12 @@ impl Communicator {
     /// Sends block `p` of the root's `input` (`world * output.len()`
     /// elements) to rank `p`'s `output`; other ranks' `input` is not read
     /// and may be empty.
-    pub fn scatter<T: Element>(&mut self, input: &[T], output: &mut [T], root: usize) -> Result<()> {
+    pub fn scatter<T: Element>(
+        &mut self,
+        input: &[T],
+        output: &mut [T],
+        root: usize,
+    ) -> Result<()> {
         self.run_exchange(
             Exchange::Scatter {
                 count: output.len(),
@@ -270,7 +275,8 @@ impl Communicator {
     fn layout(&self, x: &Exchange<'_>, dtype: DType) -> Result<Layout> {
         let (rank, world, elem) = (self.rank(), self.world(), dtype.size());
         let kind = x.kind();
-        let bad = |why: String| Error::InvalidArgument(format!("rank {rank}: {}: {why}", kind.name()));
+        let bad =
+            |why: String| Error::InvalidArgument(format!("rank {rank}: {}: {why}", kind.name()));
         let bytes = |n: usize| {
             n.checked_mul(elem)
                 .ok_or_else(|| bad(format!("{n} elements overflow")))
@@ -296,7 +302,9 @@ impl Communicator {
             if root < world {
                 Ok(root)
             } else {
-                Err(bad(format!("root {root} is not below the world size {world}")))
+                Err(bad(format!(
+                    "root {root} is not below the world size {world}"
+                )))
             }
         };
         let none = || vec![None; world];
@@ -456,7 +464,10 @@ impl Communicator {
         let elem = dtype.size();
         // Displacements may leave room in the buffers of an alltoallv.
         let exact = kind != Kind::AllToAllV;
-        for (what, got, want) in [("input", input, l.input_len), ("output", output, l.output_len)] {
+        for (what, got, want) in [
+            ("input", input, l.input_len),
+            ("output", output, l.output_len),
+        ] {
             let Some(want) = want else { continue };
             let wrong = if exact { got != want } else { got < want };
             if wrong {
@@ -501,7 +512,13 @@ impl Communicator {
     }
 
     /// Runs a checked layout: the own block, the links, the plan, the engine.
-    fn run_layout(&mut self, l: &Layout, seq: u64, input: Input<'_>, output: Dest<'_>) -> Result<()> {
+    fn run_layout(
+        &mut self,
+        l: &Layout,
+        seq: u64,
+        input: Input<'_>,
+        output: Dest<'_>,
+    ) -> Result<()> {
         let (rank, world) = (self.rank(), self.world());
         let d = l.descriptor;
         let call = || Self::exchange_call(l, seq);

@@ -140,7 +140,11 @@ impl Connector for TcpConnector {
             deadline,
         )?;
         for l in &links {
-            tracing::debug!("rank {rank}: linked to rank {} over {}", l.peer(), l.describe());
+            tracing::debug!(
+                "rank {rank}: linked to rank {} over {}",
+                l.peer(),
+                l.describe()
+            );
         }
         Ok(links
             .into_iter()
@@ -154,11 +158,15 @@ pub(crate) type MakePair = dyn Fn(usize, usize) -> Result<(Box<dyn MessageLink>,
     + Send
     + Sync;
 
+/// Ends of links left by the rank that made them for their owners:
+/// `(maker, owner)` to the owner's end.
+pub(crate) type LeftEnds = Arc<Mutex<HashMap<(usize, usize), Box<dyn MessageLink>>>>;
+
 /// Links between the threads of one process (see the module docs).
 pub(crate) struct MemConnector {
     pub rank: usize,
-    /// Ends left for their owners: `(maker, owner)` to the owner's end.
-    pub left: Arc<Mutex<HashMap<(usize, usize), Box<dyn MessageLink>>>>,
+    /// Ends left for their owners.
+    pub left: LeftEnds,
     pub make: Arc<MakePair>,
 }
 

@@ -36,11 +36,14 @@ pub mod config;
 mod descriptor;
 mod engine;
 mod error;
+mod exchange;
 mod failure;
 pub mod fusion;
 #[cfg(test)]
 mod fuzz;
+mod lazy;
 mod links;
+mod p2p;
 mod schedule;
 mod split;
 
@@ -49,12 +52,14 @@ pub use comm::{AbortHandle, Communicator, Stats};
 pub use config::{Algo, AuthMode, Config, Transport};
 pub use descriptor::Descriptor;
 pub use error::{Error, ErrorKind, Result};
+pub use exchange::Exchange;
 pub use half::{bf16, f16};
 /// The reduction kernels and device backends (`kernels::wgpu`, `kernels::cuda` with their features).
 pub use oxccl_kernels as kernels;
 pub use oxccl_kernels::DeviceMemory;
 pub use oxccl_kernels::{DType, Element, ReduceOp};
 pub use oxccl_transport::auth::JobSecret;
+pub use p2p::Batch;
 pub use schedule::Kind;
 
 /// The instant `after` from now; a wait longer than a century (a timeout of

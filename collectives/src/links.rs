@@ -61,6 +61,19 @@ impl<'a> Links<'a> {
         }
     }
 
+    /// Keeps `link`, to a peer this rank had no link to ([`crate::lazy`]).
+    pub(crate) fn add(&mut self, link: Box<dyn MessageLink + 'a>) {
+        let peer = link.peer();
+        self.registration |= link.capabilities().registration;
+        let at = self.pairs.partition_point(|(p, _)| *p < peer);
+        self.pairs.insert(at, (peer, link));
+    }
+
+    /// Whether this rank has a link to `peer`.
+    pub(crate) fn has(&self, peer: usize) -> bool {
+        self.slot(peer, true).is_some()
+    }
+
     /// Where the link for frames to (`out`) or from `peer` is.
     #[inline]
     fn slot(&self, peer: usize, out: bool) -> Option<Slot> {

@@ -37,7 +37,20 @@ impl Rng {
 /// Call `i` of a run: counts 0 and 1, small, not divisible by the world,
 /// and now and then large enough for many slices.
 fn call(rng: &mut Rng, world: usize) -> (Descriptor, bool) {
-    let kind = Kind::ALL[rng.below(Kind::ALL.len())];
+    // The collectives with equal counts on every rank (the others need
+    // per-rank counts): those of the ring, alltoall, gather and scatter.
+    const KINDS: [Kind; 9] = [
+        Kind::AllReduce,
+        Kind::Broadcast,
+        Kind::Reduce,
+        Kind::AllGather,
+        Kind::ReduceScatter,
+        Kind::Barrier,
+        Kind::AllToAll,
+        Kind::Gather,
+        Kind::Scatter,
+    ];
+    let kind = KINDS[rng.below(KINDS.len())];
     let count = match rng.below(10) {
         0 => 0,
         1 => 1,
@@ -52,7 +65,8 @@ fn call(rng: &mut Rng, world: usize) -> (Descriptor, bool) {
         root: rng.below(world),
         count: if kind == Kind::Barrier { 0 } else { count },
     };
-    (d, rng.below(2) == 0)
+    // The exchanges have no in-place form.
+    (d, kind.on_ring() && rng.below(2) == 0)
 }
 
 fn env(name: &str) -> Option<u64> {

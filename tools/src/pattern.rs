@@ -8,7 +8,7 @@
 
 use oxccl::kernels::Reducer;
 use oxccl::kernels::reference::ReferenceReducer;
-use oxccl::{Communicator, DType, Descriptor, Kind, ReduceOp, bf16, f16};
+use oxccl::{Communicator, DType, Descriptor, Exchange, Kind, ReduceOp, bf16, f16};
 
 /// Writes the expected elements `first..` into its first buffer (the second is scratch).
 type Expected<'a> = dyn Fn(&mut [u8], &mut [u8], usize) + 'a;
@@ -48,7 +48,7 @@ pub fn fill(dtype: DType, op: ReduceOp, rank: usize, first: usize, out: &mut [u8
 /// Rank `rank`'s input for the call `d` in a world of `world`.
 pub fn input(d: &Descriptor, world: usize, rank: usize) -> Vec<u8> {
     let n = match d.kind {
-        Kind::ReduceScatter => d.count * world,
+        Kind::ReduceScatter | Kind::AllToAll | Kind::Scatter => d.count * world,
         _ => d.count,
     };
     let mut v = vec![0u8; n * d.dtype.size()];
@@ -102,8 +102,60 @@ pub fn count_wrong(d: &Descriptor, world: usize, rank: usize, output: &[u8]) -> 
                 compare(part, 0, &|w, _, first| fill(d.dtype, d.op, r, first, w));
             }
         }
+        // Block `p` is block `rank` of rank `p`'s input.
+        Kind::AllToAll => {
+            for p in 0..world {
+                let part = &output[p * d.count * size..(p + 1) * d.count * size];
+                compare(part, rank * d.count, &|w, _, first| {
+                    fill(d.dtype, d.op, p, first, w)
+                });
+            }
+        }
+        Kind::Gather if rank == d.root => {
+            for p in 0..world {
+                let part = &output[p * d.count * size..(p + 1) * d.count * size];
+                compare(part, 0, &|w, _, first| fill(d.dtype, d.op, p, first, w));
+            }
+        }
+        Kind::Gather => {}
+        Kind::Scatter => compare(output, rank * d.count, &|w, _, first| {
+            fill(d.dtype, d.op, d.root, first, w)
+        }),
+        // A message: the sender's (`root`) input.
+        Kind::SendRecv => compare(output, 0, &|w, _, first| {
+            fill(d.dtype, d.op, d.root, first, w)
+        }),
+        // Per-rank counts: checked by the callers that know them.
+        Kind::AllToAllV | Kind::AllGatherV | Kind::ReduceScatterV => {}
     }
     wrong
+}
+
+/// The [`Exchange`] of a call of equal blocks (alltoall, gather, scatter).
+pub fn exchange(d: &Descriptor) -> Option<Exchange<'static>> {
+    match d.kind {
+        Kind::AllToAll => Some(Exchange::AllToAll { count: d.count }),
+        Kind::Gather => Some(Exchange::Gather {
+            count: d.count,
+            root: d.root,
+        }),
+        Kind::Scatter => Some(Exchange::Scatter {
+            count: d.count,
+            root: d.root,
+        }),
+        _ => None,
+    }
+}
+
+/// The length in bytes of rank `rank`'s output of `d`.
+pub fn output_len(d: &Descriptor, world: usize, rank: usize) -> usize {
+    let size = d.dtype.size();
+    match d.kind {
+        Kind::AllGather | Kind::AllToAll => d.count * world * size,
+        Kind::Gather if rank == d.root => d.count * world * size,
+        Kind::Gather => 0,
+        _ => d.count * size,
+    }
 }
 
 /// Runs `d` on `comm` with this rank's [`input`], in place or out of
@@ -114,10 +166,18 @@ pub fn count_wrong(d: &Descriptor, world: usize, rank: usize, output: &[u8]) -> 
 pub fn check_call(comm: &mut Communicator, d: &Descriptor, in_place: bool) -> oxccl::Result<usize> {
     let (world, rank, size) = (comm.world(), comm.rank(), d.dtype.size());
     let inp = input(d, world, rank);
-    let out_len = match d.kind {
-        Kind::AllGather => d.count * world * size,
-        _ => d.count * size,
-    };
+    let out_len = output_len(d, world, rank);
+    if let Some(x) = exchange(d) {
+        if in_place {
+            return Err(oxccl::Error::InvalidArgument(format!(
+                "{} has no in-place form",
+                d.kind.name()
+            )));
+        }
+        let mut out = vec![0xA5u8; out_len];
+        comm.run_exchange(x, d.dtype, &inp, &mut out)?;
+        return Ok(count_wrong(d, world, rank, &out));
+    }
     if in_place {
         let mut buf = match d.kind {
             Kind::AllGather => {

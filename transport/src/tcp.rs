@@ -126,6 +126,27 @@ impl Listener {
         options: TcpOptions,
         deadline: Instant,
     ) -> Result<(Vec<StreamLink>, usize), TransportError> {
+        self.accept_peers_parking(expect, None, secret, options, deadline)
+    }
+
+    /// [`accept_peers`](Self::accept_peers) for links made on first use:
+    /// a connection of this job to this rank with the same purpose as the
+    /// expected ones but from another peer is a link that peer needs
+    /// before this rank does; it is accepted and kept in `park` (see
+    /// [`Parked`]) for a later call, not refused.
+    pub fn accept_peers_parking(
+        &self,
+        expect: &[Hello],
+        mut park: Option<&mut Parked>,
+        secret: Option<&JobSecret>,
+        options: TcpOptions,
+        deadline: Instant,
+    ) -> Result<(Vec<StreamLink>, usize), TransportError> {
+        let park_as = park.as_ref().map(|p| p.template);
+        // When every expected peer is in, connections still mid-handshake
+        // get this long to finish and be parked.
+        const PARK_GRACE: Duration = Duration::from_secs(1);
+        let mut all_in: Option<Instant> = None;
         let mut found: Vec<Option<StreamLink>> = expect.iter().map(|_| None).collect();
         let Some(own) = expect.first().map(|h| h.to) else {
             return Ok((Vec::new(), 0));
@@ -211,7 +232,7 @@ impl Listener {
                         Ok(n) => {
                             p.filled += n;
                             if p.filled == Hello::LEN {
-                                Some(check_hello(&p.buf, expect, &found, &p.stream))
+                                Some(check_hello(&p.buf, expect, &found, &p.stream, park_as))
                             } else {
                                 None
                             }
@@ -235,7 +256,16 @@ impl Listener {
                     None => i += 1,
                     Some(Ok(k)) => {
                         let p = pending.remove(i);
-                        let want = &expect[k];
+                        let want = match expect.get(k) {
+                            Some(w) => *w,
+                            // A peer to keep for later (`check_hello`).
+                            None => {
+                                Hello::decode(&p.buf).map_err(|e| TransportError::Protocol {
+                                    peer: 0,
+                                    reason: format!("a hello that was read twice differs: {e}"),
+                                })?
+                            }
+                        };
                         // The reply is 12 bytes on a fresh socket: it fits the send buffer.
                         p.stream
                             .set_nonblocking(false)
@@ -261,8 +291,18 @@ impl Listener {
                             p.addr,
                             self.addr
                         );
-                        found[k] = Some(StreamLink::tcp(want.from as usize, p.stream)?);
+                        let link = StreamLink::tcp(want.from as usize, p.stream)?;
+                        match (found.get_mut(k), park.as_deref_mut()) {
+                            (Some(slot), _) => *slot = Some(link),
+                            (None, Some(park)) => park.links.push(link),
+                            (None, None) => {}
+                        }
                         if found.iter().all(Option::is_some) {
+                            let since = *all_in.get_or_insert_with(Instant::now);
+                            if park.is_some() && !pending.is_empty() && since.elapsed() < PARK_GRACE
+                            {
+                                continue;
+                            }
                             for other in &pending {
                                 tracing::warn!(
                                     "dropping connection from {} on {}: the expected peers arrived first",
@@ -282,6 +322,13 @@ impl Listener {
                         );
                         refused += 1;
                     }
+                }
+            }
+            if let Some(since) = all_in {
+                // Parking: the expected peers are in, and what was still
+                // mid-handshake is done or had its grace.
+                if pending.is_empty() || since.elapsed() >= PARK_GRACE {
+                    return Ok((found.into_iter().flatten().collect(), refused));
                 }
             }
             let left = remaining(deadline);
@@ -404,8 +451,26 @@ fn check_hello(
     expected: &[Hello],
     found: &[Option<StreamLink>],
     stream: &TcpStream,
+    park_as: Option<Hello>,
 ) -> Result<usize, String> {
     let hello = Hello::decode(buf).map_err(|e| e.to_string())?;
+    let expected_now = expected
+        .iter()
+        .zip(found)
+        .any(|(e, f)| f.is_none() && e.from == hello.from);
+    if let Some(t) = park_as {
+        let same_job = (
+            hello.version,
+            hello.job,
+            hello.world,
+            hello.to,
+            hello.purpose,
+        ) == (t.version, t.job, t.world, t.to, t.purpose);
+        if same_job && !expected_now && hello.from < hello.world && hello.from != hello.to {
+            // A link a peer makes before this rank needs it: kept (`usize::MAX`).
+            return Ok(usize::MAX);
+        }
+    }
     let open = |i: &usize| found[*i].is_none();
     let k = (0..expected.len())
         .filter(open)
@@ -450,6 +515,34 @@ fn check_hello(
             let _ = (&*stream).write(&HelloReply::Refuse(code).encode());
             Err(format!("oxccl peer of {why}"))
         }
+    }
+}
+
+/// Links that peers made to this rank before it needed them, kept by
+/// [`Listener::accept_peers_parking`] until it does.
+#[derive(Debug)]
+pub struct Parked {
+    /// What a connection must say to be kept: this job, world, rank and
+    /// purpose (`from` is ignored).
+    pub template: Hello,
+    /// The links kept, each to its peer ([`Endpoint::peer`](crate::Endpoint::peer)).
+    pub links: Vec<StreamLink>,
+}
+
+impl Parked {
+    /// Nothing kept yet, for connections like `template`.
+    pub fn new(template: Hello) -> Parked {
+        Parked {
+            template,
+            links: Vec::new(),
+        }
+    }
+
+    /// Takes the link kept from `peer`, if one is.
+    pub fn take(&mut self, peer: usize) -> Option<StreamLink> {
+        use crate::Endpoint;
+        let i = self.links.iter().position(|l| l.peer() == peer)?;
+        Some(self.links.swap_remove(i))
     }
 }
 

@@ -493,6 +493,18 @@ fn plan(a: Args, rank: usize, world: usize) -> Outcome<Call> {
             }
         }
         Kind::Barrier => (None, Span { addr: 0, len: 0 }),
+        Kind::AllToAll
+        | Kind::Gather
+        | Kind::Scatter
+        | Kind::AllToAllV
+        | Kind::AllGatherV
+        | Kind::ReduceScatterV
+        | Kind::SendRecv => {
+            return Err(Failure::arg(format!(
+                "{} does not take this path (a bug in the bindings)",
+                a.kind.name()
+            )));
+        }
     };
     Ok(Call {
         desc,

@@ -21,6 +21,18 @@
 //! * [`Tree`]: broadcast down and reduce up a binomial tree, `log2 world`
 //!   hops between the root and every rank instead of the chain's
 //!   `world - 1`.
+//! * [`Pairwise`]: alltoall (equal blocks or per-peer counts), allgatherv
+//!   and reduce-scatter with per-rank counts: at step `k` each rank sends
+//!   to `rank + k` and receives from `rank - k`, `world - 1` steps, every
+//!   byte once over one link. Its links beyond the ring are made on first
+//!   use.
+//! * [`Direct`]: gather and scatter, the root receiving from (sending to)
+//!   each rank in turn.
+//!
+//! Bruck's alltoall (`log2 world` steps, each block forwarded up to
+//! `log2 world` times) would beat the pairwise exchange only where a
+//! message's latency dwarfs its bytes: for blocks of a few bytes on many
+//! ranks. The worlds here are too small to show it, so it is not built.
 //!
 //! Each algorithm's cost is the usual latency/bandwidth model: `alpha` per
 //! message, `beta` per byte a rank sends, `gamma` per byte reduced, with
@@ -99,6 +111,12 @@ pub trait Algorithm: Sync {
     fn slice_bytes(&self, _d: &Descriptor, _world: usize, _link: &LinkModel, max: usize) -> usize {
         max
     }
+    /// Whether its links beyond the ring are made when a call first needs
+    /// them (through the store, authenticated like the others) rather
+    /// than at init: the exchanges, which talk to every rank.
+    fn lazy(&self) -> bool {
+        false
+    }
     /// The plan of one rank for a call of `shape`, which it
     /// [`supports`](Self::supports).
     #[doc(hidden)]
@@ -124,6 +142,14 @@ pub struct GatherReduce;
 /// The binomial-tree broadcast (see the module docs).
 #[derive(Debug, Clone, Copy)]
 pub struct Tree;
+
+/// The pairwise exchange of alltoall and its relatives (see the module docs).
+#[derive(Debug, Clone, Copy)]
+pub struct Pairwise;
+
+/// Gather and scatter straight between the root and each rank.
+#[derive(Debug, Clone, Copy)]
+pub struct Direct;
 
 /// How much more each byte of halving-doubling costs than the ring's, as
 /// measured: at 16 and 64 MiB it took 1.07-1.16 times the ring's time on 8
@@ -180,14 +206,22 @@ impl Algorithm for Ring {
         "ring"
     }
 
-    fn supports(&self, _d: &Descriptor, _world: usize) -> bool {
-        true
+    fn supports(&self, d: &Descriptor, _world: usize) -> bool {
+        d.kind.on_ring()
     }
 
     fn cost(&self, d: &Descriptor, world: usize, l: &LinkModel) -> f64 {
         let (p, n) = (world as f64, bytes(d));
         let steps = (p - 1.0).max(0.0);
         match d.kind {
+            // Not on the ring (`supports`).
+            Kind::AllToAll
+            | Kind::Gather
+            | Kind::Scatter
+            | Kind::AllToAllV
+            | Kind::AllGatherV
+            | Kind::ReduceScatterV
+            | Kind::SendRecv => f64::INFINITY,
             Kind::AllReduce => {
                 2.0 * steps * l.alpha + 2.0 * steps / p * n * l.beta + steps / p * n * l.gamma
             }
@@ -338,21 +372,93 @@ impl Algorithm for Tree {
     }
 }
 
+impl Algorithm for Pairwise {
+    fn name(&self) -> &'static str {
+        "pairwise"
+    }
+
+    fn supports(&self, d: &Descriptor, _world: usize) -> bool {
+        matches!(
+            d.kind,
+            Kind::AllToAll | Kind::AllToAllV | Kind::AllGatherV | Kind::ReduceScatterV
+        )
+    }
+
+    /// `world - 1` messages each way; `count` is one block (the mean block
+    /// for the calls of per-rank counts).
+    fn cost(&self, d: &Descriptor, world: usize, l: &LinkModel) -> f64 {
+        let steps = world.saturating_sub(1) as f64;
+        let block = match d.kind {
+            Kind::AllGatherV | Kind::ReduceScatterV => bytes(d) / world.max(1) as f64,
+            _ => bytes(d),
+        };
+        let reduce = if d.kind == Kind::ReduceScatterV {
+            l.gamma
+        } else {
+            0.0
+        };
+        steps * (l.alpha + block * (l.beta + reduce))
+    }
+
+    fn peers(&self, rank: usize, world: usize) -> Vec<usize> {
+        (0..world).filter(|&q| q != rank).collect()
+    }
+
+    fn lazy(&self) -> bool {
+        true
+    }
+
+    fn plan(&self, shape: &Shape) -> Plan {
+        schedule::exchange_plan(shape)
+    }
+}
+
+impl Algorithm for Direct {
+    fn name(&self) -> &'static str {
+        "direct"
+    }
+
+    fn supports(&self, d: &Descriptor, _world: usize) -> bool {
+        matches!(d.kind, Kind::Gather | Kind::Scatter)
+    }
+
+    /// The root sends or receives `world - 1` blocks, one after another.
+    fn cost(&self, d: &Descriptor, world: usize, l: &LinkModel) -> f64 {
+        world.saturating_sub(1) as f64 * (l.alpha + bytes(d) * l.beta)
+    }
+
+    fn peers(&self, rank: usize, world: usize) -> Vec<usize> {
+        (0..world).filter(|&q| q != rank).collect()
+    }
+
+    fn lazy(&self) -> bool {
+        true
+    }
+
+    fn plan(&self, shape: &Shape) -> Plan {
+        schedule::exchange_plan(shape)
+    }
+}
+
 /// Every algorithm, in the order `select` prefers them on a tie.
-pub const ALL: [&dyn Algorithm; 5] = [
+pub const ALL: [&dyn Algorithm; 7] = [
     &Ring,
     &GatherReduce,
     &HalvingDoubling,
     &RecursiveDoubling,
     &Tree,
+    &Pairwise,
+    &Direct,
 ];
 
 /// The peers `rank` needs links to beyond its ring neighbours, so that
-/// every algorithm can run: the union of their [`Algorithm::peers`].
+/// every algorithm can run: the union of their [`Algorithm::peers`], but
+/// for those whose links are made on first use ([`Algorithm::lazy`]).
 pub(crate) fn pair_peers(rank: usize, world: usize) -> Vec<usize> {
     let ring = ring_neighbours(rank, world);
     let mut v: Vec<usize> = ALL
         .iter()
+        .filter(|a| !a.lazy())
         .flat_map(|a| a.peers(rank, world))
         .filter(|q| *q != rank && !ring.contains(q))
         .collect();
@@ -380,8 +486,13 @@ pub fn select(
         }
     }
     let gathered = d.count.saturating_mul(d.dtype.size()).saturating_mul(world);
-    let mut best: &'static dyn Algorithm = &Ring;
-    let mut best_cost = Ring.cost(d, world, link);
+    // The ring runs every collective of its kinds; the others have their own.
+    let mut best: &'static dyn Algorithm = ALL
+        .iter()
+        .copied()
+        .find(|a| a.supports(d, world))
+        .unwrap_or(&Ring);
+    let mut best_cost = best.cost(d, world, link);
     for a in ALL {
         if !a.supports(d, world)
             || (a.name() == GatherReduce.name() && gathered > config.small_bytes)
@@ -511,7 +622,7 @@ mod tests {
                 for world in 1..=9 {
                     for count in [0, 1, 37] {
                         let desc = d(kind, count);
-                        if a.name() != "ring" && !a.supports(&desc, world) {
+                        if !a.supports(&desc, world) {
                             continue;
                         }
                         for rank in 0..world {

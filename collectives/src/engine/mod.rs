@@ -40,7 +40,7 @@ use oxccl_transport::wire::{DESCRIPTOR_LEN, FrameHeader, Tag};
 use oxccl_transport::{Endpoint, Lent, MessageLink, Parts, TransportError, wait_watching};
 
 use crate::links::Links;
-use crate::schedule::{Plan, Progress};
+use crate::schedule::{Plan, Progress, WireTag};
 use cells::Cells;
 use idle::{Idle, Step};
 use recv::RecvHalf;
@@ -121,12 +121,15 @@ impl From<KernelError> for EngineError {
 
 /// What identifies this call's frames on the wire.
 #[derive(Clone, Copy)]
-struct Wire {
+struct Wire<'a> {
     seq: u64,
     descriptor: [u8; DESCRIPTOR_LEN],
+    /// A plan of messages ([`Plan::wires`]): each frame's `step` picks its
+    /// sequence number, wire step and descriptor here instead.
+    tags: &'a [WireTag],
 }
 
-impl Wire {
+impl Wire<'_> {
     /// The header of this call's frame of `step` and `slice`, `len` bytes,
     /// exchanged with `peer`. Slices and the small-message path are at
     /// most 1 GiB (`Config::validate`); a larger frame is a bug, reported
@@ -139,17 +142,17 @@ impl Wire {
         len: usize,
         peer: usize,
     ) -> Result<FrameHeader, EngineError> {
+        let (seq, step, descriptor) = match self.tags.get(step as usize) {
+            Some(t) => (t.seq, t.step, t.descriptor),
+            None => (self.seq, step, self.descriptor),
+        };
         Ok(FrameHeader {
-            tag: Tag {
-                seq: self.seq,
-                step,
-                slice,
-            },
+            tag: Tag { seq, step, slice },
             len: u32::try_from(len).map_err(|_| EngineError::Protocol {
                 peer,
                 reason: format!("a frame of {len} bytes exceeds the 4 GiB frame limit"),
             })?,
-            descriptor: self.descriptor,
+            descriptor,
         })
     }
 }
@@ -252,7 +255,7 @@ pub(crate) struct Pumped {
 /// One collective in progress on one rank.
 pub(crate) struct Call<'a> {
     plan: &'a Plan,
-    wire: Wire,
+    wire: Wire<'a>,
     data: Data<'a>,
     progress: Progress,
     send: SendHalf<'a>,
@@ -296,7 +299,11 @@ impl<'a> Call<'a> {
         };
         Call {
             plan,
-            wire: Wire { seq, descriptor },
+            wire: Wire {
+                seq,
+                descriptor,
+                tags: &plan.wires,
+            },
             data: Data {
                 input,
                 output,

@@ -70,7 +70,7 @@ impl<'a> RecvHalf<'a> {
         links: &mut Links<'_>,
         plan: &Plan,
         progress: &mut Progress,
-        wire: &Wire,
+        wire: &Wire<'_>,
         data: &mut Data<'a>,
     ) -> Result<bool, EngineError> {
         let Some(r) = progress.next_recv(plan) else {

@@ -47,7 +47,7 @@ impl<'a> SendHalf<'a> {
         links: &mut Links<'_>,
         plan: &Plan,
         progress: &mut Progress,
-        wire: &Wire,
+        wire: &Wire<'_>,
         data: &mut Data<'a>,
         single_copy_from: Option<u32>,
     ) -> Result<(bool, bool), EngineError> {

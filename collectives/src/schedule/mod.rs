@@ -41,10 +41,12 @@
 //!   each slice, reduces it with its input and forwards it; the root receives
 //!   last. The root sends the first rank an empty frame for the same reason.
 
+mod exchange;
 mod hypercube;
 mod layout;
 mod tree;
 
+pub use exchange::{Landing, Message, pairwise, point_to_point};
 pub use hypercube::{halving_doubling, hypercube_peers, recursive_doubling};
 pub use layout::{chunk_range, slices};
 pub use tree::{binomial_broadcast, binomial_reduce, tree_peers};
@@ -67,17 +69,38 @@ pub enum Kind {
     ReduceScatter = 5,
     /// Returns once every rank has entered.
     Barrier = 6,
+    /// Rank `r` gets block `r` of every rank's buffer, in rank order.
+    AllToAll = 7,
+    /// The root gets every rank's buffer, in rank order.
+    Gather = 8,
+    /// Rank `r` gets block `r` of the root's buffer.
+    Scatter = 9,
+    /// [`AllToAll`](Kind::AllToAll) with per-peer counts and displacements.
+    AllToAllV = 10,
+    /// Every rank gets every rank's buffer, each of its own count.
+    AllGatherV = 11,
+    /// Rank `r` gets block `r`, of count `counts[r]`, of the reduction.
+    ReduceScatterV = 12,
+    /// Messages between pairs of ranks (`send`, `recv` and their batches).
+    SendRecv = 13,
 }
 
 impl Kind {
     /// Every kind.
-    pub const ALL: [Kind; 6] = [
+    pub const ALL: [Kind; 13] = [
         Kind::AllReduce,
         Kind::Broadcast,
         Kind::Reduce,
         Kind::AllGather,
         Kind::ReduceScatter,
         Kind::Barrier,
+        Kind::AllToAll,
+        Kind::Gather,
+        Kind::Scatter,
+        Kind::AllToAllV,
+        Kind::AllGatherV,
+        Kind::ReduceScatterV,
+        Kind::SendRecv,
     ];
 
     /// The name used in messages ("all_reduce", ...).
@@ -89,7 +112,28 @@ impl Kind {
             Kind::AllGather => "all_gather",
             Kind::ReduceScatter => "reduce_scatter",
             Kind::Barrier => "barrier",
+            Kind::AllToAll => "all_to_all",
+            Kind::Gather => "gather",
+            Kind::Scatter => "scatter",
+            Kind::AllToAllV => "all_to_all_v",
+            Kind::AllGatherV => "all_gather_v",
+            Kind::ReduceScatterV => "reduce_scatter_v",
+            Kind::SendRecv => "send_recv",
         }
+    }
+
+    /// Whether the ring's algorithms run it (the first six kinds); the
+    /// others are exchanges ([`pairwise`], [`point_to_point`]).
+    pub const fn on_ring(self) -> bool {
+        matches!(
+            self,
+            Kind::AllReduce
+                | Kind::Broadcast
+                | Kind::Reduce
+                | Kind::AllGather
+                | Kind::ReduceScatter
+                | Kind::Barrier
+        )
     }
 
     /// The kind with discriminant `v`.
@@ -180,8 +224,24 @@ pub struct Plan {
     /// that read [`Src::Input`] of an out-of-place call are shifted down by
     /// it. Non-zero only for allgather, whose input is the rank's own chunk.
     pub input_offset: usize,
+    /// A plan of messages (a batch of sends and receives) gives each its
+    /// own tag: a frame's `step` is then an index here, and its header
+    /// carries the entry's sequence number, step and descriptor instead of
+    /// the call's. Empty for the collectives.
+    pub wires: Vec<WireTag>,
     /// [`Plan::cuts`], once computed.
     pub(crate) cuts: Cuts,
+}
+
+/// The tag and descriptor of one message's frames ([`Plan::wires`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WireTag {
+    /// The message's number between its two ranks.
+    pub seq: u64,
+    /// Its step on the wire (data or acknowledgement).
+    pub step: u32,
+    /// What both ends must agree on.
+    pub descriptor: [u8; oxccl_transport::wire::DESCRIPTOR_LEN],
 }
 
 /// A plan's cuts, and where each frame's range lies among them, computed
@@ -323,8 +383,48 @@ pub fn plan(s: &Shape) -> Plan {
         }
         Kind::Broadcast => chain_broadcast(s, &mut p),
         Kind::Reduce => chain_reduce(s, &mut p),
+        Kind::AllToAll | Kind::Gather | Kind::Scatter => return exchange_plan(s),
+        // Built from their counts (`pairwise`, `point_to_point`).
+        Kind::AllToAllV | Kind::AllGatherV | Kind::ReduceScatterV | Kind::SendRecv => {}
     }
     p
+}
+
+/// The pairwise exchange of the collectives of equal blocks, where
+/// `s.count` is the elements of one block: alltoall, gather and scatter.
+/// The own block is the caller's to copy.
+pub fn exchange_plan(s: &Shape) -> Plan {
+    let b = s.count * s.elem;
+    let block = |p: usize| Some(p * b..(p + 1) * b);
+    let none = || vec![None; s.world];
+    let (sends, recvs) = match s.kind {
+        Kind::AllToAll => (
+            (0..s.world).map(block).collect(),
+            (0..s.world).map(block).collect(),
+        ),
+        Kind::Gather if s.rank == s.root => (none(), (0..s.world).map(block).collect()),
+        Kind::Gather => {
+            let mut v = none();
+            v[s.root] = Some(0..b);
+            (v, none())
+        }
+        Kind::Scatter if s.rank == s.root => ((0..s.world).map(block).collect(), none()),
+        Kind::Scatter => {
+            let mut v = none();
+            v[s.root] = Some(0..b);
+            (none(), v)
+        }
+        _ => (none(), none()),
+    };
+    pairwise(
+        s.rank,
+        s.world,
+        &sends,
+        &recvs,
+        Landing::Copy,
+        s.elem,
+        s.slice_elems,
+    )
 }
 
 /// The bytes of elements `elems`.

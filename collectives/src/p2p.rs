@@ -1,0 +1,442 @@
+//! Sends and receives between pairs of ranks, alone or in batches that run
+//! concurrently (NCCL's `ncclGroupStart`/`ncclGroupEnd` around
+//! `ncclSend`/`ncclRecv`): any mix of sends and receives to any peers,
+//! posted in any order on each rank, completes without a deadlock
+//! ([`schedule::point_to_point`](crate::schedule::point_to_point) says
+//! why). Messages between two ranks in one direction are matched in the
+//! order they were posted, across batches.
+//!
+//! A send completes once its receiver has the message's first frame and
+//! has answered that it agrees on the message (type and count), so a send
+//! without a matching receive times out naming the peer, and counts that
+//! differ fail on both sides, naming both. Links to peers beyond the ring
+//! are made on first use ([`crate::lazy`]).
+
+use oxccl_kernels::{DType, DeviceMemory, Element, ReduceOp};
+
+use crate::comm::Communicator;
+use crate::descriptor::Descriptor;
+use crate::engine::{Input, Output};
+use crate::schedule::{Kind, Message, point_to_point};
+use crate::{Error, Result};
+
+/// Memory a message is sent from.
+enum SendMem<'b> {
+    Host(&'b [u8]),
+    Device(&'b dyn DeviceMemory),
+}
+
+/// Memory a message lands in.
+enum RecvMem<'b> {
+    Host(&'b mut [u8]),
+    Device(&'b mut dyn DeviceMemory),
+}
+
+impl SendMem<'_> {
+    fn len(&self) -> usize {
+        match self {
+            SendMem::Host(b) => b.len(),
+            SendMem::Device(d) => d.len_bytes(),
+        }
+    }
+}
+
+impl RecvMem<'_> {
+    fn len(&self) -> usize {
+        match self {
+            RecvMem::Host(b) => b.len(),
+            RecvMem::Device(d) => d.len_bytes(),
+        }
+    }
+}
+
+struct Send<'b> {
+    peer: usize,
+    dtype: DType,
+    buf: SendMem<'b>,
+}
+
+struct Recv<'b> {
+    peer: usize,
+    dtype: DType,
+    buf: RecvMem<'b>,
+}
+
+/// A batch of sends and receives that run together
+/// ([`Communicator::run_batch`]): NCCL's group of point-to-point calls.
+///
+/// ```
+/// use oxccl::{Batch, Config, run_in_process};
+///
+/// // Every rank passes a value to the next and gets one from the previous.
+/// let got = run_in_process(3, Config::default(), |comm| {
+///     let (rank, world) = (comm.rank(), comm.world());
+///     let mine = [rank as u32; 4];
+///     let mut theirs = [0u32; 4];
+///     let mut batch = Batch::new();
+///     batch.send(&mine, (rank + 1) % world).recv(&mut theirs, (rank + world - 1) % world);
+///     comm.run_batch(batch).map(|()| theirs[0])
+/// })
+/// .unwrap();
+/// assert_eq!(got.into_iter().map(|r| r.unwrap()).collect::<Vec<_>>(), [2, 0, 1]);
+/// ```
+#[derive(Default)]
+pub struct Batch<'b> {
+    sends: Vec<Send<'b>>,
+    recvs: Vec<Recv<'b>>,
+}
+
+impl std::fmt::Debug for Batch<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Batch({} sends, {} receives)",
+            self.sends.len(),
+            self.recvs.len()
+        )
+    }
+}
+
+impl<'b> Batch<'b> {
+    /// An empty batch.
+    pub fn new() -> Batch<'b> {
+        Batch::default()
+    }
+
+    /// Sends `buf` to rank `peer`.
+    pub fn send<T: Element>(&mut self, buf: &'b [T], peer: usize) -> &mut Self {
+        self.send_bytes(bytemuck::cast_slice(buf), T::DTYPE, peer)
+    }
+
+    /// Receives from rank `peer` into `buf`, which the message fills exactly.
+    pub fn recv<T: Element>(&mut self, buf: &'b mut [T], peer: usize) -> &mut Self {
+        self.recv_bytes(bytemuck::cast_slice_mut(buf), T::DTYPE, peer)
+    }
+
+    /// Sends the elements of `dtype` in `buf` to rank `peer` (the bindings' form).
+    pub fn send_bytes(&mut self, buf: &'b [u8], dtype: DType, peer: usize) -> &mut Self {
+        self.sends.push(Send {
+            peer,
+            dtype,
+            buf: SendMem::Host(buf),
+        });
+        self
+    }
+
+    /// Receives elements of `dtype` from rank `peer` into `buf`.
+    pub fn recv_bytes(&mut self, buf: &'b mut [u8], dtype: DType, peer: usize) -> &mut Self {
+        self.recvs.push(Recv {
+            peer,
+            dtype,
+            buf: RecvMem::Host(buf),
+        });
+        self
+    }
+
+    /// Sends the device buffer `buf` (wgpu, CUDA) of `dtype` to rank `peer`.
+    pub fn send_device(
+        &mut self,
+        buf: &'b dyn DeviceMemory,
+        dtype: DType,
+        peer: usize,
+    ) -> &mut Self {
+        self.sends.push(Send {
+            peer,
+            dtype,
+            buf: SendMem::Device(buf),
+        });
+        self
+    }
+
+    /// Receives from rank `peer` into the device buffer `buf` of `dtype`.
+    pub fn recv_device(
+        &mut self,
+        buf: &'b mut dyn DeviceMemory,
+        dtype: DType,
+        peer: usize,
+    ) -> &mut Self {
+        self.recvs.push(Recv {
+            peer,
+            dtype,
+            buf: RecvMem::Device(buf),
+        });
+        self
+    }
+
+    /// Whether the batch has nothing in it.
+    pub fn is_empty(&self) -> bool {
+        self.sends.is_empty() && self.recvs.is_empty()
+    }
+}
+
+impl Communicator {
+    /// Sends `buf` to rank `peer`; returns once `peer` has received it
+    /// (the first of its frames) and agreed on its type and count.
+    pub fn send<T: Element>(&mut self, buf: &[T], peer: usize) -> Result<()> {
+        let mut b = Batch::new();
+        b.send(buf, peer);
+        self.run_batch(b)
+    }
+
+    /// Receives a message from rank `peer` into `buf`, whose length it must have.
+    pub fn recv<T: Element>(&mut self, buf: &mut [T], peer: usize) -> Result<()> {
+        let mut b = Batch::new();
+        b.recv(buf, peer);
+        self.run_batch(b)
+    }
+
+    /// Runs every send and receive of `batch` together; returns when all
+    /// are done. A failure fails the whole batch (and, as any failure,
+    /// poisons the communicator).
+    pub fn run_batch(&mut self, batch: Batch<'_>) -> Result<()> {
+        let Batch { sends, recvs } = batch;
+        let (rank, world) = (self.rank(), self.world());
+        let call = describe(&sends, &recvs);
+        let bad = |why: String| Error::InvalidArgument(format!("rank {rank}: {call}: {why}"));
+        for (what, peer, dtype, len) in sends
+            .iter()
+            .map(|s| ("send to", s.peer, s.dtype, s.buf.len()))
+            .chain(
+                recvs
+                    .iter()
+                    .map(|r| ("receive from", r.peer, r.dtype, r.buf.len())),
+            )
+        {
+            if peer >= world {
+                return Err(bad(format!(
+                    "{what} rank {peer}: no such rank in a world of {world}"
+                )));
+            }
+            if len % dtype.size() != 0 {
+                return Err(bad(format!(
+                    "{what} rank {peer}: {len} bytes are not whole elements of {dtype}"
+                )));
+            }
+        }
+        // Messages to this rank itself: matched in order, copied.
+        let to_self = sends.iter().filter(|s| s.peer == rank).count();
+        let from_self = recvs.iter().filter(|r| r.peer == rank).count();
+        if to_self != from_self {
+            return Err(bad(format!(
+                "{to_self} sends to this rank itself but {from_self} receives from it"
+            )));
+        }
+        for (s, r) in sends
+            .iter()
+            .filter(|s| s.peer == rank)
+            .zip(recvs.iter().filter(|r| r.peer == rank))
+        {
+            if s.dtype != r.dtype || s.buf.len() != r.buf.len() {
+                return Err(bad(format!(
+                    "a send to itself of {} elements of {} meets a receive of {} elements of {}",
+                    s.buf.len() / s.dtype.size(),
+                    s.dtype,
+                    r.buf.len() / r.dtype.size(),
+                    r.dtype
+                )));
+            }
+        }
+        if sends.is_empty() && recvs.is_empty() {
+            return Ok(());
+        }
+        self.enter(false)?;
+        let result = self.run_checked(&call, sends, recvs);
+        self.leave();
+        result
+    }
+
+    fn run_checked(
+        &mut self,
+        call: &str,
+        sends: Vec<Send<'_>>,
+        recvs: Vec<Recv<'_>>,
+    ) -> Result<()> {
+        let rank = self.rank();
+        let fail =
+            |c: &mut Communicator, e: crate::engine::EngineError| c.fail_named(call.to_string(), e);
+        // To itself: a copy, in posting order.
+        let (mut sends, self_sends): (Vec<_>, Vec<_>) =
+            sends.into_iter().partition(|s| s.peer != rank);
+        let (mut recvs, self_recvs): (Vec<_>, Vec<_>) =
+            recvs.into_iter().partition(|r| r.peer != rank);
+        for (s, mut r) in self_sends.into_iter().zip(self_recvs) {
+            let mut host = vec![0u8; s.buf.len()];
+            let result = read_from(&s.buf, &mut host).and_then(|()| write_into(&mut r.buf, &host));
+            if let Err(e) = result {
+                return Err(fail(self, e.into()));
+            }
+        }
+        if sends.is_empty() && recvs.is_empty() {
+            return Ok(());
+        }
+        // The order no batch deadlocks in: by peer, then as posted.
+        sends.sort_by_key(|s| s.peer);
+        recvs.sort_by_key(|r| r.peer);
+        let mut peers: Vec<usize> = sends
+            .iter()
+            .map(|s| s.peer)
+            .chain(recvs.iter().map(|r| r.peer))
+            .collect();
+        peers.sort_unstable();
+        peers.dedup();
+        self.ensure_links(&peers, call)?;
+
+        // One send and one receive run from and into the caller's memory;
+        // more are packed into one host buffer each way.
+        let direct_in = sends.len() <= 1;
+        let direct_out = recvs.len() <= 1;
+        let mut packed_in = Vec::new();
+        if !direct_in {
+            packed_in = vec![0u8; sends.iter().map(|s| s.buf.len()).sum()];
+            let mut at = 0;
+            for s in &sends {
+                let n = s.buf.len();
+                if let Err(e) = read_from(&s.buf, &mut packed_in[at..at + n]) {
+                    return Err(fail(self, e.into()));
+                }
+                at += n;
+            }
+        }
+        let mut at = 0;
+        let mut send_msgs = Vec::with_capacity(sends.len());
+        for s in &sends {
+            let n = s.buf.len();
+            let seq = self.p2p_sent[s.peer];
+            self.p2p_sent[s.peer] += 1;
+            send_msgs.push(Message {
+                peer: s.peer,
+                range: at..at + n,
+                seq,
+                descriptor: message(s.dtype, n, rank).encode(),
+            });
+            at += n;
+        }
+        let mut at = 0;
+        let mut recv_msgs = Vec::with_capacity(recvs.len());
+        for r in &recvs {
+            let n = r.buf.len();
+            let seq = self.p2p_received[r.peer];
+            self.p2p_received[r.peer] += 1;
+            recv_msgs.push(Message {
+                peer: r.peer,
+                range: at..at + n,
+                seq,
+                descriptor: message(r.dtype, n, r.peer).encode(),
+            });
+            at += n;
+        }
+        let plan = point_to_point(&send_msgs, &recv_msgs, 1, self.config().slice_bytes.max(1));
+        let d = message(DType::U8, 0, rank);
+        let mut packed_out = if direct_out {
+            Vec::new()
+        } else {
+            vec![0u8; at]
+        };
+        let input = match sends.first() {
+            _ if !direct_in => Input::Host(&packed_in),
+            Some(Send {
+                buf: SendMem::Host(b),
+                ..
+            }) => Input::Host(b),
+            Some(Send {
+                buf: SendMem::Device(d),
+                ..
+            }) => Input::Device(*d),
+            None => Input::Host(&[]),
+        };
+        let mut empty: [u8; 0] = [];
+        let result = {
+            let output = match recvs.first_mut() {
+                _ if !direct_out => Output::Host(&mut packed_out),
+                Some(Recv {
+                    buf: RecvMem::Host(b),
+                    ..
+                }) => Output::Host(b),
+                Some(Recv {
+                    buf: RecvMem::Device(d),
+                    ..
+                }) => Output::Device(*d),
+                None => Output::Host(&mut empty),
+            };
+            self.run_plan(&plan, 0, &d, Some(input), output)
+        };
+        if let Err(e) = result {
+            return Err(fail(self, e));
+        }
+        if !direct_out {
+            let mut at = 0;
+            for r in &mut recvs {
+                let n = r.buf.len();
+                if let Err(e) = write_into(&mut r.buf, &packed_out[at..at + n]) {
+                    return Err(fail(self, e.into()));
+                }
+                at += n;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What both ends of a message agree on: `bytes` of `dtype` from `sender`.
+fn message(dtype: DType, bytes: usize, sender: usize) -> Descriptor {
+    Descriptor {
+        kind: Kind::SendRecv,
+        dtype,
+        op: ReduceOp::Sum,
+        root: sender,
+        count: bytes / dtype.size(),
+    }
+}
+
+/// The batch as messages name it: "send to rank 1 (f32, 10 elements)", or
+/// "a batch of 3 sends and 2 receives (the first: ...)".
+fn describe(sends: &[Send<'_>], recvs: &[Recv<'_>]) -> String {
+    let one = |s: Option<&Send<'_>>, r: Option<&Recv<'_>>| match (s, r) {
+        (Some(s), _) => format!(
+            "send to rank {} ({}, {} elements)",
+            s.peer,
+            s.dtype,
+            s.buf.len() / s.dtype.size()
+        ),
+        (None, Some(r)) => format!(
+            "receive from rank {} ({}, {} elements)",
+            r.peer,
+            r.dtype,
+            r.buf.len() / r.dtype.size()
+        ),
+        (None, None) => "an empty batch".into(),
+    };
+    match (sends.len(), recvs.len()) {
+        (0, 1) | (1, 0) => one(sends.first(), recvs.first()),
+        (s, r) => format!(
+            "a batch of {s} sends and {r} receives (the first: {})",
+            one(sends.first(), recvs.first())
+        ),
+    }
+}
+
+fn read_from(
+    from: &SendMem<'_>,
+    dst: &mut [u8],
+) -> std::result::Result<(), oxccl_kernels::KernelError> {
+    match from {
+        SendMem::Host(b) => {
+            dst.copy_from_slice(b);
+            Ok(())
+        }
+        SendMem::Device(d) => d.read(0, dst),
+    }
+}
+
+fn write_into(
+    into: &mut RecvMem<'_>,
+    src: &[u8],
+) -> std::result::Result<(), oxccl_kernels::KernelError> {
+    match into {
+        RecvMem::Host(b) => {
+            b.copy_from_slice(src);
+            Ok(())
+        }
+        RecvMem::Device(d) => d.write(0, src),
+    }
+}
