@@ -113,6 +113,9 @@ pub struct Communicator {
     /// message's number at both its ends.
     pub(crate) p2p_sent: Vec<u64>,
     pub(crate) p2p_received: Vec<u64>,
+    /// For a communicator split from another: the rank there of each rank
+    /// here, so that failures name ranks in both numberings.
+    pub(crate) parent_ranks: Option<Vec<usize>>,
 }
 
 /// Where a communicator came from, for the ones split from it.
@@ -209,6 +212,7 @@ impl Communicator {
             connector: p.connector,
             p2p_sent: vec![0; p.world],
             p2p_received: vec![0; p.world],
+            parent_ranks: None,
         })
     }
 
@@ -904,6 +908,10 @@ impl Communicator {
 
     /// [`fail`](Self::fail) for a call named `call`.
     pub(crate) fn fail_named(&mut self, call: String, e: EngineError) -> Error {
+        let call = match &self.parent_ranks {
+            Some(p) => format!("{call} {}", parent_numbering(p)),
+            None => call,
+        };
         let err = self.failures.attribute(call, e, self.abort.is_aborted());
         // Tell the others what happened before closing the links, so that a
         // neighbour that sees the links close finds the cause in the store.
@@ -924,6 +932,18 @@ impl Drop for Communicator {
             self.failures.linger();
         }
     }
+}
+
+/// How a split communicator's failures name ranks in its parent's
+/// numbering too: "[split: ranks 0, 1, 2 here are ranks 4, 0, 2 of the
+/// parent]", the first 16 of a larger one.
+fn parent_numbering(parents: &[usize]) -> String {
+    const SHOWN: usize = 16;
+    let list = |v: &mut dyn Iterator<Item = String>| v.collect::<Vec<_>>().join(", ");
+    let here = list(&mut (0..parents.len().min(SHOWN)).map(|r| r.to_string()));
+    let there = list(&mut parents.iter().take(SHOWN).map(|r| r.to_string()));
+    let more = if parents.len() > SHOWN { ", ..." } else { "" };
+    format!("[split: ranks {here}{more} here are ranks {there}{more} of the parent]")
 }
 
 /// The parts of a communicator that run a plan on the ring.

@@ -10,7 +10,8 @@
 //! on every rank since a split is a collective call), with the parent's job
 //! secret. The new communicators are independent of the parent and of each
 //! other: they have their own links, run at the same time as the parent,
-//! and fail on their own.
+//! and fail on their own; their errors name ranks in the parent's
+//! numbering too.
 
 use std::sync::Arc;
 
@@ -61,13 +62,16 @@ impl Communicator {
             self.origin.store.clone(),
             &format!("{}/split/{n}/{color}", self.origin.key_prefix),
         ));
-        crate::bootstrap::join(
+        let mut child = crate::bootstrap::join(
             store,
             rank,
             members.len(),
             self.config().clone(),
             self.origin.secret.clone(),
-        )
-        .map(Some)
+        )?;
+        // Its failures name ranks in this communicator's numbering too
+        // (and, split again, in the first one's: the nearest parent's).
+        child.parent_ranks = Some(parents);
+        Ok(Some(child))
     }
 }

@@ -12,7 +12,7 @@ use std::time::Duration;
 use oxccl::{Config, DType, Descriptor, Kind, ReduceOp, run_in_process};
 use oxccl_kernels::reference::ReferenceReducer;
 use oxccl_kernels::{DeviceMemory, KernelError, Reducer};
-use oxccl_tools::pattern::{count_wrong, input};
+use oxccl_tools::pattern::{count_wrong, exchange, input, output_len};
 
 /// "Device" memory that lives on the host; counts the reductions it ran.
 #[derive(Debug)]
@@ -182,6 +182,126 @@ fn a_small_device_allreduce_gathers_once_and_reduces_on_the_device() {
                 };
                 assert_eq!(reductions, want, "world {world} rank {rank}");
             }
+        }
+    }
+}
+
+/// The exchanges and a batch of sends and receives on device buffers:
+/// blocks go device → host → wire → host → device; a reduce-scatter with
+/// per-rank counts reduces on the device.
+#[test]
+fn exchanges_and_messages_on_device_buffers() {
+    let config = Config {
+        slice_bytes: 64,
+        timeout: Duration::from_secs(30),
+        ..Config::default()
+    };
+    for world in 1..=4 {
+        for kind in [Kind::AllToAll, Kind::Gather, Kind::Scatter] {
+            for count in [0, 1, 37] {
+                let d = Descriptor {
+                    kind,
+                    dtype: DType::F16,
+                    op: ReduceOp::Sum,
+                    root: world - 1,
+                    count,
+                };
+                let wrong = run_in_process(world, config.clone(), |comm| {
+                    let rank = comm.rank();
+                    let reductions = Arc::new(AtomicUsize::new(0));
+                    let src = FakeDevice {
+                        data: input(&d, world, rank),
+                        reductions: reductions.clone(),
+                    };
+                    let mut out = FakeDevice {
+                        data: vec![0xA5; output_len(&d, world, rank)],
+                        reductions,
+                    };
+                    let x = exchange(&d).unwrap();
+                    comm.run_exchange_device(x, d.dtype, &src, &mut out)
+                        .unwrap();
+                    count_wrong(&d, world, rank, &out.data)
+                })
+                .unwrap();
+                assert!(
+                    wrong.iter().all(|w| *w == 0),
+                    "{} world {world}: {wrong:?}",
+                    d.call(0)
+                );
+            }
+        }
+        // Uneven blocks reduced on the device.
+        let counts: Vec<usize> = (0..world).map(|p| [3, 0, 70, 5][p]).collect();
+        let total: usize = counts.iter().sum();
+        let got = run_in_process(world, config.clone(), |comm| {
+            let rank = comm.rank();
+            let reductions = Arc::new(AtomicUsize::new(0));
+            let vals: Vec<f32> = (0..total).map(|i| (i % 7) as f32 + rank as f32).collect();
+            let src = FakeDevice {
+                data: bytemuck::cast_slice(&vals).to_vec(),
+                reductions: reductions.clone(),
+            };
+            let mut out = FakeDevice {
+                data: vec![0; counts[rank] * 4],
+                reductions: reductions.clone(),
+            };
+            comm.run_exchange_device(
+                oxccl::Exchange::ReduceScatterV {
+                    counts: &counts,
+                    op: ReduceOp::Sum,
+                },
+                DType::F32,
+                &src,
+                &mut out,
+            )
+            .unwrap();
+            let got: Vec<f32> = out
+                .data
+                .chunks_exact(4)
+                .map(bytemuck::pod_read_unaligned::<f32>)
+                .collect();
+            (got, reductions.load(Ordering::Relaxed))
+        })
+        .unwrap();
+        let rank_sum = (world * (world - 1) / 2) as f32;
+        let mut at = 0;
+        for (rank, (got, reductions)) in got.into_iter().enumerate() {
+            for (i, x) in got.iter().enumerate() {
+                let want = ((at + i) % 7) as f32 * world as f32 + rank_sum;
+                assert_eq!(*x, want, "world {world} rank {rank} element {i}");
+            }
+            if world > 1 && counts[rank] > 0 {
+                assert!(
+                    reductions > 0,
+                    "world {world} rank {rank}: no device reduction"
+                );
+            }
+            at += counts[rank];
+        }
+        // A ring shift of messages between device buffers.
+        let got = run_in_process(world, config.clone(), |comm| {
+            let (rank, w) = (comm.rank(), comm.world());
+            let src = FakeDevice {
+                data: vec![rank as u8; 1000],
+                reductions: Arc::default(),
+            };
+            let mut dst = FakeDevice {
+                data: vec![0xA5; 1000],
+                reductions: Arc::default(),
+            };
+            let mut b = oxccl::Batch::new();
+            b.send_device(&src, DType::U8, (rank + 1) % w).recv_device(
+                &mut dst,
+                DType::U8,
+                (rank + w - 1) % w,
+            );
+            comm.run_batch(b).unwrap();
+            dst.data
+        })
+        .unwrap();
+        for (rank, data) in got.iter().enumerate() {
+            let prev = ((rank + world - 1) % world) as u8;
+            assert!(data.iter().all(|x| *x == prev), "world {world} rank {rank}");
         }
     }
 }

@@ -178,14 +178,16 @@ fn a_unique_id_world_splits() {
 }
 
 /// A failure in one new communicator fails its own ranks, naming the rank
-/// that failed; the other group and the parent go on.
+/// that failed in both numberings; the other group and the parent go on.
 #[test]
 fn a_failure_stays_in_its_group() {
     let out = run_in_process(4, config(Transport::Shm), |c: &mut Communicator| {
         let r = c.rank();
-        let mut s = c.split(Some((r / 2) as u32), 0).unwrap().unwrap();
-        let result = if r == 0 {
-            // Rank 0 of group 0 gives up; its partner's call must fail.
+        // Groups {0, 2} and {1, 3}, in reverse order: rank 0 here is rank
+        // 2 of the parent, rank 1 is rank 0.
+        let mut s = c.split(Some((r % 2) as u32), -(r as i64)).unwrap().unwrap();
+        let result = if r == 2 {
+            // Parent rank 2 gives up; its partner's call must fail.
             s.abort_handle().abort();
             Ok(())
         } else {
@@ -198,12 +200,16 @@ fn a_failure_stays_in_its_group() {
         (result.map_err(|e| e.to_string()), y[0])
     })
     .unwrap();
-    let (partner, _) = &out[1];
+    let (partner, _) = &out[0];
     let e = partner.as_ref().unwrap_err();
-    assert!(e.contains("rank 0"), "{e}");
+    assert!(e.contains("rank 1: ") && e.contains("rank 0"), "{e}");
+    assert!(
+        e.contains("[split: ranks 0, 1 here are ranks 2, 0 of the parent]"),
+        "{e}"
+    );
     for (r, (result, parent_sum)) in out.iter().enumerate() {
         assert_eq!(*parent_sum, 4, "rank {r}: the parent still works");
-        if r >= 2 {
+        if r % 2 == 1 {
             assert!(result.is_ok(), "rank {r}: {result:?}");
         }
     }

@@ -100,3 +100,35 @@ fn collectives_on_wgpu_buffers_with_2_and_4_processes() {
         }
     }
 }
+
+/// Alltoall, gather, scatter and a ring of sends and receives between wgpu
+/// buffers: blocks go device → host → wire → host → device.
+#[test]
+fn exchanges_on_wgpu_buffers_with_2_and_4_processes() {
+    if !adapter_present() {
+        return;
+    }
+    for n in [2, 4] {
+        for c in ["all_to_all", "gather", "scatter", "send_recv"] {
+            let out = Command::new(OXRUN)
+                .args(["-n", &n.to_string(), "--timeout", "300", "--", CHECK])
+                .args(["--device", "wgpu", "-c", c, "-b", "200K", "-d", "f16"])
+                .args(["-r", "1", "-i", "2", "-w", "0"])
+                .env("OXCCL_SLICE_BYTES", "16K")
+                .output()
+                .unwrap();
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                out.status.success(),
+                "{n} processes {c}:\n{stdout}\n{stderr}"
+            );
+            assert!(
+                stdout
+                    .lines()
+                    .any(|l| l.starts_with(&format!("[0] {c}")) && l.ends_with("result OK")),
+                "{n} processes {c}:\n{stdout}"
+            );
+        }
+    }
+}

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use clap::Parser;
 use oxccl::config::parse_bytes;
-use oxccl::{Communicator, Config, DType, Descriptor, Kind, ReduceOp};
+use oxccl::{Batch, Communicator, Config, DType, Descriptor, Kind, ReduceOp};
 use oxccl_tools::devices::{MakeBuffer, buffer_factory};
 use oxccl_tools::pattern;
 
@@ -17,7 +17,10 @@ use oxccl_tools::pattern;
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Args {
-    /// Collective: all_reduce, broadcast, reduce, all_gather, reduce_scatter, barrier, or all.
+    /// Collective: all_reduce, broadcast, reduce, all_gather, reduce_scatter,
+    /// barrier, or all (those six); or an exchange: all_to_all, gather,
+    /// scatter, or send_recv (each rank sends to the next, receives from the
+    /// previous), out of place only.
     #[arg(short, long, default_value = "all_reduce")]
     collective: String,
     /// Size in bytes as nccl-tests counts it (allgather: the gathered output;
@@ -69,12 +72,13 @@ fn device_buffers(device: Device) -> Result<Option<MakeBuffer>, String> {
 }
 
 fn kinds(name: &str) -> Result<Vec<Kind>, String> {
-    // The collectives of the ring; the exchanges have their own `*_perf`.
-    let mut ring = Kind::ALL.into_iter().filter(|k| k.on_ring());
+    let ring = Kind::ALL.into_iter().filter(|k| k.on_ring());
     if name == "all" {
         return Ok(ring.collect());
     }
-    ring.find(|k| k.name() == name || k.name().replace('_', "") == name)
+    let exchanges = [Kind::AllToAll, Kind::Gather, Kind::Scatter, Kind::SendRecv];
+    ring.chain(exchanges)
+        .find(|k| k.name() == name || k.name().replace('_', "") == name)
         .map(|k| vec![k])
         .ok_or_else(|| format!("unknown collective '{name}'"))
 }
@@ -134,22 +138,31 @@ fn run(
     let size = args.dtype.size();
     let elems = args.bytes / size;
     let count = match kind {
-        Kind::AllGather | Kind::ReduceScatter => elems / world,
+        Kind::AllGather | Kind::ReduceScatter | Kind::AllToAll | Kind::Gather | Kind::Scatter => {
+            elems / world
+        }
         Kind::Barrier => 0,
         _ => elems,
     };
+    let (next, prev) = ((rank + 1) % world, (rank + world - 1) % world);
     let d = Descriptor {
         kind,
         dtype: args.dtype,
         op: args.op,
-        root: args.root,
+        // A message's sender: the previous rank's data arrives here.
+        root: if kind == Kind::SendRecv {
+            prev
+        } else {
+            args.root
+        },
         count,
     };
+    let exchange = pattern::exchange(&d);
+    if (exchange.is_some() || kind == Kind::SendRecv) && args.in_place {
+        return Err(format!("{} has no in-place form", kind.name()));
+    }
     let input = pattern::input(&d, world, rank);
-    let out_len = match kind {
-        Kind::AllGather => count * world * size,
-        _ => count * size,
-    };
+    let out_len = pattern::output_len(&d, world, rank);
     let mut times = Vec::with_capacity(args.iters);
     let mut wrong = 0;
     let mut output = vec![
@@ -180,6 +193,26 @@ fn run(
             }
         }
         match (&mut dev, args.in_place) {
+            (None, _) if kind == Kind::SendRecv => {
+                let mut b = Batch::new();
+                b.send_bytes(&input, d.dtype, next)
+                    .recv_bytes(&mut output, d.dtype, prev);
+                comm.run_batch(b)
+            }
+            (Some((inp, out)), _) if kind == Kind::SendRecv => {
+                let mut b = Batch::new();
+                b.send_device(&**inp, d.dtype, next)
+                    .recv_device(&mut **out, d.dtype, prev);
+                comm.run_batch(b)
+            }
+            (None, _) if exchange.is_some() => match exchange {
+                Some(x) => comm.run_exchange(x, d.dtype, &input, &mut output),
+                None => Ok(()),
+            },
+            (Some((inp, out)), _) if exchange.is_some() => match exchange {
+                Some(x) => comm.run_exchange_device(x, d.dtype, inp.as_ref(), out.as_mut()),
+                None => Ok(()),
+            },
             (None, true) => comm.run_bytes(d, None, &mut output),
             (None, false) => comm.run_bytes(d, Some(&input), &mut output),
             (Some((_, out)), true) => out
@@ -216,11 +249,19 @@ fn run(
         let n = world as f64;
         let factor = match kind {
             Kind::AllReduce => 2.0 * (n - 1.0) / n,
-            Kind::AllGather | Kind::ReduceScatter => (n - 1.0) / n,
+            Kind::AllGather
+            | Kind::ReduceScatter
+            | Kind::AllToAll
+            | Kind::Gather
+            | Kind::Scatter => (n - 1.0) / n,
             _ => 1.0,
         };
         let bytes = match kind {
-            Kind::AllGather | Kind::ReduceScatter => count * world * size,
+            Kind::AllGather
+            | Kind::ReduceScatter
+            | Kind::AllToAll
+            | Kind::Gather
+            | Kind::Scatter => count * world * size,
             _ => count * size,
         };
         let secs = median.as_secs_f64().max(1e-9);
