@@ -25,9 +25,15 @@ fn example(name: &str) -> PathBuf {
 
 /// Runs `name` on `world` ranks; returns each rank's `final` values, in rank order, and stdout.
 fn run(name: &str, world: usize) -> (Vec<Vec<f64>>, String) {
+    run_with(name, world, &[])
+}
+
+/// [`run`] with arguments for the example.
+fn run_with(name: &str, world: usize, args: &[&str]) -> (Vec<Vec<f64>>, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_oxrun"))
         .args(["-n", &world.to_string(), "--timeout", "120", "--"])
         .arg(example(name))
+        .args(args)
         .env_remove("OXCCL_RANK")
         .env_remove("RANK")
         .output()
@@ -109,4 +115,26 @@ fn kmeans_matches_single_process_kmeans() {
     let (finals, _) = run("kmeans", 3);
     same_on_every_rank(&finals);
     assert_close(&finals[0], &want, 1e-9);
+}
+
+#[test]
+fn kmeans_scatter_matches_single_process_kmeans_bit_for_bit() {
+    // 1001 points divide by none of 2, 3, 4; 5 points on 4 ranks: 2 + 1 + 1 + 1.
+    for (world, n) in [(1, 1001), (2, 1001), (3, 1001), (4, 1001), (4, 5)] {
+        let (want, _, iters) = common::kmeans_until_stable(&common::points_n(n));
+        let want: Vec<f64> = want.into_iter().flatten().collect();
+        let (finals, stdout) = run_with("kmeans_scatter", world, &[&n.to_string()]);
+        same_on_every_rank(&finals);
+        // Exact: sums of the grid points are exact in any order.
+        assert_eq!(finals[0], want, "{world} ranks, {n} points:\n{stdout}");
+        for line in [
+            format!("[0] check ok: {n} labels"),
+            format!(": {iters} iterations in "),
+        ] {
+            assert!(
+                stdout.contains(&line),
+                "{world} ranks, {n} points: no {line:?}\n{stdout}"
+            );
+        }
+    }
 }

@@ -155,9 +155,16 @@ pub const ITERS: usize = 10;
 
 /// 2-D points around `K` centres.
 pub fn points() -> Vec<[f64; 2]> {
+    points_n(POINTS)
+}
+
+/// `n` 2-D points around `K` centres (the first `POINTS` are `points()`).
+/// Every coordinate is a multiple of 2^-22 below 8 in magnitude, so sums of
+/// fewer than 2^28 of them are exact in f64, in any order.
+pub fn points_n(n: usize) -> Vec<[f64; 2]> {
     let centres = [[-5.0, -5.0], [5.0, -4.0], [-4.0, 6.0], [6.0, 5.0]];
     let mut rng = Rng(42);
-    (0..POINTS)
+    (0..n)
         .map(|i| {
             let c = centres[(rng.next_u64() % K as u64) as usize];
             let _ = i;
@@ -175,18 +182,24 @@ pub fn assign(centroids: &[[f64; 2]], pts: &[[f64; 2]]) -> (Vec<f64>, Vec<u64>) 
     let mut sums = vec![0.0f64; 2 * centroids.len()];
     let mut counts = vec![0u64; centroids.len()];
     for p in pts {
-        let d = |c: &[f64; 2]| (c[0] - p[0]).powi(2) + (c[1] - p[1]).powi(2);
-        let mut best = 0;
-        for (j, c) in centroids.iter().enumerate() {
-            if d(c) < d(&centroids[best]) {
-                best = j;
-            }
-        }
+        let best = nearest(centroids, p);
         sums[2 * best] += p[0];
         sums[2 * best + 1] += p[1];
         counts[best] += 1;
     }
     (sums, counts)
+}
+
+/// The index of the centroid nearest `p` (the first of equals).
+pub fn nearest(centroids: &[[f64; 2]], p: &[f64; 2]) -> usize {
+    let d = |c: &[f64; 2]| (c[0] - p[0]).powi(2) + (c[1] - p[1]).powi(2);
+    let mut best = 0;
+    for (j, c) in centroids.iter().enumerate() {
+        if d(c) < d(&centroids[best]) {
+            best = j;
+        }
+    }
+    best
 }
 
 /// New centroids from sums and counts (an empty cluster keeps its centroid).
@@ -222,6 +235,51 @@ pub fn kmeans_reference() -> Vec<[f64; 2]> {
         update(&mut c, &s, &n);
     }
     c
+}
+
+pub const MAX_ITERS: usize = 100;
+
+/// Lloyd iterations until no centroid moves (at most `MAX_ITERS`), where
+/// `sums_counts` gives the summed `assign` of every point for the given
+/// centroids (on one process: `assign` of all of them). Returns the number
+/// of iterations.
+pub fn lloyd<E>(
+    centroids: &mut [[f64; 2]],
+    mut sums_counts: impl FnMut(&[[f64; 2]]) -> Result<(Vec<f64>, Vec<u64>), E>,
+) -> Result<usize, E> {
+    for it in 1..=MAX_ITERS {
+        let (sums, counts) = sums_counts(centroids)?;
+        let before = centroids.to_vec();
+        update(centroids, &sums, &counts);
+        if centroids == before.as_slice() {
+            return Ok(it);
+        }
+    }
+    Ok(MAX_ITERS)
+}
+
+/// The nearest centroid of each point.
+pub fn labels(centroids: &[[f64; 2]], pts: &[[f64; 2]]) -> Vec<u32> {
+    pts.iter().map(|p| nearest(centroids, p) as u32).collect()
+}
+
+/// Single-process k-means of `pts` until it converges, from the first `K`
+/// points: (centroids, labels, iterations).
+pub fn kmeans_until_stable(pts: &[[f64; 2]]) -> (Vec<[f64; 2]>, Vec<u32>, usize) {
+    let mut c = initial_centroids(pts);
+    let Ok(iters) = lloyd(&mut c, |c| {
+        Ok::<_, std::convert::Infallible>(assign(c, pts))
+    });
+    let l = labels(&c, pts);
+    (c, l, iters)
+}
+
+/// Points per rank when `n` are dealt out in consecutive blocks: the first
+/// `n % world` ranks get one more.
+pub fn block_counts(n: usize, world: usize) -> Vec<usize> {
+    (0..world)
+        .map(|p| n / world + usize::from(p < n % world))
+        .collect()
 }
 
 /// The line every example ends with: `final v1 v2 ...` (shortest exact decimals).
