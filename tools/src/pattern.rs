@@ -212,6 +212,158 @@ pub fn check_call(comm: &mut Communicator, d: &Descriptor, in_place: bool) -> ox
     }
 }
 
+/// A deterministic call of per-rank counts (alltoallv, allgatherv,
+/// reduce-scatter with per-rank counts) on a world of `world`, with blocks
+/// of 0, half and all of `count` elements, and the exact data and results
+/// that go with it, for checking those calls across processes.
+#[derive(Debug, Clone)]
+pub struct Uneven {
+    /// Which call.
+    pub kind: Kind,
+    /// Element type.
+    pub dtype: DType,
+    /// Reduction (reduce-scatter only).
+    pub op: ReduceOp,
+    /// The largest block.
+    pub count: usize,
+    /// Ranks.
+    pub world: usize,
+}
+
+/// Where each of `counts` starts when packed in order.
+fn starts(counts: &[usize]) -> Vec<usize> {
+    counts
+        .iter()
+        .scan(0, |at, &c| {
+            let d = *at;
+            *at += c;
+            Some(d)
+        })
+        .collect()
+}
+
+impl Uneven {
+    /// Elements of the block from rank `a` to rank `b` (alltoallv), or of
+    /// rank `a`'s block (the others, which ignore `b`).
+    pub fn block(&self, a: usize, b: usize) -> usize {
+        match self.kind {
+            Kind::AllToAllV => self.count * ((a + 2 * b) % 3) / 2,
+            _ => self.count * ((a + 1) % 3) / 2,
+        }
+    }
+
+    /// The per-rank counts of allgatherv and reduce-scatter.
+    pub fn counts(&self) -> Vec<usize> {
+        (0..self.world).map(|a| self.block(a, 0)).collect()
+    }
+
+    /// Rank `rank`'s send counts, send displacements, receive counts and
+    /// receive displacements (alltoallv), packed in rank order.
+    pub fn layout(&self, rank: usize) -> [Vec<usize>; 4] {
+        let sc: Vec<usize> = (0..self.world).map(|p| self.block(rank, p)).collect();
+        let rc: Vec<usize> = (0..self.world).map(|p| self.block(p, rank)).collect();
+        let (sd, rd) = (starts(&sc), starts(&rc));
+        [sc, sd, rc, rd]
+    }
+
+    /// The call as [`Communicator::run_exchange`] takes it, borrowing
+    /// `counts` ([`Uneven::counts`]) or `layout` ([`Uneven::layout`]).
+    pub fn exchange<'a>(&self, counts: &'a [usize], layout: &'a [Vec<usize>; 4]) -> Exchange<'a> {
+        match self.kind {
+            Kind::AllToAllV => Exchange::AllToAllV {
+                send_counts: &layout[0],
+                send_displs: &layout[1],
+                recv_counts: &layout[2],
+                recv_displs: &layout[3],
+            },
+            Kind::AllGatherV => Exchange::AllGatherV { counts },
+            _ => Exchange::ReduceScatterV {
+                counts,
+                op: self.op,
+            },
+        }
+    }
+
+    /// The data rank `a` sends rank `b` in an alltoallv.
+    fn pair(&self, a: usize, b: usize, out: &mut [u8]) {
+        fill(self.dtype, ReduceOp::Sum, a * self.world + b + 1, 0, out);
+    }
+
+    /// Rank `rank`'s input.
+    pub fn input(&self, rank: usize) -> Vec<u8> {
+        let size = self.dtype.size();
+        match self.kind {
+            Kind::AllToAllV => {
+                let [sc, sd, ..] = self.layout(rank);
+                let mut v = vec![0u8; sc.iter().sum::<usize>() * size];
+                for p in 0..self.world {
+                    self.pair(rank, p, &mut v[sd[p] * size..(sd[p] + sc[p]) * size]);
+                }
+                v
+            }
+            Kind::AllGatherV => {
+                let mut v = vec![0u8; self.block(rank, 0) * size];
+                fill(self.dtype, ReduceOp::Sum, rank, 0, &mut v);
+                v
+            }
+            _ => {
+                let mut v = vec![0u8; self.counts().iter().sum::<usize>() * size];
+                fill(self.dtype, self.op, rank, 0, &mut v);
+                v
+            }
+        }
+    }
+
+    /// The length in bytes of rank `rank`'s output.
+    pub fn output_len(&self, rank: usize) -> usize {
+        let size = self.dtype.size();
+        match self.kind {
+            Kind::AllToAllV => self.layout(rank)[2].iter().sum::<usize>() * size,
+            Kind::AllGatherV => self.counts().iter().sum::<usize>() * size,
+            _ => self.block(rank, 0) * size,
+        }
+    }
+
+    /// The elements of rank `rank`'s `output` that differ from the exact result.
+    pub fn count_wrong(&self, rank: usize, output: &[u8]) -> usize {
+        let size = self.dtype.size();
+        let mut want = vec![0u8; output.len()];
+        match self.kind {
+            Kind::AllToAllV => {
+                let [_, _, rc, rd] = self.layout(rank);
+                for p in 0..self.world {
+                    self.pair(p, rank, &mut want[rd[p] * size..(rd[p] + rc[p]) * size]);
+                }
+            }
+            Kind::AllGatherV => {
+                let counts = self.counts();
+                for (p, at) in starts(&counts).into_iter().enumerate() {
+                    let w = &mut want[at * size..(at + counts[p]) * size];
+                    fill(self.dtype, ReduceOp::Sum, p, 0, w);
+                }
+            }
+            _ => {
+                let at = starts(&self.counts())[rank];
+                let mut other = vec![0u8; want.len()];
+                fill(self.dtype, self.op, 0, at, &mut want);
+                for r in 1..self.world {
+                    fill(self.dtype, self.op, r, at, &mut other);
+                    // Same lengths and dtype: cannot fail.
+                    let _ = ReferenceReducer.reduce(self.dtype, self.op, &mut want, &other);
+                }
+                if self.op == ReduceOp::Avg {
+                    let _ = ReferenceReducer.finish_avg(self.dtype, &mut want, self.world);
+                }
+            }
+        }
+        output
+            .chunks_exact(size)
+            .zip(want.chunks_exact(size))
+            .filter(|(x, y)| x != y)
+            .count()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -128,6 +128,44 @@ fn every_collective_through_oxrun_with_2_and_4_ranks_over_shm_and_tcp() {
     }
 }
 
+/// The exchanges and sends/receives across processes, 2 to 4 ranks over
+/// both transports: their links beyond the ring are made on first use over
+/// TCP (and become shared memory on one host), and every result checks
+/// out, also with per-rank counts of 0, half and all of a block.
+#[test]
+fn every_exchange_through_oxrun_with_2_to_4_ranks_over_shm_and_tcp() {
+    let kinds = [
+        "all_to_all",
+        "gather",
+        "scatter",
+        "send_recv",
+        "all_to_all_v",
+        "all_gather_v",
+        "reduce_scatter_v",
+    ];
+    for (n, transport) in [(2, "shm"), (3, "tcp"), (4, "shm"), (4, "tcp")] {
+        for kind in kinds {
+            for args in [
+                &["-b", "300K", "-i", "2", "-r", "1"][..],
+                &["-b", "999", "-d", "bf16", "-o", "avg", "-r", "1"][..],
+            ] {
+                let mut all = vec!["-c", kind];
+                all.extend_from_slice(args);
+                let (ok, stdout, stderr) = oxrun(n, &all, &[("OXCCL_TRANSPORT", transport)]);
+                assert!(ok, "{n} ranks {transport} {all:?}:\n{stdout}\n{stderr}");
+                let line = stdout
+                    .lines()
+                    .find(|l| l.starts_with(&format!("[0] {kind} ")))
+                    .unwrap_or_else(|| panic!("{n} ranks {all:?}: no line:\n{stdout}"));
+                assert!(
+                    line.contains(&format!("{n} ranks")) && line.ends_with("result OK"),
+                    "{line}"
+                );
+            }
+        }
+    }
+}
+
 /// Starts `n` ranks of `oxccl-check` with the environment `vars(rank)` sets.
 /// Every algorithm forced, across processes, on worlds that are and are
 /// not powers of two: their pair links connect over TCP and become shared

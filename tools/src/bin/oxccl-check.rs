@@ -76,7 +76,15 @@ fn kinds(name: &str) -> Result<Vec<Kind>, String> {
     if name == "all" {
         return Ok(ring.collect());
     }
-    let exchanges = [Kind::AllToAll, Kind::Gather, Kind::Scatter, Kind::SendRecv];
+    let exchanges = [
+        Kind::AllToAll,
+        Kind::Gather,
+        Kind::Scatter,
+        Kind::SendRecv,
+        Kind::AllToAllV,
+        Kind::AllGatherV,
+        Kind::ReduceScatterV,
+    ];
     ring.chain(exchanges)
         .find(|k| k.name() == name || k.name().replace('_', "") == name)
         .map(|k| vec![k])
@@ -134,6 +142,12 @@ fn run(
     kind: Kind,
     make: Option<&MakeBuffer>,
 ) -> Result<(), String> {
+    if matches!(
+        kind,
+        Kind::AllToAllV | Kind::AllGatherV | Kind::ReduceScatterV
+    ) {
+        return run_uneven(comm, args, kind, make);
+    }
     let (world, rank) = (comm.world(), comm.rank());
     let size = args.dtype.size();
     let elems = args.bytes / size;
@@ -277,6 +291,86 @@ fn run(
             times.len(),
             algbw,
             algbw * factor,
+            if args.no_check {
+                "not checked"
+            } else {
+                "result OK"
+            },
+        );
+    }
+    Ok(())
+}
+
+/// The calls of per-rank counts ([`pattern::Uneven`]: blocks of 0, half
+/// and all of `--bytes / world`), checked and timed like the others.
+fn run_uneven(
+    comm: &mut Communicator,
+    args: &Args,
+    kind: Kind,
+    make: Option<&MakeBuffer>,
+) -> Result<(), String> {
+    let (world, rank) = (comm.world(), comm.rank());
+    if args.in_place {
+        return Err(format!("{} has no in-place form", kind.name()));
+    }
+    let u = pattern::Uneven {
+        kind,
+        dtype: args.dtype,
+        op: args.op,
+        count: args.bytes / args.dtype.size() / world,
+        world,
+    };
+    let (counts, layout) = (u.counts(), u.layout(rank));
+    let x = u.exchange(&counts, &layout);
+    let input = u.input(rank);
+    let mut output = vec![0xA5u8; u.output_len(rank)];
+    let mut dev = match make {
+        Some(make) => Some((
+            make(&input).map_err(|e| e.to_string())?,
+            make(&output).map_err(|e| e.to_string())?,
+        )),
+        None => None,
+    };
+    let (mut times, mut wrong) = (Vec::new(), 0);
+    for i in 0..args.warmup + args.iters {
+        let t = Instant::now();
+        match &mut dev {
+            None => comm.run_exchange(x, args.dtype, &input, &mut output),
+            Some((inp, out)) => comm.run_exchange_device(x, args.dtype, &**inp, &mut **out),
+        }
+        .map_err(|e| e.to_string())?;
+        let took = t.elapsed();
+        if let Some((_, out)) = &dev {
+            out.read(0, &mut output).map_err(|e| e.to_string())?;
+        }
+        if i >= args.warmup {
+            times.push(took);
+        }
+        if !args.no_check {
+            wrong += u.count_wrong(rank, &output);
+        }
+    }
+    if wrong > 0 {
+        return Err(format!(
+            "rank {rank}: {}: {wrong} wrong elements",
+            kind.name()
+        ));
+    }
+    times.sort();
+    let median = times.get(times.len() / 2).copied().unwrap_or_default();
+    if rank == 0 {
+        println!(
+            "{:<14} {:>5} {:>4} blocks of 0 to {} elements, {world} ranks: median {:>10.1} us over {} iterations, {}",
+            kind.name(),
+            args.dtype.nccl_name(),
+            if kind == Kind::ReduceScatterV {
+                args.op.name()
+            } else {
+                "-"
+            },
+            u.count,
+            median.as_secs_f64() * 1e6,
+            times.len(),
             if args.no_check {
                 "not checked"
             } else {
