@@ -116,6 +116,9 @@ pub struct Communicator {
     /// For a communicator split from another: the rank there of each rank
     /// here, so that failures name ranks in both numberings.
     pub(crate) parent_ranks: Option<Vec<usize>>,
+    /// The rank the last failure started at, as this rank learned it: what
+    /// [`Communicator::shrink`] leaves out.
+    pub(crate) suspect: Option<usize>,
 }
 
 /// Where a communicator came from, for the ones split from it.
@@ -125,6 +128,8 @@ pub(crate) struct Origin {
     pub key_prefix: String,
     pub secret: Option<JobSecret>,
     pub splits: u64,
+    /// How many shrinks came before (the same on every survivor).
+    pub shrinks: u64,
 }
 
 /// A call's descriptor and the algorithm chosen for it.
@@ -179,6 +184,7 @@ impl Communicator {
                 key_prefix: p.key_prefix.clone(),
                 secret: p.secret,
                 splits: 0,
+                shrinks: 0,
             },
             failures: Failures::new(
                 p.rank,
@@ -213,6 +219,7 @@ impl Communicator {
             p2p_sent: vec![0; p.world],
             p2p_received: vec![0; p.world],
             parent_ranks: None,
+            suspect: None,
         })
     }
 
@@ -913,6 +920,16 @@ impl Communicator {
             None => call,
         };
         let err = self.failures.attribute(call, e, self.abort.is_aborted());
+        self.suspect = match &err {
+            Error::Remote { origin, .. } => Some(*origin),
+            Error::Transport {
+                source: TransportError::PeerClosed { peer, .. },
+                ..
+            } => Some(*peer),
+            Error::Timeout { .. } => self.failures.waited_on(),
+            _ => None,
+        }
+        .filter(|&r| r != self.rank);
         // Tell the others what happened before closing the links, so that a
         // neighbour that sees the links close finds the cause in the store.
         self.failures.publish(&err);

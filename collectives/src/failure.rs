@@ -446,6 +446,14 @@ impl Failures {
     /// reports) has settled its report (its call's error is decided, so it
     /// reads no more reports), at most the grace, so that the others can
     /// still read the reports they need to name the origin.
+    /// The rank this one last timed out waiting on, if any.
+    pub(crate) fn waited_on(&self) -> Option<usize> {
+        match self.waited_on.load(Ordering::Relaxed) {
+            usize::MAX => None,
+            w => Some(w),
+        }
+    }
+
     pub(crate) fn linger(&self) {
         if self.store_host != Some(self.rank) || self.world < 2 {
             return;

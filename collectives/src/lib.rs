@@ -45,6 +45,7 @@ mod lazy;
 mod links;
 mod p2p;
 mod schedule;
+mod shrink;
 mod split;
 
 pub use bootstrap::{UniqueId, run_in_process};
