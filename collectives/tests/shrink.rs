@@ -121,8 +121,8 @@ fn a_silent_rank_is_waited_for_then_left_out() {
         Ok((sum_of_old_ranks(r, &mut s), took))
     })
     .unwrap();
-    for r in 0..2 {
-        let ((_, world, sum), took) = out[r].as_ref().unwrap();
+    for (r, o) in out.iter().take(2).enumerate() {
+        let ((_, world, sum), took) = o.as_ref().unwrap();
         assert_eq!((*world, *sum), (2, 1));
         assert!(
             *took >= Duration::from_millis(1900),
