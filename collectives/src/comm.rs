@@ -80,7 +80,9 @@ pub struct Communicator {
     links: Option<Links<'static>>,
     /// How failures are reported, attributed and passed on.
     failures: Failures,
-    _server: Option<TcpStoreServer>,
+    /// The store this rank serves, shared with the communicators split
+    /// or shrunk from this one, which use it too and may outlive it.
+    pub(crate) server: Option<Arc<TcpStoreServer>>,
     reducer: Box<dyn Reducer>,
     seq: u64,
     poisoned: Option<(ErrorKind, String)>,
@@ -196,7 +198,7 @@ impl Communicator {
             ),
             config: p.config,
             links: p.links,
-            _server: p.server,
+            server: p.server.map(Arc::new),
             reducer: Box::new(CpuReducer),
             seq: 0,
             poisoned: None,
@@ -945,7 +947,7 @@ impl Drop for Communicator {
     /// others have read what they need to name the origin
     /// (`Failures::linger`).
     fn drop(&mut self) {
-        if self.poisoned.is_some() && self._server.is_some() {
+        if self.poisoned.is_some() && self.server.is_some() {
             self.failures.linger();
         }
     }

@@ -119,6 +119,8 @@ impl Communicator {
             self.config().clone(),
             self.origin.secret.clone(),
         )?;
+        // The store lives in this rank's process when it serves it.
+        child.server = self.server.clone();
         child.parent_ranks = Some(members);
         Ok(child)
     }

@@ -71,6 +71,8 @@ impl Communicator {
         )?;
         // Its failures name ranks in this communicator's numbering too
         // (and, split again, in the first one's: the nearest parent's).
+        // The store lives in this rank's process when it serves it.
+        child.server = self.server.clone();
         child.parent_ranks = Some(parents);
         Ok(Some(child))
     }

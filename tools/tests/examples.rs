@@ -138,3 +138,53 @@ fn kmeans_scatter_matches_single_process_kmeans_bit_for_bit() {
         }
     }
 }
+
+/// `dsgd --elastic` under `oxrun --keep-going`: rank 2 of 4 dies at step
+/// 20; the other three shrink and finish, on both transports, to the
+/// weights and loss of undisturbed training in one process.
+#[test]
+fn elastic_dsgd_survives_a_rank_and_reaches_the_same_model() {
+    let (model, _, last) = common::dsgd_reference();
+    let want: Vec<f64> = model.params().iter().map(|v| f64::from(*v)).collect();
+    for transport in ["shm", "tcp"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_oxrun"))
+            .args(["--keep-going", "-n", "4", "--timeout", "120", "--"])
+            .arg(example("dsgd"))
+            .arg("--elastic")
+            .env("OXCCL_TRANSPORT", transport)
+            .env_remove("OXCCL_RANK")
+            .env_remove("RANK")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{transport}:\n{stdout}\n{stderr}");
+        assert!(stderr.contains("rank 2 was killed by signal"), "{stderr}");
+        for r in [0, 1, 3] {
+            let shrank = format!("[{r}] shrank to 3 ranks at step 20");
+            assert!(stdout.contains(&shrank), "{transport}: {shrank}:\n{stdout}");
+            let prefix = format!("[{r}] final ");
+            let line = stdout.lines().find(|l| l.starts_with(&prefix)).unwrap();
+            let got: Vec<f64> = line[prefix.len()..]
+                .split(' ')
+                .map(|v| v.parse().unwrap())
+                .collect();
+            assert_close(&got, &want, 1e-4);
+            let loss = stdout
+                .lines()
+                .find(|l| l.starts_with(&format!("[{r}] loss ")))
+                .unwrap();
+            let end: f32 = loss
+                .split(" -> ")
+                .nth(1)
+                .unwrap()
+                .split(' ')
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap();
+            assert!((end - last).abs() < 1e-3, "{loss} vs {last}");
+        }
+        assert!(!stdout.contains("[2] final"), "{stdout}");
+    }
+}

@@ -297,3 +297,29 @@ fn gives_each_job_a_fresh_secret() {
     );
     assert_eq!(file, vec![""]);
 }
+
+/// `--keep-going`: a rank killed by a signal is reported and the others
+/// run to their end (exit 0 when they all exit 0); a rank that exits with
+/// an error fails the job with its status, after the others finished.
+#[test]
+fn keep_going_lets_the_others_finish() {
+    let mut c = oxrun();
+    c.args(["--keep-going", "-n", "3", "--", "/bin/sh", "-c"])
+        .arg("if [ \"$OXCCL_RANK\" = 1 ]; then kill -9 $$; fi; sleep 3; echo done");
+    let (out, took) = run(&mut c);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    assert!(stderr.contains("rank 1 was killed by signal 9"), "{stderr}");
+    assert!(
+        stdout.contains("[0] done") && stdout.contains("[2] done"),
+        "{stdout}"
+    );
+    assert!(took >= Duration::from_secs(3), "{took:?}");
+
+    let mut c = oxrun();
+    c.args(["--keep-going", "-n", "2", "--", "/bin/sh", "-c"])
+        .arg("if [ \"$OXCCL_RANK\" = 1 ]; then exit 3; fi; sleep 3; echo done");
+    let (out, _) = run(&mut c);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("[0] done"));
+}

@@ -84,6 +84,13 @@ struct Cli {
     #[arg(long, value_name = "PORT")]
     master_port: Option<u16>,
 
+    /// Keep the other ranks running when one fails (for programs that
+    /// shrink their communicator and go on, as `dsgd --elastic`): oxrun
+    /// reports each failure, waits for every rank, and exits 0 when every
+    /// rank that was not killed by a signal exited 0.
+    #[arg(long)]
+    keep_going: bool,
+
     /// The program to run, then its arguments (put `--` before them when they
     /// start with `-`).
     #[arg(value_name = "PROGRAM", required = true, num_args = 1..,
@@ -113,7 +120,8 @@ from /dev/null.
 Output: each line a rank writes to stdout (stderr) is printed on oxrun's
 stdout (stderr) as `[R] line`, as it comes; lines are never interleaved.
 
-Failure: when every rank exits 0, oxrun exits 0. As soon as one rank exits
+Failure: when every rank exits 0, oxrun exits 0 (with --keep-going, see
+below). As soon as one rank exits
 with a non-zero status or is killed by a signal, oxrun reports it, gives the
 other ranks 2 seconds to notice (oxccl ranks normally report the failure
 themselves), then kills those still running with SIGKILL, and exits with the
@@ -121,7 +129,11 @@ status of the first rank that failed (128+SIGNAL if it was killed by a
 signal). With --timeout, a job still running after SECS seconds is killed
 with SIGKILL and oxrun exits 124. Killing the job also kills every process
 the ranks started. If PROGRAM cannot be started, oxrun exits 127 (126 if it
-exists but cannot be executed).";
+exists but cannot be executed). With --keep-going, a failed rank is
+reported and the others run on (a program that shrinks its communicator
+goes on without it); oxrun exits when every rank has, 0 if every rank that
+exited by itself exited 0 (the ranks killed by a signal are the failures
+the job went on without), else with the first such rank's status.";
 
 fn parse_timeout(s: &str) -> Result<Duration, String> {
     let secs: f64 = s
@@ -514,6 +526,8 @@ fn run(cli: &Cli) -> u8 {
     }
 
     let deadline = cli.timeout.map(|t| start + t);
+    // With --keep-going: the first rank that failed, while the others run on.
+    let mut first_failure: Option<ExitStatus> = None;
     // Main loop: until all ranks exited 0, one failed, or the time is up.
     let failure = loop {
         let mut failed = None;
@@ -527,8 +541,11 @@ fn run(cli: &Cli) -> u8 {
                 }
             }
         }
-        if failed.is_some() {
+        if failed.is_some() && !cli.keep_going {
             break failed;
+        }
+        if let Some(st) = failed {
+            first_failure.get_or_insert(st);
         }
         if !ranks.iter().any(Rank::running) {
             break None;
@@ -551,7 +568,22 @@ fn run(cli: &Cli) -> u8 {
 
     let Some(first) = failure else {
         drain_all(&mut ranks);
-        return 0;
+        // Kept going: an error exit (not a signal) of any rank fails the job.
+        let errored = ranks
+            .iter()
+            .filter_map(|r| r.status)
+            .find(|st| st.code().is_some_and(|c| c != 0));
+        return match (first_failure, errored) {
+            (Some(_), Some(st)) => exit_code(st),
+            (Some(_), None)
+                if ranks
+                    .iter()
+                    .all(|r| r.status.is_some_and(|s| s.code().is_none())) =>
+            {
+                first_failure.map_or(1, exit_code)
+            }
+            _ => 0,
+        };
     };
 
     // Grace period: the other ranks normally notice and exit on their own.
