@@ -747,7 +747,11 @@ impl Communicator {
     /// Makes the links to `peers` that this rank does not have yet
     /// ([`crate::lazy`]); each of them must be making its link to this
     /// rank too (it is in the same call). `call` names the call in errors.
-    pub(crate) fn ensure_links(&mut self, peers: &[usize], call: &str) -> Result<()> {
+    pub(crate) fn ensure_links(
+        &mut self,
+        peers: &[usize],
+        call: &dyn Fn() -> String,
+    ) -> Result<()> {
         let rank = self.rank;
         let Some(links) = self.links.as_ref() else {
             return Ok(());
@@ -764,22 +768,23 @@ impl Communicator {
         }
         let Some(connector) = self.connector.as_mut() else {
             return Err(Error::Internal(format!(
-                "rank {rank}: {call}: no link to rank {} and no way to make one",
+                "rank {rank}: {}: no link to rank {} and no way to make one",
+                call(),
                 missing[0]
             )));
         };
         let deadline = crate::deadline_in(self.config.timeout);
-        tracing::debug!("rank {rank}: {call}: linking to ranks {missing:?}");
+        tracing::debug!("rank {rank}: {}: linking to ranks {missing:?}", call());
         let made = connector.connect(&missing, deadline);
         let made = match made {
             Ok(m) => m,
-            Err(e) => return Err(self.fail_named(call.to_string(), EngineError::Transport(e))),
+            Err(e) => return Err(self.fail_named(call(), EngineError::Transport(e))),
         };
         let mut handles = Vec::with_capacity(made.len());
         for l in &made {
             match l.shutdown_handle() {
                 Ok(h) => handles.push(h),
-                Err(e) => return Err(self.fail_named(call.to_string(), EngineError::Transport(e))),
+                Err(e) => return Err(self.fail_named(call(), EngineError::Transport(e))),
             }
         }
         {

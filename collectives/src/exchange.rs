@@ -536,7 +536,7 @@ impl Communicator {
         let peers: Vec<usize> = (0..world)
             .filter(|&p| p != rank && (l.sends[p].is_some() || l.recvs[p].is_some()))
             .collect();
-        self.ensure_links(&peers, &call())?;
+        self.ensure_links(&peers, &call)?;
         let algo: &'static dyn Algorithm = match d.kind {
             Kind::Gather | Kind::Scatter => &algo::Direct,
             _ => &algo::Pairwise,

@@ -191,8 +191,9 @@ impl Communicator {
     pub fn run_batch(&mut self, batch: Batch<'_>) -> Result<()> {
         let Batch { sends, recvs } = batch;
         let (rank, world) = (self.rank(), self.world());
-        let call = describe(&sends, &recvs);
-        let bad = |why: String| Error::InvalidArgument(format!("rank {rank}: {call}: {why}"));
+        let named = Named::of(&sends, &recvs);
+        let bad =
+            |why: String| Error::InvalidArgument(format!("rank {rank}: {}: {why}", named.text()));
         for (what, peer, dtype, len) in sends
             .iter()
             .map(|s| ("send to", s.peer, s.dtype, s.buf.len()))
@@ -240,20 +241,20 @@ impl Communicator {
             return Ok(());
         }
         self.enter(false)?;
-        let result = self.run_checked(&call, sends, recvs);
+        let result = self.run_checked(named, sends, recvs);
         self.leave();
         result
     }
 
     fn run_checked(
         &mut self,
-        call: &str,
+        named: Named,
         sends: Vec<Send<'_>>,
         recvs: Vec<Recv<'_>>,
     ) -> Result<()> {
         let rank = self.rank();
         let fail =
-            |c: &mut Communicator, e: crate::engine::EngineError| c.fail_named(call.to_string(), e);
+            |c: &mut Communicator, e: crate::engine::EngineError| c.fail_named(named.text(), e);
         // To itself: a copy, in posting order.
         let (mut sends, self_sends): (Vec<_>, Vec<_>) =
             sends.into_iter().partition(|s| s.peer != rank);
@@ -279,7 +280,7 @@ impl Communicator {
             .collect();
         peers.sort_unstable();
         peers.dedup();
-        self.ensure_links(&peers, call)?;
+        self.ensure_links(&peers, &|| named.text())?;
 
         // One send and one receive run from and into the caller's memory;
         // more are packed into one host buffer each way.
@@ -388,30 +389,44 @@ fn message(dtype: DType, bytes: usize, sender: usize) -> Descriptor {
     }
 }
 
-/// The batch as messages name it: "send to rank 1 (f32, 10 elements)", or
-/// "a batch of 3 sends and 2 receives (the first: ...)".
-fn describe(sends: &[Send<'_>], recvs: &[Recv<'_>]) -> String {
-    let one = |s: Option<&Send<'_>>, r: Option<&Recv<'_>>| match (s, r) {
-        (Some(s), _) => format!(
-            "send to rank {} ({}, {} elements)",
-            s.peer,
-            s.dtype,
-            s.buf.len() / s.dtype.size()
-        ),
-        (None, Some(r)) => format!(
-            "receive from rank {} ({}, {} elements)",
-            r.peer,
-            r.dtype,
-            r.buf.len() / r.dtype.size()
-        ),
-        (None, None) => "an empty batch".into(),
-    };
-    match (sends.len(), recvs.len()) {
-        (0, 1) | (1, 0) => one(sends.first(), recvs.first()),
-        (s, r) => format!(
-            "a batch of {s} sends and {r} receives (the first: {})",
-            one(sends.first(), recvs.first())
-        ),
+/// What names a batch in messages, kept without formatting (which only an
+/// error pays for): its counts and its first message.
+#[derive(Clone, Copy)]
+struct Named {
+    sends: usize,
+    recvs: usize,
+    /// Whether the first is a send, its peer, dtype and elements.
+    first: Option<(bool, usize, DType, usize)>,
+}
+
+impl Named {
+    fn of(sends: &[Send<'_>], recvs: &[Recv<'_>]) -> Named {
+        let first = match (sends.first(), recvs.first()) {
+            (Some(s), _) => Some((true, s.peer, s.dtype, s.buf.len() / s.dtype.size())),
+            (None, Some(r)) => Some((false, r.peer, r.dtype, r.buf.len() / r.dtype.size())),
+            (None, None) => None,
+        };
+        Named {
+            sends: sends.len(),
+            recvs: recvs.len(),
+            first,
+        }
+    }
+
+    /// "send to rank 1 (f32, 10 elements)", or "a batch of 3 sends and 2
+    /// receives (the first: ...)".
+    fn text(&self) -> String {
+        let one = match self.first {
+            Some((true, peer, dtype, n)) => format!("send to rank {peer} ({dtype}, {n} elements)"),
+            Some((false, peer, dtype, n)) => {
+                format!("receive from rank {peer} ({dtype}, {n} elements)")
+            }
+            None => "an empty batch".into(),
+        };
+        match (self.sends, self.recvs) {
+            (0, 1) | (1, 0) => one,
+            (s, r) => format!("a batch of {s} sends and {r} receives (the first: {one})"),
+        }
     }
 }
 
