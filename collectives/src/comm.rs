@@ -96,6 +96,9 @@ pub struct Communicator {
     /// The last call's plan, its algorithm and its shape: a loop of
     /// identical calls (every training step) builds its plan once.
     last_plan: Option<(&'static str, Shape, Plan)>,
+    /// The last exchange's or batch's plan and its signature (its kind,
+    /// sizes and peers, [`Communicator::take_kept_plan`]).
+    kept_plan: Option<(Vec<u64>, Plan)>,
     /// The last call's descriptor and the algorithm chosen for it: the
     /// choice weighs every algorithm's cost, which a loop of identical
     /// calls need not pay each time.
@@ -206,6 +209,7 @@ impl Communicator {
             staging: Vec::new(),
             work: Vec::new(),
             last_plan: None,
+            kept_plan: None,
             last_algo: None,
             stats: Stats {
                 collectives: 0,
@@ -807,6 +811,24 @@ impl Communicator {
             made.into_iter().for_each(|l| links.add(l));
         }
         Ok(())
+    }
+
+    /// The plan kept by [`keep_plan`](Self::keep_plan) when its signature
+    /// is `sig`: a loop of identical exchanges or batches builds its plan
+    /// (and its cuts) once.
+    pub(crate) fn take_kept_plan(&mut self, sig: &[u64]) -> Option<Plan> {
+        match self.kept_plan.take() {
+            Some((s, p)) if s == sig => Some(p),
+            other => {
+                self.kept_plan = other;
+                None
+            }
+        }
+    }
+
+    /// Keeps `plan`, of signature `sig`, for the next call.
+    pub(crate) fn keep_plan(&mut self, sig: Vec<u64>, plan: Plan) {
+        self.kept_plan = Some((sig, plan));
     }
 
     /// The cost parameters every rank chooses algorithms with.

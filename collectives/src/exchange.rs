@@ -544,27 +544,57 @@ impl Communicator {
         let slice_elems = (algo.slice_bytes(&d, world, &self.model(), self.config().slice_bytes)
             / d.dtype.size())
         .max(1);
-        let mut sends = l.sends.clone();
-        let mut recvs = l.recvs.clone();
-        sends[rank] = None;
-        recvs[rank] = None;
-        let mut plan = pairwise(
-            rank,
-            world,
-            &sends,
-            &recvs,
-            l.landing,
-            d.dtype.size(),
-            slice_elems,
-        );
-        if l.tagged {
-            tag_messages(&mut plan, seq, &d);
+        // A loop of the same exchange builds its plan (and its cuts) once;
+        // only the tags' sequence number changes.
+        let none = u64::MAX;
+        let mut sig = Vec::with_capacity(8 + 4 * world);
+        sig.extend([
+            0,
+            d.kind as u64,
+            d.dtype as u64,
+            d.op as u64,
+            u64::from(l.landing == Landing::Copy),
+            slice_elems as u64,
+            world as u64,
+            rank as u64,
+        ]);
+        for r in l.sends.iter().chain(&l.recvs) {
+            match r {
+                Some(r) => sig.extend([r.start as u64, r.end as u64]),
+                None => sig.extend([none, none]),
+            }
         }
+        let plan = match self.take_kept_plan(&sig) {
+            Some(mut plan) => {
+                plan.wires.iter_mut().for_each(|w| w.seq = seq);
+                plan
+            }
+            None => {
+                let mut sends = l.sends.clone();
+                let mut recvs = l.recvs.clone();
+                sends[rank] = None;
+                recvs[rank] = None;
+                let mut plan = pairwise(
+                    rank,
+                    world,
+                    &sends,
+                    &recvs,
+                    l.landing,
+                    d.dtype.size(),
+                    slice_elems,
+                );
+                if l.tagged {
+                    tag_messages(&mut plan, seq, &d);
+                }
+                plan
+            }
+        };
         let out = match output {
             Dest::Host(o) => Output::Host(o),
             Dest::Device(o) => Output::Device(o),
         };
         let result = self.run_plan(&plan, seq, &d, Some(input), out);
+        self.keep_plan(sig, plan);
         result.map_err(|e| self.fail_named(call(), e))
     }
 }

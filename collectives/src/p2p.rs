@@ -298,35 +298,72 @@ impl Communicator {
                 at += n;
             }
         }
-        let mut at = 0;
-        let mut send_msgs = Vec::with_capacity(sends.len());
+        // Each message's number between its two ranks.
+        let mut seqs = Vec::with_capacity(sends.len() + recvs.len());
         for s in &sends {
-            let n = s.buf.len();
-            let seq = self.p2p_sent[s.peer];
+            seqs.push(self.p2p_sent[s.peer]);
             self.p2p_sent[s.peer] += 1;
-            send_msgs.push(Message {
-                peer: s.peer,
-                range: at..at + n,
-                seq,
-                descriptor: message(s.dtype, n, rank).encode(),
-            });
-            at += n;
         }
-        let mut at = 0;
-        let mut recv_msgs = Vec::with_capacity(recvs.len());
         for r in &recvs {
-            let n = r.buf.len();
-            let seq = self.p2p_received[r.peer];
+            seqs.push(self.p2p_received[r.peer]);
             self.p2p_received[r.peer] += 1;
-            recv_msgs.push(Message {
-                peer: r.peer,
-                range: at..at + n,
-                seq,
-                descriptor: message(r.dtype, n, r.peer).encode(),
-            });
-            at += n;
         }
-        let plan = point_to_point(&send_msgs, &recv_msgs, 1, self.config().slice_bytes.max(1));
+        let slice = self.config().slice_bytes.max(1);
+        // A loop of the same batch (every step of a pipeline) builds its
+        // plan once; only the messages' numbers change.
+        let mut sig = Vec::with_capacity(3 + 3 * seqs.len());
+        sig.extend([1, slice as u64, sends.len() as u64]);
+        for (peer, dtype, n) in sends
+            .iter()
+            .map(|s| (s.peer, s.dtype, s.buf.len()))
+            .chain(recvs.iter().map(|r| (r.peer, r.dtype, r.buf.len())))
+        {
+            sig.extend([peer as u64, dtype as u64, n as u64]);
+        }
+        let plan = match self.take_kept_plan(&sig) {
+            Some(mut plan) => {
+                // Tags in the order `point_to_point` made them: the data
+                // of the sends, of the receives, then the answers to the
+                // receives and those awaited for the sends.
+                let (ns, nr) = (sends.len(), recvs.len());
+                let order = (0..ns + nr).chain(ns..ns + nr).chain(0..ns);
+                for (w, i) in plan.wires.iter_mut().zip(order) {
+                    w.seq = seqs[i];
+                }
+                plan
+            }
+            None => {
+                // Each side's messages packed in order from byte 0.
+                let msgs = |list: &mut dyn Iterator<Item = (usize, DType, usize, u64, usize)>| {
+                    let mut at = 0;
+                    list.map(|(peer, dtype, n, seq, sender)| {
+                        let m = Message {
+                            peer,
+                            range: at..at + n,
+                            seq,
+                            descriptor: message(dtype, n, sender).encode(),
+                        };
+                        at += n;
+                        m
+                    })
+                    .collect::<Vec<Message>>()
+                };
+                let send_msgs = msgs(
+                    &mut sends
+                        .iter()
+                        .zip(&seqs)
+                        .map(|(s, &q)| (s.peer, s.dtype, s.buf.len(), q, rank)),
+                );
+                let recv_msgs = msgs(
+                    &mut recvs
+                        .iter()
+                        .zip(&seqs[sends.len()..])
+                        .map(|(r, &q)| (r.peer, r.dtype, r.buf.len(), q, r.peer)),
+                );
+                point_to_point(&send_msgs, &recv_msgs, 1, slice)
+            }
+        };
+        let at: usize = recvs.iter().map(|r| r.buf.len()).sum();
         let d = message(DType::U8, 0, rank);
         let mut packed_out = if direct_out {
             Vec::new()
@@ -361,6 +398,7 @@ impl Communicator {
             };
             self.run_plan(&plan, 0, &d, Some(input), output)
         };
+        self.keep_plan(sig, plan);
         if let Err(e) = result {
             return Err(fail(self, e));
         }
