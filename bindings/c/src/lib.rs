@@ -2679,6 +2679,324 @@ mod tests {
         }
     }
 
+    fn xargs(kind: Kind, send: usize, recv: usize, count: usize) -> XArgs {
+        XArgs {
+            kind,
+            send,
+            recv,
+            count,
+            v: None,
+            datatype: DataType::oxcclFloat32 as c_int,
+            root: 0,
+            stream: 0,
+        }
+    }
+
+    fn v_args(sc: &[usize], sd: &[usize], rc: &[usize], rd: &[usize]) -> XArgs {
+        let mut a = xargs(Kind::AllToAllV, 0x1000, 0x9000, 0);
+        a.v = Some(VArgs {
+            send_counts: sc.to_vec(),
+            send_displs: sd.to_vec(),
+            recv_counts: rc.to_vec(),
+            recv_displs: rd.to_vec(),
+        });
+        a
+    }
+
+    fn message<T: std::fmt::Debug>(r: Outcome<T>) -> String {
+        let f = r.unwrap_err();
+        assert_eq!(f.code, ResultCode::oxcclInvalidArgument, "{}", f.message);
+        f.message
+    }
+
+    #[test]
+    fn p2p_checks_peer_type_count_and_buffer() {
+        let p = plan_p2p(true, 0x1000, 10, 7, 3, 0, 4).unwrap();
+        assert_eq!(
+            (p.send, p.peer, p.dtype, p.buf),
+            (
+                true,
+                3,
+                DType::F32,
+                Span {
+                    addr: 0x1000,
+                    len: 40
+                }
+            )
+        );
+        assert!(message(plan_p2p(true, 0x1000, 1, 7, 4, 0, 4)).contains("peer 4"));
+        assert!(message(plan_p2p(false, 0x1000, 1, 7, -1, 0, 4)).contains("peer -1"));
+        assert!(message(plan_p2p(false, 0, 1, 7, 0, 0, 4)).contains("recvbuff is NULL"));
+        assert!(message(plan_p2p(true, 0, 1, 7, 0, 0, 4)).contains("sendbuff is NULL"));
+        assert!(plan_p2p(true, 0, 0, 7, 0, 0, 4).is_ok());
+        // A negative count passed as size_t.
+        assert!(message(plan_p2p(true, 0x1000, -1isize as usize, 7, 0, 0, 4)).contains("negative"));
+        assert!(message(plan_p2p(true, 0x1000, 1, 10, 0, 0, 4)).contains("datatype"));
+        assert!(message(plan_p2p(true, 0x1000, 1, 7, 0, 0x42, 4)).contains("stream"));
+    }
+
+    #[test]
+    fn receives_of_one_batch_need_their_own_memory() {
+        let op = |send, addr, len| P2p {
+            send,
+            dtype: DType::U8,
+            peer: 1,
+            buf: Span { addr, len },
+        };
+        let batch = [op(true, 0x1000, 16), op(false, 0x2000, 16)];
+        // Sends may share memory; a receive may not overlap anything.
+        assert!(joins_batch(&batch, &op(true, 0x1008, 16)).is_ok());
+        assert!(joins_batch(&batch, &op(false, 0x3000, 16)).is_ok());
+        assert!(message(joins_batch(&batch, &op(false, 0x1008, 16))).contains("overlaps"));
+        assert!(message(joins_batch(&batch, &op(false, 0x200f, 1))).contains("overlaps"));
+        assert!(message(joins_batch(&batch, &op(true, 0x2000, 1))).contains("overlaps"));
+        assert!(joins_batch(&batch, &op(false, 0x2010, 4)).is_ok());
+    }
+
+    #[test]
+    fn exchanges_size_their_buffers() {
+        let c = plan_exchange(xargs(Kind::AllToAll, 0x1000, 0x9000, 3), 1, 4).unwrap();
+        assert_eq!((c.input.len, c.output.len), (48, 48));
+        assert_eq!(c.x, XKind::AllToAll { count: 3 });
+        // Gather: the root's output is world blocks, others' is not used.
+        let mut a = xargs(Kind::Gather, 0x1000, 0, 3);
+        a.root = 2;
+        let c = plan_exchange(a.clone(), 1, 4).unwrap();
+        assert_eq!((c.input.len, c.output.len), (12, 0));
+        assert!(message(plan_exchange(a.clone(), 2, 4)).contains("recvbuff is NULL"));
+        a.root = 4;
+        assert!(message(plan_exchange(a.clone(), 2, 4)).contains("root 4"));
+        a.root = -1;
+        assert!(message(plan_exchange(a, 2, 4)).contains("root -1"));
+        // Scatter: the root's input is world blocks.
+        let mut a = xargs(Kind::Scatter, 0, 0x9000, 3);
+        a.root = 0;
+        let c = plan_exchange(a.clone(), 1, 4).unwrap();
+        assert_eq!((c.input.len, c.output.len), (0, 12));
+        assert!(message(plan_exchange(a, 0, 4)).contains("sendbuff is NULL"));
+        // Not in place.
+        assert!(
+            message(plan_exchange(
+                xargs(Kind::AllToAll, 0x1000, 0x1000, 3),
+                0,
+                4
+            ))
+            .contains("in place")
+        );
+        assert!(
+            message(plan_exchange(
+                xargs(Kind::AllToAll, 0x1000, 0x1010, 3),
+                0,
+                4
+            ))
+            .contains("in place")
+        );
+        // Counts past the address space.
+        for n in [usize::MAX, isize::MAX as usize / 8] {
+            assert!(
+                message(plan_exchange(
+                    xargs(Kind::AllToAll, 0x1000, 0x9000, n),
+                    0,
+                    4
+                ))
+                .contains("overflows")
+            );
+        }
+        assert!(message(plan_exchange(xargs(Kind::AllReduce, 0, 0, 0), 0, 4)).contains("bug"));
+    }
+
+    #[test]
+    fn alltoallv_checks_counts_and_displacements() {
+        // Uneven, with zeros (whose displacements are not used).
+        let a = v_args(&[1, 0, 2], &[0, 99, 1], &[1, 0, 3], &[0, 1 << 60, 1]);
+        let c = plan_exchange(a, 0, 3).unwrap();
+        assert_eq!((c.input.len, c.output.len), (12, 16));
+        match &c.x {
+            XKind::AllToAllV {
+                send_displs,
+                recv_displs,
+                ..
+            } => {
+                assert_eq!(send_displs, &[0, 0, 1]);
+                assert_eq!(recv_displs, &[0, 0, 1]);
+            }
+            x => panic!("{x:?}"),
+        }
+        // Overlapping receive ranges.
+        let a = v_args(&[1, 1, 1], &[0, 1, 2], &[1, 2, 2], &[0, 1, 2]);
+        let m = message(plan_exchange(a, 0, 3));
+        assert!(
+            m.contains("peer 1") && m.contains("peer 2") && m.contains("overlap"),
+            "{m}"
+        );
+        // Overrunning the address space (a negative displacement).
+        let a = v_args(
+            &[1, 1, 1],
+            &[0, -1isize as usize, 2],
+            &[1, 1, 1],
+            &[0, 1, 2],
+        );
+        assert!(message(plan_exchange(a, 0, 3)).contains("sdispls"));
+        let a = v_args(
+            &[1, 1, 1],
+            &[0, 1, 2],
+            &[1, -2isize as usize, 1],
+            &[0, 1, 2],
+        );
+        assert!(message(plan_exchange(a, 0, 3)).contains("recvcounts"));
+        // This rank's block to itself has one count.
+        let a = v_args(&[1, 1, 1], &[0, 1, 2], &[2, 1, 1], &[0, 2, 3]);
+        assert!(message(plan_exchange(a, 0, 3)).contains("sendcounts[0]"));
+        // Arrays of the wrong length, missing arrays.
+        let a = v_args(&[1, 1], &[0, 1], &[1, 1], &[0, 1]);
+        assert!(message(plan_exchange(a, 0, 3)).contains("entries"));
+        assert!(message(plan_exchange(xargs(Kind::AllToAllV, 0, 0, 0), 0, 3)).contains("arrays"));
+        // All empty: NULL buffers are fine.
+        let mut a = v_args(&[0, 0], &[5, 5], &[0, 0], &[7, 7]);
+        a.send = 0;
+        a.recv = 0;
+        assert!(plan_exchange(a, 1, 2).is_ok());
+    }
+
+    /// Sends, receives and exchanges of 4 ranks driven from one thread in a
+    /// group, posted in orders that would deadlock if run as posted.
+    #[test]
+    fn group_of_sends_and_receives_in_any_order() {
+        const N: usize = 4;
+        let mut comms = [std::ptr::null_mut(); N];
+        assert_eq!(
+            // SAFETY: a writable array of N handles.
+            unsafe { oxcclCommInitAll(comms.as_mut_ptr(), N as c_int, std::ptr::null()) },
+            0
+        );
+        let send: Vec<Vec<f32>> = (0..N).map(|r| vec![r as f32; 1000]).collect();
+        let mut recv: Vec<[Vec<f32>; 2]> = (0..N)
+            .map(|_| [vec![-1.0; 1000], vec![-1.0; 1000]])
+            .collect();
+        // Rank 0 sends to 1 then 3, rank 2 to 3 then 1; 1 receives from 2
+        // then 0, 3 from 0 then 2.
+        let plan: [(&[c_int], &[c_int]); N] = [
+            (&[1, 3], &[]),
+            (&[], &[2, 0]),
+            (&[3, 1], &[]),
+            (&[], &[0, 2]),
+        ];
+        assert_eq!(oxcclGroupStart(), 0);
+        for (r, (to, from)) in plan.iter().enumerate() {
+            for &p in *to {
+                // SAFETY: live handles and buffers that outlive oxcclGroupEnd.
+                let rc = unsafe {
+                    oxcclSend(
+                        send[r].as_ptr().cast(),
+                        1000,
+                        7,
+                        p,
+                        comms[r],
+                        std::ptr::null_mut(),
+                    )
+                };
+                assert_eq!(rc, 0);
+            }
+            for (i, &p) in from.iter().enumerate() {
+                // SAFETY: as above.
+                let rc = unsafe {
+                    oxcclRecv(
+                        recv[r][i].as_mut_ptr().cast(),
+                        1000,
+                        7,
+                        p,
+                        comms[r],
+                        std::ptr::null_mut(),
+                    )
+                };
+                assert_eq!(rc, 0);
+            }
+        }
+        // A receive into memory already queued is refused at once.
+        // SAFETY: as above; refused before it is queued.
+        let rc = unsafe {
+            oxcclRecv(
+                recv[1][0].as_mut_ptr().cast(),
+                10,
+                7,
+                3,
+                comms[1],
+                std::ptr::null_mut(),
+            )
+        };
+        assert_eq!(rc, 4);
+        assert_eq!(oxcclGroupEnd(), 0);
+        assert_eq!(recv[1][0], vec![2.0; 1000]);
+        assert_eq!(recv[1][1], vec![0.0; 1000]);
+        assert_eq!(recv[3][0], vec![0.0; 1000]);
+        assert_eq!(recv[3][1], vec![2.0; 1000]);
+
+        // Alltoall and gather in a group, then a send outside a group: refused peer.
+        let input: Vec<Vec<u32>> = (0..N)
+            .map(|r| (0..N as u32 * 2).map(|i| r as u32 * 100 + i).collect())
+            .collect();
+        let mut output = vec![vec![0u32; N * 2]; N];
+        let mut gathered = vec![0u32; N];
+        assert_eq!(oxcclGroupStart(), 0);
+        for r in 0..N {
+            // SAFETY: as above.
+            unsafe {
+                assert_eq!(
+                    oxcclAllToAll(
+                        input[r].as_ptr().cast(),
+                        output[r].as_mut_ptr().cast(),
+                        2,
+                        3,
+                        comms[r],
+                        std::ptr::null_mut()
+                    ),
+                    0
+                );
+                let out = if r == 1 {
+                    gathered.as_mut_ptr().cast()
+                } else {
+                    std::ptr::null_mut()
+                };
+                assert_eq!(
+                    oxcclGather(
+                        input[r].as_ptr().cast(),
+                        out,
+                        1,
+                        3,
+                        1,
+                        comms[r],
+                        std::ptr::null_mut()
+                    ),
+                    0
+                );
+            }
+        }
+        assert_eq!(oxcclGroupEnd(), 0);
+        for (r, out) in output.iter().enumerate() {
+            let want: Vec<u32> = (0..N as u32)
+                .flat_map(|p| [p * 100 + 2 * r as u32, p * 100 + 2 * r as u32 + 1])
+                .collect();
+            assert_eq!(out, &want);
+        }
+        assert_eq!(gathered, [0, 100, 200, 300]);
+        // SAFETY: refused before any access: the peer is out of range.
+        let rc = unsafe {
+            oxcclSend(
+                send[0].as_ptr().cast(),
+                1,
+                7,
+                4,
+                comms[0],
+                std::ptr::null_mut(),
+            )
+        };
+        assert_eq!(rc, 4);
+        for c in comms {
+            // SAFETY: live handles, destroyed once.
+            assert_eq!(unsafe { oxcclCommDestroy(c) }, 0);
+        }
+    }
+
     #[test]
     fn error_strings_are_static_and_distinct() {
         let all: Vec<&CStr> = (0..=9)
