@@ -1988,7 +1988,8 @@ pub unsafe extern "C" fn oxcclReduceScatter(
 /// passed as `size_t`) are refused before anything is sent. A send that no
 /// receive meets fails with `oxcclTimeout` after `OXCCL_TIMEOUT`, naming the
 /// peer and the call; a receive of another count or type fails on both
-/// ranks (`oxcclInvalidUsage`), naming both calls.
+/// ranks, naming both calls (`oxcclInvalidUsage` on the rank that finds the
+/// mismatch, `oxcclRemoteError` on the other).
 ///
 /// # Safety
 ///
@@ -2094,8 +2095,7 @@ unsafe fn read_array(name: &str, ptr: *const usize, n: usize) -> Outcome<Vec<usi
 /// rank `p` land at `rdispls[p]` of `recvbuff`. Each array has `nranks`
 /// entries (read at this call, even inside a group) and must not be NULL.
 /// `sendcounts[p]` on this rank must equal `recvcounts[this rank]` on rank
-/// `p`: counts that disagree fail on both ranks (`oxcclInvalidUsage`),
-/// naming both. Received ranges must not overlap, `sendcounts[rank]` must
+/// `p`: counts that disagree fail on both ranks, naming both. Received ranges must not overlap, `sendcounts[rank]` must
 /// equal `recvcounts[rank]`, and a count or displacement that overflows the
 /// address space (a negative one passed as `size_t`) is refused before
 /// anything is sent. The buffers must not overlap (not in place). A zero
