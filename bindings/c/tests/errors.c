@@ -297,6 +297,29 @@ int main(void) {
     OK(oxcclCommDestroy(sub));
   }
 
+  /* The same for an alltoallv, between ranks 0 and 1 split off: rank 0
+     sends rank 1 three elements, rank 1 expects four. */
+  if (world > 1) {
+    oxcclComm_t pair = NULL;
+    OK(oxcclCommSplit(comm, rank < 2 ? 0 : OXCCL_SPLIT_NOCOLOR, 0, &pair, NULL));
+    if (rank < 2 && pair) {
+      static const size_t sc[2][2] = {{1, 3}, {4, 1}}, rc[2][2] = {{1, 4}, {4, 1}};
+      static const size_t sd[2] = {0, 4}, rd[2] = {0, 8};
+      float in[16] = {0}, out[16];
+      oxcclResult_t r = oxcclAllToAllv(in, sc[rank], sd, out, rc[rank], rd, oxcclFloat, pair, NULL);
+      msg = oxcclGetLastError(NULL);
+      printf("rank %d's message on alltoallv counts that disagree: %s\n", rank, msg);
+      CHECK(r == oxcclInvalidUsage || r == oxcclRemoteError,
+            "alltoallv counts that disagree returned %d", (int)r);
+      CHECK(strstr(msg, "oxcclAllToAllv") != NULL && strstr(msg, "mismatch") != NULL &&
+                strstr(msg, "rank 0") != NULL && strstr(msg, "rank 1") != NULL,
+            "alltoallv mismatch '%s' names both ranks", msg);
+    } else {
+      CHECK(pair == NULL, "rank %d without a color got a communicator", rank);
+    }
+    OK(oxcclCommDestroy(pair));
+  }
+
   /* ...and leave the communicator usable. */
   OK(oxcclCommGetAsyncError(comm, &async_err));
   CHECK(async_err == oxcclSuccess, "async error %d after bad arguments", (int)async_err);
