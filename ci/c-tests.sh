@@ -3,7 +3,10 @@
 # Rust unit tests of oxccl-ffi; liboxccl installed by ci/install-c; the C
 # tests of bindings/c/tests compiled (C99, -Wall -Wextra -Werror) against the
 # static and the shared library and run in one process and through oxrun
-# (2 and 4 ranks); the same under valgrind; the README example.
+# (2 and 4 ranks); the same under valgrind and under AddressSanitizer (with
+# UndefinedBehaviorSanitizer, the C side instrumented); the README example;
+# a program that calls every entry point of the installed library with
+# NCCL's argument lists (C and C++).
 # Run from anywhere: bash ci/c-tests.sh (honours CARGO_TARGET_DIR; default target/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -67,6 +70,7 @@ nm -D --defined-only "$prefix/lib/liboxccl.so" | awk '$2 == "T" { print "  " $3 
 for sym in oxcclGetVersion oxcclGetUniqueId oxcclCommInitRank oxcclCommInitAll oxcclCommInitFromEnv \
     oxcclCommDestroy oxcclCommAbort oxcclCommCount oxcclCommUserRank oxcclCommGetAsyncError \
     oxcclAllReduce oxcclBroadcast oxcclReduce oxcclAllGather oxcclReduceScatter \
+    oxcclSend oxcclRecv oxcclAllToAll oxcclAllToAllv oxcclGather oxcclScatter \
     oxcclCommSplit oxcclGroupStart oxcclGroupEnd oxcclGetErrorString oxcclGetLastError; do
     grep -qx "  $sym" "$work/symbols.txt" || { echo "missing symbol $sym" >&2; exit 1; }
 done
@@ -83,7 +87,47 @@ run $CC "${cflags[@]}" $(pkg-config --cflags oxccl) "$work/header.c" -o "$work/h
 if command -v c++ >/dev/null 2>&1; then
     run c++ -x c++ -Wall -Wextra -Werror $(pkg-config --cflags oxccl) "$work/header.c" -o "$work/header-cxx"
 fi
+# Every entry point through the installed header and shared library, with
+# NCCL's argument types (a wrong prototype fails to compile as C or C++):
+# each refuses a NULL communicator with oxcclInvalidArgument. (As C++ it
+# names oxcclFloat32: the alias oxcclFloat is an int, which C++ does not
+# convert to the enum.)
+cat > "$work/entry.c" <<'C'
+#include <stddef.h>
+#include <stdio.h>
+#include <oxccl.h>
+static int bad = 0;
+static void refused(oxcclResult_t r, const char *name) {
+  if (r != oxcclInvalidArgument) { fprintf(stderr, "%s returned %d\n", name, (int)r); bad = 1; }
+}
+int main(void) {
+  float a[4] = {0}, b[4] = {0};
+  size_t counts[1] = {1}, displs[1] = {0};
+  oxcclComm_t c = NULL;
+  refused(oxcclAllReduce(a, b, 4, oxcclFloat32, oxcclSum, c, NULL), "oxcclAllReduce");
+  refused(oxcclBroadcast(a, b, 4, oxcclFloat32, 0, c, NULL), "oxcclBroadcast");
+  refused(oxcclReduce(a, b, 4, oxcclFloat32, oxcclSum, 0, c, NULL), "oxcclReduce");
+  refused(oxcclAllGather(a, b, 1, oxcclFloat32, c, NULL), "oxcclAllGather");
+  refused(oxcclReduceScatter(a, b, 1, oxcclFloat32, oxcclSum, c, NULL), "oxcclReduceScatter");
+  refused(oxcclSend(a, 4, oxcclFloat32, 0, c, NULL), "oxcclSend");
+  refused(oxcclRecv(b, 4, oxcclFloat32, 0, c, NULL), "oxcclRecv");
+  refused(oxcclAllToAll(a, b, 1, oxcclFloat32, c, NULL), "oxcclAllToAll");
+  refused(oxcclAllToAllv(a, counts, displs, b, counts, displs, oxcclFloat32, c, NULL), "oxcclAllToAllv");
+  refused(oxcclGather(a, b, 1, oxcclFloat32, 0, c, NULL), "oxcclGather");
+  refused(oxcclScatter(a, b, 1, oxcclFloat32, 0, c, NULL), "oxcclScatter");
+  if (!bad) printf("entry points: 11 passed, 0 failed\n");
+  return bad;
+}
+C
+run $CC "${cflags[@]}" "$work/entry.c" $(pkg-config --cflags --libs oxccl) -Wl,-rpath,"$prefix/lib" -o "$work/entry"
+if command -v c++ >/dev/null 2>&1; then
+    run c++ -x c++ -Wall -Wextra -Werror "$work/entry.c" $(pkg-config --cflags --libs oxccl) \
+        -Wl,-rpath,"$prefix/lib" -o "$work/entry-cxx"
+fi
+asan=(-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined)
 for t in collectives errors threads leaks; do
+    run $CC "${cflags[@]}" "${asan[@]}" -I "$prefix/include" "bindings/c/tests/$t.c" \
+        "$prefix/lib/liboxccl.a" -lpthread -ldl -lm -o "$work/$t-asan"
     run $CC "${cflags[@]}" -I "$prefix/include" "bindings/c/tests/$t.c" \
         "$prefix/lib/liboxccl.a" -lpthread -ldl -lm -o "$work/$t-static"
     run $CC "${cflags[@]}" "bindings/c/tests/$t.c" $(pkg-config --cflags --libs oxccl) \
@@ -97,6 +141,8 @@ if ldd "$work/threads-static" | grep -q liboxccl; then echo "static test links l
 
 echo "== run"
 cd "$work"
+run_test ./entry
+if [ -x ./entry-cxx ]; then run_test ./entry-cxx; fi
 for kind in static shared; do
     run_test "./threads-$kind"
     run_test "./leaks-$kind"
@@ -116,6 +162,17 @@ run_test "${vg[@]}" ./threads-static
 run_test "${vg[@]}" ./threads-shared
 run_test env OXCCL_TIMEOUT=120 "$oxrun" -n 2 --timeout 600 -- "${vg[@]}" ./collectives-static "$work/id-vg"
 run_test env OXCCL_TIMEOUT=120 "$oxrun" -n 2 --timeout 600 -- "${vg[@]}" ./errors-shared
+
+echo "== AddressSanitizer and UndefinedBehaviorSanitizer (the C side; leaks are valgrind's)"
+export ASAN_OPTIONS=detect_leaks=0:abort_on_error=0:halt_on_error=1
+export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+run_test ./threads-asan
+run_test ./leaks-asan
+for n in 2 4; do
+    run_test "$oxrun" -n "$n" --timeout 300 -- ./collectives-asan "$work/id-asan-$n"
+    run_test "$oxrun" -n "$n" --timeout 300 -- ./errors-asan
+done
+unset ASAN_OPTIONS UBSAN_OPTIONS
 
 cd "$root"
 passed=$(awk '{ p += $1 } END { print p + 0 }' "$results")

@@ -283,15 +283,115 @@ oxcclResult_t oxcclAllGather(const void *sendbuff, void *recvbuff, size_t sendco
 // elements.
 oxcclResult_t oxcclReduceScatter(const void *sendbuff, void *recvbuff, size_t recvcount, oxcclDataType_t datatype, oxcclRedOp_t op, oxcclComm_t comm, void *stream);
 
-// Opens a group on this thread (groups nest): later collectives and
-// `oxcclCommInitRank` calls are checked at once, queued, and run at the
-// outermost `oxcclGroupEnd`.
+// Sends `count` elements of `sendbuff` to rank `peer`, as NCCL's
+// `ncclSend`. Outside a group it returns once `peer` has received the
+// message (the first of its frames) and agreed on its type and count, so a
+// send and a receive between two ranks must be in a group on at least one
+// of them (or on another thread). Inside a group, the sends and receives
+// queued on one communicator run together at the outermost
+// `oxcclGroupEnd`, in any order of posting, without a deadlock; messages
+// between two ranks in one direction are matched in the order they were
+// posted. A send to this rank itself needs a receive from itself in the
+// same group. `peer` out of range, a bad type, a NULL `sendbuff` with a
+// count, or a count that overflows the address space (a negative one
+// passed as `size_t`) are refused before anything is sent. A send that no
+// receive meets fails with `oxcclTimeout` after `OXCCL_TIMEOUT`, naming the
+// peer and the call; a receive of another count or type fails on both
+// ranks, naming both calls (`oxcclInvalidUsage` on the rank that finds the
+// mismatch, `oxcclRemoteError` on the other).
+//
+// # Safety
+//
+// `comm` is NULL or a live handle; `sendbuff` is readable for `count`
+// elements (may be NULL when `count` is 0); inside a group, both stay
+// valid until `oxcclGroupEnd` returns.
+oxcclResult_t oxcclSend(const void *sendbuff, size_t count, oxcclDataType_t datatype, int peer, oxcclComm_t comm, void *stream);
+
+// Receives `count` elements from rank `peer` into `recvbuff`, as NCCL's
+// `ncclRecv`; the message must have exactly that count and type. Groups,
+// ordering and failures as `oxcclSend`. Inside a group, a receive buffer
+// must not overlap any other buffer queued with it on the communicator.
+//
+// # Safety
+//
+// `comm` is NULL or a live handle; `recvbuff` is writable for `count`
+// elements (may be NULL when `count` is 0); inside a group, both stay
+// valid until `oxcclGroupEnd` returns.
+oxcclResult_t oxcclRecv(void *recvbuff, size_t count, oxcclDataType_t datatype, int peer, oxcclComm_t comm, void *stream);
+
+// Sends block `p` of `sendbuff` (`count` elements at `p * count`) to rank
+// `p`, and receives rank `p`'s block for this rank into block `p` of
+// `recvbuff`, as RCCL's `ncclAllToAll`. Both buffers hold
+// `nranks * count` elements and must not overlap (not in place).
+//
+// # Safety
+//
+// `comm` is NULL or a live handle; `sendbuff` is readable and `recvbuff`
+// writable for `nranks * count` elements (either may be NULL when `count`
+// is 0); inside a group, all stay valid until `oxcclGroupEnd` returns.
+oxcclResult_t oxcclAllToAll(const void *sendbuff, void *recvbuff, size_t count, oxcclDataType_t datatype, oxcclComm_t comm, void *stream);
+
+// Alltoall with per-peer counts and displacements (in elements), as RCCL's
+// `ncclAllToAllv` and `MPI_Alltoallv`: `sendcounts[p]` elements at
+// `sdispls[p]` of `sendbuff` go to rank `p`; `recvcounts[p]` elements from
+// rank `p` land at `rdispls[p]` of `recvbuff`. Each array has `nranks`
+// entries (read at this call, even inside a group) and must not be NULL.
+// `sendcounts[p]` on this rank must equal `recvcounts[this rank]` on rank
+// `p`: counts that disagree fail on both ranks, naming both. Received ranges must not overlap, `sendcounts[rank]` must
+// equal `recvcounts[rank]`, and a count or displacement that overflows the
+// address space (a negative one passed as `size_t`) is refused before
+// anything is sent. The buffers must not overlap (not in place). A zero
+// count's displacement is not used.
+//
+// # Safety
+//
+// `comm` is NULL or a live handle; the four arrays are NULL or readable for
+// `nranks` entries; `sendbuff` is readable for every `[sdispls[p],
+// sdispls[p] + sendcounts[p])` and `recvbuff` writable for every
+// `[rdispls[p], rdispls[p] + recvcounts[p])` range (in elements; NULL when
+// all are empty); inside a group, the buffers stay valid until
+// `oxcclGroupEnd` returns.
+oxcclResult_t oxcclAllToAllv(const void *sendbuff, const size_t *sendcounts, const size_t *sdispls, void *recvbuff, const size_t *recvcounts, const size_t *rdispls, oxcclDataType_t datatype, oxcclComm_t comm, void *stream);
+
+// Gathers `sendcount` elements of every rank's `sendbuff` into the root's
+// `recvbuff` (`nranks * sendcount` elements, in rank order), as RCCL's
+// `ncclGather`. Other ranks' `recvbuff` is not written (may be NULL). Not
+// in place: the root's buffers must not overlap.
+//
+// # Safety
+//
+// `comm` is NULL or a live handle; `sendbuff` is readable for `sendcount`
+// elements and, on the root, `recvbuff` writable for `nranks * sendcount`
+// (NULL when that is 0); inside a group, all stay valid until
+// `oxcclGroupEnd` returns.
+oxcclResult_t oxcclGather(const void *sendbuff, void *recvbuff, size_t sendcount, oxcclDataType_t datatype, int root, oxcclComm_t comm, void *stream);
+
+// Sends block `p` of the root's `sendbuff` (`recvcount` elements at
+// `p * recvcount`; `nranks * recvcount` in all) to rank `p`'s `recvbuff`,
+// as RCCL's `ncclScatter`. Other ranks' `sendbuff` is not read (may be
+// NULL). Not in place: the root's buffers must not overlap.
+//
+// # Safety
+//
+// `comm` is NULL or a live handle; `recvbuff` is writable for `recvcount`
+// elements and, on the root, `sendbuff` readable for `nranks * recvcount`
+// (NULL when that is 0); inside a group, all stay valid until
+// `oxcclGroupEnd` returns.
+oxcclResult_t oxcclScatter(const void *sendbuff, void *recvbuff, size_t recvcount, oxcclDataType_t datatype, int root, oxcclComm_t comm, void *stream);
+
+// Opens a group on this thread (groups nest): later collectives,
+// exchanges, sends, receives and `oxcclCommInitRank` calls are checked at
+// once, queued, and run at the outermost `oxcclGroupEnd`.
 oxcclResult_t oxcclGroupStart(void);
 
 // Closes a group; the outermost runs the queued calls: inits first, then
 // each communicator's calls in order, each communicator on its own thread,
-// and waits for all. Returns the first failure. Communicators, buffers and
-// out-pointers of the queued calls must stay valid until it returns.
+// and waits for all. Sends and receives queued one after another on a
+// communicator run together, as one batch, whatever their order; a
+// collective or exchange queued between them splits them into two batches
+// that run in turn (so a group that mixes them must put them in the same
+// order on every rank). Returns the first failure. Communicators, buffers
+// and out-pointers of the queued calls must stay valid until it returns.
 oxcclResult_t oxcclGroupEnd(void);
 
 // A static string describing `result`.

@@ -1,5 +1,6 @@
-//! Fuzz targets of the C API's argument checks: the pure check of a
-//! collective's arguments (`plan`, addresses as plain integers) on any
+//! Fuzz targets of the C API's argument checks: the pure checks of a
+//! collective's, a send's or receive's and an exchange's arguments (`plan`,
+//! `plan_p2p`, `plan_exchange`, addresses as plain integers) on any
 //! values, and the entry points themselves on random combinations of NULL
 //! and valid pointers, communicator handles that are live, destroyed or
 //! never made, enum values and roots out of range, and counts past the
@@ -68,6 +69,79 @@ fn args() -> impl Strategy<Value = Args> {
                 stream,
             },
         )
+}
+
+/// Per-peer counts or displacements of an alltoallv: small, at the edges,
+/// or past the address space; usually `world` entries.
+fn v_array(world: usize) -> impl Strategy<Value = Vec<usize>> {
+    let entry = prop_oneof![
+        6 => 0usize..8,
+        1 => edge_u64().prop_map(|v| v as usize),
+        1 => Just(usize::MAX),
+    ];
+    prop_oneof![
+        8 => proptest::collection::vec(entry.clone(), world),
+        1 => proptest::collection::vec(entry, 0..6),
+    ]
+}
+
+fn xargs() -> impl Strategy<Value = (XArgs, usize, usize)> {
+    (1usize..6).prop_flat_map(|world| {
+        (
+            prop_oneof![
+                Just(Kind::AllToAll),
+                Just(Kind::AllToAllV),
+                Just(Kind::Gather),
+                Just(Kind::Scatter),
+                Just(Kind::AllReduce),
+            ],
+            (addr(), addr(), edge_u64()),
+            (
+                enum_value(),
+                enum_value(),
+                prop_oneof![4 => Just(0usize), 1 => addr()],
+            ),
+            (
+                v_array(world),
+                v_array(world),
+                v_array(world),
+                v_array(world),
+            ),
+            any::<bool>(),
+            0..world,
+        )
+            .prop_map(
+                move |(
+                    kind,
+                    (send, recv, count),
+                    (datatype, root, stream),
+                    (sc, sd, rc, rd),
+                    no_v,
+                    rank,
+                )| {
+                    let v = (kind == Kind::AllToAllV && !no_v).then_some(VArgs {
+                        send_counts: sc,
+                        send_displs: sd,
+                        recv_counts: rc,
+                        recv_displs: rd,
+                    });
+                    (
+                        XArgs {
+                            kind,
+                            send,
+                            recv,
+                            count: count as usize,
+                            v,
+                            datatype,
+                            root,
+                            stream,
+                        },
+                        rank,
+                        world,
+                    )
+                },
+            )
+    })
 }
 
 /// A handle for the entry point target.
@@ -165,6 +239,85 @@ proptest! {
         }
     }
 
+    /// Any send or receive: refused with a message, or a valid type, a
+    /// peer in the world and a buffer that is not NULL when it has bytes,
+    /// does not wrap and fits a slice.
+    #[test]
+    fn fuzz_c_plan_p2p(send in any::<bool>(), addr in addr(), count in edge_u64(), datatype in enum_value(), peer in enum_value(), stream in prop_oneof![4 => Just(0usize), 1 => addr()], world in prop_oneof![1usize..9, any::<usize>().prop_map(|w| w.max(1))]) {
+        match plan_p2p(send, addr, count as usize, datatype, peer, stream, world) {
+            Ok(p) => {
+                prop_assert_eq!(stream, 0);
+                prop_assert_eq!(p.send, send);
+                prop_assert_eq!(p.dtype as c_int, datatype);
+                prop_assert!(usize::try_from(peer).is_ok_and(|r| r < world && r == p.peer));
+                prop_assert_eq!(p.buf.len, count as usize * p.dtype.size());
+                prop_assert!(p.buf.len <= isize::MAX as usize);
+                prop_assert!(p.buf.len == 0 || p.buf.addr != 0);
+                prop_assert!(p.buf.addr.checked_add(p.buf.len).is_some());
+            }
+            Err(f) => {
+                prop_assert_eq!(f.code, ResultCode::oxcclInvalidArgument);
+                prop_assert!(!f.message.is_empty());
+            }
+        }
+    }
+
+    /// Any exchange: refused with a message, or buffers that hold every
+    /// range the call reads or writes, that are not NULL when they have
+    /// bytes, do not wrap, fit a slice and do not overlap; received ranges
+    /// of an alltoallv that do not overlap.
+    #[test]
+    fn fuzz_c_plan_exchange((a, rank, world) in xargs()) {
+        match plan_exchange(a.clone(), rank, world) {
+            Ok(c) => {
+                prop_assert_eq!(a.stream, 0);
+                prop_assert_eq!(c.dtype as c_int, a.datatype);
+                for s in [c.input, c.output] {
+                    prop_assert!(s.len <= isize::MAX as usize);
+                    prop_assert!(s.len == 0 || s.addr != 0);
+                    prop_assert!(s.addr.checked_add(s.len).is_some());
+                }
+                prop_assert!(!c.input.overlaps(&c.output));
+                let size = c.dtype.size();
+                match &c.x {
+                    XKind::AllToAll { count } => {
+                        prop_assert_eq!(c.input.len, count * size * world);
+                        prop_assert_eq!(c.output.len, c.input.len);
+                    }
+                    XKind::Gather { count, root } | XKind::Scatter { count, root } => {
+                        prop_assert!(*root < world);
+                        prop_assert!(usize::try_from(a.root).is_ok_and(|r| r == *root));
+                        let (mine, all) = (count * size, count * size * world);
+                        let (i, o) = if matches!(c.x, XKind::Gather { .. }) {
+                            (mine, if rank == *root { all } else { 0 })
+                        } else {
+                            (if rank == *root { all } else { 0 }, mine)
+                        };
+                        prop_assert_eq!((c.input.len, c.output.len), (i, o));
+                    }
+                    XKind::AllToAllV { send_counts, send_displs, recv_counts, recv_displs } => {
+                        prop_assert_eq!(send_counts.len(), world);
+                        prop_assert_eq!(send_counts[rank], recv_counts[rank]);
+                        let mut got: Vec<(usize, usize)> = Vec::new();
+                        for p in 0..world {
+                            prop_assert!((send_displs[p] + send_counts[p]) * size <= c.input.len);
+                            prop_assert!((recv_displs[p] + recv_counts[p]) * size <= c.output.len);
+                            if recv_counts[p] > 0 {
+                                got.push((recv_displs[p], recv_displs[p] + recv_counts[p]));
+                            }
+                        }
+                        got.sort_unstable();
+                        prop_assert!(got.windows(2).all(|w| w[0].1 <= w[1].0));
+                    }
+                }
+            }
+            Err(f) => {
+                prop_assert_eq!(f.code, ResultCode::oxcclInvalidArgument);
+                prop_assert!(!f.message.is_empty());
+            }
+        }
+    }
+
     /// The entry points on random handles, pointers, enums, roots and
     /// counts: a result code every time, `oxcclInvalidArgument` with a
     /// message naming the culprit for every bad argument, success when all
@@ -172,7 +325,7 @@ proptest! {
     #[test]
     fn fuzz_c_entry_points(
         h in prop_oneof![Just(Handle::Null), Just(Handle::Live), Just(Handle::Destroyed), Just(Handle::Never)],
-        which in 0u8..9,
+        which in 0u8..15,
         send in buffer(),
         recv in buffer(),
         count in count(),
@@ -223,6 +376,19 @@ proptest! {
                 5 => oxcclReduce(sp, rp, count, datatype, op, root, comm, std::ptr::null_mut()),
                 6 => oxcclAllGather(sp, rp, count, datatype, comm, std::ptr::null_mut()),
                 7 => oxcclReduceScatter(sp, rp, count, datatype, op, comm, std::ptr::null_mut()),
+                // A world of one: a send or receive alone (to itself) is
+                // refused by the library, whatever the arguments.
+                9 => oxcclSend(sp, count, datatype, root, comm, std::ptr::null_mut()),
+                10 => oxcclRecv(rp, count, datatype, root, comm, std::ptr::null_mut()),
+                11 => oxcclAllToAll(sp, rp, count, datatype, comm, std::ptr::null_mut()),
+                12 => {
+                    // One entry each (a world of one); `op` picks a NULL array.
+                    let (counts, displs) = ([count], [0usize]);
+                    let arr = |i: c_int, a: &[usize; 1]| if op == i { std::ptr::null() } else { a.as_ptr() };
+                    oxcclAllToAllv(sp, arr(0, &counts), arr(1, &displs), rp, arr(2, &counts), arr(3, &displs), datatype, comm, std::ptr::null_mut())
+                }
+                13 => oxcclGather(sp, rp, count, datatype, root, comm, std::ptr::null_mut()),
+                14 => oxcclScatter(sp, rp, count, datatype, root, comm, std::ptr::null_mut()),
                 _ => {
                     // An id whose magic is wrong (a valid one would connect).
                     let mut internal = [0 as c_char; 128];
@@ -244,14 +410,14 @@ proptest! {
         prop_assert!(!text.to_bytes().is_empty());
         // Unless another test's communicator took the destroyed address.
         let reused = matches!(h, Handle::Destroyed) && live_handles().contains(&dead);
-        let bad_comm = !matches!(h, Handle::Live) && which < 8 && !reused;
+        let bad_comm = !matches!(h, Handle::Live) && which != 8 && !reused;
         let dtype_ok = (0..=9).contains(&datatype);
         let op_ok = (0..=4).contains(&op);
         let size = usize::try_from(datatype).ok().and_then(|d| u8::try_from(d).ok()).and_then(DType::from_u8).map_or(1, |d| d.size());
         let fits = count.checked_mul(size).is_some_and(|n| n <= isize::MAX as usize);
         let good = match which {
             0..=2 => !bad_comm && !out_null,
-            8 => false,
+            8..=10 => false,
             w => {
                 let reduces = matches!(w, 3 | 5 | 7);
                 let rooted = matches!(w, 4 | 5);
@@ -260,9 +426,12 @@ proptest! {
                 let bufs = match w {
                     // Broadcast and reduce on the root (rank 0 of 1).
                     3..=7 => !bytes || (send != 0 && recv != 0),
-                    _ => true,
+                    // Exchanges: not in place either.
+                    _ => !bytes || (send != 0 && recv != 0 && send != recv),
                 };
-                !bad_comm && dtype_ok && (!reduces || op_ok) && (!rooted || root == 0) && fits && bufs
+                let rooted = rooted || matches!(w, 13 | 14);
+                let arrays = w != 12 || !(0..=3).contains(&op);
+                !bad_comm && dtype_ok && (!reduces || op_ok) && (!rooted || root == 0) && fits && bufs && arrays
             }
         };
         if good {

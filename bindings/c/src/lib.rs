@@ -514,6 +514,374 @@ fn plan(a: Args, rank: usize, world: usize) -> Outcome<Call> {
 }
 
 // ---------------------------------------------------------------------------
+// Point-to-point and exchanges: argument checks (pure)
+// ---------------------------------------------------------------------------
+
+/// A checked `oxcclSend` (`send`) or `oxcclRecv`: `buf` goes to, or comes
+/// from, rank `peer`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct P2p {
+    send: bool,
+    dtype: DType,
+    peer: usize,
+    buf: Span,
+}
+
+/// The refusal of a non-NULL stream.
+fn no_stream(stream: usize) -> Outcome {
+    if stream != 0 {
+        return Err(Failure::arg(
+            "stream is not NULL: CUDA streams need oxccl's cuda backend, which this build \
+             does not have; pass NULL and host memory",
+        ));
+    }
+    Ok(())
+}
+
+/// `rank` (named `what`) as a rank of a world of `world`.
+fn rank_in(what: &str, rank: c_int, world: usize) -> Outcome<usize> {
+    match usize::try_from(rank) {
+        Ok(r) if r < world => Ok(r),
+        _ => Err(Failure::arg(format!(
+            "{what} {rank} is not a rank of this communicator (0..{world})"
+        ))),
+    }
+}
+
+/// `count` elements of `size` bytes, as bytes: at most `isize::MAX`.
+fn elements(what: &str, count: usize, size: usize) -> Outcome<usize> {
+    count
+        .checked_mul(size)
+        .filter(|n| *n <= isize::MAX as usize)
+        .ok_or_else(|| {
+            Failure::arg(format!(
+                "{what} {count} of {size} bytes each overflows the address space \
+                 (a negative count passed as size_t?)"
+            ))
+        })
+}
+
+/// `world` blocks of `count` elements of `size` bytes, as bytes.
+fn per_world(count: usize, size: usize, world: usize) -> Outcome<usize> {
+    count
+        .checked_mul(size)
+        .and_then(|n| n.checked_mul(world))
+        .filter(|n| *n <= isize::MAX as usize)
+        .ok_or_else(|| {
+            Failure::arg(format!(
+                "count {count} of {size} bytes each for {world} ranks overflows the address \
+                 space (a negative count passed as size_t?)"
+            ))
+        })
+}
+
+/// Checks a send (`send`) or receive of `count` elements at `addr` with
+/// rank `peer`, on rank `rank` of a world of `world`.
+fn plan_p2p(
+    send: bool,
+    addr: usize,
+    count: usize,
+    datatype: c_int,
+    peer: c_int,
+    stream: usize,
+    world: usize,
+) -> Outcome<P2p> {
+    no_stream(stream)?;
+    let dtype = dtype_of(datatype)?;
+    let peer = rank_in("peer", peer, world)?;
+    let len = elements("count", count, dtype.size())?;
+    let buf = span(if send { "sendbuff" } else { "recvbuff" }, addr, len)?;
+    Ok(P2p {
+        send,
+        dtype,
+        peer,
+        buf,
+    })
+}
+
+/// Checks that `op` may join the send and receives `batch` of one
+/// communicator, which run together: a receive's buffer overlaps no other
+/// buffer of the batch (sends may share theirs).
+fn joins_batch(batch: &[P2p], op: &P2p) -> Outcome {
+    let clash = batch
+        .iter()
+        .find(|b| (op.send != b.send || !op.send) && b.buf.overlaps(&op.buf));
+    match clash {
+        Some(b) => Err(Failure::arg(format!(
+            "this {} buffer (rank {}) overlaps the buffer of a {} (rank {}) queued in the same \
+             group on this communicator; receive buffers must be apart from every other buffer",
+            if op.send { "send" } else { "receive" },
+            op.peer,
+            if b.send { "send to" } else { "receive from" },
+            b.peer,
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// An exchange as the bindings hold it (counts and displacements copied
+/// from the caller's arrays, in elements).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum XKind {
+    AllToAll {
+        count: usize,
+    },
+    AllToAllV {
+        send_counts: Vec<usize>,
+        send_displs: Vec<usize>,
+        recv_counts: Vec<usize>,
+        recv_displs: Vec<usize>,
+    },
+    Gather {
+        count: usize,
+        root: usize,
+    },
+    Scatter {
+        count: usize,
+        root: usize,
+    },
+}
+
+impl XKind {
+    fn name(&self) -> &'static str {
+        match self {
+            XKind::AllToAll { .. } => "oxcclAllToAll",
+            XKind::AllToAllV { .. } => "oxcclAllToAllv",
+            XKind::Gather { .. } => "oxcclGather",
+            XKind::Scatter { .. } => "oxcclScatter",
+        }
+    }
+
+    fn exchange(&self) -> oxccl::Exchange<'_> {
+        match self {
+            XKind::AllToAll { count } => oxccl::Exchange::AllToAll { count: *count },
+            XKind::AllToAllV {
+                send_counts,
+                send_displs,
+                recv_counts,
+                recv_displs,
+            } => oxccl::Exchange::AllToAllV {
+                send_counts,
+                send_displs,
+                recv_counts,
+                recv_displs,
+            },
+            XKind::Gather { count, root } => oxccl::Exchange::Gather {
+                count: *count,
+                root: *root,
+            },
+            XKind::Scatter { count, root } => oxccl::Exchange::Scatter {
+                count: *count,
+                root: *root,
+            },
+        }
+    }
+}
+
+/// A checked exchange, ready for `Communicator::run_exchange`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct XCall {
+    x: XKind,
+    dtype: DType,
+    input: Span,
+    output: Span,
+}
+
+/// The per-peer arrays of an `oxcclAllToAllv`, in elements, as read from
+/// the caller (`world` entries each).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct VArgs {
+    send_counts: Vec<usize>,
+    send_displs: Vec<usize>,
+    recv_counts: Vec<usize>,
+    recv_displs: Vec<usize>,
+}
+
+/// The byte ranges of per-peer `counts` at `displs` (named `what`): each
+/// must fit the address space; a zero count's displacement is not used
+/// (it is set to 0, so that it never lengthens the buffer). Returns the
+/// ranges and the length of buffer they need.
+fn v_ranges(
+    what: &str,
+    counts: &mut [usize],
+    displs: &mut [usize],
+    size: usize,
+) -> Outcome<(Vec<std::ops::Range<usize>>, usize)> {
+    let mut ranges = Vec::with_capacity(counts.len());
+    let mut need = 0usize;
+    for (p, (c, d)) in counts.iter().zip(displs.iter_mut()).enumerate() {
+        if *c == 0 {
+            *d = 0;
+            ranges.push(0..0);
+            continue;
+        }
+        let end = d
+            .checked_add(*c)
+            .and_then(|e| e.checked_mul(size))
+            .filter(|e| *e <= isize::MAX as usize)
+            .ok_or_else(|| {
+                Failure::arg(format!(
+                    "{what}: peer {p}'s {c} elements at displacement {d} overflow the address \
+                     space (a negative count or displacement passed as size_t?)"
+                ))
+            })?;
+        ranges.push(*d * size..end);
+        need = need.max(end);
+    }
+    Ok((ranges, need))
+}
+
+/// The exchange's arguments as the C caller gave them.
+#[derive(Debug, Clone)]
+struct XArgs {
+    /// `AllToAll`, `AllToAllV`, `Gather` or `Scatter`.
+    kind: Kind,
+    send: usize,
+    recv: usize,
+    /// Elements per peer (alltoall), sent (gather) or received (scatter).
+    count: usize,
+    /// Per-peer arrays (alltoallv only).
+    v: Option<VArgs>,
+    datatype: c_int,
+    root: c_int,
+    stream: usize,
+}
+
+/// Checks an exchange of rank `rank` in a world of `world`: the stream, the
+/// type, the root, counts and displacements that fit the address space,
+/// receive ranges that do not overlap, buffers that are not NULL when they
+/// have bytes and do not overlap each other (exchanges do not run in
+/// place). The library checks it all again when it runs.
+fn plan_exchange(a: XArgs, rank: usize, world: usize) -> Outcome<XCall> {
+    no_stream(a.stream)?;
+    let dtype = dtype_of(a.datatype)?;
+    let size = dtype.size();
+    let (x, in_len, out_len) = match a.kind {
+        Kind::AllToAll => {
+            let all = per_world(a.count, size, world)?;
+            (XKind::AllToAll { count: a.count }, all, all)
+        }
+        Kind::Gather | Kind::Scatter => {
+            let root = rank_in("root", a.root, world)?;
+            let one = elements("count", a.count, size)?;
+            let all = per_world(a.count, size, world)?;
+            let mine = if rank == root { all } else { 0 };
+            if a.kind == Kind::Gather {
+                (
+                    XKind::Gather {
+                        count: a.count,
+                        root,
+                    },
+                    one,
+                    mine,
+                )
+            } else {
+                (
+                    XKind::Scatter {
+                        count: a.count,
+                        root,
+                    },
+                    mine,
+                    one,
+                )
+            }
+        }
+        Kind::AllToAllV => {
+            let Some(mut v) = a.v else {
+                return Err(Failure::arg(
+                    "oxcclAllToAllv without its arrays (a bug in the bindings)",
+                ));
+            };
+            for (what, arr) in [
+                ("sendcounts", &v.send_counts),
+                ("sdispls", &v.send_displs),
+                ("recvcounts", &v.recv_counts),
+                ("rdispls", &v.recv_displs),
+            ] {
+                if arr.len() != world {
+                    return Err(Failure::arg(format!(
+                        "{what} has {} entries, expected {world} (a bug in the bindings)",
+                        arr.len()
+                    )));
+                }
+            }
+            let (_, in_len) = v_ranges(
+                "sendcounts/sdispls",
+                &mut v.send_counts,
+                &mut v.send_displs,
+                size,
+            )?;
+            let (recvs, out_len) = v_ranges(
+                "recvcounts/rdispls",
+                &mut v.recv_counts,
+                &mut v.recv_displs,
+                size,
+            )?;
+            let mut by_start: Vec<(usize, &std::ops::Range<usize>)> = recvs
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| !r.is_empty())
+                .collect();
+            by_start.sort_by_key(|(_, r)| r.start);
+            if let Some(w) = by_start.windows(2).find(|w| w[0].1.end > w[1].1.start) {
+                let ((p, r), (q, s)) = (w[0], w[1]);
+                return Err(Failure::arg(format!(
+                    "recvcounts/rdispls: the ranges of peer {p} (elements {}..{}) and peer {q} \
+                     (elements {}..{}) overlap",
+                    r.start / size,
+                    r.end / size,
+                    s.start / size,
+                    s.end / size
+                )));
+            }
+            if v.send_counts[rank] != v.recv_counts[rank] {
+                return Err(Failure::arg(format!(
+                    "sendcounts[{rank}] is {} but recvcounts[{rank}] is {}: this rank's block \
+                     to itself must have one count",
+                    v.send_counts[rank], v.recv_counts[rank]
+                )));
+            }
+            let VArgs {
+                send_counts,
+                send_displs,
+                recv_counts,
+                recv_displs,
+            } = v;
+            (
+                XKind::AllToAllV {
+                    send_counts,
+                    send_displs,
+                    recv_counts,
+                    recv_displs,
+                },
+                in_len,
+                out_len,
+            )
+        }
+        k => {
+            return Err(Failure::arg(format!(
+                "{} is not an exchange (a bug in the bindings)",
+                k.name()
+            )));
+        }
+    };
+    let input = span("sendbuff", a.send, in_len)?;
+    let output = span("recvbuff", a.recv, out_len)?;
+    if input.overlaps(&output) {
+        return Err(Failure::arg(format!(
+            "sendbuff and recvbuff overlap: {} does not run in place; pass separate buffers",
+            x.name()
+        )));
+    }
+    Ok(XCall {
+        x,
+        dtype,
+        input,
+        output,
+    })
+}
+
+// ---------------------------------------------------------------------------
 // Running calls
 // ---------------------------------------------------------------------------
 
@@ -597,6 +965,16 @@ unsafe fn execute(comm: &oxcclComm, call: &Call) -> Outcome {
     // SAFETY: as above, and the output is writable and disjoint from the input.
     let output = unsafe { bytes_mut(call.output) };
     let result = guard.run_bytes(call.desc, input, output);
+    settle(comm, guard, result)
+}
+
+/// The end of every call: a failure that poisoned the communicator becomes
+/// its asynchronous error (the first one stays).
+fn settle(
+    comm: &oxcclComm,
+    guard: MutexGuard<'_, Communicator>,
+    result: oxccl::Result<()>,
+) -> Outcome {
     if let Err(e) = &result {
         if guard.poisoned().is_some() {
             let code = code_of(e.cause_kind(), e) as c_int;
@@ -610,6 +988,48 @@ unsafe fn execute(comm: &oxcclComm, call: &Call) -> Outcome {
     }
     drop(guard);
     result.map_err(Failure::from)
+}
+
+/// Runs a checked exchange.
+///
+/// # Safety
+///
+/// As [`execute`]: the spans of `call` are the caller's memory (checked
+/// disjoint by [`plan_exchange`]).
+unsafe fn execute_exchange(comm: &oxcclComm, call: &XCall) -> Outcome {
+    let mut guard = lock(comm)?;
+    // SAFETY: as in `execute`: non-NULL when non-empty (checked by `span`),
+    // readable for its length by the caller's promise.
+    let input = unsafe { bytes(call.input) };
+    // SAFETY: as above, writable, and disjoint from the input.
+    let output = unsafe { bytes_mut(call.output) };
+    let result = guard.run_exchange(call.x.exchange(), call.dtype, input, output);
+    settle(comm, guard, result)
+}
+
+/// Runs checked sends and receives together, as one batch.
+///
+/// # Safety
+///
+/// The spans are the caller's memory (sends readable, receives writable,
+/// for their lengths); no receive span overlaps another span of `ops`
+/// (checked by [`joins_batch`] as they are queued).
+unsafe fn execute_batch(comm: &oxcclComm, ops: &[P2p]) -> Outcome {
+    let mut guard = lock(comm)?;
+    let mut batch = oxccl::Batch::new();
+    for op in ops {
+        if op.send {
+            // SAFETY: non-NULL when non-empty (checked by `span`), readable
+            // by the caller's promise; other spans only read it too.
+            batch.send_bytes(unsafe { bytes(op.buf) }, op.dtype, op.peer);
+        } else {
+            // SAFETY: as above, writable, and overlapping no other span of
+            // the batch, so this `&mut` is not aliased.
+            batch.recv_bytes(unsafe { bytes_mut(op.buf) }, op.dtype, op.peer);
+        }
+    }
+    let result = guard.run_batch(batch);
+    settle(comm, guard, result)
 }
 
 /// # Safety
@@ -721,6 +1141,47 @@ unsafe fn collective(comm: oxcclComm_t, a: Args) -> Outcome {
     unsafe { execute(&c, &call) }
 }
 
+/// A send or receive entry point: check, then run now (a batch of one) or
+/// queue in the open group.
+///
+/// # Safety
+///
+/// As `oxcclSend`'s or `oxcclRecv`'s own `# Safety` section.
+unsafe fn point_to_point(
+    send: bool,
+    buf: usize,
+    count: usize,
+    datatype: c_int,
+    peer: c_int,
+    comm: oxcclComm_t,
+    stream: usize,
+) -> Outcome {
+    // SAFETY: the caller's promise.
+    let c = unsafe { comm_ref(comm) }?;
+    let op = plan_p2p(send, buf, count, datatype, peer, stream, c.world)?;
+    if group::enqueue_p2p(comm as usize, op)? {
+        return Ok(());
+    }
+    // SAFETY: `plan_p2p` checked the span; the caller promises the memory.
+    unsafe { execute_batch(&c, &[op]) }
+}
+
+/// An exchange entry point: check, then run now or queue in the open group.
+///
+/// # Safety
+///
+/// As the exchange's own `# Safety` section; `a.v`'s arrays are already read.
+unsafe fn exchange(comm: oxcclComm_t, a: XArgs) -> Outcome {
+    // SAFETY: the caller's promise.
+    let c = unsafe { comm_ref(comm) }?;
+    let call = plan_exchange(a, c.rank, c.world)?;
+    let Some(call) = group::enqueue_exchange(comm as usize, call) else {
+        return Ok(());
+    };
+    // SAFETY: `plan_exchange` checked the spans; the caller promises the memory.
+    unsafe { execute_exchange(&c, &call) }
+}
+
 // ---------------------------------------------------------------------------
 // Groups
 // ---------------------------------------------------------------------------
@@ -735,6 +1196,11 @@ mod group {
     pub(super) enum Pending {
         /// A collective on the communicator at `comm`.
         Call { comm: usize, call: Call },
+        /// An exchange (alltoall, alltoallv, gather, scatter) on `comm`.
+        Exchange { comm: usize, call: XCall },
+        /// A send or receive on `comm`: consecutive ones on one
+        /// communicator run together, as one batch.
+        P2p { comm: usize, op: P2p },
         /// An `oxcclCommInitRank` writing its handle to `out`.
         Init {
             out: usize,
@@ -742,6 +1208,27 @@ mod group {
             rank: usize,
             world: usize,
         },
+    }
+
+    impl Pending {
+        /// The communicator of a queued call (`None`: an init).
+        fn comm(&self) -> Option<usize> {
+            match self {
+                Pending::Call { comm, .. }
+                | Pending::Exchange { comm, .. }
+                | Pending::P2p { comm, .. } => Some(*comm),
+                Pending::Init { .. } => None,
+            }
+        }
+    }
+
+    /// What one communicator runs at `oxcclGroupEnd`, in order.
+    #[derive(Debug)]
+    enum Step {
+        Call(Call),
+        Exchange(XCall),
+        /// Consecutive sends and receives, as one batch.
+        Batch(Vec<P2p>),
     }
 
     #[derive(Debug, Default)]
@@ -781,6 +1268,44 @@ mod group {
         enqueue(Pending::Call { comm, call })
     }
 
+    /// Queues `call` if this thread has an open group; else gives it back.
+    pub(super) fn enqueue_exchange(comm: usize, call: XCall) -> Option<XCall> {
+        let mut call = Some(call);
+        with(|g| {
+            if g.depth > 0 {
+                if let Some(call) = call.take() {
+                    g.queue.push(Pending::Exchange { comm, call });
+                }
+            }
+        });
+        call
+    }
+
+    /// Queues `op` if this thread has an open group, after checking that it
+    /// may join the sends and receives queued on `comm` since its last
+    /// other call (they will run as one batch); returns whether it did.
+    pub(super) fn enqueue_p2p(comm: usize, op: P2p) -> Outcome<bool> {
+        with(|g| {
+            if g.depth == 0 {
+                return Ok(false);
+            }
+            let batch: Vec<P2p> = g
+                .queue
+                .iter()
+                .rev()
+                .filter(|p| p.comm() == Some(comm))
+                .map_while(|p| match p {
+                    Pending::P2p { op, .. } => Some(*op),
+                    _ => None,
+                })
+                .collect();
+            joins_batch(&batch, &op)?;
+            g.queue.push(Pending::P2p { comm, op });
+            Ok(true)
+        })
+        .unwrap_or(Ok(false))
+    }
+
     pub(super) fn enqueue_init(out: usize, id: oxccl::UniqueId, rank: usize, world: usize) -> bool {
         enqueue(Pending::Init {
             out,
@@ -802,13 +1327,7 @@ mod group {
 
     /// Calls queued on `comm` by this thread.
     pub(super) fn queued_on(comm: usize) -> usize {
-        with(|g| {
-            g.queue
-                .iter()
-                .filter(|p| matches!(p, Pending::Call { comm: c, .. } if *c == comm))
-                .count()
-        })
-        .unwrap_or(0)
+        with(|g| g.queue.iter().filter(|p| p.comm() == Some(comm)).count()).unwrap_or(0)
     }
 
     /// Closes one level; at the outermost, returns the queue to run.
@@ -833,7 +1352,9 @@ mod group {
 
     /// Runs a closed group: inits first (all at once, so that ranks of one
     /// world initialized by one thread meet), then each communicator's calls
-    /// in order, each communicator on its own thread. Returns the first failure.
+    /// in order, each communicator on its own thread; consecutive sends and
+    /// receives on one communicator run together as one batch (in any
+    /// order of posting, without a deadlock). Returns the first failure.
     ///
     /// # Safety
     ///
@@ -841,21 +1362,33 @@ mod group {
     /// `oxcclGroupEnd`), and every `Init`'s `out` is writable.
     pub(super) unsafe fn run(queue: Vec<Pending>) -> Outcome {
         let mut inits = Vec::new();
-        let mut per_comm: Vec<(usize, Vec<Call>)> = Vec::new();
+        let mut per_comm: Vec<(usize, Vec<Step>)> = Vec::new();
         for p in queue {
-            match p {
+            let (comm, step) = match p {
                 Pending::Init {
                     out,
                     id,
                     rank,
                     world,
-                } => inits.push((out, id, rank, world)),
-                Pending::Call { comm, call } => {
-                    match per_comm.iter_mut().find(|(c, _)| *c == comm) {
-                        Some((_, calls)) => calls.push(call),
-                        None => per_comm.push((comm, vec![call])),
-                    }
+                } => {
+                    inits.push((out, id, rank, world));
+                    continue;
                 }
+                Pending::Call { comm, call } => (comm, Step::Call(call)),
+                Pending::Exchange { comm, call } => (comm, Step::Exchange(call)),
+                Pending::P2p { comm, op } => (comm, Step::Batch(vec![op])),
+            };
+            let i = match per_comm.iter().position(|(c, _)| *c == comm) {
+                Some(i) => i,
+                None => {
+                    per_comm.push((comm, Vec::new()));
+                    per_comm.len() - 1
+                }
+            };
+            let steps = &mut per_comm[i].1;
+            match (steps.last_mut(), step) {
+                (Some(Step::Batch(ops)), Step::Batch(more)) => ops.extend(more),
+                (_, step) => steps.push(step),
             }
         }
         let mut first: Option<Failure> = None;
@@ -874,15 +1407,23 @@ mod group {
                 }
             }
         }
-        let results = parallel(&per_comm, |(comm, calls)| {
+        let results = parallel(&per_comm, |(comm, steps)| {
             // SAFETY: the caller promised the communicator alive until
             // oxcclGroupEnd returns; `oxcclComm` is Send and Sync.
             let c = unsafe { comm_ref(*comm as oxcclComm_t) }?;
             let mut first = None;
-            for call in calls {
-                // SAFETY: checked by `plan` when queued; the caller promised
-                // the buffers valid until oxcclGroupEnd returns.
-                if let Err(f) = unsafe { execute(&c, call) } {
+            for step in steps {
+                // SAFETY: checked by `plan`, `plan_exchange`, `plan_p2p` and
+                // `joins_batch` when queued; the caller promised the buffers
+                // valid until oxcclGroupEnd returns.
+                let result = unsafe {
+                    match step {
+                        Step::Call(call) => execute(&c, call),
+                        Step::Exchange(call) => execute_exchange(&c, call),
+                        Step::Batch(ops) => execute_batch(&c, ops),
+                    }
+                };
+                if let Err(f) = result {
                     first.get_or_insert(f);
                 }
             }
@@ -1433,9 +1974,255 @@ pub unsafe extern "C" fn oxcclReduceScatter(
     boundary("oxcclReduceScatter", || unsafe { collective(comm, a) })
 }
 
-/// Opens a group on this thread (groups nest): later collectives and
-/// `oxcclCommInitRank` calls are checked at once, queued, and run at the
-/// outermost `oxcclGroupEnd`.
+/// Sends `count` elements of `sendbuff` to rank `peer`, as NCCL's
+/// `ncclSend`. Outside a group it returns once `peer` has received the
+/// message (the first of its frames) and agreed on its type and count, so a
+/// send and a receive between two ranks must be in a group on at least one
+/// of them (or on another thread). Inside a group, the sends and receives
+/// queued on one communicator run together at the outermost
+/// `oxcclGroupEnd`, in any order of posting, without a deadlock; messages
+/// between two ranks in one direction are matched in the order they were
+/// posted. A send to this rank itself needs a receive from itself in the
+/// same group. `peer` out of range, a bad type, a NULL `sendbuff` with a
+/// count, or a count that overflows the address space (a negative one
+/// passed as `size_t`) are refused before anything is sent. A send that no
+/// receive meets fails with `oxcclTimeout` after `OXCCL_TIMEOUT`, naming the
+/// peer and the call; a receive of another count or type fails on both
+/// ranks, naming both calls (`oxcclInvalidUsage` on the rank that finds the
+/// mismatch, `oxcclRemoteError` on the other).
+///
+/// # Safety
+///
+/// `comm` is NULL or a live handle; `sendbuff` is readable for `count`
+/// elements (may be NULL when `count` is 0); inside a group, both stay
+/// valid until `oxcclGroupEnd` returns.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn oxcclSend(
+    sendbuff: *const c_void,
+    count: usize,
+    datatype: oxcclDataType_t,
+    peer: c_int,
+    comm: oxcclComm_t,
+    stream: *mut c_void,
+) -> oxcclResult_t {
+    let (buf, stream) = (sendbuff as usize, stream as usize);
+    // SAFETY: the caller's promise, forwarded.
+    boundary("oxcclSend", || unsafe {
+        point_to_point(true, buf, count, datatype, peer, comm, stream)
+    })
+}
+
+/// Receives `count` elements from rank `peer` into `recvbuff`, as NCCL's
+/// `ncclRecv`; the message must have exactly that count and type. Groups,
+/// ordering and failures as `oxcclSend`. Inside a group, a receive buffer
+/// must not overlap any other buffer queued with it on the communicator.
+///
+/// # Safety
+///
+/// `comm` is NULL or a live handle; `recvbuff` is writable for `count`
+/// elements (may be NULL when `count` is 0); inside a group, both stay
+/// valid until `oxcclGroupEnd` returns.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn oxcclRecv(
+    recvbuff: *mut c_void,
+    count: usize,
+    datatype: oxcclDataType_t,
+    peer: c_int,
+    comm: oxcclComm_t,
+    stream: *mut c_void,
+) -> oxcclResult_t {
+    let (buf, stream) = (recvbuff as usize, stream as usize);
+    // SAFETY: the caller's promise, forwarded.
+    boundary("oxcclRecv", || unsafe {
+        point_to_point(false, buf, count, datatype, peer, comm, stream)
+    })
+}
+
+/// Sends block `p` of `sendbuff` (`count` elements at `p * count`) to rank
+/// `p`, and receives rank `p`'s block for this rank into block `p` of
+/// `recvbuff`, as RCCL's `ncclAllToAll`. Both buffers hold
+/// `nranks * count` elements and must not overlap (not in place).
+///
+/// # Safety
+///
+/// `comm` is NULL or a live handle; `sendbuff` is readable and `recvbuff`
+/// writable for `nranks * count` elements (either may be NULL when `count`
+/// is 0); inside a group, all stay valid until `oxcclGroupEnd` returns.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn oxcclAllToAll(
+    sendbuff: *const c_void,
+    recvbuff: *mut c_void,
+    count: usize,
+    datatype: oxcclDataType_t,
+    comm: oxcclComm_t,
+    stream: *mut c_void,
+) -> oxcclResult_t {
+    let a = XArgs {
+        kind: Kind::AllToAll,
+        send: sendbuff as usize,
+        recv: recvbuff as usize,
+        count,
+        v: None,
+        datatype,
+        root: 0,
+        stream: stream as usize,
+    };
+    // SAFETY: the caller's promise, forwarded.
+    boundary("oxcclAllToAll", || unsafe { exchange(comm, a) })
+}
+
+/// Reads `name`, an array of `n` `size_t`s at `ptr` (NULL is refused).
+///
+/// # Safety
+///
+/// `ptr` is NULL or readable for `n` `size_t`s.
+unsafe fn read_array(name: &str, ptr: *const usize, n: usize) -> Outcome<Vec<usize>> {
+    if ptr.is_null() {
+        return Err(Failure::arg(format!(
+            "{name} is NULL: it needs one entry per rank"
+        )));
+    }
+    // SAFETY: non-NULL, and readable for `n` entries by the caller's
+    // promise; read unaligned, as a C caller may pass any address.
+    Ok((0..n)
+        .map(|i| unsafe { ptr.add(i).read_unaligned() })
+        .collect())
+}
+
+/// Alltoall with per-peer counts and displacements (in elements), as RCCL's
+/// `ncclAllToAllv` and `MPI_Alltoallv`: `sendcounts[p]` elements at
+/// `sdispls[p]` of `sendbuff` go to rank `p`; `recvcounts[p]` elements from
+/// rank `p` land at `rdispls[p]` of `recvbuff`. Each array has `nranks`
+/// entries (read at this call, even inside a group) and must not be NULL.
+/// `sendcounts[p]` on this rank must equal `recvcounts[this rank]` on rank
+/// `p`: counts that disagree fail on both ranks, naming both. Received ranges must not overlap, `sendcounts[rank]` must
+/// equal `recvcounts[rank]`, and a count or displacement that overflows the
+/// address space (a negative one passed as `size_t`) is refused before
+/// anything is sent. The buffers must not overlap (not in place). A zero
+/// count's displacement is not used.
+///
+/// # Safety
+///
+/// `comm` is NULL or a live handle; the four arrays are NULL or readable for
+/// `nranks` entries; `sendbuff` is readable for every `[sdispls[p],
+/// sdispls[p] + sendcounts[p])` and `recvbuff` writable for every
+/// `[rdispls[p], rdispls[p] + recvcounts[p])` range (in elements; NULL when
+/// all are empty); inside a group, the buffers stay valid until
+/// `oxcclGroupEnd` returns.
+#[unsafe(no_mangle)]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn oxcclAllToAllv(
+    sendbuff: *const c_void,
+    sendcounts: *const usize,
+    sdispls: *const usize,
+    recvbuff: *mut c_void,
+    recvcounts: *const usize,
+    rdispls: *const usize,
+    datatype: oxcclDataType_t,
+    comm: oxcclComm_t,
+    stream: *mut c_void,
+) -> oxcclResult_t {
+    let (send, recv, stream) = (sendbuff as usize, recvbuff as usize, stream as usize);
+    boundary("oxcclAllToAllv", || {
+        // SAFETY: the caller's promise.
+        let world = unsafe { comm_ref(comm) }?.world;
+        // SAFETY: the caller's promise: NULL (refused) or `world` entries.
+        let v = unsafe {
+            VArgs {
+                send_counts: read_array("sendcounts", sendcounts, world)?,
+                send_displs: read_array("sdispls", sdispls, world)?,
+                recv_counts: read_array("recvcounts", recvcounts, world)?,
+                recv_displs: read_array("rdispls", rdispls, world)?,
+            }
+        };
+        let a = XArgs {
+            kind: Kind::AllToAllV,
+            send,
+            recv,
+            count: 0,
+            v: Some(v),
+            datatype,
+            root: 0,
+            stream,
+        };
+        // SAFETY: the caller's promise, forwarded.
+        unsafe { exchange(comm, a) }
+    })
+}
+
+/// Gathers `sendcount` elements of every rank's `sendbuff` into the root's
+/// `recvbuff` (`nranks * sendcount` elements, in rank order), as RCCL's
+/// `ncclGather`. Other ranks' `recvbuff` is not written (may be NULL). Not
+/// in place: the root's buffers must not overlap.
+///
+/// # Safety
+///
+/// `comm` is NULL or a live handle; `sendbuff` is readable for `sendcount`
+/// elements and, on the root, `recvbuff` writable for `nranks * sendcount`
+/// (NULL when that is 0); inside a group, all stay valid until
+/// `oxcclGroupEnd` returns.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn oxcclGather(
+    sendbuff: *const c_void,
+    recvbuff: *mut c_void,
+    sendcount: usize,
+    datatype: oxcclDataType_t,
+    root: c_int,
+    comm: oxcclComm_t,
+    stream: *mut c_void,
+) -> oxcclResult_t {
+    let a = XArgs {
+        kind: Kind::Gather,
+        send: sendbuff as usize,
+        recv: recvbuff as usize,
+        count: sendcount,
+        v: None,
+        datatype,
+        root,
+        stream: stream as usize,
+    };
+    // SAFETY: the caller's promise, forwarded.
+    boundary("oxcclGather", || unsafe { exchange(comm, a) })
+}
+
+/// Sends block `p` of the root's `sendbuff` (`recvcount` elements at
+/// `p * recvcount`; `nranks * recvcount` in all) to rank `p`'s `recvbuff`,
+/// as RCCL's `ncclScatter`. Other ranks' `sendbuff` is not read (may be
+/// NULL). Not in place: the root's buffers must not overlap.
+///
+/// # Safety
+///
+/// `comm` is NULL or a live handle; `recvbuff` is writable for `recvcount`
+/// elements and, on the root, `sendbuff` readable for `nranks * recvcount`
+/// (NULL when that is 0); inside a group, all stay valid until
+/// `oxcclGroupEnd` returns.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn oxcclScatter(
+    sendbuff: *const c_void,
+    recvbuff: *mut c_void,
+    recvcount: usize,
+    datatype: oxcclDataType_t,
+    root: c_int,
+    comm: oxcclComm_t,
+    stream: *mut c_void,
+) -> oxcclResult_t {
+    let a = XArgs {
+        kind: Kind::Scatter,
+        send: sendbuff as usize,
+        recv: recvbuff as usize,
+        count: recvcount,
+        v: None,
+        datatype,
+        root,
+        stream: stream as usize,
+    };
+    // SAFETY: the caller's promise, forwarded.
+    boundary("oxcclScatter", || unsafe { exchange(comm, a) })
+}
+
+/// Opens a group on this thread (groups nest): later collectives,
+/// exchanges, sends, receives and `oxcclCommInitRank` calls are checked at
+/// once, queued, and run at the outermost `oxcclGroupEnd`.
 #[unsafe(no_mangle)]
 pub extern "C" fn oxcclGroupStart() -> oxcclResult_t {
     boundary("oxcclGroupStart", group::start)
@@ -1443,8 +2230,12 @@ pub extern "C" fn oxcclGroupStart() -> oxcclResult_t {
 
 /// Closes a group; the outermost runs the queued calls: inits first, then
 /// each communicator's calls in order, each communicator on its own thread,
-/// and waits for all. Returns the first failure. Communicators, buffers and
-/// out-pointers of the queued calls must stay valid until it returns.
+/// and waits for all. Sends and receives queued one after another on a
+/// communicator run together, as one batch, whatever their order; a
+/// collective or exchange queued between them splits them into two batches
+/// that run in turn (so a group that mixes them must put them in the same
+/// order on every rank). Returns the first failure. Communicators, buffers
+/// and out-pointers of the queued calls must stay valid until it returns.
 #[unsafe(no_mangle)]
 pub extern "C" fn oxcclGroupEnd() -> oxcclResult_t {
     boundary("oxcclGroupEnd", || match group::end()? {
@@ -1882,6 +2673,324 @@ mod tests {
         for b in &bufs {
             assert_eq!(b, &vec![6.0; 5]);
         }
+        for c in comms {
+            // SAFETY: live handles, destroyed once.
+            assert_eq!(unsafe { oxcclCommDestroy(c) }, 0);
+        }
+    }
+
+    fn xargs(kind: Kind, send: usize, recv: usize, count: usize) -> XArgs {
+        XArgs {
+            kind,
+            send,
+            recv,
+            count,
+            v: None,
+            datatype: DataType::oxcclFloat32 as c_int,
+            root: 0,
+            stream: 0,
+        }
+    }
+
+    fn v_args(sc: &[usize], sd: &[usize], rc: &[usize], rd: &[usize]) -> XArgs {
+        let mut a = xargs(Kind::AllToAllV, 0x1000, 0x9000, 0);
+        a.v = Some(VArgs {
+            send_counts: sc.to_vec(),
+            send_displs: sd.to_vec(),
+            recv_counts: rc.to_vec(),
+            recv_displs: rd.to_vec(),
+        });
+        a
+    }
+
+    fn message<T: std::fmt::Debug>(r: Outcome<T>) -> String {
+        let f = r.unwrap_err();
+        assert_eq!(f.code, ResultCode::oxcclInvalidArgument, "{}", f.message);
+        f.message
+    }
+
+    #[test]
+    fn p2p_checks_peer_type_count_and_buffer() {
+        let p = plan_p2p(true, 0x1000, 10, 7, 3, 0, 4).unwrap();
+        assert_eq!(
+            (p.send, p.peer, p.dtype, p.buf),
+            (
+                true,
+                3,
+                DType::F32,
+                Span {
+                    addr: 0x1000,
+                    len: 40
+                }
+            )
+        );
+        assert!(message(plan_p2p(true, 0x1000, 1, 7, 4, 0, 4)).contains("peer 4"));
+        assert!(message(plan_p2p(false, 0x1000, 1, 7, -1, 0, 4)).contains("peer -1"));
+        assert!(message(plan_p2p(false, 0, 1, 7, 0, 0, 4)).contains("recvbuff is NULL"));
+        assert!(message(plan_p2p(true, 0, 1, 7, 0, 0, 4)).contains("sendbuff is NULL"));
+        assert!(plan_p2p(true, 0, 0, 7, 0, 0, 4).is_ok());
+        // A negative count passed as size_t.
+        assert!(message(plan_p2p(true, 0x1000, -1isize as usize, 7, 0, 0, 4)).contains("negative"));
+        assert!(message(plan_p2p(true, 0x1000, 1, 10, 0, 0, 4)).contains("datatype"));
+        assert!(message(plan_p2p(true, 0x1000, 1, 7, 0, 0x42, 4)).contains("stream"));
+    }
+
+    #[test]
+    fn receives_of_one_batch_need_their_own_memory() {
+        let op = |send, addr, len| P2p {
+            send,
+            dtype: DType::U8,
+            peer: 1,
+            buf: Span { addr, len },
+        };
+        let batch = [op(true, 0x1000, 16), op(false, 0x2000, 16)];
+        // Sends may share memory; a receive may not overlap anything.
+        assert!(joins_batch(&batch, &op(true, 0x1008, 16)).is_ok());
+        assert!(joins_batch(&batch, &op(false, 0x3000, 16)).is_ok());
+        assert!(message(joins_batch(&batch, &op(false, 0x1008, 16))).contains("overlaps"));
+        assert!(message(joins_batch(&batch, &op(false, 0x200f, 1))).contains("overlaps"));
+        assert!(message(joins_batch(&batch, &op(true, 0x2000, 1))).contains("overlaps"));
+        assert!(joins_batch(&batch, &op(false, 0x2010, 4)).is_ok());
+    }
+
+    #[test]
+    fn exchanges_size_their_buffers() {
+        let c = plan_exchange(xargs(Kind::AllToAll, 0x1000, 0x9000, 3), 1, 4).unwrap();
+        assert_eq!((c.input.len, c.output.len), (48, 48));
+        assert_eq!(c.x, XKind::AllToAll { count: 3 });
+        // Gather: the root's output is world blocks, others' is not used.
+        let mut a = xargs(Kind::Gather, 0x1000, 0, 3);
+        a.root = 2;
+        let c = plan_exchange(a.clone(), 1, 4).unwrap();
+        assert_eq!((c.input.len, c.output.len), (12, 0));
+        assert!(message(plan_exchange(a.clone(), 2, 4)).contains("recvbuff is NULL"));
+        a.root = 4;
+        assert!(message(plan_exchange(a.clone(), 2, 4)).contains("root 4"));
+        a.root = -1;
+        assert!(message(plan_exchange(a, 2, 4)).contains("root -1"));
+        // Scatter: the root's input is world blocks.
+        let mut a = xargs(Kind::Scatter, 0, 0x9000, 3);
+        a.root = 0;
+        let c = plan_exchange(a.clone(), 1, 4).unwrap();
+        assert_eq!((c.input.len, c.output.len), (0, 12));
+        assert!(message(plan_exchange(a, 0, 4)).contains("sendbuff is NULL"));
+        // Not in place.
+        assert!(
+            message(plan_exchange(
+                xargs(Kind::AllToAll, 0x1000, 0x1000, 3),
+                0,
+                4
+            ))
+            .contains("in place")
+        );
+        assert!(
+            message(plan_exchange(
+                xargs(Kind::AllToAll, 0x1000, 0x1010, 3),
+                0,
+                4
+            ))
+            .contains("in place")
+        );
+        // Counts past the address space.
+        for n in [usize::MAX, isize::MAX as usize / 8] {
+            assert!(
+                message(plan_exchange(
+                    xargs(Kind::AllToAll, 0x1000, 0x9000, n),
+                    0,
+                    4
+                ))
+                .contains("overflows")
+            );
+        }
+        assert!(message(plan_exchange(xargs(Kind::AllReduce, 0, 0, 0), 0, 4)).contains("bug"));
+    }
+
+    #[test]
+    fn alltoallv_checks_counts_and_displacements() {
+        // Uneven, with zeros (whose displacements are not used).
+        let a = v_args(&[1, 0, 2], &[0, 99, 1], &[1, 0, 3], &[0, 1 << 60, 1]);
+        let c = plan_exchange(a, 0, 3).unwrap();
+        assert_eq!((c.input.len, c.output.len), (12, 16));
+        match &c.x {
+            XKind::AllToAllV {
+                send_displs,
+                recv_displs,
+                ..
+            } => {
+                assert_eq!(send_displs, &[0, 0, 1]);
+                assert_eq!(recv_displs, &[0, 0, 1]);
+            }
+            x => panic!("{x:?}"),
+        }
+        // Overlapping receive ranges.
+        let a = v_args(&[1, 1, 1], &[0, 1, 2], &[1, 2, 2], &[0, 1, 2]);
+        let m = message(plan_exchange(a, 0, 3));
+        assert!(
+            m.contains("peer 1") && m.contains("peer 2") && m.contains("overlap"),
+            "{m}"
+        );
+        // Overrunning the address space (a negative displacement).
+        let a = v_args(
+            &[1, 1, 1],
+            &[0, -1isize as usize, 2],
+            &[1, 1, 1],
+            &[0, 1, 2],
+        );
+        assert!(message(plan_exchange(a, 0, 3)).contains("sdispls"));
+        let a = v_args(
+            &[1, 1, 1],
+            &[0, 1, 2],
+            &[1, -2isize as usize, 1],
+            &[0, 1, 2],
+        );
+        assert!(message(plan_exchange(a, 0, 3)).contains("recvcounts"));
+        // This rank's block to itself has one count.
+        let a = v_args(&[1, 1, 1], &[0, 1, 2], &[2, 1, 1], &[0, 2, 3]);
+        assert!(message(plan_exchange(a, 0, 3)).contains("sendcounts[0]"));
+        // Arrays of the wrong length, missing arrays.
+        let a = v_args(&[1, 1], &[0, 1], &[1, 1], &[0, 1]);
+        assert!(message(plan_exchange(a, 0, 3)).contains("entries"));
+        assert!(message(plan_exchange(xargs(Kind::AllToAllV, 0, 0, 0), 0, 3)).contains("arrays"));
+        // All empty: NULL buffers are fine.
+        let mut a = v_args(&[0, 0], &[5, 5], &[0, 0], &[7, 7]);
+        a.send = 0;
+        a.recv = 0;
+        assert!(plan_exchange(a, 1, 2).is_ok());
+    }
+
+    /// Sends, receives and exchanges of 4 ranks driven from one thread in a
+    /// group, posted in orders that would deadlock if run as posted.
+    #[test]
+    fn group_of_sends_and_receives_in_any_order() {
+        const N: usize = 4;
+        let mut comms = [std::ptr::null_mut(); N];
+        assert_eq!(
+            // SAFETY: a writable array of N handles.
+            unsafe { oxcclCommInitAll(comms.as_mut_ptr(), N as c_int, std::ptr::null()) },
+            0
+        );
+        let send: Vec<Vec<f32>> = (0..N).map(|r| vec![r as f32; 1000]).collect();
+        let mut recv: Vec<[Vec<f32>; 2]> = (0..N)
+            .map(|_| [vec![-1.0; 1000], vec![-1.0; 1000]])
+            .collect();
+        // Rank 0 sends to 1 then 3, rank 2 to 3 then 1; 1 receives from 2
+        // then 0, 3 from 0 then 2.
+        let plan: [(&[c_int], &[c_int]); N] = [
+            (&[1, 3], &[]),
+            (&[], &[2, 0]),
+            (&[3, 1], &[]),
+            (&[], &[0, 2]),
+        ];
+        assert_eq!(oxcclGroupStart(), 0);
+        for (r, (to, from)) in plan.iter().enumerate() {
+            for &p in *to {
+                // SAFETY: live handles and buffers that outlive oxcclGroupEnd.
+                let rc = unsafe {
+                    oxcclSend(
+                        send[r].as_ptr().cast(),
+                        1000,
+                        7,
+                        p,
+                        comms[r],
+                        std::ptr::null_mut(),
+                    )
+                };
+                assert_eq!(rc, 0);
+            }
+            for (i, &p) in from.iter().enumerate() {
+                // SAFETY: as above.
+                let rc = unsafe {
+                    oxcclRecv(
+                        recv[r][i].as_mut_ptr().cast(),
+                        1000,
+                        7,
+                        p,
+                        comms[r],
+                        std::ptr::null_mut(),
+                    )
+                };
+                assert_eq!(rc, 0);
+            }
+        }
+        // A receive into memory already queued is refused at once.
+        // SAFETY: as above; refused before it is queued.
+        let rc = unsafe {
+            oxcclRecv(
+                recv[1][0].as_mut_ptr().cast(),
+                10,
+                7,
+                3,
+                comms[1],
+                std::ptr::null_mut(),
+            )
+        };
+        assert_eq!(rc, 4);
+        assert_eq!(oxcclGroupEnd(), 0);
+        assert_eq!(recv[1][0], vec![2.0; 1000]);
+        assert_eq!(recv[1][1], vec![0.0; 1000]);
+        assert_eq!(recv[3][0], vec![0.0; 1000]);
+        assert_eq!(recv[3][1], vec![2.0; 1000]);
+
+        // Alltoall and gather in a group, then a send outside a group: refused peer.
+        let input: Vec<Vec<u32>> = (0..N)
+            .map(|r| (0..N as u32 * 2).map(|i| r as u32 * 100 + i).collect())
+            .collect();
+        let mut output = vec![vec![0u32; N * 2]; N];
+        let mut gathered = vec![0u32; N];
+        assert_eq!(oxcclGroupStart(), 0);
+        for r in 0..N {
+            // SAFETY: as above.
+            unsafe {
+                assert_eq!(
+                    oxcclAllToAll(
+                        input[r].as_ptr().cast(),
+                        output[r].as_mut_ptr().cast(),
+                        2,
+                        3,
+                        comms[r],
+                        std::ptr::null_mut()
+                    ),
+                    0
+                );
+                let out = if r == 1 {
+                    gathered.as_mut_ptr().cast()
+                } else {
+                    std::ptr::null_mut()
+                };
+                assert_eq!(
+                    oxcclGather(
+                        input[r].as_ptr().cast(),
+                        out,
+                        1,
+                        3,
+                        1,
+                        comms[r],
+                        std::ptr::null_mut()
+                    ),
+                    0
+                );
+            }
+        }
+        assert_eq!(oxcclGroupEnd(), 0);
+        for (r, out) in output.iter().enumerate() {
+            let want: Vec<u32> = (0..N as u32)
+                .flat_map(|p| [p * 100 + 2 * r as u32, p * 100 + 2 * r as u32 + 1])
+                .collect();
+            assert_eq!(out, &want);
+        }
+        assert_eq!(gathered, [0, 100, 200, 300]);
+        // SAFETY: refused before any access: the peer is out of range.
+        let rc = unsafe {
+            oxcclSend(
+                send[0].as_ptr().cast(),
+                1,
+                7,
+                4,
+                comms[0],
+                std::ptr::null_mut(),
+            )
+        };
+        assert_eq!(rc, 4);
         for c in comms {
             // SAFETY: live handles, destroyed once.
             assert_eq!(unsafe { oxcclCommDestroy(c) }, 0);

@@ -2,8 +2,11 @@
  * API driving every communicator from one thread (collectives and
  * oxcclCommInitRank), unique ids used from threads, per-thread last errors,
  * a timeout (oxcclTimeout, then oxcclRemoteError for the rank that comes
- * late), oxcclCommAbort of a call in progress on another thread, and
- * oxcclCommSplit from one thread per rank. */
+ * late), oxcclCommAbort of a call in progress on another thread,
+ * oxcclCommSplit from one thread per rank, and sends and receives: a group
+ * from one thread in an order that would deadlock if run as posted, a send
+ * that no receive meets (oxcclTimeout naming the peer and the call), and
+ * counts that disagree (an error on both ranks, naming both). */
 #define _POSIX_C_SOURCE 200809L
 #include <pthread.h>
 #include <time.h>
@@ -162,6 +165,23 @@ static void *split_thread(void *p) {
   TOK(oxcclAllReduce(&v, &v, 1, oxcclInt32, oxcclSum, sub, NULL));
   TCHECK(v == (a->rank == 1 ? 1 : 2), "rank %d: split sum %d", a->rank, v);
   TOK(oxcclCommDestroy(sub));
+  return NULL;
+}
+
+struct p2p_args {
+  oxcclComm_t comm;
+  int rank;
+  oxcclResult_t result;
+  char message[512];
+};
+
+/* Rank 0 sends 10 floats to rank 1, which receives 12 from rank 0. */
+static void *disagree_thread(void *p) {
+  struct p2p_args *a = p;
+  float buf[12] = {0};
+  a->result = a->rank == 0 ? oxcclSend(buf, 10, oxcclFloat, 1, a->comm, NULL)
+                           : oxcclRecv(buf, 12, oxcclFloat, 0, a->comm, NULL);
+  snprintf(a->message, sizeof a->message, "%s", oxcclGetLastError(NULL));
   return NULL;
 }
 
@@ -349,6 +369,95 @@ int main(void) {
       pthread_join(th[i], NULL);
     for (i = 0; i < N; i++)
       OK(oxcclCommDestroy(sc[i]));
+  }
+  /* 8. Sends and receives of 4 ranks from one thread, in a group, posted
+     in an order that deadlocks if run as posted: rank 0 sends to 1 then 3,
+     rank 2 to 3 then 1, rank 1 receives from 2 then 0, rank 3 from 0 then 2. */
+  {
+    oxcclComm_t pc[N];
+    static float s[4][COUNT], r[4][2][COUNT];
+    float x = 0.0f;
+    OK(oxcclCommInitAll(pc, N, NULL));
+    for (i = 0; i < 4; i++)
+      for (j = 0; j < COUNT; j++) {
+        s[i][j] = (float)(i * 10000 + j);
+        r[i][0][j] = r[i][1][j] = -1.0f;
+      }
+    OK(oxcclGroupStart());
+    OK(oxcclSend(s[0], COUNT, oxcclFloat, 1, pc[0], NULL));
+    OK(oxcclRecv(r[1][0], COUNT, oxcclFloat, 2, pc[1], NULL));
+    OK(oxcclSend(s[0], COUNT, oxcclFloat, 3, pc[0], NULL));
+    OK(oxcclRecv(r[3][0], COUNT, oxcclFloat, 0, pc[3], NULL));
+    OK(oxcclSend(s[2], COUNT, oxcclFloat, 3, pc[2], NULL));
+    OK(oxcclRecv(r[1][1], COUNT, oxcclFloat, 0, pc[1], NULL));
+    OK(oxcclSend(s[2], COUNT, oxcclFloat, 1, pc[2], NULL));
+    OK(oxcclRecv(r[3][1], COUNT, oxcclFloat, 2, pc[3], NULL));
+    /* A receive into memory queued already is refused at once. */
+    FAILS(oxcclInvalidArgument, oxcclRecv(r[1][1] + 5, 3, oxcclFloat, 3, pc[1], NULL));
+    CHECK(r[1][0][0] == -1.0f, "a queued receive ran before oxcclGroupEnd");
+    FAILS(oxcclInvalidUsage, oxcclCommDestroy(pc[2]));
+    OK(oxcclGroupEnd());
+    for (j = 0; j < COUNT; j++) {
+      CHECK(r[1][0][j] == s[2][j] && r[1][1][j] == s[0][j], "rank 1 got %g %g at %d",
+            r[1][0][j], r[1][1][j], j);
+      CHECK(r[3][0][j] == s[0][j] && r[3][1][j] == s[2][j], "rank 3 got %g %g at %d",
+            r[3][0][j], r[3][1][j], j);
+      if (g_failed)
+        break;
+    }
+    /* A send to itself with its receive, outside any group of other ranks. */
+    OK(oxcclGroupStart());
+    OK(oxcclSend(s[0], 1, oxcclFloat, 0, pc[0], NULL));
+    OK(oxcclRecv(&x, 1, oxcclFloat, 0, pc[0], NULL));
+    OK(oxcclGroupEnd());
+    CHECK(x == s[0][0], "message to itself %g", x);
+    for (i = 0; i < N; i++)
+      OK(oxcclCommDestroy(pc[i]));
+  }
+
+  /* 9. A send that no receive meets times out naming the peer and the
+     call; counts that disagree fail on both ranks, naming both. */
+  {
+    oxcclComm_t tc[2];
+    struct p2p_args pa[2];
+    float buf[10] = {0};
+    oxcclResult_t ae = oxcclSuccess;
+    double t0;
+    setenv("OXCCL_TIMEOUT", "1", 1);
+    OK(oxcclCommInitAll(tc, 2, NULL));
+    unsetenv("OXCCL_TIMEOUT");
+    t0 = now();
+    FAILS(oxcclTimeout, oxcclSend(buf, 10, oxcclFloat, 1, tc[0], NULL));
+    msg = oxcclGetLastError(NULL);
+    printf("unmatched send: %s\n", msg);
+    CHECK(strstr(msg, "oxcclSend") != NULL && strstr(msg, "send to rank 1") != NULL,
+          "timeout message '%s' names the call and the peer", msg);
+    CHECK(now() - t0 < 30.0, "send timeout took %.1f s", now() - t0);
+    OK(oxcclCommGetAsyncError(tc[0], &ae));
+    CHECK(ae == oxcclTimeout, "async error %d", (int)ae);
+    OK(oxcclCommDestroy(tc[0]));
+    OK(oxcclCommDestroy(tc[1]));
+
+    OK(oxcclCommInitAll(tc, 2, NULL));
+    for (i = 0; i < 2; i++) {
+      pa[i].comm = tc[i];
+      pa[i].rank = i;
+      pa[i].result = oxcclSuccess;
+      pa[i].message[0] = '\0';
+      pthread_create(&th[i], NULL, disagree_thread, &pa[i]);
+    }
+    for (i = 0; i < 2; i++)
+      pthread_join(th[i], NULL);
+    for (i = 0; i < 2; i++) {
+      printf("rank %d on counts that disagree: %s\n", i, pa[i].message);
+      CHECK(pa[i].result == oxcclInvalidUsage || pa[i].result == oxcclRemoteError,
+            "rank %d: counts that disagree returned %d", i, (int)pa[i].result);
+      CHECK(strstr(pa[i].message, "10 elements") != NULL &&
+                strstr(pa[i].message, "12 elements") != NULL,
+            "rank %d: '%s' names both counts", i, pa[i].message);
+    }
+    OK(oxcclCommDestroy(tc[0]));
+    OK(oxcclCommDestroy(tc[1]));
   }
   return finish("threads", 0);
 }
