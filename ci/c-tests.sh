@@ -71,7 +71,7 @@ for sym in oxcclGetVersion oxcclGetUniqueId oxcclCommInitRank oxcclCommInitAll o
     oxcclCommDestroy oxcclCommAbort oxcclCommCount oxcclCommUserRank oxcclCommGetAsyncError \
     oxcclAllReduce oxcclBroadcast oxcclReduce oxcclAllGather oxcclReduceScatter \
     oxcclSend oxcclRecv oxcclAllToAll oxcclAllToAllv oxcclGather oxcclScatter \
-    oxcclCommSplit oxcclGroupStart oxcclGroupEnd oxcclGetErrorString oxcclGetLastError; do
+    oxcclCommSplit oxcclCommShrink oxcclGroupStart oxcclGroupEnd oxcclGetErrorString oxcclGetLastError; do
     grep -qx "  $sym" "$work/symbols.txt" || { echo "missing symbol $sym" >&2; exit 1; }
 done
 if grep -v '^  oxccl' "$work/symbols.txt"; then

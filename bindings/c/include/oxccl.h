@@ -212,6 +212,25 @@ oxcclResult_t oxcclCommAbort(oxcclComm_t comm);
 // `comm` is NULL or a live handle; `newcomm` is NULL or writable.
 oxcclResult_t oxcclCommSplit(oxcclComm_t comm, int color, int key, oxcclComm_t *newcomm, void *config);
 
+// Forms a new communicator of the ranks of `comm` that survived a
+// failure, as NCCL's `ncclCommShrink`, written to `*newcomm`: every
+// survivor calls it (after its call on `comm` failed, or on a healthy
+// `comm`), naming in `exclude_ranks_list` (`exclude_ranks_count` entries;
+// NULL when 0) the ranks it knows to be gone. The survivors agree through the
+// store on who is left: the ranks named, and the rank each survivor's last
+// failure started at, are not waited for; a rank that neither comes nor
+// is named is waited for `OXCCL_TIMEOUT`, then left out. Members keep
+// their order; the new communicator's errors name ranks in `comm`'s
+// numbering too. A job whose rank 0 served the store (`oxrun`, a unique
+// id) and died cannot shrink. `config` is reserved (NULL) and
+// `shrink_flags` must be 0. Not inside a group.
+//
+// # Safety
+//
+// `comm` is NULL or a live handle; `exclude_ranks_list` is NULL or points
+// to `exclude_ranks_count` readable ints; `newcomm` is NULL or writable.
+oxcclResult_t oxcclCommShrink(oxcclComm_t comm, const int *exclude_ranks_list, int exclude_ranks_count, oxcclComm_t *newcomm, void *config, int shrink_flags);
+
 // Writes the number of ranks to `*count`.
 //
 // # Safety

@@ -1761,6 +1761,79 @@ pub unsafe extern "C" fn oxcclCommSplit(
     })
 }
 
+/// Forms a new communicator of the ranks of `comm` that survived a
+/// failure, as NCCL's `ncclCommShrink`, written to `*newcomm`: every
+/// survivor calls it (after its call on `comm` failed, or on a healthy
+/// `comm`), naming in `exclude_ranks_list` (`exclude_ranks_count` entries;
+/// NULL when 0) the ranks it knows to be gone. The survivors agree through the
+/// store on who is left: the ranks named, and the rank each survivor's last
+/// failure started at, are not waited for; a rank that neither comes nor
+/// is named is waited for `OXCCL_TIMEOUT`, then left out. Members keep
+/// their order; the new communicator's errors name ranks in `comm`'s
+/// numbering too. A job whose rank 0 served the store (`oxrun`, a unique
+/// id) and died cannot shrink. `config` is reserved (NULL) and
+/// `shrink_flags` must be 0. Not inside a group.
+///
+/// # Safety
+///
+/// `comm` is NULL or a live handle; `exclude_ranks_list` is NULL or points
+/// to `exclude_ranks_count` readable ints; `newcomm` is NULL or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn oxcclCommShrink(
+    comm: oxcclComm_t,
+    exclude_ranks_list: *const c_int,
+    exclude_ranks_count: c_int,
+    newcomm: *mut oxcclComm_t,
+    config: *mut std::ffi::c_void,
+    shrink_flags: c_int,
+) -> oxcclResult_t {
+    boundary("oxcclCommShrink", || {
+        if newcomm.is_null() {
+            return Err(Failure::arg("newcomm is NULL"));
+        }
+        if !config.is_null() {
+            return Err(Failure::arg("config is reserved: pass NULL"));
+        }
+        if shrink_flags != 0 {
+            return Err(Failure::arg(format!(
+                "shrinkFlags {shrink_flags} is not 0 (the only mode)"
+            )));
+        }
+        let n = usize::try_from(exclude_ranks_count).map_err(|_| {
+            Failure::arg(format!(
+                "excludeRanksCount {exclude_ranks_count} is negative"
+            ))
+        })?;
+        let exclude: Vec<usize> = if n == 0 {
+            Vec::new()
+        } else if exclude_ranks_list.is_null() {
+            return Err(Failure::arg(format!(
+                "excludeRanksList is NULL but excludeRanksCount is {n}"
+            )));
+        } else {
+            // SAFETY: non-NULL, and `n` readable ints by the caller's promise.
+            let list = unsafe { std::slice::from_raw_parts(exclude_ranks_list, n) };
+            list.iter()
+                .map(|&r| {
+                    usize::try_from(r)
+                        .map_err(|_| Failure::arg(format!("rank {r} to exclude is negative")))
+                })
+                .collect::<Outcome<_>>()?
+        };
+        if group::open() {
+            return Err(Failure::new(
+                ResultCode::oxcclInvalidUsage,
+                "oxcclCommShrink inside a group: call it outside oxcclGroupStart/oxcclGroupEnd",
+            ));
+        }
+        // SAFETY: the caller's promise.
+        let c = unsafe { comm_ref(comm) }?;
+        let sub = lock(&c)?.shrink(&exclude)?;
+        // SAFETY: non-NULL, and writable by the caller's promise.
+        unsafe { write_out("newcomm", newcomm, new_handle(sub)) }
+    })
+}
+
 /// Writes the number of ranks to `*count`.
 ///
 /// # Safety

@@ -3,7 +3,8 @@
  * oxcclCommInitRank), unique ids used from threads, per-thread last errors,
  * a timeout (oxcclTimeout, then oxcclRemoteError for the rank that comes
  * late), oxcclCommAbort of a call in progress on another thread,
- * oxcclCommSplit from one thread per rank, and sends and receives: a group
+ * oxcclCommSplit from one thread per rank, oxcclCommShrink after a rank
+ * gives up, and sends and receives: a group
  * from one thread in an order that would deadlock if run as posted, a send
  * that no receive meets (oxcclTimeout naming the peer and the call), and
  * counts that disagree (an error on both ranks, naming both). */
@@ -164,6 +165,38 @@ static void *split_thread(void *p) {
   v = a->rank;
   TOK(oxcclAllReduce(&v, &v, 1, oxcclInt32, oxcclSum, sub, NULL));
   TCHECK(v == (a->rank == 1 ? 1 : 2), "rank %d: split sum %d", a->rank, v);
+  TOK(oxcclCommDestroy(sub));
+  return NULL;
+}
+
+/* Rank 2 of 4 gives up (aborts); the others' allreduce fails, they
+ * shrink to 3 ranks in the old order and go on. */
+static void *shrink_thread(void *p) {
+  struct rank_args *a = p;
+  oxcclComm_t sub = NULL;
+  int r = -1, n = -1;
+  int32_t v = 1;
+  oxcclResult_t res;
+  if (a->rank == 2) {
+    TOK(oxcclCommAbort(a->comm));
+    return NULL;
+  }
+  /* Not inside TCHECK, which holds the test's lock. */
+  res = oxcclAllReduce(&v, &v, 1, oxcclInt32, oxcclSum, a->comm, NULL);
+  TCHECK(res != oxcclSuccess, "rank %d: an allreduce without rank 2 succeeded",
+         a->rank);
+  TOK(oxcclCommShrink(a->comm, NULL, 0, &sub, NULL, 0));
+  if (sub == NULL) {
+    TCHECK(0, "rank %d got no communicator", a->rank);
+    return NULL;
+  }
+  TOK(oxcclCommUserRank(sub, &r));
+  TOK(oxcclCommCount(sub, &n));
+  TCHECK(n == 3 && r == (a->rank == 3 ? 2 : a->rank), "rank %d: rank %d of %d",
+         a->rank, r, n);
+  v = a->rank;
+  TOK(oxcclAllReduce(&v, &v, 1, oxcclInt32, oxcclSum, sub, NULL));
+  TCHECK(v == 0 + 1 + 3, "rank %d: sum over the survivors %d", a->rank, v);
   TOK(oxcclCommDestroy(sub));
   return NULL;
 }
@@ -370,6 +403,29 @@ int main(void) {
     for (i = 0; i < N; i++)
       OK(oxcclCommDestroy(sc[i]));
   }
+  /* 7b. oxcclCommShrink after rank 2 gives up; bad arguments refused. */
+  {
+    oxcclComm_t sc[N];
+    oxcclComm_t sub = NULL;
+    int bad[1] = {-1};
+    OK(oxcclCommInitAll(sc, N, NULL));
+    FAILS(oxcclInvalidArgument, oxcclCommShrink(sc[0], NULL, 1, &sub, NULL, 0));
+    FAILS(oxcclInvalidArgument, oxcclCommShrink(sc[0], bad, 1, &sub, NULL, 0));
+    FAILS(oxcclInvalidArgument, oxcclCommShrink(sc[0], NULL, -1, &sub, NULL, 0));
+    FAILS(oxcclInvalidArgument, oxcclCommShrink(sc[0], NULL, 0, NULL, NULL, 0));
+    FAILS(oxcclInvalidArgument, oxcclCommShrink(sc[0], NULL, 0, &sub, NULL, 1));
+    for (i = 0; i < N; i++) {
+      args[i].comm = sc[i];
+      args[i].rank = i;
+      pthread_create(&th[i], NULL, shrink_thread, &args[i]);
+    }
+    for (i = 0; i < N; i++)
+      pthread_join(th[i], NULL);
+    for (i = 0; i < N; i++)
+      if (i != 2) /* rank 2's handle went with oxcclCommAbort */
+        OK(oxcclCommDestroy(sc[i]));
+  }
+
   /* 8. Sends and receives of 4 ranks from one thread, in a group, posted
      in an order that deadlocks if run as posted: rank 0 sends to 1 then 3,
      rank 2 to 3 then 1, rank 1 receives from 2 then 0, rank 3 from 0 then 2. */
