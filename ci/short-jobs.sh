@@ -14,10 +14,11 @@ BIN=${CARGO_TARGET_DIR:-target}/release
 [ -x "$BIN/oxccl-check" ] && [ -x "$BIN/oxrun" ] || cargo build --release -p oxccl-tools >&2
 
 segments() { find /dev/shm -maxdepth 1 -name 'oxccl*' 2>/dev/null | wc -l; }
-ranks() { pgrep -f "$BIN/oxccl-check" | wc -l || true; }
-listening() { ss -Hltn 2>/dev/null | wc -l; }
+ranks() { pgrep -f "$BIN/(oxccl-check|oxrun)" | wc -l || true; }
+# Listening sockets of oxccl's programs (others on the machine come and go).
+listening() { ss -Hltnp 2>/dev/null | grep -c -e '"oxccl-check"' -e '"oxrun"' || true; }
 
-before="segments $(segments), ranks $(ranks), listening sockets $(listening)"
+before="segments $(segments), ranks and launchers $(ranks), their listening sockets $(listening)"
 echo "# short-jobs: $JOBS jobs; before: $before"
 killed=0
 start=$(date +%s)
@@ -37,7 +38,7 @@ for j in $(seq 1 "$JOBS"); do
   fi
 done
 sleep 1
-after="segments $(segments), ranks $(ranks), listening sockets $(listening)"
+after="segments $(segments), ranks and launchers $(ranks), their listening sockets $(listening)"
 echo "# short-jobs: $JOBS jobs ($killed with a rank killed) in $(( $(date +%s) - start )) s; after: $after"
 if [ "$before" != "$after" ]; then
   echo "short-jobs: something was left behind" >&2
