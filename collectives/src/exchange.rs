@@ -125,12 +125,7 @@ impl Communicator {
     /// elements (the all-to-all of expert and sequence parallelism).
     pub fn all_to_all<T: Element>(&mut self, input: &[T], output: &mut [T]) -> Result<()> {
         let count = input.len() / self.world().max(1);
-        self.run_exchange(
-            Exchange::AllToAll { count },
-            T::DTYPE,
-            bytemuck::cast_slice(input),
-            bytemuck::cast_slice_mut(output),
-        )
+        self.run_typed(Exchange::AllToAll { count }, input, output)
     }
 
     /// [`all_to_all`](Self::all_to_all) with per-peer counts and
@@ -149,16 +144,15 @@ impl Communicator {
         recv_counts: &[usize],
         recv_displs: &[usize],
     ) -> Result<()> {
-        self.run_exchange(
+        self.run_typed(
             Exchange::AllToAllV {
                 send_counts,
                 send_displs,
                 recv_counts,
                 recv_displs,
             },
-            T::DTYPE,
-            bytemuck::cast_slice(input),
-            bytemuck::cast_slice_mut(output),
+            input,
+            output,
         )
     }
 
@@ -166,14 +160,13 @@ impl Communicator {
     /// (`world * input.len()` elements); other ranks' `output` is not
     /// touched and may be empty.
     pub fn gather<T: Element>(&mut self, input: &[T], output: &mut [T], root: usize) -> Result<()> {
-        self.run_exchange(
+        self.run_typed(
             Exchange::Gather {
                 count: input.len(),
                 root,
             },
-            T::DTYPE,
-            bytemuck::cast_slice(input),
-            bytemuck::cast_slice_mut(output),
+            input,
+            output,
         )
     }
 
@@ -186,14 +179,13 @@ impl Communicator {
         output: &mut [T],
         root: usize,
     ) -> Result<()> {
-        self.run_exchange(
+        self.run_typed(
             Exchange::Scatter {
                 count: output.len(),
                 root,
             },
-            T::DTYPE,
-            bytemuck::cast_slice(input),
-            bytemuck::cast_slice_mut(output),
+            input,
+            output,
         )
     }
 
@@ -207,12 +199,7 @@ impl Communicator {
         output: &mut [T],
         counts: &[usize],
     ) -> Result<()> {
-        self.run_exchange(
-            Exchange::AllGatherV { counts },
-            T::DTYPE,
-            bytemuck::cast_slice(input),
-            bytemuck::cast_slice_mut(output),
-        )
+        self.run_typed(Exchange::AllGatherV { counts }, input, output)
     }
 
     /// Reduce-scatter with per-rank counts: `input` holds every rank's
@@ -226,8 +213,18 @@ impl Communicator {
         counts: &[usize],
         op: ReduceOp,
     ) -> Result<()> {
+        self.run_typed(Exchange::ReduceScatterV { counts, op }, input, output)
+    }
+
+    /// [`run_exchange`](Self::run_exchange) on typed slices.
+    fn run_typed<T: Element>(
+        &mut self,
+        x: Exchange<'_>,
+        input: &[T],
+        output: &mut [T],
+    ) -> Result<()> {
         self.run_exchange(
-            Exchange::ReduceScatterV { counts, op },
+            x,
             T::DTYPE,
             bytemuck::cast_slice(input),
             bytemuck::cast_slice_mut(output),
