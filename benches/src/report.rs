@@ -68,10 +68,13 @@ pub fn redop_name(kind: Kind, op: ReduceOp) -> &'static str {
     }
 }
 
-/// The root column: the root of broadcast and reduce, -1 for the others.
+/// The root column: the root of broadcast, reduce, gather and scatter, -1
+/// for the others.
 pub fn root_column(kind: Kind, root: usize) -> i64 {
     match kind {
-        Kind::Broadcast | Kind::Reduce => i64::try_from(root).unwrap_or(i64::MAX),
+        Kind::Broadcast | Kind::Reduce | Kind::Gather | Kind::Scatter => {
+            i64::try_from(root).unwrap_or(i64::MAX)
+        }
         _ => -1,
     }
 }
