@@ -6,11 +6,12 @@ one run: for every rank count, transport and collective, oxccl's binary and
 Open MPI's benchmark alternate (which side goes first swaps every rep), REPS
 times, over the same sizes. Writes the raw tables and a JSON of every
 measurement into OUT, then the medians as a markdown table on stdout (and
-OUT/table.md), and an SVG plot of busbw (OUT/busbw.svg, or --plot PATH).
+OUT/table.md; one table per collective in OUT/compact.md), and an SVG plot of busbw (OUT/busbw.svg, or --plot PATH).
 
     python3 benches/scripts/exchanges.py                 # 5 reps
     EXCH_REPS=3 EXCH_ONLY=alltoall python3 benches/scripts/exchanges.py
-    python3 benches/scripts/exchanges.py --report OUT    # tables and plot again
+    python3 benches/scripts/exchanges.py --report OUT [OUT2 ...]  # tables, plot again
+                                                     # (the reps of several runs pooled)
 
 Conventions (both sides): float32, out of place (oxccl has no in-place form
 of these; the MPI benchmark's default), gather and scatter at root 0, size =
@@ -132,14 +133,16 @@ def measure(out):
                                              size=size, time_us=us, busbw=busbw, wrong=wrong))
                     print(f"# [{time.time() - t0:6.0f} s] rep {rep + 1}/{reps} {name} done",
                           file=sys.stderr, flush=True)
+                    # Written after each pair, so that a run cut short keeps its data.
+                    with open(os.path.join(out, "runs.json"), "w") as fh:
+                        json.dump({"host_cores": os.cpu_count(), "runs": runs}, fh, indent=1)
+                        fh.write("\n")
     os.remove(exe)
-    with open(os.path.join(out, "runs.json"), "w") as fh:
-        json.dump({"host_cores": os.cpu_count(), "runs": runs}, fh, indent=1)
-        fh.write("\n")
 
 
 def medians(runs):
-    """{(coll, transport, ranks, size): {side: (median time, median busbw, n, wrong total)}}"""
+    """{(coll, transport, ranks, size): {side: (median time, median busbw, n, wrong total,
+    fastest time, slowest time)}}"""
     groups = {}
     for r in runs:
         key = (r["coll"], r["transport"], r["ranks"], r["size"])
@@ -148,9 +151,10 @@ def medians(runs):
     for key, sides in groups.items():
         med[key] = {}
         for side, rs in sides.items():
-            med[key][side] = (statistics.median(x["time_us"] for x in rs),
+            ts = [x["time_us"] for x in rs]
+            med[key][side] = (statistics.median(ts),
                               statistics.median(x["busbw"] for x in rs), len(rs),
-                              sum(x["wrong"] or 0 for x in rs))
+                              sum(x["wrong"] or 0 for x in rs), min(ts), max(ts))
     return med
 
 
@@ -165,8 +169,9 @@ def table(med):
                     continue
                 lines.append(f"#### {c}, {t}, {n} ranks")
                 lines.append("")
-                lines.append("| size | oxccl busbw (time) | Open MPI busbw (time) | ratio | target met |")
-                lines.append("|---:|---:|---:|---:|:---:|")
+                lines.append("| size | oxccl busbw (time) | Open MPI busbw (time) | ratio | target met "
+                             "| oxccl times | Open MPI times | runs |")
+                lines.append("|---:|---:|---:|---:|:---:|---:|---:|---:|")
                 for k in keys:
                     o, m = med[k].get("oxccl"), med[k].get("mpi")
                     if not (o and m):
@@ -174,8 +179,38 @@ def table(med):
                     ratio = m[0] / o[0]  # Open MPI's time / ours: >= 1 means as fast or faster
                     met = "yes" if ratio >= 1.0 else "**no**"
                     lines.append(f"| {human(k[3])} | {o[1]:.3f} ({o[0]:.1f} µs) | "
-                                 f"{m[1]:.3f} ({m[0]:.1f} µs) | {ratio:.2f}× | {met} |")
+                                 f"{m[1]:.3f} ({m[0]:.1f} µs) | {ratio:.2f}× | {met} "
+                                 f"| {o[4]:.1f}-{o[5]:.1f} | {m[4]:.1f}-{m[5]:.1f} | {o[2]}, {m[2]} |")
                 lines.append("")
+    return "\n".join(lines)
+
+
+def compact(med):
+    """One table per collective: a row per size, a column per transport and
+    rank count, each cell oxccl's busbw / Open MPI's (ratio of times)."""
+    lines = []
+    cols = [(t, n) for t in ("shm", "tcp") for n in sorted({k[2] for k in med})]
+    for c in ("alltoall", "gather", "scatter", "sendrecv"):
+        keys = [k for k in med if k[0] == c]
+        if not keys:
+            continue
+        lines.append(f"#### {c}: busbw GB/s, oxccl / Open MPI (ratio of Open MPI's time to oxccl's)")
+        lines.append("")
+        lines.append("| size | " + " | ".join(f"{t}, {n} ranks" for t, n in cols) + " |")
+        lines.append("|---:|" + "---:|" * len(cols))
+        for size in sorted({k[3] for k in keys}):
+            cells = []
+            for t, n in cols:
+                v = med.get((c, t, n, size), {})
+                o, m = v.get("oxccl"), v.get("mpi")
+                if not (o and m):
+                    cells.append("")
+                    continue
+                ratio = m[0] / o[0]
+                r = f"{ratio:.2f}×" if ratio >= 1.0 else f"**{ratio:.2f}×**"
+                cells.append(f"{o[1]:.2f} / {m[1]:.2f} ({r})")
+            lines.append(f"| {human(size)} | " + " | ".join(cells) + " |")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -244,17 +279,22 @@ def main():
         plot = args[i + 1]
         del args[i:i + 2]
     if args[:1] == ["--report"]:
-        out = args[1]
+        dirs = args[1:]
     else:
-        out = os.environ.get("EXCH_OUT") or os.path.join(
-            ROOT, "benches", "results", "raw", time.strftime("%Y%m%d-%H%M%S") + "-exchanges")
-        measure(out)
-    with open(os.path.join(out, "runs.json")) as fh:
-        runs = json.load(fh)["runs"]
+        dirs = [os.environ.get("EXCH_OUT") or os.path.join(
+            ROOT, "benches", "results", "raw", time.strftime("%Y%m%d-%H%M%S") + "-exchanges")]
+        measure(dirs[0])
+    out = dirs[0]
+    runs = []
+    for d in dirs:  # several runs' directories: their reps pooled
+        with open(os.path.join(d, "runs.json")) as fh:
+            runs += json.load(fh)["runs"]
     med = medians(runs)
     text = table(med)
     with open(os.path.join(out, "table.md"), "w") as fh:
         fh.write(text + "\n")
+    with open(os.path.join(out, "compact.md"), "w") as fh:
+        fh.write(compact(med) + "\n")
     svg(med, plot or os.path.join(out, "busbw.svg"))
     print(text)
     wrong = sum(r["wrong"] or 0 for r in runs)
