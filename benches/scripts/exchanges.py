@@ -6,7 +6,9 @@ one run: for every rank count, transport and collective, oxccl's binary and
 Open MPI's benchmark alternate (which side goes first swaps every rep), REPS
 times, over the same sizes. Writes the raw tables and a JSON of every
 measurement into OUT, then the medians as a markdown table on stdout (and
-OUT/table.md; one table per collective in OUT/compact.md), and an SVG plot of busbw (OUT/busbw.svg, or --plot PATH).
+OUT/table.md; one table per collective in OUT/compact.md; the full table also has the
+median of the per-rep ratios, each rep's two sides having run back to back),
+and an SVG plot of busbw (OUT/busbw.svg, or --plot PATH).
 
     python3 benches/scripts/exchanges.py                 # 5 reps
     EXCH_REPS=3 EXCH_ONLY=alltoall python3 benches/scripts/exchanges.py
@@ -158,7 +160,20 @@ def medians(runs):
     return med
 
 
-def table(med):
+def paired(runs):
+    """{(coll, transport, ranks, size): median over reps of Open MPI's time /
+    oxccl's in the same rep (the two ran back to back), robust to the load
+    drifting between reps."""
+    t = {}
+    for r in runs:
+        key = (r["coll"], r["transport"], r["ranks"], r["size"])
+        t.setdefault(key, {}).setdefault((r.get("batch", 0), r["rep"]), {})[r["side"]] = r["time_us"]
+    return {k: statistics.median(v["mpi"] / v["oxccl"] for v in reps.values()
+                                 if "mpi" in v and "oxccl" in v)
+            for k, reps in t.items()}
+
+
+def table(med, pair=None):
     lines = []
     colls = [c for c in ("alltoall", "gather", "scatter", "sendrecv") if any(k[0] == c for k in med)]
     for c in colls:
@@ -170,8 +185,8 @@ def table(med):
                 lines.append(f"#### {c}, {t}, {n} ranks")
                 lines.append("")
                 lines.append("| size | oxccl busbw (time) | Open MPI busbw (time) | ratio | target met "
-                             "| oxccl times | Open MPI times | runs |")
-                lines.append("|---:|---:|---:|---:|:---:|---:|---:|---:|")
+                             "| oxccl times | Open MPI times | runs | paired ratio |")
+                lines.append("|---:|---:|---:|---:|:---:|---:|---:|---:|---:|")
                 for k in keys:
                     o, m = med[k].get("oxccl"), med[k].get("mpi")
                     if not (o and m):
@@ -180,7 +195,8 @@ def table(med):
                     met = "yes" if ratio >= 1.0 else "**no**"
                     lines.append(f"| {human(k[3])} | {o[1]:.3f} ({o[0]:.1f} µs) | "
                                  f"{m[1]:.3f} ({m[0]:.1f} µs) | {ratio:.2f}× | {met} "
-                                 f"| {o[4]:.1f}-{o[5]:.1f} | {m[4]:.1f}-{m[5]:.1f} | {o[2]}, {m[2]} |")
+                                 f"| {o[4]:.1f}-{o[5]:.1f} | {m[4]:.1f}-{m[5]:.1f} | {o[2]}, {m[2]} "
+                                 f"| {(pair or {}).get(k, float('nan')):.2f}× |")
                 lines.append("")
     return "\n".join(lines)
 
@@ -286,11 +302,11 @@ def main():
         measure(dirs[0])
     out = dirs[0]
     runs = []
-    for d in dirs:  # several runs' directories: their reps pooled
+    for i, d in enumerate(dirs):  # several runs' directories: their reps pooled
         with open(os.path.join(d, "runs.json")) as fh:
-            runs += json.load(fh)["runs"]
+            runs += [dict(r, batch=i) for r in json.load(fh)["runs"]]
     med = medians(runs)
-    text = table(med)
+    text = table(med, paired(runs))
     with open(os.path.join(out, "table.md"), "w") as fh:
         fh.write(text + "\n")
     with open(os.path.join(out, "compact.md"), "w") as fh:
