@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # bench-smoke.sh -- builds the nccl-tests-style *_perf binaries and oxrun in
 # release mode, then runs a short smoke of each binary with 2 and 4 ranks
-# through oxrun (every result checked), and one round of fusion_perf. Fails
-# on any non-zero exit.
+# through oxrun (every result checked; the perf binaries exit non-zero on any
+# wrong element), and one round of fusion_perf. Fails on any non-zero exit.
 #
 # Honours CARGO_TARGET_DIR (default: target). Run from anywhere:
 #   bash ci/bench-smoke.sh
@@ -27,6 +27,13 @@ for n in 2 4; do
     # Shared memory (what auto picks on one host) and TCP.
     for t in shm tcp; do
       OXCCL_TRANSPORT=$t run -n "$n" -- "$BIN/$b" -b 8 -e 1M -f 8 -n 3 -w 1
+    done
+  done
+  # The exchanges, sendrecv and hypercube (out of place only but hypercube;
+  # every result checked, -c 1), once per transport, roots at the last rank.
+  for b in alltoall_perf gather_perf scatter_perf sendrecv_perf hypercube_perf; do
+    for t in shm tcp; do
+      OXCCL_TRANSPORT=$t run -n "$n" -- "$BIN/$b" -b 4K -e 64K -f 16 -n 2 -w 1 -c 1 -r $((n - 1))
     done
   done
   run -n "$n" -- "$BIN/reduce_perf" -b 8 -e 64K -f 8 -n 2 -w 1 -r $((n - 1)) -d bfloat16 -o avg

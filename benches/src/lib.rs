@@ -1,11 +1,17 @@
 //! Shared code of the oxccl benchmark binaries.
 //!
 //! `all_reduce_perf`, `all_gather_perf`, `broadcast_perf`,
-//! `reduce_scatter_perf` and `reduce_perf` are thin mains over [`main`]: they
-//! take nccl-tests' flags ([`Options`]), run under any launcher
-//! (`Communicator::from_env()`), time each size out of place and in place,
-//! check every element of one more call on every rank against
+//! `reduce_scatter_perf`, `reduce_perf`, `alltoall_perf`, `gather_perf`,
+//! `scatter_perf`, `sendrecv_perf` and `hypercube_perf` are thin mains over
+//! [`main`]: they take nccl-tests' flags ([`Options`]), run under any
+//! launcher (`Communicator::from_env()`), time each size out of place and in
+//! place, check every element of one more call on every rank against
 //! [`oxccl_tools::pattern`], and print nccl-tests' table on rank 0 ([`report`]).
+//!
+//! Alltoall, gather, scatter and sendrecv have no in-place form in oxccl
+//! (`run_exchange` and batches take distinct buffers): they run out of place
+//! only and print N/A in the in-place columns (nccl-tests runs alltoall and
+//! sendrecv in place too but does not check them).
 
 #![forbid(unsafe_code)]
 
@@ -17,7 +23,7 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::time::Instant;
 
-use oxccl::{Communicator, Config, DType, Descriptor, Kind, ReduceOp};
+use oxccl::{Batch, Communicator, Config, DType, Descriptor, Kind, ReduceOp};
 use oxccl_tools::devices::MakeBuffer;
 use oxccl_tools::pattern;
 
@@ -52,6 +58,75 @@ pub struct Summary {
     pub wrong: u64,
 }
 
+/// What a `*_perf` binary times.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bench {
+    /// One call of an oxccl collective, exchange (alltoall, gather,
+    /// scatter) or, for [`Kind::SendRecv`], nccl-tests' ring: a batch that
+    /// sends to rank + 1 and receives from rank - 1.
+    Collective(Kind),
+    /// nccl-tests' `hypercube_perf`: an allgather in log2(world) steps, at
+    /// step k a batch that exchanges the 2^k blocks gathered so far with
+    /// rank XOR 2^k. Power-of-two worlds only (others print a line and skip,
+    /// as nccl-tests does); host memory only.
+    HyperCube,
+}
+
+impl From<Kind> for Bench {
+    fn from(kind: Kind) -> Bench {
+        Bench::Collective(kind)
+    }
+}
+
+impl Bench {
+    /// The kind whose sizes, buffers and expected data the benchmark uses
+    /// (the hypercube's are an allgather's).
+    pub fn kind(self) -> Kind {
+        match self {
+            Bench::Collective(k) => k,
+            Bench::HyperCube => Kind::AllGather,
+        }
+    }
+
+    /// The program name nccl-tests gives this benchmark.
+    pub fn program_name(self) -> &'static str {
+        match self {
+            Bench::Collective(k) => program_name(k),
+            Bench::HyperCube => "hypercube_perf",
+        }
+    }
+
+    /// The name in the JSON file's `collective`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Bench::Collective(k) => k.name(),
+            Bench::HyperCube => "hypercube",
+        }
+    }
+
+    /// Whether oxccl can run it in place.
+    pub fn has_in_place(self) -> bool {
+        !matches!(
+            self.kind(),
+            Kind::AllToAll
+                | Kind::AllToAllV
+                | Kind::Gather
+                | Kind::Scatter
+                | Kind::SendRecv
+                | Kind::AllGatherV
+                | Kind::ReduceScatterV
+        )
+    }
+
+    /// Whether `-r` names its root.
+    pub fn rooted(self) -> bool {
+        matches!(
+            self,
+            Bench::Collective(Kind::Broadcast | Kind::Reduce | Kind::Gather | Kind::Scatter)
+        )
+    }
+}
+
 /// The program name nccl-tests gives the benchmark of `kind`.
 pub fn program_name(kind: Kind) -> &'static str {
     match kind {
@@ -71,11 +146,12 @@ pub fn program_name(kind: Kind) -> &'static str {
     }
 }
 
-/// The whole program for `kind`: parses the flags, joins the job, runs,
-/// prints. Exit status 0 when every result is right, 1 on wrong results or a
-/// failure, 2 on bad flags.
-pub fn main(kind: Kind) -> ExitCode {
-    let program = program_name(kind);
+/// The whole program for `bench` (a [`Kind`] or [`Bench::HyperCube`]):
+/// parses the flags, joins the job, runs, prints. Exit status 0 when every
+/// result is right, 1 on wrong results or a failure, 2 on bad flags.
+pub fn main(bench: impl Into<Bench>) -> ExitCode {
+    let bench = bench.into();
+    let program = bench.program_name();
     let opts = match Options::parse_from(std::env::args_os()) {
         Ok(o) => o,
         Err(e) => {
@@ -101,7 +177,7 @@ pub fn main(kind: Kind) -> ExitCode {
     };
     let rank = comm.rank();
     let mut stdout = std::io::stdout().lock();
-    match run(&mut comm, kind, &opts, &mut stdout) {
+    match run(&mut comm, bench, &opts, &mut stdout) {
         Ok(s) if s.wrong == 0 => ExitCode::SUCCESS,
         Ok(s) => {
             if rank == 0 {
@@ -125,21 +201,33 @@ pub fn main(kind: Kind) -> ExitCode {
     }
 }
 
-/// Runs the benchmark of `kind` on this rank; rank 0 writes the table to `out`
-/// (and the JSON file of `-J`).
+/// Runs the benchmark `bench` (a [`Kind`] or [`Bench::HyperCube`]) on this
+/// rank; rank 0 writes the table to `out` (and the JSON file of `-J`).
 pub fn run(
     comm: &mut Communicator,
-    kind: Kind,
+    bench: impl Into<Bench>,
     opts: &Options,
     out: &mut dyn Write,
 ) -> Result<Summary, BenchError> {
+    let bench = bench.into();
+    let kind = bench.kind();
     let (world, rank) = (comm.world(), comm.rank());
-    let rooted = matches!(kind, Kind::Broadcast | Kind::Reduce);
-    if rooted && opts.root >= world {
+    if bench.rooted() && opts.root >= world {
         return Err(BenchError::Usage(format!(
             "root {} (-r) is not a rank of this world of {world}",
             opts.root
         )));
+    }
+    if opts.in_place_only && !bench.has_in_place() {
+        return Err(BenchError::Usage(format!(
+            "{} has no in-place form in oxccl: drop --in-place-only",
+            bench.program_name()
+        )));
+    }
+    if bench == Bench::HyperCube && opts.device != "cpu" {
+        return Err(BenchError::Usage(
+            "hypercube_perf runs on host memory only (--device cpu)".into(),
+        ));
     }
     let sizes = opts.sizes().map_err(BenchError::Usage)?;
     let local_rank = oxccl::config::launch_from_lookup(&oxccl::config::ProcessEnv)
@@ -165,10 +253,20 @@ pub fn run(
     };
     let mut rows = Vec::new();
     let mut wrong = 0u64;
+    if bench == Bench::HyperCube && !world.is_power_of_two() {
+        // As nccl-tests: a line, no rows, success.
+        if print {
+            writeln!(out, "nRanks {world} is not a power of 2, skipping")
+                .and_then(|_| out.write_all(report::footer(0, 0.0).as_bytes()))
+                .and_then(|_| out.flush())
+                .map_err(io)?;
+        }
+        return Ok(Summary { rows, wrong });
+    }
     for &dtype in &opts.dtypes {
         for &op in &ops {
             for &size in &sizes {
-                let row = run_row(comm, kind, opts, dtype, op, size, make.as_ref())?;
+                let row = run_row(comm, bench, opts, dtype, op, size, make.as_ref())?;
                 wrong += [row.out_of_place, row.in_place]
                     .iter()
                     .flatten()
@@ -189,7 +287,7 @@ pub fn run(
             .and_then(|_| out.flush())
             .map_err(io)?;
         if let Some(path) = &opts.json {
-            write_json(path, kind, opts, world, &ranks, &rows, wrong, avg)?;
+            write_json(path, bench, opts, world, &ranks, &rows, wrong, avg)?;
         }
     }
     Ok(Summary { rows, wrong })
@@ -209,35 +307,51 @@ fn gather_rank_info(comm: &mut Communicator) -> Result<Vec<RankInfo>, BenchError
 /// Times one size of one dtype and op, out of place and in place.
 fn run_row(
     comm: &mut Communicator,
-    kind: Kind,
+    bench: Bench,
     opts: &Options,
     dtype: DType,
     op: ReduceOp,
     size: usize,
     make: Option<&MakeBuffer>,
 ) -> Result<Row, BenchError> {
-    let world = comm.world();
-    let count = report::count_for(kind, size, dtype, world);
+    let kind = bench.kind();
+    let (world, rank) = (comm.world(), comm.rank());
+    let mut count = report::count_for(kind, size, dtype, world);
+    if bench == Bench::HyperCube {
+        // nccl-tests' hypercube rounds each rank's block down to 4 elements.
+        count -= count % 4;
+    }
     let bytes = report::row_bytes(kind, count, dtype, world);
-    let rooted = matches!(kind, Kind::Broadcast | Kind::Reduce);
+    let root = match kind {
+        // The sender of the message this rank receives.
+        Kind::SendRecv => (rank + world - 1) % world,
+        _ if bench.rooted() => opts.root,
+        _ => 0,
+    };
     let d = Descriptor {
         kind,
         dtype,
         op,
-        root: if rooted { opts.root } else { 0 },
+        root,
         count,
     };
-    let input = pattern::input(&d, world, comm.rank());
+    let input = pattern::input(&d, world, rank);
     let mut measure = |in_place: bool| -> Result<Measure, BenchError> {
-        let (time_us, wrong) = time_and_check(comm, d, opts, &input, in_place, make)?;
-        Ok(Measure::new(kind, world, bytes, time_us, wrong))
+        let (time_us, wrong) = time_and_check(comm, bench, d, opts, &input, in_place, make)?;
+        let mut m = Measure::new(kind, world, bytes, time_us, wrong);
+        if bench == Bench::HyperCube {
+            // nccl-tests' hypercube: algbw counts the (n-1)/n of the
+            // gathered bytes each rank receives, and busbw equals it.
+            m.algbw = m.busbw;
+        }
+        Ok(m)
     };
     let out_of_place = if opts.out_of_place() {
         Some(measure(false)?)
     } else {
         None
     };
-    let in_place = if opts.in_place() {
+    let in_place = if opts.in_place() && bench.has_in_place() {
         Some(measure(true)?)
     } else {
         None
@@ -263,8 +377,10 @@ const POISON: u8 = 0xA5;
 /// Runs `d` `-w` times untimed and `-n` times timed (after a barrier, the loop
 /// timed as a whole), combines the ranks' times per `-a`, then (with `-c 1`)
 /// runs it once more on fresh buffers and counts wrong elements over all ranks.
+#[allow(clippy::too_many_arguments)]
 fn time_and_check(
     comm: &mut Communicator,
+    bench: Bench,
     d: Descriptor,
     opts: &Options,
     input: &[u8],
@@ -275,10 +391,11 @@ fn time_and_check(
     let size = d.dtype.size();
     let chunk = d.count * size;
     let out_len = match d.kind {
-        Kind::AllGather => chunk * world,
         Kind::ReduceScatter if in_place => chunk * world,
-        _ => chunk,
+        _ => pattern::output_len(&d, world, rank),
     };
+    let exchange = pattern::exchange(&d);
+    let (next, prev) = ((rank + 1) % world, (rank + world - 1) % world);
     let mut output = vec![POISON; out_len];
     // Lays the input where an in-place call expects it.
     let lay = |buf: &mut [u8]| {
@@ -296,12 +413,32 @@ fn time_and_check(
         Some(make) => Some((make(input)?, make(&output)?)),
         None => None,
     };
-    let call = |comm: &mut Communicator, buf: &mut [u8], dev: &mut DevicePair| match (dev, in_place)
-    {
-        (None, true) => comm.run_bytes(d, None, buf),
-        (None, false) => comm.run_bytes(d, Some(input), buf),
-        (Some((_, out)), true) => comm.run_device(d, None, out.as_mut()),
-        (Some((inp, out)), false) => comm.run_device(d, Some(inp.as_ref()), out.as_mut()),
+    let call = |comm: &mut Communicator, buf: &mut [u8], dev: &mut DevicePair| {
+        if bench == Bench::HyperCube {
+            return hypercube(comm, d.dtype, (!in_place).then_some(input), buf);
+        }
+        if d.kind == Kind::SendRecv {
+            let mut batch = Batch::new();
+            match dev {
+                None => batch
+                    .send_bytes(input, d.dtype, next)
+                    .recv_bytes(buf, d.dtype, prev),
+                Some((inp, out)) => batch
+                    .send_device(&**inp, d.dtype, next)
+                    .recv_device(&mut **out, d.dtype, prev),
+            };
+            return comm.run_batch(batch);
+        }
+        match (exchange, dev, in_place) {
+            (Some(x), None, _) => comm.run_exchange(x, d.dtype, input, buf),
+            (Some(x), Some((inp, out)), _) => {
+                comm.run_exchange_device(x, d.dtype, inp.as_ref(), out.as_mut())
+            }
+            (None, None, true) => comm.run_bytes(d, None, buf),
+            (None, None, false) => comm.run_bytes(d, Some(input), buf),
+            (None, Some((_, out)), true) => comm.run_device(d, None, out.as_mut()),
+            (None, Some((inp, out)), false) => comm.run_device(d, Some(inp.as_ref()), out.as_mut()),
+        }
     };
     lay(&mut output);
     if let Some((_, out)) = &mut dev {
@@ -341,6 +478,43 @@ fn time_and_check(
     Ok((time_us, Some(total[0])))
 }
 
+/// nccl-tests' hypercube allgather on host memory: `buf` holds one block per
+/// rank; out of place (`input` given) this rank's block is copied in first.
+/// At the step of `mask` (1, 2, 4, ...) the rank sends the `mask` blocks it
+/// has gathered to rank XOR `mask` and receives that rank's `mask` blocks,
+/// both in one batch.
+fn hypercube(
+    comm: &mut Communicator,
+    dtype: DType,
+    input: Option<&[u8]>,
+    buf: &mut [u8],
+) -> oxccl::Result<()> {
+    let (rank, world) = (comm.rank(), comm.world());
+    let block = buf.len() / world;
+    if let Some(input) = input {
+        buf[rank * block..(rank + 1) * block].copy_from_slice(input);
+    }
+    let mut mask = 1;
+    while mask < world {
+        let mine = rank & !(mask - 1);
+        let theirs = mine ^ mask;
+        let (send, recv): (&[u8], &mut [u8]) = if mine < theirs {
+            let (lo, hi) = buf.split_at_mut(theirs * block);
+            (&lo[mine * block..], &mut hi[..mask * block])
+        } else {
+            let (lo, hi) = buf.split_at_mut(mine * block);
+            (&hi[..mask * block], &mut lo[theirs * block..])
+        };
+        let mut batch = Batch::new();
+        batch
+            .send_bytes(send, dtype, rank ^ mask)
+            .recv_bytes(recv, dtype, rank ^ mask);
+        comm.run_batch(batch)?;
+        mask <<= 1;
+    }
+    Ok(())
+}
+
 /// Combines the ranks' times (`-a`) with an allreduce through the communicator.
 fn combine_times(comm: &mut Communicator, how: Average, us: f64) -> Result<f64, BenchError> {
     let op = match how {
@@ -373,7 +547,7 @@ fn measure_json(m: Option<&Measure>) -> serde_json::Value {
 /// The JSON document of a run: settings, ranks and every row.
 #[allow(clippy::too_many_arguments)]
 pub fn json_document(
-    kind: Kind,
+    bench: Bench,
     opts: &Options,
     world: usize,
     ranks: &[RankInfo],
@@ -398,8 +572,8 @@ pub fn json_document(
     serde_json::json!({
         "library": "oxccl",
         "version": env!("CARGO_PKG_VERSION"),
-        "program": program_name(kind),
-        "collective": kind.name(),
+        "program": bench.program_name(),
+        "collective": bench.name(),
         "nranks": world,
         "device": opts.device,
         "settings": {
@@ -421,7 +595,7 @@ pub fn json_document(
 #[allow(clippy::too_many_arguments)]
 fn write_json(
     path: &Path,
-    kind: Kind,
+    bench: Bench,
     opts: &Options,
     world: usize,
     ranks: &[RankInfo],
@@ -429,7 +603,7 @@ fn write_json(
     wrong: u64,
     avg: f64,
 ) -> Result<(), BenchError> {
-    let doc = json_document(kind, opts, world, ranks, rows, wrong, avg);
+    let doc = json_document(bench, opts, world, ranks, rows, wrong, avg);
     let io = |source| BenchError::Io {
         what: path.display().to_string(),
         source,
@@ -449,11 +623,11 @@ mod tests {
     }
 
     /// Runs `kind` on `world` in-process ranks; returns rank 0's summary and table.
-    fn in_process(world: usize, kind: Kind, args: &[&str]) -> Vec<(Summary, String)> {
-        let o = opts(args);
+    fn in_process(world: usize, bench: impl Into<Bench>, args: &[&str]) -> Vec<(Summary, String)> {
+        let (o, bench) = (opts(args), bench.into());
         run_in_process(world, Config::default(), move |comm| {
             let mut out = Vec::new();
-            run(comm, kind, &o, &mut out)
+            run(comm, bench, &o, &mut out)
                 .map(|s| (s, String::from_utf8_lossy(&out).into_owned()))
                 .map_err(|e| oxccl::Error::InvalidArgument(e.to_string()))
         })
@@ -491,6 +665,58 @@ mod tests {
             assert!(table.contains("# Out of bounds values : 0 OK"), "{table}");
             // Only rank 0 prints.
             assert!(res[1].1.is_empty() && res[2].1.is_empty());
+        }
+    }
+
+    #[test]
+    fn exchanges_sendrecv_and_hypercube_check_clean_in_process() {
+        for (bench, world) in [
+            (Bench::Collective(Kind::AllToAll), 3),
+            (Bench::Collective(Kind::Gather), 3),
+            (Bench::Collective(Kind::Scatter), 3),
+            (Bench::Collective(Kind::SendRecv), 3),
+            (Bench::HyperCube, 4),
+            (Bench::HyperCube, 2),
+        ] {
+            let res = in_process(
+                world,
+                bench,
+                &[
+                    "-b", "48", "-e", "48K", "-f", "8", "-n", "2", "-w", "1", "-d", "all", "-r",
+                    "1",
+                ],
+            );
+            let (s, table) = &res[0];
+            assert_eq!(s.wrong, 0, "{bench:?}\n{table}");
+            assert_eq!(s.rows.len(), 10 * 4, "{table}");
+            for r in &s.rows {
+                assert_eq!(r.out_of_place.unwrap().wrong, Some(0), "{table}");
+                // In place only where oxccl has that form.
+                assert_eq!(r.in_place.is_some(), bench == Bench::HyperCube, "{table}");
+                let rooted = matches!(bench, Bench::Collective(Kind::Gather | Kind::Scatter));
+                assert_eq!(r.root, if rooted { 1 } else { -1 });
+            }
+        }
+        // nccl-tests' hypercube: algbw = busbw = (n-1)/n of the gathered bytes / time.
+        let res = in_process(4, Bench::HyperCube, &["-b", "64K", "-e", "64K", "-n", "1"]);
+        let m = res[0].0.rows[0].out_of_place.unwrap();
+        assert_eq!(m.algbw, m.busbw);
+        let want = 65536.0 * 0.75 / 1e9 / (m.time_us / 1e6);
+        assert!((m.busbw - want).abs() < 1e-9 * want.max(1.0), "{m:?}");
+    }
+
+    #[test]
+    fn hypercube_skips_other_worlds_and_exchanges_refuse_in_place_only() {
+        let res = in_process(3, Bench::HyperCube, &["-b", "1K", "-e", "1K", "-n", "1"]);
+        assert!(res[0].1.contains("nRanks 3 is not a power of 2, skipping"));
+        assert!(res[0].0.rows.is_empty());
+        let o = opts(&["--in-place-only"]);
+        let errs = run_in_process(2, Config::default(), move |comm| {
+            run(comm, Kind::AllToAll, &o, &mut Vec::new()).map(|_| ())
+        })
+        .unwrap();
+        for e in errs {
+            assert!(matches!(e, Err(BenchError::Usage(_))), "{e:?}");
         }
     }
 

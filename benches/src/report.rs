@@ -68,10 +68,13 @@ pub fn redop_name(kind: Kind, op: ReduceOp) -> &'static str {
     }
 }
 
-/// The root column: the root of broadcast and reduce, -1 for the others.
+/// The root column: the root of broadcast, reduce, gather and scatter, -1
+/// for the others.
 pub fn root_column(kind: Kind, root: usize) -> i64 {
     match kind {
-        Kind::Broadcast | Kind::Reduce => i64::try_from(root).unwrap_or(i64::MAX),
+        Kind::Broadcast | Kind::Reduce | Kind::Gather | Kind::Scatter => {
+            i64::try_from(root).unwrap_or(i64::MAX)
+        }
         _ => -1,
     }
 }
@@ -323,6 +326,16 @@ mod tests {
         assert_eq!(bus_factor(Kind::ReduceScatter, 2), 0.5);
         assert_eq!(bus_factor(Kind::Broadcast, 8), 1.0);
         assert_eq!(bus_factor(Kind::Reduce, 8), 1.0);
+        // alltoall.cu, gather.cu, scatter.cu: (n-1)/n; sendrecv.cu: 1.
+        assert_eq!(bus_factor(Kind::AllToAll, 4), 0.75);
+        assert_eq!(bus_factor(Kind::Gather, 2), 0.5);
+        assert_eq!(bus_factor(Kind::Scatter, 4), 0.75);
+        assert_eq!(bus_factor(Kind::SendRecv, 4), 1.0);
+        assert_eq!(count_for(Kind::AllToAll, 4096, DType::F32, 4), 256);
+        assert_eq!(row_bytes(Kind::Gather, 256, DType::F32, 4), 4096);
+        assert_eq!(count_for(Kind::SendRecv, 4096, DType::F32, 4), 1024);
+        assert_eq!(root_column(Kind::Gather, 2), 2);
+        assert_eq!(root_column(Kind::SendRecv, 2), -1);
         let m = Measure::new(Kind::AllReduce, 4, 1_000_000, 1000.0, Some(0));
         assert!((m.algbw - 1.0).abs() < 1e-12);
         assert!((m.busbw - 1.5).abs() < 1e-12);

@@ -11,6 +11,11 @@ const ALL_GATHER: &str = env!("CARGO_BIN_EXE_all_gather_perf");
 const BROADCAST: &str = env!("CARGO_BIN_EXE_broadcast_perf");
 const REDUCE_SCATTER: &str = env!("CARGO_BIN_EXE_reduce_scatter_perf");
 const REDUCE: &str = env!("CARGO_BIN_EXE_reduce_perf");
+const ALLTOALL: &str = env!("CARGO_BIN_EXE_alltoall_perf");
+const GATHER: &str = env!("CARGO_BIN_EXE_gather_perf");
+const SCATTER: &str = env!("CARGO_BIN_EXE_scatter_perf");
+const SENDRECV: &str = env!("CARGO_BIN_EXE_sendrecv_perf");
+const HYPERCUBE: &str = env!("CARGO_BIN_EXE_hypercube_perf");
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -49,7 +54,8 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
-/// A parsed table row: size, count, type, redop, root, then (time, algbw, busbw, #wrong) twice.
+/// A parsed table row: size, count, type, redop, root, then (time, algbw, busbw, #wrong) twice
+/// (busbw `None` where the table says N/A).
 #[derive(Debug)]
 struct Row {
     size: usize,
@@ -57,7 +63,7 @@ struct Row {
     dtype: String,
     redop: String,
     root: i64,
-    busbw: [f64; 2],
+    busbw: [Option<f64>; 2],
     wrong: [String; 2],
 }
 
@@ -74,7 +80,7 @@ fn rows(stdout: &str) -> Vec<Row> {
                 dtype: f[2].into(),
                 redop: f[3].into(),
                 root: f[4].parse().unwrap(),
-                busbw: [f[7].parse().unwrap(), f[11].parse().unwrap()],
+                busbw: [f[7].parse().ok(), f[11].parse().ok()],
                 wrong: [f[8].into(), f[12].into()],
             }
         })
@@ -83,12 +89,23 @@ fn rows(stdout: &str) -> Vec<Row> {
 
 /// Runs `bin` on 2 and 4 ranks over sizes 8 B .. 32 KiB and checks the table.
 fn clean_run(bin: &str, redop: &str, root: i64, per_rank: bool) {
+    clean_run_with(bin, redop, root, per_rank, true, &[]);
+}
+
+/// [`clean_run`] with `extra` flags; without `in_place`, the in-place
+/// columns must say N/A.
+fn clean_run_with(
+    bin: &str,
+    redop: &str,
+    root: i64,
+    per_rank: bool,
+    in_place: bool,
+    extra: &[&str],
+) {
     for world in [2, 4] {
-        let out = run_ranks(
-            bin,
-            world,
-            &["-b", "8", "-e", "32K", "-f", "8", "-n", "2", "-w", "1"],
-        );
+        let mut args = vec!["-b", "8", "-e", "32K", "-f", "8", "-n", "2", "-w", "1"];
+        args.extend_from_slice(extra);
+        let out = run_ranks(bin, world, &args);
         let report = || {
             out.iter()
                 .enumerate()
@@ -125,8 +142,10 @@ fn clean_run(bin: &str, redop: &str, root: i64, per_rank: bool) {
             assert_eq!(row.dtype, "float");
             assert_eq!(row.redop, redop);
             assert_eq!(row.root, root);
-            assert_eq!(row.wrong, ["0", "0"], "{stdout}");
-            assert!(row.busbw.iter().all(|b| b.is_finite() && *b >= 0.0));
+            let in_place_wrong = if in_place { "0" } else { "N/A" };
+            assert_eq!(row.wrong, ["0", in_place_wrong], "{stdout}");
+            assert!(row.busbw[0].is_some_and(|b| b.is_finite() && b >= 0.0));
+            assert_eq!(row.busbw[1].is_some(), in_place, "{stdout}");
         }
         // Other ranks print nothing.
         for o in &out[1..] {
@@ -158,6 +177,49 @@ fn reduce_scatter_perf_on_2_and_4_ranks() {
 #[test]
 fn reduce_perf_on_2_and_4_ranks() {
     clean_run(REDUCE, "sum", 0, false);
+}
+
+#[test]
+fn alltoall_perf_on_2_and_4_ranks() {
+    clean_run_with(ALLTOALL, "none", -1, true, false, &[]);
+}
+
+#[test]
+fn gather_perf_on_2_and_4_ranks() {
+    clean_run_with(GATHER, "none", 1, true, false, &["-r", "1"]);
+}
+
+#[test]
+fn scatter_perf_on_2_and_4_ranks() {
+    clean_run_with(SCATTER, "none", 1, true, false, &["-r", "1"]);
+}
+
+#[test]
+fn sendrecv_perf_on_2_and_4_ranks() {
+    clean_run_with(SENDRECV, "none", -1, false, false, &[]);
+}
+
+#[test]
+fn hypercube_perf_checks_clean_and_skips_other_worlds() {
+    for world in [2, 4] {
+        let out = run_ranks(
+            HYPERCUBE,
+            world,
+            &["-b", "1K", "-e", "64K", "-f", "8", "-n", "2"],
+        );
+        let stdout = text(&out[0].stdout);
+        assert!(out.iter().all(|o| o.status.success()), "{stdout}");
+        assert!(
+            stdout.contains("# Out of bounds values : 0 OK\n"),
+            "{stdout}"
+        );
+        let rows = rows(&stdout);
+        assert_eq!(rows.len(), 3, "{stdout}");
+        assert!(rows.iter().all(|r| r.wrong == ["0", "0"]), "{stdout}");
+    }
+    let out = run_ranks(HYPERCUBE, 3, &["-b", "1K", "-e", "1K"]);
+    assert!(out.iter().all(|o| o.status.success()));
+    assert!(text(&out[0].stdout).contains("nRanks 3 is not a power of 2, skipping"));
 }
 
 #[test]
