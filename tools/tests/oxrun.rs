@@ -323,3 +323,55 @@ fn keep_going_lets_the_others_finish() {
     assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
     assert!(text(&out.stdout).contains("[0] done"));
 }
+
+/// Ranks that fit the CPUs are pinned one per CPU, as mpirun binds to
+/// cores; `--bind-to none` leaves them where oxrun may run.
+#[test]
+fn ranks_are_pinned_to_cores_when_they_fit() {
+    let own = std::fs::read_to_string("/proc/self/status").unwrap();
+    let own = own
+        .lines()
+        .find(|l| l.starts_with("Cpus_allowed_list:"))
+        .unwrap()
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .to_string();
+    let lists = |extra: &[&str], n: &str| {
+        let mut c = oxrun();
+        c.args(extra).args([
+            "-n",
+            n,
+            "--",
+            "/bin/sh",
+            "-c",
+            "grep Cpus_allowed_list /proc/self/status",
+        ]);
+        let (out, _) = run(&mut c);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let mut v: Vec<(usize, String)> = text(&out.stdout)
+            .lines()
+            .map(|l| {
+                let r: usize = l[1..l.find(']').unwrap()].parse().unwrap();
+                (r, l.split_whitespace().last().unwrap().to_string())
+            })
+            .collect();
+        v.sort();
+        v.into_iter().map(|(_, l)| l).collect::<Vec<_>>()
+    };
+    let pinned = lists(&[], "1");
+    assert!(
+        !pinned[0].contains(['-', ',']),
+        "rank 0 runs on {} (oxrun on {own})",
+        pinned[0]
+    );
+    assert_eq!(lists(&["--bind-to", "none"], "1"), vec![own.clone()]);
+    let ncpu = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if ncpu >= 2 {
+        let two = lists(&[], "2");
+        assert_ne!(two[0], two[1], "two ranks on one CPU: {two:?}");
+    }
+    // More ranks than CPUs: none is pinned.
+    let many = lists(&[], &(ncpu + 1).to_string());
+    assert!(many.iter().all(|l| *l == own), "{many:?} vs {own}");
+}

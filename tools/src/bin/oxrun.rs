@@ -91,11 +91,27 @@ struct Cli {
     #[arg(long)]
     keep_going: bool,
 
+    /// Pin each rank to a CPU (`core`: rank R to the R-th CPU oxrun may
+    /// use, as mpirun's `--bind-to core`), or not (`none`). Default: core
+    /// when the ranks fit the CPUs, else none (as mpirun when
+    /// oversubscribed).
+    #[arg(long, value_enum, value_name = "WHAT")]
+    bind_to: Option<Bind>,
+
     /// The program to run, then its arguments (put `--` before them when they
     /// start with `-`).
     #[arg(value_name = "PROGRAM", required = true, num_args = 1..,
           trailing_var_arg = true, allow_hyphen_values = true)]
     command: Vec<OsString>,
+}
+
+/// Where ranks run (`--bind-to`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Bind {
+    /// One CPU per rank.
+    Core,
+    /// Wherever the scheduler puts them.
+    None,
 }
 
 const LONG_ABOUT: &str = "\
@@ -116,6 +132,10 @@ contradict these, are removed: OMPI_COMM_WORLD_RANK, OMPI_COMM_WORLD_SIZE,
 OMPI_COMM_WORLD_LOCAL_RANK, PMI_RANK, PMI_SIZE, MPI_LOCALRANKID, SLURM_PROCID,
 SLURM_NTASKS, SLURM_LOCALID. Rank 0 inherits oxrun's stdin; the others read
 from /dev/null.
+
+Placement: when the ranks fit the CPUs oxrun may use, rank R is pinned to
+the R-th of them (as mpirun binds to cores); with more ranks than CPUs none
+is pinned. --bind-to core|none overrides.
 
 Output: each line a rank writes to stdout (stderr) is printed on oxrun's
 stdout (stderr) as `[R] line`, as it comes; lines are never interleaved.
@@ -410,6 +430,46 @@ fn free_port() -> io::Result<u16> {
     Ok(l.local_addr()?.port())
 }
 
+/// The CPUs oxrun may run on, in order.
+fn allowed_cpus() -> Vec<usize> {
+    match rustix::thread::sched_getaffinity(None) {
+        Ok(set) => (0..rustix::thread::CpuSet::MAX_CPU)
+            .filter(|&c| set.is_set(c))
+            .collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+/// The CPU rank `rank` is pinned to, if any: with `--bind-to core` (the
+/// default when the ranks fit the CPUs oxrun may use, as mpirun's), the
+/// rank-th of those CPUs.
+fn bind_cpu(cli: &Cli, rank: usize) -> Option<usize> {
+    let cpus = allowed_cpus();
+    let fits = (cli.nproc as usize) <= cpus.len();
+    match cli.bind_to {
+        Some(Bind::None) => None,
+        Some(Bind::Core) => cpus.get(rank % cpus.len().max(1)).copied(),
+        None if fits => cpus.get(rank).copied(),
+        None => None,
+    }
+}
+
+/// Pins this thread to `cpu` for the spawn of rank `rank`; returns the
+/// mask to restore, or `None` (logged) when pinning failed and the rank
+/// runs unpinned.
+fn pin_self(rank: usize, cpu: usize) -> Option<rustix::thread::CpuSet> {
+    let saved = rustix::thread::sched_getaffinity(None).ok()?;
+    let mut set = rustix::thread::CpuSet::new();
+    set.set(cpu);
+    match rustix::thread::sched_setaffinity(None, &set) {
+        Ok(()) => Some(saved),
+        Err(e) => {
+            eprintln!("oxrun: cannot pin rank {rank} to CPU {cpu}: {e}");
+            None
+        }
+    }
+}
+
 fn spawn_rank(cli: &Cli, port: u16, secret: Option<&str>, rank: usize) -> io::Result<Rank> {
     let (program, args) = match cli.command.split_first() {
         Some(pa) => pa,
@@ -444,7 +504,16 @@ fn spawn_rank(cli: &Cli, port: u16, secret: Option<&str>, rank: usize) -> io::Re
     if let Some(secret) = secret {
         cmd.env("OXCCL_JOB_SECRET", secret);
     }
-    let mut child = cmd.spawn()?;
+    // A child inherits the mask of the thread that starts it, before it
+    // runs anything: pin this thread for the spawn, then put it back.
+    let saved = bind_cpu(cli, rank).and_then(|cpu| pin_self(rank, cpu));
+    let spawned = cmd.spawn();
+    if let Some(mask) = saved {
+        if let Err(e) = rustix::thread::sched_setaffinity(None, &mask) {
+            eprintln!("oxrun: cannot restore its own CPU mask: {e}");
+        }
+    }
+    let mut child = spawned?;
     let mut readers = Vec::with_capacity(2);
     let mut start_readers = || -> io::Result<()> {
         if let Some(out) = child.stdout.take() {
