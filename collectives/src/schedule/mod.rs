@@ -123,7 +123,7 @@ impl Kind {
     }
 
     /// Whether the ring's algorithms run it (the first six kinds); the
-    /// others are exchanges ([`pairwise`], [`point_to_point`]).
+    /// others are exchanges, straight between pairs of ranks.
     pub const fn on_ring(self) -> bool {
         matches!(
             self,
