@@ -384,4 +384,17 @@ fn small_message_cost() {
         "alltoall 4 KiB, 4 ranks: {:.2} us a call",
         t.elapsed().as_secs_f64() * 1e6 / calls as f64
     );
+    let t = std::time::Instant::now();
+    run_in_process(2, config(Transport::Shm), |c: &mut Communicator| {
+        let input = vec![c.rank() as f32; 512];
+        let mut out = vec![0.0f32; 1024];
+        for _ in 0..calls {
+            c.gather(&input, &mut out, 0).unwrap();
+        }
+    })
+    .unwrap();
+    println!(
+        "gather 4 KiB, 2 ranks: {:.2} us a call",
+        t.elapsed().as_secs_f64() * 1e6 / calls as f64
+    );
 }
