@@ -232,16 +232,33 @@ impl Failures {
                 // The peer is alive, and its call failed mid-frame: it
                 // withdrew the frame before reporting why, so its report
                 // may be on its way.
+                let silent = |call| Error::Remote {
+                    rank,
+                    call,
+                    origin: peer,
+                    reporter: None,
+                    cause: "it withdrew a transfer mid-frame: its call failed, \
+                            and it reported no cause (a panic?)"
+                        .into(),
+                };
                 match self.await_report(peer, Instant::now() + self.grace()) {
                     Awaited::Report(bytes) => self.remote(call, peer, &bytes),
-                    Awaited::Silent | Awaited::StoreGone(_) => Error::Remote {
-                        rank,
-                        call,
-                        origin: peer,
-                        reporter: None,
-                        cause: "it withdrew a transfer mid-frame: its call failed, \
-                                and it reported no cause (a panic?)"
-                            .into(),
+                    Awaited::Silent => silent(call),
+                    // The store went with its host: the peer's call most
+                    // likely failed because that host died (seen in a chaos
+                    // run: rank 0 SIGKILLed, rank 1 withdrew mid-frame, and
+                    // rank 2 named rank 1).
+                    Awaited::StoreGone(store_err) => match self.host_other_than(peer) {
+                        Some(host) => self.host_gone(
+                            call,
+                            host,
+                            &store_err,
+                            format!(
+                                "rank {peer} withdrew a transfer mid-frame (its call failed) \
+                                 and could leave no report there"
+                            ),
+                        ),
+                        None => silent(call),
                     },
                 }
             }
@@ -634,9 +651,13 @@ mod tests {
         };
         // Rank 2's neighbour closed without a report it could leave: rank
         // 0, which served the store, is gone.
+        // Also when the neighbour withdrew a frame mid-way (its call
+        // failed because rank 0 died): a chaos run's rank 2 named rank 1.
+        let withdrawn = EngineError::Transport(TransportError::Withdrawn { peer: 1 });
         for e in [
             with_host(2).attribute("c".into(), closed(1), false),
             with_host(2).attribute("c".into(), timeout(1), false),
+            with_host(2).attribute("c".into(), withdrawn, false),
         ] {
             match e {
                 Error::Remote {
