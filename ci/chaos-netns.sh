@@ -11,6 +11,8 @@
 #   TRIALS=2 bash ci/chaos-netns.sh         # the short run of CI
 set -euo pipefail
 cd "$(dirname "$0")/.."
+command -v ip >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 >/dev/null; }
+command -v pkill >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq procps >/dev/null; }
 N=${N:-4}
 TRIALS=${TRIALS:-2}
 TIMEOUT=${TIMEOUT:-5}

@@ -9,6 +9,8 @@
 #   JOBS=6 bash ci/short-jobs.sh       # CI
 set -euo pipefail
 cd "$(dirname "$0")/.."
+command -v ss >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 >/dev/null; }
+command -v pgrep >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq procps >/dev/null; }
 JOBS=${JOBS:-6}
 BIN=${CARGO_TARGET_DIR:-target}/release
 [ -x "$BIN/oxccl-check" ] && [ -x "$BIN/oxrun" ] || cargo build --release -p oxccl-tools >&2
