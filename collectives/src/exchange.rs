@@ -520,22 +520,7 @@ impl Communicator {
         let d = l.descriptor;
         let call = || Self::exchange_call(l, seq);
         let mut output = output;
-        // The own block waits for a moment without traffic (the engine's
-        // deferred prologue) where the plan can say where it goes: a copy
-        // into the output, at an offset no send from the input is shifted
-        // by. Else (a reduction into it, or a scatter's root) it goes first.
-        let deferred = match &l.own {
-            Some((from, to))
-                if world > 1
-                    && l.landing == Landing::Copy
-                    && to.start >= from.start
-                    && (to.start == from.start || l.sends.iter().all(Option::is_none)) =>
-            {
-                Some((to.clone(), to.start - from.start))
-            }
-            _ => None,
-        };
-        if let (Some((from, to)), None) = (&l.own, &deferred) {
+        if let Some((from, to)) = &l.own {
             if let Err(e) = copy_own(input, &mut output, from.clone(), to.start) {
                 return Err(self.fail_named(call(), e.into()));
             }
@@ -597,11 +582,6 @@ impl Communicator {
                 );
                 if l.tagged {
                     tag_messages(&mut plan, seq, &d);
-                }
-                if let Some((to, off)) = deferred {
-                    plan.prologue_copy = Some(to);
-                    plan.input_offset = off;
-                    plan.prologue_deferrable = true;
                 }
                 plan
             }
