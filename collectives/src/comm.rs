@@ -698,11 +698,20 @@ impl Communicator {
         }
         self.check_usable()?;
         self.validate_lengths(d, input, output)?;
-        let seq = self.seq;
-        self.seq += 1;
-        self.in_call = Some(seq);
+        let seq = self.start(true);
         tracing::debug!(rank = self.rank, "{}", d.call(seq));
         Ok(seq)
+    }
+
+    /// Marks a call in progress and gives it its sequence number (the next
+    /// one, taken when `numbered`).
+    fn start(&mut self, numbered: bool) -> u64 {
+        let seq = self.seq;
+        if numbered {
+            self.seq += 1;
+        }
+        self.in_call = Some(seq);
+        seq
     }
 
     /// Fails at once when the communicator is poisoned, or when the call
@@ -735,12 +744,7 @@ impl Communicator {
     /// collective (`numbered`; sends and receives are numbered per pair).
     pub(crate) fn enter(&mut self, numbered: bool) -> Result<u64> {
         self.check_usable()?;
-        let seq = self.seq;
-        if numbered {
-            self.seq += 1;
-        }
-        self.in_call = Some(seq);
-        Ok(seq)
+        Ok(self.start(numbered))
     }
 
     /// Ends a call started with [`enter`](Self::enter).

@@ -352,40 +352,33 @@ impl Communicator {
                 let out_len = recvs.iter().flatten().map(|r| r.end).max();
                 (sends, recvs, own, in_len, out_len)
             }
-            Exchange::Gather { count, root } => {
+            Exchange::Gather { count, root } | Exchange::Scatter { count, root } => {
                 let root = root_ok(root)?;
                 desc.count = count;
                 desc.root = root;
                 let one = range(0, count)?;
                 let total = bytes(count.saturating_mul(world))?;
-                if rank == root {
-                    let recvs: Vec<_> = (0..world)
+                // As a gather sees it: the root's side of the messages is
+                // every rank's block, each other rank's side one block;
+                // its own block goes from `one` to its place. A scatter is
+                // the same the other way.
+                let (root_side, leaf_side, own, root_len) = if rank == root {
+                    let blocks: Vec<_> = (0..world)
                         .map(|p| range(p * count, count).map(Some))
                         .collect::<Result<_>>()?;
-                    let own = Some((one.clone(), range(rank * count, count)?));
-                    (none(), recvs, own, Some(one.len()), Some(total))
+                    let own = (one.clone(), range(rank * count, count)?);
+                    (blocks, none(), Some(own), Some(total))
                 } else {
-                    let mut sends = none();
-                    sends[root] = Some(one.clone());
-                    (sends, none(), None, Some(one.len()), None)
-                }
-            }
-            Exchange::Scatter { count, root } => {
-                let root = root_ok(root)?;
-                desc.count = count;
-                desc.root = root;
-                let one = range(0, count)?;
-                let total = bytes(count.saturating_mul(world))?;
-                if rank == root {
-                    let sends: Vec<_> = (0..world)
-                        .map(|p| range(p * count, count).map(Some))
-                        .collect::<Result<_>>()?;
-                    let own = Some((range(rank * count, count)?, one.clone()));
-                    (sends, none(), own, Some(total), Some(one.len()))
+                    let mut single = none();
+                    single[root] = Some(one.clone());
+                    (none(), single, None, None)
+                };
+                let leaf_len = Some(one.len());
+                if kind == Kind::Gather {
+                    (leaf_side, root_side, own, leaf_len, root_len)
                 } else {
-                    let mut recvs = none();
-                    recvs[root] = Some(one.clone());
-                    (none(), recvs, None, None, Some(one.len()))
+                    let own = own.map(|(a, b)| (b, a));
+                    (root_side, leaf_side, own, root_len, leaf_len)
                 }
             }
             Exchange::AllGatherV { counts } => {

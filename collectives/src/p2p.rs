@@ -255,16 +255,22 @@ impl Communicator {
         let rank = self.rank();
         let fail =
             |c: &mut Communicator, e: crate::engine::EngineError| c.fail_named(named.text(), e);
-        // To itself: a copy, in posting order.
-        let (mut sends, self_sends): (Vec<_>, Vec<_>) =
-            sends.into_iter().partition(|s| s.peer != rank);
-        let (mut recvs, self_recvs): (Vec<_>, Vec<_>) =
-            recvs.into_iter().partition(|r| r.peer != rank);
-        for (s, mut r) in self_sends.into_iter().zip(self_recvs) {
-            let mut host = vec![0u8; s.buf.len()];
-            let result = read_from(&s.buf, &mut host).and_then(|()| write_into(&mut r.buf, &host));
-            if let Err(e) = result {
-                return Err(fail(self, e.into()));
+        // To itself: a copy, in posting order (the lists are only split
+        // when there is one; `run_batch` matched the counts).
+        let (mut sends, mut recvs) = (sends, recvs);
+        if sends.iter().any(|s| s.peer == rank) {
+            let (others, self_sends): (Vec<_>, Vec<_>) =
+                sends.into_iter().partition(|s| s.peer != rank);
+            let (from_others, self_recvs): (Vec<_>, Vec<_>) =
+                recvs.into_iter().partition(|r| r.peer != rank);
+            (sends, recvs) = (others, from_others);
+            for (s, mut r) in self_sends.into_iter().zip(self_recvs) {
+                let mut host = vec![0u8; s.buf.len()];
+                let result =
+                    read_from(&s.buf, &mut host).and_then(|()| write_into(&mut r.buf, &host));
+                if let Err(e) = result {
+                    return Err(fail(self, e.into()));
+                }
             }
         }
         if sends.is_empty() && recvs.is_empty() {

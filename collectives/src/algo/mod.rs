@@ -192,6 +192,11 @@ pub fn pipeline_slice(bytes: usize, hops: usize, link: &LinkModel, max: usize) -
     slice.clamp(MIN.min(max), max)
 }
 
+/// Every rank but `rank`: the peers of the exchanges.
+fn every_other(rank: usize, world: usize) -> Vec<usize> {
+    (0..world).filter(|&q| q != rank).collect()
+}
+
 fn ring_neighbours(rank: usize, world: usize) -> Vec<usize> {
     if world < 2 {
         return Vec::new();
@@ -401,7 +406,7 @@ impl Algorithm for Pairwise {
     }
 
     fn peers(&self, rank: usize, world: usize) -> Vec<usize> {
-        (0..world).filter(|&q| q != rank).collect()
+        every_other(rank, world)
     }
 
     fn lazy(&self) -> bool {
@@ -428,7 +433,7 @@ impl Algorithm for Direct {
     }
 
     fn peers(&self, rank: usize, world: usize) -> Vec<usize> {
-        (0..world).filter(|&q| q != rank).collect()
+        every_other(rank, world)
     }
 
     fn lazy(&self) -> bool {
