@@ -14,6 +14,7 @@ use crate::algo::{self, Algorithm, GatherReduce, LinkModel};
 use crate::config::Config;
 use crate::descriptor::Descriptor;
 use crate::engine::{self, EngineError, Input, Job, Output};
+use crate::exchange::KeptExchange;
 use crate::failure::Failures;
 use crate::lazy::Connector;
 use crate::links::Links;
@@ -99,6 +100,10 @@ pub struct Communicator {
     /// The last exchange's or batch's plan and its signature (its kind,
     /// sizes and peers, [`Communicator::take_kept_plan`]).
     kept_plan: Option<(Vec<u64>, Plan)>,
+    /// The last exchange, its layout and plan ([`crate::exchange`]), and
+    /// the words the next call's arguments are written into to compare.
+    pub(crate) kept_exchange: Option<Box<KeptExchange>>,
+    pub(crate) exchange_args: Vec<u64>,
     /// The last call's descriptor and the algorithm chosen for it: the
     /// choice weighs every algorithm's cost, which a loop of identical
     /// calls need not pay each time.
@@ -210,6 +215,8 @@ impl Communicator {
             work: Vec::new(),
             last_plan: None,
             kept_plan: None,
+            kept_exchange: None,
+            exchange_args: Vec::new(),
             last_algo: None,
             stats: Stats {
                 collectives: 0,

@@ -90,6 +90,7 @@ impl Exchange<'_> {
 }
 
 /// The messages of one rank in one exchange, in bytes.
+#[derive(Debug)]
 struct Layout {
     /// The input range sent to each rank (`None`: nothing to it).
     sends: Vec<Option<Range<usize>>>,
@@ -106,6 +107,52 @@ struct Layout {
     /// per-peer counts).
     tagged: bool,
     descriptor: Descriptor,
+}
+
+/// A communicator's last exchange and what it was built into: a loop of
+/// the same call (every step of training) compares its arguments with
+/// [`args`](Self::args) and reuses the rest, where a first call checks
+/// the layout, makes the links it needs and cuts the plan.
+#[derive(Debug)]
+pub(crate) struct KeptExchange {
+    /// The call's kind, dtype and arguments as words ([`write_args`]).
+    args: Vec<u64>,
+    layout: Layout,
+    /// Built by the first run (with the links to its peers), reused by
+    /// the next with the new call's sequence number.
+    plan: Option<Plan>,
+}
+
+/// Writes what identifies the exchange `x` of `dtype` on this rank into
+/// `out`: two calls with the same words have the same layout and plan.
+fn write_args(x: &Exchange<'_>, dtype: DType, out: &mut Vec<u64>) {
+    out.clear();
+    out.extend([x.kind() as u64, dtype as u64]);
+    let mut slice = |v: &[usize]| {
+        out.push(v.len() as u64);
+        out.extend(v.iter().map(|&c| c as u64));
+    };
+    match *x {
+        Exchange::AllToAll { count } => slice(&[count]),
+        Exchange::Gather { count, root } | Exchange::Scatter { count, root } => {
+            slice(&[count, root])
+        }
+        Exchange::AllToAllV {
+            send_counts,
+            send_displs,
+            recv_counts,
+            recv_displs,
+        } => {
+            for v in [send_counts, send_displs, recv_counts, recv_displs] {
+                slice(v);
+            }
+        }
+        Exchange::AllGatherV { counts } => slice(counts),
+        Exchange::ReduceScatterV { counts, op } => {
+            slice(&[op as usize]);
+            slice(counts);
+        }
+    }
 }
 
 /// Where each rank's block of `counts` starts when they are packed in rank order.
@@ -240,10 +287,10 @@ impl Communicator {
         input: &[u8],
         output: &mut [u8],
     ) -> Result<()> {
-        let layout = self.layout(&x, dtype)?;
-        self.check_lens(&layout, dtype, input.len(), output.len())?;
+        let kept = self.prepare(&x, dtype)?;
+        self.check_lens(&kept.layout, dtype, input.len(), output.len())?;
         let seq = self.enter(true)?;
-        let result = self.run_layout(&layout, seq, Input::Host(input), Dest::Host(output));
+        let result = self.run_layout(kept, seq, Input::Host(input), Dest::Host(output));
         self.leave();
         result
     }
@@ -259,12 +306,31 @@ impl Communicator {
         input: &dyn DeviceMemory,
         output: &mut dyn DeviceMemory,
     ) -> Result<()> {
-        let layout = self.layout(&x, dtype)?;
-        self.check_lens(&layout, dtype, input.len_bytes(), output.len_bytes())?;
+        let kept = self.prepare(&x, dtype)?;
+        self.check_lens(&kept.layout, dtype, input.len_bytes(), output.len_bytes())?;
         let seq = self.enter(true)?;
-        let result = self.run_layout(&layout, seq, Input::Device(input), Dest::Device(output));
+        let result = self.run_layout(kept, seq, Input::Device(input), Dest::Device(output));
         self.leave();
         result
+    }
+
+    /// The kept exchange when `x` repeats the last one, else a new one
+    /// with its layout checked and no plan yet.
+    fn prepare(&mut self, x: &Exchange<'_>, dtype: DType) -> Result<Box<KeptExchange>> {
+        let mut args = std::mem::take(&mut self.exchange_args);
+        write_args(x, dtype, &mut args);
+        match self.kept_exchange.take() {
+            Some(kept) if kept.args == args => {
+                // The words go back to be written over by the next call.
+                self.exchange_args = args;
+                Ok(kept)
+            }
+            _ => Ok(Box::new(KeptExchange {
+                layout: self.layout(x, dtype)?,
+                args,
+                plan: None,
+            })),
+        }
     }
 
     /// The messages of `x` on this rank, checked: counts and displacements
@@ -504,12 +570,13 @@ impl Communicator {
     /// Runs a checked layout: the own block, the links, the plan, the engine.
     fn run_layout(
         &mut self,
-        l: &Layout,
+        mut kept: Box<KeptExchange>,
         seq: u64,
         input: Input<'_>,
         output: Dest<'_>,
     ) -> Result<()> {
         let (rank, world) = (self.rank(), self.world());
+        let l = &kept.layout;
         let d = l.descriptor;
         let call = || Self::exchange_call(l, seq);
         let mut output = output;
@@ -521,45 +588,29 @@ impl Communicator {
         // Alone, the own block is the whole result (an average over one
         // rank is its value).
         if world == 1 {
+            self.kept_exchange = Some(kept);
             return Ok(());
         }
-        let peers: Vec<usize> = (0..world)
-            .filter(|&p| p != rank && (l.sends[p].is_some() || l.recvs[p].is_some()))
-            .collect();
-        self.ensure_links(&peers, &call)?;
-        let algo: &'static dyn Algorithm = match d.kind {
-            Kind::Gather | Kind::Scatter => &algo::Direct,
-            _ => &algo::Pairwise,
-        };
-        let slice_elems = (algo.slice_bytes(&d, world, &self.model(), self.config().slice_bytes)
-            / d.dtype.size())
-        .max(1);
-        // A loop of the same exchange builds its plan (and its cuts) once;
-        // only the tags' sequence number changes.
-        let none = u64::MAX;
-        let mut sig = Vec::with_capacity(8 + 4 * world);
-        sig.extend([
-            0,
-            d.kind as u64,
-            d.dtype as u64,
-            d.op as u64,
-            u64::from(l.landing == Landing::Copy),
-            slice_elems as u64,
-            world as u64,
-            rank as u64,
-        ]);
-        for r in l.sends.iter().chain(&l.recvs) {
-            match r {
-                Some(r) => sig.extend([r.start as u64, r.end as u64]),
-                None => sig.extend([none, none]),
-            }
-        }
-        let plan = match self.take_kept_plan(&sig) {
+        let plan = match kept.plan.take() {
+            // A loop of the same exchange built its plan (and its cuts,
+            // and its links) once; only the tags' sequence number changes.
             Some(mut plan) => {
                 plan.wires.iter_mut().for_each(|w| w.seq = seq);
                 plan
             }
             None => {
+                let peers: Vec<usize> = (0..world)
+                    .filter(|&p| p != rank && (l.sends[p].is_some() || l.recvs[p].is_some()))
+                    .collect();
+                self.ensure_links(&peers, &call)?;
+                let algo: &'static dyn Algorithm = match d.kind {
+                    Kind::Gather | Kind::Scatter => &algo::Direct,
+                    _ => &algo::Pairwise,
+                };
+                let slice_elems =
+                    (algo.slice_bytes(&d, world, &self.model(), self.config().slice_bytes)
+                        / d.dtype.size())
+                    .max(1);
                 let mut sends = l.sends.clone();
                 let mut recvs = l.recvs.clone();
                 sends[rank] = None;
@@ -584,8 +635,10 @@ impl Communicator {
             Dest::Device(o) => Output::Device(o),
         };
         let result = self.run_plan(&plan, seq, &d, Some(input), out);
-        self.keep_plan(sig, plan);
-        result.map_err(|e| self.fail_named(call(), e))
+        let result = result.map_err(|e| self.fail_named(Self::exchange_call(&kept.layout, seq), e));
+        kept.plan = Some(plan);
+        self.kept_exchange = Some(kept);
+        result
     }
 }
 

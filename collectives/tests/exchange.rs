@@ -11,7 +11,7 @@ use oxccl::{
     Communicator, Config, DType, Descriptor, ErrorKind, Exchange, Kind, ReduceOp, Transport,
     run_in_process,
 };
-use oxccl_tools::pattern::{check_call, fill, value};
+use oxccl_tools::pattern::{Uneven, check_call, fill, value};
 use proptest::prelude::*;
 
 fn config(transport: Transport, slice_bytes: usize) -> Config {
@@ -344,5 +344,88 @@ fn counts_that_disagree_are_named_on_both_sides() {
                 || e.contains("sends this rank 4 elements and expects 4 from it"),
             "{e}"
         );
+    }
+}
+
+/// A communicator keeps its last exchange (layout, links, plan) for a loop
+/// of the same call: a sequence that repeats calls, then changes one
+/// argument at a time (count, root, dtype, kind, per-rank counts), with
+/// other calls in between, must be right at every call.
+#[test]
+fn repeated_and_changed_calls_reuse_nothing_stale() {
+    let d = |kind, dtype, root, count| Descriptor {
+        kind,
+        dtype,
+        op: if kind == Kind::ReduceScatterV {
+            ReduceOp::Max
+        } else {
+            ReduceOp::Sum
+        },
+        root,
+        count,
+    };
+    let (f32_, i64_) = (DType::F32, DType::I64);
+    let calls = [
+        d(Kind::AllToAll, f32_, 0, 5),
+        d(Kind::AllToAll, f32_, 0, 5),
+        d(Kind::AllToAll, f32_, 0, 6),
+        d(Kind::AllToAll, i64_, 0, 6),
+        d(Kind::AllReduce, f32_, 0, 7),
+        d(Kind::AllToAll, i64_, 0, 6),
+        d(Kind::Gather, f32_, 0, 5),
+        d(Kind::Gather, f32_, 1, 5),
+        d(Kind::Gather, f32_, 1, 5),
+        d(Kind::Scatter, f32_, 1, 5),
+        d(Kind::Scatter, f32_, 2, 9),
+        d(Kind::AllToAllV, f32_, 0, 11),
+        d(Kind::AllToAllV, f32_, 0, 11),
+        d(Kind::AllToAllV, f32_, 0, 13),
+        d(Kind::AllGatherV, i64_, 0, 13),
+        d(Kind::AllGatherV, i64_, 0, 14),
+        d(Kind::ReduceScatterV, i64_, 0, 14),
+        d(Kind::ReduceScatterV, i64_, 0, 14),
+        d(Kind::AllToAll, f32_, 0, 5),
+    ];
+    for transport in TRANSPORTS {
+        for world in [3, 4] {
+            let wrong = run_in_process(world, config(transport, 1024), |c| {
+                calls
+                    .iter()
+                    .map(|d| match d.kind {
+                        Kind::AllToAllV | Kind::AllGatherV | Kind::ReduceScatterV => {
+                            let u = Uneven {
+                                kind: d.kind,
+                                dtype: d.dtype,
+                                op: d.op,
+                                count: d.count,
+                                world,
+                            };
+                            let (counts, layout) = (u.counts(), u.layout(c.rank()));
+                            let mut out = vec![0xA5u8; u.output_len(c.rank())];
+                            c.run_exchange(
+                                u.exchange(&counts, &layout),
+                                d.dtype,
+                                &u.input(c.rank()),
+                                &mut out,
+                            )
+                            .unwrap();
+                            u.count_wrong(c.rank(), &out)
+                        }
+                        _ => check_call(c, d, false).unwrap(),
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .unwrap();
+            for (rank, w) in wrong.iter().enumerate() {
+                for (d, &n) in calls.iter().zip(w) {
+                    assert_eq!(
+                        n,
+                        0,
+                        "{transport:?} world {world} rank {rank}: {}",
+                        d.call(0)
+                    );
+                }
+            }
+        }
     }
 }

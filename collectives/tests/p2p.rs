@@ -354,47 +354,71 @@ fn small_message_cost() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(20_000);
-    let t = std::time::Instant::now();
-    run_in_process(2, config(Transport::Shm), |c: &mut Communicator| {
-        let peer = 1 - c.rank();
-        let (mine, mut got) = ([c.rank() as u64], [0u64]);
-        for _ in 0..calls {
-            let mut b = Batch::new();
-            b.send(&mine, peer).recv(&mut got, peer);
-            c.run_batch(b).unwrap();
-        }
-        assert_eq!(got[0], peer as u64);
-    })
-    .unwrap();
-    println!(
-        "sendrecv 8 B, 2 ranks: {:.2} us a call",
-        t.elapsed().as_secs_f64() * 1e6 / calls as f64
-    );
-    let t = std::time::Instant::now();
-    run_in_process(4, config(Transport::Shm), |c: &mut Communicator| {
-        let input = vec![c.rank() as f32; 1024];
-        let mut out = vec![0.0f32; 1024];
-        for _ in 0..calls {
-            c.all_to_all(&input, &mut out).unwrap();
-        }
-        assert_eq!(out[1023], 3.0);
-    })
-    .unwrap();
-    println!(
-        "alltoall 4 KiB, 4 ranks: {:.2} us a call",
-        t.elapsed().as_secs_f64() * 1e6 / calls as f64
-    );
-    let t = std::time::Instant::now();
-    run_in_process(2, config(Transport::Shm), |c: &mut Communicator| {
-        let input = vec![c.rank() as f32; 512];
-        let mut out = vec![0.0f32; 1024];
-        for _ in 0..calls {
-            c.gather(&input, &mut out, 0).unwrap();
-        }
-    })
-    .unwrap();
-    println!(
-        "gather 4 KiB, 2 ranks: {:.2} us a call",
-        t.elapsed().as_secs_f64() * 1e6 / calls as f64
-    );
+    // OXCCL_BENCH_ONLY=alltoall (say) runs only the sections whose name holds it.
+    let only = std::env::var("OXCCL_BENCH_ONLY").unwrap_or_default();
+    if "sendrecv 8 B, 2 ranks".contains(only.as_str()) {
+        let t = std::time::Instant::now();
+        run_in_process(2, config(Transport::Shm), |c: &mut Communicator| {
+            let peer = 1 - c.rank();
+            let (mine, mut got) = ([c.rank() as u64], [0u64]);
+            for _ in 0..calls {
+                let mut b = Batch::new();
+                b.send(&mine, peer).recv(&mut got, peer);
+                c.run_batch(b).unwrap();
+            }
+            assert_eq!(got[0], peer as u64);
+        })
+        .unwrap();
+        println!(
+            "sendrecv 8 B, 2 ranks: {:.2} us a call",
+            t.elapsed().as_secs_f64() * 1e6 / calls as f64
+        );
+    }
+    if "alltoall 4 KiB, 4 ranks".contains(only.as_str()) {
+        let t = std::time::Instant::now();
+        run_in_process(4, config(Transport::Shm), |c: &mut Communicator| {
+            let input = vec![c.rank() as f32; 1024];
+            let mut out = vec![0.0f32; 1024];
+            for _ in 0..calls {
+                c.all_to_all(&input, &mut out).unwrap();
+            }
+            assert_eq!(out[1023], 3.0);
+        })
+        .unwrap();
+        println!(
+            "alltoall 4 KiB, 4 ranks: {:.2} us a call",
+            t.elapsed().as_secs_f64() * 1e6 / calls as f64
+        );
+    }
+    if "alltoall 4 KiB, 2 ranks".contains(only.as_str()) {
+        let t = std::time::Instant::now();
+        run_in_process(2, config(Transport::Shm), |c: &mut Communicator| {
+            let input = vec![c.rank() as f32; 1024];
+            let mut out = vec![0.0f32; 1024];
+            for _ in 0..calls {
+                c.all_to_all(&input, &mut out).unwrap();
+            }
+            assert_eq!(out[1023], 1.0);
+        })
+        .unwrap();
+        println!(
+            "alltoall 4 KiB, 2 ranks: {:.2} us a call",
+            t.elapsed().as_secs_f64() * 1e6 / calls as f64
+        );
+    }
+    if "gather 4 KiB, 2 ranks".contains(only.as_str()) {
+        let t = std::time::Instant::now();
+        run_in_process(2, config(Transport::Shm), |c: &mut Communicator| {
+            let input = vec![c.rank() as f32; 512];
+            let mut out = vec![0.0f32; 1024];
+            for _ in 0..calls {
+                c.gather(&input, &mut out, 0).unwrap();
+            }
+        })
+        .unwrap();
+        println!(
+            "gather 4 KiB, 2 ranks: {:.2} us a call",
+            t.elapsed().as_secs_f64() * 1e6 / calls as f64
+        );
+    }
 }
