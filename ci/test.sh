@@ -73,6 +73,9 @@ step "chaos, short: a link cut between network-namespace hosts (ci/chaos-netns.s
 # naming it within 2 x OXCCL_TIMEOUT + 2 s (the long run: README, "Reliability").
 TRIALS=2 bash ci/chaos-netns.sh
 
+step "UCX link (ci/ucx.sh): installs libucx-dev; UCX_TLS=tcp and sm, a kill, a mismatch, 4 namespaces"
+bash ci/ucx.sh
+
 step "short jobs leave nothing behind (ci/short-jobs.sh)"
 # Six 4-rank jobs, one with a rank killed: no shared-memory segment, rank
 # or listening socket may be left (the long run: README, "Reliability").
