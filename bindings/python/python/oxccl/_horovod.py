@@ -33,9 +33,9 @@ How :func:`init` finds the other ranks:
 - with no launcher variables at all, as a world of one rank (Horovod runs a
   plain ``python train.py`` as one rank too).
 
-Tensors are torch CPU tensors (CUDA ones when oxccl is built with CUDA);
-the engine copies each tensor in at submission and its result back when it
-completes. Errors are oxccl exceptions (:class:`oxccl.Error` subclasses)
+Tensors may be on any device: the engine copies each tensor in at
+submission and its result back when it completes, and tensors outside host
+memory (CUDA) travel through a host copy. Errors are oxccl exceptions (:class:`oxccl.Error` subclasses)
 whose message names the tensor: a name submitted with a different number of
 elements or dtype on different ranks fails on every rank; a name that some
 ranks never submit is reported by the stall inspector after
@@ -284,9 +284,12 @@ def _submit_inplace(kind: str, tensor: torch.Tensor, name: str, submit) -> _Hand
     """Submits ``tensor`` (its own memory when contiguous, else a contiguous
     copy that is written back by :func:`synchronize`)."""
     t = tensor.detach()
-    if t.is_contiguous():
+    on_host = t.device.type == "cpu"
+    if on_host and t.is_contiguous():
         return _Handle(name, submit(t), t, lambda: tensor)
-    buf = t.contiguous()
+    # Device tensors travel through host memory (this package's collectives
+    # take host buffers); non-contiguous ones through a contiguous copy.
+    buf = t.contiguous() if on_host else t.to("cpu", memory_format=torch.contiguous_format)
 
     def finish() -> torch.Tensor:
         with torch.no_grad():
@@ -383,15 +386,15 @@ def allgather_async(tensor: torch.Tensor, name: Optional[str] = None) -> _Handle
     firsts = [d[0] for d in dims]
     most = max(firsts)
     rest = t.shape[1:]
-    src = torch.zeros((most, *rest), dtype=t.dtype, device=t.device)
+    src = torch.zeros((most, *rest), dtype=t.dtype)
     src[: t.shape[0]] = t
-    out = torch.empty((most * world, *rest), dtype=t.dtype, device=t.device)
+    out = torch.empty((most * world, *rest), dtype=t.dtype)
     work = e.allgather_async(src, out, full)
 
     def finish() -> torch.Tensor:
         if all(f == most for f in firsts):
-            return out
-        return torch.cat([out[r * most : r * most + f] for r, f in enumerate(firsts)])
+            return out.to(t.device)
+        return torch.cat([out[r * most : r * most + f] for r, f in enumerate(firsts)]).to(t.device)
 
     return _Handle(full, work, (src, out), finish)
 

@@ -236,6 +236,28 @@ def case_ops(rank: int, world: int) -> dict:
     w = nn.Parameter(torch.full((3,), float(rank)))
     hvd.broadcast_(w, root_rank=root)
     expect_close(w.detach(), torch.full((3,), float(root)), "broadcast_ of a Parameter")
+    # DistributedOptimizer: fp16 compression, synchronize() then step() under
+    # skip_synchronize() (as for gradient clipping), an LR scheduler on top
+    for compression in (hvd.Compression.none, hvd.Compression.fp16):
+        lin = nn.Linear(3, 1, bias=False)
+        with torch.no_grad():
+            lin.weight.fill_(1.0)
+        opt = hvd.DistributedOptimizer(
+            torch.optim.SGD(lin.parameters(), lr=0.5), named_parameters=lin.named_parameters(), compression=compression
+        )
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+        lin(torch.full((1, 3), float(rank + 1))).sum().backward()  # gradient: rank + 1
+        opt.synchronize()
+        avg = (world + 1) / 2
+        expect_close(lin.weight.grad, torch.full((1, 3), avg), f"reduced gradient ({compression.__name__})")
+        assert lin.weight.grad.dtype == torch.float32
+        with opt.skip_synchronize():
+            opt.step()
+        expect_close(lin.weight.detach(), torch.full((1, 3), 1 - 0.5 * avg), f"weight after a step ({compression.__name__})")
+        sched.step()
+        assert opt.param_groups[0]["lr"] == 0.25
+        opt.zero_grad()
+        assert lin.weight.grad is None
     hvd.shutdown()
     assert not hvd.is_initialized()
     # init again after shutdown works
