@@ -20,7 +20,10 @@ if ! "$PYTHON" -c 'import oxccl._horovod' 2>/dev/null; then
   "$PYTHON" -m pip install -q pytest numpy ./bindings/python
 fi
 "$PYTHON" -m pip show pytest >/dev/null 2>&1 || "$PYTHON" -m pip install -q pytest
-export OXCCL_REQUIRE_TORCH=1 OXCCL_AUTH=off
+# The oxrun launch test needs oxrun (built by the quick-start step already).
+oxrun=$(realpath -m "${CARGO_TARGET_DIR:-target}/release/oxrun")
+[ -x "$oxrun" ] || cargo build --release -p oxccl-tools
+export OXRUN=$oxrun OXCCL_REQUIRE_OXRUN=1 OXCCL_REQUIRE_TORCH=1
 # From outside the source tree, so that the installed package is the one tested.
 (cd bindings/python/tests && "$PYTHON" -m pytest -q -p no:cacheprovider horovod)
 "$PYTHON" bindings/python/bench/hvd_step.py --quick --nproc 2

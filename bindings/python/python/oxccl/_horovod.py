@@ -123,6 +123,10 @@ class _State:
         self.local_rank = 0
         self.local_size = 1
         self.generation = 0
+        # The communicator of the last init() from the environment, kept
+        # by shutdown() for the next init().
+        self.kept: Optional[Communicator] = None
+        self.reuse = False
         self.counters: Dict[str, int] = collections.defaultdict(int)
 
 
@@ -141,20 +145,25 @@ def _torch_dist_ready() -> bool:
     return d.is_available() and d.is_initialized()
 
 
-def _new_communicator(generation: int) -> Communicator:
+def _new_communicator(generation: int) -> Tuple[Communicator, bool]:
+    """A communicator for :func:`init`, and whether a later :func:`init`
+    may use it again (one made from the environment: a second one from
+    the same launcher variables could meet a rank still tearing down the
+    first one's store)."""
     if _torch_dist_ready():
         from torch.distributed import distributed_c10d as c10d
 
         store = c10d._get_default_store()
-        return Communicator.from_store(
+        comm = Communicator.from_store(
             store,
             torch.distributed.get_rank(),
             torch.distributed.get_world_size(),
             prefix=f"oxccl_horovod/{generation}/",
         )
+        return comm, False
     if any(os.environ.get(v) for v in _RANK_VARS):
-        return Communicator.from_env()
-    return Communicator(UniqueId(), 0, 1)
+        return Communicator.from_env(), True
+    return Communicator(UniqueId(), 0, 1), True
 
 
 def _host_ranks(comm: Communicator) -> Tuple[int, int]:
@@ -178,8 +187,12 @@ def init() -> None:
     with _state.lock:
         if _state.engine is not None:
             return
-        comm = _new_communicator(_state.generation)
-        _state.generation += 1
+        comm = _state.kept
+        _state.kept = None
+        if comm is None or _torch_dist_ready():
+            comm, reusable = _new_communicator(_state.generation)
+            _state.generation += 1
+            _state.reuse = reusable
         local_rank, local_size = _host_ranks(comm)
         engine = FusionEngine(comm)
         _state.comm = comm
@@ -193,12 +206,16 @@ def init() -> None:
 
 def shutdown() -> None:
     """Stops the fusion engine (on every rank: call it on all of them, after
-    the last collective). :func:`init` may be called again afterwards."""
+    the last collective). :func:`init` may be called again afterwards; it
+    uses the same communicator again when the first came from the
+    launcher's environment."""
     with _state.lock:
         engine, _state.engine = _state.engine, None
-        _state.comm = None
-    if engine is not None:
-        engine.shutdown()
+        comm, _state.comm = _state.comm, None
+        if engine is not None:
+            engine.shutdown()  # gives the communicator back to `comm`
+            if _state.reuse:
+                _state.kept = comm
 
 
 atexit.register(shutdown)

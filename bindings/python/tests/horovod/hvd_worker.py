@@ -313,7 +313,9 @@ def case_errors(rank: int, world: int) -> dict:
     # a name only this rank submits: the stall inspector fails it (the test sets
     # OXCCL_STALL_SHUTDOWN_SECS) with a message naming it, rather than hanging
     t0 = time.monotonic()
-    name = f"allreduce.only_on_rank{rank}"
+    # Each rank names the tensor(s) that stalled: whichever of the two passed the
+    # limit first, possibly the other rank's.
+    name = "allreduce.only_on_rank"
     if os.environ.get("OXCCL_STALL_SHUTDOWN_SECS"):
         e = expect_error(lambda: hvd.allreduce(torch.ones(2), name=f"only_on_rank{rank}"), name, "stalled past")
     else:  # default: the handle's wait gives up after OXCCL_TIMEOUT
