@@ -81,6 +81,8 @@ __all__ = [
     "size",
     "local_rank",
     "local_size",
+    "cross_rank",
+    "cross_size",
     "allreduce",
     "allreduce_",
     "allreduce_async",
@@ -92,6 +94,7 @@ __all__ = [
     "broadcast_async",
     "broadcast_async_",
     "broadcast_object",
+    "allgather_object",
     "poll",
     "synchronize",
     "DistributedOptimizer",
@@ -122,6 +125,8 @@ class _State:
         self.size = 1
         self.local_rank = 0
         self.local_size = 1
+        self.cross_rank = 0
+        self.cross_size = 1
         self.generation = 0
         # The communicator of the last init() from the environment, kept
         # by shutdown() for the next init().
@@ -166,9 +171,10 @@ def _new_communicator(generation: int) -> Tuple[Communicator, bool]:
     return Communicator(UniqueId(), 0, 1), True
 
 
-def _host_ranks(comm: Communicator) -> Tuple[int, int]:
-    """This rank's index among the ranks of its host, and their number (by
-    host name, gathered over ``comm``)."""
+def _host_ranks(comm: Communicator) -> Tuple[int, int, int, int]:
+    """This rank's index among the ranks of its host and their number (by
+    host name, gathered over ``comm``); its index among the ranks of the same
+    local rank (one per host) and their number."""
     width = 256
     mine = bytearray(width)
     name = socket.gethostname().encode()[:width]
@@ -177,7 +183,9 @@ def _host_ranks(comm: Communicator) -> Tuple[int, int]:
     comm.all_gather(mine, every)
     hosts = [bytes(every[i * width : (i + 1) * width]) for i in range(comm.world)]
     me = hosts[comm.rank]
-    return hosts[: comm.rank].count(me), hosts.count(me)
+    local = [hosts[:r].count(hosts[r]) for r in range(comm.world)]
+    mine = local[comm.rank]
+    return local[comm.rank], hosts.count(me), local[: comm.rank].count(mine), local.count(mine)
 
 
 def init() -> None:
@@ -193,7 +201,7 @@ def init() -> None:
             comm, reusable = _new_communicator(_state.generation)
             _state.generation += 1
             _state.reuse = reusable
-        local_rank, local_size = _host_ranks(comm)
+        local_rank, local_size, cross_rank, cross_size = _host_ranks(comm)
         engine = FusionEngine(comm)
         _state.comm = comm
         _state.engine = engine
@@ -201,6 +209,8 @@ def init() -> None:
         _state.size = comm.world
         _state.local_rank = local_rank
         _state.local_size = local_size
+        _state.cross_rank = cross_rank
+        _state.cross_size = cross_size
         _state.counters.clear()
 
 
@@ -248,6 +258,20 @@ def local_size() -> int:
     """The number of ranks on this host."""
     _engine()
     return _state.local_size
+
+
+def cross_rank() -> int:
+    """This rank's index among the ranks with its local rank (its host's
+    index, when every host runs as many ranks)."""
+    _engine()
+    return _state.cross_rank
+
+
+def cross_size() -> int:
+    """The number of ranks with this rank's local rank (the number of hosts,
+    when every host runs as many ranks)."""
+    _engine()
+    return _state.cross_size
 
 
 def _op_of(op: Any) -> str:
@@ -316,33 +340,89 @@ def _submit_inplace(kind: str, tensor: torch.Tensor, name: str, submit) -> _Hand
     return _Handle(name, submit(buf), buf, finish)
 
 
+def _resolve_op(average: Optional[bool], op: Any) -> str:
+    if average is not None and op is not None:
+        raise InvalidArgument("allreduce: give op or average (deprecated), not both")
+    if average is not None:
+        return Average if average else Sum
+    return _op_of(Average if op is None else op)
+
+
 def allreduce_async_(
-    tensor: torch.Tensor, name: Optional[str] = None, op: Any = Average
+    tensor: torch.Tensor,
+    average: Optional[bool] = None,
+    name: Optional[str] = None,
+    op: Any = None,
+    prescale_factor: float = 1.0,
+    postscale_factor: float = 1.0,
 ) -> _Handle:
-    """Starts reducing ``tensor`` in place over all ranks under ``name``."""
+    """Starts reducing ``tensor`` in place over all ranks under ``name``
+    (``op`` Average unless given; ``average=`` is Horovod's deprecated
+    spelling). The tensor is multiplied by ``prescale_factor`` before and
+    by ``postscale_factor`` after the reduction."""
     _check_tensor(tensor, "allreduce")
+    o = _resolve_op(average, op)
     full = _name("allreduce", name)
-    o = _op_of(op)
     e = _engine()
-    return _submit_inplace("allreduce", tensor, full, lambda b: e.allreduce_async(b, full, o))
+    if prescale_factor != 1.0:
+        with torch.no_grad():
+            tensor.mul_(prescale_factor)
+    h = _submit_inplace("allreduce", tensor, full, lambda b: e.allreduce_async(b, full, o))
+    if postscale_factor != 1.0:
+        inner = h._finish
+
+        def finish() -> torch.Tensor:
+            out = inner()
+            with torch.no_grad():
+                out.mul_(postscale_factor)
+            return out
+
+        h._finish = finish
+    return h
 
 
 def allreduce_async(
-    tensor: torch.Tensor, name: Optional[str] = None, op: Any = Average
+    tensor: torch.Tensor,
+    average: Optional[bool] = None,
+    name: Optional[str] = None,
+    op: Any = None,
+    prescale_factor: float = 1.0,
+    postscale_factor: float = 1.0,
 ) -> _Handle:
     """Starts reducing a copy of ``tensor``; :func:`synchronize` returns it."""
     _check_tensor(tensor, "allreduce")
-    return allreduce_async_(tensor.detach().clone(memory_format=torch.contiguous_format), name, op)
+    copy = tensor.detach().clone(memory_format=torch.contiguous_format)
+    return allreduce_async_(copy, average, name, op, prescale_factor, postscale_factor)
 
 
-def allreduce(tensor: torch.Tensor, name: Optional[str] = None, op: Any = Average) -> torch.Tensor:
-    """Returns ``tensor`` reduced over all ranks (a new tensor)."""
-    return synchronize(allreduce_async(tensor, name, op))
+def allreduce(
+    tensor: torch.Tensor,
+    average: Optional[bool] = None,
+    name: Optional[str] = None,
+    compression: Any = None,
+    op: Any = None,
+    prescale_factor: float = 1.0,
+    postscale_factor: float = 1.0,
+) -> torch.Tensor:
+    """Returns ``tensor`` reduced over all ranks (a new tensor), as Horovod's
+    ``allreduce`` (``compression``: :class:`Compression`)."""
+    _check_tensor(tensor, "allreduce")
+    c = compression if compression is not None else Compression.none
+    wire, ctx = c.compress(tensor)
+    out = synchronize(allreduce_async(wire, average, name, op, prescale_factor, postscale_factor))
+    return c.decompress(out, ctx)
 
 
-def allreduce_(tensor: torch.Tensor, name: Optional[str] = None, op: Any = Average) -> torch.Tensor:
+def allreduce_(
+    tensor: torch.Tensor,
+    average: Optional[bool] = None,
+    name: Optional[str] = None,
+    op: Any = None,
+    prescale_factor: float = 1.0,
+    postscale_factor: float = 1.0,
+) -> torch.Tensor:
     """Reduces ``tensor`` over all ranks in place and returns it."""
-    return synchronize(allreduce_async_(tensor, name, op))
+    return synchronize(allreduce_async_(tensor, average, name, op, prescale_factor, postscale_factor))
 
 
 def broadcast_async_(tensor: torch.Tensor, root_rank: int, name: Optional[str] = None) -> _Handle:
@@ -459,6 +539,21 @@ def broadcast_object(obj: Any = None, root_rank: int = 0, name: Optional[str] = 
     if _state.rank == root_rank:
         return obj
     return pickle.load(io.BytesIO(buf.numpy().tobytes()))
+
+
+def allgather_object(obj: Any, name: Optional[str] = None) -> List[Any]:
+    """Returns every rank's ``obj`` (pickled), in rank order."""
+    base = name if name is not None else f"object.{_state.counters['allgather_object']}"
+    if name is None:
+        _state.counters["allgather_object"] += 1
+    data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+    sizes = allgather(torch.tensor([data.numel()], dtype=torch.int64), f"{base}.len")
+    every = allgather(data, f"{base}.data")
+    out, at = [], 0
+    for n in sizes.tolist():
+        out.append(pickle.load(io.BytesIO(every[at : at + n].numpy().tobytes())))
+        at += n
+    return out
 
 
 def broadcast_parameters(params: Any, root_rank: int) -> None:
@@ -604,6 +699,8 @@ class _DistributedOptimizer:
         compression: Any,
         op: str,
         backward_passes_per_step: int,
+        gradient_predivide_factor: float,
+        sparse_as_dense: bool,
     ) -> None:
         all_params = [p for g in self.param_groups for p in g["params"]]
         if named_parameters is not None:
@@ -634,6 +731,13 @@ class _DistributedOptimizer:
             )
         if backward_passes_per_step < 1:
             raise InvalidArgument("DistributedOptimizer: backward_passes_per_step must be >= 1")
+        if gradient_predivide_factor != 1.0 and op != Average:
+            raise InvalidArgument("DistributedOptimizer: gradient_predivide_factor needs op=Average")
+        # Horovod's split of the average: gradients are divided by the factor
+        # before the sum and the (sum / size) multiplied by it after.
+        self._hvd_prescale = 1.0 / gradient_predivide_factor
+        self._hvd_postscale = float(gradient_predivide_factor)
+        self._hvd_sparse_as_dense = bool(sparse_as_dense)
         self._hvd_names = {id(p): by_param[id(p)] for p in all_params}
         self._hvd_op = op
         self._hvd_compression = compression
@@ -649,14 +753,24 @@ class _DistributedOptimizer:
         name = self._hvd_names[id(p)]
         if p.grad is None:
             p.grad = torch.zeros_like(p)
+        if p.grad.is_sparse:
+            if not self._hvd_sparse_as_dense:
+                raise InvalidArgument(
+                    f"DistributedOptimizer: the gradient of '{name}' is sparse; "
+                    "pass sparse_as_dense=True to reduce it as a dense tensor"
+                )
+            p.grad = p.grad.to_dense()
         grad = p.grad
-        if grad.is_sparse:
-            raise InvalidArgument(f"DistributedOptimizer: gradient of '{name}' is sparse")
         wire, ctx = self._hvd_compression.compress(grad)
-        if wire is grad:
-            h = allreduce_async_(grad, name, self._hvd_op)
-        else:
-            h = allreduce_async_(wire.contiguous(), name, self._hvd_op)
+        if wire is not grad:
+            wire = wire.contiguous()
+        h = allreduce_async_(
+            wire,
+            name=name,
+            op=self._hvd_op,
+            prescale_factor=self._hvd_prescale,
+            postscale_factor=self._hvd_postscale,
+        )
         self._hvd_pending[id(p)] = (p, h, ctx)
 
     def _hvd_hook(self, p: torch.Tensor) -> None:
@@ -729,6 +843,8 @@ def DistributedOptimizer(  # noqa: N802 (Horovod's name)
     compression: Any = Compression.none,
     backward_passes_per_step: int = 1,
     op: Any = Average,
+    gradient_predivide_factor: float = 1.0,
+    sparse_as_dense: bool = False,
 ) -> torch.optim.Optimizer:
     """Wraps ``optimizer`` so that each gradient is allreduced (``op``,
     Average by default) through the fusion engine as soon as backward has
@@ -741,7 +857,9 @@ def DistributedOptimizer(  # noqa: N802 (Horovod's name)
     ``named_parameters`` (``allreduce.noname.<group>.<index>`` without it);
     every rank must use the same names. With ``backward_passes_per_step=k``,
     gradients accumulate locally over ``k`` backward passes and are reduced
-    on the ``k``-th.
+    on the ``k``-th. ``gradient_predivide_factor`` and ``sparse_as_dense``
+    are Horovod's (``groups``, ``process_set`` and Adasum are not
+    supported).
     """
     _engine()
     if isinstance(optimizer, _DistributedOptimizer):
@@ -750,5 +868,12 @@ def DistributedOptimizer(  # noqa: N802 (Horovod's name)
     cls = type(base.__name__, (_DistributedOptimizer, base), {"_hvd_base": base})
     dist = cls.__new__(cls)
     dist.__dict__.update(optimizer.__dict__)
-    dist._hvd_setup(named_parameters, compression, _op_of(op), int(backward_passes_per_step))
+    dist._hvd_setup(
+        named_parameters,
+        compression,
+        _op_of(op),
+        int(backward_passes_per_step),
+        float(gradient_predivide_factor),
+        sparse_as_dense,
+    )
     return dist

@@ -258,6 +258,39 @@ def case_ops(rank: int, world: int) -> dict:
         assert opt.param_groups[0]["lr"] == 0.25
         opt.zero_grad()
         assert lin.weight.grad is None
+    # Horovod's other arguments: average= (deprecated), pre/postscale, compression
+    t = torch.full((3,), float(rank + 1))
+    expect_close(hvd.allreduce(t, average=False, name="avg_false"), torch.full((3,), float(ranks_sum)), "average=False")
+    expect_close(hvd.allreduce(t, average=True, name="avg_true"), torch.full((3,), ranks_sum / world), "average=True", 1e-6)
+    expect_error(lambda: hvd.allreduce(t, average=True, op=hvd.Sum), "not both")
+    scaled = hvd.allreduce(t, name="scaled", op=hvd.Sum, prescale_factor=2.0, postscale_factor=3.0)
+    expect_close(scaled, torch.full((3,), 6.0 * ranks_sum), "prescale 2, postscale 3")
+    c = hvd.allreduce(t, name="fp16", compression=hvd.Compression.fp16)
+    expect_close(c, torch.full((3,), ranks_sum / world), "allreduce with fp16 compression", 1e-3)
+    objs = hvd.allgather_object({"rank": rank, "pad": "x" * rank})
+    assert objs == [{"rank": r, "pad": "x" * r} for r in range(world)], objs
+    assert (hvd.cross_rank(), hvd.cross_size()) == (0, 1), "one host: every rank is its own local rank"
+    # gradient_predivide_factor keeps the average; sparse gradients need sparse_as_dense
+    lin = nn.Linear(3, 1, bias=False)
+    opt = hvd.DistributedOptimizer(
+        torch.optim.SGD(lin.parameters(), lr=0.5), named_parameters=lin.named_parameters(), gradient_predivide_factor=4.0
+    )
+    lin(torch.full((1, 3), float(rank + 1))).sum().backward()
+    opt.synchronize()
+    expect_close(lin.weight.grad, torch.full((1, 3), (world + 1) / 2), "gradient_predivide_factor=4", 1e-6)
+    emb = nn.Embedding(10, 2, sparse=True)
+    opt = hvd.DistributedOptimizer(torch.optim.SGD(emb.parameters(), lr=0.5), named_parameters=emb.named_parameters())
+    expect_error(lambda: emb(torch.tensor([1])).sum().backward(), "weight", "sparse_as_dense")
+    emb = nn.Embedding(10, 2, sparse=True)
+    opt = hvd.DistributedOptimizer(
+        torch.optim.SGD(emb.parameters(), lr=0.5), named_parameters=[("emb", emb.weight)], sparse_as_dense=True
+    )
+    emb(torch.tensor([rank % 10])).sum().backward()
+    opt.synchronize()
+    want = torch.zeros(10, 2)
+    for r in range(world):
+        want[r % 10] += 1.0 / world
+    expect_close(emb.weight.grad, want, "sparse_as_dense gradient", 1e-6)
     hvd.shutdown()
     assert not hvd.is_initialized()
     # init again after shutdown works
