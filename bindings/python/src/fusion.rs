@@ -249,19 +249,22 @@ impl FusionEngine {
         };
         let g = lock(&self.inner);
         let r = g.as_ref().ok_or_else(closed)?;
-        py.detach(|| r.engine.synchronize())
-            .map_err(Failure::from)?;
-        drop(g);
-        for w in works {
-            let work = Work { state: w };
-            if work.wait_for(Some(Duration::from_secs(600))).is_none() {
-                return Err(crate::errors::new_err(
-                    ErrorKind::Timeout,
-                    "FusionEngine.synchronize: a result was not written back within 600 s".into(),
-                ));
+        py.detach(|| {
+            r.engine.synchronize().map_err(Failure::from)?;
+            for w in works {
+                let work = Work { state: w };
+                if work.wait_for(Some(Duration::from_secs(600))).is_none() {
+                    return Err(Failure {
+                        kind: ErrorKind::Timeout,
+                        message: "FusionEngine.synchronize: a result was not written back \
+                                  within 600 s"
+                            .into(),
+                    });
+                }
             }
-        }
-        Ok(())
+            Ok(())
+        })
+        .map_err(PyErr::from)
     }
 
     /// Stops the engine on every rank and gives the communicator back to
