@@ -187,6 +187,12 @@ class Work(dist._Work):
         self._done = threading.Event()
         self._exc: BaseException | None = None
         self._future = torch.futures.Future()
+        # What get_future hands out. An error set with Future.set_exception crashes DDP's
+        # reducer when it reads the value from C++ (torch 2.15, segfault); an error raised
+        # by a `then` callback reaches C++ as a plain std::runtime_error, safely. So the
+        # future handed out is chained: it fails with RuntimeError("... DistBackendError:
+        # oxccl: <message>") where the Work itself raises DistBackendError.
+        self._public_future = self._future.then(_value)
         self._source = -1
 
     # called once, by the issuing thread (sync) or the completion thread (async)
@@ -230,7 +236,11 @@ class Work(dist._Work):
         return self._source
 
     def get_future(self) -> torch.futures.Future:
-        return self._future
+        return self._public_future
+
+
+def _value(fut: torch.futures.Future) -> Any:
+    return fut.value()
 
 
 def _completed(pg: "ProcessGroupOxccl", name: str, outputs: list) -> Work:
