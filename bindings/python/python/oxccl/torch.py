@@ -41,18 +41,7 @@ from torch.distributed import ReduceOp
 
 import oxccl as _ox
 
-__all__ = [
-    "BACKEND_NAME",
-    "ProcessGroupOxccl",
-    "Work",
-    "DistributedOptimizer",
-    "allreduce",
-    "allreduce_async",
-    "broadcast_parameters",
-    "broadcast_optimizer_state",
-    "synchronize",
-    "init",
-]
+__all__ = ["BACKEND_NAME", "ProcessGroupOxccl", "Work"]
 
 BACKEND_NAME = "oxccl"
 
@@ -855,3 +844,9 @@ def _register() -> None:
 
 
 _register()
+
+try:
+    from oxccl._horovod import *  # noqa: F401,F403  (Horovod's API, see _horovod.py)
+except ImportError as _e:  # only a missing _horovod module is tolerated
+    if _e.name != "oxccl._horovod":
+        raise
