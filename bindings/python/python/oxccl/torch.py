@@ -125,6 +125,8 @@ def _as_bytes(t: torch.Tensor) -> torch.Tensor:
 
 def _reducible(t: torch.Tensor, op: str) -> torch.Tensor:
     """The flat tensor oxccl reduces for ``t`` (complex as real pairs for sum/avg)."""
+    if t.dtype in _REDUCIBLE and t.dim() == 1:
+        return t  # the common case, without making a view
     flat = t.reshape(-1)
     if flat.dtype.is_complex:
         if op not in ("sum", "avg"):
@@ -168,39 +170,51 @@ class Work(dist._Work):
     passes first it raises ``DistBackendError`` too (the call stays pending).
     """
 
-    def __init__(self, pg: "ProcessGroupOxccl", name: str, outputs: list):
+    def __init__(self, pg: "ProcessGroupOxccl", name: str, outputs: list, done: bool = False):
         super().__init__()
-        self._pg_name = f"{name} on oxccl group rank {pg.rank()} of {pg.size()}"
-        self._default_timeout = pg._timeout_s
+        self._pg = pg
+        self._name = name
         self._outputs = outputs
-        self._done = threading.Event()
         self._exc: BaseException | None = None
-        self._future = torch.futures.Future()
-        # What get_future hands out. An error set with Future.set_exception crashes DDP's
-        # reducer when it reads the value from C++ (torch 2.15, segfault); an error raised
-        # by a `then` callback reaches C++ as a plain std::runtime_error, safely. So the
-        # future handed out is chained: it fails with RuntimeError("... DistBackendError:
-        # oxccl: <message>") where the Work itself raises DistBackendError.
-        self._public_future = self._future.then(_value)
         self._source = -1
+        # A call completed before its Work exists (the synchronous path) needs no lock,
+        # event or future until someone asks: the 4-byte all_reduce stays cheap.
+        self._is_done = done
+        self._event: threading.Event | None = None if done else threading.Event()
+        self._lock = None if done else threading.Lock()
+        self._future: torch.futures.Future | None = None
+        self._public_future: torch.futures.Future | None = None
 
-    # called once, by the issuing thread (sync) or the completion thread (async)
+    def _describe(self) -> str:
+        return f"{self._name} on oxccl group rank {self._pg._rank} of {self._pg._size}"
+
+    # called once, by the completion thread (async calls)
     def _finish(self, exc: BaseException | None = None) -> None:
-        self._exc = exc
-        self._done.set()
-        if exc is None:
-            self._future.set_result(self._outputs)
+        assert self._lock is not None and self._event is not None
+        with self._lock:
+            self._exc = exc
+            self._is_done = True
+            fut = self._future
+        self._event.set()
+        if fut is not None:
+            self._complete_future(fut)
+
+    def _complete_future(self, fut: torch.futures.Future) -> None:
+        if self._exc is None:
+            fut.set_result(self._outputs)
         else:
-            self._future.set_exception(exc)
+            fut.set_exception(self._exc)
 
     def wait(self, timeout: Any = None) -> bool:
-        secs = _timedelta_seconds(timeout)
-        limit = secs if secs is not None else self._default_timeout
-        if not self._done.wait(limit):
-            raise dist.DistBackendError(
-                f"oxccl: {self._pg_name} did not complete within {limit:.3f} s "
-                f"({'the timeout passed to wait' if secs is not None else 'the process group timeout'})"
-            )
+        if not self._is_done:
+            assert self._event is not None
+            secs = _timedelta_seconds(timeout)
+            limit = secs if secs is not None else self._pg._timeout_s
+            if not self._event.wait(limit):
+                raise dist.DistBackendError(
+                    f"oxccl: {self._describe()} did not complete within {limit:.3f} s "
+                    f"({'the timeout passed to wait' if secs is not None else 'the process group timeout'})"
+                )
         if self._exc is not None:
             raise self._exc
         return True
@@ -209,10 +223,10 @@ class Work(dist._Work):
         self.wait()
 
     def is_completed(self) -> bool:
-        return self._done.is_set()
+        return self._is_done
 
     def is_success(self) -> bool:
-        return self._done.is_set() and self._exc is None
+        return self._is_done and self._exc is None
 
     def exception(self) -> BaseException | None:
         return self._exc
@@ -225,7 +239,30 @@ class Work(dist._Work):
         return self._source
 
     def get_future(self) -> torch.futures.Future:
-        return self._public_future
+        """A future completed with the output tensors.
+
+        An error set with ``Future.set_exception`` crashes DDP's reducer when it reads the
+        value from C++ (torch 2.15: segfault); an error raised by a ``then`` callback
+        reaches C++ as a plain ``std::runtime_error``, safely. So the future handed out is
+        chained: on failure it raises ``RuntimeError("... DistBackendError: oxccl: ...")``
+        where ``wait()`` raises ``DistBackendError`` itself.
+        """
+        if self._public_future is not None:
+            return self._public_future
+        fut = torch.futures.Future()
+        public = fut.then(_value)
+        if self._lock is None:
+            self._future, self._public_future = fut, public
+            self._complete_future(fut)
+            return public
+        with self._lock:
+            if self._public_future is not None:
+                return self._public_future
+            self._future, self._public_future = fut, public
+            done = self._is_done
+        if done:
+            self._complete_future(fut)
+        return public
 
 
 def _value(fut: torch.futures.Future) -> Any:
@@ -233,9 +270,7 @@ def _value(fut: torch.futures.Future) -> Any:
 
 
 def _completed(pg: "ProcessGroupOxccl", name: str, outputs: list) -> Work:
-    w = Work(pg, name, outputs)
-    w._finish()
-    return w
+    return Work(pg, name, outputs, done=True)
 
 
 # --------------------------------------------------------------------------- the group
@@ -313,7 +348,7 @@ class ProcessGroupOxccl(dist.ProcessGroup):
                 for ow in ox_works:
                     if not ow.wait(self._timeout_s):
                         raise dist.DistBackendError(
-                            f"oxccl: {work._pg_name} did not complete within the process "
+                            f"oxccl: {work._describe()} did not complete within the process "
                             f"group timeout of {self._timeout_s:.0f} s"
                         )
                 if finish is not None:
@@ -390,6 +425,13 @@ class ProcessGroupOxccl(dist.ProcessGroup):
     def allreduce(self, tensors: list, opts: Any = None) -> Work:
         opts = opts if opts is not None else dist.AllreduceOptions()
         op = _reduce_op(opts.reduceOp)
+        if len(tensors) == 1 and not opts.asyncOp and self._coalescing is None and tensors[0].is_contiguous():
+            # the synchronous single-tensor call (dist.all_reduce(t)): nothing to stage
+            try:
+                self._comm.all_reduce(_reducible(tensors[0], op), op)
+            except _ox.Error as e:
+                raise _convert(e) from e
+            return Work(self, "allreduce", tensors, done=True)
         staged = [_Staged(t) for t in tensors]
         bufs = [_reducible(s.buf, op) for s in staged]
         steps = [self._step_allreduce(b, op) for b in bufs]
