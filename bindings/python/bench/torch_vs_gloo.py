@@ -119,12 +119,19 @@ def main() -> None:
         for k in sorted(med):
             print(f"  {k:32s} {med[k]:12.3f}   runs: {', '.join(f'{x:.3f}' for x in runs[k])}")
         if "allreduce_busbw_GBps/gloo" in med:
-            print(f"  busbw ratio oxccl/gloo: {med['allreduce_busbw_GBps/oxccl'] / med['allreduce_busbw_GBps/gloo']:.2f}")
-            print(f"  4-byte latency ratio oxccl/gloo: {med['allreduce_4B_us/oxccl'] / med['allreduce_4B_us/gloo']:.2f}")
-            print(f"  DDP step ratio oxccl/gloo: {med['ddp_step_ms/oxccl'] / med['ddp_step_ms/gloo']:.2f}")
+            for label, key in (
+                ("busbw ratio", "allreduce_busbw_GBps"),
+                ("4-byte latency ratio", "allreduce_4B_us"),
+                ("DDP step ratio", "ddp_step_ms"),
+            ):
+                print(f"  {label} oxccl/gloo: {med[key + '/oxccl'] / med[key + '/gloo']:.2f}")
         if a.json:
             with open(a.json, "w") as f:
-                json.dump({"world": n, "size_mib": a.size_mib, "reps": a.reps, "median": med, "runs": runs}, f, indent=1)
+                json.dump(
+                    {"world": n, "size_mib": a.size_mib, "reps": a.reps, "median": med, "runs": runs},
+                    f,
+                    indent=1,
+                )
     dist.barrier()
     dist.destroy_process_group()
 

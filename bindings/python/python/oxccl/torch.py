@@ -2,8 +2,9 @@
 
 ``import oxccl.torch`` registers the backend; then ``dist.init_process_group("oxccl")``
 works under ``torchrun`` (or with any ``init_method``/``store`` torch accepts) and every
-``dist.*`` collective, ``dist.new_group`` subgroups, DDP and the Horovod-style API
-below run over oxccl.
+``dist.*`` collective, ``dist.new_group`` subgroups, DDP and FSDP2 (``fully_shard``) run
+over oxccl. Horovod's API (``DistributedOptimizer`` ...) is re-exported here from
+``oxccl._horovod``.
 
 Design:
 
@@ -22,15 +23,22 @@ Design:
   surface as ``torch.distributed.DistBackendError`` whose message is oxccl's (it names
   the rank, the call and the peer); invalid arguments stay ``ValueError``/``TypeError``.
 
+* Calls on one group run in the order they were made (oxccl's rule, as on one NCCL
+  stream): a pending ``irecv`` holds back the calls issued after it.
+* One exception to the error class: inside DDP's ``backward()`` the pending gradient
+  allreduce's failure reaches Python as ``RuntimeError("... DistBackendError: oxccl:
+  ...")``, because torch passes a Python backend's future error to its C++ reducer only
+  that way (see :meth:`Work.get_future`).
+
 Not supported (each raises a clear error): receiving from any source
 (``dist.recv(src=None)``), ``ReduceOp.PREMUL_SUM``/``BAND``/``BOR``/``BXOR``, reductions
 on dtypes oxccl does not reduce (bool, int16, complex with ops other than SUM/AVG).
+CUDA tensors are registered only when the bindings say ``oxccl.HAS_CUDA``.
 """
 
 from __future__ import annotations
 
 import datetime
-import itertools
 import queue
 import threading
 from typing import Any, Callable
@@ -91,8 +99,7 @@ def _reduce_op(op: Any, dtype: torch.dtype | None = None) -> str:
     name = _OP_NAMES.get(kind)
     if name is None:
         raise ValueError(
-            f"oxccl backend: reduce op {kind} is not supported "
-            "(supported: SUM, AVG, PRODUCT, MIN, MAX)"
+            f"oxccl backend: reduce op {kind} is not supported (supported: SUM, AVG, PRODUCT, MIN, MAX)"
         )
     return name
 
@@ -151,7 +158,9 @@ class _Staged:
             self.buf = t
             self.copy_back = False
         else:
-            self.buf = t.contiguous() if copy_in else torch.empty_like(t, memory_format=torch.contiguous_format)
+            self.buf = (
+                t.contiguous() if copy_in else torch.empty_like(t, memory_format=torch.contiguous_format)
+            )
             self.copy_back = True
 
     def finish(self) -> None:
@@ -295,7 +304,8 @@ class ProcessGroupOxccl(dist.ProcessGroup):
         self._thread: threading.Thread | None = None
         self._thread_lock = threading.Lock()
         self._coalescing: list | None = None
-        self._seq = itertools.count()
+        self._group_name = ""
+        self._group_desc = ""
 
     # ---- identity
     def getBackendName(self) -> str:  # noqa: N802 (torch's name)
@@ -306,6 +316,20 @@ class ProcessGroupOxccl(dist.ProcessGroup):
 
     def getSize(self) -> int:  # noqa: N802
         return self._size
+
+    # torch keeps a group's name and description on its per-device backends; this group
+    # is its own backend (DeviceMesh, FSDP and functional collectives read the name)
+    def setGroupName(self, name: str) -> None:  # noqa: N802
+        self._group_name = name
+
+    def getGroupName(self) -> str:  # noqa: N802
+        return self._group_name
+
+    def setGroupDesc(self, desc: str) -> None:  # noqa: N802
+        self._group_desc = desc
+
+    def getGroupDesc(self) -> str:  # noqa: N802
+        return self._group_desc
 
     @property
     def supports_coalescing(self) -> bool:
@@ -546,7 +570,9 @@ class ProcessGroupOxccl(dist.ProcessGroup):
             s = _Staged(o, copy_in=False)
             staged.append(s)
             steps.append(self._step_allgather(_as_bytes(i.contiguous()), _as_bytes(s.buf)))
-        return self._run("all_gather_into_tensor_coalesced", steps, list(outputs), opts.asyncOp, _finisher(staged))
+        return self._run(
+            "all_gather_into_tensor_coalesced", steps, list(outputs), opts.asyncOp, _finisher(staged)
+        )
 
     allgather_into_tensor_coalesced = all_gather_single_coalesced
 
@@ -578,16 +604,24 @@ class ProcessGroupOxccl(dist.ProcessGroup):
                 counts = [2 * c for c in counts]
             if len(set(counts)) == 1:
                 steps.append(
-                    (lambda f, o: lambda a: comm.reduce_scatter_async(f, o, op) if a else comm.reduce_scatter(f, o, op))(
-                        flat, out_flat
-                    )
+                    (
+                        lambda f, o: (
+                            lambda a: (
+                                comm.reduce_scatter_async(f, o, op) if a else comm.reduce_scatter(f, o, op)
+                            )
+                        )
+                    )(flat, out_flat)
                 )
             else:
                 steps.append(
                     (
-                        lambda f, o, c: lambda a: comm.reduce_scatter_v_async(f, o, c, op)
-                        if a
-                        else comm.reduce_scatter_v(f, o, c, op)
+                        lambda f, o, c: (
+                            lambda a: (
+                                comm.reduce_scatter_v_async(f, o, c, op)
+                                if a
+                                else comm.reduce_scatter_v(f, o, c, op)
+                            )
+                        )
                     )(flat, out_flat, counts)
                 )
         return self._run("reduce_scatter", steps, list(output_tensors), opts.asyncOp, _finisher(staged))
@@ -605,7 +639,9 @@ class ProcessGroupOxccl(dist.ProcessGroup):
         inp = _reducible(input.contiguous(), op)
         out = _reducible(s.buf, op)
         comm = self._comm
-        step: _Step = lambda a: comm.reduce_scatter_async(inp, out, op) if a else comm.reduce_scatter(inp, out, op)
+        step: _Step = lambda a: (
+            comm.reduce_scatter_async(inp, out, op) if a else comm.reduce_scatter(inp, out, op)
+        )
         return self._run("reduce_scatter_tensor", [step], [output], opts.asyncOp, _finisher([s]))
 
     _reduce_scatter_base = reduce_scatter_single
@@ -631,7 +667,9 @@ class ProcessGroupOxccl(dist.ProcessGroup):
         if any(t.dtype != dtype for t in list(output_tensors) + list(input_tensors)):
             raise ValueError("oxccl backend: alltoall tensors must share one dtype")
         send = _as_bytes(torch.cat([t.reshape(-1) for t in input_tensors]))
-        recv_elems = torch.empty(sum(t.numel() for t in output_tensors), dtype=dtype, device=output_tensors[0].device)
+        recv_elems = torch.empty(
+            sum(t.numel() for t in output_tensors), dtype=dtype, device=output_tensors[0].device
+        )
         recv = _as_bytes(recv_elems)
         esz = _elem_bytes(dtype)
         send_counts = [t.numel() * esz for t in input_tensors]
@@ -671,8 +709,9 @@ class ProcessGroupOxccl(dist.ProcessGroup):
         if not output_split_sizes and not input_split_sizes:
             if input.numel() % self._size or output.numel() != input.numel():
                 raise ValueError(
-                    "oxccl backend: all_to_all_single without split sizes needs input and output "
-                    f"of one size divisible by the world ({self._size}); got {input.numel()} and {output.numel()}"
+                    "oxccl backend: all_to_all_single without split sizes needs input and output of "
+                    f"one size divisible by the world ({self._size}); "
+                    f"got {input.numel()} and {output.numel()}"
                 )
             step: _Step = lambda a: comm.all_to_all_async(send, recv) if a else comm.all_to_all(send, recv)
         else:
@@ -681,7 +720,9 @@ class ProcessGroupOxccl(dist.ProcessGroup):
             rc = _split_counts(output, output_split_sizes, self._size, esz, "output")
             sd, rd = _displs(sc), _displs(rc)
             step = lambda a: (
-                comm.all_to_all_v_async(send, sc, sd, recv, rc, rd) if a else comm.all_to_all_v(send, sc, sd, recv, rc, rd)
+                comm.all_to_all_v_async(send, sc, sd, recv, rc, rd)
+                if a
+                else comm.all_to_all_v(send, sc, sd, recv, rc, rd)
             )
         return self._run("all_to_all_single", [step], [output], opts.asyncOp, _finisher([out]))
 
@@ -774,9 +815,13 @@ class ProcessGroupOxccl(dist.ProcessGroup):
             return _completed(self, name, outputs)
         comm = self._comm
         if name == "send":
-            steps = [(lambda b: lambda a: comm.send_async(b, peer) if a else comm.send(b, peer))(b) for b in bufs]
+            steps = [
+                (lambda b: lambda a: comm.send_async(b, peer) if a else comm.send(b, peer))(b) for b in bufs
+            ]
         else:
-            steps = [(lambda b: lambda a: comm.recv_async(b, peer) if a else comm.recv(b, peer))(b) for b in bufs]
+            steps = [
+                (lambda b: lambda a: comm.recv_async(b, peer) if a else comm.recv(b, peer))(b) for b in bufs
+            ]
         return self._run(name, steps, outputs, True, finish)
 
     def recv_anysource(self, tensors: list, tag: int = 0) -> Work:
@@ -855,7 +900,9 @@ def _split_counts(t: torch.Tensor, splits: list, world: int, esz: int, what: str
     row_bytes = (t.numel() // rows if rows else 0) * esz
     if not splits:
         if rows % world:
-            raise ValueError(f"oxccl backend: all_to_all_single {what} has {rows} rows, not divisible by {world}")
+            raise ValueError(
+                f"oxccl backend: all_to_all_single {what} has {rows} rows, not divisible by {world}"
+            )
         splits = [rows // world] * world
     if len(splits) != world or sum(splits) != rows:
         raise ValueError(

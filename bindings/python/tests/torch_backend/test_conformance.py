@@ -59,7 +59,9 @@ class Checker:
             tol = {torch.float16: 1e-2, torch.bfloat16: 2e-2}.get(got.dtype, 1e-6)
             ok = torch.allclose(got.double(), want.double(), rtol=tol, atol=tol)
         if not ok:
-            self.failures.append(f"{what} (group {self.members}, rank {self.grank}): oxccl {got} vs gloo {want}")
+            self.failures.append(
+                f"{what} (group {self.members}, rank {self.grank}): oxccl {got} vs gloo {want}"
+            )
 
     def both(self, fn, *inputs):
         """fn(group, *copies) on oxccl and gloo; returns the two results."""
