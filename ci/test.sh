@@ -57,6 +57,9 @@ target/release/oxrun -n 2 --timeout 300 -- target/release/oxccl-check -c all -b 
 step "launchers: real torchrun, srun, sbatch, mpirun inside salloc, torchrun inside srun"
 bash ci/launchers.sh
 
+step "torch.distributed backend \"oxccl\": conformance vs gloo, DDP/FSDP2 under torchrun, dead rank (ci/torch.sh)"
+bash ci/torch.sh
+
 step "chaos, short: SIGKILL and SIGSTOP of a rank of a looping 4-rank job, shm and tcp"
 # Per transport: 2 SIGKILLs of rank 0 (which serves the store), 2 of a
 # random rank, 1 SIGSTOP of rank 0 and 1 of a random rank (about a minute;

@@ -41,6 +41,7 @@ from __future__ import annotations
 import datetime
 import queue
 import threading
+import time
 from typing import Any, Callable
 
 import torch
@@ -193,6 +194,12 @@ class Work(dist._Work):
         self._lock = None if done else threading.Lock()
         self._future: torch.futures.Future | None = None
         self._public_future: torch.futures.Future | None = None
+        # set for an isend/irecv still held back to be batched with the next ones
+        self._flush: Callable[[], None] | None = None
+
+    def _issue(self) -> None:
+        if self._flush is not None:
+            self._flush()
 
     def _describe(self) -> str:
         return f"{self._name} on oxccl group rank {self._pg._rank} of {self._pg._size}"
@@ -215,6 +222,7 @@ class Work(dist._Work):
             fut.set_exception(self._exc)
 
     def wait(self, timeout: Any = None) -> bool:
+        self._issue()
         if not self._is_done:
             assert self._event is not None
             secs = _timedelta_seconds(timeout)
@@ -232,12 +240,14 @@ class Work(dist._Work):
         self.wait()
 
     def is_completed(self) -> bool:
+        self._issue()
         return self._is_done
 
     def is_success(self) -> bool:
         return self._is_done and self._exc is None
 
     def exception(self) -> BaseException | None:
+        self._issue()
         return self._exc
 
     def result(self) -> list:
@@ -256,6 +266,7 @@ class Work(dist._Work):
         chained: on failure it raises ``RuntimeError("... DistBackendError: oxccl: ...")``
         where ``wait()`` raises ``DistBackendError`` itself.
         """
+        self._issue()
         if self._public_future is not None:
             return self._public_future
         fut = torch.futures.Future()
@@ -304,6 +315,11 @@ class ProcessGroupOxccl(dist.ProcessGroup):
         self._thread: threading.Thread | None = None
         self._thread_lock = threading.Lock()
         self._coalescing: list | None = None
+        self._issue_lock = threading.RLock()
+        self._held: list = []  # isend/irecv held back to be issued as one batch
+        self._held_event = threading.Event()
+        self._flusher: threading.Thread | None = None
+        self._closed = False
         self._group_name = ""
         self._group_desc = ""
 
@@ -367,19 +383,21 @@ class ProcessGroupOxccl(dist.ProcessGroup):
             if item is None:
                 return
             ox_works, finish, work = item
+            works = work if isinstance(work, list) else [work]
             exc: BaseException | None = None
             try:
                 for ow in ox_works:
                     if not ow.wait(self._timeout_s):
                         raise dist.DistBackendError(
-                            f"oxccl: {work._describe()} did not complete within the process "
+                            f"oxccl: {works[0]._describe()} did not complete within the process "
                             f"group timeout of {self._timeout_s:.0f} s"
                         )
                 if finish is not None:
                     finish()
             except BaseException as e:  # noqa: BLE001 - handed to the waiter
                 exc = _convert(e)
-            work._finish(exc)
+            for w in works:
+                w._finish(exc)
 
     def _run(
         self,
@@ -393,6 +411,19 @@ class ProcessGroupOxccl(dist.ProcessGroup):
         if self._coalescing is not None:
             self._coalescing.append((name, steps, outputs, finish))
             return _completed(self, name, outputs)  # torch uses end_coalescing's Work
+        with self._issue_lock:
+            if self._held:
+                self._flush_held()
+            return self._run_now(name, steps, outputs, async_op, finish)
+
+    def _run_now(
+        self,
+        name: str,
+        steps: list[_Step],
+        outputs: list,
+        async_op: bool,
+        finish: Callable[[], None] | None,
+    ) -> Work:
         if not async_op:
             try:
                 for step in steps:
@@ -451,10 +482,14 @@ class ProcessGroupOxccl(dist.ProcessGroup):
         op = _reduce_op(opts.reduceOp)
         if len(tensors) == 1 and not opts.asyncOp and self._coalescing is None and tensors[0].is_contiguous():
             # the synchronous single-tensor call (dist.all_reduce(t)): nothing to stage
-            try:
-                self._comm.all_reduce(_reducible(tensors[0], op), op)
-            except _ox.Error as e:
-                raise _convert(e) from e
+            buf = _reducible(tensors[0], op)
+            with self._issue_lock:
+                if self._held:
+                    self._flush_held()
+                try:
+                    self._comm.all_reduce(buf, op)
+                except _ox.Error as e:
+                    raise _convert(e) from e
             return Work(self, "allreduce", tensors, done=True)
         staged = [_Staged(t) for t in tensors]
         bufs = [_reducible(s.buf, op) for s in staged]
@@ -813,16 +848,69 @@ class ProcessGroupOxccl(dist.ProcessGroup):
             # end_coalescing turns these into one oxccl batch (NCCL group semantics)
             self._coalescing.append((name, [(b, peer) for b in bufs], outputs, finish))
             return _completed(self, name, outputs)
-        comm = self._comm
-        if name == "send":
-            steps = [
-                (lambda b: lambda a: comm.send_async(b, peer) if a else comm.send(b, peer))(b) for b in bufs
-            ]
-        else:
-            steps = [
-                (lambda b: lambda a: comm.recv_async(b, peer) if a else comm.recv(b, peer))(b) for b in bufs
-            ]
-        return self._run(name, steps, outputs, True, finish)
+        # Held back and issued as one oxccl batch with the isend/irecv calls that follow
+        # it, as soon as any of their Works is looked at, another call is made on this
+        # group, or 2 ms have passed: so that crossing isend/irecv pairs (both ranks
+        # isend, then irecv) run together as in gloo, where oxccl alone would match a
+        # send against a send.
+        work = Work(self, name, outputs)
+        work._flush = self._flush_held_locked
+        with self._issue_lock:
+            self._held.append((name, bufs, peer, work, finish))
+            first = len(self._held) == 1
+        if first:
+            self._ensure_flusher()
+            self._held_event.set()
+        return work
+
+    def _flush_held_locked(self) -> None:
+        if self._held:
+            with self._issue_lock:
+                self._flush_held()
+
+    def _flush_held(self) -> None:
+        """Issues the held-back sends and receives as one batch (caller holds the lock)."""
+        items, self._held = self._held, []
+        if not items:
+            return
+        batch = [(name, b, peer) for (name, bufs, peer, _, _) in items for b in bufs]
+        works = [w for (_, _, _, w, _) in items]
+        finishes = [f for (_, _, _, _, f) in items if f is not None]
+        for w in works:
+            w._flush = None
+
+        def finish() -> None:
+            for f in finishes:
+                f()
+
+        try:
+            ow = self._comm.batch_async(batch)
+        except _ox.Error as e:
+            exc = _convert(e)
+            for w in works:
+                w._finish(exc)
+            return
+        self._ensure_thread()
+        self._pending.put(([ow], finish, works))
+
+    def _ensure_flusher(self) -> None:
+        if self._flusher is None:
+            with self._thread_lock:
+                if self._flusher is None:
+                    t = threading.Thread(
+                        target=self._flush_loop, name=f"oxccl-torch-p2p-r{self._rank}", daemon=True
+                    )
+                    t.start()
+                    self._flusher = t
+
+    def _flush_loop(self) -> None:
+        while not self._closed:
+            self._held_event.wait()
+            if self._closed:
+                return
+            time.sleep(0.002)
+            self._held_event.clear()
+            self._flush_held_locked()
 
     def recv_anysource(self, tensors: list, tag: int = 0) -> Work:
         raise RuntimeError(
@@ -842,6 +930,9 @@ class ProcessGroupOxccl(dist.ProcessGroup):
         self._stop_thread()
 
     def _stop_thread(self) -> None:
+        self._flush_held_locked()
+        self._closed = True
+        self._held_event.set()
         if self._thread is not None:
             self._pending.put(None)
             self._thread.join(timeout=self._timeout_s)

@@ -251,6 +251,16 @@ def _movement(c: Checker, dtype) -> None:
 
         c.same(f"batch_isend_irecv ring {dtype}", *c.both(ring, x))
 
+        def crossing(grp, t):
+            # every rank isends first, then irecvs: oxccl.torch issues the two as one batch
+            r = torch.empty_like(t)
+            ws = [dist.isend(t, group_dst=nxt, group=grp), dist.irecv(r, group_src=prv, group=grp)]
+            for w in ws:
+                w.wait()
+            return r
+
+        c.same(f"isend/irecv ring without a batch {dtype}", *c.both(crossing, x))
+
         def sendrecv(grp, t):
             # rank 0 sends to every other rank in turn
             if g == 0:
