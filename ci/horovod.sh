@@ -5,21 +5,22 @@
 # errors; about 2 minutes) and one quick run of its speed script, to show it
 # runs (the figures come from a quiet machine, not from CI).
 #
-# PYTHON: an interpreter with torch and the oxccl package installed (the
-# Python CI step's venv). When it lacks oxccl, this script builds and
-# installs the package into a venv of its own (target/hvd-venv).
+# Python: OXCCL_PY_VENV's interpreter when it has oxccl (as ci/torch.sh), else
+# $PYTHON's when it has it, else this script builds and installs the package
+# into a virtual environment of its own that sees the system's torch.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+python3 -c 'import torch.distributed.run' 2>/dev/null || python3 -m pip install -q torch==2.15.0
 PYTHON=${PYTHON:-python3}
-if ! "$PYTHON" -c 'import torch.distributed.run' 2>/dev/null; then
-  "$PYTHON" -m pip install -q torch==2.15.0
+if [ -n "${OXCCL_PY_VENV:-}" ] && "$OXCCL_PY_VENV/bin/python" -c 'import oxccl._horovod' 2>/dev/null; then
+  PYTHON=$OXCCL_PY_VENV/bin/python
+elif ! "$PYTHON" -c 'import oxccl._horovod, torch' 2>/dev/null; then
+  venv=$(mktemp -d)/venv
+  python3 -m venv --system-site-packages "$venv"
+  PYTHON=$venv/bin/python
+  "$PYTHON" -m pip install -q ./bindings/python
 fi
-if ! "$PYTHON" -c 'import oxccl._horovod' 2>/dev/null; then
-  "$PYTHON" -m venv --system-site-packages target/hvd-venv
-  PYTHON=$PWD/target/hvd-venv/bin/python
-  "$PYTHON" -m pip install -q pytest numpy ./bindings/python
-fi
-"$PYTHON" -m pip show pytest >/dev/null 2>&1 || "$PYTHON" -m pip install -q pytest
+"$PYTHON" -c "import pytest, numpy" 2>/dev/null || "$PYTHON" -m pip install -q pytest numpy
 # The oxrun launch test needs oxrun (built by the quick-start step already).
 oxrun=$(realpath -m "${CARGO_TARGET_DIR:-target}/release/oxrun")
 [ -x "$oxrun" ] || cargo build --release -p oxccl-tools

@@ -57,6 +57,9 @@ target/release/oxrun -n 2 --timeout 300 -- target/release/oxccl-check -c all -b 
 step "launchers: real torchrun, srun, sbatch, mpirun inside salloc, torchrun inside srun"
 bash ci/launchers.sh
 
+step "torch.distributed backend \"oxccl\": conformance vs gloo, DDP/FSDP2 under torchrun, dead rank (ci/torch.sh)"
+bash ci/torch.sh
+
 step "Horovod's API on oxccl: tests and a quick speed-script run (ci/horovod.sh)"
 bash ci/horovod.sh
 

@@ -2,8 +2,9 @@
 
 ``import oxccl.torch`` registers the backend; then ``dist.init_process_group("oxccl")``
 works under ``torchrun`` (or with any ``init_method``/``store`` torch accepts) and every
-``dist.*`` collective, ``dist.new_group`` subgroups, DDP and the Horovod-style API
-below run over oxccl.
+``dist.*`` collective, ``dist.new_group`` subgroups, DDP and FSDP2 (``fully_shard``) run
+over oxccl. Horovod's API (``DistributedOptimizer`` ...) is re-exported here from
+``oxccl._horovod``.
 
 Design:
 
@@ -22,17 +23,25 @@ Design:
   surface as ``torch.distributed.DistBackendError`` whose message is oxccl's (it names
   the rank, the call and the peer); invalid arguments stay ``ValueError``/``TypeError``.
 
+* Calls on one group run in the order they were made (oxccl's rule, as on one NCCL
+  stream): a pending ``irecv`` holds back the calls issued after it.
+* One exception to the error class: inside DDP's ``backward()`` the pending gradient
+  allreduce's failure reaches Python as ``RuntimeError("... DistBackendError: oxccl:
+  ...")``, because torch passes a Python backend's future error to its C++ reducer only
+  that way (see :meth:`Work.get_future`).
+
 Not supported (each raises a clear error): receiving from any source
 (``dist.recv(src=None)``), ``ReduceOp.PREMUL_SUM``/``BAND``/``BOR``/``BXOR``, reductions
 on dtypes oxccl does not reduce (bool, int16, complex with ops other than SUM/AVG).
+CUDA tensors are registered only when the bindings say ``oxccl.HAS_CUDA``.
 """
 
 from __future__ import annotations
 
 import datetime
-import itertools
 import queue
 import threading
+import time
 from typing import Any, Callable
 
 import torch
@@ -41,18 +50,7 @@ from torch.distributed import ReduceOp
 
 import oxccl as _ox
 
-__all__ = [
-    "BACKEND_NAME",
-    "ProcessGroupOxccl",
-    "Work",
-    "DistributedOptimizer",
-    "allreduce",
-    "allreduce_async",
-    "broadcast_parameters",
-    "broadcast_optimizer_state",
-    "synchronize",
-    "init",
-]
+__all__ = ["BACKEND_NAME", "ProcessGroupOxccl", "Work"]
 
 BACKEND_NAME = "oxccl"
 
@@ -102,8 +100,7 @@ def _reduce_op(op: Any, dtype: torch.dtype | None = None) -> str:
     name = _OP_NAMES.get(kind)
     if name is None:
         raise ValueError(
-            f"oxccl backend: reduce op {kind} is not supported "
-            "(supported: SUM, AVG, PRODUCT, MIN, MAX)"
+            f"oxccl backend: reduce op {kind} is not supported (supported: SUM, AVG, PRODUCT, MIN, MAX)"
         )
     return name
 
@@ -136,6 +133,8 @@ def _as_bytes(t: torch.Tensor) -> torch.Tensor:
 
 def _reducible(t: torch.Tensor, op: str) -> torch.Tensor:
     """The flat tensor oxccl reduces for ``t`` (complex as real pairs for sum/avg)."""
+    if t.dtype in _REDUCIBLE and t.dim() == 1:
+        return t  # the common case, without making a view
     flat = t.reshape(-1)
     if flat.dtype.is_complex:
         if op not in ("sum", "avg"):
@@ -160,7 +159,9 @@ class _Staged:
             self.buf = t
             self.copy_back = False
         else:
-            self.buf = t.contiguous() if copy_in else torch.empty_like(t, memory_format=torch.contiguous_format)
+            self.buf = (
+                t.contiguous() if copy_in else torch.empty_like(t, memory_format=torch.contiguous_format)
+            )
             self.copy_back = True
 
     def finish(self) -> None:
@@ -179,33 +180,58 @@ class Work(dist._Work):
     passes first it raises ``DistBackendError`` too (the call stays pending).
     """
 
-    def __init__(self, pg: "ProcessGroupOxccl", name: str, outputs: list):
+    def __init__(self, pg: "ProcessGroupOxccl", name: str, outputs: list, done: bool = False):
         super().__init__()
-        self._pg_name = f"{name} on oxccl group rank {pg.rank()} of {pg.size()}"
-        self._default_timeout = pg._timeout_s
+        self._pg = pg
+        self._name = name
         self._outputs = outputs
-        self._done = threading.Event()
         self._exc: BaseException | None = None
-        self._future = torch.futures.Future()
         self._source = -1
+        # A call completed before its Work exists (the synchronous path) needs no lock,
+        # event or future until someone asks: the 4-byte all_reduce stays cheap.
+        self._is_done = done
+        self._event: threading.Event | None = None if done else threading.Event()
+        self._lock = None if done else threading.Lock()
+        self._future: torch.futures.Future | None = None
+        self._public_future: torch.futures.Future | None = None
+        # set for an isend/irecv still held back to be batched with the next ones
+        self._flush: Callable[[], None] | None = None
 
-    # called once, by the issuing thread (sync) or the completion thread (async)
+    def _issue(self) -> None:
+        if self._flush is not None:
+            self._flush()
+
+    def _describe(self) -> str:
+        return f"{self._name} on oxccl group rank {self._pg._rank} of {self._pg._size}"
+
+    # called once, by the completion thread (async calls)
     def _finish(self, exc: BaseException | None = None) -> None:
-        self._exc = exc
-        self._done.set()
-        if exc is None:
-            self._future.set_result(self._outputs)
+        assert self._lock is not None and self._event is not None
+        with self._lock:
+            self._exc = exc
+            self._is_done = True
+            fut = self._future
+        self._event.set()
+        if fut is not None:
+            self._complete_future(fut)
+
+    def _complete_future(self, fut: torch.futures.Future) -> None:
+        if self._exc is None:
+            fut.set_result(self._outputs)
         else:
-            self._future.set_exception(exc)
+            fut.set_exception(self._exc)
 
     def wait(self, timeout: Any = None) -> bool:
-        secs = _timedelta_seconds(timeout)
-        limit = secs if secs is not None else self._default_timeout
-        if not self._done.wait(limit):
-            raise dist.DistBackendError(
-                f"oxccl: {self._pg_name} did not complete within {limit:.3f} s "
-                f"({'the timeout passed to wait' if secs is not None else 'the process group timeout'})"
-            )
+        self._issue()
+        if not self._is_done:
+            assert self._event is not None
+            secs = _timedelta_seconds(timeout)
+            limit = secs if secs is not None else self._pg._timeout_s
+            if not self._event.wait(limit):
+                raise dist.DistBackendError(
+                    f"oxccl: {self._describe()} did not complete within {limit:.3f} s "
+                    f"({'the timeout passed to wait' if secs is not None else 'the process group timeout'})"
+                )
         if self._exc is not None:
             raise self._exc
         return True
@@ -214,12 +240,14 @@ class Work(dist._Work):
         self.wait()
 
     def is_completed(self) -> bool:
-        return self._done.is_set()
+        self._issue()
+        return self._is_done
 
     def is_success(self) -> bool:
-        return self._done.is_set() and self._exc is None
+        return self._is_done and self._exc is None
 
     def exception(self) -> BaseException | None:
+        self._issue()
         return self._exc
 
     def result(self) -> list:
@@ -230,13 +258,39 @@ class Work(dist._Work):
         return self._source
 
     def get_future(self) -> torch.futures.Future:
-        return self._future
+        """A future completed with the output tensors.
+
+        An error set with ``Future.set_exception`` crashes DDP's reducer when it reads the
+        value from C++ (torch 2.15: segfault); an error raised by a ``then`` callback
+        reaches C++ as a plain ``std::runtime_error``, safely. So the future handed out is
+        chained: on failure it raises ``RuntimeError("... DistBackendError: oxccl: ...")``
+        where ``wait()`` raises ``DistBackendError`` itself.
+        """
+        self._issue()
+        if self._public_future is not None:
+            return self._public_future
+        fut = torch.futures.Future()
+        public = fut.then(_value)
+        if self._lock is None:
+            self._future, self._public_future = fut, public
+            self._complete_future(fut)
+            return public
+        with self._lock:
+            if self._public_future is not None:
+                return self._public_future
+            self._future, self._public_future = fut, public
+            done = self._is_done
+        if done:
+            self._complete_future(fut)
+        return public
+
+
+def _value(fut: torch.futures.Future) -> Any:
+    return fut.value()
 
 
 def _completed(pg: "ProcessGroupOxccl", name: str, outputs: list) -> Work:
-    w = Work(pg, name, outputs)
-    w._finish()
-    return w
+    return Work(pg, name, outputs, done=True)
 
 
 # --------------------------------------------------------------------------- the group
@@ -261,7 +315,13 @@ class ProcessGroupOxccl(dist.ProcessGroup):
         self._thread: threading.Thread | None = None
         self._thread_lock = threading.Lock()
         self._coalescing: list | None = None
-        self._seq = itertools.count()
+        self._issue_lock = threading.RLock()
+        self._held: list = []  # isend/irecv held back to be issued as one batch
+        self._held_event = threading.Event()
+        self._flusher: threading.Thread | None = None
+        self._closed = False
+        self._group_name = ""
+        self._group_desc = ""
 
     # ---- identity
     def getBackendName(self) -> str:  # noqa: N802 (torch's name)
@@ -272,6 +332,20 @@ class ProcessGroupOxccl(dist.ProcessGroup):
 
     def getSize(self) -> int:  # noqa: N802
         return self._size
+
+    # torch keeps a group's name and description on its per-device backends; this group
+    # is its own backend (DeviceMesh, FSDP and functional collectives read the name)
+    def setGroupName(self, name: str) -> None:  # noqa: N802
+        self._group_name = name
+
+    def getGroupName(self) -> str:  # noqa: N802
+        return self._group_name
+
+    def setGroupDesc(self, desc: str) -> None:  # noqa: N802
+        self._group_desc = desc
+
+    def getGroupDesc(self) -> str:  # noqa: N802
+        return self._group_desc
 
     @property
     def supports_coalescing(self) -> bool:
@@ -309,19 +383,21 @@ class ProcessGroupOxccl(dist.ProcessGroup):
             if item is None:
                 return
             ox_works, finish, work = item
+            works = work if isinstance(work, list) else [work]
             exc: BaseException | None = None
             try:
                 for ow in ox_works:
                     if not ow.wait(self._timeout_s):
                         raise dist.DistBackendError(
-                            f"oxccl: {work._pg_name} did not complete within the process "
+                            f"oxccl: {works[0]._describe()} did not complete within the process "
                             f"group timeout of {self._timeout_s:.0f} s"
                         )
                 if finish is not None:
                     finish()
             except BaseException as e:  # noqa: BLE001 - handed to the waiter
                 exc = _convert(e)
-            work._finish(exc)
+            for w in works:
+                w._finish(exc)
 
     def _run(
         self,
@@ -335,6 +411,19 @@ class ProcessGroupOxccl(dist.ProcessGroup):
         if self._coalescing is not None:
             self._coalescing.append((name, steps, outputs, finish))
             return _completed(self, name, outputs)  # torch uses end_coalescing's Work
+        with self._issue_lock:
+            if self._held:
+                self._flush_held()
+            return self._run_now(name, steps, outputs, async_op, finish)
+
+    def _run_now(
+        self,
+        name: str,
+        steps: list[_Step],
+        outputs: list,
+        async_op: bool,
+        finish: Callable[[], None] | None,
+    ) -> Work:
         if not async_op:
             try:
                 for step in steps:
@@ -391,6 +480,17 @@ class ProcessGroupOxccl(dist.ProcessGroup):
     def allreduce(self, tensors: list, opts: Any = None) -> Work:
         opts = opts if opts is not None else dist.AllreduceOptions()
         op = _reduce_op(opts.reduceOp)
+        if len(tensors) == 1 and not opts.asyncOp and self._coalescing is None and tensors[0].is_contiguous():
+            # the synchronous single-tensor call (dist.all_reduce(t)): nothing to stage
+            buf = _reducible(tensors[0], op)
+            with self._issue_lock:
+                if self._held:
+                    self._flush_held()
+                try:
+                    self._comm.all_reduce(buf, op)
+                except _ox.Error as e:
+                    raise _convert(e) from e
+            return Work(self, "allreduce", tensors, done=True)
         staged = [_Staged(t) for t in tensors]
         bufs = [_reducible(s.buf, op) for s in staged]
         steps = [self._step_allreduce(b, op) for b in bufs]
@@ -505,7 +605,9 @@ class ProcessGroupOxccl(dist.ProcessGroup):
             s = _Staged(o, copy_in=False)
             staged.append(s)
             steps.append(self._step_allgather(_as_bytes(i.contiguous()), _as_bytes(s.buf)))
-        return self._run("all_gather_into_tensor_coalesced", steps, list(outputs), opts.asyncOp, _finisher(staged))
+        return self._run(
+            "all_gather_into_tensor_coalesced", steps, list(outputs), opts.asyncOp, _finisher(staged)
+        )
 
     allgather_into_tensor_coalesced = all_gather_single_coalesced
 
@@ -537,16 +639,24 @@ class ProcessGroupOxccl(dist.ProcessGroup):
                 counts = [2 * c for c in counts]
             if len(set(counts)) == 1:
                 steps.append(
-                    (lambda f, o: lambda a: comm.reduce_scatter_async(f, o, op) if a else comm.reduce_scatter(f, o, op))(
-                        flat, out_flat
-                    )
+                    (
+                        lambda f, o: (
+                            lambda a: (
+                                comm.reduce_scatter_async(f, o, op) if a else comm.reduce_scatter(f, o, op)
+                            )
+                        )
+                    )(flat, out_flat)
                 )
             else:
                 steps.append(
                     (
-                        lambda f, o, c: lambda a: comm.reduce_scatter_v_async(f, o, c, op)
-                        if a
-                        else comm.reduce_scatter_v(f, o, c, op)
+                        lambda f, o, c: (
+                            lambda a: (
+                                comm.reduce_scatter_v_async(f, o, c, op)
+                                if a
+                                else comm.reduce_scatter_v(f, o, c, op)
+                            )
+                        )
                     )(flat, out_flat, counts)
                 )
         return self._run("reduce_scatter", steps, list(output_tensors), opts.asyncOp, _finisher(staged))
@@ -564,7 +674,9 @@ class ProcessGroupOxccl(dist.ProcessGroup):
         inp = _reducible(input.contiguous(), op)
         out = _reducible(s.buf, op)
         comm = self._comm
-        step: _Step = lambda a: comm.reduce_scatter_async(inp, out, op) if a else comm.reduce_scatter(inp, out, op)
+        step: _Step = lambda a: (
+            comm.reduce_scatter_async(inp, out, op) if a else comm.reduce_scatter(inp, out, op)
+        )
         return self._run("reduce_scatter_tensor", [step], [output], opts.asyncOp, _finisher([s]))
 
     _reduce_scatter_base = reduce_scatter_single
@@ -590,7 +702,9 @@ class ProcessGroupOxccl(dist.ProcessGroup):
         if any(t.dtype != dtype for t in list(output_tensors) + list(input_tensors)):
             raise ValueError("oxccl backend: alltoall tensors must share one dtype")
         send = _as_bytes(torch.cat([t.reshape(-1) for t in input_tensors]))
-        recv_elems = torch.empty(sum(t.numel() for t in output_tensors), dtype=dtype, device=output_tensors[0].device)
+        recv_elems = torch.empty(
+            sum(t.numel() for t in output_tensors), dtype=dtype, device=output_tensors[0].device
+        )
         recv = _as_bytes(recv_elems)
         esz = _elem_bytes(dtype)
         send_counts = [t.numel() * esz for t in input_tensors]
@@ -630,8 +744,9 @@ class ProcessGroupOxccl(dist.ProcessGroup):
         if not output_split_sizes and not input_split_sizes:
             if input.numel() % self._size or output.numel() != input.numel():
                 raise ValueError(
-                    "oxccl backend: all_to_all_single without split sizes needs input and output "
-                    f"of one size divisible by the world ({self._size}); got {input.numel()} and {output.numel()}"
+                    "oxccl backend: all_to_all_single without split sizes needs input and output of "
+                    f"one size divisible by the world ({self._size}); "
+                    f"got {input.numel()} and {output.numel()}"
                 )
             step: _Step = lambda a: comm.all_to_all_async(send, recv) if a else comm.all_to_all(send, recv)
         else:
@@ -640,7 +755,9 @@ class ProcessGroupOxccl(dist.ProcessGroup):
             rc = _split_counts(output, output_split_sizes, self._size, esz, "output")
             sd, rd = _displs(sc), _displs(rc)
             step = lambda a: (
-                comm.all_to_all_v_async(send, sc, sd, recv, rc, rd) if a else comm.all_to_all_v(send, sc, sd, recv, rc, rd)
+                comm.all_to_all_v_async(send, sc, sd, recv, rc, rd)
+                if a
+                else comm.all_to_all_v(send, sc, sd, recv, rc, rd)
             )
         return self._run("all_to_all_single", [step], [output], opts.asyncOp, _finisher([out]))
 
@@ -731,12 +848,69 @@ class ProcessGroupOxccl(dist.ProcessGroup):
             # end_coalescing turns these into one oxccl batch (NCCL group semantics)
             self._coalescing.append((name, [(b, peer) for b in bufs], outputs, finish))
             return _completed(self, name, outputs)
-        comm = self._comm
-        if name == "send":
-            steps = [(lambda b: lambda a: comm.send_async(b, peer) if a else comm.send(b, peer))(b) for b in bufs]
-        else:
-            steps = [(lambda b: lambda a: comm.recv_async(b, peer) if a else comm.recv(b, peer))(b) for b in bufs]
-        return self._run(name, steps, outputs, True, finish)
+        # Held back and issued as one oxccl batch with the isend/irecv calls that follow
+        # it, as soon as any of their Works is looked at, another call is made on this
+        # group, or 2 ms have passed: so that crossing isend/irecv pairs (both ranks
+        # isend, then irecv) run together as in gloo, where oxccl alone would match a
+        # send against a send.
+        work = Work(self, name, outputs)
+        work._flush = self._flush_held_locked
+        with self._issue_lock:
+            self._held.append((name, bufs, peer, work, finish))
+            first = len(self._held) == 1
+        if first:
+            self._ensure_flusher()
+            self._held_event.set()
+        return work
+
+    def _flush_held_locked(self) -> None:
+        if self._held:
+            with self._issue_lock:
+                self._flush_held()
+
+    def _flush_held(self) -> None:
+        """Issues the held-back sends and receives as one batch (caller holds the lock)."""
+        items, self._held = self._held, []
+        if not items:
+            return
+        batch = [(name, b, peer) for (name, bufs, peer, _, _) in items for b in bufs]
+        works = [w for (_, _, _, w, _) in items]
+        finishes = [f for (_, _, _, _, f) in items if f is not None]
+        for w in works:
+            w._flush = None
+
+        def finish() -> None:
+            for f in finishes:
+                f()
+
+        try:
+            ow = self._comm.batch_async(batch)
+        except _ox.Error as e:
+            exc = _convert(e)
+            for w in works:
+                w._finish(exc)
+            return
+        self._ensure_thread()
+        self._pending.put(([ow], finish, works))
+
+    def _ensure_flusher(self) -> None:
+        if self._flusher is None:
+            with self._thread_lock:
+                if self._flusher is None:
+                    t = threading.Thread(
+                        target=self._flush_loop, name=f"oxccl-torch-p2p-r{self._rank}", daemon=True
+                    )
+                    t.start()
+                    self._flusher = t
+
+    def _flush_loop(self) -> None:
+        while not self._closed:
+            self._held_event.wait()
+            if self._closed:
+                return
+            time.sleep(0.002)
+            self._held_event.clear()
+            self._flush_held_locked()
 
     def recv_anysource(self, tensors: list, tag: int = 0) -> Work:
         raise RuntimeError(
@@ -756,6 +930,9 @@ class ProcessGroupOxccl(dist.ProcessGroup):
         self._stop_thread()
 
     def _stop_thread(self) -> None:
+        self._flush_held_locked()
+        self._closed = True
+        self._held_event.set()
         if self._thread is not None:
             self._pending.put(None)
             self._thread.join(timeout=self._timeout_s)
@@ -814,7 +991,9 @@ def _split_counts(t: torch.Tensor, splits: list, world: int, esz: int, what: str
     row_bytes = (t.numel() // rows if rows else 0) * esz
     if not splits:
         if rows % world:
-            raise ValueError(f"oxccl backend: all_to_all_single {what} has {rows} rows, not divisible by {world}")
+            raise ValueError(
+                f"oxccl backend: all_to_all_single {what} has {rows} rows, not divisible by {world}"
+            )
         splits = [rows // world] * world
     if len(splits) != world or sum(splits) != rows:
         raise ValueError(
@@ -845,3 +1024,9 @@ def _register() -> None:
 
 
 _register()
+
+try:
+    from oxccl._horovod import *  # noqa: F401,F403  (Horovod's API, see _horovod.py)
+except ImportError as _e:  # only a missing _horovod module is tolerated
+    if _e.name != "oxccl._horovod":
+        raise

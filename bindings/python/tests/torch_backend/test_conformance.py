@@ -59,7 +59,9 @@ class Checker:
             tol = {torch.float16: 1e-2, torch.bfloat16: 2e-2}.get(got.dtype, 1e-6)
             ok = torch.allclose(got.double(), want.double(), rtol=tol, atol=tol)
         if not ok:
-            self.failures.append(f"{what} (group {self.members}, rank {self.grank}): oxccl {got} vs gloo {want}")
+            self.failures.append(
+                f"{what} (group {self.members}, rank {self.grank}): oxccl {got} vs gloo {want}"
+            )
 
     def both(self, fn, *inputs):
         """fn(group, *copies) on oxccl and gloo; returns the two results."""
@@ -248,6 +250,16 @@ def _movement(c: Checker, dtype) -> None:
             return r
 
         c.same(f"batch_isend_irecv ring {dtype}", *c.both(ring, x))
+
+        def crossing(grp, t):
+            # every rank isends first, then irecvs: oxccl.torch issues the two as one batch
+            r = torch.empty_like(t)
+            ws = [dist.isend(t, group_dst=nxt, group=grp), dist.irecv(r, group_src=prv, group=grp)]
+            for w in ws:
+                w.wait()
+            return r
+
+        c.same(f"isend/irecv ring without a batch {dtype}", *c.both(crossing, x))
 
         def sendrecv(grp, t):
             # rank 0 sends to every other rank in turn

@@ -1,8 +1,10 @@
-"""DDP training under real torchrun: "oxccl" ends with the same parameters as "gloo".
+"""Training under real torchrun: "oxccl" ends with the same parameters as "gloo".
 
 A conv net and a small transformer (train.py) train for 50 steps with SGD + momentum
 on 2 and 4 ranks, once with each backend, launched by torchrun (`python -m
-torch.distributed.run`, the module behind the `torchrun` command).
+torch.distributed.run`, the module behind the `torchrun` command); with DDP, and with
+FSDP2 (`fully_shard` of every layer: all_gather_into_tensor and reduce_scatter_tensor
+on padded uneven shards), which this torch supports on CPU.
 
 Tolerance: on 2 ranks the parameters must be bitwise equal: each gradient element is the
 sum of two addends, and a + b == b + a exactly in IEEE arithmetic, so no ordering
@@ -43,7 +45,9 @@ def torchrun(nproc: int, out: str, *args: str, timeout: float = 600) -> dict:
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert p.returncode == 0, f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-4000:]}\n{p.stderr[-8000:]}"
+    assert p.returncode == 0, (
+        f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-4000:]}\n{p.stderr[-8000:]}"
+    )
     return torch.load(out, weights_only=False)
 
 
@@ -71,14 +75,15 @@ def max_diff(a: dict, b: dict) -> float:
     )
 
 
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 @pytest.mark.parametrize("nproc", [2, 4])
-def test_ddp_oxccl_matches_gloo(nproc, tmp_path):
-    ox = torchrun(nproc, str(tmp_path / "oxccl.pt"), "--backend", "oxccl")
-    gl = torchrun(nproc, str(tmp_path / "gloo.pt"), "--backend", "gloo")
+def test_training_oxccl_matches_gloo(nproc, mode, tmp_path):
+    ox = torchrun(nproc, str(tmp_path / "oxccl.pt"), "--backend", "oxccl", "--mode", mode)
+    gl = torchrun(nproc, str(tmp_path / "gloo.pt"), "--backend", "gloo", "--mode", mode)
     assert ox["world"] == gl["world"] == nproc
     # the models did train: their parameters moved away from the initial ones
     for kind in ("conv", "transformer"):
         assert ox[kind]["moved"] > 1e-2, (kind, ox[kind]["moved"])
     bad = compare(ox, gl, exact=(nproc == 2))
-    print(f"{nproc} ranks: max |oxccl - gloo| over all parameters = {max_diff(ox, gl):.3e}")
+    print(f"{mode}, {nproc} ranks: max |oxccl - gloo| over all parameters = {max_diff(ox, gl):.3e}")
     assert not bad, "\n".join(bad)

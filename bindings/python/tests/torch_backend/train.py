@@ -4,7 +4,8 @@
 
 Plain torch modules, synthetic data, fixed seeds: every run with the same world size
 sees the same data. `--mode ddp` wraps the models in DistributedDataParallel;
-`--mode horovod` uses oxccl.torch.DistributedOptimizer instead. Rank 0 saves the final
+`--mode fsdp` shards them with FSDP2's fully_shard; `--mode horovod` uses
+oxccl.torch.DistributedOptimizer instead. Rank 0 saves the final
 parameters of both models (and the last losses) to --out.
 """
 
@@ -69,6 +70,20 @@ def build(kind: str, mode: str):
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         return DDP(model), model, opt
+    if mode == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        # shard every layer, then the root: odd sizes (e.g. 3*8*3*3 = 216 weights, 10
+        # biases, 64-row embeddings over 4 ranks) make uneven shards that FSDP pads
+        if kind == "conv":
+            units = [model.c1, model.c2, model.fc]
+        else:
+            units = [model.emb, *model.enc.layers, model.head]
+        for unit in units:
+            fully_shard(unit)
+        fully_shard(model)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        return model, model, opt
     import oxccl.torch as oxt
 
     oxt.broadcast_parameters(model.state_dict(), root_rank=0)
@@ -76,9 +91,19 @@ def build(kind: str, mode: str):
     return model, model, opt
 
 
+def _full_state(model: nn.Module) -> dict:
+    """The model's parameters and buffers, gathered whole when FSDP sharded them."""
+    out = {}
+    for k, v in model.state_dict().items():
+        if hasattr(v, "full_tensor"):
+            v = v.full_tensor()
+        out[k] = v.detach().clone()
+    return out
+
+
 def train(kind: str, mode: str, steps: int, rank: int) -> tuple:
     wrapped, model, opt = build(kind, mode)
-    initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    initial = _full_state(model)
     loss_v = float("nan")
     t0 = time.perf_counter()
     for step in range(steps):
@@ -93,7 +118,7 @@ def train(kind: str, mode: str, steps: int, rank: int) -> tuple:
         opt.step()
         loss_v = loss.item()
     elapsed = time.perf_counter() - t0
-    final = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    final = _full_state(model)
     moved = sum((final[k] - initial[k]).abs().sum().item() for k in final)
     return final, loss_v, elapsed, moved
 
@@ -101,7 +126,7 @@ def train(kind: str, mode: str, steps: int, rank: int) -> tuple:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--backend", default="oxccl")
-    ap.add_argument("--mode", choices=["ddp", "horovod"], default="ddp")
+    ap.add_argument("--mode", choices=["ddp", "fsdp", "horovod"], default="ddp")
     ap.add_argument("--models", default="conv,transformer")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--out", required=True)
