@@ -38,7 +38,9 @@ def model_of(args):
             layer = nn.TransformerEncoderLayer(
                 args.dim, args.heads, 4 * args.dim, dropout=0.0, batch_first=True
             )
-            self.layers = nn.TransformerEncoder(layer, args.layers, enable_nested_tensor=False)
+            self.layers = nn.TransformerEncoder(
+                layer, args.layers, enable_nested_tensor=False
+            )
             self.head = nn.Linear(args.dim, args.vocab)
 
         def forward(self, tokens):
@@ -125,21 +127,39 @@ def launch(args, mode: str) -> dict:
             "--out",
             out,
         ]
-        for k in ("vocab", "dim", "heads", "layers", "seq", "batch", "steps", "warmup", "threads"):
+        for k in (
+            "vocab",
+            "dim",
+            "heads",
+            "layers",
+            "seq",
+            "batch",
+            "steps",
+            "warmup",
+            "threads",
+        ):
             cmd += [f"--{k}", str(getattr(args, k))]
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+        p = subprocess.run(
+            cmd, env=env, capture_output=True, text=True, timeout=args.timeout
+        )
         if p.returncode != 0:
-            sys.exit(f"{mode} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}")
+            sys.exit(
+                f"{mode} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}"
+            )
         with open(out) as f:
             return json.load(f)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--nproc", type=int, default=2, help="ranks (torchrun --nproc-per-node)")
+    ap.add_argument(
+        "--nproc", type=int, default=2, help="ranks (torchrun --nproc-per-node)"
+    )
     ap.add_argument("--runs", type=int, default=5, help="runs per mode (alternating)")
-    ap.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {MODES}")
+    ap.add_argument(
+        "--modes", default=",".join(MODES), help=f"comma-separated, of {MODES}"
+    )
     ap.add_argument("--vocab", type=int, default=8000)
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--heads", type=int, default=8)
@@ -150,7 +170,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per run")
-    ap.add_argument("--quick", action="store_true", help="tiny sizes, 1 run: checks that it runs")
+    ap.add_argument(
+        "--quick", action="store_true", help="tiny sizes, 1 run: checks that it runs"
+    )
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--mode", help=argparse.SUPPRESS)
@@ -160,7 +182,14 @@ def main() -> None:
         worker(args)
         return
     if args.quick:
-        args.vocab, args.dim, args.heads, args.layers, args.seq, args.batch = 100, 32, 2, 1, 16, 2
+        args.vocab, args.dim, args.heads, args.layers, args.seq, args.batch = (
+            100,
+            32,
+            2,
+            1,
+            16,
+            2,
+        )
         args.runs, args.steps, args.warmup = 1, 3, 1
     modes = [m for m in args.modes.split(",") if m]
     for m in modes:
@@ -173,7 +202,10 @@ def main() -> None:
             r = launch(args, m)
             params = r["params"]
             times[m].append(r["median_s"])
-            print(f"run {run + 1}/{args.runs} {m:10s} {r['median_s'] * 1e3:9.2f} ms/step", flush=True)
+            print(
+                f"run {run + 1}/{args.runs} {m:10s} {r['median_s'] * 1e3:9.2f} ms/step",
+                flush=True,
+            )
     med = {m: statistics.median(v) for m, v in times.items()}
     print(
         f"\n{args.nproc} ranks, transformer of {params} parameters "
@@ -183,12 +215,26 @@ def main() -> None:
     for m in modes:
         print(f"  {m:10s} {med[m] * 1e3:9.2f} ms/step")
     if "hvd" in med and "ddp-oxccl" in med:
-        print(f"  DistributedOptimizer / DDP on oxccl: {med['hvd'] / med['ddp-oxccl']:.3f}")
+        print(
+            f"  DistributedOptimizer / DDP on oxccl: {med['hvd'] / med['ddp-oxccl']:.3f}"
+        )
     if "ddp-oxccl" in med and "ddp-gloo" in med:
-        print(f"  DDP on oxccl / DDP on gloo:          {med['ddp-oxccl'] / med['ddp-gloo']:.3f}")
+        print(
+            f"  DDP on oxccl / DDP on gloo:          {med['ddp-oxccl'] / med['ddp-gloo']:.3f}"
+        )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"nproc": args.nproc, "params": params, "runs": times, "median_s": med, "args": vars(args)}, f, indent=1)
+            json.dump(
+                {
+                    "nproc": args.nproc,
+                    "params": params,
+                    "runs": times,
+                    "median_s": med,
+                    "args": vars(args),
+                },
+                f,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":

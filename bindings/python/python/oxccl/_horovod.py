@@ -54,7 +54,7 @@ import os
 import pickle
 import socket
 import threading
-from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
@@ -185,7 +185,12 @@ def _host_ranks(comm: Communicator) -> Tuple[int, int, int, int]:
     me = hosts[comm.rank]
     local = [hosts[:r].count(hosts[r]) for r in range(comm.world)]
     mine = local[comm.rank]
-    return local[comm.rank], hosts.count(me), local[: comm.rank].count(mine), local.count(mine)
+    return (
+        local[comm.rank],
+        hosts.count(me),
+        local[: comm.rank].count(mine),
+        local.count(mine),
+    )
 
 
 def init() -> None:
@@ -297,7 +302,9 @@ def _name(kind: str, name: Optional[str]) -> str:
 
 def _check_tensor(tensor: Any, what: str) -> torch.Tensor:
     if not isinstance(tensor, torch.Tensor):
-        raise InvalidArgument(f"{what}: expected a torch.Tensor, got {type(tensor).__name__}")
+        raise InvalidArgument(
+            f"{what}: expected a torch.Tensor, got {type(tensor).__name__}"
+        )
     if tensor.is_sparse:
         raise InvalidArgument(f"{what}: sparse tensors are not supported")
     return tensor
@@ -330,7 +337,11 @@ def _submit_inplace(kind: str, tensor: torch.Tensor, name: str, submit) -> _Hand
         return _Handle(name, submit(t), t, lambda: tensor)
     # Device tensors travel through host memory (this package's collectives
     # take host buffers); non-contiguous ones through a contiguous copy.
-    buf = t.contiguous() if on_host else t.to("cpu", memory_format=torch.contiguous_format)
+    buf = (
+        t.contiguous()
+        if on_host
+        else t.to("cpu", memory_format=torch.contiguous_format)
+    )
 
     def finish() -> torch.Tensor:
         with torch.no_grad():
@@ -367,7 +378,9 @@ def allreduce_async_(
     if prescale_factor != 1.0:
         with torch.no_grad():
             tensor.mul_(prescale_factor)
-    h = _submit_inplace("allreduce", tensor, full, lambda b: e.allreduce_async(b, full, o))
+    h = _submit_inplace(
+        "allreduce", tensor, full, lambda b: e.allreduce_async(b, full, o)
+    )
     if postscale_factor != 1.0:
         inner = h._finish
 
@@ -409,7 +422,9 @@ def allreduce(
     _check_tensor(tensor, "allreduce")
     c = compression if compression is not None else Compression.none
     wire, ctx = c.compress(tensor)
-    out = synchronize(allreduce_async(wire, average, name, op, prescale_factor, postscale_factor))
+    out = synchronize(
+        allreduce_async(wire, average, name, op, prescale_factor, postscale_factor)
+    )
     return c.decompress(out, ctx)
 
 
@@ -422,10 +437,14 @@ def allreduce_(
     postscale_factor: float = 1.0,
 ) -> torch.Tensor:
     """Reduces ``tensor`` over all ranks in place and returns it."""
-    return synchronize(allreduce_async_(tensor, average, name, op, prescale_factor, postscale_factor))
+    return synchronize(
+        allreduce_async_(tensor, average, name, op, prescale_factor, postscale_factor)
+    )
 
 
-def broadcast_async_(tensor: torch.Tensor, root_rank: int, name: Optional[str] = None) -> _Handle:
+def broadcast_async_(
+    tensor: torch.Tensor, root_rank: int, name: Optional[str] = None
+) -> _Handle:
     """Starts copying ``root_rank``'s ``tensor`` into every rank's, in place."""
     _check_tensor(tensor, "broadcast")
     full = _name("broadcast", name)
@@ -435,7 +454,9 @@ def broadcast_async_(tensor: torch.Tensor, root_rank: int, name: Optional[str] =
     )
 
 
-def broadcast_async(tensor: torch.Tensor, root_rank: int, name: Optional[str] = None) -> _Handle:
+def broadcast_async(
+    tensor: torch.Tensor, root_rank: int, name: Optional[str] = None
+) -> _Handle:
     """Starts broadcasting into a copy of ``tensor``; :func:`synchronize` returns it."""
     _check_tensor(tensor, "broadcast")
     return broadcast_async_(
@@ -443,12 +464,16 @@ def broadcast_async(tensor: torch.Tensor, root_rank: int, name: Optional[str] = 
     )
 
 
-def broadcast(tensor: torch.Tensor, root_rank: int, name: Optional[str] = None) -> torch.Tensor:
+def broadcast(
+    tensor: torch.Tensor, root_rank: int, name: Optional[str] = None
+) -> torch.Tensor:
     """Returns ``root_rank``'s ``tensor`` on every rank (a new tensor)."""
     return synchronize(broadcast_async(tensor, root_rank, name))
 
 
-def broadcast_(tensor: torch.Tensor, root_rank: int, name: Optional[str] = None) -> torch.Tensor:
+def broadcast_(
+    tensor: torch.Tensor, root_rank: int, name: Optional[str] = None
+) -> torch.Tensor:
     """Overwrites ``tensor`` with ``root_rank``'s and returns it."""
     return synchronize(broadcast_async_(tensor, root_rank, name))
 
@@ -491,7 +516,9 @@ def allgather_async(tensor: torch.Tensor, name: Optional[str] = None) -> _Handle
     def finish() -> torch.Tensor:
         if all(f == most for f in firsts):
             return out.to(t.device)
-        return torch.cat([out[r * most : r * most + f] for r, f in enumerate(firsts)]).to(t.device)
+        return torch.cat(
+            [out[r * most : r * most + f] for r, f in enumerate(firsts)]
+        ).to(t.device)
 
     return _Handle(full, work, (src, out), finish)
 
@@ -523,7 +550,9 @@ def synchronize(handle: _Handle) -> torch.Tensor:
     return handle._result
 
 
-def broadcast_object(obj: Any = None, root_rank: int = 0, name: Optional[str] = None) -> Any:
+def broadcast_object(
+    obj: Any = None, root_rank: int = 0, name: Optional[str] = None
+) -> Any:
     """Returns ``root_rank``'s ``obj`` (pickled) on every rank."""
     base = name if name is not None else f"object.{_state.counters['broadcast_object']}"
     if name is None:
@@ -632,7 +661,9 @@ def broadcast_optimizer_state(optimizer: torch.optim.Optimizer, root_rank: int) 
     _state.counters["broadcast_optimizer_state"] = n + 1
     base = f"optimizer_state.{n}"
     tensors: List[torch.Tensor] = []
-    skeleton = _strip(optimizer.state_dict(), tensors) if _state.rank == root_rank else None
+    skeleton = (
+        _strip(optimizer.state_dict(), tensors) if _state.rank == root_rank else None
+    )
     skeleton = broadcast_object(skeleton, root_rank, f"{base}.skeleton")
     if _state.rank != root_rank:
         slots: List[_TensorSlot] = []
@@ -730,9 +761,13 @@ class _DistributedOptimizer:
                 "optimizer's parameters are not in it"
             )
         if backward_passes_per_step < 1:
-            raise InvalidArgument("DistributedOptimizer: backward_passes_per_step must be >= 1")
+            raise InvalidArgument(
+                "DistributedOptimizer: backward_passes_per_step must be >= 1"
+            )
         if gradient_predivide_factor != 1.0 and op != Average:
-            raise InvalidArgument("DistributedOptimizer: gradient_predivide_factor needs op=Average")
+            raise InvalidArgument(
+                "DistributedOptimizer: gradient_predivide_factor needs op=Average"
+            )
         # Horovod's split of the average: gradients are divided by the factor
         # before the sum and the (sum / size) multiplied by it after.
         self._hvd_prescale = 1.0 / gradient_predivide_factor
@@ -747,7 +782,10 @@ class _DistributedOptimizer:
         self._hvd_requires = [p for p in all_params if p.requires_grad]
         self._hvd_skip_sync = False
         self._hvd_synchronized = False
-        self._hvd_hooks = [p.register_post_accumulate_grad_hook(self._hvd_hook) for p in self._hvd_requires]
+        self._hvd_hooks = [
+            p.register_post_accumulate_grad_hook(self._hvd_hook)
+            for p in self._hvd_requires
+        ]
 
     def _hvd_submit(self, p: torch.Tensor) -> None:
         name = self._hvd_names[id(p)]

@@ -103,7 +103,9 @@ def train_hvd(kind: str, rank: int, world: int, passes: int = 1) -> dict:
 
 def train_ddp(kind: str, rank: int, world: int) -> dict:
     model = new_model(kind)
-    ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=(kind == "mlp"))
+    ddp = nn.parallel.DistributedDataParallel(
+        model, find_unused_parameters=(kind == "mlp")
+    )
     opt = torch.optim.SGD(ddp.parameters(), lr=LR, momentum=MOMENTUM)
     for step in range(STEPS):
         x, y = batch(kind, step)
@@ -132,7 +134,10 @@ def case_train(rank: int, world: int) -> dict:
     assert hvd.local_size() == world and hvd.local_rank() == rank
     out: dict = {}
     for kind in ("mlp", "conv"):
-        out[kind] = {"hvd": train_hvd(kind, rank, world), "ddp": train_ddp(kind, rank, world)}
+        out[kind] = {
+            "hvd": train_hvd(kind, rank, world),
+            "ddp": train_ddp(kind, rank, world),
+        }
         if rank == 0:
             out[kind]["single"] = train_single(kind)
     out["mlp"]["hvd_passes2"] = train_hvd("mlp", rank, world, passes=2)
@@ -147,7 +152,9 @@ def case_broadcast(rank: int, world: int) -> dict:
     root = world - 1
     torch.manual_seed(100 + rank)  # every rank starts different
     model = MLP()
-    opt = torch.optim.Adam(model.parameters(), lr=0.001 * (rank + 1), betas=(0.9, 0.99 - 0.01 * rank))
+    opt = torch.optim.Adam(
+        model.parameters(), lr=0.001 * (rank + 1), betas=(0.9, 0.99 - 0.01 * rank)
+    )
     # rank r takes r steps: rank 0 has no optimizer state at all.
     for step in range(rank):
         x, y = batch("mlp", step)
@@ -178,7 +185,9 @@ def case_broadcast(rank: int, world: int) -> dict:
 
 def expect_close(got, want, what, tol=0.0):
     assert got.dtype == want.dtype, f"{what}: dtype {got.dtype} != {want.dtype}"
-    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    assert got.shape == want.shape, (
+        f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    )
     if tol == 0.0:
         assert torch.equal(got, want), f"{what}: {got} != {want}"
     else:
@@ -202,9 +211,21 @@ def case_ops(rank: int, world: int) -> dict:
         expect_close(a, base * ranks_sum / world, f"Average of {dtype}", tol)
     for dtype in (torch.int32, torch.int64, torch.uint8, torch.int8):
         t = torch.full((7,), rank + 1, dtype=dtype)
-        expect_close(hvd.allreduce(t, name=f"isum.{dtype}", op=hvd.Sum), torch.full((7,), ranks_sum, dtype=dtype), f"Sum of {dtype}")
-        expect_close(hvd.allreduce(t, name=f"imax.{dtype}", op=hvd.Max), torch.full((7,), world, dtype=dtype), f"Max of {dtype}")
-        expect_close(hvd.allreduce(t, name=f"imin.{dtype}", op=hvd.Min), torch.full((7,), 1, dtype=dtype), f"Min of {dtype}")
+        expect_close(
+            hvd.allreduce(t, name=f"isum.{dtype}", op=hvd.Sum),
+            torch.full((7,), ranks_sum, dtype=dtype),
+            f"Sum of {dtype}",
+        )
+        expect_close(
+            hvd.allreduce(t, name=f"imax.{dtype}", op=hvd.Max),
+            torch.full((7,), world, dtype=dtype),
+            f"Max of {dtype}",
+        )
+        expect_close(
+            hvd.allreduce(t, name=f"imin.{dtype}", op=hvd.Min),
+            torch.full((7,), 1, dtype=dtype),
+            f"Min of {dtype}",
+        )
     # in place, non-contiguous, unnamed
     t = torch.ones(4, 6).t() * (rank + 1)
     assert not t.is_contiguous()
@@ -212,19 +233,37 @@ def case_ops(rank: int, world: int) -> dict:
     assert r is t
     expect_close(t, torch.ones(6, 4) * ranks_sum, "in-place Sum of a transposed tensor")
     # many in flight at once (fused by the engine), synchronized in reverse order
-    hs = [hvd.allreduce_async(torch.full((i + 1,), float(rank + i)), name=f"many.{i}", op=hvd.Sum) for i in range(40)]
+    hs = [
+        hvd.allreduce_async(
+            torch.full((i + 1,), float(rank + i)), name=f"many.{i}", op=hvd.Sum
+        )
+        for i in range(40)
+    ]
     for i, h in reversed(list(enumerate(hs))):
-        expect_close(hvd.synchronize(h), torch.full((i + 1,), float(ranks_sum - world + world * i)), f"many.{i}")
+        expect_close(
+            hvd.synchronize(h),
+            torch.full((i + 1,), float(ranks_sum - world + world * i)),
+            f"many.{i}",
+        )
         assert hvd.poll(h)
     # a large tensor (above the direct-transfer size: reduced alone, in place)
     big = torch.arange(300_000, dtype=torch.float32) * (rank + 1)
-    expect_close(hvd.allreduce(big, name="big", op=hvd.Sum), torch.arange(300_000, dtype=torch.float32) * ranks_sum, "big Sum", 1e-6)
+    expect_close(
+        hvd.allreduce(big, name="big", op=hvd.Sum),
+        torch.arange(300_000, dtype=torch.float32) * ranks_sum,
+        "big Sum",
+        1e-6,
+    )
     # allgather with a first dimension that differs by rank
     g = hvd.allgather(torch.full((rank + 1, 3), rank, dtype=torch.int64), name="gather")
-    want = torch.cat([torch.full((r + 1, 3), r, dtype=torch.int64) for r in range(world)])
+    want = torch.cat(
+        [torch.full((r + 1, 3), r, dtype=torch.int64) for r in range(world)]
+    )
     expect_close(g, want, "allgather of uneven first dimensions")
     g = hvd.allgather(torch.tensor([float(rank)]))
-    expect_close(g, torch.arange(world, dtype=torch.float32), "allgather of equal shapes")
+    expect_close(
+        g, torch.arange(world, dtype=torch.float32), "allgather of equal shapes"
+    )
     # broadcast
     root = world - 1
     b = hvd.broadcast(torch.full((5,), float(rank)), root_rank=root, name="bcast")
@@ -243,47 +282,86 @@ def case_ops(rank: int, world: int) -> dict:
         with torch.no_grad():
             lin.weight.fill_(1.0)
         opt = hvd.DistributedOptimizer(
-            torch.optim.SGD(lin.parameters(), lr=0.5), named_parameters=lin.named_parameters(), compression=compression
+            torch.optim.SGD(lin.parameters(), lr=0.5),
+            named_parameters=lin.named_parameters(),
+            compression=compression,
         )
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
         lin(torch.full((1, 3), float(rank + 1))).sum().backward()  # gradient: rank + 1
         opt.synchronize()
         avg = (world + 1) / 2
-        expect_close(lin.weight.grad, torch.full((1, 3), avg), f"reduced gradient ({compression.__name__})")
+        expect_close(
+            lin.weight.grad,
+            torch.full((1, 3), avg),
+            f"reduced gradient ({compression.__name__})",
+        )
         assert lin.weight.grad.dtype == torch.float32
         with opt.skip_synchronize():
             opt.step()
-        expect_close(lin.weight.detach(), torch.full((1, 3), 1 - 0.5 * avg), f"weight after a step ({compression.__name__})")
+        expect_close(
+            lin.weight.detach(),
+            torch.full((1, 3), 1 - 0.5 * avg),
+            f"weight after a step ({compression.__name__})",
+        )
         sched.step()
         assert opt.param_groups[0]["lr"] == 0.25
         opt.zero_grad()
         assert lin.weight.grad is None
     # Horovod's other arguments: average= (deprecated), pre/postscale, compression
     t = torch.full((3,), float(rank + 1))
-    expect_close(hvd.allreduce(t, average=False, name="avg_false"), torch.full((3,), float(ranks_sum)), "average=False")
-    expect_close(hvd.allreduce(t, average=True, name="avg_true"), torch.full((3,), ranks_sum / world), "average=True", 1e-6)
+    expect_close(
+        hvd.allreduce(t, average=False, name="avg_false"),
+        torch.full((3,), float(ranks_sum)),
+        "average=False",
+    )
+    expect_close(
+        hvd.allreduce(t, average=True, name="avg_true"),
+        torch.full((3,), ranks_sum / world),
+        "average=True",
+        1e-6,
+    )
     expect_error(lambda: hvd.allreduce(t, average=True, op=hvd.Sum), "not both")
-    scaled = hvd.allreduce(t, name="scaled", op=hvd.Sum, prescale_factor=2.0, postscale_factor=3.0)
+    scaled = hvd.allreduce(
+        t, name="scaled", op=hvd.Sum, prescale_factor=2.0, postscale_factor=3.0
+    )
     expect_close(scaled, torch.full((3,), 6.0 * ranks_sum), "prescale 2, postscale 3")
     c = hvd.allreduce(t, name="fp16", compression=hvd.Compression.fp16)
-    expect_close(c, torch.full((3,), ranks_sum / world), "allreduce with fp16 compression", 1e-3)
+    expect_close(
+        c, torch.full((3,), ranks_sum / world), "allreduce with fp16 compression", 1e-3
+    )
     objs = hvd.allgather_object({"rank": rank, "pad": "x" * rank})
     assert objs == [{"rank": r, "pad": "x" * r} for r in range(world)], objs
-    assert (hvd.cross_rank(), hvd.cross_size()) == (0, 1), "one host: every rank is its own local rank"
+    assert (hvd.cross_rank(), hvd.cross_size()) == (0, 1), (
+        "one host: every rank is its own local rank"
+    )
     # gradient_predivide_factor keeps the average; sparse gradients need sparse_as_dense
     lin = nn.Linear(3, 1, bias=False)
     opt = hvd.DistributedOptimizer(
-        torch.optim.SGD(lin.parameters(), lr=0.5), named_parameters=lin.named_parameters(), gradient_predivide_factor=4.0
+        torch.optim.SGD(lin.parameters(), lr=0.5),
+        named_parameters=lin.named_parameters(),
+        gradient_predivide_factor=4.0,
     )
     lin(torch.full((1, 3), float(rank + 1))).sum().backward()
     opt.synchronize()
-    expect_close(lin.weight.grad, torch.full((1, 3), (world + 1) / 2), "gradient_predivide_factor=4", 1e-6)
-    emb = nn.Embedding(10, 2, sparse=True)
-    opt = hvd.DistributedOptimizer(torch.optim.SGD(emb.parameters(), lr=0.5), named_parameters=emb.named_parameters())
-    expect_error(lambda: emb(torch.tensor([1])).sum().backward(), "weight", "sparse_as_dense")
+    expect_close(
+        lin.weight.grad,
+        torch.full((1, 3), (world + 1) / 2),
+        "gradient_predivide_factor=4",
+        1e-6,
+    )
     emb = nn.Embedding(10, 2, sparse=True)
     opt = hvd.DistributedOptimizer(
-        torch.optim.SGD(emb.parameters(), lr=0.5), named_parameters=[("emb", emb.weight)], sparse_as_dense=True
+        torch.optim.SGD(emb.parameters(), lr=0.5),
+        named_parameters=emb.named_parameters(),
+    )
+    expect_error(
+        lambda: emb(torch.tensor([1])).sum().backward(), "weight", "sparse_as_dense"
+    )
+    emb = nn.Embedding(10, 2, sparse=True)
+    opt = hvd.DistributedOptimizer(
+        torch.optim.SGD(emb.parameters(), lr=0.5),
+        named_parameters=[("emb", emb.weight)],
+        sparse_as_dense=True,
     )
     emb(torch.tensor([rank % 10])).sum().backward()
     opt.synchronize()
@@ -295,7 +373,11 @@ def case_ops(rank: int, world: int) -> dict:
     assert not hvd.is_initialized()
     # init again after shutdown works
     hvd.init()
-    expect_close(hvd.allreduce(torch.ones(2), name="again", op=hvd.Sum), torch.full((2,), float(world)), "after re-init")
+    expect_close(
+        hvd.allreduce(torch.ones(2), name="again", op=hvd.Sum),
+        torch.full((2,), float(world)),
+        "after re-init",
+    )
     hvd.shutdown()
     return {"ok": True}
 
@@ -308,7 +390,10 @@ def expect_error(fn, *needles):
         msg = str(e)
         for n in needles:
             assert n in msg, f"{type(e).__name__} does not name {n!r}: {msg}"
-        print(f"rank {os.environ.get('RANK')}: as expected, after {time.monotonic() - t0:.1f} s: {type(e).__name__}: {msg}", file=sys.stderr)
+        print(
+            f"rank {os.environ.get('RANK')}: as expected, after {time.monotonic() - t0:.1f} s: {type(e).__name__}: {msg}",
+            file=sys.stderr,
+        )
         return e
     raise AssertionError(f"no oxccl.Error raised (expected one naming {needles})")
 
@@ -329,17 +414,30 @@ def case_errors(rank: int, world: int) -> dict:
     dist.init_process_group("gloo")
     hvd.init()
     # a shape that differs between ranks
-    expect_error(lambda: hvd.allreduce(torch.ones(4 + rank), name="mismatch"), "allreduce.mismatch")
+    expect_error(
+        lambda: hvd.allreduce(torch.ones(4 + rank), name="mismatch"),
+        "allreduce.mismatch",
+    )
     # the engine still works afterwards
-    expect_close(hvd.allreduce(torch.ones(3), name="after", op=hvd.Sum), torch.full((3,), float(world)), "after a mismatch")
+    expect_close(
+        hvd.allreduce(torch.ones(3), name="after", op=hvd.Sum),
+        torch.full((3,), float(world)),
+        "after a mismatch",
+    )
     # a model whose layer differs between ranks: step() raises naming the parameter
     model = Uneven(rank)
-    opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), named_parameters=model.named_parameters())
+    opt = hvd.DistributedOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        named_parameters=model.named_parameters(),
+    )
     model(torch.ones(2, 4)).sum().backward()
     expect_error(opt.step, "allreduce.b.")
     # zero_grad between backward and step is a usage error, not a silent loss
     model2 = MLP()
-    opt2 = hvd.DistributedOptimizer(torch.optim.SGD(model2.parameters(), lr=0.1), named_parameters=model2.named_parameters())
+    opt2 = hvd.DistributedOptimizer(
+        torch.optim.SGD(model2.parameters(), lr=0.1),
+        named_parameters=model2.named_parameters(),
+    )
     F.mse_loss(model2(torch.ones(2, 20)), torch.zeros(2, 4)).backward()
     expect_error(opt2.zero_grad, "zero_grad")
     opt2.step()
@@ -350,9 +448,17 @@ def case_errors(rank: int, world: int) -> dict:
     # limit first, possibly the other rank's.
     name = "allreduce.only_on_rank"
     if os.environ.get("OXCCL_STALL_SHUTDOWN_SECS"):
-        e = expect_error(lambda: hvd.allreduce(torch.ones(2), name=f"only_on_rank{rank}"), name, "stalled past")
+        e = expect_error(
+            lambda: hvd.allreduce(torch.ones(2), name=f"only_on_rank{rank}"),
+            name,
+            "stalled past",
+        )
     else:  # default: the handle's wait gives up after OXCCL_TIMEOUT
-        e = expect_error(lambda: hvd.allreduce(torch.ones(2), name=f"only_on_rank{rank}"), name, "OXCCL_TIMEOUT")
+        e = expect_error(
+            lambda: hvd.allreduce(torch.ones(2), name=f"only_on_rank{rank}"),
+            name,
+            "OXCCL_TIMEOUT",
+        )
         assert isinstance(e, oxccl.Timeout), type(e)
     waited = time.monotonic() - t0
     assert waited < 30, f"the stalled tensor failed only after {waited:.0f} s"
@@ -361,7 +467,12 @@ def case_errors(rank: int, world: int) -> dict:
     return {"waited": waited}
 
 
-CASES = {"train": case_train, "broadcast": case_broadcast, "ops": case_ops, "errors": case_errors}
+CASES = {
+    "train": case_train,
+    "broadcast": case_broadcast,
+    "ops": case_ops,
+    "errors": case_errors,
+}
 
 
 def main() -> None:

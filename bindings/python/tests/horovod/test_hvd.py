@@ -35,10 +35,20 @@ from hvd_launch import free_port
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "hvd_worker.py")
 RTOL, ATOL = 1e-4, 1e-5
-LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "OXCCL_RANK", "OXCCL_WORLD_SIZE")
+LAUNCHER_VARS = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "OXCCL_RANK",
+    "OXCCL_WORLD_SIZE",
+)
 
 
-def run(case: str, nproc: int, out: str, timeout: float = 600, **env_extra: str) -> list:
+def run(
+    case: str, nproc: int, out: str, timeout: float = 600, **env_extra: str
+) -> list:
     """Runs hvd_worker.py CASE on `nproc` ranks; returns each rank's saved result."""
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
     env.update(OMP_NUM_THREADS="1", OXCCL_AUTH="off", **env_extra)
@@ -60,8 +70,13 @@ def run(case: str, nproc: int, out: str, timeout: float = 600, **env_extra: str)
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     took = time.monotonic() - t0
     print(f"{case} on {nproc} ranks: {took:.1f} s\n{p.stderr[-3000:]}")
-    assert p.returncode == 0, f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-4000:]}\n{p.stderr[-8000:]}"
-    return [torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=False) for r in range(nproc)]
+    assert p.returncode == 0, (
+        f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-4000:]}\n{p.stderr[-8000:]}"
+    )
+    return [
+        torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=False)
+        for r in range(nproc)
+    ]
 
 
 def close(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -85,11 +100,17 @@ def test_distributed_optimizer_matches_ddp_and_one_process(world, tmp_path):
                 if not torch.equal(ddp[name], res[r][kind]["ddp"][name]):
                     bad.append(f"{kind}.{name}: DDP's rank {r} differs from rank 0")
             if world == 2 and not torch.equal(p, ddp[name]):
-                bad.append(f"{kind}.{name}: not bitwise equal to DDP on 2 ranks: max diff {(p - ddp[name]).abs().max()}")
+                bad.append(
+                    f"{kind}.{name}: not bitwise equal to DDP on 2 ranks: max diff {(p - ddp[name]).abs().max()}"
+                )
             if not close(p, ddp[name]):
-                bad.append(f"{kind}.{name}: differs from DDP by {(p - ddp[name]).abs().max()}")
+                bad.append(
+                    f"{kind}.{name}: differs from DDP by {(p - ddp[name]).abs().max()}"
+                )
             if not close(p, single[name]):
-                bad.append(f"{kind}.{name}: differs from one process by {(p - single[name]).abs().max()}")
+                bad.append(
+                    f"{kind}.{name}: differs from one process by {(p - single[name]).abs().max()}"
+                )
             if kind == "mlp" and not name.startswith("unused"):
                 # training moved the parameter (the comparison is not of untouched initial values)
                 from hvd_worker import new_model
@@ -100,27 +121,59 @@ def test_distributed_optimizer_matches_ddp_and_one_process(world, tmp_path):
         # backward_passes_per_step=2 over half-shards gives the same training
     for name, p in res[0]["mlp"]["hvd_passes2"].items():
         if not close(p, res[0]["mlp"]["hvd"][name]):
-            bad.append(f"mlp.{name}: backward_passes_per_step=2 differs by {(p - res[0]['mlp']['hvd'][name]).abs().max()}")
+            bad.append(
+                f"mlp.{name}: backward_passes_per_step=2 differs by {(p - res[0]['mlp']['hvd'][name]).abs().max()}"
+            )
     assert not bad, "\n".join(bad)
 
     # The timeline names every parameter's gradient, on every rank, each with a
     # collective in each of the 50 steps.
     params = {
-        "mlp": ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias", "fc3.weight", "fc3.bias", "unused.weight", "unused.bias"],
-        "conv": ["conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias", "head.weight", "head.bias"],
+        "mlp": [
+            "fc1.weight",
+            "fc1.bias",
+            "fc2.weight",
+            "fc2.bias",
+            "fc3.weight",
+            "fc3.bias",
+            "unused.weight",
+            "unused.bias",
+        ],
+        "conv": [
+            "conv1.weight",
+            "conv1.bias",
+            "conv2.weight",
+            "conv2.bias",
+            "head.weight",
+            "head.bias",
+        ],
     }
     for r in range(world):
         path = timeline if r == 0 else f"{timeline}.{r}"
         with open(path) as f:
             events = json.load(f)
-        tids = {e["args"]["name"]: e["tid"] for e in events if e.get("name") == "thread_name" and e.get("pid") == r}
-        for kind, names in params.items():
+        tids = {
+            e["args"]["name"]: e["tid"]
+            for e in events
+            if e.get("name") == "thread_name" and e.get("pid") == r
+        }
+        for names in params.values():
             for n in names:
                 tensor = f"allreduce.{n}"
-                assert tensor in tids, f"rank {r}'s timeline does not name {tensor}: it names {sorted(tids)}"
-                phases = [e["name"] for e in events if e.get("tid") == tids[tensor] and e.get("ph") != "M"]
-                assert phases.count("COLLECTIVE") >= 50, f"{tensor} on rank {r}: {phases.count('COLLECTIVE')} collectives"
-                assert "NEGOTIATE" in phases, f"{tensor} on rank {r}: phases {sorted(set(phases))}"
+                assert tensor in tids, (
+                    f"rank {r}'s timeline does not name {tensor}: it names {sorted(tids)}"
+                )
+                phases = [
+                    e["name"]
+                    for e in events
+                    if e.get("tid") == tids[tensor] and e.get("ph") != "M"
+                ]
+                assert phases.count("COLLECTIVE") >= 50, (
+                    f"{tensor} on rank {r}: {phases.count('COLLECTIVE')} collectives"
+                )
+                assert "NEGOTIATE" in phases, (
+                    f"{tensor} on rank {r}: phases {sorted(set(phases))}"
+                )
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -134,27 +187,39 @@ def test_broadcast_parameters_and_optimizer_state(world, tmp_path):
     for r in range(world):
         after = res[r]["after"]
         for k, v in want["model"].items():
-            assert torch.equal(after["model"][k], v), f"rank {r}: parameter {k} differs from root's"
+            assert torch.equal(after["model"][k], v), (
+                f"rank {r}: parameter {k} differs from root's"
+            )
         assert after["opt"]["param_groups"] == want["opt"]["param_groups"], (
             f"rank {r}: param groups (lr, betas, ...) {after['opt']['param_groups']} != root's {want['opt']['param_groups']}"
         )
-        assert after["opt"]["state"].keys() == want["opt"]["state"].keys(), f"rank {r}: state keys differ"
+        assert after["opt"]["state"].keys() == want["opt"]["state"].keys(), (
+            f"rank {r}: state keys differ"
+        )
         for idx, st in want["opt"]["state"].items():
             for key, v in st.items():
                 got = after["opt"]["state"][idx][key]
                 if isinstance(v, torch.Tensor):
-                    assert torch.equal(got, v), f"rank {r}: state[{idx}][{key}] differs from root's"
+                    assert torch.equal(got, v), (
+                        f"rank {r}: state[{idx}][{key}] differs from root's"
+                    )
                 else:
                     assert got == v, f"rank {r}: state[{idx}][{key}] = {got} != {v}"
         # named_parameters form from root 0
         for k, v in res[0]["after"]["other"].items():
-            assert torch.equal(res[r]["after"]["other"][k], v), f"rank {r}: {k} differs from rank 0's"
+            assert torch.equal(res[r]["after"]["other"][k], v), (
+                f"rank {r}: {k} differs from rank 0's"
+            )
         # and after one more step everyone is still equal
         for k, v in res[root]["after"]["stepped"].items():
-            assert torch.equal(res[r]["after"]["stepped"][k], v), f"rank {r}: {k} differs after a step"
+            assert torch.equal(res[r]["after"]["stepped"][k], v), (
+                f"rank {r}: {k} differs after a step"
+            )
     # the test means something: the ranks started different and the root had state
     assert want["opt"]["state"], "the root had no optimizer state"
-    assert not res[0]["before"]["opt"]["state"], "rank 0 was meant to start without state"
+    assert not res[0]["before"]["opt"]["state"], (
+        "rank 0 was meant to start without state"
+    )
     k = next(iter(want["model"]))
     assert not torch.equal(res[0]["before"]["model"][k], want["model"][k])
 
@@ -182,18 +247,35 @@ def oxrun_path():
 def test_under_oxrun(tmp_path):
     oxrun = oxrun_path()
     if oxrun is None:
-        reason = "oxrun is not built (cargo build --release -p oxccl-tools, or set OXRUN)"
+        reason = (
+            "oxrun is not built (cargo build --release -p oxccl-tools, or set OXRUN)"
+        )
         if os.environ.get("OXCCL_REQUIRE_OXRUN") == "1":
             pytest.fail(f"OXCCL_REQUIRE_OXRUN=1 but {reason}")
         print(f"test_under_oxrun skipped: {reason}", file=sys.stderr)
         pytest.skip(reason)
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
     env.update(OMP_NUM_THREADS="1")  # oxrun makes a job secret: authenticated links
-    cmd = [oxrun, "-n", "2", "--timeout", "300", "--", sys.executable, WORKER, "ops", str(tmp_path)]
+    cmd = [
+        oxrun,
+        "-n",
+        "2",
+        "--timeout",
+        "300",
+        "--",
+        sys.executable,
+        WORKER,
+        "ops",
+        str(tmp_path),
+    ]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
-    assert p.returncode == 0, f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-4000:]}\n{p.stderr[-8000:]}"
+    assert p.returncode == 0, (
+        f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-4000:]}\n{p.stderr[-8000:]}"
+    )
     for r in range(2):
-        assert torch.load(os.path.join(tmp_path, f"rank{r}.pt"), weights_only=False)["ok"]
+        assert torch.load(os.path.join(tmp_path, f"rank{r}.pt"), weights_only=False)[
+            "ok"
+        ]
 
 
 @pytest.mark.parametrize("how", ["stall_shutdown", "timeout"])
