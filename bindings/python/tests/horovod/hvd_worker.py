@@ -147,8 +147,14 @@ def case_train(rank: int, world: int) -> dict:
 
 
 def case_broadcast(rank: int, world: int) -> dict:
-    dist.init_process_group("gloo")
+    # HVD_TEST_BACKEND=oxccl: the default group is oxccl.torch's, so two oxccl
+    # communicators (the group's and the Horovod API's) share the process.
+    backend = os.environ.get("HVD_TEST_BACKEND", "gloo")
+    if backend == "oxccl":
+        import oxccl.torch  # noqa: F401  (registers the backend)
+    dist.init_process_group(backend)
     hvd.init()
+    assert dist.get_backend() == backend
     root = world - 1
     torch.manual_seed(100 + rank)  # every rank starts different
     model = MLP()
@@ -176,6 +182,10 @@ def case_broadcast(rank: int, world: int) -> dict:
     F.mse_loss(model(x), y).backward()
     opt.step()
     after["stepped"] = params(model)
+    # the default group still works beside the Horovod API's communicator
+    t = torch.ones(3)
+    dist.all_reduce(t)
+    assert torch.equal(t, torch.full((3,), float(world))), t
     obj = hvd.broadcast_object({"rank": rank, "list": [rank] * 3}, root_rank=root)
     assert obj == {"rank": root, "list": [root] * 3}, obj
     hvd.shutdown()

@@ -176,9 +176,10 @@ def test_distributed_optimizer_matches_ddp_and_one_process(world, tmp_path):
                 )
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_broadcast_parameters_and_optimizer_state(world, tmp_path):
-    res = run("broadcast", world, str(tmp_path))
+@pytest.mark.parametrize("world,backend", [(2, "gloo"), (3, "oxccl")])
+def test_broadcast_parameters_and_optimizer_state(world, backend, tmp_path):
+    # init() bootstraps through the default group's store, whichever backend it has
+    res = run("broadcast", world, str(tmp_path), HVD_TEST_BACKEND=backend)
     root = res[0]["root"]
     want = res[root]["before"]
     # the root itself is unchanged
