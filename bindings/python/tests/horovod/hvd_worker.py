@@ -167,6 +167,9 @@ def case_broadcast(rank: int, world: int) -> dict:
         opt.zero_grad()
         F.mse_loss(model(x), y).backward()
         opt.step()
+    # a scalar in the per-parameter state (as optimizers keep step counts)
+    if rank > 0:
+        opt.state[model.fc1.weight]["custom_count"] = 10 * rank
     before = {"model": params(model), "opt": copy.deepcopy(opt.state_dict())}
     hvd.broadcast_parameters(model.state_dict(), root_rank=root)
     hvd.broadcast_optimizer_state(opt, root_rank=root)
@@ -343,6 +346,21 @@ def case_ops(rank: int, world: int) -> dict:
     assert objs == [{"rank": r, "pad": "x" * r} for r in range(world)], objs
     assert (hvd.cross_rank(), hvd.cross_size()) == (0, 1), (
         "one host: every rank is its own local rank"
+    )
+    # without named_parameters: Horovod's default names; duplicate names refused
+    lin = nn.Linear(3, 1, bias=False)
+    opt = hvd.DistributedOptimizer(torch.optim.SGD(lin.parameters(), lr=0.5))
+    lin(torch.full((1, 3), float(rank + 1))).sum().backward()
+    opt.synchronize()
+    expect_close(
+        lin.weight.grad, torch.full((1, 3), (world + 1) / 2), "unnamed parameters", 1e-6
+    )
+    expect_error(
+        lambda: hvd.DistributedOptimizer(
+            torch.optim.SGD(lin.parameters(), lr=0.5),
+            named_parameters=[("w", lin.weight), ("w", nn.Parameter(torch.ones(1)))],
+        ),
+        "not unique: w",
     )
     # gradient_predivide_factor keeps the average; sparse gradients need sparse_as_dense
     lin = nn.Linear(3, 1, bias=False)

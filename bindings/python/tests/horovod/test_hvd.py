@@ -218,6 +218,7 @@ def test_broadcast_parameters_and_optimizer_state(world, backend, tmp_path):
             )
     # the test means something: the ranks started different and the root had state
     assert want["opt"]["state"], "the root had no optimizer state"
+    assert want["opt"]["state"][0]["custom_count"] == 10 * root
     assert not res[0]["before"]["opt"]["state"], (
         "rank 0 was meant to start without state"
     )
