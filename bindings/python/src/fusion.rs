@@ -186,7 +186,7 @@ impl FusionEngine {
     }
 
     /// Reduces ``buf`` over all ranks with ``op``, in place, under ``name``.
-    #[pyo3(signature = (buf, name, op=String::from("sum")))]
+    #[pyo3(signature = (buf, name, op=String::from("sum")), text_signature = "(self, buf, name, op='sum')")]
     fn allreduce_async(
         &self,
         py: Python<'_>,
