@@ -501,7 +501,7 @@ impl Communicator {
     /// every rank passes a store reaching the same data, and keys go under
     /// ``prefix``. Settings come from the ``OXCCL_*`` environment.
     #[staticmethod]
-    #[pyo3(signature = (store, rank, world, prefix=String::new()))]
+    #[pyo3(signature = (store, rank, world, prefix=String::new()), text_signature = "(store, rank, world, prefix='')")]
     fn from_store(
         py: Python<'_>,
         store: &Bound<'_, PyAny>,
@@ -546,7 +546,7 @@ impl Communicator {
 
     /// Reduces ``buf`` over all ranks with ``op``; the result replaces ``buf``
     /// (or goes to ``out``) on every rank.
-    #[pyo3(signature = (buf, op=String::from("sum"), out=None))]
+    #[pyo3(signature = (buf, op=String::from("sum"), out=None), text_signature = "(self, buf, op='sum', out=None)")]
     fn all_reduce(
         &self,
         py: Python<'_>,
@@ -559,7 +559,7 @@ impl Communicator {
     }
 
     /// :meth:`all_reduce`, returning a :class:`Work` at once.
-    #[pyo3(signature = (buf, op=String::from("sum"), out=None))]
+    #[pyo3(signature = (buf, op=String::from("sum"), out=None), text_signature = "(self, buf, op='sum', out=None)")]
     fn all_reduce_async(
         &self,
         py: Python<'_>,
@@ -599,7 +599,7 @@ impl Communicator {
 
     /// Reduces ``buf`` over all ranks into ``root``'s ``buf`` (or ``out``);
     /// other ranks' buffers are not written.
-    #[pyo3(signature = (buf, root, op=String::from("sum"), out=None))]
+    #[pyo3(signature = (buf, root, op=String::from("sum"), out=None), text_signature = "(self, buf, root, op='sum', out=None)")]
     fn reduce(
         &self,
         py: Python<'_>,
@@ -613,7 +613,7 @@ impl Communicator {
     }
 
     /// :meth:`reduce`, returning a :class:`Work` at once.
-    #[pyo3(signature = (buf, root, op=String::from("sum"), out=None))]
+    #[pyo3(signature = (buf, root, op=String::from("sum"), out=None), text_signature = "(self, buf, root, op='sum', out=None)")]
     fn reduce_async(
         &self,
         py: Python<'_>,
@@ -652,7 +652,7 @@ impl Communicator {
 
     /// Reduces ``input`` (``world`` blocks of ``len(output)``) over all
     /// ranks; rank ``r`` gets block ``r`` of the result in ``output``.
-    #[pyo3(signature = (input, output, op=String::from("sum")))]
+    #[pyo3(signature = (input, output, op=String::from("sum")), text_signature = "(self, input, output, op='sum')")]
     fn reduce_scatter(
         &self,
         py: Python<'_>,
@@ -665,7 +665,7 @@ impl Communicator {
     }
 
     /// :meth:`reduce_scatter`, returning a :class:`Work` at once.
-    #[pyo3(signature = (input, output, op=String::from("sum")))]
+    #[pyo3(signature = (input, output, op=String::from("sum")), text_signature = "(self, input, output, op='sum')")]
     fn reduce_scatter_async(
         &self,
         py: Python<'_>,
@@ -875,7 +875,7 @@ impl Communicator {
 
     /// Reduce-scatter with per-rank counts: ``input`` holds every rank's
     /// block packed in rank order (``counts[p]`` elements for rank ``p``).
-    #[pyo3(signature = (input, output, counts, op=String::from("sum")))]
+    #[pyo3(signature = (input, output, counts, op=String::from("sum")), text_signature = "(self, input, output, counts, op='sum')")]
     fn reduce_scatter_v(
         &self,
         py: Python<'_>,
@@ -889,7 +889,7 @@ impl Communicator {
     }
 
     /// :meth:`reduce_scatter_v`, returning a :class:`Work` at once.
-    #[pyo3(signature = (input, output, counts, op=String::from("sum")))]
+    #[pyo3(signature = (input, output, counts, op=String::from("sum")), text_signature = "(self, input, output, counts, op='sum')")]
     fn reduce_scatter_v_async(
         &self,
         py: Python<'_>,
@@ -931,7 +931,7 @@ impl Communicator {
 
     /// A new communicator of the ranks that survived a failure: every
     /// survivor calls it, naming the ranks it knows are gone in ``exclude``.
-    #[pyo3(signature = (exclude=Vec::new()))]
+    #[pyo3(signature = (exclude=Vec::new()), text_signature = "(self, exclude=[])")]
     fn shrink(&self, py: Python<'_>, exclude: Vec<i64>) -> PyResult<Self> {
         let exclude = counts(exclude, "shrink: exclude")?;
         let s = self.shared.clone();

@@ -38,3 +38,37 @@ def test_fusion_engine(world):
         np.testing.assert_array_equal(b, np.full(6, world - 1))
         np.testing.assert_array_equal(g, np.repeat(np.arange(world, dtype=np.float64), 3))
         np.testing.assert_array_equal(m, np.full(4, world - 1, dtype=np.float32))
+
+
+def test_submit_from_another_thread_during_synchronize():
+    """Horovod's pattern: gradient hooks submit on one thread while another
+    synchronizes; neither blocks the other (the GIL is released while waiting)."""
+    import threading
+    import time
+
+    comms = make_group(2)
+
+    def call(c):
+        eng = oxccl.FusionEngine(c)
+        bufs = [np.full(100, c.rank + k, dtype=np.float64) for k in range(40)]
+        works = []
+
+        def submitter():
+            for k, b in enumerate(bufs):
+                works.append(eng.allreduce_async(b, f"t.{k}"))
+                time.sleep(0.002)
+
+        t = threading.Thread(target=submitter)
+        t.start()
+        for _ in range(5):
+            eng.synchronize()
+        t.join(60)
+        assert not t.is_alive()
+        eng.synchronize()
+        assert all(w.wait(30) for w in works)
+        eng.shutdown()
+        return bufs
+
+    for bufs in each(comms, call):
+        for k, b in enumerate(bufs):
+            np.testing.assert_array_equal(b, np.full(100, 1 + 2 * k, dtype=np.float64))
