@@ -35,6 +35,8 @@ cd "$work"
 OXCCL_REQUIRE_TORCH=1 OXCCL_REQUIRE_OXRUN=${OXRUN:+1} \
   "$py" -m pytest -q -p no:cacheprovider "$root/bindings/python/tests"
 "$py" -c 'import oxccl, oxccl.check; print("oxccl", oxccl.__version__, "from", oxccl.__file__)'
+# Horovod's API: its speed script runs (tiny sizes; the figures come from a quiet machine).
+"$py" "$root/bindings/python/bench/hvd_step.py" --quick --nproc 2
 # The stubs match the native module (names, signatures, defaults).
 "$py" -m pip install -q mypy
 "$py" -m mypy.stubtest oxccl._oxccl

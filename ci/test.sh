@@ -63,9 +63,6 @@ bash ci/launchers.sh
 step "torch.distributed backend \"oxccl\": conformance vs gloo, DDP/FSDP2 under torchrun, dead rank (ci/torch.sh)"
 bash ci/torch.sh
 
-step "Horovod's API on oxccl: tests and a quick speed-script run (ci/horovod.sh)"
-bash ci/horovod.sh
-
 step "chaos, short: SIGKILL and SIGSTOP of a rank of a looping 4-rank job, shm and tcp"
 # Per transport: 2 SIGKILLs of rank 0 (which serves the store), 2 of a
 # random rank, 1 SIGSTOP of rank 0 and 1 of a random rank (about a minute;
