@@ -63,6 +63,7 @@ from ._oxccl import (
     FusionEngine,
     InvalidArgument,
     InvalidUsage,
+    UnavailableBackend,
     UniqueId,
     Work,
 )
@@ -96,6 +97,7 @@ __all__ = [
     "broadcast_object",
     "allgather_object",
     "poll",
+    "barrier",
     "synchronize",
     "DistributedOptimizer",
     "broadcast_parameters",
@@ -158,7 +160,13 @@ def _new_communicator(generation: int) -> Tuple[Communicator, bool]:
     if _torch_dist_ready():
         from torch.distributed import distributed_c10d as c10d
 
-        store = c10d._get_default_store()
+        try:
+            store = c10d._get_default_store()  # private in torch, stable since 1.x
+        except (AttributeError, RuntimeError) as e:
+            raise UnavailableBackend(
+                "init(): torch.distributed is initialised, but its default store "
+                f"cannot be reached ({e}); call init() before init_process_group"
+            ) from e
         comm = Communicator.from_store(
             store,
             torch.distributed.get_rank(),
@@ -526,6 +534,14 @@ def allgather_async(tensor: torch.Tensor, name: Optional[str] = None) -> _Handle
 def allgather(tensor: torch.Tensor, name: Optional[str] = None) -> torch.Tensor:
     """Returns every rank's ``tensor`` concatenated along dimension 0."""
     return synchronize(allgather_async(tensor, name))
+
+
+def barrier() -> None:
+    """Returns once every rank has called it (and every collective submitted
+    before it has completed here)."""
+    allreduce(torch.zeros(1), name=f"barrier.{_state.counters['barrier']}", op=Sum)
+    _state.counters["barrier"] += 1
+    _engine().synchronize()
 
 
 def poll(handle: _Handle) -> bool:
@@ -900,6 +916,11 @@ def DistributedOptimizer(  # noqa: N802 (Horovod's name)
     supported).
     """
     _engine()
+    if not hasattr(torch.Tensor, "register_post_accumulate_grad_hook"):
+        raise UnavailableBackend(
+            f"DistributedOptimizer needs torch >= 2.1 (register_post_accumulate_grad_hook); "
+            f"this is torch {torch.__version__}"
+        )
     if isinstance(optimizer, _DistributedOptimizer):
         raise InvalidUsage("DistributedOptimizer: the optimizer is already distributed")
     base = optimizer.__class__

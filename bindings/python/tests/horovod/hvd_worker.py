@@ -342,6 +342,14 @@ def case_ops(rank: int, world: int) -> dict:
     expect_close(
         c, torch.full((3,), ranks_sum / world), "allreduce with fp16 compression", 1e-3
     )
+    # barrier: the others wait for rank 0, which arrives a second late
+    t0 = time.monotonic()
+    if rank == 0:
+        time.sleep(1.0)
+    hvd.barrier()
+    waited = time.monotonic() - t0
+    assert waited >= 0.9, f"rank {rank} left the barrier after {waited:.2f} s"
+    hvd.barrier()
     objs = hvd.allgather_object({"rank": rank, "pad": "x" * rank})
     assert objs == [{"rank": r, "pad": "x" * r} for r in range(world)], objs
     assert (hvd.cross_rank(), hvd.cross_size()) == (0, 1), (
