@@ -882,6 +882,11 @@ class _DistributedOptimizer:
         self._hvd_synchronized = False
         return self._hvd_base.step(self, closure)
 
+    # The base class's step already runs the optimizer's step hooks (torch
+    # wraps it once): this tells torch's _patch_step_function (which
+    # load_state_dict calls) not to wrap this one too.
+    step.hooked = True  # type: ignore[attr-defined]
+
     def zero_grad(self, set_to_none: bool = True) -> None:  # noqa: D102
         if self._hvd_pending:
             raise InvalidUsage(

@@ -355,6 +355,19 @@ def case_ops(rank: int, world: int) -> dict:
     assert (hvd.cross_rank(), hvd.cross_size()) == (0, 1), (
         "one host: every rank is its own local rank"
     )
+    # step hooks run once per step, also after load_state_dict (which has
+    # torch wrap the class's step)
+    lin = nn.Linear(3, 1)
+    opt = hvd.DistributedOptimizer(
+        torch.optim.SGD(lin.parameters(), lr=0.1),
+        named_parameters=lin.named_parameters(),
+    )
+    opt.load_state_dict(opt.state_dict())
+    calls = []
+    opt.register_step_post_hook(lambda *a: calls.append(1))
+    lin(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    assert calls == [1], f"step post-hook ran {len(calls)} times"
     # without named_parameters: Horovod's default names; duplicate names refused
     lin = nn.Linear(3, 1, bias=False)
     opt = hvd.DistributedOptimizer(torch.optim.SGD(lin.parameters(), lr=0.5))
