@@ -154,3 +154,37 @@ def test_killed_peer_raises_remote_error_naming_it(tmp_path):
         assert "ERROR RemoteError" in out, (r, out)
         assert f"rank {victim}" in out, (r, out)
         assert took < 10, (r, took, out)
+
+
+EXIT_PENDING = textwrap.dedent(
+    """
+    import threading
+    import numpy as np
+    import oxccl
+    uid = oxccl.UniqueId()
+    comms = [None, None]
+    def make(r):
+        comms[r] = oxccl.Communicator(uid, r, 2)
+    ts = [threading.Thread(target=make, args=(r,)) for r in range(2)]
+    [t.start() for t in ts]
+    [t.join() for t in ts]
+    w = comms[0].all_reduce_async(np.ones(1 << 16, dtype=np.float32))  # rank 1 never joins
+    eng = oxccl.FusionEngine(comms[1])
+    x = eng.allreduce_async(np.ones(8, dtype=np.float32), "x")
+    print("exiting with pending work", flush=True)
+    """
+)
+
+
+def test_exit_with_pending_work(tmp_path):
+    """A script that exits with calls still pending exits at once and cleanly."""
+    script = tmp_path / "exit_pending.py"
+    script.write_text(EXIT_PENDING)
+    t = time.monotonic()
+    p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60,
+                       env=dict(os.environ, OXCCL_TIMEOUT="30", OXCCL_AUTH="off"))
+    took = time.monotonic() - t
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "exiting with pending work" in p.stdout
+    assert "panicked" not in p.stderr, p.stderr
+    assert took < 20, took
