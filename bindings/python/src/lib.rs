@@ -244,6 +244,8 @@ fn _oxccl(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(_check_uneven, m)?)?;
     m.add_function(wrap_pyfunction!(_check_uneven_wrong, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    // This package takes host memory only (CUDA tensors raise UnavailableBackend).
+    m.add("HAS_CUDA", false)?;
     let at_exit = wrap_pyfunction!(_at_exit, m)?;
     m.py()
         .import("atexit")?
