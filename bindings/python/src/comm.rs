@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use oxccl::{Batch, DType, Descriptor, Exchange, Kind, ReduceOp};
 use pyo3::prelude::*;
-use pyo3::types::{PyList, PyTuple};
+use pyo3::types::{PyBytes, PyList, PyTuple};
 
 use crate::buffer::Buf;
 use crate::errors::{Failure, invalid_argument};
@@ -501,13 +501,17 @@ impl Communicator {
     /// every rank passes a store reaching the same data, and keys go under
     /// ``prefix``. Settings come from the ``OXCCL_*`` environment.
     #[staticmethod]
-    #[pyo3(signature = (store, rank, world, prefix=String::new()), text_signature = "(store, rank, world, prefix='')")]
+    ///
+    /// ``secret`` (str or bytes, the same on every rank) authenticates the
+    /// ranks' connections, as ``OXCCL_JOB_SECRET`` does (which it overrides).
+    #[pyo3(signature = (store, rank, world, prefix=String::new(), secret=None), text_signature = "(store, rank, world, prefix='', secret=None)")]
     fn from_store(
         py: Python<'_>,
         store: &Bound<'_, PyAny>,
         rank: i64,
         world: i64,
         prefix: String,
+        secret: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
         let (rank, world) = rank_world(rank, world)?;
         let s: Arc<dyn oxccl_transport::store::Store> =
@@ -517,7 +521,19 @@ impl Communicator {
         } else {
             Arc::new(oxccl_transport::store::PrefixStore::new(s, &prefix))
         };
-        let config = oxccl::Config::from_env().map_err(Failure::from)?;
+        let mut config = oxccl::Config::from_env().map_err(Failure::from)?;
+        if let Some(secret) = secret {
+            let text = if let Ok(b) = secret.cast::<PyBytes>() {
+                b.as_bytes().iter().map(|x| format!("{x:02x}")).collect()
+            } else {
+                secret
+                    .extract::<String>()
+                    .map_err(|_| invalid_argument("from_store: secret must be str or bytes"))?
+            };
+            let s = oxccl::JobSecret::from_text(&text)
+                .map_err(|e| invalid_argument(format!("from_store: secret {e}")))?;
+            config.job_secret = Some(s);
+        }
         let c = py
             .detach(|| oxccl::Communicator::with_store(s, rank, world, config))
             .map_err(Failure::from)?;

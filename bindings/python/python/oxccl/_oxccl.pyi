@@ -1,6 +1,6 @@
 """Type stubs of the native module ``oxccl._oxccl`` (re-exported by ``oxccl``)."""
 
-from typing import Any, List, Optional, Sequence, Tuple, final
+from typing import Any, List, Optional, Sequence, Tuple, Union, final
 
 #: A buffer: any C-contiguous object with ``__dlpack__`` (torch CPU tensors,
 #: numpy arrays) or the buffer protocol (numpy, bytearray, memoryview,
@@ -11,6 +11,8 @@ _Buffer = Any
 _Op = str
 
 __version__: str
+#: Whether this build takes CUDA tensors (it does not: host memory only).
+HAS_CUDA: bool
 __all__ = [
     "Error",
     "InvalidArgument",
@@ -31,6 +33,7 @@ __all__ = [
     "_check_uneven",
     "_check_uneven_wrong",
     "__version__",
+    "HAS_CUDA",
 ]
 
 class Error(RuntimeError):
@@ -90,9 +93,17 @@ class Communicator:
     def from_env() -> "Communicator":
         """From the launcher's environment (oxrun, torchrun, mpirun, srun)."""
     @staticmethod
-    def from_store(store: Any, rank: int, world: int, prefix: str = "") -> "Communicator":
+    def from_store(
+        store: Any,
+        rank: int,
+        world: int,
+        prefix: str = "",
+        secret: Optional[Union[str, bytes]] = None,
+    ) -> "Communicator":
         """Through a store with set/get/add (and optionally check), such as a
-        ``torch.distributed.Store``; keys go under ``prefix``."""
+        ``torch.distributed.Store``; keys go under ``prefix``. ``secret`` (the
+        same on every rank) authenticates the connections, overriding
+        ``OXCCL_JOB_SECRET``."""
     @property
     def rank(self) -> int: ...
     @property
