@@ -24,7 +24,9 @@ Design:
   the rank, the call and the peer); invalid arguments stay ``ValueError``/``TypeError``.
 
 * Calls on one group run in the order they were made (oxccl's rule, as on one NCCL
-  stream): a pending ``irecv`` holds back the calls issued after it.
+  stream): a pending ``irecv`` holds back the calls issued after it. ``isend``/``irecv``
+  calls made one after another are held back and issued as one oxccl batch (NCCL group
+  semantics) when one of their Works is looked at, another call is made, or 2 ms pass.
 * One exception to the error class: inside DDP's ``backward()`` the pending gradient
   allreduce's failure reaches Python as ``RuntimeError("... DistBackendError: oxccl:
   ...")``, because torch passes a Python backend's future error to its C++ reducer only
