@@ -25,9 +25,13 @@ export OMP_NUM_THREADS=1
 # run from outside the source tree, so that the installed package is the one tested
 (cd bindings/python/tests/torch_backend && "$venv/bin/python" -m pytest -q -p no:cacheprovider .)
 
-# the README's example, with the torchrun command the README shows
-PATH="$venv/bin:$PATH" torchrun --nproc-per-node 2 bindings/python/examples/torch_ddp.py --steps 5
+# torchrun is `python -m torch.distributed.run`; called this way it is the venv's python
+# (a venv over the system's torch has no torchrun script of its own)
+torchrun=("$venv/bin/python" -m torch.distributed.run)
+
+# the README's example
+"${torchrun[@]}" --nproc-per-node 2 bindings/python/examples/torch_ddp.py --steps 5
 
 # the speed script runs (tiny sizes: this checks it works, the figures come from a quiet machine)
-PATH="$venv/bin:$PATH" torchrun --nproc-per-node 2 bindings/python/bench/torch_vs_gloo.py \
+"${torchrun[@]}" --nproc-per-node 2 bindings/python/bench/torch_vs_gloo.py \
   --size-mib 1 --reps 1 --iters 2 --small-iters 20 --ddp-steps 2
