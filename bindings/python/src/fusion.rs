@@ -6,7 +6,7 @@
 use std::sync::mpsc::{Sender, channel};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use oxccl::fusion::FusionEngine as Engine;
 use oxccl::{DType, Element, ErrorKind, ReduceOp, bf16, f16};
@@ -29,7 +29,8 @@ struct Pending {
 }
 
 struct Running {
-    engine: Engine,
+    /// Shared with a `synchronize` in progress, which runs without the lock.
+    engine: Arc<Engine>,
     tx: Option<Sender<Pending>>,
     thread: Option<JoinHandle<()>>,
     works: Vec<Arc<WorkState>>,
@@ -176,7 +177,7 @@ impl FusionEngine {
         Ok(FusionEngine {
             shared,
             inner: Mutex::new(Some(Running {
-                engine,
+                engine: Arc::new(engine),
                 tx: Some(tx),
                 thread: Some(thread),
                 works: Vec::new(),
@@ -242,26 +243,29 @@ impl FusionEngine {
     /// Waits until every tensor submitted so far has completed (successfully
     /// or not) and its result is in its buffer.
     fn synchronize(&self, py: Python<'_>) -> PyResult<()> {
-        let works: Vec<Arc<WorkState>> = {
+        // Not under the lock: other threads keep submitting meanwhile.
+        let (works, engine) = {
             let g = lock(&self.inner);
             let r = g.as_ref().ok_or_else(closed)?;
-            r.works.clone()
+            (r.works.clone(), r.engine.clone())
         };
-        let g = lock(&self.inner);
-        let r = g.as_ref().ok_or_else(closed)?;
-        py.detach(|| r.engine.synchronize())
-            .map_err(Failure::from)?;
-        drop(g);
-        for w in works {
-            let work = Work { state: w };
-            if work.wait_for(Some(Duration::from_secs(600))).is_none() {
-                return Err(crate::errors::new_err(
-                    ErrorKind::Timeout,
-                    "FusionEngine.synchronize: a result was not written back within 600 s".into(),
-                ));
+        py.detach(move || {
+            engine.synchronize().map_err(Failure::from)?;
+            drop(engine);
+            for w in works {
+                let work = Work { state: w };
+                if work.wait_for(Some(Duration::from_secs(600))).is_none() {
+                    return Err(Failure {
+                        kind: ErrorKind::Timeout,
+                        message: "FusionEngine.synchronize: a result was not written back \
+                                  within 600 s"
+                            .into(),
+                    });
+                }
             }
-        }
-        Ok(())
+            Ok(())
+        })
+        .map_err(PyErr::from)
     }
 
     /// Stops the engine on every rank and gives the communicator back to
@@ -279,7 +283,25 @@ impl FusionEngine {
 /// Stops the engine, waits for the completion thread, and puts the
 /// communicator back. Call without the GIL (the completion thread takes it).
 fn stop(mut r: Running, shared: &Shared) -> Result<(), Failure> {
-    let comm = r.engine.shutdown();
+    // A synchronize in progress holds the engine a while longer.
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let engine = loop {
+        match Arc::try_unwrap(r.engine) {
+            Ok(e) => break e,
+            Err(e) if Instant::now() < deadline => {
+                r.engine = e;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(_) => {
+                return Err(Failure {
+                    kind: ErrorKind::Timeout,
+                    message: "FusionEngine.shutdown: a synchronize() did not return within 600 s"
+                        .into(),
+                });
+            }
+        }
+    };
+    let comm = engine.shutdown();
     r.tx = None;
     if let Some(t) = r.thread.take() {
         let _ = t.join();

@@ -132,6 +132,65 @@ fn _check_count_wrong(
     ))
 }
 
+fn uneven(
+    kind: &str,
+    dtype: &str,
+    op: &str,
+    count: usize,
+    world: usize,
+) -> PyResult<oxccl_tools::pattern::Uneven> {
+    Ok(oxccl_tools::pattern::Uneven {
+        kind: kind_of(kind)?,
+        dtype: dtype_of(dtype)?,
+        op: comm::parse_op(op)?,
+        count,
+        world,
+    })
+}
+
+/// Type of `_check_uneven`'s result: input, counts, layout, output length.
+type UnevenCall<'py> = (Bound<'py, PyBytes>, Vec<usize>, [Vec<usize>; 4], usize);
+
+/// oxccl-check's call of per-rank counts (all_to_all_v, all_gather_v,
+/// reduce_scatter_v with blocks of 0, half and all of ``count``) on
+/// ``rank``: ``(input, counts, [send_counts, send_displs, recv_counts,
+/// recv_displs], output_bytes)``.
+#[pyfunction]
+fn _check_uneven<'py>(
+    py: Python<'py>,
+    kind: &str,
+    dtype: &str,
+    op: &str,
+    count: usize,
+    world: usize,
+    rank: usize,
+) -> PyResult<UnevenCall<'py>> {
+    let u = uneven(kind, dtype, op, count, world)?;
+    Ok((
+        PyBytes::new(py, &u.input(rank)),
+        u.counts(),
+        u.layout(rank),
+        u.output_len(rank),
+    ))
+}
+
+/// oxccl-check's count of wrong elements of a call of per-rank counts.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn _check_uneven_wrong(
+    kind: &str,
+    dtype: &str,
+    op: &str,
+    count: usize,
+    world: usize,
+    rank: usize,
+    output: &Bound<'_, PyAny>,
+) -> PyResult<usize> {
+    let u = uneven(kind, dtype, op, count, world)?;
+    let out = Buf::get(output, "output", false)?;
+    Ok(u.count_wrong(rank, out.bytes()))
+}
+
 /// The names of oxccl's dtypes, ops and collectives: ``(dtypes, ops, kinds)``.
 #[pyfunction]
 fn _names() -> (Vec<&'static str>, Vec<&'static str>, Vec<&'static str>) {
@@ -168,6 +227,8 @@ fn _oxccl(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(_check_input, m)?)?;
     m.add_function(wrap_pyfunction!(_check_count_wrong, m)?)?;
     m.add_function(wrap_pyfunction!(_names, m)?)?;
+    m.add_function(wrap_pyfunction!(_check_uneven, m)?)?;
+    m.add_function(wrap_pyfunction!(_check_uneven_wrong, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }
