@@ -11,11 +11,15 @@ rounding.
 
 from __future__ import annotations
 
+from torch_ranks import require_torch_backend
+
+require_torch_backend()
+
 import pytest
 import torch
 import torch.distributed as dist
 
-from ranks import run_ranks
+from torch_ranks import run_ranks
 
 DTYPES = [
     torch.int8,
