@@ -60,9 +60,6 @@ OXRUN="$PWD/target/release/oxrun" bash ci/python.sh
 step "launchers: real torchrun, srun, sbatch, mpirun inside salloc, torchrun inside srun"
 bash ci/launchers.sh
 
-step "torch.distributed backend \"oxccl\": conformance vs gloo, DDP/FSDP2 under torchrun, dead rank (ci/torch.sh)"
-bash ci/torch.sh
-
 step "chaos, short: SIGKILL and SIGSTOP of a rank of a looping 4-rank job, shm and tcp"
 # Per transport: 2 SIGKILLs of rank 0 (which serves the store), 2 of a
 # random rank, 1 SIGSTOP of rank 0 and 1 of a random rank (about a minute;

@@ -24,7 +24,9 @@ Design:
   the rank, the call and the peer); invalid arguments stay ``ValueError``/``TypeError``.
 
 * Calls on one group run in the order they were made (oxccl's rule, as on one NCCL
-  stream): a pending ``irecv`` holds back the calls issued after it.
+  stream): a pending ``irecv`` holds back the calls issued after it. ``isend``/``irecv``
+  calls made one after another are held back and issued as one oxccl batch (NCCL group
+  semantics) when one of their Works is looked at, another call is made, or 2 ms pass.
 * One exception to the error class: inside DDP's ``backward()`` the pending gradient
   allreduce's failure reaches Python as ``RuntimeError("... DistBackendError: oxccl:
   ...")``, because torch passes a Python backend's future error to its C++ reducer only
@@ -38,10 +40,12 @@ CUDA tensors are registered only when the bindings say ``oxccl.HAS_CUDA``.
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import queue
 import threading
 import time
+import weakref
 from typing import Any, Callable
 
 import torch
@@ -929,13 +933,18 @@ class ProcessGroupOxccl(dist.ProcessGroup):
     def shutdown(self) -> None:
         self._stop_thread()
 
-    def _stop_thread(self) -> None:
+    def _stop_thread(self, join_timeout: float | None = None) -> None:
+        """Issues what is held back, then ends the flusher and (once pending calls are
+        done, or ``join_timeout`` passed) the completion thread."""
         self._flush_held_locked()
         self._closed = True
         self._held_event.set()
+        limit = self._timeout_s if join_timeout is None else join_timeout
+        if self._flusher is not None:
+            self._flusher.join(timeout=limit)
         if self._thread is not None:
             self._pending.put(None)
-            self._thread.join(timeout=self._timeout_s)
+            self._thread.join(timeout=limit)
             self._thread = None
 
     # ---- checks
@@ -1006,8 +1015,24 @@ def _split_counts(t: torch.Tensor, splits: list, world: int, esz: int, what: str
 # --------------------------------------------------------------------------- registration
 
 
+_LIVE: "weakref.WeakSet[ProcessGroupOxccl]" = weakref.WeakSet()
+
+
 def _create(store: Any, rank: int, size: int, timeout: datetime.timedelta) -> ProcessGroupOxccl:
-    return ProcessGroupOxccl(store, rank, size, timeout)
+    pg = ProcessGroupOxccl(store, rank, size, timeout)
+    _LIVE.add(pg)
+    return pg
+
+
+@atexit.register
+def _stop_all() -> None:
+    # Stop this module's threads before the interpreter finalizes: a daemon thread that
+    # wakes up in native code during finalization is torn down mid-call.
+    for pg in list(_LIVE):
+        try:
+            pg._stop_thread(join_timeout=10.0)
+        except Exception:  # noqa: BLE001 - best effort at exit
+            pass
 
 
 def _devices() -> list:

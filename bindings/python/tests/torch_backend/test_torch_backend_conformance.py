@@ -11,11 +11,15 @@ rounding.
 
 from __future__ import annotations
 
+from torch_ranks import require_torch_backend
+
+require_torch_backend()
+
 import pytest
 import torch
 import torch.distributed as dist
 
-from ranks import run_ranks
+from torch_ranks import run_ranks
 
 DTYPES = [
     torch.int8,
@@ -287,10 +291,46 @@ def _movement(c: Checker, dtype) -> None:
         c.same(f"isend/irecv {dtype}", *c.both(isend_irecv, x))
 
 
+def _unsigned_wide(c: Checker) -> None:
+    """uint32 and uint64: oxccl reduces them, gloo has neither (nor does torch have
+    arithmetic on them), so the expected results are computed in int64 from the inputs
+    every rank generated."""
+    n, g = c.n, c.grank
+    reducers = {
+        dist.ReduceOp.SUM: lambda xs: xs.sum(0),
+        dist.ReduceOp.PRODUCT: lambda xs: xs.prod(0),
+        dist.ReduceOp.MIN: lambda xs: xs.min(0).values,
+        dist.ReduceOp.MAX: lambda xs: xs.max(0).values,
+    }
+    for dtype in (torch.uint32, torch.uint64):
+        for op, ref in reducers.items():
+            got = _data(torch.int64, g, 19, 70).to(dtype)
+            dist.all_reduce(got, op=op, group=c.ox)
+            want = ref(torch.stack([_data(torch.int64, j, 19, 70) for j in range(n)])).to(dtype)
+            c.same(f"all_reduce {dtype}/{op}", got.to(torch.int64), want.to(torch.int64))
+        x = _data(torch.int64, g, 9, 71).to(dtype)
+        outs = [torch.empty(9, dtype=dtype) for _ in range(n)]
+        dist.all_gather(outs, x, group=c.ox)
+        c.same(
+            f"all_gather {dtype}",
+            [o.to(torch.int64) for o in outs],
+            [_data(torch.int64, j, 9, 71) for j in range(n)],
+        )
+
+
 def _check_group(c: Checker) -> None:
     for dtype in DTYPES:
         _reductions(c, dtype)
         _movement(c, dtype)
+    _unsigned_wide(c)
+    # complex: SUM as pairs of reals, against gloo
+    z = torch.complex(_data(torch.float32, c.grank, 8, 80), _data(torch.float32, c.grank, 8, 81))
+
+    def zsum(grp, t):
+        dist.all_reduce(t, group=grp)
+        return t
+
+    c.same("all_reduce complex64 SUM", *c.both(zsum, z))
     # non-contiguous tensors go through a contiguous copy and back
     x = _data(torch.float32, c.grank, 24, 60).reshape(4, 6).t()
     assert not x.is_contiguous()

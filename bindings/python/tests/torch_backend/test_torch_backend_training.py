@@ -17,6 +17,10 @@ without amplifying them much in these small, well-conditioned models, so we requ
 
 from __future__ import annotations
 
+from torch_ranks import require_torch_backend
+
+require_torch_backend()
+
 import os
 import subprocess
 import sys
@@ -24,7 +28,7 @@ import sys
 import pytest
 import torch
 
-from ranks import free_port
+from torch_ranks import free_port
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TRAIN = os.path.join(HERE, "train.py")

@@ -11,6 +11,10 @@
 
 from __future__ import annotations
 
+from torch_ranks import require_torch_backend
+
+require_torch_backend()
+
 import datetime
 import os
 import time
@@ -19,7 +23,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from ranks import free_port, run_ranks
+from torch_ranks import free_port, run_ranks
 
 DEAD = 2
 DIE_AT = 5

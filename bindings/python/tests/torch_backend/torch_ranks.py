@@ -1,12 +1,40 @@
-"""Runs a function on N ranks as spawned processes, each with a torch process group."""
+"""Helpers of the oxccl.torch tests: the requirement check, and N ranks as spawned
+processes, each with a torch process group."""
 
 from __future__ import annotations
 
 import os
+import sys
 import socket
 import traceback
 
 import torch.multiprocessing as mp
+
+
+def require_torch_backend() -> None:
+    """Skips the calling test module, with the reason printed, when torch or oxccl.torch
+    cannot be imported; with OXCCL_REQUIRE_TORCH=1 (as CI sets) fails instead."""
+    import pytest
+
+    reason = None
+    try:
+        import torch.distributed as dist
+
+        if not dist.is_available():
+            reason = "this torch has no torch.distributed"
+    except Exception as e:  # noqa: BLE001
+        reason = f"torch is not importable ({e})"
+    if reason is None:
+        try:
+            import oxccl.torch  # noqa: F401
+        except Exception as e:  # noqa: BLE001
+            reason = f"oxccl.torch is not importable ({e}); build it with `pip install ./bindings/python`"
+    if reason is None:
+        return
+    if os.environ.get("OXCCL_REQUIRE_TORCH") == "1":
+        raise RuntimeError(f"OXCCL_REQUIRE_TORCH=1 but {reason}")
+    print(f"oxccl.torch tests skipped: {reason}", file=sys.stderr)
+    pytest.skip(reason, allow_module_level=True)
 
 
 def free_port() -> int:
