@@ -54,6 +54,9 @@ cargo build --release -p oxccl-tools
 target/release/oxrun -n 4 --timeout 300 -- target/release/oxccl-check -c all_reduce -b 64M
 target/release/oxrun -n 2 --timeout 300 -- target/release/oxccl-check -c all -b 4M
 
+step "Python package: the wheel (maturin) in a fresh venv, its pytest suite, python -m oxccl.check under oxrun and torchrun (ci/python.sh)"
+OXRUN="$PWD/target/release/oxrun" bash ci/python.sh
+
 step "launchers: real torchrun, srun, sbatch, mpirun inside salloc, torchrun inside srun"
 bash ci/launchers.sh
 
