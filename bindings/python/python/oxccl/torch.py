@@ -932,6 +932,9 @@ class ProcessGroupOxccl(dist.ProcessGroup):
 
     def shutdown(self) -> None:
         self._stop_thread()
+        # release the communicator now (dist.destroy_process_group), not whenever the
+        # interpreter's teardown gets to it: its links close and its thread ends here
+        self._comm = _Closed(self._rank)
 
     def _stop_thread(self, join_timeout: float | None = None) -> None:
         """Issues what is held back, then ends the flusher and (once pending calls are
@@ -955,6 +958,18 @@ class ProcessGroupOxccl(dist.ProcessGroup):
     def _check_list(self, ts: list, what: str) -> None:
         if len(ts) != self._size:
             raise ValueError(f"oxccl backend: {what} has {len(ts)} tensors, the group {self._size} ranks")
+
+
+class _Closed:
+    """Stands in for the communicator of a group that was shut down."""
+
+    def __init__(self, rank: int) -> None:
+        self._rank = rank
+
+    def __getattr__(self, name: str) -> Any:
+        raise dist.DistBackendError(
+            f"oxccl: rank {self._rank}: {name} on a process group that was destroyed or shut down"
+        )
 
 
 def _finisher(staged: list) -> Callable[[], None] | None:
