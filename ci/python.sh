@@ -35,6 +35,9 @@ cd "$work"
 OXCCL_REQUIRE_TORCH=1 OXCCL_REQUIRE_OXRUN=${OXRUN:+1} \
   "$py" -m pytest -q -p no:cacheprovider "$root/bindings/python/tests"
 "$py" -c 'import oxccl, oxccl.check; print("oxccl", oxccl.__version__, "from", oxccl.__file__)'
+# The stubs match the native module (names, signatures, defaults).
+"$py" -m pip install -q mypy
+"$py" -m mypy.stubtest oxccl._oxccl
 
 # The torch.distributed backend "oxccl": its tests (bindings/python/tests/torch_backend:
 # conformance against gloo, DDP and FSDP2 under torchrun, a dead rank) ran with the suite

@@ -135,6 +135,14 @@ impl Drop for Buf {
         let Some(keep) = self.keep.take() else {
             return;
         };
+        // SAFETY: Py_IsInitialized may be called at any time, GIL or not.
+        if crate::exiting() || unsafe { ffi::Py_IsInitialized() } == 0 {
+            // The interpreter is going away (a call still pending at exit):
+            // taking the GIL now could hang or end this thread. The memory
+            // goes with the process.
+            std::mem::forget(keep);
+            return;
+        }
         Python::attach(|_py| match keep {
             Keep::DlPack(m) => {
                 // SAFETY: `m` came from a "dltensor" capsule that was renamed

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use oxccl::{Batch, DType, Descriptor, Exchange, Kind, ReduceOp};
 use pyo3::prelude::*;
-use pyo3::types::{PyList, PyTuple};
+use pyo3::types::{PyBytes, PyList, PyTuple};
 
 use crate::buffer::Buf;
 use crate::errors::{Failure, invalid_argument};
@@ -501,13 +501,17 @@ impl Communicator {
     /// every rank passes a store reaching the same data, and keys go under
     /// ``prefix``. Settings come from the ``OXCCL_*`` environment.
     #[staticmethod]
-    #[pyo3(signature = (store, rank, world, prefix=String::new()))]
+    ///
+    /// ``secret`` (str or bytes, the same on every rank) authenticates the
+    /// ranks' connections, as ``OXCCL_JOB_SECRET`` does (which it overrides).
+    #[pyo3(signature = (store, rank, world, prefix=String::new(), secret=None), text_signature = "(store, rank, world, prefix='', secret=None)")]
     fn from_store(
         py: Python<'_>,
         store: &Bound<'_, PyAny>,
         rank: i64,
         world: i64,
         prefix: String,
+        secret: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
         let (rank, world) = rank_world(rank, world)?;
         let s: Arc<dyn oxccl_transport::store::Store> =
@@ -517,7 +521,19 @@ impl Communicator {
         } else {
             Arc::new(oxccl_transport::store::PrefixStore::new(s, &prefix))
         };
-        let config = oxccl::Config::from_env().map_err(Failure::from)?;
+        let mut config = oxccl::Config::from_env().map_err(Failure::from)?;
+        if let Some(secret) = secret {
+            let text = if let Ok(b) = secret.cast::<PyBytes>() {
+                b.as_bytes().iter().map(|x| format!("{x:02x}")).collect()
+            } else {
+                secret
+                    .extract::<String>()
+                    .map_err(|_| invalid_argument("from_store: secret must be str or bytes"))?
+            };
+            let s = oxccl::JobSecret::from_text(&text)
+                .map_err(|e| invalid_argument(format!("from_store: secret {e}")))?;
+            config.job_secret = Some(s);
+        }
         let c = py
             .detach(|| oxccl::Communicator::with_store(s, rank, world, config))
             .map_err(Failure::from)?;
@@ -546,7 +562,7 @@ impl Communicator {
 
     /// Reduces ``buf`` over all ranks with ``op``; the result replaces ``buf``
     /// (or goes to ``out``) on every rank.
-    #[pyo3(signature = (buf, op=String::from("sum"), out=None))]
+    #[pyo3(signature = (buf, op=String::from("sum"), out=None), text_signature = "(self, buf, op='sum', out=None)")]
     fn all_reduce(
         &self,
         py: Python<'_>,
@@ -559,7 +575,7 @@ impl Communicator {
     }
 
     /// :meth:`all_reduce`, returning a :class:`Work` at once.
-    #[pyo3(signature = (buf, op=String::from("sum"), out=None))]
+    #[pyo3(signature = (buf, op=String::from("sum"), out=None), text_signature = "(self, buf, op='sum', out=None)")]
     fn all_reduce_async(
         &self,
         py: Python<'_>,
@@ -599,7 +615,7 @@ impl Communicator {
 
     /// Reduces ``buf`` over all ranks into ``root``'s ``buf`` (or ``out``);
     /// other ranks' buffers are not written.
-    #[pyo3(signature = (buf, root, op=String::from("sum"), out=None))]
+    #[pyo3(signature = (buf, root, op=String::from("sum"), out=None), text_signature = "(self, buf, root, op='sum', out=None)")]
     fn reduce(
         &self,
         py: Python<'_>,
@@ -613,7 +629,7 @@ impl Communicator {
     }
 
     /// :meth:`reduce`, returning a :class:`Work` at once.
-    #[pyo3(signature = (buf, root, op=String::from("sum"), out=None))]
+    #[pyo3(signature = (buf, root, op=String::from("sum"), out=None), text_signature = "(self, buf, root, op='sum', out=None)")]
     fn reduce_async(
         &self,
         py: Python<'_>,
@@ -652,7 +668,7 @@ impl Communicator {
 
     /// Reduces ``input`` (``world`` blocks of ``len(output)``) over all
     /// ranks; rank ``r`` gets block ``r`` of the result in ``output``.
-    #[pyo3(signature = (input, output, op=String::from("sum")))]
+    #[pyo3(signature = (input, output, op=String::from("sum")), text_signature = "(self, input, output, op='sum')")]
     fn reduce_scatter(
         &self,
         py: Python<'_>,
@@ -665,7 +681,7 @@ impl Communicator {
     }
 
     /// :meth:`reduce_scatter`, returning a :class:`Work` at once.
-    #[pyo3(signature = (input, output, op=String::from("sum")))]
+    #[pyo3(signature = (input, output, op=String::from("sum")), text_signature = "(self, input, output, op='sum')")]
     fn reduce_scatter_async(
         &self,
         py: Python<'_>,
@@ -875,7 +891,7 @@ impl Communicator {
 
     /// Reduce-scatter with per-rank counts: ``input`` holds every rank's
     /// block packed in rank order (``counts[p]`` elements for rank ``p``).
-    #[pyo3(signature = (input, output, counts, op=String::from("sum")))]
+    #[pyo3(signature = (input, output, counts, op=String::from("sum")), text_signature = "(self, input, output, counts, op='sum')")]
     fn reduce_scatter_v(
         &self,
         py: Python<'_>,
@@ -889,7 +905,7 @@ impl Communicator {
     }
 
     /// :meth:`reduce_scatter_v`, returning a :class:`Work` at once.
-    #[pyo3(signature = (input, output, counts, op=String::from("sum")))]
+    #[pyo3(signature = (input, output, counts, op=String::from("sum")), text_signature = "(self, input, output, counts, op='sum')")]
     fn reduce_scatter_v_async(
         &self,
         py: Python<'_>,
@@ -931,7 +947,7 @@ impl Communicator {
 
     /// A new communicator of the ranks that survived a failure: every
     /// survivor calls it, naming the ranks it knows are gone in ``exclude``.
-    #[pyo3(signature = (exclude=Vec::new()))]
+    #[pyo3(signature = (exclude=Vec::new()), text_signature = "(self, exclude=[])")]
     fn shrink(&self, py: Python<'_>, exclude: Vec<i64>) -> PyResult<Self> {
         let exclude = counts(exclude, "shrink: exclude")?;
         let s = self.shared.clone();

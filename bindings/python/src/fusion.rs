@@ -47,10 +47,9 @@ pub(crate) struct FusionEngine {
     inner: Mutex<Option<Running>>,
 }
 
+/// The elements of `bytes` (any alignment), in one copy.
 fn vec_of<T: Element>(bytes: &[u8]) -> Vec<T> {
-    let mut v = vec![T::zeroed(); bytes.len() / std::mem::size_of::<T>()];
-    bytemuck::cast_slice_mut::<T, u8>(&mut v).copy_from_slice(bytes);
-    v
+    bytemuck::pod_collect_to_vec::<u8, T>(bytes)
 }
 
 fn finish_of<T: Element>(h: oxccl::fusion::Handle<T>) -> Finish {
@@ -115,9 +114,14 @@ impl FusionEngine {
     ) -> PyResult<Work> {
         let mut g = lock(&self.inner);
         let r = g.as_mut().ok_or_else(closed)?;
-        let bytes = src.as_ref().unwrap_or(&dst).bytes().to_vec();
         let dtype = dst.dtype;
-        let finish = submit(&r.engine, name, dtype, &bytes, sub);
+        let finish = submit(
+            &r.engine,
+            name,
+            dtype,
+            src.as_ref().unwrap_or(&dst).bytes(),
+            sub,
+        );
         let work = Work::new();
         let p = Pending {
             finish,
@@ -186,7 +190,7 @@ impl FusionEngine {
     }
 
     /// Reduces ``buf`` over all ranks with ``op``, in place, under ``name``.
-    #[pyo3(signature = (buf, name, op=String::from("sum")))]
+    #[pyo3(signature = (buf, name, op=String::from("sum")), text_signature = "(self, buf, name, op='sum')")]
     fn allreduce_async(
         &self,
         py: Python<'_>,

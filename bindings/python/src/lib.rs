@@ -201,6 +201,20 @@ fn _names() -> (Vec<&'static str>, Vec<&'static str>, Vec<&'static str>) {
     )
 }
 
+static EXITING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether the interpreter is exiting (an `atexit` hook set it): threads
+/// of oxccl then no longer take the GIL, which could hang or end them.
+pub(crate) fn exiting() -> bool {
+    EXITING.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+/// Registered with `atexit`: see [`exiting`].
+#[pyfunction]
+fn _at_exit() {
+    EXITING.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
 /// A log subscriber for oxccl's messages at ``OXCCL_DEBUG`` (default
 /// warn) on stderr, unless the process installed one already.
 fn init_logging() {
@@ -230,5 +244,11 @@ fn _oxccl(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(_check_uneven, m)?)?;
     m.add_function(wrap_pyfunction!(_check_uneven_wrong, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    // This package takes host memory only (CUDA tensors raise UnavailableBackend).
+    m.add("HAS_CUDA", false)?;
+    let at_exit = wrap_pyfunction!(_at_exit, m)?;
+    m.py()
+        .import("atexit")?
+        .call_method1("register", (at_exit,))?;
     Ok(())
 }

@@ -43,6 +43,17 @@ impl PyStore {
         })
     }
 
+    /// Refuses calls once the interpreter is exiting (see [`crate::exiting`]).
+    fn alive(&self, key: &str) -> Result<(), StoreError> {
+        if crate::exiting() {
+            return Err(StoreError::Closed {
+                store: self.name.clone(),
+                detail: format!("the Python interpreter is exiting (key {key:?})"),
+            });
+        }
+        Ok(())
+    }
+
     fn fail(&self, what: &str, key: &str, e: PyErr) -> StoreError {
         StoreError::Closed {
             store: self.name.clone(),
@@ -51,6 +62,7 @@ impl PyStore {
     }
 
     fn check(&self, key: &str) -> Result<bool, StoreError> {
+        self.alive(key)?;
         Python::attach(|py| {
             let keys = PyList::new(py, [key])?;
             self.obj.bind(py).call_method1("check", (keys,))?.extract()
@@ -59,6 +71,7 @@ impl PyStore {
     }
 
     fn get_now(&self, key: &str) -> Result<Vec<u8>, StoreError> {
+        self.alive(key)?;
         Python::attach(|py| {
             let v = self.obj.bind(py).call_method1("get", (key,))?;
             value_bytes(&v)
@@ -87,6 +100,7 @@ fn value_bytes(v: &Bound<'_, PyAny>) -> PyResult<Vec<u8>> {
 
 impl Store for PyStore {
     fn set(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        self.alive(key)?;
         Python::attach(|py| {
             self.obj
                 .bind(py)
@@ -124,6 +138,7 @@ impl Store for PyStore {
     }
 
     fn add(&self, key: &str, delta: i64) -> Result<i64, StoreError> {
+        self.alive(key)?;
         Python::attach(|py| {
             self.obj
                 .bind(py)

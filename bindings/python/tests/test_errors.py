@@ -107,9 +107,15 @@ VICTIM = textwrap.dedent(
     a = np.ones(1 << 16, dtype=np.float32)
     n = 0
     print("ready", flush=True)
+    mode = sys.argv[4]
     try:
         while True:
-            c.all_reduce(a)
+            if mode == "async":  # pending Works fail too
+                works = [c.all_reduce_async(a) for _ in range(3)]
+                for w in works:
+                    w.wait()
+            else:
+                c.all_reduce(a)
             a[:] = 1
             n += 1
     except oxccl.Error as e:
@@ -119,7 +125,8 @@ VICTIM = textwrap.dedent(
 )
 
 
-def test_killed_peer_raises_remote_error_naming_it(tmp_path):
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_killed_peer_raises_remote_error_naming_it(tmp_path, mode):
     world, victim = 3, 1
     script = tmp_path / "victim.py"
     script.write_text(VICTIM)
@@ -127,7 +134,7 @@ def test_killed_peer_raises_remote_error_naming_it(tmp_path):
     env = dict(os.environ, OXCCL_TIMEOUT="20", OXCCL_AUTH="off")
     procs = [
         subprocess.Popen(
-            [sys.executable, str(script), str(r), str(world), uid.to_bytes().hex()],
+            [sys.executable, str(script), str(r), str(world), uid.to_bytes().hex(), mode],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
         )
         for r in range(world)
@@ -150,7 +157,42 @@ def test_killed_peer_raises_remote_error_naming_it(tmp_path):
             if p.poll() is None:
                 p.kill()
     for r, (out, took, rc) in outs.items():
+        print(f"survivor rank {r}, {took:.2f} s after the kill: {out.strip()}")
         assert rc == 3, (r, out)
         assert "ERROR RemoteError" in out, (r, out)
         assert f"rank {victim}" in out, (r, out)
         assert took < 10, (r, took, out)
+
+
+EXIT_PENDING = textwrap.dedent(
+    """
+    import threading
+    import numpy as np
+    import oxccl
+    uid = oxccl.UniqueId()
+    comms = [None, None]
+    def make(r):
+        comms[r] = oxccl.Communicator(uid, r, 2)
+    ts = [threading.Thread(target=make, args=(r,)) for r in range(2)]
+    [t.start() for t in ts]
+    [t.join() for t in ts]
+    w = comms[0].all_reduce_async(np.ones(1 << 16, dtype=np.float32))  # rank 1 never joins
+    eng = oxccl.FusionEngine(comms[1])
+    x = eng.allreduce_async(np.ones(8, dtype=np.float32), "x")
+    print("exiting with pending work", flush=True)
+    """
+)
+
+
+def test_exit_with_pending_work(tmp_path):
+    """A script that exits with calls still pending exits at once and cleanly."""
+    script = tmp_path / "exit_pending.py"
+    script.write_text(EXIT_PENDING)
+    t = time.monotonic()
+    p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60,
+                       env=dict(os.environ, OXCCL_TIMEOUT="30", OXCCL_AUTH="off"))
+    took = time.monotonic() - t
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "exiting with pending work" in p.stdout
+    assert "panicked" not in p.stderr, p.stderr
+    assert took < 20, took

@@ -100,3 +100,55 @@ def test_bad_store():
         oxccl.Communicator.from_store(object(), 0, 1)
     with pytest.raises(oxccl.InvalidArgument):
         oxccl.Communicator.from_store(DictStore(), 2, 2)
+
+
+def test_secret_authenticates():
+    """Ranks given the same secret (str or bytes) connect, with no warning that
+    there is no job secret; a secret of another type is an InvalidArgument."""
+    import subprocess
+    import sys
+    import textwrap
+
+    for secret in ("a passphrase", b"\x01\x02" * 20):
+        s = DictStore()
+        w = 2
+
+        def body(r, secret=secret, s=s):
+            c = oxccl.Communicator.from_store(s, r, w, secret=secret)
+            a = np.ones(3, dtype=np.float32)
+            c.all_reduce(a)
+            return a
+
+        for a in run_threads(w, body):
+            np.testing.assert_array_equal(a, np.full(3, 2.0, dtype=np.float32))
+    with pytest.raises(oxccl.InvalidArgument):
+        oxccl.Communicator.from_store(DictStore(), 0, 1, secret=3)
+    # Without OXCCL_JOB_SECRET, from_store with a secret does not warn.
+    code = textwrap.dedent(
+        """
+        import threading, oxccl
+        class S:
+            def __init__(s): s.d = {}; s.cv = threading.Condition()
+            def set(s, k, v):
+                with s.cv: s.d[k] = bytes(v); s.cv.notify_all()
+            def get(s, k):
+                with s.cv: s.cv.wait_for(lambda: k in s.d, 30); return s.d[k]
+            def add(s, k, n):
+                with s.cv:
+                    v = int(s.d.get(k, b"0")) + n; s.d[k] = str(v).encode(); return v
+            def check(s, ks):
+                with s.cv: return all(k in s.d for k in ks)
+        st = S()
+        ts = [threading.Thread(target=oxccl.Communicator.from_store, args=(st, r, 2), kwargs={"secret": "x"}) for r in range(2)]
+        [t.start() for t in ts]; [t.join() for t in ts]
+        print("done")
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OXCCL_")}
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
+    assert p.returncode == 0 and "done" in p.stdout, p.stderr
+    assert "no job secret" not in p.stderr, p.stderr
+
+
+def test_has_cuda_flag():
+    assert oxccl.HAS_CUDA is False

@@ -17,6 +17,7 @@ naming the rank, the call and the peer.
 from enum import Enum
 
 from ._oxccl import (
+    HAS_CUDA,
     Aborted,
     Communicator,
     Error,
@@ -48,6 +49,7 @@ class ReduceOp(str, Enum):
 
 
 __all__ = [
+    "HAS_CUDA",
     "Aborted",
     "Communicator",
     "Error",
