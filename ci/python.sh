@@ -35,6 +35,9 @@ cd "$work"
 OXCCL_REQUIRE_TORCH=1 OXCCL_REQUIRE_OXRUN=${OXRUN:+1} \
   "$py" -m pytest -q -p no:cacheprovider "$root/bindings/python/tests"
 "$py" -c 'import oxccl, oxccl.check; print("oxccl", oxccl.__version__, "from", oxccl.__file__)'
+# The stubs match the native module (names, signatures, defaults).
+"$py" -m pip install -q mypy
+"$py" -m mypy.stubtest oxccl._oxccl
 
 # The torch.distributed backend "oxccl": its tests (bindings/python/tests/torch_backend:
 # conformance against gloo, DDP and FSDP2 under torchrun, a dead rank) ran with the suite
@@ -48,6 +51,3 @@ OMP_NUM_THREADS=1 "$py" -m torch.distributed.run --nproc-per-node 2 \
   "$root/bindings/python/bench/torch_vs_gloo.py" --size-mib 1 --reps 1 --iters 2 --small-iters 20 --ddp-steps 2
 # Horovod's API: its speed script runs (tiny sizes; the figures come from a quiet machine).
 "$py" "$root/bindings/python/bench/hvd_step.py" --quick --nproc 2
-# The stubs match the native module (names, signatures, defaults).
-"$py" -m pip install -q mypy
-"$py" -m mypy.stubtest oxccl._oxccl

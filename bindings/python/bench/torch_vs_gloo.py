@@ -134,6 +134,11 @@ def main() -> None:
                 )
     dist.barrier()
     dist.destroy_process_group()
+    # Leave without the interpreter's teardown: a gloo worker thread may release a tensor
+    # during finalization and abort the process (torch 2.15, "terminate called without
+    # an active exception"; seen with a gloo group beside an oxccl one).
+    sys.stdout.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

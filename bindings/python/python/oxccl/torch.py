@@ -42,7 +42,9 @@ from __future__ import annotations
 
 import atexit
 import datetime
+import os
 import queue
+import secrets
 import threading
 import time
 import weakref
@@ -312,7 +314,7 @@ class ProcessGroupOxccl(dist.ProcessGroup):
         secs = _timedelta_seconds(timeout)
         self._timeout_s = secs if secs is not None else 1800.0
         try:
-            self._comm = _ox.Communicator.from_store(store, rank, size)
+            self._comm = _ox.Communicator.from_store(store, rank, size, secret=_job_secret(store, rank))
         except _ox.Error as e:
             raise _convert(e) from e
         self._pending: queue.Queue = queue.Queue()
@@ -932,6 +934,9 @@ class ProcessGroupOxccl(dist.ProcessGroup):
 
     def shutdown(self) -> None:
         self._stop_thread()
+        # release the communicator now (dist.destroy_process_group), not whenever the
+        # interpreter's teardown gets to it: its links close and its thread ends here
+        self._comm = _Closed(self._rank)
 
     def _stop_thread(self, join_timeout: float | None = None) -> None:
         """Issues what is held back, then ends the flusher and (once pending calls are
@@ -955,6 +960,32 @@ class ProcessGroupOxccl(dist.ProcessGroup):
     def _check_list(self, ts: list, what: str) -> None:
         if len(ts) != self._size:
             raise ValueError(f"oxccl backend: {what} has {len(ts)} tensors, the group {self._size} ranks")
+
+
+_SECRET_KEY = "oxccl_torch/secret"
+
+
+def _job_secret(store: Any, rank: int) -> bytes | None:
+    """The secret that authenticates the group's connections: OXCCL_JOB_SECRET when the
+    user set one (oxccl reads it), else a random one that rank 0 puts into the store
+    torch handed the group (torch's rendezvous, which every rank already trusts)."""
+    if os.environ.get("OXCCL_JOB_SECRET"):
+        return None
+    if rank == 0:
+        store.set(_SECRET_KEY, secrets.token_hex(32))
+    return bytes(store.get(_SECRET_KEY))
+
+
+class _Closed:
+    """Stands in for the communicator of a group that was shut down."""
+
+    def __init__(self, rank: int) -> None:
+        self._rank = rank
+
+    def __getattr__(self, name: str) -> Any:
+        raise dist.DistBackendError(
+            f"oxccl: rank {self._rank}: {name} on a process group that was destroyed or shut down"
+        )
 
 
 def _finisher(staged: list) -> Callable[[], None] | None:

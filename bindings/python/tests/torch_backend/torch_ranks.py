@@ -56,8 +56,14 @@ def _entry(rank, world, port, backend, fn, args, results):
             init_method=f"tcp://127.0.0.1:{port}",
         )
         out = fn(rank, world, *args)
-        results.put((rank, "ok", out))
         dist.destroy_process_group()
+        results.put((rank, "ok", out))
+        results.close()
+        results.join_thread()
+        # Leave without the interpreter's teardown: with a gloo group in the process, a
+        # gloo worker thread may release a tensor during finalization and abort the
+        # process (torch 2.15, "terminate called without an active exception").
+        os._exit(0)
     except BaseException as e:  # noqa: BLE001 - reported to the parent
         results.put((rank, "error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
         results.close()
@@ -82,6 +88,7 @@ def run_ranks(world: int, fn, *args, backend: str = "oxccl", timeout: float = 30
         p.start()
     got: dict = {}
     errors = []
+    errored: set = set()
     import queue as _q
     import time
 
@@ -96,8 +103,9 @@ def run_ranks(world: int, fn, *args, backend: str = "oxccl", timeout: float = 30
             try:
                 rank, status, payload = results.get(timeout=min(left, 1.0))
             except _q.Empty:
-                dead = [p for p in procs if p.exitcode not in (None, 0)]
-                if dead and len(got) + len(errors) < world:
+                reported = set(got) | set(errored)
+                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in reported]
+                if dead:
                     # give the queue a moment to deliver the failing rank's report
                     time.sleep(0.5)
                     if results.empty():
@@ -108,6 +116,7 @@ def run_ranks(world: int, fn, *args, backend: str = "oxccl", timeout: float = 30
             if status == "ok":
                 got[rank] = payload
             else:
+                errored.add(rank)
                 errors.append(f"rank {rank}: {payload}")
     finally:
         for p in procs:
