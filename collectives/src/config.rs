@@ -121,6 +121,9 @@ pub enum Transport {
     Tcp,
     /// Shared memory everywhere; an error if a neighbour cannot share memory.
     Shm,
+    /// UCX everywhere (InfiniBand, RoCE, or what `UCX_TLS` allows).
+    #[cfg(feature = "ucx")]
+    Ucx,
 }
 
 /// Which algorithm runs a collective (`OXCCL_ALGO`).
@@ -478,17 +481,26 @@ pub const SETTINGS: &[Setting] = &[
     Setting {
         name: "OXCCL_TRANSPORT",
         default: "auto",
-        doc: "How ring neighbours connect: auto (shared memory when both ranks map the same segment, i.e. share a host, else TCP), tcp, or shm (fail if a neighbour cannot share memory).",
+        doc: "How ranks connect: auto (shared memory when both ranks map the same segment, i.e. share a host; else UCX where the library is built with feature ucx and both hosts have an RDMA device; else TCP), tcp, shm (fail if a neighbour cannot share memory), or ucx (UCX to every peer, over what UCX_TLS allows; needs feature ucx). UCX's own variables (UCX_TLS, UCX_NET_DEVICES, ...) pass through to it.",
         agree: true,
         parse: Some(|c, v| {
             c.transport = match v.trim().to_ascii_lowercase().as_str() {
                 "auto" => Transport::Auto,
                 "tcp" | "socket" => Transport::Tcp,
                 "shm" => Transport::Shm,
+                #[cfg(feature = "ucx")]
+                "ucx" => Transport::Ucx,
+                #[cfg(not(feature = "ucx"))]
+                "ucx" => {
+                    return Err(bad(
+                        "OXCCL_TRANSPORT",
+                        "ucx: this build of oxccl has no UCX link (build it with feature ucx)".into(),
+                    ));
+                }
                 _ => {
                     return Err(bad(
                         "OXCCL_TRANSPORT",
-                        format!("'{v}' is not one of auto, tcp, shm"),
+                        format!("'{v}' is not one of auto, tcp, shm, ucx"),
                     ));
                 }
             };
@@ -499,6 +511,8 @@ pub const SETTINGS: &[Setting] = &[
                 Transport::Auto => "auto",
                 Transport::Tcp => "tcp",
                 Transport::Shm => "shm",
+                #[cfg(feature = "ucx")]
+                Transport::Ucx => "ucx",
             }
             .into()
         }),

@@ -98,6 +98,11 @@ const GRACE: Duration = Duration::from_millis(200);
 /// How long teardown progresses the worker for cancelled requests.
 const TEARDOWN: Duration = Duration::from_secs(2);
 
+/// How long, when the peer is dead: UCX's shared-memory transports never
+/// complete a rendezvous with a dead peer, and a request given up on is
+/// left to UCX (its memory is not read again: the reader is gone).
+const TEARDOWN_DEAD: Duration = Duration::from_millis(50);
+
 /// The magic of the address exchange.
 const MAGIC: &[u8; 8] = b"OXUCXAD1";
 /// The longest worker address accepted from a peer.
@@ -180,6 +185,9 @@ struct Handles {
     worker: sys::ucp_worker_h,
     /// The next number this worker gives a link for its incoming messages.
     next_id: u32,
+    /// Endpoints ask UCX to report a dead peer (until UCX refuses, as its
+    /// shared-memory transports do).
+    peer_errors: bool,
 }
 
 // SAFETY: the handles are used only under the mutex that holds them, by one
@@ -303,6 +311,7 @@ pub fn worker() -> Result<Worker, TransportError> {
             context,
             worker,
             next_id: 1,
+            peer_errors: true,
         }),
         efd,
         address,
@@ -443,6 +452,81 @@ pub fn upgrade(
     Ok(out)
 }
 
+/// The magic of the `auto` negotiation.
+const NEGOTIATE: &[u8; 8] = b"OXUCXNG1";
+/// The format name of the negotiation, as decoding errors name it.
+const NEGOTIATION: &str = "UCX negotiation";
+
+/// This host, as far as the negotiation tells hosts apart: its name and
+/// boot id (containers of one host have names of their own).
+fn host_id() -> [u8; 32] {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    for f in ["/proc/sys/kernel/hostname", "/proc/sys/kernel/random/boot_id"] {
+        if let Ok(b) = std::fs::read(f) {
+            h.update(b);
+        }
+    }
+    h.finalize().into()
+}
+
+/// `auto`'s choice, link by link: a link goes over UCX when both ends have
+/// a worker (`worker`: this side has an RDMA device, [`rdma_available`])
+/// and are on different hosts; ranks of one host keep their stream link
+/// (and go on to offer shared memory). Each side writes what it has on
+/// every link first, then reads the peers', as [`upgrade`] does, and the
+/// chosen links are then upgraded. Returns, in the order given, each link
+/// upgraded or as it was.
+pub fn upgrade_remote(
+    worker: Option<&Worker>,
+    links: Vec<StreamLink>,
+    deadline: Instant,
+) -> Result<Vec<Result<UcxLink, StreamLink>>, TransportError> {
+    let me = host_id();
+    let mut links = links;
+    for link in &mut links {
+        let mut w = Writer::new();
+        w.bytes(NEGOTIATE).u8(u8::from(worker.is_some())).bytes(&me);
+        send_all(link, w.as_bytes(), deadline, "a UCX negotiation")?;
+    }
+    let mut chosen = Vec::with_capacity(links.len());
+    for link in &mut links {
+        let peer = link.peer();
+        let bad = |e: crate::codec::DecodeError| TransportError::Protocol {
+            peer,
+            reason: e.to_string(),
+        };
+        let mut b = [0u8; 8 + 1 + 32];
+        recv_exact(link, &mut b, deadline, "a UCX negotiation")?;
+        let mut r = Reader::new(NEGOTIATION, &b);
+        if r.array::<8>("magic").map_err(bad)? != *NEGOTIATE {
+            return Err(TransportError::Protocol {
+                peer,
+                reason: "no UCX negotiation (is that rank built without feature ucx?)".into(),
+            });
+        }
+        let rdma = r.u8("rdma").map_err(bad)? == 1;
+        let host = r.array::<32>("host").map_err(bad)?;
+        chosen.push(rdma && worker.is_some() && host != me);
+    }
+    let (up, keep): (Vec<_>, Vec<_>) = links
+        .into_iter()
+        .zip(chosen)
+        .enumerate()
+        .partition(|(_, (_, c))| *c);
+    let mut out: Vec<(usize, Result<UcxLink, StreamLink>)> =
+        keep.into_iter().map(|(i, (l, _))| (i, Err(l))).collect();
+    if let Some(worker) = worker {
+        let (at, up): (Vec<usize>, Vec<StreamLink>) =
+            up.into_iter().map(|(i, (l, _))| (i, l)).unzip();
+        for (i, l) in at.into_iter().zip(upgrade(worker, up, deadline)?) {
+            out.push((i, Ok(l)));
+        }
+    }
+    out.sort_by_key(|(i, _)| *i);
+    Ok(out.into_iter().map(|(_, l)| l).collect())
+}
+
 impl UcxLink {
     fn connect(
         worker: &Worker,
@@ -490,24 +574,29 @@ impl UcxLink {
             ..Default::default()
         };
         let mut ep: sys::ucp_ep_h = std::ptr::null_mut();
-        let mut st = {
-            let h = worker.lock();
+        let h = worker.lock();
+        let mut st = sys::UCS_ERR_UNREACHABLE;
+        if h.peer_errors {
             // SAFETY: the worker is live and locked; the address is `len`
             // bytes UCX copies during the call; the error handler's argument
             // outlives the endpoint (closed before the box is dropped).
-            unsafe { sys::ucp_ep_create(h.worker, &params, &mut ep) }
-        };
+            st = unsafe { sys::ucp_ep_create(h.worker, &params, &mut ep) };
+        }
+        drop(h);
         if st == sys::UCS_ERR_UNREACHABLE {
             // UCX 1.13's shared-memory transports cannot detect a dead peer
-            // and refuse endpoints that ask them to: the control socket
-            // tells of one instead.
+            // and refuse endpoints that ask them to (UCX logs why, once per
+            // worker): the control socket tells of one instead.
             let params = sys::ucp_ep_params_t {
                 err_mode: sys::UCP_ERR_HANDLING_MODE_NONE,
                 ..params
             };
-            let h = worker.lock();
+            let mut h = worker.lock();
             // SAFETY: as above.
             st = unsafe { sys::ucp_ep_create(h.worker, &params, &mut ep) };
+            if st == sys::UCS_OK {
+                h.peer_errors = false;
+            }
         }
         if st != sys::UCS_OK {
             return Err(TransportError::PeerClosed {
@@ -864,7 +953,8 @@ impl UcxLink {
         }
         // SAFETY: a live receive request of this locked worker.
         unsafe { sys::ucp_request_cancel(h.worker, self.rx.req.0) };
-        let until = Instant::now() + TEARDOWN;
+        let dead = self.dead.get().is_some() || self.ep_error.0.load(Ordering::Acquire) != 0;
+        let until = Instant::now() + if dead { TEARDOWN_DEAD } else { TEARDOWN };
         loop {
             Self::progress(h);
             // SAFETY: as above.
@@ -875,12 +965,20 @@ impl UcxLink {
                 break;
             }
             if Instant::now() > until {
-                // Leaked rather than freed while UCX may still write it;
-                // the memory it targets is the caller's, so this is logged.
-                tracing::error!(
-                    "rank {}: a cancelled UCX receive did not complete in {TEARDOWN:?}",
-                    self.peer
-                );
+                // A receive already matched to a rendezvous cannot be
+                // cancelled; it completes when its data has come. A live
+                // peer sends it within the bound; a dead one never will, and
+                // then nothing will write the caller's memory: the request
+                // is left to UCX.
+                if !dead {
+                    tracing::error!(
+                        "rank {}: a cancelled UCX receive did not complete in {TEARDOWN:?}",
+                        self.peer
+                    );
+                }
+                // SAFETY: UCX releases a request freed before it completes
+                // when it does complete; it is not used here again.
+                unsafe { sys::ucp_request_free(self.rx.req.0) };
                 break;
             }
         }
@@ -905,7 +1003,8 @@ impl UcxLink {
         if ptr_status(close).is_some() {
             close = std::ptr::null_mut();
         }
-        let until = Instant::now() + TEARDOWN;
+        let dead = self.dead.get().is_some() || self.ep_error.0.load(Ordering::Acquire) != 0;
+        let until = Instant::now() + if dead { TEARDOWN_DEAD } else { TEARDOWN };
         loop {
             Self::progress(h);
             let mut pending = false;
@@ -927,10 +1026,20 @@ impl UcxLink {
                 break;
             }
             if Instant::now() > until {
-                tracing::error!(
-                    "rank {}: closing a UCX endpoint did not complete in {TEARDOWN:?}",
-                    self.peer
-                );
+                if !dead {
+                    tracing::warn!(
+                        "rank {}: closing a UCX endpoint did not complete in {TEARDOWN:?}",
+                        self.peer
+                    );
+                }
+                for r in self.tx.reqs.iter_mut().chain([&mut Req(close)]) {
+                    if !r.is_none() {
+                        // SAFETY: UCX releases a request freed before it
+                        // completes when it does; none is used again.
+                        unsafe { sys::ucp_request_free(r.0) };
+                        *r = Req::NONE;
+                    }
+                }
                 break;
             }
         }
