@@ -494,7 +494,7 @@ pub const SETTINGS: &[Setting] = &[
                 "ucx" => {
                     return Err(bad(
                         "OXCCL_TRANSPORT",
-                        "ucx: this build of oxccl has no UCX link (build it with feature ucx)".into(),
+                        "ucx: this build of oxccl has no UCX link (build it with feature ucx)",
                     ));
                 }
                 _ => {
@@ -1631,6 +1631,23 @@ mod tests {
 
     fn cerr(pairs: &[(&str, &str)]) -> String {
         Config::from_lookup(&env(pairs)).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn transport_ucx_is_chosen_where_built_and_refused_with_the_reason_elsewhere() {
+        #[cfg(feature = "ucx")]
+        assert_eq!(
+            Config::from_lookup(&env(&[("OXCCL_TRANSPORT", "UCX")]))
+                .unwrap()
+                .transport,
+            Transport::Ucx
+        );
+        #[cfg(not(feature = "ucx"))]
+        {
+            let e = cerr(&[("OXCCL_TRANSPORT", "ucx")]);
+            assert!(e.contains("build it with feature ucx"), "{e}");
+        }
+        assert!(cerr(&[("OXCCL_TRANSPORT", "rdma")]).contains("auto, tcp, shm, ucx"));
     }
 
     fn secret_file(name: &str, text: &str, mode: u32) -> PathBuf {

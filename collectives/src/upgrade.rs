@@ -9,6 +9,9 @@ use oxccl_transport::{MessageLink, StreamLink, TransportError, shm};
 
 use crate::config::{Config, Transport};
 
+/// The ring's links: to the next rank, from the previous.
+type RingLinks = (Box<dyn MessageLink>, Box<dyn MessageLink>);
+
 /// Whether and where links go over UCX.
 #[cfg(feature = "ucx")]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,7 +76,7 @@ impl Upgrader {
         next: StreamLink,
         prev: StreamLink,
         deadline: Instant,
-    ) -> Result<(Box<dyn MessageLink>, Box<dyn MessageLink>), TransportError> {
+    ) -> Result<RingLinks, TransportError> {
         #[cfg(feature = "ucx")]
         if self.ucx != UcxUse::Never {
             // The side that offers shared memory on a link is the one the
@@ -116,8 +119,7 @@ impl Upgrader {
                         .collect());
                 }
                 (UcxUse::Remote, w) => {
-                    let (streams, offers): (Vec<StreamLink>, Vec<bool>) =
-                        links.into_iter().unzip();
+                    let (streams, offers): (Vec<StreamLink>, Vec<bool>) = links.into_iter().unzip();
                     let up = ucx::upgrade_remote(w.as_ref(), streams, deadline)?;
                     let mut out: Vec<Option<Box<dyn MessageLink>>> = Vec::new();
                     let mut rest = Vec::new();

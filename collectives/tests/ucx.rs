@@ -13,7 +13,11 @@ use oxccl::{Communicator, Config, ErrorKind, ReduceOp, Transport};
 use oxccl_transport::store::MemStore;
 
 /// Runs `f` on `n` ranks linked over UCX, one thread each.
-fn over_ucx<T: Send>(n: usize, config: Config, f: impl Fn(&mut Communicator) -> T + Sync) -> Vec<T> {
+fn over_ucx<T: Send>(
+    n: usize,
+    config: Config,
+    f: impl Fn(&mut Communicator) -> T + Sync,
+) -> Vec<T> {
     let store = Arc::new(MemStore::new());
     let config = Config {
         transport: Transport::Ucx,
@@ -51,7 +55,11 @@ fn collectives_over_ucx_in_threads_agree_with_the_sum() {
         });
         let tri = (n * (n - 1) / 2) as i64;
         for v in sums {
-            assert!(v.iter().enumerate().all(|(i, x)| *x == n as i64 * i as i64 + tri));
+            assert!(
+                v.iter()
+                    .enumerate()
+                    .all(|(i, x)| *x == n as i64 * i as i64 + tri)
+            );
         }
     }
 }
@@ -71,7 +79,11 @@ fn a_mismatched_collective_over_ucx_is_an_error_naming_both_calls_on_every_rank(
         let again = comm.barrier().unwrap_err();
         (e.to_string(), e.kind(), again.kind())
     });
-    assert!(t0.elapsed() < Duration::from_secs(15), "took {:?}", t0.elapsed());
+    assert!(
+        t0.elapsed() < Duration::from_secs(15),
+        "took {:?}",
+        t0.elapsed()
+    );
     for (rank, (msg, kind, again)) in errors.into_iter().enumerate() {
         assert!(
             msg.contains("all_gather #0") && msg.contains("all_reduce #0"),

@@ -77,7 +77,9 @@ fn every_collective_with_2_to_4_ranks_over_ucx_tcp_and_sm() {
                     "--in-place",
                 ][..],
                 &["-c", "all", "-b", "999", "-d", "i8", "-o", "max", "-r", "1"][..],
-                &["-c", "all", "-b", "100K", "-d", "f64", "-o", "prod", "-r", "2"][..],
+                &[
+                    "-c", "all", "-b", "100K", "-d", "f64", "-o", "prod", "-r", "2",
+                ][..],
             ] {
                 if args.contains(&"-r") && args.contains(&"2") && n < 3 {
                     continue;

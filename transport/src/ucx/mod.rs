@@ -462,7 +462,10 @@ const NEGOTIATION: &str = "UCX negotiation";
 fn host_id() -> [u8; 32] {
     use sha2::Digest;
     let mut h = sha2::Sha256::new();
-    for f in ["/proc/sys/kernel/hostname", "/proc/sys/kernel/random/boot_id"] {
+    for f in [
+        "/proc/sys/kernel/hostname",
+        "/proc/sys/kernel/random/boot_id",
+    ] {
         if let Ok(b) = std::fs::read(f) {
             h.update(b);
         }
