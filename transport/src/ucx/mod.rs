@@ -485,7 +485,16 @@ pub fn upgrade_remote(
     links: Vec<StreamLink>,
     deadline: Instant,
 ) -> Result<Vec<Result<UcxLink, StreamLink>>, TransportError> {
-    let me = host_id();
+    upgrade_remote_from(host_id(), worker, links, deadline)
+}
+
+/// [`upgrade_remote`] on the host `me`.
+fn upgrade_remote_from(
+    me: [u8; 32],
+    worker: Option<&Worker>,
+    links: Vec<StreamLink>,
+    deadline: Instant,
+) -> Result<Vec<Result<UcxLink, StreamLink>>, TransportError> {
     let mut links = links;
     for link in &mut links {
         let mut w = Writer::new();

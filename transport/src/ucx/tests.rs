@@ -188,3 +188,63 @@ fn rdma_detection_answers() {
     // not fail or hang.
     let _ = rdma_available();
 }
+
+/// `auto`: UCX only between hosts that both have a worker (an RDMA
+/// device); a link within a host, or to a host without one, stays the
+/// stream it was, on both sides, and still carries bytes.
+#[test]
+fn auto_upgrades_only_links_between_hosts_that_both_have_rdma() {
+    for (host_a, host_b, a_rdma, b_rdma, upgraded) in [
+        (1u8, 2u8, true, true, true),
+        (1, 1, true, true, false),
+        (1, 2, true, false, false),
+        (1, 2, false, false, false),
+    ] {
+        let (a, b) = UnixStream::pair().unwrap();
+        let (a, b) = (
+            StreamLink::unix(1, a).unwrap(),
+            StreamLink::unix(0, b).unwrap(),
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let t = std::thread::spawn(move || {
+            let w = b_rdma.then(|| worker().unwrap());
+            upgrade_remote_from([host_b; 32], w.as_ref(), vec![b], deadline)
+                .unwrap()
+                .pop()
+                .unwrap()
+        });
+        let w = a_rdma.then(|| worker().unwrap());
+        let x = upgrade_remote_from([host_a; 32], w.as_ref(), vec![a], deadline)
+            .unwrap()
+            .pop()
+            .unwrap();
+        let y = t.join().unwrap();
+        let case = format!("hosts {host_a} {host_b}, rdma {a_rdma} {b_rdma}");
+        assert_eq!(x.is_ok(), upgraded, "{case}");
+        assert_eq!(y.is_ok(), upgraded, "{case}");
+        let h = header(0, 3);
+        let mut got = [0u8; 3];
+        let mut tx = Outgoing::new(&h, smallvec![Lent::Shared(b"abc")]);
+        let mut rx = Incoming::new(h, smallvec![Lent::Exclusive(&mut got)]);
+        match (x, y) {
+            (Ok(mut x), Ok(mut y)) => drive(&mut x, &mut tx, &mut y, &mut rx).unwrap(),
+            (Err(mut x), Err(mut y)) => {
+                let until = Instant::now() + Duration::from_secs(10);
+                let mut s = x.post_send(&mut tx).unwrap();
+                let mut r = y.post_recv(&mut rx).unwrap();
+                while s == Status::Pending || r == Status::Pending {
+                    assert!(Instant::now() < until, "{case}: no progress");
+                    if s == Status::Pending {
+                        s = x.test_send(&mut tx).unwrap();
+                    }
+                    if r == Status::Pending {
+                        r = y.test_recv(&mut rx).unwrap();
+                    }
+                }
+            }
+            _ => unreachable!("checked above"),
+        }
+        drop((tx, rx));
+        assert_eq!(&got, b"abc", "{case}");
+    }
+}
