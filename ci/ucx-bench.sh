@@ -6,49 +6,52 @@
 # on one machine or a cluster:
 #
 #   bash ci/ucx-bench.sh                                   # this machine, UCX_TLS=tcp and sm
-#   UCX_BENCH_HOSTFILE=hosts UCX_BENCH_TLS=rc,sm bash ci/ucx-bench.sh   # a cluster (InfiniBand/RoCE)
+#   BENCH_UCX_HOSTFILE=hosts BENCH_UCX_TLS=rc,sm bash ci/ucx-bench.sh   # a cluster (InfiniBand/RoCE)
 #
 # Knobs (environment):
-#   UCX_BENCH_TLS="tcp sm"    UCX_TLS values to compare on, one run each ("all": UCX's choice)
-#   UCX_BENCH_RANKS="2 4"     rank counts
-#   UCX_BENCH_SIZES=4K,...,256M
-#   UCX_BENCH_REPS=3          runs of each table (the summary takes medians)
-#   UCX_BENCH_HOSTFILE        Open MPI hostfile: every run goes through mpirun
+#   BENCH_UCX_TLS="tcp sm"    UCX_TLS values to compare on, one run each ("all": UCX's choice)
+#   BENCH_UCX_RANKS="2 4"     rank counts
+#   BENCH_UCX_SIZES=4K,...,256M
+#   BENCH_UCX_REPS=3          runs of each table (the summary takes medians)
+#   BENCH_UCX_HOSTFILE        Open MPI hostfile: every run goes through mpirun
 #                             --hostfile (oxccl reads Open MPI's rank variables);
 #                             its first host serves oxccl's store, and the
 #                             ucx_perftest client runs on its second host
-#   UCX_BENCH_NET_DEVICES     UCX_NET_DEVICES for every run (e.g. mlx5_0:1)
-#   UCX_BENCH_OUT=dir         where logs and summary.md go (default: a new temp dir)
+#   BENCH_UCX_NET_DEVICES     UCX_NET_DEVICES for every run (e.g. mlx5_0:1)
+#   BENCH_UCX_OUT=dir         where logs and summary.md go (default: a new temp dir)
+#   BENCH_UCX_PROFILE=release cargo profile of oxccl (CI's smoke run: debug)
 # Needs: Open MPI built with UCX (Debian: openmpi-bin), ucx-utils, mpicc, and
 # a build of oxccl with feature ucx (done here).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-TLS_LIST=${UCX_BENCH_TLS:-tcp sm}
-RANKS=${UCX_BENCH_RANKS:-2 4}
-SIZES=${UCX_BENCH_SIZES:-4K,16K,64K,256K,1M,4M,16M,64M,256M}
-REPS=${UCX_BENCH_REPS:-3}
-OUT=${UCX_BENCH_OUT:-$(mktemp -d)}
-BIN=${CARGO_TARGET_DIR:-target}/release
+TLS_LIST=${BENCH_UCX_TLS:-tcp sm}
+RANKS=${BENCH_UCX_RANKS:-2 4}
+SIZES=${BENCH_UCX_SIZES:-4K,16K,64K,256K,1M,4M,16M,64M,256M}
+REPS=${BENCH_UCX_REPS:-3}
+OUT=${BENCH_UCX_OUT:-$(mktemp -d)}
+PROFILE=${BENCH_UCX_PROFILE:-release}
+BIN=${CARGO_TARGET_DIR:-target}/$PROFILE
 mkdir -p "$OUT/raw"
 
 for t in mpirun mpicc ucx_perftest; do
   command -v "$t" >/dev/null || { echo "ucx-bench: $t is missing (apt-get install openmpi-bin libopenmpi-dev ucx-utils)" >&2; exit 1; }
 done
-cargo build --release -p oxccl-benches --features ucx --bin all_reduce_perf >&2
+cargo build --profile "$([ "$PROFILE" = debug ] && echo dev || echo "$PROFILE")" \
+  -p oxccl-benches --features ucx --bin all_reduce_perf >&2
 mkdir -p "$OUT/build"
 mpicc -O2 -o "$OUT/build/mpi_allreduce_bench" benches/peers/mpi_allreduce_bench.c
 
 MPIRUN=(mpirun --allow-run-as-root --oversubscribe)
-if [ -n "${UCX_BENCH_HOSTFILE:-}" ]; then
-  MPIRUN+=(--hostfile "$UCX_BENCH_HOSTFILE" --map-by node)
-  MASTER=$(awk 'NF && $1 !~ /^#/ { print $1; exit }' "$UCX_BENCH_HOSTFILE")
-  PEER_HOST=$(awk 'NF && $1 !~ /^#/ { n++; if (n == 2) { print $1; exit } }' "$UCX_BENCH_HOSTFILE")
+if [ -n "${BENCH_UCX_HOSTFILE:-}" ]; then
+  MPIRUN+=(--hostfile "$BENCH_UCX_HOSTFILE" --map-by node)
+  MASTER=$(awk 'NF && $1 !~ /^#/ { print $1; exit }' "$BENCH_UCX_HOSTFILE")
+  PEER_HOST=$(awk 'NF && $1 !~ /^#/ { n++; if (n == 2) { print $1; exit } }' "$BENCH_UCX_HOSTFILE")
 else
   MPIRUN+=(--mca oob_tcp_if_include lo)
   MASTER=127.0.0.1
   PEER_HOST=
 fi
-[ -n "${UCX_BENCH_NET_DEVICES:-}" ] && export UCX_NET_DEVICES=$UCX_BENCH_NET_DEVICES
+[ -n "${BENCH_UCX_NET_DEVICES:-}" ] && export UCX_NET_DEVICES=$BENCH_UCX_NET_DEVICES
 # Sizes as all_reduce_perf takes them: the smallest, the largest, factor 4 or 2.
 first=${SIZES%%,*}; last=${SIZES##*,}
 
@@ -130,8 +133,8 @@ for tls in tls_list:
     for n in ranks:
         # all_reduce_perf (out of place): size col 0, busbw col 7
         ox = median_of(glob.glob(f"{out}/raw/oxccl__{tls}__n{n}__rep*.log"), 0, 7)
-        # mpi_allreduce_bench: size, count, time, algbw, busbw
-        om = median_of(glob.glob(f"{out}/raw/ompi__{tls}__n{n}__rep*.log"), 0, 4)
+        # mpi_allreduce_bench: size count type redop iters time algbw busbw
+        om = median_of(glob.glob(f"{out}/raw/ompi__{tls}__n{n}__rep*.log"), 0, 7)
         print(f"## UCX_TLS={tls}, {n} ranks\n")
         print("| size | oxccl busbw | Open MPI busbw | oxccl / Open MPI | ucx_perftest tag_bw | oxccl / perftest |")
         print("|---:|---:|---:|---:|---:|---:|")

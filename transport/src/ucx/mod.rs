@@ -30,7 +30,7 @@
 //! sleep arms the worker (`ucp_worker_arm`) and sleeps on an epoll set of
 //! the worker's event descriptor (`ucp_worker_get_efd`) and its socket.
 //!
-//! Memory is not registered by the link ([`Capabilities::registration`] is
+//! Memory is not registered by the link ([`crate::Capabilities::registration`] is
 //! false): UCX registers what it sends from and receives into itself, in a
 //! registration cache that its memory hooks invalidate when memory is
 //! unmapped. A cache of the link's own (`ucp_mem_map` by address) could not
