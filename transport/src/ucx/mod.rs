@@ -28,7 +28,10 @@
 //! Operations are nonblocking (`ucp_tag_send_nbx`, `ucp_tag_recv_nbx`) and
 //! tested by the engine, each test progressing the worker. A link about to
 //! sleep arms the worker (`ucp_worker_arm`) and sleeps on an epoll set of
-//! the worker's event descriptor (`ucp_worker_get_efd`) and its socket.
+//! the worker's event descriptor (`ucp_worker_get_efd`), its socket, and a
+//! timer that bounds a sleep to [`NAP`] (UCX's TCP transport connects on a
+//! thread of its own, which does not wake the worker; endpoints are also
+//! wired up before a link is handed out, see `wire_up`).
 //!
 //! Memory is not registered by the link ([`crate::Capabilities::registration`] is
 //! false): UCX registers what it sends from and receives into itself, in a
@@ -102,6 +105,12 @@ const TEARDOWN: Duration = Duration::from_secs(2);
 /// complete a rendezvous with a dead peer, and a request given up on is
 /// left to UCX (its memory is not read again: the reader is gone).
 const TEARDOWN_DEAD: Duration = Duration::from_millis(50);
+
+/// The longest a link sleeps before it progresses the worker again, woken
+/// by a timer: UCX handles some events (its TCP transport's connections) on
+/// a thread of its own that does not wake a sleeping worker, and a wake-up
+/// missed so must cost a moment, not the deadline.
+const NAP: Duration = Duration::from_millis(50);
 
 /// The magic of the address exchange.
 const MAGIC: &[u8; 8] = b"OXUCXAD1";
@@ -387,8 +396,10 @@ pub struct UcxLink {
     /// The authenticated socket the link was made from: death notice, and
     /// the channel of a withdrawal.
     socket: StreamLink,
-    /// The worker's event descriptor and the socket.
+    /// The worker's event descriptor, the socket and `timer`.
     epoll: OwnedFd,
+    /// A timer armed for [`NAP`] whenever the link is about to sleep.
+    timer: OwnedFd,
     /// The peer's number for this link (in tags of messages to it).
     send_id: u32,
     /// This side's number for this link (in tags of messages from it).
@@ -449,7 +460,69 @@ pub fn upgrade(
     for (link, id) in links.into_iter().zip(ids) {
         out.push(UcxLink::connect(worker, link, id, deadline)?);
     }
+    wire_up(worker, &out, deadline)?;
     Ok(out)
+}
+
+/// Completes the connection of every endpoint of `links` (UCX's wire-up)
+/// by flushing them, the peers doing the same at the same time, before
+/// `deadline`. UCX establishes some connections (its TCP transport's) from
+/// its own thread, which does not wake a sleeping worker: a first send
+/// posted before then would wait for the sleeper's next wake-up.
+fn wire_up(worker: &Worker, links: &[UcxLink], deadline: Instant) -> Result<(), TransportError> {
+    let h = worker.lock();
+    let mut pending: Vec<(usize, Req)> = Vec::new();
+    for (i, l) in links.iter().enumerate() {
+        let param = sys::ucp_request_param_t::default();
+        // SAFETY: the endpoint is live and the worker locked.
+        let p = unsafe { sys::ucp_ep_flush_nbx(l.ep, &param) };
+        match ptr_status(p) {
+            Some(st) => {
+                return Err(TransportError::PeerClosed {
+                    peer: l.peer,
+                    how: format!("connecting to it over UCX: {}", status_text(st)),
+                });
+            }
+            None if p.is_null() => {}
+            None => pending.push((i, Req(p))),
+        }
+    }
+    let started = Instant::now();
+    while !pending.is_empty() {
+        UcxLink::progress(&h);
+        let mut failed = None;
+        pending.retain_mut(|(i, r)| match UcxLink::poll_req(r) {
+            Ok(done) => !done,
+            Err(st) => {
+                failed.get_or_insert((*i, st));
+                false
+            }
+        });
+        if let Some((i, st)) = failed {
+            for (_, r) in &pending {
+                // SAFETY: UCX releases a request freed before it completes
+                // when it does; none is used again.
+                unsafe { sys::ucp_request_free(r.0) };
+            }
+            return Err(TransportError::PeerClosed {
+                peer: links[i].peer,
+                how: format!("connecting to it over UCX: {}", status_text(st)),
+            });
+        }
+        if Instant::now() >= deadline {
+            let peers: Vec<usize> = pending.iter().map(|(i, _)| links[*i].peer).collect();
+            for (_, r) in &pending {
+                // SAFETY: as above.
+                unsafe { sys::ucp_request_free(r.0) };
+            }
+            return Err(TransportError::Timeout {
+                what: format!("connecting over UCX to ranks {peers:?}"),
+                waited: started.elapsed(),
+            });
+        }
+        std::thread::yield_now();
+    }
+    Ok(())
 }
 
 /// The magic of the `auto` negotiation.
@@ -634,7 +707,23 @@ impl UcxLink {
             )
             .map_err(|e| TransportError::io(format!("watching {what}"), e.into()))
         };
+        // SAFETY: timerfd_create has no memory arguments; a descriptor it
+        // returns is owned by nobody else.
+        let timer = unsafe {
+            let fd = libc::timerfd_create(
+                libc::CLOCK_MONOTONIC,
+                libc::TFD_CLOEXEC | libc::TFD_NONBLOCK,
+            );
+            if fd < 0 {
+                return Err(TransportError::io(
+                    "creating a timer",
+                    std::io::Error::last_os_error(),
+                ));
+            }
+            <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd)
+        };
         add(efd, epoll::EventFlags::IN, "the UCP worker")?;
+        add(timer.as_fd(), epoll::EventFlags::IN, "a timer")?;
         add(
             socket.fd(),
             epoll::EventFlags::IN | epoll::EventFlags::RDHUP,
@@ -648,6 +737,7 @@ impl UcxLink {
             ep_error,
             socket,
             epoll,
+            timer,
             send_id,
             recv_id,
             send_seq: 0,
@@ -693,6 +783,32 @@ impl UcxLink {
                     .into(),
             }),
             _ => None,
+        }
+    }
+
+    /// Clears the timer and sets it to fire in [`NAP`].
+    fn set_timer(&self) {
+        let mut expirations = [0u8; 8];
+        let _ = rustix::io::read(&self.timer, &mut expirations);
+        let spec = libc::itimerspec {
+            it_interval: libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+            it_value: libc::timespec {
+                tv_sec: 0,
+                tv_nsec: NAP.as_nanos() as libc::c_long,
+            },
+        };
+        // SAFETY: the timer descriptor is the link's own; `spec` is a valid
+        // itimerspec and the old value is not asked for.
+        unsafe {
+            libc::timerfd_settime(
+                std::os::fd::AsRawFd::as_raw_fd(&self.timer),
+                0,
+                &spec,
+                std::ptr::null_mut(),
+            );
         }
     }
 
@@ -1103,7 +1219,10 @@ impl Endpoint for UcxLink {
         // SAFETY: the worker is live and locked.
         let st = unsafe { sys::ucp_worker_arm(h.worker) };
         match st {
-            sys::UCS_OK => Ok(Some(Direction::Read)),
+            sys::UCS_OK => {
+                self.set_timer();
+                Ok(Some(Direction::Read))
+            }
             sys::UCS_ERR_BUSY => Ok(None),
             st => Err(ucx_err("arming the UCP worker", st)),
         }
@@ -1117,9 +1236,17 @@ impl Endpoint for UcxLink {
         }
         let shared = self.shared.clone();
         let h = shared.lock();
-        self.cancel_rx(&h);
-        if self.tx.reqs.iter().any(|r| !r.is_none()) {
+        // A receive of a payload already under way (matched to a rendezvous)
+        // cannot be cancelled: the endpoint it runs over is closed by force
+        // first, which fails what UCX still has in flight on it, and the
+        // receive is then waited for (boundedly, see `cancel_rx`).
+        let matched = self.rx.stage == Stage::Second && !self.rx.req.is_none();
+        let sending = self.tx.reqs.iter().any(|r| !r.is_none());
+        if matched || sending {
             self.close_ep(&h);
+        }
+        self.cancel_rx(&h);
+        if matched || sending {
             self.withdrawn = true;
             // Tell the peer, whose receive of the rest must fail now; the
             // socket may be gone already, which tells it as well.
