@@ -99,7 +99,7 @@ pub const UCX_VERSION: &str = env!("OXCCL_UCX_VERSION");
 const GRACE: Duration = Duration::from_millis(200);
 
 /// How long teardown progresses the worker for cancelled requests.
-const TEARDOWN: Duration = Duration::from_secs(2);
+const TEARDOWN: Duration = Duration::from_millis(500);
 
 /// How long, when the peer is dead: UCX's shared-memory transports never
 /// complete a rendezvous with a dead peer, and a request given up on is
