@@ -29,7 +29,7 @@
 //! tested by the engine, each test progressing the worker. A link about to
 //! sleep arms the worker (`ucp_worker_arm`) and sleeps on an epoll set of
 //! the worker's event descriptor (`ucp_worker_get_efd`), its socket, and a
-//! timer that bounds a sleep to [`NAP`] (UCX's TCP transport connects on a
+//! timer that bounds a sleep to 50 ms (UCX's TCP transport connects on a
 //! thread of its own, which does not wake the worker; endpoints are also
 //! wired up before a link is handed out, see `wire_up`).
 //!
