@@ -28,6 +28,7 @@ use crate::comm::{Communicator, Parts};
 use crate::config::{self, Config, Launch, Rendezvous, Transport};
 use crate::lazy::{Connector, LAZY, MakePair, MemConnector, TcpConnector};
 use crate::links::Links;
+use crate::upgrade::Upgrader;
 use crate::{Error, Result};
 
 /// Prefix of every key oxccl writes to a store.
@@ -415,6 +416,14 @@ impl Communicator {
                 "in_process: world must be at least 1".into(),
             ));
         }
+        #[cfg(feature = "ucx")]
+        if config.transport == Transport::Ucx {
+            return Err(Error::InvalidUsage(
+                "OXCCL_TRANSPORT=ucx links ranks in separate processes; an in-process group \
+                 uses socket pairs (tcp) or shared memory (shm, auto)"
+                    .into(),
+            ));
+        }
         let store: Arc<dyn Store> = Arc::new(MemStore::new());
         let boot = |source| Error::Bootstrap { rank: 0, source };
         let make: Arc<MakePair> = if config.transport == Transport::Tcp {
@@ -669,40 +678,19 @@ fn connect(
                 "unauthenticated (no job secret)"
             }
         );
-        let policy = match config.transport {
-            Transport::Auto => shm::Policy::Auto,
-            Transport::Tcp => shm::Policy::Never,
-            Transport::Shm => shm::Policy::Require,
-        };
-        let up = shm::upgrade_ring(
-            next_link,
-            prev_link,
-            policy,
-            config.shm_bytes,
-            config.shm_single_copy,
-            deadline,
-        )
-        .map_err(boot)?;
-        let pairs = shm::upgrade_pairs(
-            pairs,
-            policy,
-            config.shm_bytes,
-            config.shm_single_copy,
-            deadline,
-        )
-        .map_err(boot)?;
+        let upgrader = Upgrader::new(&config).map_err(boot)?;
+        let (next_up, prev_up) = upgrader
+            .ring(next_link, prev_link, deadline)
+            .map_err(boot)?;
+        let pairs = upgrader.pairs(pairs, deadline).map_err(boot)?;
         tracing::info!(
             "rank {rank}: to rank {next} over {}; from rank {prev} over {}",
-            up.next.describe(),
-            up.prev.describe()
+            next_up.describe(),
+            prev_up.describe()
         );
         for l in &pairs {
             tracing::debug!("rank {rank}: with rank {} over {}", l.peer(), l.describe());
         }
-        let pairs = pairs
-            .into_iter()
-            .map(|l| l as Box<dyn MessageLink>)
-            .collect();
         connector = Some(Box::new(TcpConnector {
             rank,
             world,
@@ -712,12 +700,10 @@ fn connect(
             listener,
             secret: secret.clone(),
             options,
-            policy,
-            shm_bytes: config.shm_bytes,
-            single_copy: config.shm_single_copy,
+            upgrader,
             parked: Parked::new(tcp::hello(job, world, 0, rank, LAZY)),
         }));
-        Some(Links::new(up.next, up.prev, pairs))
+        Some(Links::new(next_up, prev_up, pairs))
     } else {
         None
     };

@@ -121,6 +121,9 @@ pub enum Transport {
     Tcp,
     /// Shared memory everywhere; an error if a neighbour cannot share memory.
     Shm,
+    /// UCX everywhere (InfiniBand, RoCE, or what `UCX_TLS` allows).
+    #[cfg(feature = "ucx")]
+    Ucx,
 }
 
 /// Which algorithm runs a collective (`OXCCL_ALGO`).
@@ -478,17 +481,26 @@ pub const SETTINGS: &[Setting] = &[
     Setting {
         name: "OXCCL_TRANSPORT",
         default: "auto",
-        doc: "How ring neighbours connect: auto (shared memory when both ranks map the same segment, i.e. share a host, else TCP), tcp, or shm (fail if a neighbour cannot share memory).",
+        doc: "How ranks connect: auto (shared memory when both ranks map the same segment, i.e. share a host; else UCX where the library is built with feature ucx and both hosts have an RDMA device; else TCP), tcp, shm (fail if a neighbour cannot share memory), or ucx (UCX to every peer, over what UCX_TLS allows; needs feature ucx). UCX's own variables (UCX_TLS, UCX_NET_DEVICES, ...) pass through to it.",
         agree: true,
         parse: Some(|c, v| {
             c.transport = match v.trim().to_ascii_lowercase().as_str() {
                 "auto" => Transport::Auto,
                 "tcp" | "socket" => Transport::Tcp,
                 "shm" => Transport::Shm,
+                #[cfg(feature = "ucx")]
+                "ucx" => Transport::Ucx,
+                #[cfg(not(feature = "ucx"))]
+                "ucx" => {
+                    return Err(bad(
+                        "OXCCL_TRANSPORT",
+                        "ucx: this build of oxccl has no UCX link (build it with feature ucx)",
+                    ));
+                }
                 _ => {
                     return Err(bad(
                         "OXCCL_TRANSPORT",
-                        format!("'{v}' is not one of auto, tcp, shm"),
+                        format!("'{v}' is not one of auto, tcp, shm, ucx"),
                     ));
                 }
             };
@@ -499,6 +511,8 @@ pub const SETTINGS: &[Setting] = &[
                 Transport::Auto => "auto",
                 Transport::Tcp => "tcp",
                 Transport::Shm => "shm",
+                #[cfg(feature = "ucx")]
+                Transport::Ucx => "ucx",
             }
             .into()
         }),
@@ -1617,6 +1631,23 @@ mod tests {
 
     fn cerr(pairs: &[(&str, &str)]) -> String {
         Config::from_lookup(&env(pairs)).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn transport_ucx_is_chosen_where_built_and_refused_with_the_reason_elsewhere() {
+        #[cfg(feature = "ucx")]
+        assert_eq!(
+            Config::from_lookup(&env(&[("OXCCL_TRANSPORT", "UCX")]))
+                .unwrap()
+                .transport,
+            Transport::Ucx
+        );
+        #[cfg(not(feature = "ucx"))]
+        {
+            let e = cerr(&[("OXCCL_TRANSPORT", "ucx")]);
+            assert!(e.contains("build it with feature ucx"), "{e}");
+        }
+        assert!(cerr(&[("OXCCL_TRANSPORT", "rdma")]).contains("auto, tcp, shm, ucx"));
     }
 
     fn secret_file(name: &str, text: &str, mode: u32) -> PathBuf {

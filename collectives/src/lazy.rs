@@ -25,7 +25,9 @@ use std::time::Instant;
 use oxccl_transport::auth::JobSecret;
 use oxccl_transport::store::Store;
 use oxccl_transport::tcp::{self, Listener, Parked, TcpOptions};
-use oxccl_transport::{MessageLink, TransportError, shm};
+use oxccl_transport::{MessageLink, TransportError};
+
+use crate::upgrade::Upgrader;
 
 /// The purpose code of a link made on first use, in the handshake.
 pub(crate) const LAZY: u32 = 3;
@@ -53,9 +55,8 @@ pub(crate) struct TcpConnector {
     pub listener: Listener,
     pub secret: Option<JobSecret>,
     pub options: TcpOptions,
-    pub policy: shm::Policy,
-    pub shm_bytes: usize,
-    pub single_copy: Option<usize>,
+    /// What the links become (shared memory, UCX), as at init.
+    pub upgrader: Upgrader,
     pub parked: Parked,
 }
 
@@ -132,13 +133,7 @@ impl Connector for TcpConnector {
         for p in pending {
             links.push((p.finish(deadline)?, true));
         }
-        let links = shm::upgrade_pairs(
-            links,
-            self.policy,
-            self.shm_bytes,
-            self.single_copy,
-            deadline,
-        )?;
+        let links = self.upgrader.pairs(links, deadline)?;
         for l in &links {
             tracing::debug!(
                 "rank {rank}: linked to rank {} over {}",
@@ -146,10 +141,7 @@ impl Connector for TcpConnector {
                 l.describe()
             );
         }
-        Ok(links
-            .into_iter()
-            .map(|l| l as Box<dyn MessageLink>)
-            .collect())
+        Ok(links)
     }
 }
 

@@ -47,6 +47,7 @@ mod p2p;
 mod schedule;
 mod shrink;
 mod split;
+mod upgrade;
 
 pub use bootstrap::{UniqueId, run_in_process};
 pub use comm::{AbortHandle, Communicator, Stats};

@@ -39,6 +39,8 @@ pub mod message;
 pub mod shm;
 pub mod store;
 pub mod tcp;
+#[cfg(feature = "ucx")]
+pub mod ucx;
 pub mod wire;
 
 pub use error::TransportError;

@@ -243,6 +243,20 @@ impl<'b> Outgoing<'b> {
         &self.payload
     }
 
+    /// The encoded header (for links that post messages natively).
+    #[cfg(feature = "ucx")]
+    #[inline]
+    pub(crate) fn header_bytes(&self) -> &[u8; HDR] {
+        &self.header
+    }
+
+    /// Marks the send done, as far as [`Outgoing::moved`] tells.
+    #[cfg(feature = "ucx")]
+    #[inline]
+    pub(crate) fn set_moved(&mut self, n: usize) {
+        self.moved = n;
+    }
+
     /// The lent memory, back from a completed send, leaving it empty.
     #[inline]
     pub fn take_payload(&mut self) -> Parts<'b> {
@@ -414,6 +428,36 @@ impl<'b> Incoming<'b> {
     #[inline]
     pub fn buffers(&self) -> &[Lent<'b>] {
         &self.into
+    }
+
+    /// The memory the payload goes to, writable (for links that post
+    /// receives natively).
+    #[cfg(feature = "ucx")]
+    #[inline]
+    pub(crate) fn buffers_mut(&mut self) -> &mut [Lent<'b>] {
+        &mut self.into
+    }
+
+    /// Checks a received header (as the encoded bytes `got`) against the
+    /// expected one, keeping it; sets [`Incoming::moved`] to `moved`.
+    #[cfg(feature = "ucx")]
+    #[inline]
+    pub(crate) fn check_received(
+        &mut self,
+        got: &[u8; HDR],
+        moved: usize,
+        peer: usize,
+    ) -> Result<(), TransportError> {
+        self.header = *got;
+        self.moved = moved;
+        self.check_header(peer)
+    }
+
+    /// Sets [`Incoming::moved`] (for links that post receives natively).
+    #[cfg(feature = "ucx")]
+    #[inline]
+    pub(crate) fn set_moved(&mut self, n: usize) {
+        self.moved = n;
     }
 
     /// The memory, back from a completed (or abandoned) receive, leaving

@@ -150,7 +150,7 @@ impl AnswerHead {
 }
 
 /// Writes all of `bytes` on a nonblocking link before `deadline`.
-fn send_all(
+pub(crate) fn send_all(
     link: &mut StreamLink,
     bytes: &[u8],
     deadline: Instant,
@@ -175,7 +175,7 @@ fn send_all(
 }
 
 /// Reads exactly `buf.len()` bytes from a nonblocking link before `deadline`.
-fn recv_exact(
+pub(crate) fn recv_exact(
     link: &mut StreamLink,
     buf: &mut [u8],
     deadline: Instant,
