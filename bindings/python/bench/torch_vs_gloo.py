@@ -61,6 +61,7 @@ def time_training(group, mode: str, steps: int, warmup: int) -> float:
 
         net = DDP(model, process_group=group)
     else:
+        oxt.init()  # Horovod's API: through the default group's store; a no-op once initialised
         oxt.broadcast_parameters(model.state_dict(), root_rank=0)
         opt = oxt.DistributedOptimizer(opt, named_parameters=model.named_parameters())
         net = model
