@@ -586,3 +586,49 @@ fn timeline_is_a_chrome_trace_with_every_phase() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A caller that waits ([`FusionEngine::synchronize`], or `flush` before
+/// waiting on handles) does not wait for the cycle timer: rank 0 has a
+/// tensor pending that rank 1 submits only later, so rank 0's engine is
+/// not idle and would take its next cycle a `cycle_time` (10 s here) after
+/// the last; flushed, both complete as soon as rank 1 has submitted.
+#[test]
+fn synchronize_flushes_instead_of_waiting_for_the_cycle_timer() {
+    let cfg = Config {
+        cycle_time: Duration::from_secs(10),
+        ..config(4096)
+    };
+    let engines = engines(2, cfg);
+    let t0 = std::time::Instant::now();
+    std::thread::scope(|s| {
+        for e in &engines {
+            s.spawn(move || {
+                let r = e.rank();
+                // Rank 0 submits "a" then "b"; rank 1 "b", then "a" later,
+                // so that "a" stays pending on rank 0 after a cycle.
+                let names = if r == 0 { ["a", "b"] } else { ["b", "a"] };
+                let h0 =
+                    e.allreduce_async(names[0].to_string(), vec![r as u32 + 1; 5], ReduceOp::Sum);
+                if r == 1 {
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                let h1 =
+                    e.allreduce_async(names[1].to_string(), vec![r as u32 + 1; 5], ReduceOp::Sum);
+                e.synchronize().unwrap();
+                assert_eq!(h0.wait().unwrap(), vec![3; 5]);
+                assert_eq!(h1.wait().unwrap(), vec![3; 5]);
+            });
+        }
+    });
+    let took = t0.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "took {took:?}: the flushed cycles waited for the 10 s timer"
+    );
+    // Together: a shutdown is a cycle too.
+    std::thread::scope(|s| {
+        for e in engines {
+            s.spawn(move || e.shutdown().unwrap());
+        }
+    });
+}

@@ -244,6 +244,17 @@ impl FusionEngine {
         self.enqueue(py, name, Some(i), o, Sub::AllGather)
     }
 
+    /// Starts the next negotiation cycle now rather than at the cycle timer
+    /// (``OXCCL_CYCLE_TIME_MS``), and the next ones as soon as each completes
+    /// something, until every tensor submitted so far has completed: call it
+    /// before waiting on handles (an optimizer step after the backward pass).
+    /// :meth:`synchronize` does it itself.
+    fn flush(&self) -> PyResult<()> {
+        let g = lock(&self.inner);
+        g.as_ref().ok_or_else(closed)?.engine.flush();
+        Ok(())
+    }
+
     /// Waits until every tensor submitted so far has completed (successfully
     /// or not) and its result is in its buffer.
     fn synchronize(&self, py: Python<'_>) -> PyResult<()> {

@@ -152,6 +152,19 @@ struct Shared {
     done: Condvar,
 }
 
+/// Whether the background thread starts cycles before the timer.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum Flush {
+    /// No: every cycle_time (Horovod's pacing).
+    #[default]
+    Off,
+    /// The next cycle at once: asked for and not yet started.
+    Asked,
+    /// Each next cycle at once while the last one completed something,
+    /// until nothing is outstanding.
+    On,
+}
+
 #[derive(Default)]
 struct State {
     incoming: Vec<Submission>,
@@ -162,6 +175,9 @@ struct State {
     outstanding: u64,
     /// Completions so far (progress, for `synchronize`'s deadline).
     completed: u64,
+    /// Someone waits for the outstanding tensors ([`FusionEngine::flush`]):
+    /// cycles need not wait for the timer.
+    flush: Flush,
     stats: FusionStats,
     warnings: Vec<String>,
 }
@@ -322,10 +338,27 @@ impl FusionEngine {
         handle
     }
 
+    /// Starts the next negotiation cycle now rather than at the cycle timer,
+    /// and the ones after it as soon as each completes something, until
+    /// every tensor submitted so far has completed: for a caller about to
+    /// wait for its tensors (an optimizer's step after the backward pass),
+    /// whose last submissions would otherwise wait up to a cycle. A cycle
+    /// is collective, so a rank that flushes early waits in it for the
+    /// others' next cycle. Does nothing when nothing is outstanding.
+    pub fn flush(&self) {
+        let mut st = self.shared.lock();
+        if st.outstanding > 0 && st.flush == Flush::Off {
+            st.flush = Flush::Asked;
+            drop(st);
+            self.shared.wake.notify_all();
+        }
+    }
+
     /// Waits until every handle submitted so far (and since) has completed,
-    /// successfully or not. Fails after the communicator's timeout without a
-    /// completion.
+    /// successfully or not ([`flush`](Self::flush)ing first). Fails after the
+    /// communicator's timeout without a completion.
     pub fn synchronize(&self) -> Result<()> {
+        self.flush();
         let mut st = self.shared.lock();
         let mut seen = st.completed;
         let mut deadline = crate::deadline_in(self.timeout);

@@ -11,7 +11,7 @@ use serde_json::json;
 use super::plan::buckets;
 use super::timeline::Timeline;
 use super::wire::{Meta, RequestList, Response, ResponseList, Stall, coordinate, ranks};
-use super::{Buffer, Outcome, Shared, Submission};
+use super::{Buffer, Flush, Outcome, Shared, Submission};
 use crate::schedule::Kind;
 use crate::{Communicator, Descriptor, Error, ErrorKind, Result};
 
@@ -68,6 +68,9 @@ pub(super) struct Worker {
     /// How old a pending tensor must be to force a coordination round (stall check).
     stall_check: Duration,
     last_stall_check: Instant,
+    /// Completions seen at the last cycle's start: whether that cycle
+    /// completed anything, which keeps a flush going.
+    completed_seen: u64,
     pending: HashMap<String, Entry>,
     seq: u64,
     cache: Cache,
@@ -104,6 +107,7 @@ impl Worker {
             stall: Stall::new(c.stall_warning, c.stall_shutdown),
             stall_check,
             last_stall_check: start,
+            completed_seen: 0,
             comm,
             shared,
             pending: HashMap::new(),
@@ -142,14 +146,24 @@ impl Worker {
     }
 
     /// Sleeps until the next cycle is due; an idle engine wakes at the first
-    /// submission. Returns the new submissions and whether to shut down.
+    /// submission, a flushed one ([`FusionEngine::flush`]) at once while its
+    /// cycles complete something. Returns the new submissions and whether to
+    /// shut down.
     fn wait_for_cycle(&mut self, last: Instant) -> (Vec<Submission>, bool) {
         let due = last + self.cycle_time;
         let idle = self.pending.is_empty();
         let mut st = self.shared.lock();
+        let progressed = st.completed != self.completed_seen;
         loop {
             let now = Instant::now();
-            if st.shutdown || now >= due || (idle && !st.incoming.is_empty()) {
+            let work = !idle || !st.incoming.is_empty();
+            let flushed = work
+                && match st.flush {
+                    Flush::Off => false,
+                    Flush::Asked => true,
+                    Flush::On => progressed,
+                };
+            if st.shutdown || now >= due || (idle && !st.incoming.is_empty()) || flushed {
                 break;
             }
             st = self
@@ -159,6 +173,10 @@ impl Worker {
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
+        if st.flush == Flush::Asked {
+            st.flush = Flush::On;
+        }
+        self.completed_seen = st.completed;
         (std::mem::take(&mut st.incoming), st.shutdown)
     }
 
@@ -175,6 +193,9 @@ impl Worker {
         let mut st = self.shared.lock();
         st.outstanding = st.outstanding.saturating_sub(n);
         st.completed += n;
+        if st.outstanding == 0 {
+            st.flush = Flush::Off;
+        }
         st.stats.failed += failed;
         drop(st);
         self.shared.done.notify_all();

@@ -557,6 +557,9 @@ def synchronize(handle: _Handle) -> torch.Tensor:
     if handle._done:
         return handle._result
     if handle._work is not None:
+        if not handle._work.is_completed():
+            # Waiting: the engine's next cycles need not wait for the timer.
+            _engine().flush()
         # The engine's own deadline (OXCCL_TIMEOUT) bounds this wait.
         handle._work.wait()
     handle._result = handle._finish()
@@ -848,6 +851,10 @@ class _DistributedOptimizer:
                 self._hvd_submit(p)
         pending, self._hvd_pending = self._hvd_pending, {}
         self._hvd_passes = {}
+        if pending:
+            # Every gradient of the step is submitted: cycles at once from
+            # here, not at the cycle timer.
+            _engine().flush()
         first: Optional[BaseException] = None
         for p, h, ctx in pending.values():
             try:
