@@ -79,15 +79,25 @@ for rep in $(seq "$REPS"); do
       bytes=$(numfmt --from=iec "$s")
       iters=$(( bytes >= 16777216 ? 50 : (bytes >= 1048576 ? 500 : 5000) ))
       pport=$((13000 + RANDOM % 5000))
-      UCX_TLS=$t ucx_perftest -t tag_bw -s "$bytes" -n "$iters" -w 10 -p "$pport" > /dev/null 2>&1 &
+      # The server waits for one client: bounded, so that a client that
+      # never connects cannot hang the script.
+      UCX_TLS=$t timeout 120 ucx_perftest -t tag_bw -s "$bytes" -n "$iters" -w 10 -p "$pport" > /dev/null 2>&1 &
       server=$!
-      sleep 0.5
-      if [ -n "$PEER_HOST" ]; then
-        mpirun --allow-run-as-root -np 1 --host "$PEER_HOST" -x UCX_TLS="$t" ${UCX_NET_DEVICES:+-x UCX_NET_DEVICES} \
-          ucx_perftest "$MASTER" -t tag_bw -s "$bytes" -n "$iters" -w 10 -p "$pport" -f
-      else
-        UCX_TLS=$t ucx_perftest 127.0.0.1 -t tag_bw -s "$bytes" -n "$iters" -w 10 -p "$pport" -f
-      fi > "$OUT/raw/perftest__${tls}__s${bytes}__rep${rep}.log" 2>&1 || echo "ucx-bench: ucx_perftest $tls $s failed" >&2
+      # The client retries while the server is not listening yet (a loaded
+      # machine takes a while to start it).
+      ok=
+      for _ in $(seq 40); do
+        if [ -n "$PEER_HOST" ]; then
+          mpirun --allow-run-as-root -np 1 --host "$PEER_HOST" -x UCX_TLS="$t" ${UCX_NET_DEVICES:+-x UCX_NET_DEVICES} \
+            timeout 100 ucx_perftest "$MASTER" -t tag_bw -s "$bytes" -n "$iters" -w 10 -p "$pport" -f
+        else
+          UCX_TLS=$t timeout 100 ucx_perftest 127.0.0.1 -t tag_bw -s "$bytes" -n "$iters" -w 10 -p "$pport" -f
+        fi > "$OUT/raw/perftest__${tls}__s${bytes}__rep${rep}.log" 2>&1 && { ok=1; break; }
+        grep -q "Connection refused" "$OUT/raw/perftest__${tls}__s${bytes}__rep${rep}.log" || break
+        sleep 0.25
+      done
+      [ -n "$ok" ] || echo "ucx-bench: ucx_perftest $tls $s failed (see $OUT/raw)" >&2
+      kill "$server" 2>/dev/null || true
       wait "$server" 2>/dev/null || true
     done
   done
