@@ -97,8 +97,9 @@ pub struct Communicator {
     /// The last call's plan, its algorithm and its shape: a loop of
     /// identical calls (every training step) builds its plan once.
     last_plan: Option<(&'static str, Shape, Plan)>,
-    /// The last exchange's or batch's plan and its signature (its kind,
-    /// sizes and peers, [`Communicator::take_kept_plan`]).
+    /// The last batch's plan and its signature (its kind, sizes and
+    /// peers, [`Communicator::take_kept_plan`]); exchanges keep theirs in
+    /// `kept_exchange`.
     kept_plan: Option<(Vec<u64>, Plan)>,
     /// The last exchange, its layout and plan ([`crate::exchange`]), and
     /// the words the next call's arguments are written into to compare.

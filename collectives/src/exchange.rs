@@ -634,8 +634,9 @@ impl Communicator {
             Dest::Host(o) => Output::Host(o),
             Dest::Device(o) => Output::Device(o),
         };
-        let result = self.run_plan(&plan, seq, &d, Some(input), out);
-        let result = result.map_err(|e| self.fail_named(Self::exchange_call(&kept.layout, seq), e));
+        let result = self
+            .run_plan(&plan, seq, &d, Some(input), out)
+            .map_err(|e| self.fail_named(call(), e));
         kept.plan = Some(plan);
         self.kept_exchange = Some(kept);
         result
