@@ -619,6 +619,7 @@ fn connect(
         let options = TcpOptions {
             send_buffer: config.socket_buffer,
             recv_buffer: config.socket_buffer,
+            unsent_limit: config.socket_unsent,
         };
         // Links to the peers other algorithms talk to: the lower rank of a
         // pair connects, the higher accepts.

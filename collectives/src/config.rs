@@ -553,6 +553,18 @@ pub const SETTINGS: &[Setting] = &[
         show: Some(|c| c.socket_buffer.unwrap_or(0).to_string()),
     },
     Setting {
+        name: "OXCCL_SOCKET_UNSENT",
+        default: "128K",
+        doc: "Most bytes a TCP link keeps queued unsent in the kernel (TCP_NOTSENT_LOWAT), so that frames to different peers leave in the order the algorithm sends them instead of sharing the wire; 0 leaves the system's default (no limit).",
+        agree: false,
+        parse: Some(|c, v| {
+            let n = parse_bytes("OXCCL_SOCKET_UNSENT", v)?;
+            c.socket_unsent = (n > 0).then_some(n);
+            Ok(())
+        }),
+        show: Some(|c| c.socket_unsent.unwrap_or(0).to_string()),
+    },
+    Setting {
         name: "OXCCL_DEBUG",
         default: "warn",
         doc: "Log level of oxccl's binaries and C library (a Rust program installs its own tracing subscriber): off, error, warn, info (bootstrap, peers, transport), debug, trace (every frame).",
@@ -680,6 +692,8 @@ pub struct Config {
     pub slice_bytes: usize,
     /// SO_SNDBUF/SO_RCVBUF of TCP links; `None` for kernel autotuning.
     pub socket_buffer: Option<usize>,
+    /// TCP_NOTSENT_LOWAT of TCP links; `None` for the system's default.
+    pub socket_unsent: Option<usize>,
     /// How ring neighbours connect.
     pub transport: Transport,
     /// Capacity of each direction's ring of a shared-memory link.
@@ -749,6 +763,7 @@ impl Config {
             timeout: Duration::ZERO,
             slice_bytes: 0,
             socket_buffer: None,
+            socket_unsent: None,
             transport: Transport::Auto,
             shm_bytes: 0,
             shm_single_copy: None,

@@ -37,6 +37,7 @@ pub mod inproc;
 mod link;
 pub mod message;
 pub mod shm;
+mod sockopt;
 pub mod store;
 pub mod tcp;
 #[cfg(feature = "ucx")]

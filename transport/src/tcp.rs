@@ -31,6 +31,14 @@ pub struct TcpOptions {
     pub send_buffer: Option<usize>,
     /// SO_RCVBUF in bytes; `None` leaves the kernel's autotuning on.
     pub recv_buffer: Option<usize>,
+    /// TCP_NOTSENT_LOWAT in bytes: how much a link keeps queued unsent in
+    /// the kernel. `None` leaves the system's default (no limit). With a
+    /// limit, the frames of a rank's links leave in the order the engine
+    /// writes them instead of sharing the wire: without it a send of the
+    /// next step, written into a second socket while the first still holds
+    /// most of its frame, takes half the link from the frame the peers
+    /// wait for.
+    pub unsent_limit: Option<usize>,
 }
 
 impl TcpOptions {
@@ -42,6 +50,9 @@ impl TcpOptions {
         }
         if let Some(n) = self.recv_buffer {
             sock.set_recv_buffer_size(n)?;
+        }
+        if let Some(n) = self.unsent_limit {
+            crate::sockopt::set_tcp_notsent_lowat(stream, n)?;
         }
         Ok(())
     }
