@@ -687,6 +687,34 @@ fn retryable_connect_error(e: &io::Error) -> bool {
     )
 }
 
+/// Whether setting up a connection failed because the server hung up
+/// during authentication, before it said anything of the store's protocol
+/// (not because it answered something wrong).
+fn hung_up_during_setup(e: &StoreError) -> bool {
+    let hung_up = |e: &io::Error| {
+        matches!(
+            e.kind(),
+            ErrorKind::UnexpectedEof
+                | ErrorKind::ConnectionReset
+                | ErrorKind::ConnectionAborted
+                | ErrorKind::BrokenPipe
+        )
+    };
+    match e {
+        StoreError::Auth {
+            source: AuthError::Closed { .. },
+            ..
+        } => true,
+        StoreError::Auth {
+            source: AuthError::Io { source, .. },
+            ..
+        } => hung_up(source),
+        // After authentication the server has spoken: a reply cut short
+        // is a broken server, not one going away.
+        _ => false,
+    }
+}
+
 /// Connects to `addr`, retrying while nothing listens there yet (the server
 /// may start after its clients) until `deadline`.
 pub(super) fn connect_retrying(
@@ -781,14 +809,30 @@ impl TcpStore {
             }
             Ok(())
         };
-        let client = Client::connect(
-            addr,
-            store.clone(),
-            deadline,
-            DEFAULT_TIMEOUT,
-            handshake_wait,
-            handshake,
-        )?;
+        // A server that closes a connection before its handshake is done is
+        // going away (a communicator of this job shutting down while the
+        // next one starts on the same port) or full: try again until the
+        // deadline. A server of another job is not retried: it proves that
+        // its secret differs, it does not hang up.
+        let mut backoff = Duration::from_millis(10);
+        let client = loop {
+            match Client::connect(
+                addr,
+                store.clone(),
+                deadline,
+                DEFAULT_TIMEOUT,
+                handshake_wait,
+                handshake,
+            ) {
+                Ok(client) => break client,
+                Err(e) if hung_up_during_setup(&e) && Instant::now() + backoff < deadline => {
+                    tracing::debug!(server = %addr, "store closed the connection during setup, retrying: {e}");
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_millis(200));
+                }
+                Err(e) => return Err(e),
+            }
+        };
         tracing::debug!(server = %addr, local = %client.local_addr(), "connected to tcp store");
         Ok(TcpStore {
             server: addr,
@@ -966,6 +1010,42 @@ mod tests {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    #[test]
+    fn a_store_that_hangs_up_during_setup_is_tried_again_until_the_next_one_serves() {
+        // The port's first listener hangs up on its connections, as a
+        // store shutting down does; then a store of the same job takes the
+        // port (the next communicator of a job started on the same port).
+        let secret = JobSecret::from_key([7u8; 32]);
+        let old = TcpListener::bind(loopback()).unwrap();
+        let addr = old.local_addr().unwrap();
+        let (started, started_rx) = std::sync::mpsc::channel();
+        let server = std::thread::spawn(move || {
+            let (hung_up, _) = old.accept().unwrap();
+            drop(hung_up);
+            drop(old);
+            let server = TcpStoreServer::bind_with_secret(addr, Some(secret)).unwrap();
+            started.send(()).unwrap();
+            server
+        });
+        let secret = JobSecret::from_key([7u8; 32]);
+        let client = TcpStore::connect_with_secret(addr, soon(10_000), Some(&secret)).unwrap();
+        started_rx.recv().unwrap();
+        client.set("ready", b"yes").unwrap();
+        assert_eq!(client.get("ready", soon(5000)).unwrap(), b"yes");
+        drop(server.join().unwrap());
+
+        // A store of another job is not tried again: its secret differs,
+        // and the client says so at once.
+        let other =
+            TcpStoreServer::bind_with_secret(loopback(), Some(JobSecret::from_key([8u8; 32])))
+                .unwrap();
+        let t0 = Instant::now();
+        let err = TcpStore::connect_with_secret(other.local_addr(), soon(10_000), Some(&secret))
+            .unwrap_err();
+        assert!(err.to_string().contains("secret differs"), "{err}");
+        assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
     }
 
     #[test]
