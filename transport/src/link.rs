@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rustix::event::{PollFd, PollFlags, Timespec};
+use smallvec::SmallVec;
 
 use crate::TransportError;
 use crate::message::MessageLink;
@@ -396,12 +397,13 @@ pub fn wait_watching(
     watch: Option<&dyn Endpoint>,
     timeout: Duration,
 ) -> Result<Readiness, TransportError> {
-    let mut fds: Vec<PollFd<'_>> = Vec::with_capacity(3);
+    // On the stack: a rank that sleeps between frames comes here per frame.
+    let mut fds: SmallVec<[PollFd<'_>; 3]> = SmallVec::new();
     let mut read_idx = None;
     let mut write_idx = None;
     let mut watch_idx = None;
     let mut ready = Readiness::default();
-    let mut armed: Vec<(&dyn Endpoint, Direction)> = Vec::with_capacity(2);
+    let mut armed: SmallVec<[(&dyn Endpoint, Direction); 2]> = SmallVec::new();
     let arm = |l: &dyn Endpoint, dir: Direction| -> Result<Option<PollFlags>, TransportError> {
         Ok(l.arm(dir)?.map(|d| match d {
             Direction::Read => PollFlags::IN,
