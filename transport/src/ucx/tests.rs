@@ -182,6 +182,88 @@ fn a_sleeper_wakes_when_a_message_comes() {
     eprintln!("woke {woke} times before the message came");
 }
 
+/// Two ranks (threads) stream large frames both ways at once, each
+/// sleeping on its links whenever nothing can move, as the engine does:
+/// every wake-up must come from UCX, not from the link's timer (a missed
+/// one costs [`NAP`] per frame). A link's arming progresses the worker, and
+/// what that moves (over UCX's TCP: a rendezvous's data sent on the peer's
+/// request, completing the send) used to be followed by a sleep until the
+/// timer, since the peer then waits for this side: 0.8 s here instead of
+/// 60 ms, and 4-5x of the allreduce bandwidth from 4 MiB up. 32 frames of 1 MiB each way take tens of
+/// milliseconds over UCX's TCP; the bound is a quarter nap per frame.
+#[test]
+fn large_frames_both_ways_with_sleeps_take_no_naps() {
+    const FRAMES: usize = 32;
+    const LEN: usize = 1 << 20;
+    fn rank(out_link: &mut UcxLink, in_link: &mut UcxLink, me: u8) -> Duration {
+        let data: Vec<u8> = (0..LEN).map(|i| (i as u8) ^ me).collect();
+        let mut got = vec![0u8; LEN];
+        let until = Instant::now() + Duration::from_secs(60);
+        let mut took = Duration::ZERO;
+        for f in 0..FRAMES {
+            let t0 = Instant::now();
+            let h = header(f as u32, LEN);
+            let mut tx = Outgoing::new(&h, smallvec![Lent::Shared(&data)]);
+            let mut rx = Incoming::new(h, smallvec![Lent::Exclusive(&mut got)]);
+            let mut r = in_link.post_recv(&mut rx).unwrap();
+            let mut s = out_link.post_send(&mut tx).unwrap();
+            while s == Status::Pending || r == Status::Pending {
+                assert!(Instant::now() < until, "rank {me}: frame {f} stuck");
+                if s == Status::Pending {
+                    s = out_link.test_send(&mut tx).unwrap();
+                }
+                if r == Status::Pending {
+                    r = in_link.test_recv(&mut rx).unwrap();
+                }
+                if s == Status::Pending || r == Status::Pending {
+                    let read = (r == Status::Pending).then_some(&*in_link as &dyn Endpoint);
+                    let write = (s == Status::Pending).then_some(&*out_link as &dyn Endpoint);
+                    crate::wait(read, write, Duration::from_secs(10)).unwrap();
+                }
+            }
+            took += t0.elapsed();
+            drop((tx, rx));
+            assert!(
+                got.iter()
+                    .enumerate()
+                    .all(|(i, &x)| x == (i as u8) ^ (1 - me)),
+                "rank {me}: frame {f} differs"
+            );
+        }
+        took
+    }
+    // Rank 0's link to rank 1 and rank 1's from rank 0, and the reverse:
+    // two links between the same two workers, as a ring of two has.
+    let (a0, b0) = UnixStream::pair().unwrap();
+    let (a1, b1) = UnixStream::pair().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let t = std::thread::spawn(move || {
+        let w = worker().unwrap();
+        let links = vec![
+            StreamLink::unix(0, b0).unwrap(),
+            StreamLink::unix(0, b1).unwrap(),
+        ];
+        let mut l = upgrade(&w, links, deadline).unwrap();
+        let (mut from0, mut to0) = (l.remove(0), l.remove(0));
+        rank(&mut to0, &mut from0, 1)
+    });
+    let w = worker().unwrap();
+    let links = vec![
+        StreamLink::unix(1, a0).unwrap(),
+        StreamLink::unix(1, a1).unwrap(),
+    ];
+    let mut l = upgrade(&w, links, deadline).unwrap();
+    let (mut to1, mut from1) = (l.remove(0), l.remove(0));
+    let took0 = rank(&mut to1, &mut from1, 0);
+    let took1 = t.join().unwrap();
+    let took = took0.max(took1);
+    eprintln!("{FRAMES} frames of {LEN} bytes each way: {took:?}");
+    assert!(
+        took < NAP * FRAMES as u32 / 4,
+        "{FRAMES} frames each way took {took:?}: sleeps ended by the timer, not by UCX"
+    );
+}
+
 #[test]
 fn rdma_detection_answers() {
     // No adapter here; on a fabric host this is true. Either way it must
