@@ -4,37 +4,23 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::io::Read;
+mod common;
+
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use rustix::process::{Pid, Signal, kill_process};
+use common::{CHECK, OXRUN, free_port, oxrun, signal_rank_of_4, stderr_of};
+use rustix::process::Signal;
 
-const OXRUN: &str = env!("CARGO_BIN_EXE_oxrun");
-const CHECK: &str = env!("CARGO_BIN_EXE_oxccl-check");
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn oxrun(n: usize, args: &[&str], vars: &[(&str, &str)]) -> (bool, String, String) {
-    let out = Command::new(OXRUN)
-        .args(["-n", &n.to_string(), "--timeout", "120", "--", CHECK])
-        .args(args)
-        .env("OXCCL_TIMEOUT", "60")
-        .envs(vars.iter().copied())
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+/// Every ring collective oxccl-check runs with `-c all`.
+const RING_KINDS: [&str; 6] = [
+    "all_reduce",
+    "broadcast",
+    "reduce ",
+    "all_gather",
+    "reduce_scatter",
+    "barrier",
+];
 
 /// oxrun's secret authenticates the job: with OXCCL_AUTH=require the ranks
 /// have one (or init would fail), and the collectives run over both links.
@@ -106,24 +92,12 @@ fn every_collective_through_oxrun_with_2_and_4_ranks_over_shm_and_tcp() {
         ] {
             let (ok, stdout, stderr) = oxrun(n, args, &[("OXCCL_TRANSPORT", transport)]);
             assert!(ok, "{n} ranks {transport} {args:?}:\n{stdout}\n{stderr}");
-            for kind in [
-                "all_reduce",
-                "broadcast",
-                "reduce ",
-                "all_gather",
-                "reduce_scatter",
-                "barrier",
-            ] {
-                let line = stdout
-                    .lines()
-                    .find(|l| l.starts_with("[0] ") && l.contains(kind));
-                let line = line
-                    .unwrap_or_else(|| panic!("{n} ranks {args:?}: no line for {kind}:\n{stdout}"));
-                assert!(
-                    line.contains(&format!("{n} ranks")) && line.ends_with("result OK"),
-                    "{line}"
-                );
-            }
+            common::assert_every_kind_ok(
+                &stdout,
+                &RING_KINDS,
+                n,
+                &format!("{n} ranks {transport} {args:?}"),
+            );
         }
     }
 }
@@ -209,12 +183,6 @@ fn spawn_ranks(
         .collect()
 }
 
-fn stderr_of(c: &mut Child) -> String {
-    let mut s = String::new();
-    c.stderr.take().unwrap().read_to_string(&mut s).unwrap();
-    s
-}
-
 #[test]
 fn torchrun_variables_are_enough() {
     let port = free_port().to_string();
@@ -258,12 +226,12 @@ fn auto_picks_shared_memory_on_one_host_and_tcp_when_asked() {
 
 #[test]
 fn a_rank_killed_mid_allreduce_over_shm_is_named_by_every_survivor_within_10s() {
-    signal_rank_of_4("shm", 2, Signal::KILL, 60, Duration::from_secs(10));
+    signal_rank_of_4_on("shm", 2, Signal::KILL, 60, Duration::from_secs(10));
 }
 
 #[test]
 fn a_rank_killed_mid_allreduce_over_tcp_is_named_by_every_survivor_within_10s() {
-    signal_rank_of_4("tcp", 2, Signal::KILL, 60, Duration::from_secs(10));
+    signal_rank_of_4_on("tcp", 2, Signal::KILL, 60, Duration::from_secs(10));
 }
 
 /// Rank 0 serves the store: the survivors cannot read the reports there,
@@ -271,7 +239,7 @@ fn a_rank_killed_mid_allreduce_over_tcp_is_named_by_every_survivor_within_10s() 
 #[test]
 fn a_killed_rank_0_is_named_by_every_survivor_within_2s_on_both_transports() {
     for transport in ["shm", "tcp"] {
-        signal_rank_of_4(transport, 0, Signal::KILL, 60, Duration::from_secs(2));
+        signal_rank_of_4_on(transport, 0, Signal::KILL, 60, Duration::from_secs(2));
     }
 }
 
@@ -281,7 +249,7 @@ fn a_killed_rank_0_is_named_by_every_survivor_within_2s_on_both_transports() {
 #[test]
 fn a_stopped_rank_0_is_named_by_every_survivor_within_twice_the_timeout_on_both_transports() {
     for transport in ["shm", "tcp"] {
-        signal_rank_of_4(transport, 0, Signal::STOP, 2, Duration::from_secs(4));
+        signal_rank_of_4_on(transport, 0, Signal::STOP, 2, Duration::from_secs(4));
     }
 }
 
@@ -300,79 +268,31 @@ fn origin_named(msg: &str) -> Option<usize> {
         .or_else(|| after("rank ", " to take data"))
 }
 
-/// Starts 4 ranks looping 1 MiB allreduces, sends `sig` to rank `victim`
-/// mid-loop, and checks that every other rank fails within `bound` with an
-/// error naming `victim` as the origin (rank `victim`'s neighbours may add
-/// that the other neighbour hung up too, having learned of it first).
-fn signal_rank_of_4(transport: &str, victim: usize, sig: Signal, timeout_s: u32, bound: Duration) {
-    let port = free_port().to_string();
-    let mut ranks: Vec<Child> = (0..4)
-        .map(|r| {
-            Command::new(CHECK)
-                .args([
-                    "-c",
-                    "all_reduce",
-                    "-b",
-                    "1M",
-                    "-i",
-                    "100000000",
-                    "-w",
-                    "0",
-                    "--no-check",
-                ])
-                .env("OXCCL_RANK", r.to_string())
-                .env("OXCCL_WORLD_SIZE", "4")
-                .env("OXCCL_MASTER_ADDR", "127.0.0.1")
-                .env("OXCCL_MASTER_PORT", &port)
-                .env("OXCCL_TRANSPORT", transport)
-                .env("OXCCL_TIMEOUT", timeout_s.to_string())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
-    std::thread::sleep(Duration::from_millis(2500));
-    for c in &mut ranks {
-        assert!(
-            c.try_wait().unwrap().is_none(),
-            "a rank ended before the signal: {}",
-            stderr_of(c)
-        );
-    }
-    let pid = Pid::from_raw(ranks[victim].id() as i32).unwrap();
-    kill_process(pid, sig).unwrap();
-    let at = Instant::now();
+/// Sends `sig` to rank `victim` of a looping 4-rank job and checks that
+/// every other rank fails within `bound` with an error naming `victim` as
+/// the origin (rank `victim`'s neighbours may add that the other neighbour
+/// hung up too, having learned of it first).
+fn signal_rank_of_4_on(
+    transport: &str,
+    victim: usize,
+    sig: Signal,
+    timeout_s: u32,
+    bound: Duration,
+) {
+    let survivors = signal_rank_of_4(&[("OXCCL_TRANSPORT", transport)], victim, sig, timeout_s);
     let mut failures = Vec::new();
-    for (r, c) in ranks.iter_mut().enumerate() {
-        if r == victim {
-            continue;
-        }
-        let status = loop {
-            if let Some(s) = c.try_wait().unwrap() {
-                break s;
-            }
-            if at.elapsed() > Duration::from_secs(60) {
-                let _ = c.kill();
-                break c.wait().unwrap();
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        };
-        let took = at.elapsed();
-        let err = stderr_of(c);
-        let line = err
-            .lines()
-            .find(|l| l.starts_with("oxccl-check: "))
-            .unwrap_or("")
-            .to_owned();
-        eprintln!("{transport}: rank {r} after {took:?}: {line}");
-        if status.success() || took > bound || origin_named(&line) != Some(victim) {
-            failures.push(format!("rank {r} after {took:?} ({status}): {err}"));
+    for s in &survivors {
+        eprintln!(
+            "{transport}: rank {} after {:?}: {}",
+            s.rank, s.took, s.line
+        );
+        if s.status.success() || s.took > bound || origin_named(&s.line) != Some(victim) {
+            failures.push(format!(
+                "rank {} after {:?} ({}): {}",
+                s.rank, s.took, s.status, s.stderr
+            ));
         }
     }
-    // Rank `victim` stopped: killed (which also ends a stop) and reaped.
-    let _ = ranks[victim].kill();
-    let _ = ranks[victim].wait();
     assert!(
         failures.is_empty(),
         "{transport}, rank {victim} signalled ({sig:?}), bound {bound:?}:\n{}",

@@ -6,34 +6,21 @@
 #![cfg(feature = "ucx")]
 #![allow(clippy::unwrap_used)]
 
-use std::io::Read;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+mod common;
 
-use rustix::process::{Pid, Signal, kill_process};
+use std::time::Duration;
 
-const OXRUN: &str = env!("CARGO_BIN_EXE_oxrun");
-const CHECK: &str = env!("CARGO_BIN_EXE_oxccl-check");
+use rustix::process::Signal;
 
 /// UCX's transports this test runs over: shared memory (posix, sysv, cma)
 /// and TCP, as `UCX_TLS` names them.
 const TLS: [&str; 2] = ["tcp", "sm"];
 
+/// `oxrun` over UCX with `UCX_TLS=tls`.
 fn oxrun(n: usize, args: &[&str], tls: &str, vars: &[(&str, &str)]) -> (bool, String, String) {
-    let out = Command::new(OXRUN)
-        .args(["-n", &n.to_string(), "--timeout", "120", "--", CHECK])
-        .args(args)
-        .env("OXCCL_TIMEOUT", "60")
-        .env("OXCCL_TRANSPORT", "ucx")
-        .env("UCX_TLS", tls)
-        .envs(vars.iter().copied())
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let mut all = vec![("OXCCL_TRANSPORT", "ucx"), ("UCX_TLS", tls)];
+    all.extend_from_slice(vars);
+    common::oxrun(n, args, &all)
 }
 
 /// The ranks say their ring links are UCX links, not sockets.
@@ -86,25 +73,19 @@ fn every_collective_with_2_to_4_ranks_over_ucx_tcp_and_sm() {
                 }
                 let (ok, stdout, stderr) = oxrun(n, args, tls, &[]);
                 assert!(ok, "{n} ranks UCX_TLS={tls} {args:?}:\n{stdout}\n{stderr}");
-                for kind in [
-                    "all_reduce",
-                    "broadcast",
-                    "reduce ",
-                    "all_gather",
-                    "reduce_scatter",
-                    "barrier",
-                ] {
-                    let line = stdout
-                        .lines()
-                        .find(|l| l.starts_with("[0] ") && l.contains(kind))
-                        .unwrap_or_else(|| {
-                            panic!("{n} ranks {args:?}: no line for {kind}:\n{stdout}")
-                        });
-                    assert!(
-                        line.contains(&format!("{n} ranks")) && line.ends_with("result OK"),
-                        "UCX_TLS={tls}: {line}"
-                    );
-                }
+                common::assert_every_kind_ok(
+                    &stdout,
+                    &[
+                        "all_reduce",
+                        "broadcast",
+                        "reduce ",
+                        "all_gather",
+                        "reduce_scatter",
+                        "barrier",
+                    ],
+                    n,
+                    &format!("{n} ranks UCX_TLS={tls} {args:?}"),
+                );
             }
         }
     }
@@ -154,94 +135,32 @@ fn every_algorithm_over_ucx() {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn stderr_of(c: &mut Child) -> String {
-    let mut s = String::new();
-    c.stderr.take().unwrap().read_to_string(&mut s).unwrap();
-    s
-}
-
-/// Starts 4 ranks looping 1 MiB allreduces over UCX, kills rank `victim`
-/// mid-loop, and checks that every other rank fails within `bound` with an
-/// error naming it; over UCX's TCP, with UCX's own status text.
+/// Kills rank `victim` of a 4-rank job looping 1 MiB allreduces over UCX
+/// and checks that every other rank fails within `bound` with an error
+/// naming it; over UCX's TCP, with UCX's own status text.
 fn kill_rank_of_4(tls: &str, victim: usize, bound: Duration) {
-    let port = free_port().to_string();
-    let mut ranks: Vec<Child> = (0..4)
-        .map(|r| {
-            Command::new(CHECK)
-                .args([
-                    "-c",
-                    "all_reduce",
-                    "-b",
-                    "1M",
-                    "-i",
-                    "100000000",
-                    "-w",
-                    "0",
-                    "--no-check",
-                ])
-                .env("OXCCL_RANK", r.to_string())
-                .env("OXCCL_WORLD_SIZE", "4")
-                .env("OXCCL_MASTER_ADDR", "127.0.0.1")
-                .env("OXCCL_MASTER_PORT", &port)
-                .env("OXCCL_TRANSPORT", "ucx")
-                .env("UCX_TLS", tls)
-                .env("OXCCL_TIMEOUT", "60")
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
-    std::thread::sleep(Duration::from_millis(3000));
-    for c in &mut ranks {
-        assert!(
-            c.try_wait().unwrap().is_none(),
-            "a rank ended before the kill: {}",
-            stderr_of(c)
-        );
-    }
-    let pid = Pid::from_raw(ranks[victim].id() as i32).unwrap();
-    kill_process(pid, Signal::KILL).unwrap();
-    let at = Instant::now();
+    let survivors = common::signal_rank_of_4(
+        &[("OXCCL_TRANSPORT", "ucx"), ("UCX_TLS", tls)],
+        victim,
+        Signal::KILL,
+        60,
+    );
     let mut failures = Vec::new();
     let mut ucx_said = 0;
-    for (r, c) in ranks.iter_mut().enumerate() {
-        if r == victim {
-            continue;
-        }
-        let status = loop {
-            if let Some(s) = c.try_wait().unwrap() {
-                break s;
-            }
-            if at.elapsed() > Duration::from_secs(60) {
-                let _ = c.kill();
-                break c.wait().unwrap();
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        };
-        let took = at.elapsed();
-        let err = stderr_of(c);
-        let line = err
-            .lines()
-            .find(|l| l.starts_with("oxccl-check: "))
-            .unwrap_or("")
-            .to_owned();
-        eprintln!("UCX_TLS={tls}: rank {r} after {took:?}: {line}");
-        ucx_said += usize::from(line.contains("(UCX status "));
-        let named = line.contains(&format!("rank {victim} failed"));
-        if status.success() || took > bound || !named {
-            failures.push(format!("rank {r} after {took:?} ({status}): {err}"));
+    for s in &survivors {
+        eprintln!(
+            "UCX_TLS={tls}: rank {} after {:?}: {}",
+            s.rank, s.took, s.line
+        );
+        ucx_said += usize::from(s.line.contains("(UCX status "));
+        let named = s.line.contains(&format!("rank {victim} failed"));
+        if s.status.success() || s.took > bound || !named {
+            failures.push(format!(
+                "rank {} after {:?} ({}): {}",
+                s.rank, s.took, s.status, s.stderr
+            ));
         }
     }
-    let _ = ranks[victim].wait();
     assert!(
         failures.is_empty(),
         "UCX_TLS={tls}, rank {victim} killed, bound {bound:?}:\n{}",
