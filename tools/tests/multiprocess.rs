@@ -12,16 +12,6 @@ use std::time::Duration;
 use common::{CHECK, OXRUN, free_port, oxrun, signal_rank_of_4, stderr_of};
 use rustix::process::Signal;
 
-/// Every ring collective oxccl-check runs with `-c all`.
-const RING_KINDS: [&str; 6] = [
-    "all_reduce",
-    "broadcast",
-    "reduce ",
-    "all_gather",
-    "reduce_scatter",
-    "barrier",
-];
-
 /// oxrun's secret authenticates the job: with OXCCL_AUTH=require the ranks
 /// have one (or init would fail), and the collectives run over both links.
 #[test]
@@ -94,7 +84,7 @@ fn every_collective_through_oxrun_with_2_and_4_ranks_over_shm_and_tcp() {
             assert!(ok, "{n} ranks {transport} {args:?}:\n{stdout}\n{stderr}");
             common::assert_every_kind_ok(
                 &stdout,
-                &RING_KINDS,
+                &common::RING_KINDS,
                 n,
                 &format!("{n} ranks {transport} {args:?}"),
             );

@@ -75,14 +75,7 @@ fn every_collective_with_2_to_4_ranks_over_ucx_tcp_and_sm() {
                 assert!(ok, "{n} ranks UCX_TLS={tls} {args:?}:\n{stdout}\n{stderr}");
                 common::assert_every_kind_ok(
                     &stdout,
-                    &[
-                        "all_reduce",
-                        "broadcast",
-                        "reduce ",
-                        "all_gather",
-                        "reduce_scatter",
-                        "barrier",
-                    ],
+                    &common::RING_KINDS,
                     n,
                     &format!("{n} ranks UCX_TLS={tls} {args:?}"),
                 );

@@ -13,6 +13,16 @@ use rustix::process::{Pid, Signal, kill_process};
 pub const OXRUN: &str = env!("CARGO_BIN_EXE_oxrun");
 pub const CHECK: &str = env!("CARGO_BIN_EXE_oxccl-check");
 
+/// Every ring collective oxccl-check runs with `-c all`, as its lines name them.
+pub const RING_KINDS: [&str; 6] = [
+    "all_reduce",
+    "broadcast",
+    "reduce ",
+    "all_gather",
+    "reduce_scatter",
+    "barrier",
+];
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
