@@ -308,3 +308,42 @@ fn an_endless_timeout_does_not_overflow_the_clock() {
     assert_eq!(sum_over(ranks), vec![3, 3]);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// One job's ranks build a communicator on the same port again and again,
+/// each dropping the last one first (a framework that re-initialises):
+/// a rank may reach rank 0's port while rank 0's last store shuts down,
+/// or still serves, and every round still builds a world.
+#[test]
+fn a_job_builds_communicators_on_one_port_one_after_another() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let rounds = 12;
+    let ranks: Vec<_> = (0..3)
+        .map(|r| {
+            let vars: HashMap<&str, String> = [
+                ("RANK", r.to_string()),
+                ("WORLD_SIZE", "3".to_string()),
+                ("MASTER_ADDR", "127.0.0.1".to_string()),
+                ("MASTER_PORT", port.to_string()),
+            ]
+            .into_iter()
+            .collect();
+            let launch = launch_from_lookup(&move |k: &str| vars.get(k).cloned()).unwrap();
+            std::thread::spawn(move || {
+                (0..rounds)
+                    .map(|round| {
+                        let c = Communicator::from_launch(&launch, config())
+                            .unwrap_or_else(|e| panic!("rank {r}, round {round}: {e}"));
+                        sum(c)
+                    })
+                    .collect::<Vec<i64>>()
+            })
+        })
+        .collect();
+    for t in ranks {
+        assert_eq!(t.join().unwrap(), vec![6; rounds]);
+    }
+}
