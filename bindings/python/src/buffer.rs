@@ -164,6 +164,20 @@ impl Drop for Buf {
     }
 }
 
+/// Drops `bufs` holding the GIL once for all of them (each drop takes it
+/// otherwise).
+pub(crate) fn release(bufs: Vec<Buf>) {
+    // SAFETY: Py_IsInitialized may be called at any time, GIL or not.
+    let live = unsafe { ffi::Py_IsInitialized() } != 0;
+    if bufs.iter().all(|b| b.keep.is_none()) || crate::exiting() || !live {
+        // Nothing to release under the GIL, or no GIL to take (each drop
+        // then leaves its export to the process's end, as `Drop` says).
+        drop(bufs);
+        return;
+    }
+    Python::attach(|_py| drop(bufs));
+}
+
 impl Buf {
     /// The bytes, for a call that only reads them.
     pub(crate) fn bytes(&self) -> &[u8] {
