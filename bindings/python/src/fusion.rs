@@ -148,7 +148,10 @@ impl FusionEngine {
     ) -> PyResult<Work> {
         let mut g = lock(&self.inner);
         let r = g.as_mut().ok_or_else(closed)?;
-        let parts = tensors
+        // Negotiated together: a cycle that started while the group was
+        // submitted would agree on a part of it only.
+        let hold = r.engine.hold();
+        let parts: Vec<Part> = tensors
             .into_iter()
             .map(|(name, src, dst)| {
                 let finish = submit(
@@ -161,6 +164,7 @@ impl FusionEngine {
                 Part { finish, dst, src }
             })
             .collect();
+        drop(hold);
         let work = Work::new();
         let p = Pending {
             parts,
