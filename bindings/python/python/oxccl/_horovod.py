@@ -969,9 +969,10 @@ def DistributedOptimizer(  # noqa: N802 (Horovod's name)
     sparse_as_dense: bool = False,
 ) -> torch.optim.Optimizer:
     """Wraps ``optimizer`` so that each gradient is allreduced (``op``,
-    Average by default) through the fusion engine as soon as backward has
-    accumulated it, and :meth:`step` waits for them before the wrapped
-    optimizer's step.
+    Average by default) through the fusion engine once backward has
+    accumulated it (gathered in groups of ``_GROUP_BYTES`` as the hooks
+    fire, each still reduced under its own name), and :meth:`step` waits
+    for them before the wrapped optimizer's step.
 
     The result is an instance of a subclass of ``optimizer``'s class sharing
     its parameter groups and state (LR schedulers and ``state_dict`` work as
