@@ -14,6 +14,7 @@ manifest=bindings/python/Cargo.toml
 
 cargo fmt --manifest-path "$manifest" -- --check
 cargo clippy --manifest-path "$manifest" --all-targets -- -D warnings
+cargo clippy --manifest-path "$manifest" --all-targets --features cuda -- -D warnings
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -38,6 +39,19 @@ OXCCL_REQUIRE_TORCH=1 OXCCL_REQUIRE_OXRUN=${OXRUN:+1} \
 # The stubs match the native module (names, signatures, defaults).
 "$py" -m pip install -q mypy
 "$py" -m mypy.stubtest oxccl._oxccl
+
+# The wheel with the cuda feature (a debug build: it is checked, not timed), in a venv of
+# its own: it imports, says HAS_CUDA, and without a driver (CI has no GPU) a CUDA-shaped
+# tensor raises UnavailableBackend naming the missing libcuda (test_torch.py); on a machine
+# with a GPU the same test runs a CUDA all_reduce.
+python3 -m venv --system-site-packages "$work/venv-cuda"
+pyc="$work/venv-cuda/bin/python"
+"$pyc" -m pip install -q pytest numpy
+CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$root/target}" "$work/venv/bin/maturin" build \
+  --features cuda -m "$manifest" -o "$work/wheels-cuda"
+"$pyc" -m pip install -q "$work"/wheels-cuda/oxccl-*.whl
+OXCCL_REQUIRE_TORCH=1 OXCCL_EXPECT_CUDA=1 "$pyc" -m pytest -q -p no:cacheprovider -s \
+  "$root/bindings/python/tests/test_torch.py" "$root/bindings/python/tests/test_store.py::test_has_cuda_flag"
 
 # The torch.distributed backend "oxccl": its tests (bindings/python/tests/torch_backend:
 # conformance against gloo, DDP and FSDP2 under torchrun, a dead rank) ran with the suite

@@ -632,3 +632,48 @@ fn synchronize_flushes_instead_of_waiting_for_the_cycle_timer() {
         }
     });
 }
+
+/// Submissions under a hold reach the negotiation together: while rank 1
+/// holds, its first tensors are not negotiated (nothing completes, though
+/// rank 0 has submitted everything and flushes); once it drops, all of them
+/// run in one fused collective on both ranks.
+#[test]
+fn a_hold_hands_its_submissions_over_together() {
+    let engines = engines(2, config(1 << 20));
+    std::thread::scope(|s| {
+        for e in &engines {
+            s.spawn(move || {
+                let r = e.rank();
+                let hold = e.hold();
+                let hs: Vec<_> = (0..10)
+                    .map(|t| {
+                        let h = e.allreduce_async(
+                            format!("t{t}"),
+                            vec![r as f32 + 1.0; 7 + t],
+                            ReduceOp::Sum,
+                        );
+                        if r == 1 && t == 0 {
+                            // rank 0's cycles run meanwhile; t0 must not.
+                            std::thread::sleep(Duration::from_millis(100));
+                        }
+                        h
+                    })
+                    .collect();
+                if r == 1 {
+                    assert_eq!(e.stats().tensors, 0, "tensors ran while held");
+                }
+                drop(hold);
+                e.synchronize().unwrap();
+                for (t, h) in hs.into_iter().enumerate() {
+                    assert_eq!(h.wait().unwrap(), vec![3.0f32; 7 + t]);
+                }
+                let st = e.stats();
+                assert_eq!(
+                    (st.tensors, st.collectives, st.fused_collectives),
+                    (10, 1, 1),
+                    "{st:?}"
+                );
+            });
+        }
+    });
+}

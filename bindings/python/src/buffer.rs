@@ -114,6 +114,10 @@ pub(crate) struct Buf {
     pub(crate) count: usize,
     keep: Option<Keep>,
     _obj: Py<PyAny>,
+    /// The device's reducer, for a CUDA tensor (kDLCUDA): then `ptr` is a
+    /// device address, which host code never reads (`bytes` is empty).
+    #[cfg(feature = "cuda")]
+    cuda: Option<std::sync::Arc<oxccl::kernels::cuda::CudaReducer>>,
 }
 
 // SAFETY: the memory a `Buf` points to is owned by the Python object it
@@ -164,9 +168,27 @@ impl Drop for Buf {
     }
 }
 
+/// Drops `bufs` holding the GIL once for all of them (each drop takes it
+/// otherwise).
+pub(crate) fn release(bufs: Vec<Buf>) {
+    // SAFETY: Py_IsInitialized may be called at any time, GIL or not.
+    let live = unsafe { ffi::Py_IsInitialized() } != 0;
+    if bufs.iter().all(|b| b.keep.is_none()) || crate::exiting() || !live {
+        // Nothing to release under the GIL, or no GIL to take (each drop
+        // then leaves its export to the process's end, as `Drop` says).
+        drop(bufs);
+        return;
+    }
+    Python::attach(|_py| drop(bufs));
+}
+
 impl Buf {
     /// The bytes, for a call that only reads them.
     pub(crate) fn bytes(&self) -> &[u8] {
+        if self.is_device() {
+            debug_assert!(false, "host bytes of a device buffer");
+            return &[];
+        }
         // SAFETY: `ptr` points to `len` bytes kept alive by `self` (module
         // Safety note); `ptr` is dangling-but-aligned when `len` is 0.
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
@@ -174,11 +196,33 @@ impl Buf {
 
     /// The bytes, for a call that writes them.
     pub(crate) fn bytes_mut(&mut self) -> &mut [u8] {
+        if self.is_device() {
+            debug_assert!(false, "host bytes of a device buffer");
+            return &mut [];
+        }
         // SAFETY: as in `bytes`; writable because `get` checked it for
         // buffers that say so, and `&mut self` makes this the only slice
         // made from this `Buf` (callers check that two `Buf`s of one call
         // do not overlap, `overlap`).
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+
+    /// Whether the memory is on a device (a CUDA tensor): the call runs it
+    /// through oxccl's device path, never through `bytes`.
+    pub(crate) fn is_device(&self) -> bool {
+        #[cfg(feature = "cuda")]
+        if self.cuda.is_some() {
+            return true;
+        }
+        false
+    }
+
+    /// The device's reducer and the device address, for a CUDA tensor.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn cuda(
+        &self,
+    ) -> Option<(&std::sync::Arc<oxccl::kernels::cuda::CudaReducer>, usize)> {
+        self.cuda.as_ref().map(|r| (r, self.addr()))
     }
 
     /// Length in bytes.
@@ -213,17 +257,31 @@ impl Buf {
             count: 0,
             keep: None,
             _obj: py.None(),
+            #[cfg(feature = "cuda")]
+            cuda: None,
         }
     }
 
     /// `obj`'s memory: through DLPack if it has `__dlpack__`, else (or if
     /// that export fails, as numpy's does for read-only arrays) the buffer
     /// protocol. `what` names the argument in errors; `writable` asks for a
-    /// buffer the call may write.
+    /// buffer the call may write. Host memory only.
     pub(crate) fn get(obj: &Bound<'_, PyAny>, what: &str, writable: bool) -> PyResult<Buf> {
+        Buf::get_in(obj, what, writable, false)
+    }
+
+    /// As [`get`](Self::get), and CUDA tensors too where this build has the
+    /// `cuda` feature (see [`is_device`](Self::is_device)).
+    pub(crate) fn get_device(obj: &Bound<'_, PyAny>, what: &str, writable: bool) -> PyResult<Buf> {
+        Buf::get_in(obj, what, writable, true)
+    }
+
+    fn get_in(obj: &Bound<'_, PyAny>, what: &str, writable: bool, device: bool) -> PyResult<Buf> {
         if obj.hasattr("__dlpack__")? {
-            check_device(obj, what)?;
-            match from_dlpack(obj, what) {
+            if let Some(id) = check_device(obj, what, device)? {
+                return cuda_dlpack(obj, what, id);
+            }
+            match from_dlpack(obj, what, None) {
                 Ok(b) => return Ok(b),
                 Err(e) => {
                     let is_buffer = buffer_view(obj, 0).map(|mut v| {
@@ -242,18 +300,69 @@ impl Buf {
     }
 }
 
-/// Refuses device memory this build cannot use, before `__dlpack__` is
-/// called (which would synchronize a CUDA stream).
-fn check_device(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<()> {
+/// A CUDA tensor's memory (device `id`), exported for the device's stream.
+#[cfg(feature = "cuda")]
+fn cuda_dlpack(obj: &Bound<'_, PyAny>, what: &str, id: i32) -> PyResult<Buf> {
+    let py = obj.py();
+    let ordinal = usize::try_from(id)
+        .map_err(|_| invalid_argument(format!("{what}: CUDA device {id} is negative")))?;
+    let reducer = crate::cuda::reducer(ordinal, || nvrtc_include_dirs(py))
+        .map_err(|e| PyErr::from(crate::errors::Failure::from(oxccl::Error::from(e))))?;
+    // The producer orders its pending work on the tensor before this stream.
+    let mut buf = from_dlpack(obj, what, Some(crate::cuda::dlpack_stream(&reducer)))?;
+    buf.cuda = Some(reducer);
+    Ok(buf)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_dlpack(_obj: &Bound<'_, PyAny>, what: &str, id: i32) -> PyResult<Buf> {
+    Err(crate::errors::internal(format!(
+        "{what}: CUDA device {id} accepted by a build without the cuda feature"
+    )))
+}
+
+/// Where NVRTC finds `cuda_fp16.h` beside `/usr/local/cuda/include`:
+/// `OXCCL_CUDA_INCLUDE` (oxccl's config), then the `nvidia-cuda-runtime-cu12`
+/// wheel's headers, which torch's CUDA wheels install.
+#[cfg(feature = "cuda")]
+fn nvrtc_include_dirs(py: Python<'_>) -> Vec<std::path::PathBuf> {
+    let mut dirs = oxccl::Config::from_env()
+        .map(|c| c.cuda_include)
+        .unwrap_or_default();
+    let wheel = py.import("nvidia.cuda_runtime").and_then(|m| {
+        let path: Vec<String> = m.getattr("__path__")?.extract()?;
+        Ok(path)
+    });
+    dirs.extend(
+        wheel
+            .unwrap_or_default()
+            .into_iter()
+            .map(|p| std::path::Path::new(&p).join("include"))
+            .filter(|p| p.is_dir()),
+    );
+    dirs
+}
+
+/// Refuses device memory this call or build cannot use, before `__dlpack__`
+/// is called (which would synchronize a CUDA stream). `Some(device id)` for
+/// a CUDA tensor the call takes (`device`, and a build with `cuda`).
+fn check_device(obj: &Bound<'_, PyAny>, what: &str, device: bool) -> PyResult<Option<i32>> {
     if !obj.hasattr("__dlpack_device__")? {
-        return Ok(());
+        return Ok(None);
     }
     let (kind, id): (i32, i32) = obj.call_method0("__dlpack_device__")?.extract()?;
     match kind {
-        KDL_CPU | KDL_CUDA_HOST => Ok(()),
+        KDL_CPU | KDL_CUDA_HOST => Ok(None),
+        KDL_CUDA if device && cfg!(feature = "cuda") => Ok(Some(id)),
+        KDL_CUDA if cfg!(feature = "cuda") => Err(invalid_argument(format!(
+            "{what} is a CUDA tensor (device {id}): this call takes host memory only (the \
+             collectives all_reduce, broadcast, reduce, all_gather and reduce_scatter take \
+             CUDA tensors); copy it to the host (tensor.cpu())"
+        ))),
         KDL_CUDA | KDL_CUDA_MANAGED | KDL_ROCM => Err(unavailable_backend(format!(
-            "{what} is in device memory (DLPack device type {kind}, device {id}): the Python \
-             package takes host memory only (CPU tensors and arrays); copy it to the host \
+            "{what} is in device memory (DLPack device type {kind}, device {id}): this build \
+             of the Python package takes host memory only (CPU tensors and arrays; CUDA \
+             tensors need a build with the cuda feature); copy it to the host \
              (tensor.cpu()) or use a CPU process group"
         ))),
         _ => Err(invalid_argument(format!(
@@ -284,9 +393,18 @@ fn dl_dtype(t: DLDataType) -> Option<DType> {
 const DLTENSOR: &CStr = c"dltensor";
 const USED_DLTENSOR: &CStr = c"used_dltensor";
 
-fn from_dlpack(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<Buf> {
+/// `obj.__dlpack__()`'s tensor; with `stream`, asked for that consumer
+/// stream (DLPack's `stream=` argument, for device memory).
+fn from_dlpack(obj: &Bound<'_, PyAny>, what: &str, stream: Option<usize>) -> PyResult<Buf> {
     let py = obj.py();
-    let capsule = obj.call_method0("__dlpack__")?;
+    let capsule = match stream {
+        None => obj.call_method0("__dlpack__")?,
+        Some(s) => {
+            let kw = pyo3::types::PyDict::new(py);
+            kw.set_item("stream", s)?;
+            obj.call_method("__dlpack__", (), Some(&kw))?
+        }
+    };
     // SAFETY: `capsule` is a live object; PyCapsule_GetPointer checks that
     // it is a capsule named "dltensor" and sets an exception if not.
     let raw = unsafe { ffi::PyCapsule_GetPointer(capsule.as_ptr(), DLTENSOR.as_ptr()) };
@@ -309,6 +427,8 @@ fn from_dlpack(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<Buf> {
         count: 0,
         keep: Some(Keep::DlPack(managed)),
         _obj: obj.clone().unbind(),
+        #[cfg(feature = "cuda")]
+        cuda: None,
     };
     // SAFETY: the producer's tensor, valid until its deleter runs (drop of `buf`).
     let t = unsafe { &(*managed.as_ptr()).dl_tensor };
@@ -440,6 +560,8 @@ fn from_buffer(obj: &Bound<'_, PyAny>, what: &str, writable: bool) -> PyResult<B
         count: 0,
         keep: Some(Keep::View(view)),
         _obj: obj.clone().unbind(),
+        #[cfg(feature = "cuda")]
+        cuda: None,
     };
     let format = if vformat.is_null() {
         "B".to_owned()

@@ -22,7 +22,9 @@ type Call = Box<dyn FnOnce(&mut oxccl::Communicator) -> oxccl::Result<()> + Send
 /// on the communicator's worker thread). Buffers are numpy arrays, torch CPU
 /// tensors or any C-contiguous object with ``__dlpack__`` or the buffer
 /// protocol; they are used in place, never copied, and kept alive until the
-/// call completes. The GIL is released while a call runs.
+/// call completes. Built with the ``cuda`` feature (``oxccl.HAS_CUDA``),
+/// all_reduce, broadcast, reduce, all_gather and reduce_scatter take CUDA
+/// tensors too. The GIL is released while a call runs.
 #[pyclass(module = "oxccl", frozen)]
 pub(crate) struct Communicator {
     pub(crate) shared: Arc<Shared>,
@@ -81,9 +83,18 @@ fn rank_arg(r: i64, what: &str, world: usize) -> PyResult<usize> {
         })
 }
 
-/// A run_bytes call: `input` None means in place in `output`.
+/// A run_bytes call: `input` None means in place in `output`. CUDA tensors
+/// (feature `cuda`) go through oxccl's device path instead.
 fn ring_call(d: Descriptor, input: Option<Buf>, mut output: Buf) -> Call {
     Box::new(move |c| {
+        if output.is_device() || input.as_ref().is_some_and(Buf::is_device) {
+            #[cfg(feature = "cuda")]
+            return crate::cuda::run(c, d, input.as_ref(), &output);
+            #[cfg(not(feature = "cuda"))]
+            return Err(oxccl::Error::Internal(format!(
+                "{d}: a device buffer in a build without the cuda feature"
+            )));
+        }
         let inp = input.as_ref().map(Buf::bytes);
         c.run_bytes(d, inp, output.bytes_mut())
     })
@@ -172,12 +183,12 @@ impl Communicator {
     ) -> PyResult<Call> {
         let op = parse_op(op)?;
         let Some(out) = out else {
-            let b = Buf::get(buf, "all_reduce: buf", true)?;
+            let b = Buf::get_device(buf, "all_reduce: buf", true)?;
             let d = Self::desc(Kind::AllReduce, b.dtype, op, 0, b.count);
             return Ok(ring_call(d, None, b));
         };
-        let o = Buf::get(out, "all_reduce: out", true)?;
-        let b = Buf::get(buf, "all_reduce: buf", false)?;
+        let o = Buf::get_device(out, "all_reduce: out", true)?;
+        let b = Buf::get_device(buf, "all_reduce: buf", false)?;
         same_dtype(&b, &o, "all_reduce")?;
         let d = Self::desc(Kind::AllReduce, b.dtype, op, 0, b.count);
         if b.same(&o) {
@@ -195,16 +206,16 @@ impl Communicator {
     ) -> PyResult<Call> {
         let root = rank_arg(root, "broadcast: root", self.world_())?;
         let Some(out) = out else {
-            let b = Buf::get(buf, "broadcast: buf", true)?;
+            let b = Buf::get_device(buf, "broadcast: buf", true)?;
             let d = Self::desc(Kind::Broadcast, b.dtype, ReduceOp::Sum, root, b.count);
             return Ok(ring_call(d, None, b));
         };
-        let o = Buf::get(out, "broadcast: out", true)?;
+        let o = Buf::get_device(out, "broadcast: out", true)?;
         let d = Self::desc(Kind::Broadcast, o.dtype, ReduceOp::Sum, root, o.count);
         if self.rank_() != root {
             return Ok(ring_call(d, None, o));
         }
-        let b = Buf::get(buf, "broadcast: buf", false)?;
+        let b = Buf::get_device(buf, "broadcast: buf", false)?;
         same_dtype(&b, &o, "broadcast")?;
         if b.same(&o) {
             return Ok(ring_call(d, None, o));
@@ -225,18 +236,18 @@ impl Communicator {
         let root = rank_arg(root, "reduce: root", self.world_())?;
         if self.rank_() != root {
             // Non-roots only send; their buf is not written, out not used.
-            let b = Buf::get(buf, "reduce: buf", false)?;
+            let b = Buf::get_device(buf, "reduce: buf", false)?;
             let d = Self::desc(Kind::Reduce, b.dtype, op, root, b.count);
             let empty = Buf::empty(py, b.dtype);
             return Ok(ring_call(d, Some(b), empty));
         }
         let Some(out) = out else {
-            let b = Buf::get(buf, "reduce: buf", true)?;
+            let b = Buf::get_device(buf, "reduce: buf", true)?;
             let d = Self::desc(Kind::Reduce, b.dtype, op, root, b.count);
             return Ok(ring_call(d, None, b));
         };
-        let o = Buf::get(out, "reduce: out", true)?;
-        let b = Buf::get(buf, "reduce: buf", false)?;
+        let o = Buf::get_device(out, "reduce: out", true)?;
+        let b = Buf::get_device(buf, "reduce: buf", false)?;
         same_dtype(&b, &o, "reduce")?;
         let d = Self::desc(Kind::Reduce, b.dtype, op, root, b.count);
         if b.same(&o) {
@@ -251,8 +262,8 @@ impl Communicator {
         input: &Bound<'_, PyAny>,
         output: &Bound<'_, PyAny>,
     ) -> PyResult<Call> {
-        let o = Buf::get(output, "all_gather: output", true)?;
-        let i = Buf::get(input, "all_gather: input", false)?;
+        let o = Buf::get_device(output, "all_gather: output", true)?;
+        let i = Buf::get_device(input, "all_gather: input", false)?;
         same_dtype(&i, &o, "all_gather")?;
         let d = Self::desc(Kind::AllGather, i.dtype, ReduceOp::Sum, 0, i.count);
         // NCCL's in-place layout: the input is the output's own block.
@@ -270,8 +281,8 @@ impl Communicator {
         op: &str,
     ) -> PyResult<Call> {
         let op = parse_op(op)?;
-        let o = Buf::get(output, "reduce_scatter: output", true)?;
-        let i = Buf::get(input, "reduce_scatter: input", false)?;
+        let o = Buf::get_device(output, "reduce_scatter: output", true)?;
+        let i = Buf::get_device(input, "reduce_scatter: input", false)?;
         same_dtype(&i, &o, "reduce_scatter")?;
         let d = Self::desc(Kind::ReduceScatter, i.dtype, op, 0, o.count);
         if o.len() > 0 && o.addr() == i.addr() + self.rank_() * o.len() {

@@ -20,11 +20,18 @@ use crate::work::{Completer, Shared, Work, WorkState, comm_of, lock};
 /// Waits for one tensor's result and writes it into the destination bytes.
 type Finish = Box<dyn FnOnce(&mut [u8]) -> oxccl::Result<()> + Send>;
 
-struct Pending {
+/// One tensor of a [`Pending`]: how its result comes, and where it goes.
+struct Part {
     finish: Finish,
     /// The buffer the result goes to; the input too, kept alive until then.
     dst: Buf,
-    _src: Option<Buf>,
+    src: Option<Buf>,
+}
+
+/// What the completion thread waits for: one Work's tensors (one, or the
+/// group of an `allreduce_group_async`).
+struct Pending {
+    parts: Vec<Part>,
     done: Completer,
 }
 
@@ -103,6 +110,22 @@ fn closed() -> PyErr {
     crate::errors::invalid_usage("the FusionEngine is shut down")
 }
 
+/// Waits for every part's result, writes it into its buffer, and releases
+/// the buffers (all in one hold of the GIL); the first error, if any.
+fn complete(parts: Vec<Part>) -> Result<(), Failure> {
+    let mut first: Option<Failure> = None;
+    let mut bufs = Vec::with_capacity(2 * parts.len());
+    for mut p in parts {
+        if let Err(e) = (p.finish)(p.dst.bytes_mut()) {
+            first.get_or_insert(Failure::from(e));
+        }
+        bufs.push(p.dst);
+        bufs.extend(p.src);
+    }
+    crate::buffer::release(bufs);
+    first.map_or(Ok(()), Err)
+}
+
 impl FusionEngine {
     fn enqueue(
         &self,
@@ -112,21 +135,39 @@ impl FusionEngine {
         dst: Buf,
         sub: Sub,
     ) -> PyResult<Work> {
+        self.enqueue_parts(py, vec![(name, src, dst)], sub)
+    }
+
+    /// Submits every `(name, input, output)` to the engine and queues one
+    /// Work for all of them.
+    fn enqueue_parts(
+        &self,
+        py: Python<'_>,
+        tensors: Vec<(String, Option<Buf>, Buf)>,
+        sub: Sub,
+    ) -> PyResult<Work> {
         let mut g = lock(&self.inner);
         let r = g.as_mut().ok_or_else(closed)?;
-        let dtype = dst.dtype;
-        let finish = submit(
-            &r.engine,
-            name,
-            dtype,
-            src.as_ref().unwrap_or(&dst).bytes(),
-            sub,
-        );
+        // Negotiated together: a cycle that started while the group was
+        // submitted would agree on a part of it only.
+        let hold = r.engine.hold();
+        let parts: Vec<Part> = tensors
+            .into_iter()
+            .map(|(name, src, dst)| {
+                let finish = submit(
+                    &r.engine,
+                    name,
+                    dst.dtype,
+                    src.as_ref().unwrap_or(&dst).bytes(),
+                    sub,
+                );
+                Part { finish, dst, src }
+            })
+            .collect();
+        drop(hold);
         let work = Work::new();
         let p = Pending {
-            finish,
-            dst,
-            _src: src,
+            parts,
             done: Completer(Some(work.state.clone())),
         };
         r.works.retain(|w| !w.is_done());
@@ -171,10 +212,8 @@ impl FusionEngine {
             .name(format!("oxccl-py-fusion-{rank}"))
             .spawn(move || {
                 while let Ok(mut p) = rx.recv() {
-                    let r = (p.finish)(p.dst.bytes_mut());
-                    drop(p.dst);
-                    drop(p._src);
-                    p.done.finish(r.map_err(Failure::from));
+                    let r = complete(std::mem::take(&mut p.parts));
+                    p.done.finish(r);
                 }
             })
             .map_err(|e| invalid_argument(format!("cannot start the fusion thread: {e}")))?;
@@ -201,6 +240,55 @@ impl FusionEngine {
         let op = parse_op(&op)?;
         let b = Buf::get(buf, "allreduce_async: buf", true)?;
         self.enqueue(py, name, None, b, Sub::AllReduce(op))
+    }
+
+    /// Reduces each of ``bufs`` over all ranks with ``op``, in place, under
+    /// the name at the same position of ``names``: the same as one
+    /// :meth:`allreduce_async` per buffer (each name is negotiated and may
+    /// be fused with any other), in one call and with one :class:`Work`,
+    /// which completes when every buffer holds its result (and fails with
+    /// the first error if any of them fails).
+    #[pyo3(signature = (bufs, names, op=String::from("sum")), text_signature = "(self, bufs, names, op='sum')")]
+    fn allreduce_group_async(
+        &self,
+        py: Python<'_>,
+        bufs: &Bound<'_, PyAny>,
+        names: Vec<String>,
+        op: String,
+    ) -> PyResult<Work> {
+        let op = parse_op(&op)?;
+        let mut tensors = Vec::with_capacity(names.len());
+        let mut names = names.into_iter();
+        for (i, b) in bufs.try_iter()?.enumerate() {
+            let name = names.next().ok_or_else(|| {
+                invalid_argument(format!(
+                    "allreduce_group_async: more buffers than the {i} names"
+                ))
+            })?;
+            let b = Buf::get(&b?, "allreduce_group_async: buf", true)?;
+            tensors.push((name, None, b));
+        }
+        let extra = names.len();
+        if extra > 0 {
+            return Err(invalid_argument(format!(
+                "allreduce_group_async: {} buffers for {} names",
+                tensors.len(),
+                tensors.len() + extra
+            )));
+        }
+        // Two buffers sharing bytes would be written by two results.
+        let mut by_addr: Vec<usize> = (0..tensors.len()).collect();
+        by_addr.sort_by_key(|&i| tensors[i].2.addr());
+        for w in by_addr.windows(2) {
+            let (a, b) = (&tensors[w[0]], &tensors[w[1]]);
+            if a.2.overlaps(&b.2) {
+                return Err(invalid_argument(format!(
+                    "allreduce_group_async: buffers '{}' and '{}' overlap",
+                    a.0, b.0
+                )));
+            }
+        }
+        self.enqueue_parts(py, tensors, Sub::AllReduce(op))
     }
 
     /// Copies ``root``'s ``buf`` into every rank's ``buf``, under ``name``.

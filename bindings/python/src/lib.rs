@@ -7,6 +7,8 @@
 
 mod buffer;
 mod comm;
+#[cfg(feature = "cuda")]
+mod cuda;
 mod errors;
 mod fusion;
 mod store;
@@ -244,8 +246,9 @@ fn _oxccl(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(_check_uneven, m)?)?;
     m.add_function(wrap_pyfunction!(_check_uneven_wrong, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
-    // This package takes host memory only (CUDA tensors raise UnavailableBackend).
-    m.add("HAS_CUDA", false)?;
+    // Built with the cuda feature: the ring collectives take CUDA tensors
+    // (without, CUDA tensors raise UnavailableBackend).
+    m.add("HAS_CUDA", cfg!(feature = "cuda"))?;
     let at_exit = wrap_pyfunction!(_at_exit, m)?;
     m.py()
         .import("atexit")?

@@ -72,3 +72,71 @@ def test_submit_from_another_thread_during_synchronize():
     for bufs in each(comms, call):
         for k, b in enumerate(bufs):
             np.testing.assert_array_equal(b, np.full(100, 1 + 2 * k, dtype=np.float64))
+
+
+@pytest.mark.parametrize("world", [1, 3])
+def test_allreduce_group_async(world):
+    """Many tensors in one call and one Work: each under its own name, as
+    one allreduce_async each (ranks may group them differently), every
+    buffer holding its result once the Work completes."""
+    comms = make_group(world)
+
+    def call(c):
+        r = c.rank
+        eng = oxccl.FusionEngine(c)
+        grads = [np.full(5 + k, r + k, dtype=np.float32) for k in range(12)]
+        ints = [np.full(3, r + 1, dtype=np.int64) for _ in range(2)]
+        # Rank 0 sends everything in one group; the others in two groups in
+        # the opposite order, and one tensor alone.
+        if r == 0:
+            works = [eng.allreduce_group_async(grads, [f"g.{k}" for k in range(12)], "avg")]
+        else:
+            ks = list(reversed(range(12)))
+            works = [
+                eng.allreduce_group_async([grads[k] for k in ks[:5]], [f"g.{k}" for k in ks[:5]], "avg"),
+                eng.allreduce_async(grads[ks[5]], f"g.{ks[5]}", "avg"),
+                eng.allreduce_group_async([grads[k] for k in ks[6:]], tuple(f"g.{k}" for k in ks[6:]), "avg"),
+            ]
+        works.append(eng.allreduce_group_async(ints, ["i.0", "i.1"], "prod"))
+        assert all(w.wait(30) for w in works)
+        assert all(w.is_completed() and w.exception() is None for w in works)
+        empty = eng.allreduce_group_async([], [])  # nothing to do: completes
+        assert empty.wait(30)
+        with pytest.raises(oxccl.InvalidArgument, match="names"):
+            eng.allreduce_group_async([grads[0], grads[1]], ["x"])
+        with pytest.raises(oxccl.InvalidArgument, match="names"):
+            eng.allreduce_group_async([grads[0]], ["x", "y"])
+        with pytest.raises(oxccl.InvalidArgument, match="overlap"):
+            eng.allreduce_group_async([grads[0], grads[0][2:]], ["x", "y"])
+        eng.synchronize()
+        eng.shutdown()
+        return grads, ints
+
+    for grads, ints in each(comms, call):
+        for k, x in enumerate(grads):
+            mean = sum(p + k for p in range(world)) / world
+            np.testing.assert_allclose(x, np.full(5 + k, mean, dtype=np.float32), rtol=1e-6)
+        prod = int(np.prod([p + 1 for p in range(world)]))
+        for x in ints:
+            np.testing.assert_array_equal(x, np.full(3, prod, dtype=np.int64))
+
+
+def test_allreduce_group_async_fails_with_a_mismatched_tensor():
+    """A name submitted with different lengths on two ranks fails the group's
+    Work on both, naming the tensor; the group's other tensors complete."""
+    comms = make_group(2)
+
+    def call(c):
+        eng = oxccl.FusionEngine(c)
+        good = np.full(4, c.rank + 1, dtype=np.float32)
+        bad = np.zeros(3 + c.rank, dtype=np.float32)
+        w = eng.allreduce_group_async([good, bad], ["ok", "bad"])
+        with pytest.raises(oxccl.InvalidUsage, match="'bad'"):
+            w.wait(30)
+        assert isinstance(w.exception(), oxccl.InvalidUsage)
+        eng.synchronize()
+        eng.shutdown()
+        return good
+
+    for good in each(comms, call):
+        np.testing.assert_array_equal(good, np.full(4, 3, dtype=np.float32))

@@ -2,6 +2,7 @@
 
 import os
 
+import numpy as np
 import pytest
 
 from conftest import each, make_group
@@ -103,10 +104,59 @@ class FakeCuda:
         raise AssertionError("__dlpack__ must not be called on device memory")
 
 
+def _libcuda_loadable() -> bool:
+    import ctypes
+
+    for name in ("libcuda.so", "libcuda.so.1"):
+        try:
+            ctypes.CDLL(name)
+            return True
+        except OSError:
+            pass
+    return False
+
+
 def test_cuda_memory_is_unavailable_backend():
+    """Without the cuda feature a CUDA tensor is refused as device memory;
+    with it but without a driver, the collective says the driver is missing
+    (the libraries are probed before any CUDA call, and before __dlpack__)."""
     (c,) = make_group(1)
-    with pytest.raises(oxccl.UnavailableBackend, match="device memory"):
-        c.all_reduce(FakeCuda())
-    if torch.cuda.is_available():  # a real CUDA tensor too, where there is one
-        with pytest.raises(oxccl.UnavailableBackend):
-            c.all_reduce(torch.zeros(4, device="cuda"))
+    if not oxccl.HAS_CUDA:
+        with pytest.raises(oxccl.UnavailableBackend, match="device memory"):
+            c.all_reduce(FakeCuda())
+        if torch.cuda.is_available():  # a real CUDA tensor too, where there is one
+            with pytest.raises(oxccl.UnavailableBackend):
+                c.all_reduce(torch.zeros(4, device="cuda"))
+        return
+    # Calls without a device path refuse CUDA tensors before touching CUDA.
+    with pytest.raises(oxccl.InvalidArgument, match="host memory only"):
+        c.all_to_all(FakeCuda(), np.zeros(1, dtype=np.float32))
+    if not _libcuda_loadable():
+        print("no libcuda here: checking the missing-driver error")
+        for call in (
+            lambda: c.all_reduce(FakeCuda()),
+            lambda: c.broadcast(FakeCuda(), 0),
+            lambda: c.all_gather(FakeCuda(), FakeCuda()),
+            lambda: c.all_reduce_async(FakeCuda()),
+        ):
+            with pytest.raises(oxccl.UnavailableBackend, match=r"CUDA driver not found \(libcuda.so\)"):
+                call()
+        return
+    if not torch.cuda.is_available():
+        pytest.fail("libcuda loads but torch sees no CUDA device")
+    t = torch.arange(8, dtype=torch.float32, device="cuda")
+    c.all_reduce(t, op="avg")  # one rank: unchanged, through the device path
+    assert t.cpu().tolist() == list(map(float, range(8)))
+    out = torch.zeros(8, device="cuda")
+    c.all_gather(t, out)
+    assert torch.equal(out, t)
+
+def test_backend_devices_follow_the_build():
+    """import oxccl.torch registers "oxccl" for CPU tensors, and for CUDA
+    tensors too when the bindings were built with the cuda feature."""
+    import torch.distributed as dist
+
+    import oxccl.torch  # noqa: F401  (registers the backend)
+
+    want = ["cpu", "cuda"] if oxccl.HAS_CUDA else ["cpu"]
+    assert dist.Backend.backend_capability.get("oxccl") == want

@@ -178,6 +178,9 @@ struct State {
     /// Someone waits for the outstanding tensors ([`FusionEngine::flush`]):
     /// cycles need not wait for the timer.
     flush: Flush,
+    /// Live [`Hold`]s: while any, the background thread leaves `incoming`
+    /// where it is, so that a group of submissions is negotiated together.
+    holds: usize,
     stats: FusionStats,
     warnings: Vec<String>,
 }
@@ -338,6 +341,16 @@ impl FusionEngine {
         handle
     }
 
+    /// Holds the submissions made until the returned guard drops: the
+    /// negotiation sees them together, so that a group submitted at once on
+    /// every rank (a step's gradients) is agreed in one cycle and fused, not
+    /// split over the cycles that happen to start while it is submitted.
+    /// Cycles go on meanwhile with what was submitted before.
+    pub fn hold(&self) -> Hold<'_> {
+        self.shared.lock().holds += 1;
+        Hold { engine: self }
+    }
+
     /// Starts the next negotiation cycle now rather than at the cycle timer,
     /// and the ones after it as soon as each completes something, until
     /// every tensor submitted so far has completed: for a caller about to
@@ -406,6 +419,26 @@ impl Drop for FusionEngine {
     fn drop(&mut self) {
         if self.thread.is_some() {
             let _ = self.stop();
+        }
+    }
+}
+
+/// Submissions made while it lives wait for its drop to be negotiated (see
+/// [`FusionEngine::hold`]).
+#[derive(Debug)]
+#[must_use = "submissions are held until the guard drops"]
+pub struct Hold<'a> {
+    engine: &'a FusionEngine,
+}
+
+impl Drop for Hold<'_> {
+    fn drop(&mut self) {
+        let mut st = self.engine.shared.lock();
+        st.holds = st.holds.saturating_sub(1);
+        let wake = st.holds == 0 && !st.incoming.is_empty();
+        drop(st);
+        if wake {
+            self.engine.shared.wake.notify_all();
         }
     }
 }

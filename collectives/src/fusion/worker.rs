@@ -18,6 +18,21 @@ use crate::{Communicator, Descriptor, Error, ErrorKind, Result};
 /// Most names the response cache holds; later names are negotiated every time.
 const CACHE_CAPACITY: usize = 4096;
 
+/// How long after the start of a flushed cycle that completed nothing (the
+/// `misses`-th such in a row) the next one starts: at once after the first
+/// (the other ranks may submit at any moment, and a cycle waits for them in
+/// its collective, where a rank that waited for its timer would hold every
+/// other rank up to a `cycle_time`), then 50 us, 100 us, ... doubling up to
+/// `cycle_time`, so that ranks that all flush and cannot agree (a name some
+/// rank never submits) do not spin through empty cycles.
+fn retry_after(misses: u32, cycle_time: Duration) -> Duration {
+    if misses <= 1 {
+        return Duration::ZERO;
+    }
+    let step = Duration::from_micros(50).saturating_mul(1 << (misses - 2).min(20));
+    step.min(cycle_time)
+}
+
 /// A tensor this rank submitted that has not run yet.
 struct Entry {
     meta: Meta,
@@ -71,6 +86,8 @@ pub(super) struct Worker {
     /// Completions seen at the last cycle's start: whether that cycle
     /// completed anything, which keeps a flush going.
     completed_seen: u64,
+    /// Flushed cycles in a row that completed nothing (see [`retry_after`]).
+    flush_misses: u32,
     pending: HashMap<String, Entry>,
     seq: u64,
     cache: Cache,
@@ -108,6 +125,7 @@ impl Worker {
             stall_check,
             last_stall_check: start,
             completed_seen: 0,
+            flush_misses: 0,
             comm,
             shared,
             pending: HashMap::new(),
@@ -147,29 +165,43 @@ impl Worker {
 
     /// Sleeps until the next cycle is due; an idle engine wakes at the first
     /// submission, a flushed one ([`FusionEngine::flush`]) at once while its
-    /// cycles complete something. Returns the new submissions and whether to
-    /// shut down.
+    /// cycles complete something, and soon after one that completed nothing
+    /// (see [`retry_after`]). Submissions under a [`Hold`](super::Hold) stay
+    /// out until it drops. Returns the new submissions and whether to shut
+    /// down.
     fn wait_for_cycle(&mut self, last: Instant) -> (Vec<Submission>, bool) {
         let due = last + self.cycle_time;
         let idle = self.pending.is_empty();
         let mut st = self.shared.lock();
         let progressed = st.completed != self.completed_seen;
+        if progressed || st.flush != Flush::On {
+            self.flush_misses = 0;
+        } else {
+            self.flush_misses = self.flush_misses.saturating_add(1);
+        }
+        let retry = last + retry_after(self.flush_misses, self.cycle_time);
         loop {
             let now = Instant::now();
-            let work = !idle || !st.incoming.is_empty();
+            let incoming = st.holds == 0 && !st.incoming.is_empty();
+            let work = !idle || incoming;
             let flushed = work
                 && match st.flush {
                     Flush::Off => false,
                     Flush::Asked => true,
-                    Flush::On => progressed,
+                    Flush::On => progressed || now >= retry,
                 };
-            if st.shutdown || now >= due || (idle && !st.incoming.is_empty()) || flushed {
+            if st.shutdown || now >= due || (idle && incoming) || flushed {
                 break;
             }
+            let until = if work && st.flush == Flush::On {
+                due.min(retry)
+            } else {
+                due
+            };
             st = self
                 .shared
                 .wake
-                .wait_timeout(st, due - now)
+                .wait_timeout(st, until.saturating_duration_since(now))
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
@@ -177,7 +209,12 @@ impl Worker {
             st.flush = Flush::On;
         }
         self.completed_seen = st.completed;
-        (std::mem::take(&mut st.incoming), st.shutdown)
+        let incoming = if st.holds == 0 {
+            std::mem::take(&mut st.incoming)
+        } else {
+            Vec::new()
+        };
+        (incoming, st.shutdown)
     }
 
     /// Completes handles: sends the outcomes and updates the counters.
@@ -591,5 +628,34 @@ impl Worker {
                 Err(e)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_at_once_then_backs_off_to_the_cycle_time() {
+        let cycle = Duration::from_millis(5);
+        let us = Duration::from_micros;
+        let got: Vec<Duration> = (0..10).map(|m| retry_after(m, cycle)).collect();
+        assert_eq!(
+            got,
+            [
+                us(0),
+                us(0),
+                us(50),
+                us(100),
+                us(200),
+                us(400),
+                us(800),
+                us(1600),
+                us(3200),
+                cycle
+            ]
+        );
+        assert_eq!(retry_after(u32::MAX, cycle), cycle);
+        assert_eq!(retry_after(3, Duration::ZERO), Duration::ZERO);
     }
 }

@@ -740,6 +740,17 @@ class Compression:
             return tensor.to(ctx) if ctx is not None else tensor
 
 
+#: DistributedOptimizer gathers gradients (on the host, contiguous) as their
+#: hooks fire and hands them to the engine in one call once they reach this
+#: many bytes, and the rest at :meth:`synchronize`: one crossing into the
+#: engine, one :class:`Work` and one wait per group rather than per
+#: gradient. Each gradient keeps its own name in the engine (negotiated,
+#: fused, reduced as an ``allreduce_async_`` of it would be); a group only
+#: delays a gradient's submission until the group fills or the step ends,
+#: as DDP's buckets do (whose first is 1 MiB too).
+_GROUP_BYTES = 1 << 20
+
+
 class _DistributedOptimizer:
     """Methods mixed into the optimizer's class by :func:`DistributedOptimizer`."""
 
@@ -797,7 +808,16 @@ class _DistributedOptimizer:
         self._hvd_compression = compression
         self._hvd_passes_per_step = backward_passes_per_step
         self._hvd_passes: Dict[int, int] = {}
-        self._hvd_pending: Dict[int, Tuple[torch.Tensor, _Handle, Any]] = {}
+        # This step's gradients, submitted or gathered: parameter, what
+        # travels (the gradient, or its compressed copy), compression context.
+        self._hvd_pending: Dict[int, Tuple[torch.Tensor, torch.Tensor, Any]] = {}
+        # Gathered and not yet handed to the engine (see _GROUP_BYTES).
+        self._hvd_group: List[Tuple[torch.Tensor, torch.Tensor, Any]] = []
+        self._hvd_group_names: List[str] = []
+        self._hvd_group_bytes = 0
+        # Handed to the engine: a Work (a group) or a _Handle (one tensor
+        # through a host or contiguous copy), with its gradients.
+        self._hvd_inflight: List[Tuple[Any, List[Tuple[torch.Tensor, torch.Tensor, Any]]]] = []
         self._hvd_requires = [p for p in all_params if p.requires_grad]
         self._hvd_skip_sync = False
         self._hvd_synchronized = False
@@ -821,14 +841,38 @@ class _DistributedOptimizer:
         wire, ctx = self._hvd_compression.compress(grad)
         if wire is not grad:
             wire = wire.contiguous()
-        h = allreduce_async_(
-            wire,
-            name=name,
-            op=self._hvd_op,
-            prescale_factor=self._hvd_prescale,
-            postscale_factor=self._hvd_postscale,
+        self._hvd_pending[id(p)] = (p, wire, ctx)
+        if wire.device.type != "cpu" or not wire.is_contiguous():
+            # Through a host or contiguous copy, alone (allreduce_async_).
+            h = allreduce_async_(
+                wire,
+                name=name,
+                op=self._hvd_op,
+                prescale_factor=self._hvd_prescale,
+                postscale_factor=self._hvd_postscale,
+            )
+            self._hvd_inflight.append((h, [(p, wire, ctx)]))
+            return
+        if self._hvd_prescale != 1.0:
+            with torch.no_grad():
+                wire.mul_(self._hvd_prescale)
+        self._hvd_group.append((p, wire, ctx))
+        self._hvd_group_names.append("allreduce." + name)
+        self._hvd_group_bytes += wire.numel() * wire.element_size()
+        if self._hvd_group_bytes >= _GROUP_BYTES:
+            self._hvd_send_group()
+
+    def _hvd_send_group(self) -> None:
+        """Hands the gradients gathered so far to the engine in one call
+        (each under its own name, as one allreduce_async_ each would)."""
+        if not self._hvd_group:
+            return
+        group, names = self._hvd_group, self._hvd_group_names
+        self._hvd_group, self._hvd_group_names, self._hvd_group_bytes = [], [], 0
+        work = _engine().allreduce_group_async(
+            [w for _, w, _ in group], names, self._hvd_op
         )
-        self._hvd_pending[id(p)] = (p, h, ctx)
+        self._hvd_inflight.append((work, group))
 
     def _hvd_hook(self, p: torch.Tensor) -> None:
         n = self._hvd_passes.get(id(p), 0) + 1
@@ -849,22 +893,34 @@ class _DistributedOptimizer:
         for p in self._hvd_requires:
             if id(p) not in self._hvd_pending:
                 self._hvd_submit(p)
-        pending, self._hvd_pending = self._hvd_pending, {}
+        self._hvd_send_group()
+        inflight, self._hvd_inflight = self._hvd_inflight, []
+        self._hvd_pending = {}
         self._hvd_passes = {}
-        if pending:
+        if inflight:
             # Every gradient of the step is submitted: cycles at once from
             # here, not at the cycle timer.
             _engine().flush()
         first: Optional[BaseException] = None
-        for p, h, ctx in pending.values():
+        post = self._hvd_postscale
+        for w, group in inflight:
             try:
-                out = synchronize(h)
+                if isinstance(w, _Handle):
+                    outs = [synchronize(w)]  # applies the postscale itself
+                else:
+                    # The engine's own deadline (OXCCL_TIMEOUT) bounds this wait.
+                    w.wait()
+                    outs = [wire for _, wire, _ in group]
+                    if post != 1.0:
+                        with torch.no_grad():
+                            torch._foreach_mul_(outs, post)
             except BaseException as e:  # wait for the others before raising
                 first = first or e
                 continue
-            if out is not p.grad:
-                with torch.no_grad():
-                    p.grad.copy_(self._hvd_compression.decompress(out, ctx))
+            for (p, _, ctx), out in zip(group, outs):
+                if out is not p.grad:
+                    with torch.no_grad():
+                        p.grad.copy_(self._hvd_compression.decompress(out, ctx))
         if first is not None:
             raise first
         self._hvd_synchronized = True
@@ -882,7 +938,7 @@ class _DistributedOptimizer:
 
     def step(self, closure=None):  # noqa: D102 (the wrapped optimizer's)
         if not self._hvd_skip_sync:
-            if self._hvd_synchronized and not self._hvd_pending:
+            if self._hvd_synchronized and not self._hvd_pending and not self._hvd_inflight:
                 pass  # synchronize() already ran for this step
             else:
                 self.synchronize()
@@ -895,7 +951,7 @@ class _DistributedOptimizer:
     step.hooked = True  # type: ignore[attr-defined]
 
     def zero_grad(self, set_to_none: bool = True) -> None:  # noqa: D102
-        if self._hvd_pending:
+        if self._hvd_pending or self._hvd_inflight:
             raise InvalidUsage(
                 "DistributedOptimizer: zero_grad() was called after backward() but before "
                 "step() or synchronize(); the gradients' allreduces are still in flight"
@@ -913,9 +969,10 @@ def DistributedOptimizer(  # noqa: N802 (Horovod's name)
     sparse_as_dense: bool = False,
 ) -> torch.optim.Optimizer:
     """Wraps ``optimizer`` so that each gradient is allreduced (``op``,
-    Average by default) through the fusion engine as soon as backward has
-    accumulated it, and :meth:`step` waits for them before the wrapped
-    optimizer's step.
+    Average by default) through the fusion engine once backward has
+    accumulated it (gathered in groups of ``_GROUP_BYTES`` as the hooks
+    fire, each still reduced under its own name), and :meth:`step` waits
+    for them before the wrapped optimizer's step.
 
     The result is an instance of a subclass of ``optimizer``'s class sharing
     its parameter groups and state (LR schedulers and ``state_dict`` work as
