@@ -555,7 +555,7 @@ pub const SETTINGS: &[Setting] = &[
     Setting {
         name: "OXCCL_SOCKET_UNSENT",
         default: "128K",
-        doc: "Most bytes a TCP link keeps queued unsent in the kernel (TCP_NOTSENT_LOWAT), so that frames to different peers leave in the order the algorithm sends them instead of sharing the wire; 0 leaves the system's default (no limit).",
+        doc: "Most bytes a TCP link to another host keeps queued unsent in the kernel (TCP_NOTSENT_LOWAT), so that frames to different peers leave in the order the algorithm sends them instead of sharing the wire; 0 leaves the system's default (no limit).",
         agree: false,
         parse: Some(|c, v| {
             let n = parse_bytes("OXCCL_SOCKET_UNSENT", v)?;

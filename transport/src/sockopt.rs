@@ -35,6 +35,28 @@ pub(crate) fn set_tcp_notsent_lowat(sock: impl AsFd, bytes: usize) -> io::Result
     }
 }
 
+/// The socket's `TCP_NOTSENT_LOWAT` (0: unset, the system's default).
+#[cfg(test)]
+pub(crate) fn tcp_notsent_lowat(sock: impl AsFd) -> io::Result<usize> {
+    let mut got: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `got` and `len` outlive the call; `len` is `got`'s size.
+    let r = unsafe {
+        libc::getsockopt(
+            sock.as_fd().as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_NOTSENT_LOWAT,
+            (&raw mut got).cast(),
+            &raw mut len,
+        )
+    };
+    if r == 0 {
+        Ok(usize::try_from(got).unwrap_or(0))
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -44,21 +66,9 @@ mod tests {
     fn the_option_is_set_on_a_tcp_socket_and_refused_elsewhere() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let s = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        assert_eq!(tcp_notsent_lowat(&s).unwrap(), 0);
         set_tcp_notsent_lowat(&s, 128 << 10).unwrap();
-        let mut got: libc::c_int = 0;
-        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        // SAFETY: `got` and `len` outlive the call; `len` is `got`'s size.
-        let r = unsafe {
-            libc::getsockopt(
-                s.as_raw_fd(),
-                libc::IPPROTO_TCP,
-                libc::TCP_NOTSENT_LOWAT,
-                (&raw mut got).cast(),
-                &raw mut len,
-            )
-        };
-        assert_eq!(r, 0);
-        assert_eq!(got, 128 << 10);
+        assert_eq!(tcp_notsent_lowat(&s).unwrap(), 128 << 10);
         // Not a TCP socket: an error, not a crash.
         let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
         assert!(set_tcp_notsent_lowat(&a, 4096).is_err());

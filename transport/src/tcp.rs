@@ -31,8 +31,9 @@ pub struct TcpOptions {
     pub send_buffer: Option<usize>,
     /// SO_RCVBUF in bytes; `None` leaves the kernel's autotuning on.
     pub recv_buffer: Option<usize>,
-    /// TCP_NOTSENT_LOWAT in bytes: how much a link keeps queued unsent in
-    /// the kernel. `None` leaves the system's default (no limit). With a
+    /// TCP_NOTSENT_LOWAT in bytes: how much a link to another host keeps
+    /// queued unsent in the kernel (links within the host are left alone).
+    /// `None` leaves the system's default (no limit). With a
     /// limit, the frames of a rank's links leave in the order the engine
     /// writes them instead of sharing the wire: without it a send of the
     /// next step, written into a second socket while the first still holds
@@ -52,9 +53,23 @@ impl TcpOptions {
             sock.set_recv_buffer_size(n)?;
         }
         if let Some(n) = self.unsent_limit {
-            crate::sockopt::set_tcp_notsent_lowat(stream, n)?;
+            // Within one host there is no wire that two sockets share, and
+            // the cap only costs wake-ups (4 ranks over loopback TCP on 2
+            // cores: allreduce and broadcast of 1 MiB 17-19% slower).
+            if !same_host(stream) {
+                crate::sockopt::set_tcp_notsent_lowat(stream, n)?;
+            }
         }
         Ok(())
+    }
+}
+
+/// Whether both ends of `stream` are on this host: a loopback address, or
+/// the same address at both ends.
+fn same_host(stream: &TcpStream) -> bool {
+    match (stream.local_addr(), stream.peer_addr()) {
+        (Ok(local), Ok(peer)) => peer.ip().is_loopback() || peer.ip() == local.ip(),
+        _ => false,
     }
 }
 
@@ -993,5 +1008,25 @@ mod tests {
         assert!(e.to_string().contains("has no job secret"), "{e}");
         let e = bare.finish(soon()).unwrap_err();
         assert!(e.to_string().contains("OXCCL_JOB_SECRET"), "{e}");
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod unsent_tests {
+    use super::*;
+
+    #[test]
+    fn the_unsent_cap_is_left_off_links_within_the_host() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let s = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        assert!(same_host(&s));
+        let options = TcpOptions {
+            unsent_limit: Some(128 << 10),
+            ..TcpOptions::default()
+        };
+        options.apply(&s).unwrap();
+        assert_eq!(crate::sockopt::tcp_notsent_lowat(&s).unwrap(), 0);
+        assert!(s.nodelay().unwrap());
     }
 }
