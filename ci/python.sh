@@ -48,7 +48,7 @@ python3 -m venv --system-site-packages "$work/venv-cuda"
 pyc="$work/venv-cuda/bin/python"
 "$pyc" -m pip install -q pytest numpy
 CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$root/target}" "$work/venv/bin/maturin" build \
-  --features cuda -m "$manifest" -o "$work/wheels-cuda"
+  --features cuda -m "$root/$manifest" -o "$work/wheels-cuda"
 "$pyc" -m pip install -q "$work"/wheels-cuda/oxccl-*.whl
 OXCCL_REQUIRE_TORCH=1 OXCCL_EXPECT_CUDA=1 "$pyc" -m pytest -q -p no:cacheprovider -s \
   "$root/bindings/python/tests/test_torch.py" "$root/bindings/python/tests/test_store.py::test_has_cuda_flag"
