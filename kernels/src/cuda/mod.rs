@@ -23,9 +23,11 @@
 //!
 //! # Safety
 //!
-//! `unsafe` is used for exactly two things: probing for the CUDA libraries
-//! (cudarc's `is_culib_present`, which only tries to `dlopen` them) and
-//! launching kernels. A launch is sound when the pointers it passes point to
+//! `unsafe` is used for three things: probing for the CUDA libraries
+//! (cudarc's `is_culib_present`, which only tries to `dlopen` them),
+//! wrapping memory that another library allocated
+//! ([`CudaBuffer::borrowed`], whose caller vouches for the pointer; the
+//! buffer leaks it on drop, never frees it), and launching kernels. A launch is sound when the pointers it passes point to
 //! device memory of at least `n` elements of the kernel's type that stays
 //! allocated until the kernel has run: every launch here derives its pointers
 //! from a [`CudaSlice`] borrowed for the call, after checking `offset + bytes`
@@ -37,6 +39,7 @@
 //! `double` for f64 and `float` otherwise.
 
 use std::collections::HashMap;
+use std::mem::ManuallyDrop;
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -397,7 +400,9 @@ fn check_range(len: usize, offset: usize, bytes: usize) -> Result<(), KernelErro
 /// [`DeviceMemory::reduce_from_host`].
 pub struct CudaBuffer {
     reducer: Arc<CudaReducer>,
-    data: CudaSlice<u8>,
+    /// Freed on drop, unless `borrowed` (then leaked: its owner frees it).
+    data: ManuallyDrop<CudaSlice<u8>>,
+    borrowed: bool,
     len: usize,
     scratch: Option<CudaSlice<u8>>,
 }
@@ -417,10 +422,45 @@ impl CudaBuffer {
         let data = reducer.alloc(bytes)?;
         Ok(CudaBuffer {
             reducer,
-            data,
+            data: ManuallyDrop::new(data),
+            borrowed: false,
             len: bytes,
             scratch: None,
         })
+    }
+
+    /// A view of `len` bytes of device memory at `ptr` that another library
+    /// allocated (a DLPack producer's tensor), on `reducer`'s device: the
+    /// buffer never frees it. An empty view owns a small allocation of its
+    /// own instead (an empty tensor's pointer may be anything).
+    ///
+    /// # Safety
+    ///
+    /// `ptr` must point to `len` bytes of device memory of `reducer`'s
+    /// device and context that stay allocated, and are used by nothing
+    /// else, for as long as the buffer lives.
+    pub unsafe fn borrowed(
+        reducer: Arc<CudaReducer>,
+        ptr: u64,
+        len: usize,
+    ) -> Result<CudaBuffer, KernelError> {
+        if len == 0 {
+            return CudaBuffer::new(reducer, 0);
+        }
+        // SAFETY: the caller's contract above; the slice is leaked on drop.
+        let data = unsafe { reducer.stream.upgrade_device_ptr::<u8>(ptr, len) };
+        Ok(CudaBuffer {
+            reducer,
+            data: ManuallyDrop::new(data),
+            borrowed: true,
+            len,
+            scratch: None,
+        })
+    }
+
+    /// The reducer (device, stream and kernels) the buffer lives with.
+    pub fn reducer(&self) -> &Arc<CudaReducer> {
+        &self.reducer
     }
 
     /// A device copy of `data`.
@@ -440,6 +480,17 @@ impl CudaBuffer {
     /// The device allocation (at least 16 bytes; the first `len_bytes` are the buffer).
     pub fn slice(&self) -> &CudaSlice<u8> {
         &self.data
+    }
+}
+
+impl Drop for CudaBuffer {
+    fn drop(&mut self) {
+        // SAFETY: `data` is taken once, here, and not used after.
+        let data = unsafe { ManuallyDrop::take(&mut self.data) };
+        if self.borrowed {
+            // Its owner frees it: release cudarc's hold, not the memory.
+            let _ = data.leak();
+        }
     }
 }
 
