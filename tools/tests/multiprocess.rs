@@ -117,20 +117,12 @@ fn every_exchange_through_oxrun_with_2_to_4_ranks_over_shm_and_tcp() {
                 all.extend_from_slice(args);
                 let (ok, stdout, stderr) = oxrun(n, &all, &[("OXCCL_TRANSPORT", transport)]);
                 assert!(ok, "{n} ranks {transport} {all:?}:\n{stdout}\n{stderr}");
-                let line = stdout
-                    .lines()
-                    .find(|l| l.starts_with(&format!("[0] {kind} ")))
-                    .unwrap_or_else(|| panic!("{n} ranks {all:?}: no line:\n{stdout}"));
-                assert!(
-                    line.contains(&format!("{n} ranks")) && line.ends_with("result OK"),
-                    "{line}"
-                );
+                common::assert_exchange_ok(&stdout, kind, n, &format!("{transport} {all:?}"));
             }
         }
     }
 }
 
-/// Starts `n` ranks of `oxccl-check` with the environment `vars(rank)` sets.
 /// Every algorithm forced, across processes, on worlds that are and are
 /// not powers of two: their pair links connect over TCP and become shared
 /// memory like the ring's, and every result checks out.
@@ -154,6 +146,7 @@ fn every_algorithm_across_processes_over_shm_and_tcp() {
     }
 }
 
+/// Starts `n` ranks of `oxccl-check` with the environment `vars(rank)` sets.
 fn spawn_ranks(
     n: usize,
     args: &[&str],

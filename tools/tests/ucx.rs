@@ -101,14 +101,7 @@ fn every_exchange_over_ucx_tcp_and_sm() {
             let args = ["-c", kind, "-b", "300K", "-i", "2", "-r", "1"];
             let (ok, stdout, stderr) = oxrun(n, &args, tls, &[]);
             assert!(ok, "{n} ranks UCX_TLS={tls} {args:?}:\n{stdout}\n{stderr}");
-            let line = stdout
-                .lines()
-                .find(|l| l.starts_with(&format!("[0] {kind} ")))
-                .unwrap_or_else(|| panic!("{n} ranks {args:?}: no line:\n{stdout}"));
-            assert!(
-                line.contains(&format!("{n} ranks")) && line.ends_with("result OK"),
-                "UCX_TLS={tls}: {line}"
-            );
+            common::assert_exchange_ok(&stdout, kind, n, &format!("UCX_TLS={tls} {args:?}"));
         }
     }
 }

@@ -58,15 +58,33 @@ pub fn oxrun(n: usize, args: &[&str], vars: &[(&str, &str)]) -> (bool, String, S
 /// call ran on `n` ranks and checked out.
 pub fn assert_every_kind_ok(stdout: &str, kinds: &[&str], n: usize, context: &str) {
     for kind in kinds {
-        let line = stdout
-            .lines()
-            .find(|l| l.starts_with("[0] ") && l.contains(kind))
-            .unwrap_or_else(|| panic!("{context}: no line for {kind}:\n{stdout}"));
-        assert!(
-            line.contains(&format!("{n} ranks")) && line.ends_with("result OK"),
-            "{context}: {line}"
+        assert_line_ok(
+            stdout,
+            |l| l.contains(kind),
+            n,
+            &format!("{context}, {kind}"),
         );
     }
+}
+
+/// Asserts that rank 0 printed a line for the exchange `kind` (one whose
+/// name starts the line) that says it ran on `n` ranks and checked out.
+pub fn assert_exchange_ok(stdout: &str, kind: &str, n: usize, context: &str) {
+    let start = format!("{kind} ");
+    assert_line_ok(stdout, |l| l.starts_with(&start), n, context);
+}
+
+/// Rank 0's first line that `is` picks (after its "[0] " prefix) must say
+/// `n` ranks and "result OK".
+fn assert_line_ok(stdout: &str, is: impl Fn(&str) -> bool, n: usize, context: &str) {
+    let line = stdout
+        .lines()
+        .find(|l| l.strip_prefix("[0] ").is_some_and(&is))
+        .unwrap_or_else(|| panic!("{context}: no line:\n{stdout}"));
+    assert!(
+        line.contains(&format!("{n} ranks")) && line.ends_with("result OK"),
+        "{context}: {line}"
+    );
 }
 
 /// What a surviving rank did after another rank of its job was signalled.
