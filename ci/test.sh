@@ -6,7 +6,8 @@ cd "$(dirname "$0")/.."
 export CARGO_TERM_COLOR=never
 # lavapipe warns on every process without it.
 export XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-$(mktemp -d)}
-step() { printf '\n== %s (%ds)\n' "$1" "$SECONDS"; }
+# Each step names the disk left, so a step that fills it is plain to see.
+step() { printf '\n== %s (%ds, %s free)\n' "$1" "$SECONDS" "$(df -h --output=avail . | tail -1 | tr -d ' ')"; }
 
 step "toolchain"
 cargo --version
