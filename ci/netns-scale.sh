@@ -130,12 +130,22 @@ for size in $SIZES; do
   done
 done
 
-echo "## measured vs simulated (alpha $ALPHA_US us, $GBYTES GB/s, reduce $GAMMA_GBYTES GB/s)"
-sizes_csv=$(echo "$SIZES" | tr ' ' ',')
-"$BIN/scale_model" --tsv --links custom,tcp --worlds "$N" --sizes "$sizes_csv" \
-  --alpha-us "$ALPHA_US" --gbytes "$GBYTES" --reduce-gbytes "$GAMMA_GBYTES" > "$OUT/sim.tsv"
-"$BIN/scale_model" --tsv --links custom --worlds "$N" --sizes "$sizes_csv" \
-  --alpha-us "$ALPHA_N_US" --gbytes "$GBYTES" --reduce-gbytes "$GAMMA_GBYTES" > "$OUT/sim_n.tsv"
+# The links are token buckets (tbf): the model shapes each rank's outbound
+# link with the same bucket and times a loop of calls, as all_reduce_perf
+# runs them (tc's "kb" is KiB).
+BURST_BYTES=$(python3 -c 'import re,sys; n,u=re.fullmatch(r"(\d+)(kb|k|mb|m|b)?",sys.argv[1]).groups(); print(int(n)*{None:1,"b":1,"k":1024,"kb":1024,"m":1<<20,"mb":1<<20}[u])' "$BURST")
+echo "## measured vs simulated (alpha $ALPHA_US us, $GBYTES GB/s, reduce $GAMMA_GBYTES GB/s, bucket $BURST_BYTES B)"
+: > "$OUT/sim.tsv"
+: > "$OUT/sim_n.tsv"
+for size in $SIZES; do
+  # The same warm-up and timed calls as the measured run of this size.
+  read -r _ calls _ warmup < <(iters_for "$size")
+  loop=(--worlds "$N" --sizes "$size" --burst "$BURST_BYTES" --calls "$calls" --warmup "$warmup")
+  "$BIN/scale_model" --tsv --links custom,tcp "${loop[@]}" \
+    --alpha-us "$ALPHA_US" --gbytes "$GBYTES" --reduce-gbytes "$GAMMA_GBYTES" >> "$OUT/sim.tsv"
+  "$BIN/scale_model" --tsv --links custom "${loop[@]}" \
+    --alpha-us "$ALPHA_N_US" --gbytes "$GBYTES" --reduce-gbytes "$GAMMA_GBYTES" >> "$OUT/sim_n.tsv"
+done
 for k in "${!MEAS[@]}"; do echo "$k ${MEAS[$k]}"; done > "$OUT/measured.txt"
 python3 - "$OUT/sim.tsv" "$OUT/measured.txt" "$SIZES" "$ALGOS" "$OUT/sim_n.tsv" <<'EOF'
 import sys

@@ -14,7 +14,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::Parser;
-use oxccl::algo::model::{Limits, simulate_many};
+use oxccl::algo::model::{Limits, Shaping, simulate_many, simulate_shaped};
 use oxccl::algo::{self, Algorithm, LinkModel};
 use oxccl::{Config, DType, Descriptor, Kind, ReduceOp};
 use oxccl_benches::options::parse_size;
@@ -49,6 +49,18 @@ struct Args {
     /// Custom link: reduction bandwidth, GB/s.
     #[arg(long, default_value_t = 10.0)]
     reduce_gbytes: f64,
+    /// Shape each rank's outbound link with a token bucket of this many
+    /// bytes (as `tc tbf` does, suffixes K, M) and time a loop of calls,
+    /// as all_reduce_perf does: `--warmup` calls, then the mean of `--calls`.
+    /// Without it, one call over plain links.
+    #[arg(long, value_parser = parse_size)]
+    burst: Option<usize>,
+    /// Shaped links: calls before the timed ones.
+    #[arg(long, default_value_t = 4)]
+    warmup: usize,
+    /// Shaped links: calls timed.
+    #[arg(long, default_value_t = 16)]
+    calls: usize,
     /// Largest pipeline slice (default: oxccl's default OXCCL_SLICE_BYTES).
     #[arg(long, value_parser = parse_size)]
     slice: Option<usize>,
@@ -156,7 +168,23 @@ fn main() -> ExitCode {
                         return vec![(Err(format!("no algorithm {n}")), f64::NAN); models.len()];
                     };
                     let closed = models.iter().map(|l| alg.cost(&d, world, l));
-                    match simulate_many(alg, world, bytes, slice, &models, limits) {
+                    let sims = match a.burst {
+                        None => simulate_many(alg, world, bytes, slice, &models, limits),
+                        Some(burst) => simulate_shaped(
+                            alg,
+                            world,
+                            bytes,
+                            slice,
+                            &models,
+                            limits,
+                            Shaping {
+                                burst: burst as f64,
+                                warmup: a.warmup,
+                                calls: a.calls,
+                            },
+                        ),
+                    };
+                    match sims {
                         Ok(v) => v
                             .into_iter()
                             .map(|r| r.map(|r| r.time).map_err(|e| e.to_string()))

@@ -23,6 +23,15 @@
 //! allow, then wakes the peers it sent to), with no event queue. A plan that
 //! cannot complete ends in [`SimError::Deadlock`] instead of hanging.
 //!
+//! With [`Shaping`], each rank's outbound link is a token bucket instead
+//! (Linux's `tc tbf`, as on the namespace hosts of `ci/netns-scale.sh`, or a
+//! cloud instance's egress cap), and the calls run in a loop as a benchmark
+//! times them: a frame's bytes leave at once while its rank holds tokens,
+//! which come back at the link's rate (`1 / beta`); ingress is not shaped;
+//! each rank starts its next call when it has finished the last. A loop of
+//! calls, not one: the bucket's level at a call's start is what the calls
+//! before it left.
+//!
 //! [`GatherReduce`] runs its allgather plan (the ring of
 //! every rank's whole buffer) and then, as the communicator does, reduces the
 //! `world` buffers locally: `(world - 1) * bytes * gamma` more per rank.
@@ -134,6 +143,18 @@ pub struct SimResult {
     pub frames: u64,
 }
 
+/// Outbound links shaped by token buckets, and the loop of calls that times
+/// them (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Shaping {
+    /// The bucket, in bytes (`tc tbf`'s `burst`); full before the first call.
+    pub burst: f64,
+    /// Calls run before the timed ones, as a benchmark's warm-up.
+    pub warmup: usize,
+    /// Calls timed: the time reported is their mean.
+    pub calls: usize,
+}
+
 /// One compact send: peer, length, the receive it waits for.
 #[derive(Debug, Clone, Copy)]
 struct SendC {
@@ -173,6 +194,9 @@ struct State {
     out_free: f64,
     in_free: f64,
     cpu_free: f64,
+    /// Tokens in the outbound bucket at `tokens_at` (shaped links only).
+    tokens: f64,
+    tokens_at: f64,
 }
 
 /// Frames on their way into one rank: per peer, arrival times in order sent.
@@ -306,6 +330,41 @@ pub fn simulate_many(
     links: &[LinkModel],
     limits: Limits,
 ) -> Result<Vec<Result<SimResult, SimError>>, SimError> {
+    simulate_inner(algo, world, bytes, slice_bytes, links, limits, None)
+}
+
+/// [`simulate_many`] over outbound links shaped by token buckets, timing a
+/// loop of calls (see the module docs): each result is the mean time of
+/// one timed call, and the frames of one call.
+pub fn simulate_shaped(
+    algo: &dyn Algorithm,
+    world: usize,
+    bytes: usize,
+    slice_bytes: usize,
+    links: &[LinkModel],
+    limits: Limits,
+    shaping: Shaping,
+) -> Result<Vec<Result<SimResult, SimError>>, SimError> {
+    simulate_inner(
+        algo,
+        world,
+        bytes,
+        slice_bytes,
+        links,
+        limits,
+        Some(shaping),
+    )
+}
+
+fn simulate_inner(
+    algo: &dyn Algorithm,
+    world: usize,
+    bytes: usize,
+    slice_bytes: usize,
+    links: &[LinkModel],
+    limits: Limits,
+    shaping: Option<Shaping>,
+) -> Result<Vec<Result<SimResult, SimError>>, SimError> {
     let d = allreduce(bytes);
     if world == 0 || !algo.supports(&d, world) {
         return Err(SimError::Unsupported(format!(
@@ -333,17 +392,14 @@ pub fn simulate_many(
     check_peers(&ranks)?;
     let gather = algo.name() == GatherReduce.name();
     let one = |l: &LinkModel| {
-        let (finish, frames) = run(&ranks, l)?;
         // The gather-reduce's local reduction of the world's buffers.
         let local = if gather {
             (world - 1) as f64 * (d.count * ELEM) as f64 * l.gamma
         } else {
             0.0
         };
-        Ok(SimResult {
-            time: finish.iter().copied().fold(0.0, f64::max) + local,
-            frames,
-        })
+        let (time, frames) = run(&ranks, l, local, shaping.as_ref())?;
+        Ok(SimResult { time, frames })
     };
     Ok(std::thread::scope(|s| {
         let handles: Vec<_> = links.iter().map(|l| s.spawn(move || one(l))).collect();
@@ -409,9 +465,17 @@ fn check_peers(ranks: &[Rank]) -> Result<(), SimError> {
     Ok(())
 }
 
-/// Runs the compact plans; returns each rank's finish time and the frames sent.
-fn run(ranks: &[Rank], l: &LinkModel) -> Result<(Vec<f64>, u64), SimError> {
+/// Runs the compact plans: once, or in a loop of calls over shaped links.
+/// Returns the time of one call (the mean of the timed ones) and the frames
+/// of one call; `local` is CPU work each rank does after its last commit.
+fn run(
+    ranks: &[Rank],
+    l: &LinkModel,
+    local: f64,
+    shaping: Option<&Shaping>,
+) -> Result<(f64, u64), SimError> {
     let world = ranks.len();
+    let burst = shaping.map(|s| s.burst);
     let mut states: Vec<State> = ranks
         .iter()
         .map(|rk| State {
@@ -421,9 +485,64 @@ fn run(ranks: &[Rank], l: &LinkModel) -> Result<(Vec<f64>, u64), SimError> {
             } else {
                 Vec::new()
             },
+            tokens: burst.unwrap_or(0.0),
             ..State::default()
         })
         .collect();
+    let (warmup, timed) = shaping.map_or((0, 1), |s| (s.warmup, s.calls.max(1)));
+    // When each rank finished its last call (and may start the next).
+    let mut start = vec![0.0; world];
+    let mut timed_from = 0.0;
+    let mut frames = 0u64;
+    for call in 0..warmup + timed {
+        if call == warmup {
+            timed_from = start.iter().copied().fold(0.0, f64::max);
+        }
+        for st in &mut states {
+            st.sent = 0;
+            st.recv_done.clear();
+            st.send_done.clear();
+        }
+        frames = one_call(ranks, &mut states, &start, l, burst)?;
+        for (t, st) in start.iter_mut().zip(&states) {
+            *t = st.out_free.max(st.cpu_free) + local;
+        }
+    }
+    let end = start.iter().copied().fold(0.0, f64::max);
+    Ok(((end - timed_from) / timed as f64, frames))
+}
+
+/// When a frame of `len` bytes, handed to a shaped link at `at`, has left:
+/// at once while the bucket holds tokens, then at the link's rate.
+fn shaped_send(st: &mut State, at: f64, len: f64, burst: f64, beta: f64) -> f64 {
+    let refilled = if beta > 0.0 {
+        (at - st.tokens_at).max(0.0) / beta
+    } else {
+        burst
+    };
+    let tokens = (st.tokens + refilled).min(burst);
+    if tokens >= len {
+        st.tokens = tokens - len;
+        st.tokens_at = at;
+        at
+    } else {
+        let left = at + (len - tokens) * beta;
+        st.tokens = 0.0;
+        st.tokens_at = left;
+        left
+    }
+}
+
+/// One call of every rank's plan, each rank starting at its `start`;
+/// returns the frames sent.
+fn one_call(
+    ranks: &[Rank],
+    states: &mut [State],
+    start: &[f64],
+    l: &LinkModel,
+    burst: Option<f64>,
+) -> Result<u64, SimError> {
+    let world = ranks.len();
     let mut inboxes: Vec<Inbox> = (0..world).map(|_| Inbox::default()).collect();
     let mut queue: VecDeque<usize> = (0..world).collect();
     let mut queued = vec![true; world];
@@ -436,14 +555,18 @@ fn run(ranks: &[Rank], l: &LinkModel) -> Result<(Vec<f64>, u64), SimError> {
             // Sends, in plan order, each once its receive is committed.
             while let Some(op) = rk.sends.get(st.sent) {
                 let dep = if op.after == NONE {
-                    0.0
+                    start[r]
                 } else {
                     match st.recv_done.get(op.after as usize) {
                         Some(t) => *t,
                         None => break,
                     }
                 };
-                let end = st.out_free.max(dep) + l.alpha + op.len as f64 * l.beta;
+                let handed = st.out_free.max(dep) + l.alpha;
+                let end = match burst {
+                    None => handed + op.len as f64 * l.beta,
+                    Some(b) => shaped_send(st, handed, op.len as f64, b, l.beta),
+                };
                 st.out_free = end;
                 if rk.keep_send_done {
                     st.send_done.push(end);
@@ -462,7 +585,7 @@ fn run(ranks: &[Rank], l: &LinkModel) -> Result<(Vec<f64>, u64), SimError> {
             // send is done.
             while let Some(op) = rk.recvs.get(st.recv_done.len()) {
                 let dep = if op.after == NONE {
-                    0.0
+                    start[r]
                 } else if (op.after as usize) < st.sent {
                     st.send_done.get(op.after as usize).copied().unwrap_or(0.0)
                 } else {
@@ -472,7 +595,9 @@ fn run(ranks: &[Rank], l: &LinkModel) -> Result<(Vec<f64>, u64), SimError> {
                     break;
                 };
                 let len = (op.len_reduce & !REDUCE_BIT) as f64;
-                let got = arrived.max(st.in_free + len * l.beta);
+                // A shaped link limits the sender's side only.
+                let inbound = if burst.is_some() { 0.0 } else { len * l.beta };
+                let got = arrived.max(st.in_free + inbound);
                 st.in_free = got;
                 let work = if op.len_reduce & REDUCE_BIT != 0 {
                     len * l.gamma
@@ -489,8 +614,7 @@ fn run(ranks: &[Rank], l: &LinkModel) -> Result<(Vec<f64>, u64), SimError> {
             }
         }
     }
-    let mut finish = Vec::with_capacity(world);
-    for (rank, (rk, st)) in ranks.iter().zip(&states).enumerate() {
+    for (rank, (rk, st)) in ranks.iter().zip(states.iter()).enumerate() {
         if st.sent < rk.sends.len() || st.recv_done.len() < rk.recvs.len() {
             return Err(SimError::Deadlock {
                 rank,
@@ -500,9 +624,8 @@ fn run(ranks: &[Rank], l: &LinkModel) -> Result<(Vec<f64>, u64), SimError> {
                 recvs: rk.recvs.len(),
             });
         }
-        finish.push(st.out_free.max(st.cpu_free));
     }
-    Ok((finish, frames))
+    Ok(frames)
 }
 
 #[cfg(test)]
@@ -661,6 +784,71 @@ mod tests {
             ),
             "{e}"
         );
+    }
+
+    /// Two ranks exchanging 64 KiB (one frame each way) in a loop over a
+    /// shaped link: 500 µs a message, 100 MB/s, no reduction cost.
+    fn shaped_exchange(burst: f64, warmup: usize, calls: usize) -> f64 {
+        let link = LinkModel {
+            alpha: 500e-6,
+            beta: 1e-8,
+            gamma: 0.0,
+            pipelines: false,
+        };
+        let shaping = Shaping {
+            burst,
+            warmup,
+            calls,
+        };
+        let r = simulate_shaped(
+            &RecursiveDoubling,
+            2,
+            64 << 10,
+            1 << 30,
+            &[link],
+            Limits::default(),
+            shaping,
+        )
+        .unwrap();
+        let one = r.into_iter().next().unwrap().unwrap();
+        assert_eq!(one.frames, 2);
+        one.time
+    }
+
+    /// Without a bucket every byte leaves at the rate, after the message's
+    /// latency: alpha + len * beta a call.
+    #[test]
+    fn a_shaped_link_without_a_bucket_charges_every_byte() {
+        let t = shaped_exchange(0.0, 2, 8);
+        assert!(near(t, 500e-6 + 65536e-8, 1e-9), "{t}");
+    }
+
+    /// A bucket that holds every call's bytes: a call costs its latency.
+    #[test]
+    fn a_bucket_larger_than_the_loop_makes_bytes_free() {
+        let t = shaped_exchange(1e6, 0, 3);
+        assert!(near(t, 500e-6, 1e-9), "{t}");
+    }
+
+    /// Once the loop has drained the bucket, the tokens that come back
+    /// during a message's latency carry part of its bytes: a call costs
+    /// max(alpha, len * beta), not their sum.
+    #[test]
+    fn a_drained_bucket_overlaps_latency_with_the_rate() {
+        let t = shaped_exchange(256.0 * 1024.0, 40, 10);
+        assert!(near(t, 65536e-8, 1e-9), "{t}");
+        // Before it drains, the calls are faster than the rate.
+        let early = shaped_exchange(256.0 * 1024.0, 0, 4);
+        assert!(near(early, 500e-6, 1e-9), "{early}");
+    }
+
+    /// An unshaped loop is the single call's model: the same plans, the
+    /// same link, once.
+    #[test]
+    fn shaping_is_off_in_the_single_call_model() {
+        let t = simulate(&Ring, 8, 64 << 10, 512 << 10, &TCP).unwrap();
+        let model = closed(&Ring, 8, 64 << 10, &TCP);
+        assert!(near(t, model, 0.03), "{t} {model}");
     }
 
     #[test]
