@@ -67,6 +67,29 @@ impl std::fmt::Debug for UniqueId {
 /// until rank 0 of the id takes its own over.
 static SERVED: Mutex<Vec<(u64, TcpStoreServer)>> = Mutex::new(Vec::new());
 
+/// Communicators made so far from a launcher's environment, per rank 0's
+/// store address and rank: each one's job id goes under its round, so that
+/// a job that builds one after another on the same port (in the same order
+/// on every rank, as frameworks re-initialise) never reads the job id of
+/// an earlier round from rank 0's earlier store while that still serves.
+/// Per rank too, because tests run several ranks of a job in one process.
+static ROUNDS: Mutex<Vec<((SocketAddr, usize), u64)>> = Mutex::new(Vec::new());
+
+/// This communicator's round at `master` for `rank` (0 for the first).
+fn next_round(master: SocketAddr, rank: usize) -> u64 {
+    let mut rounds = ROUNDS.lock().unwrap_or_else(|p| p.into_inner());
+    match rounds.iter_mut().find(|(k, _)| *k == (master, rank)) {
+        Some((_, n)) => {
+            *n += 1;
+            *n
+        }
+        None => {
+            rounds.push(((master, rank), 0));
+            0
+        }
+    }
+}
+
 /// The most unique ids a process serves unclaimed: each costs a listening
 /// socket and a thread, and an id that is made and never used (as NCCL's
 /// `ncclGetUniqueId` allows) would otherwise keep them for the life of the
@@ -276,10 +299,28 @@ impl Communicator {
         } else {
             None
         };
-        let store = TcpStore::connect_with_secret(master, deadline, secret.as_ref())
-            .map_err(|source| Error::Store { rank, source })?;
+        let key = format!("{PREFIX}/job/{}", next_round(master, rank));
+        let (store, job) = loop {
+            let store = TcpStore::connect_with_secret(master, deadline, secret.as_ref())
+                .map_err(|source| Error::Store { rank, source })?;
+            match job_id(&store, &key, rank, deadline) {
+                Ok(job) => break (store, job),
+                // An earlier round's store, which held no job id of this
+                // round, closed: rank 0's store for this round takes the
+                // port next.
+                Err(Error::Store {
+                    source: StoreError::Closed { .. },
+                    ..
+                }) if rank != 0 && Instant::now() < deadline => {
+                    tracing::debug!(
+                        "rank {rank}: the store at {master} closed before it held {key}; again"
+                    );
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                Err(e) => return Err(e),
+            }
+        };
         let local_ip = store.local_addr().ip();
-        let job = job_id(&store, rank, deadline)?;
         connect(
             Arc::new(store),
             server,
@@ -331,7 +372,7 @@ impl Communicator {
             "rank {rank}: rendezvous through torchrun's store at {master} (communicator {n} of this rank)"
         );
         let store: Arc<dyn Store> = Arc::new(PrefixStore::new(client, &format!("{prefix}/{n}")));
-        let job = job_id(store.as_ref(), rank, deadline)?;
+        let job = job_id(store.as_ref(), JOB_KEY, rank, deadline)?;
         connect(
             store,
             None,
@@ -527,19 +568,28 @@ fn check_rank(rank: usize, world: usize) -> Result<()> {
 
 /// The job id of a group meeting through `store`: rank 0 makes one and
 /// writes it first thing; the others read it.
-fn job_id(store: &dyn Store, rank: usize, deadline: Instant) -> Result<u64> {
+/// Where rank 0 writes the job id in a store of one communicator's own.
+const JOB_KEY: &str = "oxccl/job";
+
+/// The job id: rank 0 makes one and writes it at `key`; the others read it.
+fn job_id(store: &dyn Store, key: &str, rank: usize, deadline: Instant) -> Result<u64> {
     if rank == 0 {
         let job = random_job()?;
         store
-            .set(&format!("{PREFIX}/job"), &job.to_le_bytes())
+            .set(key, &job.to_le_bytes())
             .map_err(|source| Error::Store { rank, source })?;
         return Ok(job);
     }
-    read_job(store, rank, deadline)
+    read_job(store, key, rank, deadline)
 }
 
-pub(crate) fn read_job(store: &dyn Store, rank: usize, deadline: Instant) -> Result<u64> {
-    let v = match store.get(&format!("{PREFIX}/job"), deadline) {
+pub(crate) fn read_job(
+    store: &dyn Store,
+    key: &str,
+    rank: usize,
+    deadline: Instant,
+) -> Result<u64> {
+    let v = match store.get(key, deadline) {
         Ok(v) => v,
         // Rank 0 writes the job id first thing: it never came.
         Err(StoreError::Timeout { waited, .. }) => {
@@ -547,8 +597,9 @@ pub(crate) fn read_job(store: &dyn Store, rank: usize, deadline: Instant) -> Res
                 rank,
                 call: "bootstrap".into(),
                 what: format!(
-                    "rank 0 to start the job in {}: it never did; was it started, with the same \
-                     master address and port?",
+                    "rank 0 to start the job in {} (its id at {key:?}): it never did; was it \
+                     started, with the same master address and port, and (for a job that makes \
+                     communicators one after another) has every rank made as many?",
                     store.describe()
                 ),
                 waited,
@@ -739,7 +790,7 @@ pub(crate) fn join(
     let job = if world == 1 {
         0
     } else {
-        job_id(store.as_ref(), rank, deadline)?
+        job_id(store.as_ref(), JOB_KEY, rank, deadline)?
     };
     connect(store, None, rank, world, config, job, None, secret, None)
 }

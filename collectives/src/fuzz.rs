@@ -340,7 +340,7 @@ proptest! {
     fn fuzz_bootstrap_job_id(v in any_bytes(16)) {
         let store = MemStore::new();
         store.set("oxccl/job", &v).unwrap();
-        match read_job(&store, 1, Instant::now() + Duration::from_secs(5)) {
+        match read_job(&store, "oxccl/job", 1, Instant::now() + Duration::from_secs(5)) {
             Ok(job) => prop_assert_eq!(&job.to_le_bytes()[..], &v[..]),
             Err(e) => {
                 prop_assert_ne!(v.len(), 8);

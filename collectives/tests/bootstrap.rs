@@ -312,7 +312,9 @@ fn an_endless_timeout_does_not_overflow_the_clock() {
 /// One job's ranks build a communicator on the same port again and again,
 /// each dropping the last one first (a framework that re-initialises):
 /// a rank may reach rank 0's port while rank 0's last store shuts down,
-/// or still serves, and every round still builds a world.
+/// or still serves (every other round, rank 0 keeps its last communicator,
+/// and so its store, a while after the others have moved on), and every
+/// round still builds a world.
 #[test]
 fn a_job_builds_communicators_on_one_port_one_after_another() {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -335,9 +337,14 @@ fn a_job_builds_communicators_on_one_port_one_after_another() {
             std::thread::spawn(move || {
                 (0..rounds)
                     .map(|round| {
-                        let c = Communicator::from_launch(&launch, config())
+                        let mut c = Communicator::from_launch(&launch, config())
                             .unwrap_or_else(|e| panic!("rank {r}, round {round}: {e}"));
-                        sum(c)
+                        let mut v = vec![r as i64 + 1; 1000];
+                        c.all_reduce_in_place(&mut v, ReduceOp::Sum).unwrap();
+                        if r == 0 && round % 2 == 1 {
+                            std::thread::sleep(Duration::from_millis(100));
+                        }
+                        v[0]
                     })
                     .collect::<Vec<i64>>()
             })
