@@ -247,12 +247,20 @@ impl Link for FaultLink {
         let Some(allowed) = self.allowance()? else {
             return Ok(0);
         };
-        // Drain the doorbell before looking at the queue: a write after this
-        // rings again, so a sleeper never misses it.
-        let mut sink = [0u8; 64];
-        while matches!((&self.bell).read(&mut sink), Ok(n) if n > 0) {}
         let mut q = self.rx.queue();
+        // The doorbell stays rung while bytes are queued (a stall or a
+        // partial read leaves it so, as a socket with unread bytes stays
+        // readable): it is drained only when this read finds or leaves the
+        // queue empty, under the queue's lock, and a writer rings after
+        // queueing, so a sleeper never misses bytes.
+        let drain = |q: &VecDeque<u8>| {
+            if q.is_empty() {
+                let mut sink = [0u8; 64];
+                while matches!((&self.bell).read(&mut sink), Ok(n) if n > 0) {}
+            }
+        };
         if q.is_empty() {
+            drain(&q);
             if want > 0 && self.rx.closed.load(Ordering::SeqCst) {
                 return Err(TransportError::PeerClosed {
                     peer: self.peer,
@@ -273,6 +281,7 @@ impl Link for FaultLink {
                 break;
             }
         }
+        drain(&q);
         drop(q);
         self.moved += n as u64;
         Ok(n)
@@ -374,6 +383,34 @@ mod tests {
         assert_eq!(a.try_write(&[IoSlice::new(b"ef")]).unwrap(), 0);
         assert_eq!(read_all(&mut b, 4).unwrap(), b"abcd");
         assert_eq!(a.try_write(&[IoSlice::new(b"ef")]).unwrap(), 2);
+    }
+
+    /// A read that leaves bytes queued (a chunk of them, or a stall) leaves
+    /// the doorbell rung: a sleeper wakes at once, as on a socket with
+    /// unread bytes. (It was drained on every read, and three ranks each
+    /// asleep over a stalled last frame hung until their deadline.)
+    #[test]
+    fn bytes_left_queued_keep_the_doorbell_rung() {
+        let one = Faults {
+            max_chunk: 1,
+            ..Faults::default()
+        };
+        let (mut a, mut b) = pair(0, 1, Faults::default(), one).unwrap();
+        a.try_write(&[IoSlice::new(b"abc")]).unwrap();
+        for left in [2, 1] {
+            assert_eq!(b.try_read(&mut [IoSliceMut::new(&mut [0u8; 8])]).unwrap(), 1);
+            let start = Instant::now();
+            let r = wait(Some(&b), None, Duration::from_secs(2)).unwrap();
+            assert!(
+                r.readable && start.elapsed() < Duration::from_secs(1),
+                "{left} bytes queued, slept {:?}",
+                start.elapsed()
+            );
+        }
+        assert_eq!(b.try_read(&mut [IoSliceMut::new(&mut [0u8; 8])]).unwrap(), 1);
+        // Empty now: the doorbell is quiet until the next write.
+        let r = wait(Some(&b), None, Duration::from_millis(100)).unwrap();
+        assert!(!r.readable);
     }
 
     #[test]
