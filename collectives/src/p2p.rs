@@ -6,8 +6,9 @@
 //! why). Messages between two ranks in one direction are matched in the
 //! order they were posted, across batches.
 //!
-//! A send completes once its receiver has the message's first frame and
-//! has answered that it agrees on the message (type and count), so a send
+//! A send completes once its data has gone and its receiver has answered
+//! that it agrees on the message (type and count), which the receiver
+//! does as its batch starts, so that the answer crosses the data: a send
 //! without a matching receive times out naming the peer, and counts that
 //! differ fail on both sides, naming both. Links to peers beyond the ring
 //! are made on first use ([`crate::lazy`]).

@@ -13,11 +13,14 @@
 //!   of the key (sender, receiver, position) and receives in that order
 //!   too, whatever order its caller posted in: the message with the least
 //!   key not yet done is first in line at both its ends, so some message
-//!   always moves and no batch deadlocks. Each receiver then answers every
-//!   message it got with an empty acknowledgement that carries its own
-//!   descriptor of the message, so that a sender whose receiver disagreed
-//!   on the count or type fails too, naming both calls, and a send to a
-//!   rank that never receives times out naming it.
+//!   always moves and no batch deadlocks. Each receiver also answers every
+//!   message it expects with an empty acknowledgement that carries its own
+//!   descriptor of the message, sent as the batch starts (after its own
+//!   data to that peer), not once the message is in: it crosses the data
+//!   on the wire, so a send costs one trip, not two. A sender waits for
+//!   it, so that a sender whose receiver disagreed on the count or type
+//!   fails too, naming both calls, and a send to a rank that never
+//!   receives times out naming it.
 //!
 //! Ranges are bytes: of the input for sends, of the output for receives.
 //! Each message travels as frames of at most `slice_elems` elements; an
@@ -162,10 +165,8 @@ pub fn point_to_point(
             });
         }
     }
-    let mut first_frame = Vec::with_capacity(recvs.len());
     for m in recvs {
         let t = tag(&mut p, m, DATA);
-        first_frame.push(p.recvs.len());
         for (j, f) in frames(&m.range, elem, slice_elems).into_iter().enumerate() {
             p.recvs.push(RecvOp {
                 peer: m.peer,
@@ -177,10 +178,10 @@ pub fn point_to_point(
             });
         }
     }
-    // Every message received is acknowledged once its first frame is in
-    // (its header, checked, says the two ends agree), after this rank's
-    // own data went.
-    for (m, &first) in recvs.iter().zip(&first_frame) {
+    // Every message this rank receives is acknowledged at once, after this
+    // rank's own data went: the acknowledgement's header is this end's
+    // descriptor, which the sender checks against its own.
+    for m in recvs {
         let t = tag(&mut p, m, ACK);
         p.sends.push(SendOp {
             peer: m.peer,
@@ -188,7 +189,7 @@ pub fn point_to_point(
             slice: 0,
             src: Src::Output,
             range: 0..0,
-            after_recv: Some(first),
+            after_recv: None,
         });
     }
     for m in sends {
@@ -295,10 +296,14 @@ mod tests {
             descriptor: [peer as u8; DESCRIPTOR_LEN],
         };
         let p = point_to_point(&[m(2, 0..8, 5)], &[m(1, 0..0, 3), m(3, 0..4, 0)], 4, 1);
-        // Two data frames, then an acknowledgement for each receive.
+        // Two data frames, then an acknowledgement for each receive, which
+        // waits for nothing received (it crosses the data).
         assert_eq!(p.sends.len(), 4);
-        assert_eq!(p.sends[2].after_recv, Some(0));
-        assert_eq!(p.sends[3].after_recv, Some(1));
+        assert!(p.sends.iter().all(|s| s.after_recv.is_none()));
+        assert_eq!(p.sends[2].peer, 1);
+        assert_eq!(p.sends[3].peer, 3);
+        let t = &p.wires[p.sends[3].step as usize];
+        assert_eq!((t.seq, t.step, t.descriptor[0]), (0, ACK, 3));
         // One empty frame, one frame, then the acknowledgement of the send.
         assert_eq!(p.recvs.len(), 3);
         let ack = &p.recvs[2];
