@@ -398,7 +398,10 @@ mod tests {
         let (mut a, mut b) = pair(0, 1, Faults::default(), one).unwrap();
         a.try_write(&[IoSlice::new(b"abc")]).unwrap();
         for left in [2, 1] {
-            assert_eq!(b.try_read(&mut [IoSliceMut::new(&mut [0u8; 8])]).unwrap(), 1);
+            assert_eq!(
+                b.try_read(&mut [IoSliceMut::new(&mut [0u8; 8])]).unwrap(),
+                1
+            );
             let start = Instant::now();
             let r = wait(Some(&b), None, Duration::from_secs(2)).unwrap();
             assert!(
@@ -407,7 +410,10 @@ mod tests {
                 start.elapsed()
             );
         }
-        assert_eq!(b.try_read(&mut [IoSliceMut::new(&mut [0u8; 8])]).unwrap(), 1);
+        assert_eq!(
+            b.try_read(&mut [IoSliceMut::new(&mut [0u8; 8])]).unwrap(),
+            1
+        );
         // Empty now: the doorbell is quiet until the next write.
         let r = wait(Some(&b), None, Duration::from_millis(100)).unwrap();
         assert!(!r.readable);

@@ -14,7 +14,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::Parser;
-use oxccl::algo::model::{Limits, Shaping, simulate_many, simulate_shaped};
+use oxccl::algo::model::{Limits, Shaping, simulate_many};
 use oxccl::algo::{self, Algorithm, LinkModel};
 use oxccl::{Config, DType, Descriptor, Kind, ReduceOp};
 use oxccl_benches::options::parse_size;
@@ -168,22 +168,12 @@ fn main() -> ExitCode {
                         return vec![(Err(format!("no algorithm {n}")), f64::NAN); models.len()];
                     };
                     let closed = models.iter().map(|l| alg.cost(&d, world, l));
-                    let sims = match a.burst {
-                        None => simulate_many(alg, world, bytes, slice, &models, limits),
-                        Some(burst) => simulate_shaped(
-                            alg,
-                            world,
-                            bytes,
-                            slice,
-                            &models,
-                            limits,
-                            Shaping {
-                                burst: burst as f64,
-                                warmup: a.warmup,
-                                calls: a.calls,
-                            },
-                        ),
-                    };
+                    let shaping = a.burst.map(|burst| Shaping {
+                        burst: burst as f64,
+                        warmup: a.warmup,
+                        calls: a.calls,
+                    });
+                    let sims = simulate_many(alg, world, bytes, slice, &models, limits, shaping);
                     match sims {
                         Ok(v) => v
                             .into_iter()

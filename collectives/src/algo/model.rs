@@ -314,7 +314,7 @@ pub fn simulate_with(
     link: &LinkModel,
     limits: Limits,
 ) -> Result<SimResult, SimError> {
-    simulate_many(algo, world, bytes, slice_bytes, &[*link], limits)?
+    simulate_many(algo, world, bytes, slice_bytes, &[*link], limits, None)?
         .pop()
         .unwrap_or(Err(SimError::Unsupported("no link".into())))
 }
@@ -322,41 +322,10 @@ pub fn simulate_with(
 /// [`simulate_with`] over several links at once: the plans are built once
 /// and each link runs on its own thread. The outer error is one that no
 /// link could get past (building the plans); the inner ones are per link.
+/// With `shaping`, the links are shaped by token buckets and a loop of
+/// calls is timed (see the module docs): each result is then the mean time
+/// of one timed call, and the frames of one call.
 pub fn simulate_many(
-    algo: &dyn Algorithm,
-    world: usize,
-    bytes: usize,
-    slice_bytes: usize,
-    links: &[LinkModel],
-    limits: Limits,
-) -> Result<Vec<Result<SimResult, SimError>>, SimError> {
-    simulate_inner(algo, world, bytes, slice_bytes, links, limits, None)
-}
-
-/// [`simulate_many`] over outbound links shaped by token buckets, timing a
-/// loop of calls (see the module docs): each result is the mean time of
-/// one timed call, and the frames of one call.
-pub fn simulate_shaped(
-    algo: &dyn Algorithm,
-    world: usize,
-    bytes: usize,
-    slice_bytes: usize,
-    links: &[LinkModel],
-    limits: Limits,
-    shaping: Shaping,
-) -> Result<Vec<Result<SimResult, SimError>>, SimError> {
-    simulate_inner(
-        algo,
-        world,
-        bytes,
-        slice_bytes,
-        links,
-        limits,
-        Some(shaping),
-    )
-}
-
-fn simulate_inner(
     algo: &dyn Algorithm,
     world: usize,
     bytes: usize,
@@ -800,14 +769,14 @@ mod tests {
             warmup,
             calls,
         };
-        let r = simulate_shaped(
+        let r = simulate_many(
             &RecursiveDoubling,
             2,
             64 << 10,
             1 << 30,
             &[link],
             Limits::default(),
-            shaping,
+            Some(shaping),
         )
         .unwrap();
         let one = r.into_iter().next().unwrap().unwrap();
