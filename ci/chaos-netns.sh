@@ -3,7 +3,7 @@
 # by a bridge (as ci/netns-bench.sh builds them), one rank in each running a
 # long loop of allreduces over TCP; mid-run one random rank's link goes down
 # (`ip link set ... down`). Every survivor must exit with an error that names
-# the cut rank within 2 x OXCCL_TIMEOUT + 2 s; the script prints each
+# the cut rank within 3 x OXCCL_TIMEOUT + 2 s; the script prints each
 # trial's outcome and the counts, and fails on any wrong name, success or
 # late exit. Needs root (network namespaces).
 #
@@ -42,7 +42,13 @@ ip netns del oxc-probe
 
 echo "# chaos-netns: $N hosts, $TRIALS trials, OXCCL_TIMEOUT=$TIMEOUT, SEED=$SEED; logs in $OUT"
 right=0 wrong=0 late=0 clean=0
-bound=$((2 * TIMEOUT + 2))
+# A survivor exits OXCCL_TIMEOUT after its last progress, plus the grace
+# (half of it) for the reports. Most stop progressing at the cut and exit
+# after ~8 s (timeout 5); the rank that writes to the cut host now and then
+# moves frames for a few seconds more (it finishes the call its buffered
+# frames allow and starts the next): 11-13 s in 3 of 30 survivors (2026-12-03). The bound
+# allows one timeout of such progress; a hung rank still shows.
+bound=$((3 * TIMEOUT + 2))
 netns_up oxc oxcbr0 oxcv "$N" "$NET" 2gbit 1mb
 for t in $(seq 1 "$TRIALS"); do
   victim=$((RANDOM % N))
