@@ -566,12 +566,11 @@ fn check_rank(rank: usize, world: usize) -> Result<()> {
     Ok(())
 }
 
-/// The job id of a group meeting through `store`: rank 0 makes one and
-/// writes it first thing; the others read it.
 /// Where rank 0 writes the job id in a store of one communicator's own.
 const JOB_KEY: &str = "oxccl/job";
 
-/// The job id: rank 0 makes one and writes it at `key`; the others read it.
+/// The job id of a group meeting through `store`: rank 0 makes one and
+/// writes it at `key` first thing; the others read it.
 fn job_id(store: &dyn Store, key: &str, rank: usize, deadline: Instant) -> Result<u64> {
     if rank == 0 {
         let job = random_job()?;
