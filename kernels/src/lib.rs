@@ -39,12 +39,16 @@ pub mod cpu;
 pub mod cuda;
 mod dtype;
 mod error;
+pub mod hostdev;
 pub mod reference;
 #[cfg(feature = "wgpu")]
 pub mod wgpu;
 
 pub use dtype::{DType, Element, ReduceOp};
 pub use error::KernelError;
+pub use oxccl_memory::{DevMut, DevRef, MemoryKind, MemoryKinds};
+
+use std::sync::Arc;
 
 /// Applies reductions to buffers that live somewhere the reducer can reach.
 ///
@@ -118,6 +122,102 @@ pub trait DeviceMemory: Send + std::fmt::Debug {
         len: usize,
         contributions: usize,
     ) -> Result<(), KernelError>;
+    /// The buffer by address, read-only, with the operations that work on
+    /// it there ([`DeviceOps`]); `None` (the default) for a backend whose
+    /// memory has no address a link could use (wgpu).
+    fn addressed(&self) -> Option<(DevRef<'_>, Arc<dyn DeviceOps>)> {
+        None
+    }
+    /// The buffer by address, lent exclusively, with its operations; `None`
+    /// (the default) as for [`addressed`](Self::addressed).
+    fn addressed_mut(&mut self) -> Option<(DevMut<'_>, Arc<dyn DeviceOps>)> {
+        None
+    }
+}
+
+/// Operations on one device's memory by address ([`DevMut`], [`DevRef`]):
+/// what a collective runs when its links move the buffer's bytes
+/// themselves (UCX with CUDA memory), so that nothing is staged through
+/// the host on the way.
+///
+/// Every operation is complete, as far as a link that reads the memory
+/// next can tell, when it returns. Regions must be of the device's
+/// [`kind`](Self::kind); a destination and a source may not overlap.
+pub trait DeviceOps: Send + Sync + std::fmt::Debug {
+    /// Backend name ("hostdev", "cuda").
+    fn backend(&self) -> &'static str;
+    /// The kind of memory the operations work on.
+    fn kind(&self) -> MemoryKind;
+    /// device → host.
+    fn read(&self, src: DevRef<'_>, dst: &mut [u8]) -> Result<(), KernelError>;
+    /// host → device.
+    fn write(&self, dst: DevMut<'_>, src: &[u8]) -> Result<(), KernelError>;
+    /// device → device, `dst.len() == src.len()`.
+    fn copy(&self, dst: DevMut<'_>, src: DevRef<'_>) -> Result<(), KernelError>;
+    /// `dst[i] = op(dst[i], src[i])` on the device; `Avg` behaves as `Sum`.
+    fn reduce(
+        &self,
+        dtype: DType,
+        op: ReduceOp,
+        dst: DevMut<'_>,
+        src: DevRef<'_>,
+    ) -> Result<(), KernelError>;
+    /// `dst[i] = op(dst[i], src[i])` with `src` on the host, reduced on the device.
+    fn reduce_from_host(
+        &self,
+        dtype: DType,
+        op: ReduceOp,
+        dst: DevMut<'_>,
+        src: &[u8],
+    ) -> Result<(), KernelError>;
+    /// Turns sums of `contributions` values in `dst` into averages.
+    fn finish_avg(
+        &self,
+        dtype: DType,
+        dst: DevMut<'_>,
+        contributions: usize,
+    ) -> Result<(), KernelError>;
+}
+
+/// Checks that `dst` and `src` (`src_len` bytes at `src_addr`) may be the
+/// two sides of a [`DeviceOps`] operation of `ops`: both of its kind, the
+/// same length, not overlapping.
+pub fn check_regions(
+    ops: &dyn DeviceOps,
+    dst: &DevMut<'_>,
+    src: Option<&DevRef<'_>>,
+) -> Result<(), KernelError> {
+    let wrong = |kind: MemoryKind| KernelError::Unsupported {
+        backend: ops.backend(),
+        what: format!("{kind} memory (it works on {} memory)", ops.kind()),
+    };
+    if dst.kind() != ops.kind() {
+        return Err(wrong(dst.kind()));
+    }
+    let Some(src) = src else { return Ok(()) };
+    if src.kind() != ops.kind() {
+        return Err(wrong(src.kind()));
+    }
+    if src.len() != dst.len() {
+        return Err(KernelError::LengthMismatch {
+            dst: dst.len(),
+            src: src.len(),
+        });
+    }
+    let (d, s) = (dst.addr(), src.addr());
+    if !dst.is_empty() && d < s + src.len() && s < d + dst.len() {
+        return Err(KernelError::Unsupported {
+            backend: ops.backend(),
+            what: format!(
+                "overlapping regions ({:#x}+{} and {:#x}+{})",
+                d,
+                dst.len(),
+                s,
+                src.len()
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// Checks the common preconditions of [`Reducer::reduce`] and returns the

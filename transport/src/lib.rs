@@ -50,6 +50,7 @@ pub use link::{
     wait_watching,
 };
 pub use message::{Incoming, Lent, MessageLink, Outgoing, Parts, Status};
+pub use oxccl_memory::{DevMut, DevRef, MemoryKind, MemoryKinds};
 
 /// What the code under test logs, for tests that check a warning is given.
 #[cfg(test)]

@@ -8,6 +8,7 @@ use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::time::Duration;
 
+use oxccl_memory::MemoryKinds;
 use rustix::event::{PollFd, PollFlags, Timespec};
 use smallvec::SmallVec;
 
@@ -90,6 +91,19 @@ pub struct Capabilities {
     /// or receive is posted from or into it (RDMA). Byte streams copy
     /// through the kernel or a ring and need no registration.
     pub registration: bool,
+    /// Kinds of memory the link moves by address ([`Lent::Device`],
+    /// [`Lent::DeviceMut`]): UCX hands device pointers to its own copy and
+    /// RDMA paths. Empty for byte streams, which read and write host bytes
+    /// themselves and refuse memory by address.
+    ///
+    /// [`Lent::Device`]: crate::Lent::Device
+    /// [`Lent::DeviceMut`]: crate::Lent::DeviceMut
+    pub by_address: MemoryKinds,
+    /// Frames of at most this many payload bytes go best through host
+    /// memory (UCX copies them with their header into one message), and a
+    /// receive of one into memory by address fails if its sender sent it
+    /// so: callers stage such frames on the host, on both sides alike.
+    pub by_address_over: usize,
 }
 
 /// One ordered, reliable byte stream to one peer, used without blocking.

@@ -31,6 +31,8 @@ use std::io::{IoSlice, IoSliceMut};
 
 use smallvec::SmallVec;
 
+use oxccl_memory::{DevMut, DevRef, MemoryKind};
+
 use crate::TransportError;
 use crate::link::{Endpoint, Link};
 use crate::wire::FrameHeader;
@@ -59,26 +61,66 @@ pub enum Lent<'b> {
         /// How many of its bytes the message covers.
         len: usize,
     },
+    /// Memory reached only by address (a device buffer's range), read
+    /// during the operation. Only links whose capabilities list its kind
+    /// ([`Capabilities::by_address`](crate::Capabilities::by_address)) take
+    /// it; no byte of it is read by the CPU here.
+    Device(DevRef<'b>),
+    /// Memory reached only by address, lent exclusively (a receive's
+    /// destination, or an output range a send reads), given back as
+    /// [`Lent::Exclusive`] is.
+    DeviceMut(DevMut<'b>),
 }
 
 impl Lent<'_> {
-    /// The lent bytes.
+    /// The lent host bytes; empty for memory reached by address
+    /// ([`Lent::Device`], [`Lent::DeviceMut`]), which only a link that moves
+    /// it reaches ([`Lent::device`]).
     #[inline]
     pub fn bytes(&self) -> &[u8] {
         match self {
             Lent::Shared(b) => b,
             Lent::Exclusive(b) => b,
             Lent::Owned { buf, len } => buf.get(..*len).unwrap_or_default(),
+            Lent::Device(_) | Lent::DeviceMut(_) => &[],
         }
     }
 
-    /// The lent bytes, writable; `None` for [`Lent::Shared`].
+    /// The lent host bytes, writable; `None` for [`Lent::Shared`] and for
+    /// memory reached by address.
     #[inline]
     pub fn bytes_mut(&mut self) -> Option<&mut [u8]> {
         match self {
-            Lent::Shared(_) => None,
+            Lent::Shared(_) | Lent::Device(_) | Lent::DeviceMut(_) => None,
             Lent::Exclusive(b) => Some(b),
             Lent::Owned { buf, len } => buf.get_mut(..*len),
+        }
+    }
+
+    /// The lent length in bytes, wherever the memory is.
+    #[inline]
+    pub fn len(&self) -> usize {
+        match self {
+            Lent::Device(r) => r.len(),
+            Lent::DeviceMut(r) => r.len(),
+            _ => self.bytes().len(),
+        }
+    }
+
+    /// Whether nothing is lent.
+    #[inline]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Memory reached by address: its address, length and kind; `None` for
+    /// host memory the CPU reads.
+    #[inline]
+    pub fn device(&self) -> Option<(usize, usize, MemoryKind)> {
+        match self {
+            Lent::Device(r) => Some((r.addr(), r.len(), r.kind())),
+            Lent::DeviceMut(r) => Some((r.addr(), r.len(), r.kind())),
+            _ => None,
         }
     }
 
@@ -89,6 +131,22 @@ impl Lent<'_> {
             Lent::Owned { buf, len } => *len <= buf.len(),
             _ => true,
         }
+    }
+}
+
+/// The kind of memory reached by address among `parts`, if any, for a link
+/// that moves only host memory to refuse.
+fn by_address(parts: &[Lent<'_>]) -> Option<MemoryKind> {
+    parts.iter().find_map(|p| p.device().map(|(_, _, k)| k))
+}
+
+fn refuse_device(peer: usize, kind: MemoryKind) -> TransportError {
+    TransportError::Protocol {
+        peer,
+        reason: format!(
+            "a stream link was handed {kind} memory by address; only links that move it \
+             themselves (UCX) take it"
+        ),
     }
 }
 
@@ -175,7 +233,7 @@ impl<'b> Outgoing<'b> {
                 return other;
             }
         }
-        let len: usize = self.payload.iter().map(|p| p.bytes().len()).sum();
+        let len: usize = self.payload.iter().map(Lent::len).sum();
         self.bad = len != header.len as usize || !self.payload.iter().all(Lent::valid);
         self.header = header.encode();
         self.len = len;
@@ -241,6 +299,13 @@ impl<'b> Outgoing<'b> {
     #[inline]
     pub fn payload(&self) -> &[Lent<'b>] {
         &self.payload
+    }
+
+    /// The payload's memory, for a link that posts it by address (UCX).
+    #[cfg(feature = "ucx")]
+    #[inline]
+    pub(crate) fn payload_mut(&mut self) -> &mut [Lent<'b>] {
+        &mut self.payload
     }
 
     /// The encoded header (for links that post messages natively).
@@ -360,11 +425,11 @@ impl<'b> Incoming<'b> {
                 return other;
             }
         }
-        let len: usize = self.into.iter().map(|p| p.bytes().len()).sum();
+        let len: usize = self.into.iter().map(Lent::len).sum();
         let writable = self
             .into
             .iter()
-            .all(|p| p.valid() && !matches!(p, Lent::Shared(_)));
+            .all(|p| p.valid() && !matches!(p, Lent::Shared(_) | Lent::Device(_)));
         self.expect = expect;
         self.len = len;
         self.bad = len != expect.len as usize || !writable;
@@ -387,7 +452,9 @@ impl<'b> Incoming<'b> {
             reason: format!(
                 "a receive into {} bytes (all writable: {}) of a message of {}",
                 self.len,
-                self.into.iter().all(|p| !matches!(p, Lent::Shared(_))),
+                self.into
+                    .iter()
+                    .all(|p| !matches!(p, Lent::Shared(_) | Lent::Device(_))),
                 self.expect.len
             ),
         })
@@ -534,6 +601,9 @@ impl<L: Link + ?Sized> MessageLink for L {
     #[inline]
     fn post_send(&mut self, m: &mut Outgoing<'_>) -> Result<Status, TransportError> {
         m.check(self.peer())?;
+        if let Some(kind) = by_address(&m.payload) {
+            return Err(refuse_device(self.peer(), kind));
+        }
         self.allow_single_copy(m.single_copy);
         MessageLink::test_send(self, m)
     }
@@ -562,6 +632,9 @@ impl<L: Link + ?Sized> MessageLink for L {
     #[inline]
     fn post_recv(&mut self, m: &mut Incoming<'_>) -> Result<Status, TransportError> {
         m.check(self.peer())?;
+        if let Some(kind) = by_address(&m.into) {
+            return Err(refuse_device(self.peer(), kind));
+        }
         MessageLink::test_recv(self, m)
     }
 

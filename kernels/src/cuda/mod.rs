@@ -36,7 +36,12 @@
 //! kernel) alive until the launch is queued. The argument types match the
 //! kernels' C signatures: `(T*, const T*, size_t)` for reductions and
 //! `(T*, size_t, divisor)` for averages, the divisor being `u64` for integers,
-//! `double` for f64 and `float` otherwise.
+//! `double` for f64 and `float` otherwise. The operations by address
+//! ([`DeviceOps`], the path where UCX moves device memory itself) take
+//! their pointers from [`DevMut`] and [`DevRef`] regions, whose makers
+//! vouch that they are live device memory for the region's lifetime; each
+//! such operation waits for the stream before it returns, so the region
+//! outlives its use.
 
 use std::collections::HashMap;
 use std::mem::ManuallyDrop;
@@ -50,7 +55,10 @@ use cudarc::driver::{
 };
 use cudarc::nvrtc::{CompileOptions, Ptx};
 
-use crate::{DType, DeviceMemory, KernelError, ReduceOp, check_len};
+use crate::{
+    DType, DevMut, DevRef, DeviceMemory, DeviceOps, KernelError, MemoryKind, ReduceOp, check_len,
+    check_regions,
+};
 
 const BACKEND: &str = "cuda";
 /// The CUDA C source of every kernel.
@@ -261,6 +269,15 @@ impl CudaReducer {
             .map_err(|e| driver_error("alloc", e))
     }
 
+    /// Makes the reducer's context current on this thread, for the driver
+    /// calls made on raw addresses.
+    fn bind(&self) -> Result<(), KernelError> {
+        self.stream
+            .context()
+            .bind_to_thread()
+            .map_err(|e| driver_error("bind context", e))
+    }
+
     /// Waits for all the work queued on the reducer's stream.
     pub fn synchronize(&self) -> Result<(), KernelError> {
         self.stream
@@ -311,18 +328,44 @@ impl CudaReducer {
         if n == 0 {
             return Ok(());
         }
-        let f = self.function(&format!("oxccl_reduce_{dtype}_{}", op_name(op)))?;
-        let cfg = self.launch_config(n, dtype);
         let (dst_ptr, _dst_guard): (u64, SyncOnDrop<'_>) = dst.device_ptr_mut(&self.stream);
         let (src_ptr, _src_guard): (u64, SyncOnDrop<'_>) = src.device_ptr(&self.stream);
-        let d = dst_ptr + dst_offset as u64;
-        let s = src_ptr + src_offset as u64;
+        // SAFETY: both point `bytes` into live device allocations (ranges
+        // checked above; the slices are borrowed for this call and the
+        // guards record the use on the stream before they drop).
+        unsafe {
+            self.reduce_at(
+                dtype,
+                op,
+                dst_ptr + dst_offset as u64,
+                src_ptr + src_offset as u64,
+                n,
+            )
+        }
+    }
+
+    /// Queues the reduction of `n` elements at device address `s` into
+    /// those at `d`.
+    ///
+    /// # Safety
+    ///
+    /// `d` and `s` must each point to `n` elements of `dtype` in device
+    /// memory of this reducer's context that stays allocated until the
+    /// kernel has run.
+    unsafe fn reduce_at(
+        &self,
+        dtype: DType,
+        op: ReduceOp,
+        d: u64,
+        s: u64,
+        n: usize,
+    ) -> Result<(), KernelError> {
+        let f = self.function(&format!("oxccl_reduce_{dtype}_{}", op_name(op)))?;
+        let cfg = self.launch_config(n, dtype);
         let mut launch = self.stream.launch_builder(f);
         launch.arg(&d).arg(&s).arg(&n);
-        // SAFETY: `d` and `s` point `bytes` = n elements into live device
-        // allocations (ranges checked above; the slices are borrowed for this
-        // call and the guards record the use on the stream before they drop);
-        // the argument types match `(T*, const T*, size_t)`.
+        // SAFETY: the caller's contract; the argument types match
+        // `(T*, const T*, size_t)`.
         unsafe { launch.launch(cfg) }.map_err(|e| driver_error("launch reduce", e))?;
         Ok(())
     }
@@ -343,10 +386,28 @@ impl CudaReducer {
         if n == 0 || contributions <= 1 {
             return Ok(());
         }
+        let (dst_ptr, _guard): (u64, SyncOnDrop<'_>) = dst.device_ptr_mut(&self.stream);
+        // SAFETY: `bytes` at the offset lie in the live allocation (checked
+        // above; the guard keeps the use recorded until the launch is queued).
+        unsafe { self.avg_at(dtype, dst_ptr + offset as u64, n, contributions) }
+    }
+
+    /// Queues the averaging of `n` sums of `contributions` values at
+    /// device address `d`.
+    ///
+    /// # Safety
+    ///
+    /// `d` must point to `n` elements of `dtype` in device memory of this
+    /// reducer's context that stays allocated until the kernel has run.
+    unsafe fn avg_at(
+        &self,
+        dtype: DType,
+        d: u64,
+        n: usize,
+        contributions: usize,
+    ) -> Result<(), KernelError> {
         let f = self.function(&format!("oxccl_avg_{dtype}"))?;
         let cfg = self.launch_config(n, dtype);
-        let (dst_ptr, _guard): (u64, SyncOnDrop<'_>) = dst.device_ptr_mut(&self.stream);
-        let d = dst_ptr + offset as u64;
         let c = contributions as u64;
         // Integer divisor: 0 when the count does not fit the type (the
         // reference's quotient is then 0).
@@ -367,10 +428,9 @@ impl CudaReducer {
             DType::F32 | DType::F16 | DType::BF16 => launch.arg(&f32_div),
             _ => launch.arg(&int_div),
         };
-        // SAFETY: `d` points n elements into a live device allocation (range
-        // checked above, guard alive until the launch is queued); the
-        // arguments match `(T*, size_t, divisor)` with the divisor type the
-        // kernel of this dtype declares.
+        // SAFETY: the caller's contract; the arguments match
+        // `(T*, size_t, divisor)` with the divisor type the kernel of this
+        // dtype declares.
         unsafe { launch.launch(cfg) }.map_err(|e| driver_error("launch avg", e))?;
         Ok(())
     }
@@ -569,5 +629,182 @@ impl DeviceMemory for CudaBuffer {
         check_range(self.len, offset, len)?;
         let reducer = Arc::clone(&self.reducer);
         reducer.finish_avg(dtype, &mut self.data, offset, len, contributions)
+    }
+
+    fn addressed(&self) -> Option<(DevRef<'_>, Arc<dyn DeviceOps>)> {
+        let (ptr, _guard): (u64, SyncOnDrop<'_>) = self.data.device_ptr(&self.reducer.stream);
+        // SAFETY: the allocation lives as long as the buffer (at least
+        // `len` bytes), and `&self` keeps it from being written here for
+        // the borrow.
+        let region = unsafe { DevRef::new(ptr as usize, self.len, MemoryKind::Cuda) };
+        Some((region, Arc::clone(&self.reducer) as Arc<dyn DeviceOps>))
+    }
+
+    fn addressed_mut(&mut self) -> Option<(DevMut<'_>, Arc<dyn DeviceOps>)> {
+        let stream = Arc::clone(&self.reducer.stream);
+        let (ptr, _guard): (u64, SyncOnDrop<'_>) = self.data.device_ptr_mut(&stream);
+        // SAFETY: as above, with `&mut self` keeping every other access
+        // away for the borrow.
+        let region = unsafe { DevMut::new(ptr as usize, self.len, MemoryKind::Cuda) };
+        Some((region, Arc::clone(&self.reducer) as Arc<dyn DeviceOps>))
+    }
+}
+
+/// The reducer's operations on its device's memory by address: the engine's
+/// path when a link moves device memory itself (UCX with CUDA). Each one
+/// waits for the stream before it returns, so a link that reads the memory
+/// next sees its result.
+impl DeviceOps for CudaReducer {
+    fn backend(&self) -> &'static str {
+        BACKEND
+    }
+
+    fn kind(&self) -> MemoryKind {
+        MemoryKind::Cuda
+    }
+
+    fn read(&self, src: DevRef<'_>, dst: &mut [u8]) -> Result<(), KernelError> {
+        if src.kind() != MemoryKind::Cuda {
+            return Err(KernelError::Unsupported {
+                backend: BACKEND,
+                what: format!("{} memory (it works on cuda memory)", src.kind()),
+            });
+        }
+        if src.len() != dst.len() {
+            return Err(KernelError::LengthMismatch {
+                dst: dst.len(),
+                src: src.len(),
+            });
+        }
+        if dst.is_empty() {
+            return Ok(());
+        }
+        self.bind()?;
+        // SAFETY: a CUDA region is `len` bytes of live device memory of
+        // this context for its lifetime (its contract); `dst` is host
+        // memory of that length, and the copy is waited for below, before
+        // `dst`'s borrow ends.
+        unsafe {
+            cudarc::driver::result::memcpy_dtoh_async(
+                dst,
+                src.addr() as u64,
+                self.stream.cu_stream(),
+            )
+        }
+        .map_err(|e| driver_error("copy to host", e))?;
+        self.synchronize()
+    }
+
+    fn write(&self, dst: DevMut<'_>, src: &[u8]) -> Result<(), KernelError> {
+        check_regions(self, &dst, None)?;
+        if dst.len() != src.len() {
+            return Err(KernelError::LengthMismatch {
+                dst: dst.len(),
+                src: src.len(),
+            });
+        }
+        if src.is_empty() {
+            return Ok(());
+        }
+        self.bind()?;
+        // SAFETY: as in `read`, the other way; `src` stays borrowed until
+        // the copy is waited for.
+        unsafe {
+            cudarc::driver::result::memcpy_htod_async(
+                dst.addr() as u64,
+                src,
+                self.stream.cu_stream(),
+            )
+        }
+        .map_err(|e| driver_error("copy to device", e))?;
+        self.synchronize()
+    }
+
+    fn copy(&self, dst: DevMut<'_>, src: DevRef<'_>) -> Result<(), KernelError> {
+        check_regions(self, &dst, Some(&src))?;
+        if src.is_empty() {
+            return Ok(());
+        }
+        self.bind()?;
+        // SAFETY: two CUDA regions of one length, not overlapping (checked),
+        // live for their lifetimes, which outlast the wait below.
+        unsafe {
+            cudarc::driver::result::memcpy_dtod_async(
+                dst.addr() as u64,
+                src.addr() as u64,
+                src.len(),
+                self.stream.cu_stream(),
+            )
+        }
+        .map_err(|e| driver_error("copy on the device", e))?;
+        self.synchronize()
+    }
+
+    fn reduce(
+        &self,
+        dtype: DType,
+        op: ReduceOp,
+        dst: DevMut<'_>,
+        src: DevRef<'_>,
+    ) -> Result<(), KernelError> {
+        check_regions(self, &dst, Some(&src))?;
+        let n = check_len(dtype, dst.len())?;
+        check_aligned(dtype, dst.addr())?;
+        check_aligned(dtype, src.addr())?;
+        if n == 0 {
+            return Ok(());
+        }
+        // SAFETY: two CUDA regions of `n` elements (checked), live until the
+        // wait below.
+        unsafe { self.reduce_at(dtype, op, dst.addr() as u64, src.addr() as u64, n) }?;
+        self.synchronize()
+    }
+
+    fn reduce_from_host(
+        &self,
+        dtype: DType,
+        op: ReduceOp,
+        dst: DevMut<'_>,
+        src: &[u8],
+    ) -> Result<(), KernelError> {
+        check_regions(self, &dst, None)?;
+        if dst.len() != src.len() {
+            return Err(KernelError::LengthMismatch {
+                dst: dst.len(),
+                src: src.len(),
+            });
+        }
+        let n = check_len(dtype, src.len())?;
+        check_aligned(dtype, dst.addr())?;
+        if n == 0 {
+            return Ok(());
+        }
+        let mut staged = self.alloc(src.len())?;
+        self.stream
+            .memcpy_htod(src, &mut staged.slice_mut(..src.len()))
+            .map_err(|e| driver_error("stage to device", e))?;
+        let (s, _guard): (u64, SyncOnDrop<'_>) = staged.device_ptr(&self.stream);
+        // SAFETY: `dst` is a CUDA region of `n` elements (checked) and `s`
+        // the staged copy's `n`, both live until the wait below.
+        unsafe { self.reduce_at(dtype, op, dst.addr() as u64, s, n) }?;
+        self.synchronize()
+    }
+
+    fn finish_avg(
+        &self,
+        dtype: DType,
+        dst: DevMut<'_>,
+        contributions: usize,
+    ) -> Result<(), KernelError> {
+        check_regions(self, &dst, None)?;
+        let n = check_len(dtype, dst.len())?;
+        check_aligned(dtype, dst.addr())?;
+        if n == 0 || contributions <= 1 {
+            return Ok(());
+        }
+        // SAFETY: a CUDA region of `n` elements (checked), live until the
+        // wait below.
+        unsafe { self.avg_at(dtype, dst.addr() as u64, n, contributions) }?;
+        self.synchronize()
     }
 }

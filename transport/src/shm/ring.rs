@@ -211,7 +211,7 @@ impl Endpoint for ShmLink {
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             cheap_polling: true,
-            registration: false,
+            ..Capabilities::default()
         }
     }
 

@@ -80,6 +80,7 @@ use crate::link::{Direction, Endpoint, ShutdownHandle, StreamLink};
 use crate::message::{Incoming, Lent, MessageLink, Outgoing, Status};
 use crate::shm::handshake::{recv_exact, send_all};
 use crate::wire::FrameHeader;
+use crate::{Capabilities, MemoryKind, MemoryKinds};
 
 mod sys;
 
@@ -210,6 +211,9 @@ pub struct Shared {
     efd: i32,
     /// The worker's address, as peers connect to it.
     address: Vec<u8>,
+    /// The kinds of memory this context moves by address: host always,
+    /// CUDA where UCX was built with it and finds a device.
+    memory: MemoryKinds,
 }
 
 impl fmt::Debug for Shared {
@@ -275,6 +279,7 @@ pub fn worker() -> Result<Worker, TransportError> {
     if st != sys::UCS_OK {
         return Err(ucx_err("creating a UCP context", st));
     }
+    let memory = memory_kinds(context);
     let wparams = sys::ucp_worker_params_t {
         field_mask: sys::UCP_WORKER_PARAM_FIELD_THREAD_MODE as u64,
         thread_mode: sys::UCS_THREAD_MODE_SERIALIZED,
@@ -324,7 +329,77 @@ pub fn worker() -> Result<Worker, TransportError> {
         }),
         efd,
         address,
+        memory,
     }))
+}
+
+/// The kinds of memory a context can move by address (`ucp_context_query`'s
+/// memory types): host memory always; CUDA memory when UCX has a CUDA
+/// transport loaded (its `cuda_copy` module finds a driver and a device).
+fn memory_kinds(context: sys::ucp_context_h) -> MemoryKinds {
+    let mut attr = sys::ucp_context_attr_t {
+        field_mask: sys::UCP_ATTR_FIELD_MEMORY_TYPES as u64,
+        ..Default::default()
+    };
+    let host = MemoryKinds::NONE.with(MemoryKind::Host);
+    // SAFETY: the context is live; `attr` is valid for UCX to fill.
+    let st = unsafe { sys::ucp_context_query(context, &mut attr) };
+    if st != sys::UCS_OK {
+        return host;
+    }
+    if attr.memory_types & (1u64 << sys::UCS_MEMORY_TYPE_CUDA) != 0 {
+        host.with(MemoryKind::Cuda)
+    } else {
+        host
+    }
+}
+
+/// UCX's name for a kind of memory, given with every operation on memory
+/// by address so that UCX need not look it up.
+fn memory_type(kind: MemoryKind) -> sys::ucs_memory_type_t {
+    match kind {
+        MemoryKind::Host => sys::UCS_MEMORY_TYPE_HOST,
+        MemoryKind::Cuda => sys::UCS_MEMORY_TYPE_CUDA,
+    }
+}
+
+/// Addresses and lengths of an operation's memory, and its kind when reached
+/// by address.
+type Pieces = (SmallVec<[(usize, usize); 4]>, Option<MemoryKind>);
+
+/// The memory of an operation's parts as UCX takes it: each part's address
+/// and length (adjacent parts merged: the cells of one output range are
+/// one piece of memory), and the kind of memory reached by address, if
+/// any. Host parts and parts by address cannot be mixed in one operation.
+fn pieces(parts: &mut [Lent<'_>], peer: usize) -> Result<Pieces, TransportError> {
+    let mut out: SmallVec<[(usize, usize); 4]> = SmallVec::new();
+    let mut kind: Option<Option<MemoryKind>> = None;
+    for p in parts.iter_mut() {
+        let (addr, len, k) = match p.device() {
+            Some((a, n, k)) => (a, n, Some(k)),
+            None => match p.bytes_mut() {
+                Some(b) => (b.as_mut_ptr() as usize, b.len(), None),
+                None => (p.bytes().as_ptr() as usize, p.bytes().len(), None),
+            },
+        };
+        if len == 0 {
+            continue;
+        }
+        match kind {
+            Some(before) if before != k => {
+                return Err(TransportError::Protocol {
+                    peer,
+                    reason: "one UCX message of host memory and memory by address together".into(),
+                });
+            }
+            _ => kind = Some(k),
+        }
+        match out.last_mut() {
+            Some((a, n)) if *a + *n == addr => *n += len,
+            _ => out.push((addr, len)),
+        }
+    }
+    Ok((out, kind.flatten()))
 }
 
 /// The error an endpoint reported through its callback (0: none).
@@ -845,13 +920,18 @@ impl UcxLink {
         count: usize,
         datatype: sys::ucp_datatype_t,
         tag: u64,
+        mem: Option<MemoryKind>,
     ) -> Result<Req, sys::ucs_status_t> {
         let _ = h;
-        let param = sys::ucp_request_param_t {
+        let mut param = sys::ucp_request_param_t {
             op_attr_mask: sys::UCP_OP_ATTR_FIELD_DATATYPE,
             datatype,
             ..Default::default()
         };
+        if let Some(kind) = mem {
+            param.op_attr_mask |= sys::UCP_OP_ATTR_FIELD_MEMORY_TYPE;
+            param.memory_type = memory_type(kind);
+        }
         // SAFETY: the endpoint is live (not withdrawn) and the worker locked
         // (`h`); `buf` is memory that stays valid and untouched until the
         // request completes (see the module's safety notes).
@@ -909,8 +989,9 @@ impl UcxLink {
         count: usize,
         datatype: sys::ucp_datatype_t,
         which: u64,
+        mem: Option<MemoryKind>,
     ) -> Result<Option<usize>, TransportError> {
-        let param = sys::ucp_request_param_t {
+        let mut param = sys::ucp_request_param_t {
             // Always a request, tested with ucp_tag_recv_request_test: UCX
             // 1.13 does not fill `recv_info` when an I/O-vector receive
             // completes at once.
@@ -918,6 +999,10 @@ impl UcxLink {
             datatype,
             ..Default::default()
         };
+        if let Some(kind) = mem {
+            param.op_attr_mask |= sys::UCP_OP_ATTR_FIELD_MEMORY_TYPE;
+            param.memory_type = memory_type(kind);
+        }
         let t = tag(which, self.recv_id, self.rx.seq);
         // SAFETY: the worker is live and locked (`h`); `buf` stays valid and
         // untouched until the request completes or is cancelled.
@@ -981,26 +1066,20 @@ impl UcxLink {
         h: &Handles,
         m: &mut Incoming<'_>,
     ) -> Result<Option<usize>, TransportError> {
-        let parts = m.buffers_mut();
-        let pieces: SmallVec<[(*mut u8, usize); 4]> = parts
-            .iter_mut()
-            .filter_map(|p| p.bytes_mut())
-            .filter(|b| !b.is_empty())
-            .map(|b| (b.as_mut_ptr(), b.len()))
-            .collect();
+        let (pieces, mem) = pieces(m.buffers_mut(), self.peer)?;
         self.rx.stage = Stage::Second;
         match pieces.as_slice() {
-            [(p, n)] => self.recv_one(h, p.cast(), *n, contig(), SECOND),
+            &[(p, n)] => self.recv_one(h, p as *mut c_void, n, contig(), SECOND, mem),
             _ => {
                 self.rx.iov.clear();
                 self.rx
                     .iov
                     .extend(pieces.iter().map(|&(p, n)| sys::ucp_dt_iov_t {
-                        buffer: p.cast(),
+                        buffer: p as *mut c_void,
                         length: n,
                     }));
                 let (p, n) = (self.rx.iov.as_mut_ptr(), self.rx.iov.len());
-                self.recv_one(h, p.cast(), n, iov(), SECOND)
+                self.recv_one(h, p.cast(), n, iov(), SECOND, mem)
             }
         }
     }
@@ -1030,6 +1109,16 @@ impl UcxLink {
         let len = m.len();
         if n > HDR || len == 0 {
             self.rx.stage = Stage::Idle;
+            if len > 0 && m.buffers().iter().any(|p| p.device().is_some()) {
+                return Err(TransportError::Protocol {
+                    peer,
+                    reason: format!(
+                        "a frame of {len} bytes came inline, with its header, for memory reached \
+                         by address (frames of at most {INLINE} bytes must be received into host \
+                         memory)"
+                    ),
+                });
+            }
             if n - HDR != len {
                 return Err(TransportError::Protocol {
                     peer,
@@ -1050,13 +1139,8 @@ impl UcxLink {
             m.set_moved(HDR + len);
             return Ok(Status::Done);
         }
-        if len <= INLINE {
-            self.rx.stage = Stage::Idle;
-            return Err(TransportError::Protocol {
-                peer,
-                reason: format!("a UCX frame header of {len} bytes without its inline payload"),
-            });
-        }
+        // A header alone: the payload follows as a message of its own (a
+        // frame larger than INLINE, or one sent from memory by address).
         match self.post_second(h, m)? {
             Some(got) => self.second_done(m, got),
             None => Ok(Status::Pending),
@@ -1279,6 +1363,14 @@ impl Endpoint for UcxLink {
     fn describe(&self) -> String {
         self.description.clone()
     }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            by_address: self.shared.memory,
+            by_address_over: INLINE,
+            ..Capabilities::default()
+        }
+    }
 }
 
 impl MessageLink for UcxLink {
@@ -1296,41 +1388,55 @@ impl MessageLink for UcxLink {
         self.tx.failed = None;
         self.tx.buf[..HDR].copy_from_slice(m.header_bytes());
         let first = tag(FIRST, self.send_id, seq);
-        let r = if len <= INLINE {
+        let by_address = m.payload().iter().any(|p| p.device().is_some());
+        let r = if len <= INLINE && !by_address {
             let mut at = HDR;
             for p in m.payload() {
                 let b = p.bytes();
                 self.tx.buf[at..at + b.len()].copy_from_slice(b);
                 at += b.len();
             }
-            self.send_one(&h, self.tx.buf.as_ptr().cast(), HDR + len, contig(), first)
-                .map(|r| [r, Req::NONE])
+            self.send_one(
+                &h,
+                self.tx.buf.as_ptr().cast(),
+                HDR + len,
+                contig(),
+                first,
+                None,
+            )
+            .map(|r| [r, Req::NONE])
         } else {
-            self.send_one(&h, self.tx.buf.as_ptr().cast(), HDR, contig(), first)
+            // The header, then the payload from the caller's memory
+            // (memory by address always so: only UCX may read it).
+            let (pieces, mem) = match pieces(m.payload_mut(), self.peer) {
+                Ok(p) => p,
+                Err(e) => {
+                    drop(h);
+                    return Err(e);
+                }
+            };
+            self.send_one(&h, self.tx.buf.as_ptr().cast(), HDR, contig(), first, None)
                 .and_then(|a| {
                     let second = tag(SECOND, self.send_id, seq);
-                    let pieces: SmallVec<[&[u8]; 4]> = m
-                        .payload()
-                        .iter()
-                        .map(Lent::bytes)
-                        .filter(|b| !b.is_empty())
-                        .collect();
                     let b = match pieces.as_slice() {
-                        [one] => {
-                            self.send_one(&h, one.as_ptr().cast(), one.len(), contig(), second)
+                        &[(p, n)] => {
+                            self.send_one(&h, p as *const c_void, n, contig(), second, mem)
                         }
                         _ => {
                             self.tx.iov.clear();
-                            self.tx.iov.extend(pieces.iter().map(|b| sys::ucp_dt_iov_t {
-                                buffer: b.as_ptr() as *mut c_void,
-                                length: b.len(),
-                            }));
+                            self.tx
+                                .iov
+                                .extend(pieces.iter().map(|&(p, n)| sys::ucp_dt_iov_t {
+                                    buffer: p as *mut c_void,
+                                    length: n,
+                                }));
                             self.send_one(
                                 &h,
                                 self.tx.iov.as_ptr().cast(),
                                 self.tx.iov.len(),
                                 iov(),
                                 second,
+                                mem,
                             )
                         }
                     };
@@ -1397,7 +1503,7 @@ impl MessageLink for UcxLink {
         let shared = self.shared.clone();
         let h = shared.lock();
         let (p, n) = (self.rx.buf.as_mut_ptr(), self.rx.buf.len());
-        let got = match self.recv_one(&h, p.cast(), n, contig(), FIRST) {
+        let got = match self.recv_one(&h, p.cast(), n, contig(), FIRST, None) {
             Ok(g) => g,
             Err(e) => {
                 self.rx.stage = Stage::Idle;

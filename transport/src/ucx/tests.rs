@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use smallvec::smallvec;
 
 use super::*;
+use crate::DevMut;
 use crate::wire::Tag;
 
 fn header(step: u32, len: usize) -> FrameHeader {
@@ -316,4 +317,91 @@ fn auto_upgrades_only_links_between_hosts_that_both_have_rdma() {
         drop((tx, rx));
         assert_eq!(&got, b"abc", "{case}");
     }
+}
+
+/// `len` bytes of `buf` from `at`, as memory by address (host memory: what
+/// the engine lends from a host-backed device buffer).
+fn by_address(buf: &mut [u8], at: usize, len: usize) -> DevMut<'_> {
+    let region = &mut buf[at..at + len];
+    // SAFETY: the region borrows `buf` exclusively for its lifetime, and
+    // nothing reads or writes `buf` meanwhile but the link.
+    unsafe { DevMut::new(region.as_mut_ptr() as usize, len, MemoryKind::Host) }
+}
+
+#[test]
+fn memory_by_address_goes_both_ways_at_every_size() {
+    let (mut a, mut b) = pair();
+    let caps = a.capabilities();
+    assert!(caps.by_address.contains(MemoryKind::Host), "{caps:?}");
+    assert_eq!(caps.by_address_over, INLINE);
+    // Sizes that UCX would send inline (a frame by address still goes as a
+    // header and its payload), at the threshold, eager, and rendezvous.
+    for (step, &n) in [1usize, 100, INLINE, INLINE + 1, 100_000, 3 << 20]
+        .iter()
+        .enumerate()
+    {
+        let mut data: Vec<u8> = (0..n).map(|i| (i * 13 + step) as u8).collect();
+        let want = data.clone();
+        let mut got = vec![0xEEu8; n + 2];
+        let h = header(step as u32, n);
+        {
+            let src = by_address(&mut data, 0, n);
+            let dst = by_address(&mut got, 1, n);
+            let mut tx = Outgoing::new(&h, smallvec![Lent::Device(src.as_ref())]);
+            let mut rx = Incoming::new(h, smallvec![Lent::DeviceMut(dst)]);
+            drive(&mut a, &mut tx, &mut b, &mut rx).unwrap();
+        }
+        assert!(got[1..=n] == want[..], "{n} bytes differ");
+        assert_eq!((got[0], got[n + 1]), (0xEE, 0xEE), "{n}: written outside");
+        // Host memory one side, memory by address the other: the same wire.
+        if n > INLINE {
+            let mut back = vec![0u8; n];
+            {
+                let dst = by_address(&mut back, 0, n);
+                let mut tx = Outgoing::new(&h, smallvec![Lent::Shared(&want)]);
+                let mut rx = Incoming::new(h, smallvec![Lent::DeviceMut(dst)]);
+                drive(&mut b, &mut tx, &mut a, &mut rx).unwrap();
+            }
+            assert!(back == want, "{n} bytes back differ");
+        }
+    }
+}
+
+#[test]
+fn an_inline_frame_for_memory_by_address_is_refused() {
+    let (mut a, mut b) = pair();
+    let data = [3u8; 64];
+    let mut out = [0u8; 64];
+    let h = header(0, 64);
+    let r = {
+        let dst = by_address(&mut out, 0, 64);
+        let mut tx = Outgoing::new(&h, smallvec![Lent::Shared(&data)]);
+        let mut rx = Incoming::new(h, smallvec![Lent::DeviceMut(dst)]);
+        drive(&mut a, &mut tx, &mut b, &mut rx)
+    };
+    match r {
+        Err(TransportError::Protocol { reason, .. }) => {
+            assert!(reason.contains("inline"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(out.iter().all(|&x| x == 0), "bytes reached the memory");
+}
+
+#[test]
+fn stream_links_refuse_memory_by_address() {
+    let (x, y) = UnixStream::pair().unwrap();
+    let mut s = StreamLink::unix(1, x).unwrap();
+    let _keep = y;
+    let mut buf = [0u8; 16];
+    let h = header(0, 16);
+    let src = by_address(&mut buf, 0, 16);
+    let mut tx = Outgoing::new(&h, smallvec![Lent::Device(src.as_ref())]);
+    match s.post_send(&mut tx) {
+        Err(TransportError::Protocol { reason, .. }) => {
+            assert!(reason.contains("by address"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(s.capabilities().by_address.is_empty());
 }
