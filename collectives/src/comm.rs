@@ -93,6 +93,9 @@ pub struct Communicator {
     /// or at the C boundary) with its links in an unknown state.
     in_call: Option<u64>,
     staging: Vec<u8>,
+    /// Device memory for frames reduced by address (links that move device
+    /// memory themselves), kept between calls.
+    device_scratch: Option<Box<dyn DeviceMemory>>,
     work: Vec<u8>,
     /// The last call's plan, its algorithm and its shape: a loop of
     /// identical calls (every training step) builds its plan once.
@@ -213,6 +216,7 @@ impl Communicator {
             poisoned: None,
             in_call: None,
             staging: Vec::new(),
+            device_scratch: None,
             work: Vec::new(),
             last_plan: None,
             kept_plan: None,
@@ -520,12 +524,17 @@ impl Communicator {
                         if d.kind != Kind::ReduceScatter {
                             return Ok(());
                         }
-                        // Only the own chunk comes back through the host.
+                        // Only the own chunk comes back (on the device
+                        // when both have addresses there, else through the host).
                         let elem = d.dtype.size();
                         let own = chunk_range(shape.count, shape.world, shape.rank);
-                        let mut host = vec![0u8; own.len() * elem];
-                        w.read(own.start * elem, &mut host)?;
-                        output.write(0, &host)?;
+                        let mut dest = crate::exchange::Dest::Device(output);
+                        crate::exchange::copy_own(
+                            Input::Device(w.as_ref()),
+                            &mut dest,
+                            own.start * elem..own.end * elem,
+                            0,
+                        )?;
                         Ok(())
                     })
                 }
@@ -869,6 +878,7 @@ impl Communicator {
                 links: &mut self.links,
                 reducer: self.reducer.as_ref(),
                 staging: &mut self.staging,
+                device_scratch: &mut self.device_scratch,
                 config: &self.config,
                 world: self.world,
             },
@@ -1009,6 +1019,7 @@ struct Driver<'a> {
     links: &'a mut Option<Links<'static>>,
     reducer: &'a dyn Reducer,
     staging: &'a mut Vec<u8>,
+    device_scratch: &'a mut Option<Box<dyn DeviceMemory>>,
     config: &'a Config,
     world: usize,
 }
@@ -1038,6 +1049,7 @@ impl<'a> Driver<'a> {
                 world: self.world,
                 reducer: self.reducer,
                 staging: self.staging,
+                scratch: Some(self.device_scratch),
                 timeout: self.config.timeout,
                 spin: self.config.spin,
                 single_copy_from: single_copy_from(d, self.world),

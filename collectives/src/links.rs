@@ -10,7 +10,7 @@
 //! next and the previous rank are the same peer and each ring link carries
 //! one direction, as in the ring.
 
-use oxccl_transport::{Link, MessageLink};
+use oxccl_transport::{Link, MemoryKind, MemoryKinds, MessageLink};
 
 /// Where a link is kept.
 #[derive(Debug, Clone, Copy)]
@@ -35,6 +35,9 @@ pub(crate) struct Links<'a> {
     pairs: Vec<(usize, Box<dyn MessageLink + 'a>)>,
     /// Some link needs memory registered before it is posted.
     registration: bool,
+    /// What every link moves by address, and the frame size above which it
+    /// does ([`Capabilities::by_address`](oxccl_transport::Capabilities)).
+    by_address: (MemoryKinds, usize),
 }
 
 impl<'a> Links<'a> {
@@ -47,12 +50,25 @@ impl<'a> Links<'a> {
         let mut pairs: Vec<(usize, Box<dyn MessageLink + 'a>)> =
             pairs.into_iter().map(|l| (l.peer(), l)).collect();
         pairs.sort_by_key(|(p, _)| *p);
-        let registration = [&next, &prev]
-            .into_iter()
-            .chain(pairs.iter().map(|(_, l)| l))
-            .any(|l| l.capabilities().registration);
+        let all = || {
+            [&next, &prev]
+                .into_iter()
+                .chain(pairs.iter().map(|(_, l)| l))
+                .map(|l| l.capabilities())
+        };
+        let registration = all().any(|c| c.registration);
+        let by_address = all().fold(
+            (
+                MemoryKinds::NONE
+                    .with(MemoryKind::Host)
+                    .with(MemoryKind::Cuda),
+                0,
+            ),
+            |(k, o), c| (k.and(c.by_address), o.max(c.by_address_over)),
+        );
         Links {
             registration,
+            by_address,
             next_peer: next.peer(),
             prev_peer: prev.peer(),
             next,
@@ -64,7 +80,12 @@ impl<'a> Links<'a> {
     /// Keeps `link`, to a peer this rank had no link to ([`crate::lazy`]).
     pub(crate) fn add(&mut self, link: Box<dyn MessageLink + 'a>) {
         let peer = link.peer();
-        self.registration |= link.capabilities().registration;
+        let caps = link.capabilities();
+        self.registration |= caps.registration;
+        self.by_address = (
+            self.by_address.0.and(caps.by_address),
+            self.by_address.1.max(caps.by_address_over),
+        );
         let at = self.pairs.partition_point(|(p, _)| *p < peer);
         self.pairs.insert(at, (peer, link));
     }
@@ -106,6 +127,14 @@ impl<'a> Links<'a> {
             Slot::Prev => Some(self.prev.as_mut()),
             Slot::Pair(i) => self.pairs.get_mut(i).map(|(_, l)| l.as_mut()),
         }
+    }
+
+    /// The kinds of memory every link moves by address, and the frame size
+    /// above which it does: a call on device buffers of such a kind hands
+    /// them to the links as they are.
+    #[inline]
+    pub(crate) fn by_address(&self) -> (MemoryKinds, usize) {
+        self.by_address
     }
 
     /// Whether memory must be registered with a link before it is posted

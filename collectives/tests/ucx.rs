@@ -127,3 +127,104 @@ fn a_mismatched_frame_over_ucx_never_reaches_the_callers_buffer() {
         }
     }
 }
+
+/// Device buffers whose links move their memory themselves: every
+/// collective and an exchange on [`HostDevice`] buffers (host memory reached
+/// only by address, as a GPU's is) over UCX, checked against the reference.
+/// Frames larger than UCX's inline size go by address, straight from and
+/// into the buffers (and the reductions run on the buffers' own operations),
+/// so a call of such frames stages no byte through the host; over
+/// in-process links (no memory by address) the same calls stage every byte.
+#[test]
+fn device_buffers_go_to_ucx_by_address_with_no_host_staging() {
+    use oxccl::{DType, Descriptor, Kind, run_in_process};
+    use oxccl_kernels::hostdev::HostDevice;
+    use oxccl_tools::pattern::{count_wrong, input};
+
+    let kinds = [
+        Kind::AllReduce,
+        Kind::Broadcast,
+        Kind::Reduce,
+        Kind::AllGather,
+        Kind::ReduceScatter,
+    ];
+    // (wrong elements, bytes staged) on each rank.
+    let one = |comm: &mut Communicator, d: Descriptor, in_place: bool| -> (usize, usize) {
+        let (world, rank, size) = (comm.world(), comm.rank(), d.dtype.size());
+        let inp = input(&d, world, rank);
+        let out_len = match d.kind {
+            Kind::AllGather => d.count * world * size,
+            _ => d.count * size,
+        };
+        if in_place {
+            let mut b = match d.kind {
+                Kind::AllGather => {
+                    let mut b = vec![0u8; out_len];
+                    b[rank * inp.len()..(rank + 1) * inp.len()].copy_from_slice(&inp);
+                    b
+                }
+                _ => inp.clone(),
+            };
+            let mut buf = HostDevice::from_host(&b);
+            comm.run_device(d, None, &mut buf).unwrap();
+            b = buf.to_host();
+            if d.kind == Kind::ReduceScatter {
+                b = b[rank * d.count * size..(rank + 1) * d.count * size].to_vec();
+            }
+            (count_wrong(&d, world, rank, &b), buf.staged_bytes())
+        } else {
+            let src = HostDevice::from_host(&inp);
+            let mut out = HostDevice::from_host(&vec![0xA5; out_len]);
+            comm.run_device(d, Some(&src), &mut out).unwrap();
+            assert_eq!(src.to_host(), inp, "the input is not modified");
+            let staged = src.staged_bytes() + out.staged_bytes();
+            (count_wrong(&d, world, rank, &out.to_host()), staged)
+        }
+    };
+    let config = Config {
+        slice_bytes: 64 << 10,
+        ..quick()
+    };
+    for world in [2, 3] {
+        for kind in kinds {
+            for (dtype, op) in [
+                (DType::F32, ReduceOp::Sum),
+                (DType::BF16, ReduceOp::Avg),
+                (DType::I64, ReduceOp::Max),
+            ] {
+                // Small (staged: frames up to the inline size go through
+                // the host), uneven, and large (frames by address).
+                for count in [0, 1, world * 1000 + 1, 300_000] {
+                    for in_place in [false, true] {
+                        let d = Descriptor {
+                            kind,
+                            dtype,
+                            op,
+                            root: world - 1,
+                            count,
+                        };
+                        let ctx = format!("{} world {world} in place {in_place}", d.call(0));
+                        let out = over_ucx(world, config.clone(), |comm| one(comm, d, in_place));
+                        assert!(out.iter().all(|(wrong, _)| *wrong == 0), "{ctx}: {out:?}");
+                        if count == 300_000 && dtype == DType::F32 {
+                            assert!(
+                                out.iter().all(|(_, staged)| *staged == 0),
+                                "{ctx}: bytes staged through the host: {out:?}"
+                            );
+                            // The same call over in-process links stages.
+                            let there = run_in_process(world, config.clone(), |comm| {
+                                one(comm, d, in_place)
+                            })
+                            .unwrap();
+                            assert!(there.iter().all(|(wrong, _)| *wrong == 0), "{ctx}");
+                            assert!(
+                                there.iter().any(|(_, staged)| *staged > 0),
+                                "{ctx}: nothing staged over in-process links"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

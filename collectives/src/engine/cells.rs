@@ -11,18 +11,66 @@
 
 use std::ops::Range;
 
-use oxccl_transport::{Lent, Parts};
+use oxccl_transport::{DevMut, Lent, Parts};
 use smallvec::SmallVec;
 
 use super::EngineError;
 use crate::schedule::Plan;
 
-/// The cells of one buffer.
-pub(super) struct Cells<'b> {
+/// The cells of one buffer: host bytes, or device memory reached by
+/// address (a [`Cell`] either way).
+pub(super) struct Cells<'b, P: Cell<'b> = &'b mut [u8]> {
     /// Where each cell starts, then the buffer's end.
     bounds: Bounds<'b>,
     /// Each cell, or `None` while it is lent to a frame in flight.
-    cells: SmallVec<[Option<&'b mut [u8]>; INLINE]>,
+    cells: SmallVec<[Option<P>; INLINE]>,
+}
+
+/// A piece of an output buffer lent for `'b`, that a frame can own.
+pub(super) trait Cell<'b>: Sized {
+    fn len(&self) -> usize;
+    /// Its first `mid` bytes and the rest.
+    fn split(self, mid: usize) -> (Self, Self);
+    /// As the memory of a posted operation.
+    fn lent(self) -> Lent<'b>;
+    /// Back from a completed operation; `None` for memory of another sort.
+    fn back(lent: Lent<'b>) -> Option<Self>;
+}
+
+impl<'b> Cell<'b> for &'b mut [u8] {
+    fn len(&self) -> usize {
+        <[u8]>::len(self)
+    }
+    fn split(self, mid: usize) -> (Self, Self) {
+        self.split_at_mut(mid.min(<[u8]>::len(self)))
+    }
+    fn lent(self) -> Lent<'b> {
+        Lent::Exclusive(self)
+    }
+    fn back(lent: Lent<'b>) -> Option<Self> {
+        match lent {
+            Lent::Exclusive(c) => Some(c),
+            _ => None,
+        }
+    }
+}
+
+impl<'b> Cell<'b> for DevMut<'b> {
+    fn len(&self) -> usize {
+        DevMut::len(self)
+    }
+    fn split(self, mid: usize) -> (Self, Self) {
+        self.split_at(mid)
+    }
+    fn lent(self) -> Lent<'b> {
+        Lent::DeviceMut(self)
+    }
+    fn back(lent: Lent<'b>) -> Option<Self> {
+        match lent {
+            Lent::DeviceMut(c) => Some(c),
+            _ => None,
+        }
+    }
 }
 
 /// The plan's cuts when they end at the buffer's end (the usual case: no
@@ -36,10 +84,10 @@ enum Bounds<'b> {
 /// must not pay one per call.
 const INLINE: usize = 4;
 
-impl<'b> Cells<'b> {
+impl<'b, P: Cell<'b>> Cells<'b, P> {
     /// Cuts `buf` at every boundary of `plan`'s ranges ([`Plan::cuts`]).
     #[inline]
-    pub(super) fn new(buf: &'b mut [u8], plan: &'b Plan) -> Cells<'b> {
+    pub(super) fn new(buf: P, plan: &'b Plan) -> Cells<'b, P> {
         let len = buf.len();
         let cuts = plan.cuts();
         let bounds = if cuts.last() == Some(&len) {
@@ -53,12 +101,12 @@ impl<'b> Cells<'b> {
             Bounds::Plan(b) => b,
             Bounds::Own(b) => b,
         };
-        let mut rest = buf;
+        let mut rest = Some(buf);
         let cells = b
             .windows(2)
             .map(|w| {
-                let (cell, tail) = std::mem::take(&mut rest).split_at_mut(w[1] - w[0]);
-                rest = tail;
+                let (cell, tail) = rest.take()?.split(w[1] - w[0]);
+                rest = Some(tail);
                 Some(cell)
             })
             .collect();
@@ -117,17 +165,12 @@ impl<'b> Cells<'b> {
         let cells = &mut self.cells[span];
         if let [one] = cells {
             // Most frames: one cell.
-            return Ok(one.take().map(|c| out.push(Lent::Exclusive(c))).is_some());
+            return Ok(one.take().map(|c| out.push(c.lent())).is_some());
         }
         if cells.iter().any(Option::is_none) {
             return Ok(false);
         }
-        out.extend(
-            cells
-                .iter_mut()
-                .filter_map(Option::take)
-                .map(Lent::Exclusive),
-        );
+        out.extend(cells.iter_mut().filter_map(Option::take).map(P::lent));
         Ok(true)
     }
 
@@ -142,7 +185,7 @@ impl<'b> Cells<'b> {
         let span = self.span(range, at)?;
         let slots = &mut self.cells[span];
         if let ([slot @ None], 1) = (&mut *slots, lent.len()) {
-            if let Some(Lent::Exclusive(cell)) = lent.pop() {
+            if let Some(cell) = lent.pop().and_then(P::back) {
                 *slot = Some(cell);
                 return Ok(());
             }
@@ -150,8 +193,8 @@ impl<'b> Cells<'b> {
         }
         let mut back = lent.into_iter();
         for slot in slots {
-            match back.next() {
-                Some(Lent::Exclusive(cell)) if slot.is_none() => *slot = Some(cell),
+            match back.next().and_then(P::back) {
+                Some(cell) if slot.is_none() => *slot = Some(cell),
                 _ => return Err(in_flight(range)),
             }
         }
@@ -164,12 +207,12 @@ impl<'b> Cells<'b> {
         &mut self,
         range: &Range<usize>,
         at: Range<usize>,
-        mut f: impl FnMut(usize, &mut [u8]) -> Result<(), EngineError>,
+        mut f: impl FnMut(usize, &mut P) -> Result<(), EngineError>,
     ) -> Result<(), EngineError> {
         let span = self.span(range, at)?;
         let mut off = 0;
         for slot in &mut self.cells[span] {
-            let Some(cell) = slot.as_deref_mut() else {
+            let Some(cell) = slot.as_mut() else {
                 return Err(in_flight(range));
             };
             f(off, cell)?;
@@ -226,7 +269,7 @@ mod tests {
     fn a_lent_range_is_refused_until_given_back() {
         let mut buf: Vec<u8> = (0..10).collect();
         let p = plan(&[0..4, 4..10], &[2..6]);
-        let mut cells = Cells::new(&mut buf, &p);
+        let mut cells = Cells::new(&mut buf[..], &p);
         let mut lent = Parts::new();
         assert!(cells.lend(&(4..10), 0..0, &mut lent).unwrap());
         let bytes: Vec<u8> = lent.iter().flat_map(|l| l.bytes().to_vec()).collect();
@@ -254,9 +297,9 @@ mod tests {
 
     #[test]
     fn ranges_off_the_plan_are_errors_not_panics() {
-        let mut buf = vec![0u8; 8];
+        let mut buf = [0u8; 8];
         let p = plan(&[0..4], &[4..20]);
-        let mut cells = Cells::new(&mut buf, &p);
+        let mut cells = Cells::new(&mut buf[..], &p);
         let mut out = Parts::new();
         assert!(cells.lend(&(1..3), 0..0, &mut out).is_err());
         // Clamped to the buffer: 4..20 is cut at 8.

@@ -35,9 +35,13 @@ mod tests;
 use std::ops::Range;
 use std::time::{Duration, Instant};
 
-use oxccl_kernels::{DType, DeviceMemory, KernelError, ReduceOp, Reducer};
+use std::sync::Arc;
+
+use oxccl_kernels::{DType, DeviceMemory, DeviceOps, KernelError, ReduceOp, Reducer};
 use oxccl_transport::wire::{DESCRIPTOR_LEN, FrameHeader, Tag};
-use oxccl_transport::{Endpoint, Lent, MessageLink, Parts, TransportError, wait_watching};
+use oxccl_transport::{
+    DevMut, DevRef, Endpoint, Lent, MemoryKinds, MessageLink, Parts, TransportError, wait_watching,
+};
 
 use crate::links::Links;
 use crate::schedule::{Plan, Progress, WireTag};
@@ -53,6 +57,9 @@ pub(crate) enum Input<'a> {
     Host(&'a [u8]),
     /// Device memory: read to the host slice by slice.
     Device(&'a dyn DeviceMemory),
+    /// Device memory by address, sent by the links themselves
+    /// ([`by_address`]).
+    Addressed(DevRef<'a>),
 }
 
 /// Where the engine writes a call's result.
@@ -62,6 +69,13 @@ pub(crate) enum Output<'a> {
     /// Device memory: each received slice is staged on the host, then
     /// written or reduced into the device by the device's own kernels.
     Device(&'a mut dyn DeviceMemory),
+    /// Device memory by address (made by [`by_address`] from `Device`).
+    Addressed {
+        mem: DevMut<'a>,
+        ops: Arc<dyn DeviceOps>,
+        over: usize,
+        scratch: Option<DevMut<'a>>,
+    },
 }
 
 /// One collective for the engine to run.
@@ -77,6 +91,10 @@ pub(crate) struct Job<'a> {
     pub world: usize,
     pub reducer: &'a dyn Reducer,
     pub staging: &'a mut Vec<u8>,
+    /// Device memory a call whose links move device memory by address
+    /// receives frames to reduce into, kept between calls (`None`: the
+    /// call has no place to keep it, and stages device memory on the host).
+    pub scratch: Option<&'a mut Option<Box<dyn DeviceMemory>>>,
     pub timeout: Duration,
     /// How long to busy-poll before sleeping in `poll`.
     pub spin: Duration,
@@ -177,8 +195,24 @@ fn register(
 enum Out<'a> {
     /// Host memory, in cells that frames in flight own in turn.
     Host(Cells<'a>),
-    /// Device memory.
+    /// Device memory, staged through the host.
     Device(&'a mut dyn DeviceMemory),
+    /// Device memory by address: the links move frames straight into and
+    /// out of it, the device's kernels reduce there.
+    Addressed(Addressed<'a>),
+}
+
+/// A device output whose links move its memory by address.
+struct Addressed<'a> {
+    /// The output, in cells as host outputs are.
+    cells: Cells<'a, DevMut<'a>>,
+    /// The device's operations on it.
+    ops: Arc<dyn DeviceOps>,
+    /// Frames of at most this many bytes go through host staging
+    /// ([`oxccl_transport::Capabilities::by_address_over`]).
+    over: usize,
+    /// Device memory for one frame to reduce; `None` while a receive holds it.
+    scratch: Option<DevMut<'a>>,
 }
 
 /// The buffers and arithmetic of a call, which both halves use.
@@ -216,8 +250,32 @@ impl Data<'_> {
                 i.read(src.start, &mut self.bounce)?;
                 o.write(range.start, &self.bounce)?;
             }
+            (Input::Addressed(i), Out::Addressed(o)) => {
+                let ops = Arc::clone(&o.ops);
+                o.cells.each_mut(&range, 0..0, |at, cell| {
+                    let from = src.start + at..src.start + at + cell.len();
+                    let from = i.slice(from).ok_or_else(|| outside("input", &src))?;
+                    Ok(ops.copy(cell.reborrow(), from)?)
+                })?
+            }
+            (Input::Addressed(_), _) | (_, Out::Addressed(_)) => {
+                return Err(EngineError::Protocol {
+                    peer: 0,
+                    reason: "a device input by address with an output that is not, or the \
+                             other way round"
+                        .into(),
+                });
+            }
         }
         Ok(())
+    }
+}
+
+/// A range of a call's plan outside its buffer (a bug, reported).
+fn outside(what: &str, range: &Range<usize>) -> EngineError {
+    EngineError::Protocol {
+        peer: 0,
+        reason: format!("bytes {range:?} are outside the call's {what}"),
     }
 }
 
@@ -237,6 +295,9 @@ fn take_back<'a>(
         },
         (Some(Lent::Exclusive(_)), Out::Host(cells)) => {
             cells.give_back(range, at, parts).map(|()| None)
+        }
+        (Some(Lent::DeviceMut(_)), Out::Addressed(o)) => {
+            o.cells.give_back(range, at, parts).map(|()| None)
         }
         // Input bytes, or an empty range.
         _ => Ok(None),
@@ -292,10 +353,26 @@ impl<'a> Call<'a> {
             single_copy_from,
             ..
         } = job;
-        let device = matches!(output, Output::Device(_));
+        // Device slices up to this many bytes are staged through the host.
+        let device = match &output {
+            Output::Host(_) => None,
+            Output::Device(_) => Some(usize::MAX),
+            Output::Addressed { over, .. } => Some(*over),
+        };
         let output = match output {
             Output::Host(o) => Out::Host(Cells::new(o, plan)),
             Output::Device(d) => Out::Device(d),
+            Output::Addressed {
+                mem,
+                ops,
+                over,
+                scratch,
+            } => Out::Addressed(Addressed {
+                cells: Cells::new(mem, plan),
+                ops,
+                over,
+                scratch,
+            }),
         };
         Call {
             plan,
@@ -341,6 +418,12 @@ impl<'a> Call<'a> {
                     o.each_mut(&r, 0..0, |_, c| Ok(reducer.finish_avg(dtype, c, world)?))?
                 }
                 Out::Device(d) => d.finish_avg(dtype, r.start, r.len(), world)?,
+                Out::Addressed(a) => {
+                    let ops = &a.ops;
+                    a.cells.each_mut(&r, 0..0, |_, c| {
+                        Ok(ops.finish_avg(dtype, c.reborrow(), world)?)
+                    })?
+                }
             }
         }
         Ok(())
@@ -503,6 +586,91 @@ impl Drop for Withdraw<'_, '_> {
     }
 }
 
+/// Makes a device call's buffers memory by address when every link moves
+/// their kind of memory itself (`kinds`, frames of more than `over` bytes:
+/// [`Links::by_address`]), with device scratch for the frames it reduces;
+/// leaves any other call as it is (staged through the host).
+fn by_address<'a>(
+    mut job: Job<'a>,
+    (kinds, over): (MemoryKinds, usize),
+) -> Result<Job<'a>, EngineError> {
+    let (Output::Device(out), Some(home)) = (&job.output, job.scratch.take()) else {
+        return Ok(job);
+    };
+    let kind = match out.addressed() {
+        Some((r, _)) if kinds.contains(r.kind()) => r.kind(),
+        _ => return Ok(job),
+    };
+    let backend = out.backend();
+    let input_kind = |i: &Input<'_>| match i {
+        Input::Device(d) if d.backend() == backend => d.addressed().map(|(r, _)| r.kind()),
+        _ => None,
+    };
+    if job
+        .input
+        .as_ref()
+        .is_some_and(|i| input_kind(i) != Some(kind))
+    {
+        return Ok(job);
+    }
+    // One frame's worth of device memory for the frames reduced by address.
+    let need = job
+        .plan
+        .recvs
+        .iter()
+        .filter(|r| matches!(r.commit, crate::schedule::Commit::Reduce { .. }))
+        .map(|r| r.range.len())
+        .filter(|&l| l > over)
+        .max()
+        .unwrap_or(0);
+    if need > 0
+        && home
+            .as_ref()
+            .is_none_or(|s| s.len_bytes() < need || s.backend() != backend)
+    {
+        *home = Some(out.alloc_like(need)?);
+    }
+    let scratch = match home.as_mut() {
+        Some(s) if need > 0 => Some(
+            s.addressed_mut()
+                .map(|(m, _)| m)
+                .ok_or_else(|| lost_address("scratch"))?,
+        ),
+        _ => None,
+    };
+    let input = match job.input {
+        Some(Input::Device(d)) => Some(Input::Addressed(
+            d.addressed()
+                .map(|(r, _)| r)
+                .ok_or_else(|| lost_address("input"))?,
+        )),
+        other => other,
+    };
+    let Output::Device(out) = job.output else {
+        return Ok(job);
+    };
+    let (mem, ops) = out.addressed_mut().ok_or_else(|| lost_address("output"))?;
+    Ok(Job {
+        input,
+        output: Output::Addressed {
+            mem,
+            ops,
+            over,
+            scratch,
+        },
+        ..job
+    })
+}
+
+/// A device buffer that had an address when asked and none the next time
+/// (a backend's bug).
+fn lost_address(what: &str) -> EngineError {
+    EngineError::Protocol {
+        peer: 0,
+        reason: format!("the call's device {what} lost its address"),
+    }
+}
+
 /// Runs `job` to completion. `links` may be `None` only when the plan has no frames.
 ///
 /// On every other exit, an error or a panic, whatever the send half posted
@@ -510,6 +678,10 @@ impl Drop for Withdraw<'_, '_> {
 /// the caller may free or reuse its buffers at once.
 pub(crate) fn run(links: Option<&mut Links<'_>>, job: Job<'_>) -> Result<(), EngineError> {
     let (timeout, spin) = (job.timeout, job.spin);
+    let job = match &links {
+        Some(l) => by_address(job, l.by_address())?,
+        None => job,
+    };
     let mut call = Call::new(job);
     call.begin()?;
     if !call.has_frames() {

@@ -5,10 +5,12 @@
 
 use std::ops::Range;
 
-use oxccl_transport::{Incoming, Lent, Parts, Status, TransportError};
+use oxccl_transport::{DevMut, Incoming, Lent, Parts, Status, TransportError};
 
 use super::send::no_link;
-use super::{Data, EngineError, Input, Out, Wire, register, take_back};
+use std::sync::Arc;
+
+use super::{Data, EngineError, Input, Out, Wire, outside, register, take_back};
 use crate::links::Links;
 use crate::schedule::{Commit, Plan, Progress, RecvOp, Src};
 
@@ -33,17 +35,24 @@ pub(super) struct RecvHalf<'a> {
     /// The staging buffer holds a whole frame that waits to be committed
     /// until the send it depends on is done ([`RecvOp::after_send`]).
     held: bool,
+    /// A device output by address: the part of its scratch beyond the frame
+    /// a receive holds (the frame's own part is lent, then in `frame`).
+    scratch_rest: Option<DevMut<'a>>,
+    /// The device frame received into scratch, until it is committed.
+    frame: Option<DevMut<'a>>,
 }
 
 impl<'a> RecvHalf<'a> {
     #[inline]
-    pub(super) fn new(plan: &Plan, device: bool, home: &'a mut Vec<u8>) -> RecvHalf<'a> {
+    pub(super) fn new(plan: &Plan, device: Option<usize>, home: &'a mut Vec<u8>) -> RecvHalf<'a> {
         let lens = plan.recvs.iter().map(|r| r.range.len());
-        let need = if device {
-            lens.max().unwrap_or(0)
-        } else {
-            plan.staging_len()
-                .max(lens.filter(|&l| l <= STAGED_COPY).max().unwrap_or(0))
+        // Device slices up to `over` bytes are staged (all of them when the
+        // links cannot move device memory by address).
+        let need = match device {
+            Some(over) => lens.filter(|&l| l <= over).max().unwrap_or(0),
+            None => plan
+                .staging_len()
+                .max(lens.filter(|&l| l <= STAGED_COPY).max().unwrap_or(0)),
         };
         if home.len() < need {
             home.resize(need, 0);
@@ -54,6 +63,8 @@ impl<'a> RecvHalf<'a> {
             staging: Some(std::mem::take(home)),
             home,
             held: false,
+            scratch_rest: None,
+            frame: None,
         }
     }
 
@@ -100,9 +111,11 @@ impl<'a> RecvHalf<'a> {
                         return Ok(moved);
                     }
                     let expect = wire.header(r.step, r.slice, r.range.len(), r.peer)?;
-                    let (op, staging) = (&mut self.op, &mut self.staging);
-                    let lend =
-                        |into: &mut Parts<'a>| memory(staging, r, in_place, at.clone(), data, into);
+                    let (op, staging, rest) =
+                        (&mut self.op, &mut self.staging, &mut self.scratch_rest);
+                    let lend = |into: &mut Parts<'a>| {
+                        memory(staging, rest, r, in_place, at.clone(), data, into)
+                    };
                     if !op.fill(expect, lend)? {
                         // A send in flight still reads its range.
                         return Ok(moved);
@@ -121,7 +134,15 @@ impl<'a> RecvHalf<'a> {
                 }
                 moved = true;
                 self.posted = false;
-                if let Some(buf) = take_back(self.op.take_buffers(), &r.range, at, data)? {
+                let mut parts = self.op.take_buffers();
+                if self.scratch_rest.is_some() {
+                    // Received into device scratch: kept for the commit.
+                    match parts.pop() {
+                        Some(Lent::DeviceMut(frame)) => self.frame = Some(frame),
+                        _ => return Err(staging_gone()),
+                    }
+                }
+                if let Some(buf) = take_back(parts, &r.range, at, data)? {
                     self.staging = Some(buf);
                 }
                 if !in_place && !progress.may_commit(r) {
@@ -164,6 +185,9 @@ impl<'a> RecvHalf<'a> {
             return Ok(());
         }
         let len = r.range.len();
+        if let Out::Addressed(_) = &data.output {
+            return self.commit_addressed(r, at, data);
+        }
         let staged = self
             .staging
             .as_deref()
@@ -220,6 +244,76 @@ impl<'a> RecvHalf<'a> {
     }
 }
 
+impl<'a> RecvHalf<'a> {
+    /// Copies or reduces a frame into a device output by address: from
+    /// device scratch (a large frame received there) or from host staging
+    /// (a small one), with the device's own operations.
+    fn commit_addressed(
+        &mut self,
+        r: &RecvOp,
+        at: Range<usize>,
+        data: &mut Data<'a>,
+    ) -> Result<(), EngineError> {
+        let (dtype, op, world, off) = (data.dtype, data.op, data.world, data.off);
+        let input = match data.input {
+            Some(Input::Addressed(i)) => Some(i),
+            _ => None,
+        };
+        let Out::Addressed(o) = &mut data.output else {
+            return Err(staging_gone());
+        };
+        let len = r.range.len();
+        let frame = self.frame.take();
+        let staged = match &frame {
+            Some(_) => None,
+            None => Some(
+                self.staging
+                    .as_deref()
+                    .and_then(|s| s.get(..len))
+                    .ok_or_else(staging_gone)?,
+            ),
+        };
+        let ops = Arc::clone(&o.ops);
+        let result = o.cells.each_mut(&r.range, at, |from, cell| {
+            let piece = from..from + cell.len();
+            let host = staged.map(|s| &s[piece.clone()]);
+            let device = frame.as_ref().and_then(|f| f.as_ref().slice(piece.clone()));
+            match r.commit {
+                Commit::Reduce { with, finish_avg } => {
+                    if let (Src::Input, Some(i)) = (with, input) {
+                        let own = r.range.start - off + from;
+                        let own = i
+                            .slice(own..own + cell.len())
+                            .ok_or_else(|| outside("input", &r.range))?;
+                        ops.copy(cell.reborrow(), own)?;
+                    }
+                    match (device, host) {
+                        (Some(d), _) => ops.reduce(dtype, op, cell.reborrow(), d)?,
+                        (None, Some(h)) => ops.reduce_from_host(dtype, op, cell.reborrow(), h)?,
+                        (None, None) => return Err(staging_gone()),
+                    }
+                    if finish_avg {
+                        ops.finish_avg(dtype, cell.reborrow(), world)?;
+                    }
+                }
+                Commit::Copy => match (device, host) {
+                    (Some(d), _) => ops.copy(cell.reborrow(), d)?,
+                    (None, Some(h)) => ops.write(cell.reborrow(), h)?,
+                    (None, None) => return Err(staging_gone()),
+                },
+                Commit::Discard => {}
+            }
+            Ok(())
+        });
+        // The frame's scratch goes back whole, whatever the commit did.
+        if let Some(frame) = frame {
+            let rest = self.scratch_rest.take().ok_or_else(staging_gone)?;
+            o.scratch = Some(frame.join(rest).map_err(|_| staging_gone())?);
+        }
+        result
+    }
+}
+
 impl Drop for RecvHalf<'_> {
     /// Puts the staging buffer back for the next call (lost only when a
     /// failed call dropped it with the receive it was lent to).
@@ -242,6 +336,7 @@ impl Drop for RecvHalf<'_> {
 #[inline]
 fn memory<'a>(
     staging: &mut Option<Vec<u8>>,
+    scratch_rest: &mut Option<DevMut<'a>>,
     r: &RecvOp,
     in_place: bool,
     at: Range<usize>,
@@ -253,6 +348,15 @@ fn memory<'a>(
     }
     match &mut data.output {
         Out::Host(cells) if in_place => cells.lend(&r.range, at, into),
+        Out::Addressed(o) if in_place => o.cells.lend(&r.range, at, into),
+        Out::Addressed(o) if r.range.len() > o.over => {
+            // A large frame to reduce: into device scratch.
+            let scratch = o.scratch.take().ok_or_else(staging_gone)?;
+            let (frame, rest) = scratch.split_at(r.range.len());
+            *scratch_rest = Some(rest);
+            into.push(Lent::DeviceMut(frame));
+            Ok(true)
+        }
         _ => {
             let buf = staging.take().ok_or_else(staging_gone)?;
             into.push(Lent::Owned {
@@ -291,7 +395,11 @@ fn send_first(plan: &Plan, progress: &Progress, r: &RecvOp, in_place_call: bool)
 /// Whether `r` is received straight into the caller's host output.
 #[inline]
 fn in_place(r: &RecvOp, data: &Data<'_>) -> bool {
-    matches!((r.commit, &data.output), (Commit::Copy, Out::Host(_))) && r.range.len() > STAGED_COPY
+    match (r.commit, &data.output) {
+        (Commit::Copy, Out::Host(_)) => r.range.len() > STAGED_COPY,
+        (Commit::Copy, Out::Addressed(o)) => r.range.len() > o.over,
+        _ => false,
+    }
 }
 
 fn staging_gone() -> EngineError {

@@ -7,7 +7,7 @@ use std::ops::Range;
 
 use oxccl_transport::{Lent, Outgoing, Parts, Status};
 
-use super::{Data, EngineError, Input, Out, Wire, register, take_back};
+use super::{Data, EngineError, Input, Out, Wire, outside, register, take_back};
 use crate::links::Links;
 use crate::schedule::{Plan, Progress, SendOp, Src};
 
@@ -25,11 +25,18 @@ pub(super) struct SendHalf<'a> {
 
 impl<'a> SendHalf<'a> {
     #[inline]
-    pub(super) fn new(plan: &Plan, device: bool) -> SendHalf<'a> {
-        let stage_len = if device {
-            plan.sends.iter().map(|s| s.range.len()).max().unwrap_or(0)
-        } else {
-            0
+    pub(super) fn new(plan: &Plan, device: Option<usize>) -> SendHalf<'a> {
+        // Device slices up to `device` bytes are staged (all of them when
+        // the links cannot move device memory by address).
+        let stage_len = match device {
+            Some(over) => plan
+                .sends
+                .iter()
+                .map(|s| s.range.len())
+                .filter(|&l| l <= over)
+                .max()
+                .unwrap_or(0),
+            None => 0,
         };
         SendHalf {
             op: Outgoing::empty(),
@@ -126,16 +133,43 @@ fn payload<'a>(
         out.push(Lent::Owned { buf, len });
         Ok(true)
     };
+    // The input's coordinates of the range (for sends from the input only).
+    let src = || s.range.start - off..s.range.end - off;
     match (s.src, data.input, &mut data.output) {
         (Src::Input, Some(Input::Host(inp)), _) => {
-            out.push(Lent::Shared(&inp[s.range.start - off..s.range.end - off]));
+            out.push(Lent::Shared(&inp[src()]));
             Ok(true)
         }
         (Src::Input, Some(Input::Device(inp)), _) => {
-            staged(&mut |dst| Ok(inp.read(s.range.start - off, dst)?))
+            staged(&mut |dst| Ok(inp.read(src().start, dst)?))
         }
+        (Src::Input, Some(Input::Addressed(inp)), Out::Addressed(o)) => {
+            let from = inp.slice(src()).ok_or_else(|| outside("input", &src()))?;
+            if len > o.over {
+                out.push(Lent::Device(from));
+                Ok(true)
+            } else {
+                let ops = &o.ops;
+                staged(&mut |dst| Ok(ops.read(from, dst)?))
+            }
+        }
+        (Src::Input, Some(Input::Addressed(_)), _) => Err(protocol(
+            "a device input by address with an output that is not",
+        )),
         (_, _, Out::Host(cells)) => cells.lend(&s.range, at, out),
         (_, _, Out::Device(o)) => staged(&mut |dst| Ok(o.read(s.range.start, dst)?)),
+        (_, _, Out::Addressed(o)) if len > o.over => o.cells.lend(&s.range, at, out),
+        (_, _, Out::Addressed(o)) => {
+            let (ops, cells) = (&o.ops, &mut o.cells);
+            staged(&mut |dst| {
+                cells.each_mut(&s.range, at.clone(), |from, cell| {
+                    let to = dst
+                        .get_mut(from..from + cell.len())
+                        .ok_or_else(|| protocol("a device slice larger than the send staging"))?;
+                    Ok(ops.read(cell.as_ref(), to)?)
+                })
+            })
+        }
     }
 }
 

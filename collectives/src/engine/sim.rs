@@ -100,6 +100,7 @@ fn simulate(
                 world,
                 reducer: &ReferenceReducer,
                 staging,
+                scratch: None,
                 timeout: std::time::Duration::from_secs(10),
                 spin: std::time::Duration::ZERO,
                 single_copy_from: None,
