@@ -5,7 +5,8 @@
 # transports: the link's own tests, mismatched calls, every collective,
 # exchange and algorithm across processes, a killed rank, and a 4-rank job
 # across network namespaces over UCX's TCP (ci/ucx-netns.sh). No RDMA device
-# is needed: the same code runs over verbs where UCX finds one.
+# is needed: the same code runs over verbs where UCX finds one. Device buffers
+# by address (a host-memory stand-in here) go to UCX as they are.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 step() { printf '\n== ucx: %s (%ds)\n' "$1" "$SECONDS"; }

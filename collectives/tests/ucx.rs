@@ -228,3 +228,59 @@ fn device_buffers_go_to_ucx_by_address_with_no_host_staging() {
         }
     }
 }
+
+/// CUDA buffers over UCX (features `ucx` and `cuda`, run by `ci/gpu-test`):
+/// device pointers go to UCX as they are when UCX has CUDA support
+/// (`cuda_copy`, `cuda_ipc`, GPUDirect RDMA), staged through the host when
+/// it has not; the result is right either way. Without a GPU it says so
+/// and returns, unless `OXCCL_REQUIRE_CUDA=1`.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_buffers_over_ucx_agree_with_the_reference() {
+    use oxccl::{DType, Descriptor, Kind};
+    use oxccl_kernels::DeviceMemory;
+    use oxccl_kernels::cuda::{CudaBuffer, CudaReducer, CudaSettings};
+    use oxccl_tools::pattern::{count_wrong, input};
+
+    let settings = CudaSettings {
+        ordinal: 0,
+        include_dirs: std::env::var_os("OXCCL_CUDA_INCLUDE")
+            .map(std::path::PathBuf::from)
+            .into_iter()
+            .collect(),
+    };
+    let reducer = match CudaReducer::new(&settings) {
+        Ok(r) => r,
+        Err(e) => {
+            let required = std::env::var("OXCCL_REQUIRE_CUDA").is_ok_and(|v| v == "1");
+            assert!(!required, "OXCCL_REQUIRE_CUDA=1 but: {e}");
+            eprintln!("cannot run here (no usable CUDA device): {e}");
+            return;
+        }
+    };
+    for kind in [Kind::AllReduce, Kind::AllGather, Kind::ReduceScatter] {
+        for count in [1, 300_000] {
+            let d = Descriptor {
+                kind,
+                dtype: DType::F32,
+                op: ReduceOp::Sum,
+                root: 0,
+                count,
+            };
+            let wrong = over_ucx(2, quick(), |comm| {
+                let (world, rank) = (comm.world(), comm.rank());
+                let inp = input(&d, world, rank);
+                let out_len = match kind {
+                    Kind::AllGather => count * world * 4,
+                    _ => count * 4,
+                };
+                let src = CudaBuffer::from_host(Arc::clone(&reducer), &inp).unwrap();
+                let mut out = CudaBuffer::new(Arc::clone(&reducer), out_len).unwrap();
+                comm.run_device(d, Some(&src), &mut out).unwrap();
+                assert_eq!(out.len_bytes(), out_len);
+                count_wrong(&d, world, rank, &out.to_host().unwrap())
+            });
+            assert!(wrong.iter().all(|&w| w == 0), "{}: {wrong:?}", d.call(0));
+        }
+    }
+}

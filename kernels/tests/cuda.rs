@@ -236,3 +236,43 @@ fn cuda_misaligned_read_write_and_reduce() {
             .is_err()
     );
 }
+
+/// The operations by address (the path where UCX moves CUDA memory
+/// itself): reduce, copy, read, write and average between two device
+/// buffers, against the reference.
+#[test]
+fn cuda_operations_by_address_match_the_reference() {
+    let Some(r) = reducer() else { return };
+    let mut rng = Rng(99);
+    for dtype in [DType::F32, DType::BF16, DType::I64] {
+        let n = 1000;
+        let size = dtype.size();
+        let a0 = buffer(dtype, n, &mut rng);
+        let b0 = buffer(dtype, n, &mut rng);
+        let mut a = CudaBuffer::from_host(Arc::clone(&r), &a0).expect("alloc");
+        let b = CudaBuffer::from_host(Arc::clone(&r), &b0).expect("alloc");
+        let (src, ops) = b.addressed().expect("CUDA memory has an address");
+        let half = n / 2 * size;
+        {
+            let (dst, _) = a.addressed_mut().expect("address");
+            let (lo, hi) = dst.split_at(half);
+            ops.reduce(dtype, ReduceOp::Sum, lo, src.slice(0..half).expect("within"))
+                .expect("reduce");
+            ops.copy(hi, src.slice(half..n * size).expect("within"))
+                .expect("copy");
+        }
+        let mut want = reference_reduce(dtype, ReduceOp::Sum, &a0[..half], &b0[..half]);
+        want.extend_from_slice(&b0[half..]);
+        assert_same(dtype, "reduce and copy by address", &a.to_host().expect("read"), &want);
+        let mut host = vec![0u8; half];
+        ops.read(src.slice(0..half).expect("within"), &mut host)
+            .expect("read by address");
+        assert_eq!(host, b0[..half]);
+        {
+            let (dst, _) = a.addressed_mut().expect("address");
+            ops.write(dst.slice(0..half).expect("within"), &b0[half..2 * half])
+                .expect("write");
+        }
+        assert_eq!(a.to_host().expect("read")[..half], b0[half..2 * half]);
+    }
+}

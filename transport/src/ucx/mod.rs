@@ -33,6 +33,15 @@
 //! thread of its own, which does not wake the worker; endpoints are also
 //! wired up before a link is handed out, see `wire_up`).
 //!
+//! Device memory (feature `cuda` above, or any memory reached by address,
+//! [`Lent::Device`]) goes to UCX as it is, with its memory type, always as
+//! a payload message of its own (never copied inline: only UCX may read
+//! it), when the context reports that memory type (`ucp_context_query`);
+//! the link's capabilities say which kinds
+//! ([`crate::Capabilities::by_address`]) and that frames of at most
+//! [`INLINE`] bytes are better staged, since a receive by address cannot
+//! take an inline payload.
+//!
 //! Memory is not registered by the link ([`crate::Capabilities::registration`] is
 //! false): UCX registers what it sends from and receives into itself, in a
 //! registration cache that its memory hooks invalidate when memory is
