@@ -284,3 +284,69 @@ fn cuda_buffers_over_ucx_agree_with_the_reference() {
         }
     }
 }
+
+/// Exchanges and a ring of messages on [`HostDevice`] buffers over UCX, 4
+/// ranks: blocks larger than UCX's inline size go by address (no byte
+/// staged), smaller ones through the host; every result against the
+/// reference.
+#[test]
+fn exchanges_and_messages_on_device_buffers_by_address() {
+    use oxccl::{DType, Descriptor, Kind};
+    use oxccl_kernels::hostdev::HostDevice;
+    use oxccl_tools::pattern::{count_wrong, exchange, input, output_len};
+
+    let world = 4;
+    let config = Config {
+        slice_bytes: 64 << 10,
+        ..quick()
+    };
+    for kind in [Kind::AllToAll, Kind::Gather, Kind::Scatter] {
+        for count in [0, 1, 37, 20_000] {
+            let d = Descriptor {
+                kind,
+                dtype: DType::F32,
+                op: ReduceOp::Sum,
+                root: world - 1,
+                count,
+            };
+            let out = over_ucx(world, config.clone(), |comm| {
+                let rank = comm.rank();
+                let src = HostDevice::from_host(&input(&d, world, rank));
+                let mut out = HostDevice::from_host(&vec![0xA5; output_len(&d, world, rank)]);
+                comm.run_exchange_device(exchange(&d).unwrap(), d.dtype, &src, &mut out)
+                    .unwrap();
+                let wrong = count_wrong(&d, world, rank, &out.to_host());
+                (wrong, src.staged_bytes() + out.staged_bytes())
+            });
+            let ctx = format!("{} world {world}", d.call(0));
+            assert!(out.iter().all(|(w, _)| *w == 0), "{ctx}: {out:?}");
+            if count == 20_000 {
+                // 80 KB blocks: all by address.
+                assert!(out.iter().all(|(_, s)| *s == 0), "{ctx}: staged {out:?}");
+            }
+        }
+    }
+    // A ring shift of messages, small and large.
+    for n in [1000usize, 100_000] {
+        let got = over_ucx(world, config.clone(), |comm| {
+            let (rank, w) = (comm.rank(), comm.world());
+            let src = HostDevice::from_host(&vec![rank as u8 + 1; n]);
+            let mut dst = HostDevice::zeroed(n);
+            let mut b = oxccl::Batch::new();
+            b.send_device(&src, DType::U8, (rank + 1) % w).recv_device(
+                &mut dst,
+                DType::U8,
+                (rank + w - 1) % w,
+            );
+            comm.run_batch(b).unwrap();
+            (dst.to_host(), src.staged_bytes() + dst.staged_bytes())
+        });
+        for (rank, (data, staged)) in got.iter().enumerate() {
+            let from = (rank + world - 1) % world;
+            assert!(data.iter().all(|&x| x == from as u8 + 1), "{n} B at rank {rank}");
+            if n > 8192 {
+                assert_eq!(*staged, 0, "{n} B at rank {rank}: staged");
+            }
+        }
+    }
+}
