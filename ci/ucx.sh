@@ -36,6 +36,11 @@ done
 step "across processes: every collective, exchange and algorithm, a killed rank (UCX_TLS=tcp and sm)"
 cargo test -p oxccl-tools --features ucx --test ucx
 
+step "device buffers by address from the command line (oxccl-check --device hostdev, UCX_TLS=sm, 3 ranks)"
+cargo build -p oxccl-tools --features ucx --bins
+bin="${CARGO_TARGET_DIR:-target}/debug"
+OXCCL_TRANSPORT=ucx UCX_TLS=sm "$bin/oxrun" -n 3 -- "$bin/oxccl-check" -c all --device hostdev -b 256K
+
 step "auto in a build with UCX (no RDMA here: shared memory on one host, as without)"
 cargo test -p oxccl-tools --features ucx --test multiprocess auto_picks_shared_memory
 

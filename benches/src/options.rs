@@ -108,9 +108,10 @@ fn parse_check(s: &str) -> Result<bool, String> {
 fn parse_device(s: &str) -> Result<String, String> {
     let d = s.trim().to_ascii_lowercase();
     match d.as_str() {
-        "cpu" | "wgpu" | "cuda" => Ok(d),
+        "cpu" | "hostdev" | "wgpu" | "cuda" => Ok(d),
         _ => Err(format!(
-            "device '{s}' is not one of cpu (host memory), wgpu or cuda (device memory; built with that feature)"
+            "device '{s}' is not one of cpu (host memory), hostdev (host memory handled as a device \
+             buffer by address), wgpu or cuda (device memory; built with that feature)"
         )),
     }
 }
@@ -173,7 +174,8 @@ pub struct Options {
     /// Also write every row to FILE as JSON (rank 0).
     #[arg(short = 'J', long = "output_file", value_name = "FILE")]
     pub json: Option<PathBuf>,
-    /// Where the buffers live: only cpu (host memory) for now.
+    /// Where the buffers live: cpu (host memory), hostdev (host memory
+    /// handled as a device buffer reached by address), wgpu or cuda.
     #[arg(long, value_name = "DEVICE", default_value = "cpu", value_parser = parse_device)]
     pub device: String,
     /// Run only the in-place variant (out-of-place columns show N/A).

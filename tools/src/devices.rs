@@ -1,12 +1,14 @@
-//! Device buffers by name, for tools that take `--device cpu|wgpu|cuda`.
+//! Device buffers by name, for tools that take `--device cpu|hostdev|wgpu|cuda`.
 
 use oxccl::{Config, DeviceMemory, Error, Result};
 
 /// Makes a buffer on one device holding the given host bytes.
 pub type MakeBuffer = Box<dyn Fn(&[u8]) -> Result<Box<dyn DeviceMemory>>>;
 
-/// The buffer factory of `device` ("cpu", "wgpu" or "cuda"), or `None` for
-/// host memory. A backend this build lacks, or that the machine lacks (no
+/// The buffer factory of `device` ("cpu", "hostdev", "wgpu" or "cuda"), or
+/// `None` for host memory. "hostdev" is host memory handled as a device
+/// buffer reached by address (`oxccl_kernels::hostdev`): what links that
+/// move device memory themselves (UCX) take as it is. A backend this build lacks, or that the machine lacks (no
 /// adapter, no driver), is an error that says so. CUDA takes the device
 /// `config.cuda_device`, else `local_rank`, else 0.
 pub fn buffer_factory(
@@ -16,6 +18,12 @@ pub fn buffer_factory(
 ) -> Result<Option<MakeBuffer>> {
     match device.to_ascii_lowercase().as_str() {
         "cpu" => Ok(None),
+        "hostdev" => {
+            use oxccl::kernels::hostdev::HostDevice;
+            Ok(Some(Box::new(|data: &[u8]| {
+                Ok(Box::new(HostDevice::from_host(data)) as Box<dyn DeviceMemory>)
+            })))
+        }
         #[cfg(feature = "wgpu")]
         "wgpu" => {
             use oxccl::kernels::wgpu::{WgpuBuffer, WgpuContext};
@@ -45,7 +53,7 @@ pub fn buffer_factory(
             )))
         }
         other => Err(Error::InvalidArgument(format!(
-            "unknown device '{other}' (cpu, wgpu or cuda)"
+            "unknown device '{other}' (cpu, hostdev, wgpu or cuda)"
         ))),
     }
 }

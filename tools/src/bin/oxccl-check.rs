@@ -48,7 +48,8 @@ struct Args {
     /// Skip checking the results (only time the calls).
     #[arg(long)]
     no_check: bool,
-    /// Where the buffers live: cpu (host memory), wgpu or cuda (device
+    /// Where the buffers live: cpu (host memory), hostdev (host memory
+    /// handled as a device buffer reached by address), wgpu or cuda (device
     /// memory, reduced on the device; needs the crate feature of that name).
     #[arg(long, default_value = "cpu")]
     device: Device,
@@ -57,6 +58,8 @@ struct Args {
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 enum Device {
     Cpu,
+    /// Host memory handled as a device buffer reached by address.
+    Hostdev,
     Wgpu,
     Cuda,
 }
