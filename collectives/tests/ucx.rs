@@ -343,7 +343,10 @@ fn exchanges_and_messages_on_device_buffers_by_address() {
         });
         for (rank, (data, staged)) in got.iter().enumerate() {
             let from = (rank + world - 1) % world;
-            assert!(data.iter().all(|&x| x == from as u8 + 1), "{n} B at rank {rank}");
+            assert!(
+                data.iter().all(|&x| x == from as u8 + 1),
+                "{n} B at rank {rank}"
+            );
             if n > 8192 {
                 assert_eq!(*staged, 0, "{n} B at rank {rank}: staged");
             }

@@ -32,7 +32,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use crate::cpu::CpuReducer;
 use crate::{
     DType, DevMut, DevRef, DeviceMemory, DeviceOps, KernelError, MemoryKind, ReduceOp, Reducer,
-    check_regions,
+    check_host_side, check_regions,
 };
 
 const BACKEND: &str = "hostdev";
@@ -244,22 +244,13 @@ impl DeviceOps for HostOps {
     }
 
     fn read(&self, src: DevRef<'_>, dst: &mut [u8]) -> Result<(), KernelError> {
-        // SAFETY: never dereferenced; only its kind and length are checked.
-        let mut out =
-            unsafe { DevMut::new(dst.as_mut_ptr() as usize, dst.len(), MemoryKind::Host) };
-        check_regions(self, &out, Some(&src))?;
-        Self::bytes_mut(&mut out).copy_from_slice(Self::bytes(&src));
+        check_host_side(self, src.kind(), src.len(), dst.len())?;
+        dst.copy_from_slice(Self::bytes(&src));
         Ok(())
     }
 
     fn write(&self, mut dst: DevMut<'_>, src: &[u8]) -> Result<(), KernelError> {
-        check_regions(self, &dst, None)?;
-        if dst.len() != src.len() {
-            return Err(KernelError::LengthMismatch {
-                dst: dst.len(),
-                src: src.len(),
-            });
-        }
+        check_host_side(self, dst.kind(), dst.len(), src.len())?;
         Self::bytes_mut(&mut dst).copy_from_slice(src);
         Ok(())
     }
@@ -288,7 +279,7 @@ impl DeviceOps for HostOps {
         mut dst: DevMut<'_>,
         src: &[u8],
     ) -> Result<(), KernelError> {
-        check_regions(self, &dst, None)?;
+        check_host_side(self, dst.kind(), dst.len(), src.len())?;
         CpuReducer.reduce(dtype, op, Self::bytes_mut(&mut dst), src)
     }
 

@@ -179,6 +179,30 @@ pub trait DeviceOps: Send + Sync + std::fmt::Debug {
     ) -> Result<(), KernelError>;
 }
 
+/// Checks that a region of `kind` and `len` bytes and `host` bytes of host
+/// memory may be the two sides of a [`DeviceOps`] copy or reduction of
+/// `ops`: the region of its kind, both of one length.
+pub fn check_host_side(
+    ops: &dyn DeviceOps,
+    kind: MemoryKind,
+    len: usize,
+    host: usize,
+) -> Result<(), KernelError> {
+    if kind != ops.kind() {
+        return Err(KernelError::Unsupported {
+            backend: ops.backend(),
+            what: format!("{kind} memory (it works on {} memory)", ops.kind()),
+        });
+    }
+    if len != host {
+        return Err(KernelError::LengthMismatch {
+            dst: len,
+            src: host,
+        });
+    }
+    Ok(())
+}
+
 /// Checks that `dst` and `src` (`src_len` bytes at `src_addr`) may be the
 /// two sides of a [`DeviceOps`] operation of `ops`: both of its kind, the
 /// same length, not overlapping.

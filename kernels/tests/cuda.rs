@@ -256,14 +256,24 @@ fn cuda_operations_by_address_match_the_reference() {
         {
             let (dst, _) = a.addressed_mut().expect("address");
             let (lo, hi) = dst.split_at(half);
-            ops.reduce(dtype, ReduceOp::Sum, lo, src.slice(0..half).expect("within"))
-                .expect("reduce");
+            ops.reduce(
+                dtype,
+                ReduceOp::Sum,
+                lo,
+                src.slice(0..half).expect("within"),
+            )
+            .expect("reduce");
             ops.copy(hi, src.slice(half..n * size).expect("within"))
                 .expect("copy");
         }
         let mut want = reference_reduce(dtype, ReduceOp::Sum, &a0[..half], &b0[..half]);
         want.extend_from_slice(&b0[half..]);
-        assert_same(dtype, "reduce and copy by address", &a.to_host().expect("read"), &want);
+        assert_same(
+            dtype,
+            "reduce and copy by address",
+            &a.to_host().expect("read"),
+            &want,
+        );
         let mut host = vec![0u8; half];
         ops.read(src.slice(0..half).expect("within"), &mut host)
             .expect("read by address");

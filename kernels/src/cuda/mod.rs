@@ -56,8 +56,8 @@ use cudarc::driver::{
 use cudarc::nvrtc::{CompileOptions, Ptx};
 
 use crate::{
-    DType, DevMut, DevRef, DeviceMemory, DeviceOps, KernelError, MemoryKind, ReduceOp, check_len,
-    check_regions,
+    DType, DevMut, DevRef, DeviceMemory, DeviceOps, KernelError, MemoryKind, ReduceOp,
+    check_host_side, check_len, check_regions,
 };
 
 const BACKEND: &str = "cuda";
@@ -664,18 +664,7 @@ impl DeviceOps for CudaReducer {
     }
 
     fn read(&self, src: DevRef<'_>, dst: &mut [u8]) -> Result<(), KernelError> {
-        if src.kind() != MemoryKind::Cuda {
-            return Err(KernelError::Unsupported {
-                backend: BACKEND,
-                what: format!("{} memory (it works on cuda memory)", src.kind()),
-            });
-        }
-        if src.len() != dst.len() {
-            return Err(KernelError::LengthMismatch {
-                dst: dst.len(),
-                src: src.len(),
-            });
-        }
+        check_host_side(self, src.kind(), src.len(), dst.len())?;
         if dst.is_empty() {
             return Ok(());
         }
@@ -696,13 +685,7 @@ impl DeviceOps for CudaReducer {
     }
 
     fn write(&self, dst: DevMut<'_>, src: &[u8]) -> Result<(), KernelError> {
-        check_regions(self, &dst, None)?;
-        if dst.len() != src.len() {
-            return Err(KernelError::LengthMismatch {
-                dst: dst.len(),
-                src: src.len(),
-            });
-        }
+        check_host_side(self, dst.kind(), dst.len(), src.len())?;
         if src.is_empty() {
             return Ok(());
         }
@@ -767,13 +750,7 @@ impl DeviceOps for CudaReducer {
         dst: DevMut<'_>,
         src: &[u8],
     ) -> Result<(), KernelError> {
-        check_regions(self, &dst, None)?;
-        if dst.len() != src.len() {
-            return Err(KernelError::LengthMismatch {
-                dst: dst.len(),
-                src: src.len(),
-            });
-        }
+        check_host_side(self, dst.kind(), dst.len(), src.len())?;
         let n = check_len(dtype, src.len())?;
         check_aligned(dtype, dst.addr())?;
         if n == 0 {
