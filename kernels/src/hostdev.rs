@@ -20,10 +20,9 @@
 //! * A [`DevMut`] or [`DevRef`] of the buffer is made only from `&mut self`
 //!   or `&self` respectively, for that borrow, so its contract (valid,
 //!   unaliased for its lifetime) holds.
-//! * [`HostOps`] makes slices only of regions of kind [`MemoryKind::Host`],
-//!   which by their contract are valid host memory for their lifetime, for
-//!   the length of one operation, destination and source checked not to
-//!   overlap ([`check_regions`]).
+//! * [`HostOps`] reaches regions only through their host slices
+//!   ([`DevMut::host_mut`], [`DevRef::host`]), destination and source
+//!   checked not to overlap ([`check_regions`]).
 
 use std::cell::UnsafeCell;
 use std::sync::Arc;
@@ -214,23 +213,14 @@ fn range_error(offset: usize, len: usize) -> KernelError {
 pub struct HostOps;
 
 impl HostOps {
-    /// `region`'s bytes, writable, for one operation.
+    /// A region's bytes, writable, for one operation: empty for device
+    /// memory, which the checks of every operation refuse first.
     fn bytes_mut<'r>(dst: &'r mut DevMut<'_>) -> &'r mut [u8] {
-        if dst.is_empty() {
-            return &mut [];
-        }
-        // SAFETY: a host region (kinds checked by every caller) is valid,
-        // unaliased memory for its lifetime, which outlives `'r`.
-        unsafe { std::slice::from_raw_parts_mut(dst.addr() as *mut u8, dst.len()) }
+        dst.host_mut().unwrap_or_default()
     }
 
-    fn bytes<'r>(src: &'r DevRef<'_>) -> &'r [u8] {
-        if src.is_empty() {
-            return &[];
-        }
-        // SAFETY: a host region is valid memory that nothing writes for its
-        // lifetime, which outlives `'r`.
-        unsafe { std::slice::from_raw_parts(src.addr() as *const u8, src.len()) }
+    fn bytes<'r>(src: &DevRef<'r>) -> &'r [u8] {
+        src.host().unwrap_or_default()
     }
 }
 

@@ -17,9 +17,12 @@
 //!
 //! # Safety
 //!
-//! This crate's only `unsafe` is the two constructors' contract; every
-//! other function derives a region from one that was valid, covering a
-//! subset of its bytes for no longer than it is borrowed.
+//! The two constructors are `unsafe`: their callers vouch for the memory.
+//! Every other function derives a region from one that was valid, covering
+//! a subset of its bytes for no longer than it is borrowed; the only other
+//! `unsafe` makes a slice of a host region's bytes ([`DevRef::host`],
+//! [`DevMut::host_mut`]), which the constructors' contract makes valid for
+//! the borrow.
 
 use std::fmt;
 use std::marker::PhantomData;
@@ -161,6 +164,20 @@ impl<'b> DevRef<'b> {
         self.kind
     }
 
+    /// Its bytes, when it is host memory ([`MemoryKind::Host`]); `None`
+    /// for device memory, which the CPU cannot read.
+    pub fn host(self) -> Option<&'b [u8]> {
+        if self.kind != MemoryKind::Host {
+            return None;
+        }
+        if self.len == 0 {
+            return Some(&[]);
+        }
+        // SAFETY: host memory that the constructor's contract keeps
+        // allocated and unwritten for `'b`.
+        Some(unsafe { std::slice::from_raw_parts(self.addr as *const u8, self.len) })
+    }
+
     /// Bytes `range` of it; `None` when the range leaves it.
     pub fn slice(self, range: Range<usize>) -> Option<DevRef<'b>> {
         within(self.len, &range)?;
@@ -207,6 +224,27 @@ impl<'b> DevMut<'b> {
     /// Where it lives.
     pub fn kind(&self) -> MemoryKind {
         self.kind
+    }
+
+    /// Its bytes, when it is host memory ([`MemoryKind::Host`]), for as long
+    /// as this region is borrowed; `None` for device memory.
+    pub fn host(&self) -> Option<&[u8]> {
+        self.as_ref().host()
+    }
+
+    /// Its bytes, writable, when it is host memory, for as long as this
+    /// region is borrowed mutably; `None` for device memory.
+    pub fn host_mut(&mut self) -> Option<&mut [u8]> {
+        if self.kind != MemoryKind::Host {
+            return None;
+        }
+        if self.len == 0 {
+            return Some(&mut []);
+        }
+        // SAFETY: host memory that the constructor's contract keeps
+        // allocated and reached only through this region for `'b`, which
+        // outlives the borrow of `self`.
+        Some(unsafe { std::slice::from_raw_parts_mut(self.addr as *mut u8, self.len) })
     }
 
     /// The region again, for a shorter borrow (as `&mut *slice`).
@@ -299,6 +337,18 @@ mod tests {
         #[allow(clippy::reversed_empty_ranges)]
         let backwards = r.slice(3..2);
         assert!(backwards.is_none());
+        // Host bytes of a host region; none of device memory.
+        let mut buf = [1u8, 2, 3, 4];
+        // SAFETY: `buf` is reached only through the region while it lives.
+        let mut m = unsafe { DevMut::new(buf.as_mut_ptr() as usize, 4, MemoryKind::Host) };
+        m.host_mut().expect("host")[1] = 9;
+        assert_eq!(
+            m.as_ref().slice(1..3).and_then(DevRef::host),
+            Some(&[9u8, 3][..])
+        );
+        // SAFETY: never dereferenced.
+        let cuda = unsafe { DevRef::new(0x1000, 4, MemoryKind::Cuda) };
+        assert!(cuda.host().is_none());
     }
 
     #[test]

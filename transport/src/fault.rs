@@ -18,7 +18,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::TransportError;
-use crate::link::{Endpoint, Link, ShutdownHandle};
+use crate::link::{Capabilities, Endpoint, Link, ShutdownHandle};
+use crate::{MemoryKind, MemoryKinds};
 
 /// How one end of a [`FaultLink`] misbehaves. The default is a well-behaved
 /// link with unbounded buffering.
@@ -37,6 +38,10 @@ pub struct Faults {
     pub capacity: usize,
     /// Seed of the stalls.
     pub seed: u64,
+    /// The link takes host memory by address ([`crate::Lent::Device`]) for
+    /// frames of more than this many bytes, as UCX takes device memory
+    /// ([`Capabilities::by_address`]); `None`: it takes none.
+    pub by_address_over: Option<usize>,
 }
 
 impl Default for Faults {
@@ -47,6 +52,7 @@ impl Default for Faults {
             fail_after: None,
             capacity: usize::MAX,
             seed: 1,
+            by_address_over: None,
         }
     }
 }
@@ -207,6 +213,17 @@ impl Endpoint for FaultLink {
 
     fn describe(&self) -> String {
         format!("fault link to rank {} ({:?})", self.peer, self.faults)
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        match self.faults.by_address_over {
+            Some(over) => Capabilities {
+                by_address: MemoryKinds::NONE.with(MemoryKind::Host),
+                by_address_over: over,
+                ..Capabilities::default()
+            },
+            None => Capabilities::default(),
+        }
     }
 }
 

@@ -34,7 +34,7 @@ use smallvec::SmallVec;
 use oxccl_memory::{DevMut, DevRef, MemoryKind};
 
 use crate::TransportError;
-use crate::link::{Endpoint, Link};
+use crate::link::{Capabilities, Endpoint, Link};
 use crate::wire::FrameHeader;
 
 const HDR: usize = FrameHeader::LEN;
@@ -73,25 +73,27 @@ pub enum Lent<'b> {
 }
 
 impl Lent<'_> {
-    /// The lent host bytes; empty for memory reached by address
-    /// ([`Lent::Device`], [`Lent::DeviceMut`]), which only a link that moves
-    /// it reaches ([`Lent::device`]).
+    /// The lent bytes as the CPU reads them: host memory, including host
+    /// memory reached by address; empty for device memory, which only a
+    /// link that moves it reaches ([`Lent::device`]).
     #[inline]
     pub fn bytes(&self) -> &[u8] {
         match self {
             Lent::Shared(b) => b,
             Lent::Exclusive(b) => b,
             Lent::Owned { buf, len } => buf.get(..*len).unwrap_or_default(),
-            Lent::Device(_) | Lent::DeviceMut(_) => &[],
+            Lent::Device(r) => r.host().unwrap_or_default(),
+            Lent::DeviceMut(r) => r.host().unwrap_or_default(),
         }
     }
 
-    /// The lent host bytes, writable; `None` for [`Lent::Shared`] and for
-    /// memory reached by address.
+    /// The lent bytes, writable; `None` for [`Lent::Shared`], [`Lent::Device`]
+    /// and device memory.
     #[inline]
     pub fn bytes_mut(&mut self) -> Option<&mut [u8]> {
         match self {
-            Lent::Shared(_) | Lent::Device(_) | Lent::DeviceMut(_) => None,
+            Lent::Shared(_) | Lent::Device(_) => None,
+            Lent::DeviceMut(r) => r.host_mut(),
             Lent::Exclusive(b) => Some(b),
             Lent::Owned { buf, len } => buf.get_mut(..*len),
         }
@@ -134,19 +136,25 @@ impl Lent<'_> {
     }
 }
 
-/// The kind of memory reached by address among `parts`, if any, for a link
-/// that moves only host memory to refuse.
-fn by_address(parts: &[Lent<'_>]) -> Option<MemoryKind> {
-    parts.iter().find_map(|p| p.device().map(|(_, _, k)| k))
-}
-
-fn refuse_device(peer: usize, kind: MemoryKind) -> TransportError {
-    TransportError::Protocol {
-        peer,
-        reason: format!(
-            "a stream link was handed {kind} memory by address; only links that move it \
-             themselves (UCX) take it"
-        ),
+/// Refuses memory reached by address among `parts` unless the stream says
+/// it takes that kind ([`Capabilities::by_address`]: host memory, which it
+/// reads and writes as any other).
+fn refuse_by_address(
+    parts: &[Lent<'_>],
+    takes: Capabilities,
+    peer: usize,
+) -> Result<(), TransportError> {
+    match parts.iter().find_map(|p| p.device().map(|(_, _, k)| k)) {
+        Some(kind) if kind != MemoryKind::Host || !takes.by_address.contains(kind) => {
+            Err(TransportError::Protocol {
+                peer,
+                reason: format!(
+                    "a stream link was handed {kind} memory by address; only links that move \
+                     it themselves (UCX) take it"
+                ),
+            })
+        }
+        _ => Ok(()),
     }
 }
 
@@ -601,9 +609,7 @@ impl<L: Link + ?Sized> MessageLink for L {
     #[inline]
     fn post_send(&mut self, m: &mut Outgoing<'_>) -> Result<Status, TransportError> {
         m.check(self.peer())?;
-        if let Some(kind) = by_address(&m.payload) {
-            return Err(refuse_device(self.peer(), kind));
-        }
+        refuse_by_address(&m.payload, self.capabilities(), self.peer())?;
         self.allow_single_copy(m.single_copy);
         MessageLink::test_send(self, m)
     }
@@ -632,9 +638,7 @@ impl<L: Link + ?Sized> MessageLink for L {
     #[inline]
     fn post_recv(&mut self, m: &mut Incoming<'_>) -> Result<Status, TransportError> {
         m.check(self.peer())?;
-        if let Some(kind) = by_address(&m.into) {
-            return Err(refuse_device(self.peer(), kind));
-        }
+        refuse_by_address(&m.into, self.capabilities(), self.peer())?;
         MessageLink::test_recv(self, m)
     }
 

@@ -767,3 +767,95 @@ fn waiting_turn_cost() {
     }
     println!("waiting_turn_cost: {best:.1} ns per turn (best of 5 rounds of {turns})");
 }
+
+/// Device buffers (host memory reached by address, `HostDevice`) over
+/// links that take such memory as it is, delivering a few bytes at a time
+/// with stalls: frames over the links' threshold go from and into the
+/// buffers by address, reductions run through the buffers' own operations
+/// into device scratch, smaller frames through host staging; every result
+/// against the reference. With a threshold of 0 no byte is staged.
+#[test]
+fn device_buffers_by_address_over_slow_links_give_exact_results() {
+    use oxccl_kernels::hostdev::HostDevice;
+
+    for over in [0usize, 16] {
+        for world in [2, 3, 4] {
+            for kind in [Kind::AllReduce, Kind::Broadcast, Kind::AllGather] {
+                for count in [0, 1, 30, 10_001] {
+                    let links = fault::ring(world, |r| Faults {
+                        max_chunk: 1000,
+                        stall_one_in: 4,
+                        seed: r as u64 + 7,
+                        by_address_over: Some(over),
+                        ..Faults::default()
+                    })
+                    .unwrap();
+                    let got: Vec<(Vec<i32>, usize)> = std::thread::scope(|s| {
+                        let threads: Vec<_> = links
+                            .into_iter()
+                            .enumerate()
+                            .map(|(rank, l)| {
+                                s.spawn(move || {
+                                    let (mut next, mut prev) = l.unwrap();
+                                    let sh = shape(kind, world, rank, count);
+                                    let p = plan(&sh);
+                                    let full = input(rank, count);
+                                    let own: Vec<i32> = match kind {
+                                        Kind::AllGather => {
+                                            full[chunk_range(count, world, rank)].to_vec()
+                                        }
+                                        _ => full,
+                                    };
+                                    let inp = HostDevice::from_host(bytemuck::cast_slice(&own));
+                                    let mut out = HostDevice::zeroed(count * 4);
+                                    let mut staging = Vec::new();
+                                    let mut scratch = None;
+                                    let mut links = Links::new(
+                                        Box::new(&mut next),
+                                        Box::new(&mut prev),
+                                        Vec::new(),
+                                    );
+                                    run(
+                                        Some(&mut links),
+                                        Job {
+                                            plan: &p,
+                                            seq: 1,
+                                            descriptor: [kind as u8; DESCRIPTOR_LEN],
+                                            input: Some(Input::Device(&inp)),
+                                            output: Output::Device(&mut out),
+                                            dtype: DType::I32,
+                                            op: ReduceOp::Sum,
+                                            world,
+                                            reducer: &ReferenceReducer,
+                                            staging: &mut staging,
+                                            scratch: Some(&mut scratch),
+                                            timeout: Duration::from_secs(20),
+                                            spin: Duration::from_micros(50),
+                                            single_copy_from: None,
+                                        },
+                                    )
+                                    .unwrap();
+                                    let bytes = out.to_host();
+                                    let v: Vec<i32> = bytes
+                                        .chunks_exact(4)
+                                        .map(|c| i32::from_ne_bytes(c.try_into().unwrap()))
+                                        .collect();
+                                    (v, inp.staged_bytes() + out.staged_bytes())
+                                })
+                            })
+                            .collect();
+                        threads.into_iter().map(|t| t.join().unwrap()).collect()
+                    });
+                    let want = expected(kind, world, count);
+                    for (rank, (v, staged)) in got.iter().enumerate() {
+                        let ctx = format!("{kind:?} world {world} count {count} over {over}");
+                        assert_eq!(v, &want, "{ctx}: rank {rank}");
+                        if over == 0 {
+                            assert_eq!(*staged, 0, "{ctx}: rank {rank} staged");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
