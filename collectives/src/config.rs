@@ -589,7 +589,7 @@ pub const SETTINGS: &[Setting] = &[
     Setting {
         name: "OXCCL_CYCLE_TIME_MS",
         default: "5",
-        doc: "Milliseconds between two negotiation cycles of the fusion engine (an enqueue on an idle engine starts one at once).",
+        doc: "Milliseconds between two negotiation cycles of the fusion engine (an enqueue on an idle engine starts one at once; an engine with nothing submitted cycles every 16 times this, for the other ranks' stall checks and shutdown).",
         agree: false,
         parse: Some(|c, v| {
             c.cycle_time =

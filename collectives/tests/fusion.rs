@@ -677,3 +677,26 @@ fn a_hold_hands_its_submissions_over_together() {
         }
     });
 }
+
+/// An engine with nothing submitted cycles every 16 cycle times, not every
+/// cycle time (its cycles only serve the other ranks), and a submission
+/// still starts a cycle at once: 2 ranks idle for 300 ms at a cycle time
+/// of 1 ms run about 19 cycles (300 before), then complete a tensor.
+#[test]
+fn idle_engines_cycle_every_sixteen_cycle_times() {
+    let engines = engines(2, config(4096));
+    std::thread::sleep(Duration::from_millis(300));
+    let idle = engines[0].stats().cycles;
+    assert!(
+        (1..=30).contains(&idle),
+        "{idle} cycles in 300 ms of an idle engine at 1 ms a cycle"
+    );
+    let hs: Vec<_> = engines
+        .iter()
+        .map(|e| e.allreduce_async("x", vec![1u32; 3], ReduceOp::Sum))
+        .collect();
+    for h in hs {
+        assert_eq!(h.wait().unwrap(), vec![2u32; 3]);
+    }
+    assert!(engines[0].stats().cycles > idle);
+}

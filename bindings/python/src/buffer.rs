@@ -262,9 +262,10 @@ impl Buf {
         }
     }
 
-    /// `obj`'s memory: through DLPack if it has `__dlpack__`, else (or if
-    /// that export fails, as numpy's does for read-only arrays) the buffer
-    /// protocol. `what` names the argument in errors; `writable` asks for a
+    /// `obj`'s memory: through DLPack if it has `__dlpack__` (or is a
+    /// DLPack capsule, "dltensor", of host memory, which is consumed), else
+    /// (or if that export fails, as numpy's does for read-only arrays) the
+    /// buffer protocol. `what` names the argument in errors; `writable` asks for a
     /// buffer the call may write. Host memory only.
     pub(crate) fn get(obj: &Bound<'_, PyAny>, what: &str, writable: bool) -> PyResult<Buf> {
         Buf::get_in(obj, what, writable, false)
@@ -277,6 +278,9 @@ impl Buf {
     }
 
     fn get_in(obj: &Bound<'_, PyAny>, what: &str, writable: bool, device: bool) -> PyResult<Buf> {
+        if is_dltensor_capsule(obj) {
+            return from_capsule(obj, what);
+        }
         if obj.hasattr("__dlpack__")? {
             if let Some(id) = check_device(obj, what, device)? {
                 return cuda_dlpack(obj, what, id);
@@ -393,6 +397,40 @@ fn dl_dtype(t: DLDataType) -> Option<DType> {
 const DLTENSOR: &CStr = c"dltensor";
 const USED_DLTENSOR: &CStr = c"used_dltensor";
 
+/// Whether `obj` is an unconsumed DLPack capsule (named "dltensor"), such
+/// as `torch.utils.dlpack.to_dlpack(t)` returns.
+fn is_dltensor_capsule(obj: &Bound<'_, PyAny>) -> bool {
+    // SAFETY: `obj` is a live object; PyCapsule_IsValid only reads it, sets
+    // no exception, and is false for anything but a capsule of that name.
+    unsafe { ffi::PyCapsule_IsValid(obj.as_ptr(), DLTENSOR.as_ptr()) == 1 }
+}
+
+/// A DLPack capsule's tensor (consumed: the capsule is renamed, as
+/// `__dlpack__`'s consumers do), host memory only. Cheaper than
+/// `__dlpack__` for a caller that has many tensors (torch's `to_dlpack` is
+/// one C call, where `Tensor.__dlpack__` and `__dlpack_device__` run
+/// Python code).
+fn from_capsule(capsule: &Bound<'_, PyAny>, what: &str) -> PyResult<Buf> {
+    let buf = consume_capsule(capsule, capsule, what)?;
+    let device = match &buf.keep {
+        // SAFETY: `buf` owns the managed tensor (its `keep`), valid until drop.
+        Some(Keep::DlPack(m)) => unsafe { (*m.as_ptr()).dl_tensor.device },
+        _ => {
+            return Err(crate::errors::internal(
+                "a DLPack buffer without its tensor",
+            ));
+        }
+    };
+    match device.device_type {
+        KDL_CPU | KDL_CUDA_HOST => Ok(buf),
+        kind => Err(invalid_argument(format!(
+            "{what}: a DLPack capsule of device type {kind} (device {}): capsules are taken \
+             for host memory only; pass the tensor itself",
+            device.device_id
+        ))),
+    }
+}
+
 /// `obj.__dlpack__()`'s tensor; with `stream`, asked for that consumer
 /// stream (DLPack's `stream=` argument, for device memory).
 fn from_dlpack(obj: &Bound<'_, PyAny>, what: &str, stream: Option<usize>) -> PyResult<Buf> {
@@ -405,6 +443,17 @@ fn from_dlpack(obj: &Bound<'_, PyAny>, what: &str, stream: Option<usize>) -> PyR
             obj.call_method("__dlpack__", (), Some(&kw))?
         }
     };
+    consume_capsule(obj, &capsule, what)
+}
+
+/// The tensor of `capsule` (a "dltensor" capsule exported by `obj`),
+/// consumed: the returned `Buf` calls its deleter on drop.
+fn consume_capsule(
+    obj: &Bound<'_, PyAny>,
+    capsule: &Bound<'_, PyAny>,
+    what: &str,
+) -> PyResult<Buf> {
+    let py = obj.py();
     // SAFETY: `capsule` is a live object; PyCapsule_GetPointer checks that
     // it is a capsule named "dltensor" and sets an exception if not.
     let raw = unsafe { ffi::PyCapsule_GetPointer(capsule.as_ptr(), DLTENSOR.as_ptr()) };

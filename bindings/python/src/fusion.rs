@@ -247,7 +247,10 @@ impl FusionEngine {
     /// :meth:`allreduce_async` per buffer (each name is negotiated and may
     /// be fused with any other), in one call and with one :class:`Work`,
     /// which completes when every buffer holds its result (and fails with
-    /// the first error if any of them fails).
+    /// the first error if any of them fails). A buffer may also be a DLPack
+    /// capsule of host memory (``torch.utils.dlpack.to_dlpack(t)``), which
+    /// is consumed: cheaper to take than a tensor, whose ``__dlpack__`` runs
+    /// Python code.
     #[pyo3(signature = (bufs, names, op=String::from("sum")), text_signature = "(self, bufs, names, op='sum')")]
     fn allreduce_group_async(
         &self,

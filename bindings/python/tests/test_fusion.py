@@ -140,3 +140,25 @@ def test_allreduce_group_async_fails_with_a_mismatched_tensor():
 
     for good in each(comms, call):
         np.testing.assert_array_equal(good, np.full(4, 3, dtype=np.float32))
+
+
+def test_allreduce_group_async_takes_dlpack_capsules():
+    """DLPack capsules ("dltensor", as torch.utils.dlpack.to_dlpack gives)
+    stand for their arrays: the results land in the arrays, and a capsule
+    is consumed, so a second use is refused."""
+    comms = make_group(2)
+
+    def call(c):
+        eng = oxccl.FusionEngine(c)
+        xs = [np.full(3 + k, c.rank + k, dtype=np.float32) for k in range(4)]
+        caps = [x.__dlpack__() for x in xs]
+        assert eng.allreduce_group_async(caps, [f"c.{k}" for k in range(4)], "sum").wait(30)
+        with pytest.raises(oxccl.InvalidArgument):
+            eng.allreduce_group_async(caps[:1], ["c.0"])
+        eng.synchronize()
+        eng.shutdown()
+        return xs
+
+    for xs in each(comms, call):
+        for k, x in enumerate(xs):
+            np.testing.assert_array_equal(x, np.full(3 + k, 2 * k + 1, dtype=np.float32))

@@ -325,7 +325,9 @@ impl FusionEngine {
             ))));
             return handle;
         }
-        let was_idle = st.incoming.is_empty();
+        // Under a hold the background thread cannot take it yet: the hold's
+        // drop wakes it (a wake now would cost a context switch mid-group).
+        let wake = st.incoming.is_empty() && st.holds == 0;
         st.incoming.push(Submission {
             name,
             meta,
@@ -335,7 +337,7 @@ impl FusionEngine {
         });
         st.outstanding += 1;
         drop(st);
-        if was_idle {
+        if wake {
             self.shared.wake.notify_all();
         }
         handle

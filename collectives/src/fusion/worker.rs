@@ -33,6 +33,14 @@ fn retry_after(misses: u32, cycle_time: Duration) -> Duration {
     step.min(cycle_time)
 }
 
+/// An engine with nothing submitted starts its next cycle this many cycle
+/// times after the last. Its cycles serve only the other ranks (their stall
+/// checks and errors, a shutdown): an idle engine wakes at its own first
+/// submission, so that the cycles it ran at the cycle time spent CPU beside
+/// the training and, when one was in flight as a step's gradients came,
+/// made the step wait for it.
+const IDLE_CYCLE_TIMES: u32 = 16;
+
 /// A tensor this rank submitted that has not run yet.
 struct Entry {
     meta: Meta,
@@ -163,15 +171,21 @@ impl Worker {
         self.comm
     }
 
-    /// Sleeps until the next cycle is due; an idle engine wakes at the first
+    /// Sleeps until the next cycle is due (a cycle time after the last, or
+    /// [`IDLE_CYCLE_TIMES`] while idle); an idle engine wakes at the first
     /// submission, a flushed one ([`FusionEngine::flush`]) at once while its
     /// cycles complete something, and soon after one that completed nothing
     /// (see [`retry_after`]). Submissions under a [`Hold`](super::Hold) stay
     /// out until it drops. Returns the new submissions and whether to shut
     /// down.
     fn wait_for_cycle(&mut self, last: Instant) -> (Vec<Submission>, bool) {
-        let due = last + self.cycle_time;
         let idle = self.pending.is_empty();
+        let due = last
+            + if idle {
+                self.cycle_time.saturating_mul(IDLE_CYCLE_TIMES)
+            } else {
+                self.cycle_time
+            };
         let mut st = self.shared.lock();
         let progressed = st.completed != self.completed_seen;
         if progressed || st.flush != Flush::On {

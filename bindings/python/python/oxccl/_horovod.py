@@ -57,6 +57,7 @@ import threading
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
+from torch.utils.dlpack import to_dlpack as _to_dlpack
 
 from ._oxccl import (
     Communicator,
@@ -804,6 +805,8 @@ class _DistributedOptimizer:
         self._hvd_postscale = float(gradient_predivide_factor)
         self._hvd_sparse_as_dense = bool(sparse_as_dense)
         self._hvd_names = {id(p): by_param[id(p)] for p in all_params}
+        # The engine's names of the gradients (Horovod's).
+        self._hvd_wire_names = {k: "allreduce." + n for k, n in self._hvd_names.items()}
         self._hvd_op = op
         self._hvd_compression = compression
         self._hvd_passes_per_step = backward_passes_per_step
@@ -827,26 +830,31 @@ class _DistributedOptimizer:
         ]
 
     def _hvd_submit(self, p: torch.Tensor) -> None:
-        name = self._hvd_names[id(p)]
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        if p.grad.is_sparse:
+        # Runs once per gradient per step, from backward's hooks: kept to
+        # few tensor attribute reads (each is a call into torch).
+        key = id(p)
+        grad = p.grad
+        if grad is None:
+            grad = p.grad = torch.zeros_like(p)
+        if grad.is_sparse:
             if not self._hvd_sparse_as_dense:
                 raise InvalidArgument(
-                    f"DistributedOptimizer: the gradient of '{name}' is sparse; "
-                    "pass sparse_as_dense=True to reduce it as a dense tensor"
+                    f"DistributedOptimizer: the gradient of '{self._hvd_names[key]}' is "
+                    "sparse; pass sparse_as_dense=True to reduce it as a dense tensor"
                 )
-            p.grad = p.grad.to_dense()
-        grad = p.grad
-        wire, ctx = self._hvd_compression.compress(grad)
-        if wire is not grad:
-            wire = wire.contiguous()
-        self._hvd_pending[id(p)] = (p, wire, ctx)
-        if wire.device.type != "cpu" or not wire.is_contiguous():
+            grad = p.grad = grad.to_dense()
+        if self._hvd_compression is Compression.none:
+            wire, ctx = grad, None
+        else:
+            wire, ctx = self._hvd_compression.compress(grad)
+            if wire is not grad:
+                wire = wire.contiguous()
+        self._hvd_pending[key] = (p, wire, ctx)
+        if not wire.is_cpu or not wire.is_contiguous():
             # Through a host or contiguous copy, alone (allreduce_async_).
             h = allreduce_async_(
                 wire,
-                name=name,
+                name=self._hvd_names[key],
                 op=self._hvd_op,
                 prescale_factor=self._hvd_prescale,
                 postscale_factor=self._hvd_postscale,
@@ -857,8 +865,8 @@ class _DistributedOptimizer:
             with torch.no_grad():
                 wire.mul_(self._hvd_prescale)
         self._hvd_group.append((p, wire, ctx))
-        self._hvd_group_names.append("allreduce." + name)
-        self._hvd_group_bytes += wire.numel() * wire.element_size()
+        self._hvd_group_names.append(self._hvd_wire_names[key])
+        self._hvd_group_bytes += wire.nbytes
         if self._hvd_group_bytes >= _GROUP_BYTES:
             self._hvd_send_group()
 
@@ -869,17 +877,21 @@ class _DistributedOptimizer:
             return
         group, names = self._hvd_group, self._hvd_group_names
         self._hvd_group, self._hvd_group_names, self._hvd_group_bytes = [], [], 0
+        # DLPack capsules rather than the tensors: one C call each, where the
+        # engine's export of a tensor runs __dlpack__ and __dlpack_device__
+        # in Python (3 us a gradient, most of a group's submission).
         work = _engine().allreduce_group_async(
-            [w for _, w, _ in group], names, self._hvd_op
+            [_to_dlpack(w) for _, w, _ in group], names, self._hvd_op
         )
         self._hvd_inflight.append((work, group))
 
     def _hvd_hook(self, p: torch.Tensor) -> None:
-        n = self._hvd_passes.get(id(p), 0) + 1
-        self._hvd_passes[id(p)] = n
-        if id(p) in self._hvd_pending:
+        key = id(p)
+        n = self._hvd_passes.get(key, 0) + 1
+        self._hvd_passes[key] = n
+        if key in self._hvd_pending:
             raise InvalidUsage(
-                f"DistributedOptimizer: the gradient of '{self._hvd_names[id(p)]}' was computed "
+                f"DistributedOptimizer: the gradient of '{self._hvd_names[key]}' was computed "
                 f"more than backward_passes_per_step={self._hvd_passes_per_step} times before "
                 "step() or synchronize(); raise backward_passes_per_step to accumulate"
             )
