@@ -399,11 +399,19 @@ fn mismatched_shapes_dtypes_and_ops_fail_on_every_rank_naming_them() {
     }
 }
 
+/// A name submitted again while the engine still holds it fails every
+/// rank's handles. The two submissions are made under a hold, so that the
+/// engine takes them together: a duplicate is found where the engine
+/// takes submissions, and one that comes after the first has run (here the
+/// first can run as soon as rank 1 submits, and an idle engine wakes at
+/// once for it) is a new submission of the name.
 #[test]
 fn a_name_submitted_twice_fails_on_every_rank() {
     let engines = engines(2, config(1 << 20));
+    let hold = engines[0].hold();
     let first = engines[0].allreduce_async("g", vec![1.0f32; 4], ReduceOp::Sum);
     let second = engines[0].allreduce_async("g", vec![2.0f32; 4], ReduceOp::Sum);
+    drop(hold);
     let other = engines[1].allreduce_async("g", vec![1.0f32; 4], ReduceOp::Sum);
     let want = "invalid usage: tensor 'g' was submitted again before it completed, on rank 0";
     for h in [first, second, other] {
