@@ -405,3 +405,34 @@ fn stream_links_refuse_memory_by_address() {
     }
     assert!(s.capabilities().by_address.is_empty());
 }
+
+#[test]
+fn a_link_knows_the_transport_ucx_chose() {
+    let (a, _b) = pair();
+    let info = a.endpoint_info();
+    let am = am_transport(&info).unwrap_or_else(|| panic!("no am lane in:\n{info}"));
+    let tls = std::env::var("UCX_TLS").unwrap_or_default();
+    println!("UCX_TLS={tls}: eager messages over {am}; {}", a.describe());
+    assert!(a.describe().ends_with(&format!("over {am}")));
+    let shm = ["sysv/", "posix/", "xpmem/"]
+        .iter()
+        .any(|t| am.starts_with(t));
+    assert_eq!(a.shared_memory, shm);
+    if tls == "tcp" {
+        assert!(am.starts_with("tcp/"), "{am}");
+    }
+    if tls == "sm" {
+        assert!(shm, "{am}");
+    }
+}
+
+#[test]
+fn the_am_transport_is_read_from_the_report() {
+    let sm = "#   lane[0]:  0:sysv/memory.0 md[0]  -> md[0]/sysv/sysdev[255] am am_bw#0\n\
+              #   lane[1]:  2:cma/memory.0 md[2]   -> md[2]/cma/sysdev[255] rma_bw#0\n";
+    assert_eq!(am_transport(sm).as_deref(), Some("sysv/memory"));
+    let rc = "#   lane[0]:  1:rc_mlx5/mlx5_0:1.0 md[1] -> md[1]/ib/sysdev[0] rma_bw#0\n\
+              #   lane[1]:  3:ud_mlx5/mlx5_0:1.0 md[1] -> md[1]/ib/sysdev[0] am am_bw#0 wireup\n";
+    assert_eq!(am_transport(rc).as_deref(), Some("ud_mlx5/mlx5_0:1"));
+    assert_eq!(am_transport("# nothing\n"), None);
+}
