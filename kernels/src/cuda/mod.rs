@@ -47,7 +47,7 @@ use std::collections::HashMap;
 use std::mem::ManuallyDrop;
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DriverError,
@@ -172,6 +172,9 @@ pub struct CudaReducer {
     name: String,
     compute_capability: (i32, i32),
     sm_count: u32,
+    /// Device memory for host bytes a [`DeviceOps::reduce_from_host`]
+    /// stages, reused from call to call (grown to a power of two).
+    staging: Mutex<Option<CudaSlice<u8>>>,
 }
 
 impl std::fmt::Debug for CudaReducer {
@@ -228,6 +231,7 @@ impl CudaReducer {
                 name,
                 compute_capability: cc,
                 sm_count: sm_count.max(1) as u32,
+                staging: Mutex::new(None),
             }))
         })
     }
@@ -756,15 +760,26 @@ impl DeviceOps for CudaReducer {
         if n == 0 {
             return Ok(());
         }
-        let mut staged = self.alloc(src.len())?;
-        self.stream
+        let mut slot = self.staging.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut staged = match slot.take() {
+            Some(s) if s.len() >= src.len() => s,
+            _ => self.alloc(src.len().next_power_of_two())?,
+        };
+        let result = self
+            .stream
             .memcpy_htod(src, &mut staged.slice_mut(..src.len()))
-            .map_err(|e| driver_error("stage to device", e))?;
-        let (s, _guard): (u64, SyncOnDrop<'_>) = staged.device_ptr(&self.stream);
-        // SAFETY: `dst` is a CUDA region of `n` elements (checked) and `s`
-        // the staged copy's `n`, both live until the wait below.
-        unsafe { self.reduce_at(dtype, op, dst.addr() as u64, s, n) }?;
-        self.synchronize()
+            .map_err(|e| driver_error("stage to device", e))
+            .and_then(|()| {
+                let (s, _guard): (u64, SyncOnDrop<'_>) = staged.device_ptr(&self.stream);
+                // SAFETY: `dst` is a CUDA region of `n` elements (checked)
+                // and `s` the staged copy's `n`, both live until the wait
+                // below (the staging buffer is held, under its lock, until
+                // then).
+                unsafe { self.reduce_at(dtype, op, dst.addr() as u64, s, n) }
+            })
+            .and_then(|()| self.synchronize());
+        *slot = Some(staged);
+        result
     }
 
     fn finish_avg(
