@@ -715,16 +715,14 @@ pub(crate) fn copy_own(
         (Input::Host(i), Dest::Device(o)) => o.write(to, &i[from])?,
         (Input::Device(i), Dest::Host(o)) => i.read(from.start, &mut o[to..to + from.len()])?,
         (Input::Device(i), Dest::Device(o)) => {
-            // On the device when both buffers have addresses there.
-            let backend = o.backend();
-            if let (Some((src, _)), Some((dst, ops))) = (i.addressed(), o.addressed_mut()) {
-                let len = from.len();
-                if let (Some(s), Some(d), true) = (
-                    src.slice(from.clone()),
-                    dst.slice(to..to + len),
-                    i.backend() == backend,
-                ) {
-                    return ops.copy(d, s);
+            // On the device when both are buffers of one backend with
+            // addresses there.
+            if i.backend() == o.backend() {
+                if let (Some((src, _)), Some((dst, ops))) = (i.addressed(), o.addressed_mut()) {
+                    let to = to..to + from.len();
+                    if let (Some(s), Some(d)) = (src.slice(from.clone()), dst.slice(to)) {
+                        return ops.copy(d, s);
+                    }
                 }
             }
             let mut host = vec![0u8; from.len()];

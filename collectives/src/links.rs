@@ -10,7 +10,7 @@
 //! next and the previous rank are the same peer and each ring link carries
 //! one direction, as in the ring.
 
-use oxccl_transport::{Link, MemoryKind, MemoryKinds, MessageLink};
+use oxccl_transport::{Capabilities, Link, MemoryKinds, MessageLink};
 
 /// Where a link is kept.
 #[derive(Debug, Clone, Copy)]
@@ -40,6 +40,12 @@ pub(crate) struct Links<'a> {
     by_address: (MemoryKinds, usize),
 }
 
+/// What links move by address, with one more link's capabilities: the
+/// kinds all of them take, above the largest of their thresholds.
+fn by_address_with((kinds, over): (MemoryKinds, usize), c: Capabilities) -> (MemoryKinds, usize) {
+    (kinds.and(c.by_address), over.max(c.by_address_over))
+}
+
 impl<'a> Links<'a> {
     /// The ring's links and the pair links to other peers.
     pub(crate) fn new(
@@ -57,15 +63,7 @@ impl<'a> Links<'a> {
                 .map(|l| l.capabilities())
         };
         let registration = all().any(|c| c.registration);
-        let by_address = all().fold(
-            (
-                MemoryKinds::NONE
-                    .with(MemoryKind::Host)
-                    .with(MemoryKind::Cuda),
-                0,
-            ),
-            |(k, o), c| (k.and(c.by_address), o.max(c.by_address_over)),
-        );
+        let by_address = all().fold((MemoryKinds::ALL, 0), by_address_with);
         Links {
             registration,
             by_address,
@@ -82,10 +80,7 @@ impl<'a> Links<'a> {
         let peer = link.peer();
         let caps = link.capabilities();
         self.registration |= caps.registration;
-        self.by_address = (
-            self.by_address.0.and(caps.by_address),
-            self.by_address.1.max(caps.by_address_over),
-        );
+        self.by_address = by_address_with(self.by_address, caps);
         let at = self.pairs.partition_point(|(p, _)| *p < peer);
         self.pairs.insert(at, (peer, link));
     }

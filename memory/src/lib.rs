@@ -69,6 +69,9 @@ impl MemoryKinds {
     /// No kind: a link that moves only host memory it can read itself.
     pub const NONE: MemoryKinds = MemoryKinds(0);
 
+    /// Every kind: the starting point of an intersection ([`and`](Self::and)).
+    pub const ALL: MemoryKinds = MemoryKinds(1 | 2);
+
     /// The set with `kind` added.
     #[must_use]
     pub fn with(self, kind: MemoryKind) -> MemoryKinds {
@@ -357,5 +360,6 @@ mod tests {
         assert!(s.contains(MemoryKind::Host) && !s.contains(MemoryKind::Cuda));
         assert!(s.and(MemoryKinds::NONE.with(MemoryKind::Cuda)).is_empty());
         assert!(!s.with(MemoryKind::Cuda).and(s).is_empty());
+        assert_eq!(s.with(MemoryKind::Cuda), MemoryKinds::ALL);
     }
 }

@@ -251,8 +251,8 @@ impl Data<'_> {
                 o.write(range.start, &self.bounce)?;
             }
             (Input::Addressed(i), Out::Addressed(o)) => {
-                let ops = Arc::clone(&o.ops);
-                o.cells.each_mut(&range, 0..0, |at, cell| {
+                let (ops, cells) = (&o.ops, &mut o.cells);
+                cells.each_mut(&range, 0..0, |at, cell| {
                     let from = src.start + at..src.start + at + cell.len();
                     let from = i.slice(from).ok_or_else(|| outside("input", &src))?;
                     Ok(ops.copy(cell.reborrow(), from)?)
@@ -602,17 +602,15 @@ fn by_address<'a>(
         _ => return Ok(job),
     };
     let backend = out.backend();
-    let input_kind = |i: &Input<'_>| match i {
-        Input::Device(d) if d.backend() == backend => d.addressed().map(|(r, _)| r.kind()),
-        _ => None,
+    // An input on the same device, by address too.
+    let input = match job.input {
+        None => None,
+        Some(Input::Device(d)) if d.backend() == backend => match d.addressed() {
+            Some((r, _)) if r.kind() == kind => Some(Input::Addressed(r)),
+            _ => return Ok(job),
+        },
+        Some(_) => return Ok(job),
     };
-    if job
-        .input
-        .as_ref()
-        .is_some_and(|i| input_kind(i) != Some(kind))
-    {
-        return Ok(job);
-    }
     // One frame's worth of device memory for the frames reduced by address.
     let need = job
         .plan
@@ -637,14 +635,6 @@ fn by_address<'a>(
                 .ok_or_else(|| lost_address("scratch"))?,
         ),
         _ => None,
-    };
-    let input = match job.input {
-        Some(Input::Device(d)) => Some(Input::Addressed(
-            d.addressed()
-                .map(|(r, _)| r)
-                .ok_or_else(|| lost_address("input"))?,
-        )),
-        other => other,
     };
     let Output::Device(out) = job.output else {
         return Ok(job);

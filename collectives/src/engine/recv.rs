@@ -8,8 +8,6 @@ use std::ops::Range;
 use oxccl_transport::{DevMut, Incoming, Lent, Parts, Status, TransportError};
 
 use super::send::no_link;
-use std::sync::Arc;
-
 use super::{Data, EngineError, Input, Out, Wire, outside, register, take_back};
 use crate::links::Links;
 use crate::schedule::{Commit, Plan, Progress, RecvOp, Src};
@@ -273,8 +271,8 @@ impl<'a> RecvHalf<'a> {
                     .ok_or_else(staging_gone)?,
             ),
         };
-        let ops = Arc::clone(&o.ops);
-        let result = o.cells.each_mut(&r.range, at, |from, cell| {
+        let (ops, cells) = (&o.ops, &mut o.cells);
+        let result = cells.each_mut(&r.range, at, |from, cell| {
             let piece = from..from + cell.len();
             let host = staged.map(|s| &s[piece.clone()]);
             let device = frame.as_ref().and_then(|f| f.as_ref().slice(piece.clone()));
