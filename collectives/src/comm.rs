@@ -8,7 +8,7 @@ use oxccl_kernels::cpu::CpuReducer;
 use oxccl_kernels::{DType, DeviceMemory, Element, ReduceOp, Reducer};
 use oxccl_transport::auth::JobSecret;
 use oxccl_transport::store::{Store, TcpStoreServer};
-use oxccl_transport::{Endpoint, ShutdownHandle, TransportError, wait_watching};
+use oxccl_transport::{Endpoint, Medium, ShutdownHandle, TransportError, wait_watching};
 
 use crate::algo::{self, Algorithm, GatherReduce, LinkModel};
 use crate::config::Config;
@@ -184,10 +184,9 @@ impl Communicator {
                 })?);
             }
         }
-        // Shared memory throughout (one host), or the slower sockets.
         let model = match &p.links {
-            Some(l) if l.iter().all(|l| l.capabilities().cheap_polling) => LinkModel::SHM,
-            _ => LinkModel::TCP,
+            Some(l) => link_model(l.iter().map(|l| l.capabilities().medium)),
+            None => LinkModel::TCP,
         };
         Ok(Communicator {
             model,
@@ -544,12 +543,14 @@ impl Communicator {
         result.map_err(|e| self.fail(&d, seq, e))
     }
 
-    /// Makes every rank choose algorithms with the same link model: the
-    /// shared-memory one only if every rank's links are all shared memory.
-    /// A rank whose peers all share its host would otherwise choose
-    /// differently from one that talks to another host, and their plans
-    /// would not match. One allreduce (minimum) of a byte over the ring, at
-    /// init, outside the numbered calls.
+    /// Makes every rank choose algorithms with the same link model: one
+    /// of a medium's own only if every rank's links are all of it, the
+    /// TCP model otherwise. A rank whose peers all share its host would
+    /// otherwise choose differently from one that talks to another host,
+    /// and their plans would not match. One allreduce (minimum) of two
+    /// bytes over the ring, at init, outside the numbered calls: the
+    /// model's index and its complement, so both the least and the
+    /// greatest index come back.
     pub(crate) fn agree_link_model(&mut self) -> Result<()> {
         /// The sequence number of the init call; numbered calls start at 0.
         const INIT: u64 = u64::MAX;
@@ -561,9 +562,10 @@ impl Communicator {
             dtype: DType::U8,
             op: ReduceOp::Min,
             root: 0,
-            count: 1,
+            count: 2,
         };
-        let mut flag = [u8::from(self.model == LinkModel::SHM)];
+        let mine = model_index(&self.model);
+        let mut flag = [mine, u8::MAX - mine];
         let (shape, _, _) = self.shape(&d, true, &algo::Ring);
         let plan = algo::Ring.plan(&shape);
         let (driver, _) = self.driver();
@@ -572,10 +574,9 @@ impl Communicator {
             return Err(self.fail(&d, INIT, e));
         }
         self.last_algo = None;
-        self.model = if flag[0] == 1 {
-            LinkModel::SHM
-        } else {
-            LinkModel::TCP
+        self.model = match MODELS.get(usize::from(flag[0])) {
+            Some(m) if flag[0] == u8::MAX - flag[1] => *m,
+            _ => LinkModel::TCP,
         };
         tracing::debug!(rank = self.rank, "link model: {:?}", self.model);
         Ok(())
@@ -1181,6 +1182,41 @@ impl Sink<'_> {
     }
 }
 
+/// The link models ranks agree on by index ([`Communicator::agree_link_model`]).
+const MODELS: [LinkModel; 4] = [
+    LinkModel::TCP,
+    LinkModel::SHM,
+    LinkModel::UCX_SHM,
+    LinkModel::UCX_TCP,
+];
+
+fn model_index(m: &LinkModel) -> u8 {
+    MODELS
+        .iter()
+        .position(|x| x == m)
+        .and_then(|i| u8::try_from(i).ok())
+        .unwrap_or(0)
+}
+
+/// The cost model of a rank's links: a medium's own where they are all of
+/// it, TCP's where they mix (sockets to other hosts are the slowest) or
+/// where no model of the medium was measured (UCX over RDMA).
+fn link_model(media: impl Iterator<Item = Medium>) -> LinkModel {
+    let mut media = media.peekable();
+    let Some(&first) = media.peek() else {
+        return LinkModel::TCP;
+    };
+    if !media.all(|m| m == first) {
+        return LinkModel::TCP;
+    }
+    match first {
+        Medium::SharedMemory => LinkModel::SHM,
+        Medium::UcxSharedMemory => LinkModel::UCX_SHM,
+        Medium::UcxSocket => LinkModel::UCX_TCP,
+        Medium::Socket | Medium::UcxOther => LinkModel::TCP,
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -1215,5 +1251,51 @@ mod tests {
         .unwrap();
         // The small and the large calls took different algorithms.
         assert_ne!(picks[0][0], picks[0][1], "{:?}", picks[0]);
+    }
+
+    /// A medium's own model only where every link is of it.
+    #[test]
+    fn links_of_one_medium_get_its_model_and_mixed_ones_tcp() {
+        use Medium::*;
+        let m = |v: &[Medium]| link_model(v.iter().copied());
+        assert_eq!(m(&[SharedMemory, SharedMemory]), LinkModel::SHM);
+        assert_eq!(m(&[UcxSharedMemory]), LinkModel::UCX_SHM);
+        assert_eq!(m(&[UcxSocket, UcxSocket]), LinkModel::UCX_TCP);
+        assert_eq!(m(&[SharedMemory, UcxSocket]), LinkModel::TCP);
+        assert_eq!(m(&[UcxSharedMemory, UcxSocket]), LinkModel::TCP);
+        assert_eq!(m(&[UcxOther]), LinkModel::TCP);
+        assert_eq!(m(&[Socket]), LinkModel::TCP);
+        assert_eq!(m(&[]), LinkModel::TCP);
+        for (i, model) in MODELS.iter().enumerate() {
+            assert_eq!(usize::from(model_index(model)), i);
+        }
+    }
+
+    /// Ranks whose links differ agree on TCP's model; ranks that agree keep
+    /// theirs.
+    #[test]
+    fn ranks_agree_on_one_link_model() {
+        let models = run_in_process(4, Config::default(), |c| {
+            c.model = if c.rank == 2 {
+                LinkModel::SHM
+            } else {
+                LinkModel::UCX_SHM
+            };
+            c.agree_link_model().unwrap();
+            let mixed = c.model;
+            c.model = LinkModel::UCX_TCP;
+            c.agree_link_model().unwrap();
+            let same = c.model;
+            // Calls after it still match.
+            let mut buf = vec![1u32; 1000];
+            c.all_reduce_in_place(&mut buf, ReduceOp::Sum).unwrap();
+            assert!(buf.iter().all(|&x| x == 4));
+            (mixed, same)
+        })
+        .unwrap();
+        for (mixed, same) in models {
+            assert_eq!(mixed, LinkModel::TCP);
+            assert_eq!(same, LinkModel::UCX_TCP);
+        }
     }
 }

@@ -46,7 +46,7 @@ pub mod wire;
 
 pub use error::TransportError;
 pub use link::{
-    Capabilities, Direction, Endpoint, Link, Readiness, ShutdownHandle, StreamLink, wait,
+    Capabilities, Direction, Endpoint, Link, Medium, Readiness, ShutdownHandle, StreamLink, wait,
     wait_watching,
 };
 pub use message::{Incoming, Lent, MessageLink, Outgoing, Parts, Status};

@@ -104,6 +104,34 @@ pub struct Capabilities {
     /// receive of one into memory by address fails if its sender sent it
     /// so: callers stage such frames on the host, on both sides alike.
     pub by_address_over: usize,
+    /// What carries the link's messages, as far as their cost goes: the
+    /// collectives choose their algorithms' cost model from it.
+    pub medium: Medium,
+}
+
+/// What carries a link's messages, as far as their cost goes.
+///
+/// A byte stream through the kernel and a ring in shared memory copy every
+/// frame through a bounded pipe, so a frame to a new partner costs more per
+/// byte than a stream to one neighbour. UCX moves frames over its inline
+/// size by rendezvous: one handshake per frame (about 21 µs over its TCP
+/// transport here, next to 4 µs for an eager message), then one copy of the
+/// whole frame (over shared memory, a single `process_vm_readv`), whoever
+/// the partner is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Medium {
+    /// A socket stream through the kernel (TCP), or not known.
+    #[default]
+    Socket,
+    /// This project's rings in memory shared by the processes of one host.
+    SharedMemory,
+    /// UCX over its shared-memory transports (`sysv`, `posix`, `xpmem`;
+    /// large frames by CMA or xpmem).
+    UcxSharedMemory,
+    /// UCX over its TCP transport.
+    UcxSocket,
+    /// UCX over any other transport (InfiniBand and RoCE verbs, ...).
+    UcxOther,
 }
 
 /// One ordered, reliable byte stream to one peer, used without blocking.

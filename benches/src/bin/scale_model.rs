@@ -107,6 +107,7 @@ fn link(name: &str, a: &Args) -> Result<LinkModel, String> {
             gamma: 1.0 / (a.reduce_gbytes * 1e9),
             // Allreduce only here: no chains to cut.
             pipelines: false,
+            hd_byte_penalty: algo::HD_BYTE_PENALTY,
         }),
         _ => Err(format!(
             "unknown link '{name}': use tcp, datacenter, shm or custom"

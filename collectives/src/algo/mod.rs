@@ -59,6 +59,12 @@ pub struct LinkModel {
     /// slice size makes ([`pipeline_slice`]): a frame must cost about
     /// `alpha` and nothing else.
     pub pipelines: bool,
+    /// How much more each byte of halving-doubling costs than the ring's:
+    /// [`HD_BYTE_PENALTY`] where frames stream through a bounded pipe
+    /// (sockets, this project's shared memory), 0 where a link moves each
+    /// frame whole, whoever the partner (UCX's rendezvous over shared
+    /// memory).
+    pub hd_byte_penalty: f64,
 }
 
 impl LinkModel {
@@ -70,6 +76,7 @@ impl LinkModel {
         beta: 1.0 / 5e9,
         gamma: 1.0 / 10e9,
         pipelines: true,
+        hd_byte_penalty: HD_BYTE_PENALTY,
     };
 
     /// TCP (loopback here: about 6.6 µs a message, 1.7 GB/s a stream).
@@ -83,6 +90,41 @@ impl LinkModel {
         beta: 1.0 / 1.7e9,
         gamma: 1.0 / 10e9,
         pipelines: false,
+        hd_byte_penalty: HD_BYTE_PENALTY,
+    };
+
+    /// UCX over its shared-memory transports. A frame over 8 KiB goes by
+    /// rendezvous, one CMA copy of the whole frame (`ucx_perftest -t
+    /// tag_lat` here: 1.0 µs at 4 KiB, 1.6 at 8 and 16 KiB, 9.1 at 256
+    /// KiB), and in a collective each frame also waits for the peer's
+    /// process to be woken from UCX's event descriptor: `alpha` is fitted
+    /// to where recursive doubling and the ring cross over on 2 ranks
+    /// (between 256 KiB and 1 MiB, benches/RESULTS.md). A frame costs the
+    /// same whoever the partner is, so halving-doubling pays no byte
+    /// penalty; on 4 ranks it was the fastest allreduce from 256 KiB to 16
+    /// MiB. Copies and sums as [`LinkModel::SHM`].
+    pub const UCX_SHM: LinkModel = LinkModel {
+        alpha: 20e-6,
+        beta: 1.0 / 5e9,
+        gamma: 1.0 / 10e9,
+        pipelines: false,
+        hd_byte_penalty: 0.0,
+    };
+
+    /// UCX over its TCP transport: a frame over 8 KiB waits for a
+    /// rendezvous handshake, so each costs about 25 µs one way where an
+    /// eager one costs 4 (`ucx_perftest -t tag_lat` here: 4.2 µs at 4 KiB,
+    /// 26 µs at 8 and 16 KiB); bytes stream through the kernel as over
+    /// [`LinkModel::TCP`]. With it the allreduce takes fewer, larger
+    /// frames up to a few hundred KiB (recursive doubling, halving-doubling
+    /// at 256 KiB on 4 ranks) and the ring from 1 MiB, as measured
+    /// (benches/RESULTS.md).
+    pub const UCX_TCP: LinkModel = LinkModel {
+        alpha: 25e-6,
+        beta: 1.0 / 1.7e9,
+        gamma: 1.0 / 10e9,
+        pipelines: false,
+        hd_byte_penalty: HD_BYTE_PENALTY,
     };
 
     /// A 100 Gbit/s datacenter network: 2 µs a message, 12.5 GB/s.
@@ -91,6 +133,7 @@ impl LinkModel {
         beta: 1.0 / 12.5e9,
         gamma: 1.0 / 10e9,
         pipelines: true,
+        hd_byte_penalty: HD_BYTE_PENALTY,
     };
 }
 
@@ -268,15 +311,16 @@ impl Algorithm for HalvingDoubling {
     }
 
     /// The ring's bytes in `2 log2 p` steps, with the bytes weighed
-    /// [`HD_BYTE_PENALTY`] more: it moves them in bursts to a new partner
-    /// each step where the ring streams to one neighbour.
+    /// [`LinkModel::hd_byte_penalty`] more: over links that stream, it
+    /// moves them in bursts to a new partner each step where the ring
+    /// streams to one neighbour.
     fn cost(&self, d: &Descriptor, world: usize, l: &LinkModel) -> f64 {
         let n = bytes(d);
         let lg = log2_floor(world) as f64;
         let pw = 2f64.powf(lg);
         fold_cost(n, world, l)
             + 2.0 * lg * l.alpha
-            + 2.0 * (pw - 1.0) / pw * n * l.beta * (1.0 + HD_BYTE_PENALTY)
+            + 2.0 * (pw - 1.0) / pw * n * l.beta * (1.0 + l.hd_byte_penalty)
             + (pw - 1.0) / pw * n * l.gamma
     }
 
@@ -586,6 +630,39 @@ mod tests {
         );
         // Where it cannot run the call, the override gives way.
         assert_eq!(pick(Kind::Broadcast, 1 << 24, 4, &gather, tcp), "ring");
+    }
+
+    /// Where the UCX models were measured (benches/RESULTS.md): on 4 ranks
+    /// recursive doubling to 64 KiB, halving-doubling from 256 KiB (over
+    /// UCX's TCP only to about 384 KiB, then the ring); on 2 ranks
+    /// recursive doubling to 256 KiB, the ring from 1 MiB. The models of
+    /// this project's links keep the ring on 4 ranks from 1 MiB.
+    #[test]
+    fn ucx_links_take_the_algorithms_measured_fastest_on_them() {
+        let c = Config::default();
+        for size in [64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20] {
+            let count = size / 4;
+            let on = |world, l| pick(Kind::AllReduce, count, world, &c, l);
+            let (shm4, tcp4, two) = match size {
+                s if s <= 64 << 10 => (
+                    "recursive_doubling",
+                    "recursive_doubling",
+                    "recursive_doubling",
+                ),
+                s if s <= 256 << 10 => {
+                    ("halving_doubling", "halving_doubling", "recursive_doubling")
+                }
+                _ => ("halving_doubling", "ring", "ring"),
+            };
+            assert_eq!(on(4, &LinkModel::UCX_SHM), shm4, "{size}");
+            assert_eq!(on(4, &LinkModel::UCX_TCP), tcp4, "{size}");
+            assert_eq!(on(2, &LinkModel::UCX_SHM), two, "{size}");
+            assert_eq!(on(2, &LinkModel::UCX_TCP), two, "{size}");
+            if size >= 1 << 20 {
+                assert_eq!(on(4, &LinkModel::SHM), "ring", "{size}");
+                assert_eq!(on(4, &LinkModel::TCP), "ring", "{size}");
+            }
+        }
     }
 
     /// Chains cut a buffer into more slices the more hops it takes and the

@@ -617,7 +617,7 @@ mod tests {
         }
         let pw = (1usize << world.ilog2()) as f64;
         let sent = 2.0 * (pw - 1.0) / pw * (d.count * ELEM) as f64;
-        cost - sent * l.beta * crate::algo::HD_BYTE_PENALTY
+        cost - sent * l.beta * l.hd_byte_penalty
     }
 
     fn near(sim: f64, model: f64, tol: f64) -> bool {
@@ -763,6 +763,7 @@ mod tests {
             beta: 1e-8,
             gamma: 0.0,
             pipelines: false,
+            hd_byte_penalty: crate::algo::HD_BYTE_PENALTY,
         };
         let shaping = Shaping {
             burst,

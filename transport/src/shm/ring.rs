@@ -21,7 +21,7 @@ use std::sync::atomic::{Ordering, fence};
 
 use super::ShmLink;
 use super::segment::{Ctrl, HEADER_LEN, SHUT};
-use crate::link::{Capabilities, Direction, Endpoint, ShutdownHandle};
+use crate::link::{Capabilities, Direction, Endpoint, Medium, ShutdownHandle};
 use crate::{Link, TransportError};
 
 /// A long write (or read) publishes its progress at least this often, so
@@ -211,6 +211,7 @@ impl Endpoint for ShmLink {
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             cheap_polling: true,
+            medium: Medium::SharedMemory,
             ..Capabilities::default()
         }
     }

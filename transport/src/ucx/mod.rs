@@ -89,7 +89,7 @@ use crate::link::{Direction, Endpoint, ShutdownHandle, StreamLink};
 use crate::message::{Incoming, Lent, MessageLink, Outgoing, Status};
 use crate::shm::handshake::{recv_exact, send_all};
 use crate::wire::FrameHeader;
-use crate::{Capabilities, MemoryKind, MemoryKinds};
+use crate::{Capabilities, Medium, MemoryKind, MemoryKinds};
 
 mod sys;
 
@@ -508,12 +508,12 @@ pub struct UcxLink {
     /// This side withdrew: the link carries nothing more.
     withdrawn: bool,
     description: String,
-    /// UCX carries the link's eager messages over shared memory: small
-    /// sends ask for fast completion ([`FAST_COMPLETION`]). (Declaring
-    /// such links `cheap_polling` too, so an idle engine tests them after
-    /// every pause, made a 64 KiB allreduce on 2 ranks 1.6x slower: not
-    /// done.)
-    shared_memory: bool,
+    /// The transport UCX carries the link's eager messages over. Over
+    /// shared memory small sends ask for fast completion
+    /// ([`FAST_COMPLETION`]). (Declaring such links `cheap_polling` too, so
+    /// an idle engine tests them after every pause, made a 64 KiB allreduce
+    /// on 2 ranks 1.6x slower: not done.)
+    medium: Medium,
 }
 
 // SAFETY: the endpoint and request pointers are used only under the worker's
@@ -563,11 +563,7 @@ pub fn upgrade(
     let h = worker.lock();
     for l in &mut out {
         let am = am_transport(&ep_info(&h, l.ep));
-        l.shared_memory = am.as_deref().is_some_and(|t| {
-            ["sysv/", "posix/", "xpmem/"]
-                .iter()
-                .any(|s| t.starts_with(s))
-        });
+        l.medium = am.as_deref().map_or(Medium::UcxOther, medium);
         if let Some(t) = am {
             l.description = format!("{} over {t}", l.description);
         }
@@ -587,6 +583,20 @@ fn am_transport(info: &str) -> Option<String> {
             let tl = tl.split_once(':').map_or(tl, |(_, t)| t);
             Some(tl.rsplit_once('.').map_or(tl, |(t, _)| t).to_string())
         })
+}
+
+/// What an endpoint's eager lane ([`am_transport`]) says of the link's cost.
+fn medium(transport: &str) -> Medium {
+    if ["sysv/", "posix/", "xpmem/"]
+        .iter()
+        .any(|s| transport.starts_with(s))
+    {
+        Medium::UcxSharedMemory
+    } else if transport.starts_with("tcp/") {
+        Medium::UcxSocket
+    } else {
+        Medium::UcxOther
+    }
 }
 
 /// Completes the connection of every endpoint of `links` (UCX's wire-up)
@@ -916,7 +926,7 @@ impl UcxLink {
             peer_withdrew: std::cell::Cell::new(false),
             withdrawn: false,
             description,
-            shared_memory: false,
+            medium: Medium::UcxOther,
         })
     }
 
@@ -1017,7 +1027,7 @@ impl UcxLink {
             param.op_attr_mask |= sys::UCP_OP_ATTR_FIELD_MEMORY_TYPE;
             param.memory_type = memory_type(kind);
         }
-        if self.shared_memory && bytes <= FAST_COMPLETION {
+        if self.medium == Medium::UcxSharedMemory && bytes <= FAST_COMPLETION {
             param.op_attr_mask |= sys::UCP_OP_ATTR_FLAG_FAST_CMPL;
         }
         // SAFETY: the endpoint is live (not withdrawn) and the worker locked
@@ -1456,6 +1466,7 @@ impl Endpoint for UcxLink {
         Capabilities {
             by_address: self.shared.memory,
             by_address_over: INLINE,
+            medium: self.medium,
             ..Capabilities::default()
         }
     }

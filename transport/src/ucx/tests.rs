@@ -417,9 +417,11 @@ fn a_link_knows_the_transport_ucx_chose() {
     let shm = ["sysv/", "posix/", "xpmem/"]
         .iter()
         .any(|t| am.starts_with(t));
-    assert_eq!(a.shared_memory, shm);
+    let medium = a.capabilities().medium;
+    assert_eq!(medium == Medium::UcxSharedMemory, shm, "{am}: {medium:?}");
     if tls == "tcp" {
         assert!(am.starts_with("tcp/"), "{am}");
+        assert_eq!(medium, Medium::UcxSocket);
     }
     if tls == "sm" {
         assert!(shm, "{am}");
@@ -435,4 +437,8 @@ fn the_am_transport_is_read_from_the_report() {
               #   lane[1]:  3:ud_mlx5/mlx5_0:1.0 md[1] -> md[1]/ib/sysdev[0] am am_bw#0 wireup\n";
     assert_eq!(am_transport(rc).as_deref(), Some("ud_mlx5/mlx5_0:1"));
     assert_eq!(am_transport("# nothing\n"), None);
+    assert_eq!(medium("sysv/memory"), Medium::UcxSharedMemory);
+    assert_eq!(medium("posix/memory"), Medium::UcxSharedMemory);
+    assert_eq!(medium("tcp/lo"), Medium::UcxSocket);
+    assert_eq!(medium("ud_mlx5/mlx5_0:1"), Medium::UcxOther);
 }
