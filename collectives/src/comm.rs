@@ -1106,12 +1106,21 @@ impl<'a> Driver<'a> {
 ///   lost up to 0.7 times with it);
 /// * a broadcast gains up to 1 MiB (1.2 to 2.7 times); beyond it the ring
 ///   splits each byte's two copies between the two sides' cores, while a
-///   single copy puts all of it on the receiver (0.65 times at 16 MiB).
+///   single copy puts all of it on the receiver (0.65 times at 16 MiB);
+/// * the exchanges land in the receiver's output: send/recv took 0.36-0.65
+///   of the ring's time from 64 KiB to 16 MiB on 2 ranks (0.56-0.74 to 1
+///   MiB on 4), alltoall 0.49-0.78 from 256 KiB to 16 MiB; where one root
+///   sends or receives everything the single copies stay on one side, as
+///   a broadcast's do: scatter gains to 1 MiB a block (0.68 times) and
+///   loses from 4 MiB (up to 1.87 times at 64 MiB), gather loses from
+///   1 MiB (1.14-1.51 times), so it keeps the ring.
 fn single_copy_from(d: &Descriptor, world: usize) -> Option<u32> {
     match d.kind {
         Kind::AllGather => Some(0),
         Kind::Broadcast if d.count.saturating_mul(d.dtype.size()) <= 1 << 20 => Some(0),
         Kind::AllReduce if world >= 3 => Some(world as u32 - 1),
+        Kind::SendRecv | Kind::AllToAll | Kind::AllToAllV | Kind::AllGatherV => Some(0),
+        Kind::Scatter if d.count.saturating_mul(d.dtype.size()) <= 1 << 20 => Some(0),
         _ => None,
     }
 }

@@ -20,6 +20,9 @@ fn config(transport: Transport) -> Config {
         slice_bytes: 1000,
         timeout: Duration::from_secs(30),
         shm_bytes: 4096,
+        // Over shared memory every frame goes by single copy where the
+        // call takes it (all but gather, and scatter up to 1 MiB a block).
+        shm_single_copy: Some(1),
         ..Config::default()
     }
 }
