@@ -84,6 +84,8 @@ pub struct FaultLink {
     rng: u64,
     /// Calls of [`Endpoint::withdraw`] so far.
     withdrawals: usize,
+    /// What the framing last asked of record ends ([`Link::set_record_ends`]).
+    record_ends: Option<bool>,
 }
 
 /// A connected pair: `a` is rank `a_rank`'s end (its peer is `b_rank`), `b`
@@ -109,6 +111,7 @@ pub fn pair(
                 moved: 0,
                 rng: faults.seed | 1,
                 withdrawals: 0,
+                record_ends: None,
             })
         };
     Ok((
@@ -175,6 +178,12 @@ impl FaultLink {
         self.withdrawals
     }
 
+    /// Whether the framing last asked for each write to end a record
+    /// ([`Link::set_record_ends`]); `None` before it asked.
+    pub fn record_ends(&self) -> Option<bool> {
+        self.record_ends
+    }
+
     /// Closes this end: the peer reads what is queued, then the end of the stream.
     pub fn close(&self) {
         self.tx.closed.store(true, Ordering::SeqCst);
@@ -228,6 +237,10 @@ impl Endpoint for FaultLink {
 }
 
 impl Link for FaultLink {
+    fn set_record_ends(&mut self, on: bool) {
+        self.record_ends = Some(on);
+    }
+
     fn try_write(&mut self, bufs: &[IoSlice<'_>]) -> Result<usize, TransportError> {
         if self.rx.closed.load(Ordering::SeqCst) {
             return Err(TransportError::PeerClosed {

@@ -153,6 +153,13 @@ pub trait Link: MessageLink {
     /// from the writer's memory). Set by the framing from each message's
     /// [`Outgoing::set_single_copy`](crate::message::Outgoing::set_single_copy).
     fn allow_single_copy(&mut self, _allowed: bool) {}
+
+    /// Whether each of the following writes ends a record, where the stream
+    /// has them (TCP's `MSG_EOR`: the segment that carries the write's end
+    /// is neither held back to merge with later bytes nor merged with
+    /// them). Set by the framing for each message
+    /// ([`RECORD_MIN`](crate::message::RECORD_MIN)).
+    fn set_record_ends(&mut self, _on: bool) {}
 }
 
 /// A borrowed link is a link: a caller may lend its links to a driver and
@@ -197,6 +204,9 @@ impl<L: Link + ?Sized> Link for &mut L {
     fn allow_single_copy(&mut self, allowed: bool) {
         (**self).allow_single_copy(allowed)
     }
+    fn set_record_ends(&mut self, on: bool) {
+        (**self).set_record_ends(on)
+    }
 }
 
 /// A direction of a link's traffic, from this side's point of view.
@@ -221,6 +231,8 @@ pub struct StreamLink {
     peer: usize,
     stream: Stream,
     description: String,
+    /// Writes end TCP records ([`Link::set_record_ends`]).
+    record_ends: bool,
 }
 
 impl StreamLink {
@@ -237,6 +249,7 @@ impl StreamLink {
             peer,
             stream: Stream::Tcp(stream),
             description,
+            record_ends: true,
         })
     }
 
@@ -249,6 +262,7 @@ impl StreamLink {
             peer,
             stream: Stream::Unix(stream),
             description: "in-process socket pair".to_string(),
+            record_ends: true,
         })
     }
 
@@ -309,17 +323,25 @@ impl Link for StreamLink {
         // never a SIGPIPE that kills a host process which did not ignore it
         // (C programs do not).
         //
-        // Over TCP, MSG_EOR too: every write ends at the end of a frame (the
-        // message layer writes the rest of one frame per call), and a TCP
-        // segment marked as a record's end is never autocorked. Without it,
-        // Linux holds back a frame's short tail (a 64 KiB slice's last few
-        // hundred bytes, past one 64 KiB GSO packet) until the packets before
-        // it have left the host, and a rate-limited queue holds those for a
-        // millisecond: recursive doubling of 64 KiB on 8 rate-limited hosts
-        // took 3-4 times its model (benches/RESULTS.md, scale study).
+        // Over TCP, MSG_EOR where the framing asks for it (frames of at
+        // least one 64 KiB GSO packet): the message layer writes the rest of
+        // one frame per call, and a segment marked as a record's end is
+        // never autocorked. Without it, Linux holds back a frame's short
+        // tail (a 64 KiB slice's last few hundred bytes, past one 64 KiB GSO
+        // packet) until the packets before it have left the host, and a
+        // rate-limited queue holds those for a millisecond: recursive
+        // doubling of 64 KiB on 8 rate-limited hosts took 3-4 times its
+        // model (benches/RESULTS.md, scale study). Smaller frames go
+        // without: a record end also keeps later writes out of its
+        // segment, so a sender that flow control holds back would queue
+        // one segment per small frame, each sent later from the receiver's
+        // own system calls as they open the window (a 4 KiB gather on 4
+        // ranks took 72 µs so, 2.7 without).
         let flags = match self.stream {
-            Stream::Tcp(_) => rustix::net::SendFlags::NOSIGNAL | rustix::net::SendFlags::EOR,
-            Stream::Unix(_) => rustix::net::SendFlags::NOSIGNAL,
+            Stream::Tcp(_) if self.record_ends => {
+                rustix::net::SendFlags::NOSIGNAL | rustix::net::SendFlags::EOR
+            }
+            _ => rustix::net::SendFlags::NOSIGNAL,
         };
         let r = rustix::net::sendmsg(
             self.fd(),
@@ -332,6 +354,10 @@ impl Link for StreamLink {
             Ok(n) => Ok(n),
             Err(e) => self.classify("sending", e),
         }
+    }
+
+    fn set_record_ends(&mut self, on: bool) {
+        self.record_ends = on;
     }
 
     fn try_read(&mut self, bufs: &mut [IoSliceMut<'_>]) -> Result<usize, TransportError> {

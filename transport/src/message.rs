@@ -39,6 +39,12 @@ use crate::wire::FrameHeader;
 
 const HDR: usize = FrameHeader::LEN;
 
+/// Frames of at least this many bytes, header included, end a record on a
+/// byte stream that has them ([`Link::set_record_ends`]): one 64 KiB GSO
+/// packet, past which a frame's short tail would otherwise wait for the
+/// packets before it to leave the host.
+pub const RECORD_MIN: usize = 64 << 10;
+
 /// The most slices one write or read hands the operating system.
 const IOV: usize = 8;
 
@@ -611,6 +617,7 @@ impl<L: Link + ?Sized> MessageLink for L {
         m.check(self.peer())?;
         refuse_by_address(&m.payload, self.capabilities(), self.peer())?;
         self.allow_single_copy(m.single_copy);
+        self.set_record_ends(HDR + m.len >= RECORD_MIN);
         MessageLink::test_send(self, m)
     }
 
@@ -766,6 +773,36 @@ mod tests {
                 }
             }
             prop_assert_eq!(got, sent);
+        }
+    }
+
+    /// Frames of at least one GSO packet end a record on the stream; smaller
+    /// ones may share segments with what follows.
+    #[test]
+    fn large_frames_end_records_and_small_ones_do_not() {
+        let (mut a, mut b) = fault::pair(0, 1, Faults::default(), Faults::default()).unwrap();
+        assert_eq!(a.record_ends(), None);
+        let data = vec![3u8; RECORD_MIN];
+        for (len, ends) in [
+            (100, false),
+            (RECORD_MIN - HDR - 1, false),
+            (RECORD_MIN - HDR, true),
+            (0, false),
+            (RECORD_MIN, true),
+        ] {
+            let h = header(1, len);
+            let mut tx = Outgoing::new(&h, smallvec![Lent::Shared(&data[..len])]);
+            let mut out = vec![0u8; len];
+            let mut rx = Incoming::new(h, smallvec![Lent::Exclusive(&mut out)]);
+            let mut s = a.post_send(&mut tx).unwrap();
+            assert_eq!(a.record_ends(), Some(ends), "{len} bytes");
+            let mut r = b.post_recv(&mut rx).unwrap();
+            while s == Status::Pending || r == Status::Pending {
+                s = a.test_send(&mut tx).unwrap();
+                r = b.test_recv(&mut rx).unwrap();
+            }
+            drop(rx);
+            assert_eq!(out, data[..len]);
         }
     }
 
