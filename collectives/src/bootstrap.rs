@@ -477,7 +477,7 @@ impl Communicator {
                 ))
             })
         } else {
-            let (bytes, single_copy) = (config.shm_bytes, config.shm_single_copy);
+            let (bytes, single_copy) = (config.shm_bytes, config.shm_single_copy.threshold(world));
             Arc::new(move |a, b| {
                 let (mut x, mut y) = shm::pair(a, b, bytes)?;
                 x.set_single_copy(single_copy);
@@ -497,8 +497,9 @@ impl Communicator {
         } else {
             crate::links::in_process(world, |a, b| {
                 let (mut x, mut y) = shm::pair(a, b, config.shm_bytes)?;
-                x.set_single_copy(config.shm_single_copy);
-                y.set_single_copy(config.shm_single_copy);
+                let single_copy = config.shm_single_copy.threshold(world);
+                x.set_single_copy(single_copy);
+                y.set_single_copy(single_copy);
                 Ok((x, y))
             })
         }
@@ -729,7 +730,7 @@ fn connect(
                 "unauthenticated (no job secret)"
             }
         );
-        let upgrader = Upgrader::new(&config).map_err(boot)?;
+        let upgrader = Upgrader::new(&config, world).map_err(boot)?;
         let (next_up, prev_up) = upgrader
             .ring(next_link, prev_link, deadline)
             .map_err(boot)?;

@@ -1112,15 +1112,19 @@ impl<'a> Driver<'a> {
 ///   MiB on 4), alltoall 0.49-0.78 from 256 KiB to 16 MiB; where one root
 ///   sends or receives everything the single copies stay on one side, as
 ///   a broadcast's do: scatter gains to 1 MiB a block (0.68 times) and
-///   loses from 4 MiB (up to 1.87 times at 64 MiB), gather loses from
-///   1 MiB (1.14-1.51 times), so it keeps the ring.
+///   loses from 4 MiB (up to 1.87 times at 64 MiB) and below 64 KiB a
+///   block (1.18-1.22 times at 16 and 32 KiB, where 2 ranks single-copy
+///   from 16 KiB), gather loses from 1 MiB (1.14-1.51 times), so it keeps
+///   the ring.
 fn single_copy_from(d: &Descriptor, world: usize) -> Option<u32> {
     match d.kind {
         Kind::AllGather => Some(0),
         Kind::Broadcast if d.count.saturating_mul(d.dtype.size()) <= 1 << 20 => Some(0),
         Kind::AllReduce if world >= 3 => Some(world as u32 - 1),
         Kind::SendRecv | Kind::AllToAll | Kind::AllToAllV | Kind::AllGatherV => Some(0),
-        Kind::Scatter if d.count.saturating_mul(d.dtype.size()) <= 1 << 20 => Some(0),
+        Kind::Scatter if (64 << 10..=1 << 20).contains(&d.count.saturating_mul(d.dtype.size())) => {
+            Some(0)
+        }
         _ => None,
     }
 }

@@ -530,15 +530,25 @@ pub const SETTINGS: &[Setting] = &[
     },
     Setting {
         name: "OXCCL_SHM_SINGLE_COPY",
-        default: "64K",
-        doc: "Over shared memory, buffers of at least this many bytes go by a single copy: the receiver reads them straight from the sender's memory (process_vm_readv, where the kernel allows it) instead of through the ring; 0 disables it.",
+        default: "auto",
+        doc: "Over shared memory, buffers of at least this many bytes go by a single copy: the receiver reads them straight from the sender's memory (process_vm_readv, where the kernel allows it) instead of through the ring; 0 disables it; auto takes 16K where the job's ranks are no more than this host's cores, 64K where they are (a single copy keeps the sender waiting until the receiver runs).",
         agree: false,
         parse: Some(|c, v| {
-            let n = parse_bytes("OXCCL_SHM_SINGLE_COPY", v)?;
-            c.shm_single_copy = (n > 0).then_some(n);
+            c.shm_single_copy = if v.trim().eq_ignore_ascii_case("auto") {
+                SingleCopy::Auto
+            } else {
+                match parse_bytes("OXCCL_SHM_SINGLE_COPY", v)? {
+                    0 => SingleCopy::Never,
+                    n => SingleCopy::From(n),
+                }
+            };
             Ok(())
         }),
-        show: Some(|c| c.shm_single_copy.unwrap_or(0).to_string()),
+        show: Some(|c| match c.shm_single_copy {
+            SingleCopy::Never => "0".to_string(),
+            SingleCopy::From(n) => n.to_string(),
+            SingleCopy::Auto => "auto".to_string(),
+        }),
     },
     Setting {
         name: "OXCCL_SOCKET_BUFFER",
@@ -698,9 +708,8 @@ pub struct Config {
     pub transport: Transport,
     /// Capacity of each direction's ring of a shared-memory link.
     pub shm_bytes: usize,
-    /// Shared memory: writes of at least this many bytes go by a single copy
-    /// (`None`: never).
-    pub shm_single_copy: Option<usize>,
+    /// Shared memory: which writes go by a single copy.
+    pub shm_single_copy: SingleCopy,
     /// How long to busy-poll links before sleeping.
     pub spin: Duration,
     /// wgpu: only adapters whose name contains this.
@@ -766,7 +775,7 @@ impl Config {
             socket_unsent: None,
             transport: Transport::Auto,
             shm_bytes: 0,
-            shm_single_copy: None,
+            shm_single_copy: SingleCopy::Never,
             spin: Duration::ZERO,
             wgpu_adapter: None,
             wgpu_low_power: false,
@@ -899,6 +908,64 @@ fn parse_secs(variable: &str, v: &str, zero_ok: bool) -> Result<f64> {
             let what = if zero_ok { "non-negative" } else { "positive" };
             bad(variable, format!("'{v}' is not a {what} number"))
         })
+}
+
+/// Which frames go by a single copy over shared memory
+/// (`OXCCL_SHM_SINGLE_COPY`), where the receiver reads them straight from
+/// the sender's memory instead of through the ring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SingleCopy {
+    /// None: every byte through the ring.
+    Never,
+    /// Frames of at least this many bytes.
+    From(usize),
+    /// From 16 KiB where the job has no more ranks than this host has
+    /// cores, from 64 KiB where it has more: a single copy holds the sender
+    /// until the receiver runs, which with more ranks than cores waits for
+    /// a turn of the scheduler (benches/RESULTS.md: on 2 ranks 16 KiB took
+    /// a 64 KiB alltoall from 4.9 to 3.4 µs, on 4 ranks over 2 cores it
+    /// took a 64 KiB allgather from 15.7 to 38.1).
+    Auto,
+}
+
+impl SingleCopy {
+    /// The smallest frame that goes by single copy in a job of `world`
+    /// ranks on this host; `None`: none does.
+    pub fn threshold(self, world: usize) -> Option<usize> {
+        self.threshold_on(world, host_cpus())
+    }
+
+    fn threshold_on(self, world: usize, cores: usize) -> Option<usize> {
+        match self {
+            SingleCopy::Never => None,
+            SingleCopy::From(n) => Some(n),
+            SingleCopy::Auto if world <= cores => Some(16 << 10),
+            SingleCopy::Auto => Some(64 << 10),
+        }
+    }
+}
+
+/// The CPUs this host has online (`/sys/devices/system/cpu/online`), not
+/// only those this process may run on: a launcher that pins each rank to a
+/// core (oxrun, `mpirun --bind-to core`) leaves each one CPU of its own.
+/// Where the file is missing, what this process may use.
+fn host_cpus() -> usize {
+    std::fs::read_to_string("/sys/devices/system/cpu/online")
+        .ok()
+        .and_then(|list| count_cpus(&list))
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+/// How many CPUs a kernel CPU list names (`0-3,8-11`, `0`); `None` if it
+/// names none or does not parse.
+fn count_cpus(list: &str) -> Option<usize> {
+    let mut n = 0usize;
+    for part in list.trim().split(',') {
+        let (lo, hi) = part.split_once('-').unwrap_or((part, part));
+        let (lo, hi): (usize, usize) = (lo.trim().parse().ok()?, hi.trim().parse().ok()?);
+        n += hi.checked_sub(lo)? + 1;
+    }
+    (n > 0).then_some(n)
 }
 
 /// Parses a byte count with an optional K, M or G suffix (powers of 1024).
@@ -1601,9 +1668,39 @@ mod tests {
         assert_eq!(d.timeout, Duration::from_secs(300));
         assert_eq!(d.slice_bytes, 512 << 10);
         assert_eq!(d.small_bytes, 64 << 10);
-        assert_eq!(d.shm_single_copy, Some(64 << 10));
+        assert_eq!(d.shm_single_copy, SingleCopy::Auto);
         assert_eq!(d.socket_buffer, None);
         assert_eq!(d.debug, "warn");
+    }
+
+    /// Auto takes 16 KiB while the ranks fit the cores, 64 KiB beyond.
+    #[test]
+    fn single_copy_auto_follows_ranks_per_core() {
+        assert_eq!(SingleCopy::Auto.threshold_on(2, 2), Some(16 << 10));
+        assert_eq!(SingleCopy::Auto.threshold_on(8, 64), Some(16 << 10));
+        assert_eq!(SingleCopy::Auto.threshold_on(4, 2), Some(64 << 10));
+        assert_eq!(SingleCopy::From(100).threshold_on(4, 2), Some(100));
+        assert_eq!(SingleCopy::Never.threshold_on(1, 2), None);
+        assert_eq!(count_cpus("0-1\n"), Some(2));
+        assert_eq!(count_cpus("0"), Some(1));
+        assert_eq!(count_cpus("0-3,8-11"), Some(8));
+        assert_eq!(count_cpus("3-1"), None);
+        assert_eq!(count_cpus("x"), None);
+        assert!(host_cpus() >= 1);
+        let mut c = Config::default();
+        for (v, want) in [
+            ("auto", SingleCopy::Auto),
+            ("AUTO", SingleCopy::Auto),
+            ("0", SingleCopy::Never),
+            ("32K", SingleCopy::From(32 << 10)),
+        ] {
+            let s = SETTINGS
+                .iter()
+                .find(|s| s.name == "OXCCL_SHM_SINGLE_COPY")
+                .unwrap();
+            (s.parse.unwrap())(&mut c, v).unwrap();
+            assert_eq!(c.shm_single_copy, want, "{v}");
+        }
     }
 
     /// Settings built in code are checked like the environment's.

@@ -51,7 +51,7 @@ mod upgrade;
 
 pub use bootstrap::{UniqueId, run_in_process};
 pub use comm::{AbortHandle, Communicator, Stats};
-pub use config::{Algo, AuthMode, Config, Transport};
+pub use config::{Algo, AuthMode, Config, SingleCopy, Transport};
 pub use descriptor::Descriptor;
 pub use error::{Error, ErrorKind, Result};
 pub use exchange::Exchange;

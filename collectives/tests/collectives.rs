@@ -8,7 +8,8 @@
 use std::time::Duration;
 
 use oxccl::{
-    Algo, Communicator, Config, DType, Descriptor, Kind, ReduceOp, Transport, run_in_process,
+    Algo, Communicator, Config, DType, Descriptor, Kind, ReduceOp, SingleCopy, Transport,
+    run_in_process,
 };
 use oxccl_kernels::Reducer;
 use oxccl_kernels::reference::ReferenceReducer;
@@ -25,7 +26,7 @@ fn config(slice_bytes: usize, small_bytes: usize) -> Config {
         small_bytes,
         timeout: Duration::from_secs(30),
         shm_bytes: 4096,
-        shm_single_copy: Some(1),
+        shm_single_copy: SingleCopy::From(1),
         ..Config::default()
     }
 }

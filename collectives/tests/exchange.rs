@@ -8,8 +8,8 @@
 use std::time::Duration;
 
 use oxccl::{
-    Communicator, Config, DType, Descriptor, ErrorKind, Exchange, Kind, ReduceOp, Transport,
-    run_in_process,
+    Communicator, Config, DType, Descriptor, ErrorKind, Exchange, Kind, ReduceOp, SingleCopy,
+    Transport, run_in_process,
 };
 use oxccl_tools::pattern::{Uneven, check_call, fill, value};
 use proptest::prelude::*;
@@ -22,7 +22,7 @@ fn config(transport: Transport, slice_bytes: usize) -> Config {
         shm_bytes: 4096,
         // Over shared memory every frame goes by single copy where the
         // call takes it (all but gather, and scatter up to 1 MiB a block).
-        shm_single_copy: Some(1),
+        shm_single_copy: SingleCopy::From(1),
         ..Config::default()
     }
 }

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use oxccl::{Communicator, Config, ErrorKind, ReduceOp, Transport, run_in_process};
+use oxccl::{Communicator, Config, ErrorKind, ReduceOp, SingleCopy, Transport, run_in_process};
 use oxccl_transport::store::{MemStore, Store};
 use oxccl_transport::tcp::{self, TcpOptions};
 
@@ -459,7 +459,7 @@ fn a_sender_that_panics_mid_call_fails_its_reader_instead_of_feeding_it_freed_by
     }
     let config = Config {
         transport: Transport::Shm,
-        shm_single_copy: Some(64),
+        shm_single_copy: SingleCopy::From(64),
         slice_bytes: 4096,
         timeout: Duration::from_secs(2),
         ..Config::default()
