@@ -125,6 +125,11 @@ const TEARDOWN: Duration = Duration::from_millis(500);
 /// left to UCX (its memory is not read again: the reader is gone).
 const TEARDOWN_DEAD: Duration = Duration::from_millis(50);
 
+/// How long a worker is progressed at most before it is destroyed, and for
+/// how long it must have had nothing to do ([`Shared`]'s drop).
+const DRAIN: Duration = Duration::from_millis(100);
+const DRAIN_IDLE: Duration = Duration::from_millis(5);
+
 /// The longest a link sleeps before it progresses the worker again, woken
 /// by a timer: UCX handles some events (its TCP transport's connections) on
 /// a thread of its own that does not wake a sleeping worker, and a wake-up
@@ -249,6 +254,23 @@ impl Shared {
 impl Drop for Shared {
     fn drop(&mut self) {
         let h = self.lock();
+        // UCX's own wire-up messages may still be on their way (over its TCP
+        // transport, a reply waits for its connection): UCX 1.13 aborts
+        // (an assertion in `ucp_request_send_state_ff`, removed in later
+        // releases) when a worker is destroyed with one still queued. Let
+        // them go first: progress until the worker has been idle a while,
+        // within a bound.
+        let until = Instant::now() + DRAIN;
+        let mut idle_since = Instant::now();
+        while Instant::now() < until {
+            if UcxLink::progress(&h) {
+                idle_since = Instant::now();
+            } else if idle_since.elapsed() >= DRAIN_IDLE {
+                break;
+            } else {
+                std::thread::yield_now();
+            }
+        }
         // SAFETY: every link (each holding an Arc of this) is gone, and each
         // closed its endpoint and freed its requests: nothing uses the
         // worker, which is destroyed before its context.
