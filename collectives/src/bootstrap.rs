@@ -495,9 +495,10 @@ impl Communicator {
                 Ok((StreamLink::unix(b, x)?, StreamLink::unix(a, y)?))
             })
         } else {
+            // Once for the world: it reads the host's CPUs.
+            let single_copy = config.shm_single_copy.threshold(world);
             crate::links::in_process(world, |a, b| {
                 let (mut x, mut y) = shm::pair(a, b, config.shm_bytes)?;
-                let single_copy = config.shm_single_copy.threshold(world);
                 x.set_single_copy(single_copy);
                 y.set_single_copy(single_copy);
                 Ok((x, y))
