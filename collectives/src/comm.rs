@@ -114,6 +114,8 @@ pub struct Communicator {
     last_algo: Option<Chosen>,
     /// The cost parameters of the links, for choosing algorithms.
     model: LinkModel,
+    /// More ranks than this host has CPUs ([`crate::config::crowded`]).
+    crowded: bool,
     stats: Stats,
     abort: AbortHandle,
     /// What [`Communicator::split`] bootstraps a new communicator with:
@@ -190,6 +192,7 @@ impl Communicator {
         };
         Ok(Communicator {
             model,
+            crowded: crate::config::crowded(p.world),
             rank: p.rank,
             world: p.world,
             origin: Origin {
@@ -882,6 +885,7 @@ impl Communicator {
                 device_scratch: &mut self.device_scratch,
                 config: &self.config,
                 world: self.world,
+                crowded: self.crowded,
             },
             &mut self.work,
         )
@@ -1023,6 +1027,7 @@ struct Driver<'a> {
     device_scratch: &'a mut Option<Box<dyn DeviceMemory>>,
     config: &'a Config,
     world: usize,
+    crowded: bool,
 }
 
 impl<'a> Driver<'a> {
@@ -1053,6 +1058,7 @@ impl<'a> Driver<'a> {
                 scratch: Some(self.device_scratch),
                 timeout: self.config.timeout,
                 spin: self.config.spin,
+                crowded: self.crowded,
                 single_copy_from: single_copy_from(d, self.world),
             },
         );

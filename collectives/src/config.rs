@@ -372,7 +372,7 @@ pub const SETTINGS: &[Setting] = &[
     Setting {
         name: "OXCCL_SPIN_US",
         default: "200",
-        doc: "Microseconds a rank polls its links before sleeping in poll (spinning for the first 2, then yielding its core between checks): a wake-up from poll costs tens of microseconds, more than a small message or, with more ranks than cores, a turn of the other ranks takes; 0 never spins.",
+        doc: "Microseconds a rank polls its links before sleeping in poll (spinning for the first 2, then yielding its core between checks; over shared memory in a job with more ranks than the host's CPUs, yielding from the first): a wake-up from poll costs tens of microseconds, more than a small message or, with more ranks than cores, a turn of the other ranks takes; 0 never spins.",
         agree: false,
         parse: Some(|c, v| {
             c.spin = Duration::from_micros(parse_usize("OXCCL_SPIN_US", v)? as u64);
@@ -943,6 +943,15 @@ impl SingleCopy {
             SingleCopy::Auto => Some(64 << 10),
         }
     }
+}
+
+/// Whether a job of `world` ranks has more of them than this host has CPUs
+/// online, as far as a rank can tell without knowing the other ranks' hosts:
+/// then a rank that waits over shared memory may be waiting for its own
+/// core, and yields it at once, and single copies start larger
+/// ([`SingleCopy::Auto`]).
+pub(crate) fn crowded(world: usize) -> bool {
+    world > host_cpus()
 }
 
 /// The CPUs this host has online (`/sys/devices/system/cpu/online`), not

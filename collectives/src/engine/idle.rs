@@ -5,7 +5,9 @@
 use std::time::{Duration, Instant};
 
 /// How long an idle engine spins on the CPU alone before it starts yielding
-/// the core to other threads between checks.
+/// the core to other threads between checks, where the host has a CPU for
+/// each rank (with more ranks than CPUs over shared memory it yields at
+/// once: the rank it waits for may be the one waiting for its core).
 const PAUSE_SPIN: Duration = Duration::from_micros(2);
 
 /// The next thing an idle rank does.
@@ -26,6 +28,8 @@ pub(super) enum Step {
 #[derive(Debug)]
 pub(super) struct Idle {
     spin: Duration,
+    /// The first part of `spin`, paused on the CPU without yielding.
+    pause: Duration,
     timeout: Duration,
     pauses_per_check: u32,
     /// When the current stretch without progress began. Set at the first
@@ -38,10 +42,16 @@ impl Idle {
     /// `cheap`: both links are checked by a memory load (shared memory), so
     /// they are checked after every pause; sockets, whose checks are system
     /// calls that contend with the kernel's delivery into the same socket,
-    /// after 64.
-    pub(super) fn new(spin: Duration, timeout: Duration, cheap: bool) -> Idle {
+    /// after 64. `crowded`: the job has more ranks than the host has CPUs,
+    /// so with cheap checks the rank yields from the first idle check.
+    pub(super) fn new(spin: Duration, timeout: Duration, cheap: bool, crowded: bool) -> Idle {
         Idle {
             spin,
+            pause: if cheap && crowded {
+                Duration::ZERO
+            } else {
+                PAUSE_SPIN
+            },
             timeout,
             pauses_per_check: if cheap { 1 } else { 64 },
             since: None,
@@ -62,9 +72,9 @@ impl Idle {
             // Shared memory delivers in well under a microsecond: a system
             // call per check would cost more than the wait. A pause takes
             // tens to hundreds of cycles (65 on AMD Zen 2, 140 on Intel
-            // Skylake). Past the first microseconds, let another rank on
-            // this core run (oversubscription).
-            return if idle < PAUSE_SPIN {
+            // Skylake). Past the first microseconds (at once where ranks
+            // outnumber CPUs), let another rank on this core run.
+            return if idle < self.pause {
                 Step::Pause(self.pauses_per_check)
             } else {
                 Step::Yield
@@ -87,7 +97,7 @@ mod tests {
     #[test]
     fn spins_then_yields_then_sleeps_then_gives_up() {
         let t0 = Instant::now();
-        let mut idle = Idle::new(200 * US, Duration::from_secs(1), false);
+        let mut idle = Idle::new(200 * US, Duration::from_secs(1), false, false);
         assert_eq!(idle.next(t0), Step::Pause(64));
         assert_eq!(idle.next(t0 + US), Step::Pause(64));
         assert_eq!(idle.next(t0 + 3 * US), Step::Yield);
@@ -100,10 +110,28 @@ mod tests {
         assert_eq!(idle.next(late), Step::TimedOut(Duration::from_millis(1500)));
     }
 
+    /// More ranks than CPUs: over shared memory the first idle check
+    /// yields (the awaited rank may need this core); sockets, whose checks
+    /// are system calls, still pause first.
+    #[test]
+    fn crowded_cheap_links_yield_from_the_first_check() {
+        let t0 = Instant::now();
+        let mut idle = Idle::new(200 * US, Duration::from_secs(1), true, true);
+        assert_eq!(idle.next(t0), Step::Yield);
+        assert_eq!(idle.next(t0 + US), Step::Yield);
+        assert!(matches!(idle.next(t0 + 200 * US), Step::Sleep(_)));
+        let mut sockets = Idle::new(200 * US, Duration::from_secs(1), false, true);
+        assert_eq!(sockets.next(t0), Step::Pause(64));
+        assert_eq!(sockets.next(t0 + 3 * US), Step::Yield);
+        let mut roomy = Idle::new(200 * US, Duration::from_secs(1), true, false);
+        assert_eq!(roomy.next(t0), Step::Pause(1));
+        assert_eq!(roomy.next(t0 + 3 * US), Step::Yield);
+    }
+
     #[test]
     fn progress_restarts_the_stretch() {
         let t0 = Instant::now();
-        let mut idle = Idle::new(10 * US, Duration::from_millis(5), true);
+        let mut idle = Idle::new(10 * US, Duration::from_millis(5), true, false);
         assert_eq!(idle.next(t0), Step::Pause(1));
         assert!(matches!(
             idle.next(t0 + Duration::from_millis(4)),
@@ -125,7 +153,7 @@ mod tests {
     #[test]
     fn no_spin_sleeps_at_once_and_a_clock_going_back_is_harmless() {
         let t0 = Instant::now() + Duration::from_secs(1);
-        let mut idle = Idle::new(Duration::ZERO, Duration::from_secs(2), false);
+        let mut idle = Idle::new(Duration::ZERO, Duration::from_secs(2), false, true);
         assert_eq!(idle.next(t0), Step::Sleep(Duration::from_secs(2)));
         assert_eq!(
             idle.next(t0 - Duration::from_millis(10)),

@@ -98,6 +98,8 @@ pub(crate) struct Job<'a> {
     pub timeout: Duration,
     /// How long to busy-poll before sleeping in `poll`.
     pub spin: Duration,
+    /// The job has more ranks than this host has CPUs ([`crate::config::crowded`]).
+    pub crowded: bool,
     /// Frames of this step and later may go by single copy where the link
     /// offers it ([`Outgoing::set_single_copy`](oxccl_transport::Outgoing::set_single_copy));
     /// `None`: none may.
@@ -667,7 +669,7 @@ fn lost_address(what: &str) -> EngineError {
 /// on a link is withdrawn before `run` returns or the panic leaves it, so
 /// the caller may free or reuse its buffers at once.
 pub(crate) fn run(links: Option<&mut Links<'_>>, job: Job<'_>) -> Result<(), EngineError> {
-    let (timeout, spin) = (job.timeout, job.spin);
+    let (timeout, spin, crowded) = (job.timeout, job.spin, job.crowded);
     let job = match &links {
         Some(l) => by_address(job, l.by_address())?,
         None => job,
@@ -691,7 +693,7 @@ pub(crate) fn run(links: Option<&mut Links<'_>>, job: Job<'_>) -> Result<(), Eng
     };
     let links = &mut *guard.links;
     let cheap = links.iter().all(|l| l.capabilities().cheap_polling);
-    let mut idle = Idle::new(spin, timeout, cheap);
+    let mut idle = Idle::new(spin, timeout, cheap, crowded);
 
     loop {
         let pumped = call.pump(links)?;

@@ -103,6 +103,7 @@ fn simulate(
                 scratch: None,
                 timeout: std::time::Duration::from_secs(10),
                 spin: std::time::Duration::ZERO,
+                crowded: false,
                 single_copy_from: None,
             })
             .unwrap()

@@ -82,6 +82,7 @@ fn run_world(
                             scratch: None,
                             timeout,
                             spin: Duration::from_micros(50),
+                            crowded: false,
                             single_copy_from: None,
                         },
                     );
@@ -323,6 +324,7 @@ fn run_rank(
             scratch: None,
             timeout,
             spin: Duration::from_micros(50),
+            crowded: false,
             single_copy_from: Some(0),
         },
     )
@@ -584,6 +586,7 @@ fn every_posted_buffer_is_registered_first_where_the_link_asks() {
                                         scratch: None,
                                         timeout: Duration::from_millis(500),
                                         spin: Duration::from_micros(50),
+                                        crowded: false,
                                         single_copy_from: None,
                                     },
                                 )
@@ -675,6 +678,7 @@ fn small_call_cost() {
                 scratch: None,
                 timeout: Duration::from_secs(10),
                 spin: Duration::ZERO,
+                crowded: false,
                 single_copy_from: None,
             });
             let mut c1 = Call::new(Job {
@@ -691,6 +695,7 @@ fn small_call_cost() {
                 scratch: None,
                 timeout: Duration::from_secs(10),
                 spin: Duration::ZERO,
+                crowded: false,
                 single_copy_from: None,
             });
             c0.begin().unwrap();
@@ -752,6 +757,7 @@ fn waiting_turn_cost() {
         scratch: None,
         timeout: Duration::from_secs(10),
         spin: Duration::ZERO,
+        crowded: false,
         single_copy_from: None,
     });
     call.begin().unwrap();
@@ -831,6 +837,7 @@ fn device_buffers_by_address_over_slow_links_give_exact_results() {
                                             scratch: Some(&mut scratch),
                                             timeout: Duration::from_secs(20),
                                             spin: Duration::from_micros(50),
+                                            crowded: false,
                                             single_copy_from: None,
                                         },
                                     )
