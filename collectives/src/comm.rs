@@ -116,6 +116,10 @@ pub struct Communicator {
     model: LinkModel,
     /// More ranks than this host has CPUs ([`crate::config::crowded`]).
     crowded: bool,
+    /// The largest slice: the configured one, or the link model's
+    /// [`crowded_slice`](LinkModel::crowded_slice) where any rank of the
+    /// job is crowded (agreed at init, as plans must match).
+    max_slice: usize,
     stats: Stats,
     abort: AbortHandle,
     /// What [`Communicator::split`] bootstraps a new communicator with:
@@ -193,6 +197,7 @@ impl Communicator {
         Ok(Communicator {
             model,
             crowded: crate::config::crowded(p.world),
+            max_slice: p.config.slice_bytes,
             rank: p.rank,
             world: p.world,
             origin: Origin {
@@ -550,10 +555,12 @@ impl Communicator {
     /// of a medium's own only if every rank's links are all of it, the
     /// TCP model otherwise. A rank whose peers all share its host would
     /// otherwise choose differently from one that talks to another host,
-    /// and their plans would not match. One allreduce (minimum) of two
+    /// and their plans would not match. One allreduce (minimum) of three
     /// bytes over the ring, at init, outside the numbered calls: the
     /// model's index and its complement, so both the least and the
-    /// greatest index come back.
+    /// greatest index come back, and whether the rank is not crowded
+    /// ([`crate::config::crowded`]), so that all cap their slices
+    /// ([`LinkModel::crowded_slice`]) if any one is.
     pub(crate) fn agree_link_model(&mut self) -> Result<()> {
         /// The sequence number of the init call; numbered calls start at 0.
         const INIT: u64 = u64::MAX;
@@ -565,10 +572,10 @@ impl Communicator {
             dtype: DType::U8,
             op: ReduceOp::Min,
             root: 0,
-            count: 2,
+            count: 3,
         };
         let mine = model_index(&self.model);
-        let mut flag = [mine, u8::MAX - mine];
+        let mut flag = [mine, u8::MAX - mine, u8::from(!self.crowded)];
         let (shape, _, _) = self.shape(&d, true, &algo::Ring);
         let plan = algo::Ring.plan(&shape);
         let (driver, _) = self.driver();
@@ -581,7 +588,15 @@ impl Communicator {
             Some(m) if flag[0] == u8::MAX - flag[1] => *m,
             _ => LinkModel::TCP,
         };
-        tracing::debug!(rank = self.rank, "link model: {:?}", self.model);
+        if flag[2] == 0 {
+            self.max_slice = self.config.slice_bytes.min(self.model.crowded_slice);
+        }
+        tracing::debug!(
+            rank = self.rank,
+            "link model: {:?}, slices up to {} bytes",
+            self.model,
+            self.max_slice
+        );
         Ok(())
     }
 
@@ -638,8 +653,7 @@ impl Communicator {
             root: d.root,
             avg: d.reduces() && d.op == ReduceOp::Avg,
             out_of_place: !in_place || use_work,
-            slice_elems: (algo.slice_bytes(d, world, &self.model, self.config.slice_bytes) / elem)
-                .max(1),
+            slice_elems: (algo.slice_bytes(d, world, &self.model, self.max_slice) / elem).max(1),
         };
         (shape, count, use_work)
     }
@@ -859,6 +873,11 @@ impl Communicator {
     /// The cost parameters every rank chooses algorithms with.
     pub(crate) fn model(&self) -> LinkModel {
         self.model
+    }
+
+    /// The largest slice of this communicator's calls (`max_slice`).
+    pub(crate) fn max_slice(&self) -> usize {
+        self.max_slice
     }
 
     /// Runs `plan` over this rank's links: the engine, without the
@@ -1315,6 +1334,41 @@ mod tests {
         for (mixed, same) in models {
             assert_eq!(mixed, LinkModel::TCP);
             assert_eq!(same, LinkModel::UCX_TCP);
+        }
+    }
+
+    /// One crowded rank caps every rank's slices at the model's
+    /// `crowded_slice` (plans must match); none crowded, or a model without
+    /// a cap, keeps the configured slice.
+    #[test]
+    fn one_crowded_rank_caps_every_ranks_slices() {
+        let config = Config {
+            slice_bytes: 1 << 20,
+            ..Config::default()
+        };
+        let slices = run_in_process(4, config, |c| {
+            let mut got = Vec::new();
+            for (model, crowded_rank) in [
+                (LinkModel::UCX_TCP, Some(1)),
+                (LinkModel::UCX_TCP, None),
+                (LinkModel::UCX_SHM, Some(1)),
+            ] {
+                c.model = model;
+                c.crowded = Some(c.rank) == crowded_rank;
+                c.max_slice = c.config.slice_bytes;
+                c.agree_link_model().unwrap();
+                got.push(c.max_slice());
+                // Plans of 4 MiB, cut into these slices, match on every
+                // rank (a slice that differed would fail the call).
+                let mut buf = vec![1u32; 1 << 20];
+                c.all_reduce_in_place(&mut buf, ReduceOp::Sum).unwrap();
+                assert!(buf.iter().all(|&x| x == 4));
+            }
+            got
+        })
+        .unwrap();
+        for got in slices {
+            assert_eq!(got, [256 << 10, 1 << 20, 1 << 20]);
         }
     }
 }

@@ -607,10 +607,9 @@ impl Communicator {
                     Kind::Gather | Kind::Scatter => &algo::Direct,
                     _ => &algo::Pairwise,
                 };
-                let slice_elems =
-                    (algo.slice_bytes(&d, world, &self.model(), self.config().slice_bytes)
-                        / d.dtype.size())
-                    .max(1);
+                let slice_elems = (algo.slice_bytes(&d, world, &self.model(), self.max_slice())
+                    / d.dtype.size())
+                .max(1);
                 let mut sends = l.sends.clone();
                 let mut recvs = l.recvs.clone();
                 sends[rank] = None;

@@ -108,6 +108,7 @@ fn link(name: &str, a: &Args) -> Result<LinkModel, String> {
             // Allreduce only here: no chains to cut.
             pipelines: false,
             hd_byte_penalty: algo::HD_BYTE_PENALTY,
+            crowded_slice: usize::MAX,
         }),
         _ => Err(format!(
             "unknown link '{name}': use tcp, datacenter, shm or custom"

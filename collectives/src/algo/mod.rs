@@ -65,6 +65,11 @@ pub struct LinkModel {
     /// frame whole, whoever the partner (UCX's rendezvous over shared
     /// memory).
     pub hd_byte_penalty: f64,
+    /// The largest slice in a job with more ranks than a host has CPUs
+    /// (`usize::MAX`: the configured slice): where a frame's bytes wait in
+    /// flight for a rank that shares a core with their sender, smaller
+    /// frames may move faster.
+    pub crowded_slice: usize,
 }
 
 impl LinkModel {
@@ -77,6 +82,7 @@ impl LinkModel {
         gamma: 1.0 / 10e9,
         pipelines: true,
         hd_byte_penalty: HD_BYTE_PENALTY,
+        crowded_slice: usize::MAX,
     };
 
     /// TCP (loopback here: about 6.6 µs a message, 1.7 GB/s a stream).
@@ -91,6 +97,7 @@ impl LinkModel {
         gamma: 1.0 / 10e9,
         pipelines: false,
         hd_byte_penalty: HD_BYTE_PENALTY,
+        crowded_slice: usize::MAX,
     };
 
     /// UCX over its shared-memory transports. A frame over 8 KiB goes by
@@ -109,6 +116,7 @@ impl LinkModel {
         gamma: 1.0 / 10e9,
         pipelines: false,
         hd_byte_penalty: 0.0,
+        crowded_slice: usize::MAX,
     };
 
     /// UCX over its TCP transport: a frame over 8 KiB waits for a
@@ -118,13 +126,18 @@ impl LinkModel {
     /// [`LinkModel::TCP`]. With it the allreduce takes fewer, larger
     /// frames up to a few hundred KiB (recursive doubling, halving-doubling
     /// at 256 KiB on 4 ranks) and the ring from 1 MiB, as measured
-    /// (benches/RESULTS.md).
+    /// (benches/RESULTS.md). With more ranks than CPUs, frames of 480 KiB
+    /// and more ran at 0.5-0.7 of the speed of 256-384 KiB ones (2 ranks
+    /// on one CPU, 3 and 4 ranks on 2; not over UCX's shared memory nor
+    /// this project's TCP link, nor with a CPU per rank, where 512 KiB is
+    /// faster): slices stop at 256 KiB there.
     pub const UCX_TCP: LinkModel = LinkModel {
         alpha: 25e-6,
         beta: 1.0 / 1.7e9,
         gamma: 1.0 / 10e9,
         pipelines: false,
         hd_byte_penalty: HD_BYTE_PENALTY,
+        crowded_slice: 256 << 10,
     };
 
     /// A 100 Gbit/s datacenter network: 2 µs a message, 12.5 GB/s.
@@ -134,6 +147,7 @@ impl LinkModel {
         gamma: 1.0 / 10e9,
         pipelines: true,
         hd_byte_penalty: HD_BYTE_PENALTY,
+        crowded_slice: usize::MAX,
     };
 }
 

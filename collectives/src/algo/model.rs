@@ -764,6 +764,7 @@ mod tests {
             gamma: 0.0,
             pipelines: false,
             hd_byte_penalty: crate::algo::HD_BYTE_PENALTY,
+            crowded_slice: usize::MAX,
         };
         let shaping = Shaping {
             burst,
