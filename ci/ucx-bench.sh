@@ -52,8 +52,17 @@ else
   PEER_HOST=
 fi
 [ -n "${BENCH_UCX_NET_DEVICES:-}" ] && export UCX_NET_DEVICES=$BENCH_UCX_NET_DEVICES
-# Sizes as all_reduce_perf takes them: the smallest, the largest, factor 4 or 2.
-first=${SIZES%%,*}; last=${SIZES##*,}
+# Sizes as all_reduce_perf takes them (the smallest, the largest, factor
+# 4). oxccl's side runs three times, each from the smallest size up, as
+# Open MPI's side does: to the largest 20 times a size, to the largest
+# under 16 MiB 200 times, to the largest under 1 MiB 1000 times; each size
+# is reported from the last run that reached it.
+first=${SIZES%%,*} last=${SIZES##*,} last_middle= last_small=
+for s in ${SIZES//,/ }; do
+  b=$(numfmt --from=iec "$s")
+  if [ "$b" -lt 1048576 ]; then last_small=$s; fi
+  if [ "$b" -lt 16777216 ]; then last_middle=$s; fi
+done
 
 tls_of() { # the UCX_TLS of a run: Open MPI's pml ucx also needs `self`
   if [ "$1" = all ]; then echo all; else echo "$1,self"; fi
@@ -64,11 +73,24 @@ for rep in $(seq "$REPS"); do
     t=$(tls_of "$tls")
     for n in $RANKS; do
       echo "# rep $rep, UCX_TLS=$t, $n ranks" >&2
-      port=$((29500 + RANDOM % 5000))
-      "${MPIRUN[@]}" -np "$n" -x UCX_TLS="$t" -x OXCCL_TRANSPORT=ucx -x OXCCL_MASTER_ADDR="$MASTER" \
-        -x OXCCL_MASTER_PORT="$port" -x OXCCL_TIMEOUT=300 ${UCX_NET_DEVICES:+-x UCX_NET_DEVICES} \
-        "$BIN/all_reduce_perf" -b "$first" -e "$last" -f 4 -n 20 -w 3 -c 0 --out-of-place-only \
-        > "$OUT/raw/oxccl__${tls}__n${n}__rep${rep}.log" 2>&1 || echo "ucx-bench: oxccl $tls n=$n failed (see $OUT/raw)" >&2
+      log="$OUT/raw/oxccl__${tls}__n${n}__rep${rep}.log"
+      : > "$log"
+      # 20 calls of a few microseconds measure the first calls' costs, not
+      # the steady state that Open MPI's side times for half a second.
+      # Every run starts small: over UCX's TCP under BBR congestion control
+      # a process whose first calls were of 1 MiB ran them at 0.6 of the
+      # rate of one that began with smaller ones, 1000 calls later (under
+      # cubic, or with UCX_TCP_SNDBUF and UCX_TCP_RCVBUF fixed, both at one
+      # rate; see benches/RESULTS.md).
+      for part in "$last:20:10" "$last_middle:200:50" "$last_small:1000:100"; do
+        IFS=: read -r upto iters warm <<< "$part"
+        [ -n "$upto" ] || continue
+        port=$((29500 + RANDOM % 5000))
+        "${MPIRUN[@]}" -np "$n" -x UCX_TLS="$t" -x OXCCL_TRANSPORT=ucx -x OXCCL_MASTER_ADDR="$MASTER" \
+          -x OXCCL_MASTER_PORT="$port" -x OXCCL_TIMEOUT=300 ${UCX_NET_DEVICES:+-x UCX_NET_DEVICES} \
+          "$BIN/all_reduce_perf" -b "$first" -e "$upto" -f 4 -n "$iters" -w "$warm" -c 0 \
+          --out-of-place-only >> "$log" 2>&1 || echo "ucx-bench: oxccl $tls n=$n failed (see $OUT/raw)" >&2
+      done
       "${MPIRUN[@]}" -np "$n" --mca pml ucx --mca pml_ucx_tls any --mca pml_ucx_devices any \
         --mca osc ^ucx --mca btl ^uct -x UCX_TLS="$t" ${UCX_NET_DEVICES:+-x UCX_NET_DEVICES} \
         "$OUT/build/mpi_allreduce_bench" -c allreduce -s "$SIZES" -w 3 -T 0.5 \
@@ -148,7 +170,9 @@ for tls in tls_list:
         print(f"## UCX_TLS={tls}, {n} ranks\n")
         print("| size | oxccl busbw | Open MPI busbw | oxccl / Open MPI | ucx_perftest tag_bw | oxccl / perftest |")
         print("|---:|---:|---:|---:|---:|---:|")
-        for s in sorted(set(ox) | set(om)):
+        # Open MPI's rows are the sizes asked for (oxccl's runs step by 4
+        # and may pass through others).
+        for s in sorted(om or ox):
             a, b, c = ox.get(s), om.get(s), ceil.get(s)
             r1 = f"{a / b:.2f}" if a and b else "-"
             r2 = f"{a / c:.2f}" if a and c else "-"
