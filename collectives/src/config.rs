@@ -939,7 +939,7 @@ impl SingleCopy {
         match self {
             SingleCopy::Never => None,
             SingleCopy::From(n) => Some(n),
-            SingleCopy::Auto if world <= cores => Some(16 << 10),
+            SingleCopy::Auto if !crowded_on(world, cores) => Some(16 << 10),
             SingleCopy::Auto => Some(64 << 10),
         }
     }
@@ -951,7 +951,11 @@ impl SingleCopy {
 /// core, and yields it at once, and single copies start larger
 /// ([`SingleCopy::Auto`]).
 pub(crate) fn crowded(world: usize) -> bool {
-    world > host_cpus()
+    crowded_on(world, host_cpus())
+}
+
+fn crowded_on(world: usize, cpus: usize) -> bool {
+    world > cpus
 }
 
 /// The CPUs this host has online (`/sys/devices/system/cpu/online`), not
