@@ -85,7 +85,9 @@ for rep in $(seq "$REPS"); do
       for part in "$last:20:10" "$last_middle:200:50" "$last_small:1000:100"; do
         IFS=: read -r upto iters warm <<< "$part"
         [ -n "$upto" ] || continue
-        port=$((29500 + RANDOM % 5000))
+        # Below the kernel's ephemeral ports (32768 and up by default),
+        # which a client socket of an earlier run may still hold.
+        port=$((20000 + RANDOM % 9000))
         "${MPIRUN[@]}" -np "$n" -x UCX_TLS="$t" -x OXCCL_TRANSPORT=ucx -x OXCCL_MASTER_ADDR="$MASTER" \
           -x OXCCL_MASTER_PORT="$port" -x OXCCL_TIMEOUT=300 ${UCX_NET_DEVICES:+-x UCX_NET_DEVICES} \
           "$BIN/all_reduce_perf" -b "$first" -e "$upto" -f 4 -n "$iters" -w "$warm" -c 0 \
