@@ -49,7 +49,8 @@ if ! command -v valgrind >/dev/null 2>&1 || ! command -v pkg-config >/dev/null 2
     run apt-get update -qq
     run apt-get install -y -qq valgrind pkg-config
 fi
-$CC --version | head -n1
+cc_version=$($CC --version)
+echo "${cc_version%%$'\n'*}"
 valgrind --version
 
 echo "== header (cbindgen, pinned)"
@@ -136,8 +137,12 @@ done
 # The README example, built exactly as the README says.
 run $CC "${cflags[@]}" bindings/c/examples/allreduce.c $(pkg-config --cflags --libs oxccl) \
     -Wl,-rpath,"$prefix/lib" -o "$work/allreduce"
-ldd "$work/threads-shared" | grep -q "liboxccl.so.0 => $prefix/lib/" || { echo "shared test not linked to liboxccl.so.0" >&2; exit 1; }
-if ldd "$work/threads-static" | grep -q liboxccl; then echo "static test links liboxccl.so" >&2; exit 1; fi
+# ldd's output is captured before it is searched: `ldd | grep -q` under pipefail
+# fails when grep exits at the first match and ldd dies writing the rest.
+shared_deps=$(ldd "$work/threads-shared")
+static_deps=$(ldd "$work/threads-static")
+grep -q "liboxccl.so.0 => $prefix/lib/" <<<"$shared_deps" || { echo "shared test not linked to liboxccl.so.0:" >&2; echo "$shared_deps" >&2; exit 1; }
+if grep -q liboxccl <<<"$static_deps"; then echo "static test links liboxccl.so:" >&2; echo "$static_deps" >&2; exit 1; fi
 
 echo "== run"
 cd "$work"
