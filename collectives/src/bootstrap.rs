@@ -331,6 +331,7 @@ impl Communicator {
             Some(local_ip),
             secret,
             Some(0),
+            false,
         )
     }
 
@@ -383,6 +384,7 @@ impl Communicator {
             Some(local_ip),
             secret,
             None,
+            false,
         )
     }
 
@@ -427,6 +429,7 @@ impl Communicator {
             Some(local_ip),
             secret,
             None,
+            false,
         )
     }
 
@@ -445,7 +448,7 @@ impl Communicator {
         } else {
             config.secret_in_use(None)?
         };
-        join(store, rank, world, config, secret)
+        join(store, rank, world, config, secret, false)
     }
 
     /// Creates a group of `world` communicators in this process, connected by
@@ -467,6 +470,8 @@ impl Communicator {
         }
         let store: Arc<dyn Store> = Arc::new(MemStore::new());
         let boot = |source| Error::Bootstrap { rank: 0, source };
+        // Once for the world: it reads the host's CPUs.
+        let crowded = crate::config::crowded(world);
         let make: Arc<MakePair> = if config.transport == Transport::Tcp {
             Arc::new(|a, b| {
                 let (x, y) = UnixStream::pair()
@@ -477,7 +482,8 @@ impl Communicator {
                 ))
             })
         } else {
-            let (bytes, single_copy) = (config.shm_bytes, config.shm_single_copy.threshold(world));
+            let (bytes, single_copy) =
+                (config.shm_bytes, config.shm_single_copy.threshold(crowded));
             Arc::new(move |a, b| {
                 let (mut x, mut y) = shm::pair(a, b, bytes)?;
                 x.set_single_copy(single_copy);
@@ -495,8 +501,7 @@ impl Communicator {
                 Ok((StreamLink::unix(b, x)?, StreamLink::unix(a, y)?))
             })
         } else {
-            // Once for the world: it reads the host's CPUs.
-            let single_copy = config.shm_single_copy.threshold(world);
+            let single_copy = config.shm_single_copy.threshold(crowded);
             crate::links::in_process(world, |a, b| {
                 let (mut x, mut y) = shm::pair(a, b, config.shm_bytes)?;
                 x.set_single_copy(single_copy);
@@ -521,6 +526,7 @@ impl Communicator {
                     refused: 0,
                     secret: None,
                     store_host: None,
+                    crowded,
                     connector: (world > 1).then(|| {
                         Box::new(MemConnector {
                             rank,
@@ -628,6 +634,7 @@ fn connect(
     local_ip: Option<IpAddr>,
     secret: Option<JobSecret>,
     store_host: Option<usize>,
+    mut crowded: bool,
 ) -> Result<Communicator> {
     let deadline = crate::deadline_in(config.timeout);
     let boot = |source: TransportError| Error::Bootstrap { rank, source };
@@ -647,7 +654,7 @@ fn connect(
             )
             .map_err(|source| Error::Store { rank, source })?;
         // Connections that arrive meanwhile wait in the listener's backlog.
-        agree(
+        crowded |= agree(
             store.as_ref(),
             server.as_ref(),
             job,
@@ -656,6 +663,7 @@ fn connect(
             &config,
             deadline,
         )?;
+
         let next = (rank + 1) % world;
         let prev = (rank + world - 1) % world;
         let addr_of = |peer: usize| -> Result<SocketAddr> {
@@ -731,7 +739,7 @@ fn connect(
                 "unauthenticated (no job secret)"
             }
         );
-        let upgrader = Upgrader::new(&config, world).map_err(boot)?;
+        let upgrader = Upgrader::new(&config, crowded).map_err(boot)?;
         let (next_up, prev_up) = upgrader
             .ring(next_link, prev_link, deadline)
             .map_err(boot)?;
@@ -772,6 +780,7 @@ fn connect(
         secret,
         store_host,
         connector,
+        crowded,
     })?;
     comm.agree_link_model()?;
     Ok(comm)
@@ -786,6 +795,7 @@ pub(crate) fn join(
     world: usize,
     config: Config,
     secret: Option<JobSecret>,
+    crowded: bool,
 ) -> Result<Communicator> {
     let deadline = crate::deadline_in(config.timeout);
     let job = if world == 1 {
@@ -793,11 +803,15 @@ pub(crate) fn join(
     } else {
         job_id(store.as_ref(), JOB_KEY, rank, deadline)?
     };
-    connect(store, None, rank, world, config, job, None, secret, None)
+    connect(
+        store, None, rank, world, config, job, None, secret, None, crowded,
+    )
 }
 
 /// Checks, before any link exists, that every rank came and that the ranks
-/// agree on the settings they must share ([`Config::agreed`]).
+/// agree on the settings they must share ([`Config::agreed`]), and counts
+/// the ranks host by host: returns whether this rank's host has more of
+/// them than CPUs ([`crate::config::crowded_hosts`]).
 ///
 /// Every rank publishes its agreed settings; rank 0 reads them all and
 /// publishes a verdict, which every other rank waits for. So a mismatch is
@@ -811,13 +825,33 @@ fn agree(
     world: usize,
     config: &Config,
     deadline: Instant,
-) -> Result<()> {
+) -> Result<bool> {
     let store_err = |source| Error::Store { rank, source };
     let key = |what: &str| format!("{PREFIX}/{job:x}/settings/{what}");
     let mine = config.agreed();
+    let host = crate::config::host_line();
     store
-        .set(&key(&rank.to_string()), mine.as_bytes())
+        .set(
+            &key(&rank.to_string()),
+            format!("{host}\n{mine}").as_bytes(),
+        )
         .map_err(store_err)?;
+    // Whether this rank's host is in the list rank 0 published.
+    let crowded_here = |list: &[u8]| {
+        let key = host.rsplit_once(' ').map_or(host.as_str(), |(k, _)| k);
+        let list = String::from_utf8_lossy(list);
+        let Some(line) = list.lines().find(|l| l.split(' ').next() == Some(key)) else {
+            return false;
+        };
+        let mut counts = line.split(' ').skip(1);
+        tracing::info!(
+            "rank {rank}: this host has {} of the job's ranks and {} CPUs: idle ranks yield the \
+             CPU at once over shared memory, and single copies (auto) start at 64 KiB",
+            counts.next().unwrap_or("?"),
+            counts.next().unwrap_or("?")
+        );
+        true
+    };
     let start = Instant::now();
     if rank != 0 {
         let verdict = match store.get(&key("verdict"), deadline) {
@@ -834,16 +868,19 @@ fn agree(
             }
             Err(e) => return Err(store_err(e)),
         };
-        return match String::from_utf8_lossy(&verdict).split_once('\n') {
-            None => Ok(()),
-            Some((variable, reason)) => Err(Error::Config {
+        if let Some((variable, reason)) = String::from_utf8_lossy(&verdict).split_once('\n') {
+            return Err(Error::Config {
                 variable: variable.into(),
                 reason: reason.into(),
-            }),
-        };
+            });
+        }
+        // Published before the verdict.
+        let list = store.get(&key("crowded"), deadline).map_err(store_err)?;
+        return Ok(crowded_here(&list));
     }
     let mut missing = Vec::new();
     let mut verdict: Option<(String, String)> = None;
+    let mut hosts = vec![host.clone()];
     for r in 1..world {
         // Once one rank is missing the deadline has passed: ask the rest once.
         let theirs = if missing.is_empty() {
@@ -859,8 +896,11 @@ fn agree(
             missing.push(r);
             continue;
         };
+        let theirs = String::from_utf8_lossy(&theirs);
+        let (their_host, their_settings) = theirs.split_once('\n').unwrap_or(("", &theirs));
+        hosts.push(their_host.to_owned());
         if verdict.is_none() {
-            verdict = differ(&mine, &String::from_utf8_lossy(&theirs), r);
+            verdict = differ(&mine, their_settings, r);
         }
     }
     if !missing.is_empty() {
@@ -885,6 +925,14 @@ fn agree(
             waited: start.elapsed(),
         });
     }
+    let crowded: Vec<String> = crate::config::crowded_hosts(hosts.iter().map(String::as_str))
+        .into_iter()
+        .map(|(key, ranks, cpus)| format!("{key} {ranks} {cpus}"))
+        .collect();
+    let crowded = crowded.join("\n");
+    store
+        .set(&key("crowded"), crowded.as_bytes())
+        .map_err(store_err)?;
     let text = verdict
         .as_ref()
         .map(|(v, r)| format!("{v}\n{r}"))
@@ -893,7 +941,7 @@ fn agree(
         .set(&key("verdict"), text.as_bytes())
         .map_err(store_err)?;
     match verdict {
-        None => Ok(()),
+        None => Ok(crowded_here(crowded.as_bytes())),
         Some((variable, reason)) => Err(Error::Config { variable, reason }),
     }
 }

@@ -114,8 +114,10 @@ pub struct Communicator {
     last_algo: Option<Chosen>,
     /// The cost parameters of the links, for choosing algorithms.
     model: LinkModel,
-    /// More ranks than this host has CPUs ([`crate::config::crowded`]).
-    crowded: bool,
+    /// More of the job's ranks on this host than it has CPUs (counted at
+    /// bootstrap, [`crate::config::crowded_hosts`]; a split communicator
+    /// keeps its parent's verdict, as the parent's ranks are still there).
+    pub(crate) crowded: bool,
     /// The largest slice: the configured one, or the link model's
     /// [`crowded_slice`](LinkModel::crowded_slice) where any rank of the
     /// job is crowded (agreed at init, as plans must match).
@@ -177,6 +179,8 @@ pub(crate) struct Parts {
     pub store_host: Option<usize>,
     /// Makes links on first use.
     pub connector: Option<Box<dyn Connector>>,
+    /// This rank's host has more of the job's ranks than CPUs.
+    pub crowded: bool,
 }
 
 impl Communicator {
@@ -196,7 +200,7 @@ impl Communicator {
         };
         Ok(Communicator {
             model,
-            crowded: crate::config::crowded(p.world),
+            crowded: p.crowded,
             max_slice: p.config.slice_bytes,
             rank: p.rank,
             world: p.world,
@@ -558,8 +562,8 @@ impl Communicator {
     /// and their plans would not match. One allreduce (minimum) of three
     /// bytes over the ring, at init, outside the numbered calls: the
     /// model's index and its complement, so both the least and the
-    /// greatest index come back, and whether the rank is not crowded
-    /// ([`crate::config::crowded`]), so that all cap their slices
+    /// greatest index come back, and whether the rank's host is not
+    /// crowded (more of the job's ranks than CPUs), so that all cap their slices
     /// ([`LinkModel::crowded_slice`]) if any one is.
     pub(crate) fn agree_link_model(&mut self) -> Result<()> {
         /// The sequence number of the init call; numbered calls start at 0.

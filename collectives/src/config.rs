@@ -372,7 +372,7 @@ pub const SETTINGS: &[Setting] = &[
     Setting {
         name: "OXCCL_SPIN_US",
         default: "200",
-        doc: "Microseconds a rank polls its links before sleeping in poll (spinning for the first 2, then yielding its core between checks; over shared memory in a job with more ranks than the host's CPUs, yielding from the first): a wake-up from poll costs tens of microseconds, more than a small message or, with more ranks than cores, a turn of the other ranks takes; 0 never spins.",
+        doc: "Microseconds a rank polls its links before sleeping in poll (spinning for the first 2, then yielding its core between checks; over shared memory on a host with more of the job's ranks than CPUs, yielding from the first): a wake-up from poll costs tens of microseconds, more than a small message or, with more ranks than cores, a turn of the other ranks takes; 0 never spins.",
         agree: false,
         parse: Some(|c, v| {
             c.spin = Duration::from_micros(parse_usize("OXCCL_SPIN_US", v)? as u64);
@@ -531,7 +531,7 @@ pub const SETTINGS: &[Setting] = &[
     Setting {
         name: "OXCCL_SHM_SINGLE_COPY",
         default: "auto",
-        doc: "Over shared memory, buffers of at least this many bytes go by a single copy: the receiver reads them straight from the sender's memory (process_vm_readv, where the kernel allows it) instead of through the ring; 0 disables it; auto takes 16K where the job's ranks are no more than this host's cores, 64K where they are (a single copy keeps the sender waiting until the receiver runs).",
+        doc: "Over shared memory, buffers of at least this many bytes go by a single copy: the receiver reads them straight from the sender's memory (process_vm_readv, where the kernel allows it) instead of through the ring; 0 disables it; auto takes 16K where this host has no more of the job's ranks than CPUs, 64K where it has more (a single copy keeps the sender waiting until the receiver runs).",
         agree: false,
         parse: Some(|c, v| {
             c.shm_single_copy = if v.trim().eq_ignore_ascii_case("auto") {
@@ -919,8 +919,8 @@ pub enum SingleCopy {
     Never,
     /// Frames of at least this many bytes.
     From(usize),
-    /// From 16 KiB where the job has no more ranks than this host has
-    /// cores, from 64 KiB where it has more: a single copy holds the sender
+    /// From 16 KiB where the job has no more ranks on this host than it has
+    /// CPUs, from 64 KiB where it has more: a single copy holds the sender
     /// until the receiver runs, which with more ranks than cores waits for
     /// a turn of the scheduler (benches/RESULTS.md: on 2 ranks 16 KiB took
     /// a 64 KiB alltoall from 4.9 to 3.4 µs, on 4 ranks over 2 cores it
@@ -929,40 +929,84 @@ pub enum SingleCopy {
 }
 
 impl SingleCopy {
-    /// The smallest frame that goes by single copy in a job of `world`
-    /// ranks on this host; `None`: none does.
-    pub fn threshold(self, world: usize) -> Option<usize> {
-        self.threshold_on(world, host_cpus())
-    }
-
-    fn threshold_on(self, world: usize, cores: usize) -> Option<usize> {
+    /// The smallest frame that goes by single copy on a host that is
+    /// `crowded` (has more of the job's ranks than CPUs, as the ranks count
+    /// themselves at bootstrap); `None`: none does.
+    pub fn threshold(self, crowded: bool) -> Option<usize> {
         match self {
             SingleCopy::Never => None,
             SingleCopy::From(n) => Some(n),
-            SingleCopy::Auto if !crowded_on(world, cores) => Some(16 << 10),
+            SingleCopy::Auto if !crowded => Some(16 << 10),
             SingleCopy::Auto => Some(64 << 10),
         }
     }
 }
 
-/// Whether a job of `world` ranks has more of them than this host has CPUs
-/// online, as far as a rank can tell without knowing the other ranks' hosts:
-/// then a rank that waits over shared memory may be waiting for its own
-/// core, and yields it at once, and single copies start larger
+/// Whether `world` ranks all on this host outnumber its CPUs online: the
+/// rule for an in-process group. A job of processes counts its ranks host
+/// by host at bootstrap instead ([`crowded_hosts`]). Where ranks outnumber
+/// CPUs a rank that waits over shared memory may be waiting for its own
+/// core, so it yields it at once, and single copies start larger
 /// ([`SingleCopy::Auto`]).
 pub(crate) fn crowded(world: usize) -> bool {
     crowded_on(world, host_cpus())
 }
 
-fn crowded_on(world: usize, cpus: usize) -> bool {
-    world > cpus
+fn crowded_on(ranks: usize, cpus: usize) -> bool {
+    ranks > cpus
+}
+
+/// What a rank tells rank 0 of its host when it registers: which CPUs it
+/// shares with other ranks (the kernel's boot id, which containers and
+/// network namespaces of one machine share; the host name where there is
+/// none) and how many the host has online, as `<key> <cpus>`.
+pub(crate) fn host_line() -> String {
+    let read = |f: &str| {
+        std::fs::read_to_string(f)
+            .ok()
+            .map(|s| {
+                s.chars()
+                    .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.'))
+                    .collect::<String>()
+            })
+            .filter(|s| !s.is_empty())
+    };
+    let key = read("/proc/sys/kernel/random/boot_id")
+        .or_else(|| read("/proc/sys/kernel/hostname"))
+        .unwrap_or_else(|| "unknown-host".into());
+    format!("{key} {}", host_cpus())
+}
+
+/// Of the hosts the ranks registered ([`host_line`], one line a rank),
+/// those with more of the job's ranks than CPUs, as (key, ranks, CPUs). A
+/// line that does not parse counts for no host.
+pub(crate) fn crowded_hosts<'a>(
+    lines: impl IntoIterator<Item = &'a str>,
+) -> Vec<(&'a str, usize, usize)> {
+    let mut hosts: Vec<(&str, usize, usize)> = Vec::new();
+    for line in lines {
+        let Some((key, cpus)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let Ok(cpus) = cpus.parse::<usize>() else {
+            continue;
+        };
+        match hosts.iter_mut().find(|h| h.0 == key) {
+            Some(h) => h.1 += 1,
+            None => hosts.push((key, 1, cpus)),
+        }
+    }
+    hosts
+        .into_iter()
+        .filter(|&(_, ranks, cpus)| crowded_on(ranks, cpus))
+        .collect()
 }
 
 /// The CPUs this host has online (`/sys/devices/system/cpu/online`), not
 /// only those this process may run on: a launcher that pins each rank to a
 /// core (oxrun, `mpirun --bind-to core`) leaves each one CPU of its own.
 /// Where the file is missing, what this process may use.
-fn host_cpus() -> usize {
+pub(crate) fn host_cpus() -> usize {
     std::fs::read_to_string("/sys/devices/system/cpu/online")
         .ok()
         .and_then(|list| count_cpus(&list))
@@ -1689,11 +1733,11 @@ mod tests {
     /// Auto takes 16 KiB while the ranks fit the cores, 64 KiB beyond.
     #[test]
     fn single_copy_auto_follows_ranks_per_core() {
-        assert_eq!(SingleCopy::Auto.threshold_on(2, 2), Some(16 << 10));
-        assert_eq!(SingleCopy::Auto.threshold_on(8, 64), Some(16 << 10));
-        assert_eq!(SingleCopy::Auto.threshold_on(4, 2), Some(64 << 10));
-        assert_eq!(SingleCopy::From(100).threshold_on(4, 2), Some(100));
-        assert_eq!(SingleCopy::Never.threshold_on(1, 2), None);
+        assert_eq!(SingleCopy::Auto.threshold(false), Some(16 << 10));
+        assert_eq!(SingleCopy::Auto.threshold(true), Some(64 << 10));
+        assert_eq!(SingleCopy::From(100).threshold(true), Some(100));
+        assert_eq!(SingleCopy::Never.threshold(false), None);
+        assert!(!crowded_on(2, 2) && !crowded_on(8, 64) && crowded_on(4, 2));
         assert_eq!(count_cpus("0-1\n"), Some(2));
         assert_eq!(count_cpus("0"), Some(1));
         assert_eq!(count_cpus("0-3,8-11"), Some(8));
@@ -1714,6 +1758,41 @@ mod tests {
             (s.parse.unwrap())(&mut c, v).unwrap();
             assert_eq!(c.shm_single_copy, want, "{v}");
         }
+    }
+
+    /// Ranks are counted host by host: a job of many ranks over hosts
+    /// with a CPU for each is not crowded, one host with too many is, and
+    /// only that one.
+    #[test]
+    fn crowded_hosts_count_ranks_per_host() {
+        let job = |hosts: &[(&str, usize, usize)]| -> Vec<String> {
+            let mut lines = Vec::new();
+            for &(key, ranks, cpus) in hosts {
+                lines.extend(std::iter::repeat_n(format!("{key} {cpus}"), ranks));
+            }
+            let mut v: Vec<String> = crowded_hosts(lines.iter().map(String::as_str))
+                .into_iter()
+                .map(|(key, ..)| key.to_owned())
+                .collect();
+            v.sort();
+            v
+        };
+        // 16 ranks on two hosts of 8 CPUs: the old rule (world > CPUs) said crowded.
+        assert!(job(&[("a", 8, 8), ("b", 8, 8)]).is_empty());
+        assert_eq!(job(&[("a", 8, 8), ("b", 9, 8)]), ["b"]);
+        assert_eq!(job(&[("a", 4, 2), ("b", 4, 2), ("c", 1, 1)]), ["a", "b"]);
+        assert!(job(&[("a", 1, 1)]).is_empty());
+        // Lines that do not parse count for no host.
+        assert!(crowded_hosts(["a x", "a", "", "a 0x1"]).is_empty());
+        assert_eq!(crowded_hosts(["a b 1", "a b 1"]), [("a b", 2, 1)]);
+        assert_eq!(crowded_hosts(["h 2", "h 2", "h 2"]), [("h", 3, 2)]);
+        let here = host_line();
+        let (key, cpus) = here.rsplit_once(' ').unwrap();
+        assert!(
+            !key.is_empty() && !key.contains(char::is_whitespace),
+            "{here}"
+        );
+        assert_eq!(cpus.parse::<usize>().unwrap(), host_cpus());
     }
 
     /// Settings built in code are checked like the environment's.

@@ -118,6 +118,7 @@ impl Communicator {
             members.len(),
             self.config().clone(),
             self.origin.secret.clone(),
+            false,
         )?;
         // The store lives in this rank's process when it serves it.
         child.server = self.server.clone();

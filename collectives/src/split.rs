@@ -68,6 +68,7 @@ impl Communicator {
             members.len(),
             self.config().clone(),
             self.origin.secret.clone(),
+            self.crowded,
         )?;
         // Its failures name ranks in this communicator's numbering too
         // (and, split again, in the first one's: the nearest parent's).
@@ -75,5 +76,60 @@ impl Communicator {
         child.server = self.server.clone();
         child.parent_ranks = Some(parents);
         Ok(Some(child))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use oxccl_transport::store::{MemStore, Store};
+
+    use crate::Communicator;
+    use crate::config::{Config, host_cpus};
+
+    /// The ranks of a job count themselves host by host at bootstrap; a
+    /// split communicator keeps its parent's verdict (the parent's other
+    /// ranks still share the CPUs), a shrunk one counts again.
+    #[test]
+    fn crowding_is_counted_at_bootstrap_and_kept_by_splits() {
+        let cpus = host_cpus();
+        // One rank more than CPUs, so the parent is crowded and its
+        // two-rank child would not be by its own count.
+        let world = if cpus < 16 {
+            cpus + 1
+        } else {
+            println!(
+                "crowding test: this host has {cpus} CPUs; with 3 ranks the parent is not crowded, \
+                 so a split's inheriting the parent's verdict is not exercised here"
+            );
+            3
+        };
+        let store: Arc<dyn Store> = Arc::new(MemStore::new());
+        let config = Config {
+            timeout: Duration::from_secs(30),
+            ..Config::default()
+        };
+        let seen: Vec<(bool, usize, bool, bool)> = std::thread::scope(|s| {
+            let ranks: Vec<_> = (0..world)
+                .map(|r| {
+                    let (store, config) = (store.clone(), config.clone());
+                    s.spawn(move || {
+                        let mut c = Communicator::with_store(store, r, world, config).unwrap();
+                        let child = c.split(Some(u32::from(r >= 2)), 0).unwrap().unwrap();
+                        let shrunk = c.shrink(&[]).unwrap();
+                        (c.crowded, child.world(), child.crowded, shrunk.crowded)
+                    })
+                })
+                .collect();
+            ranks.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for (r, &(parent, child_world, child, shrunk)) in seen.iter().enumerate() {
+            assert_eq!(parent, world > cpus, "rank {r}");
+            assert_eq!(child, parent, "rank {r}: child of {child_world}");
+            assert_eq!(shrunk, world > cpus, "rank {r}");
+        }
     }
 }

@@ -40,9 +40,9 @@ pub(crate) struct Upgrader {
 }
 
 impl Upgrader {
-    /// The upgrader of `config` for a job of `world` ranks; creates the UCX
-    /// worker where it may be used.
-    pub(crate) fn new(config: &Config, world: usize) -> Result<Upgrader, TransportError> {
+    /// The upgrader of `config` on a host that is `crowded` (more of the
+    /// job's ranks than CPUs); creates the UCX worker where it may be used.
+    pub(crate) fn new(config: &Config, crowded: bool) -> Result<Upgrader, TransportError> {
         let policy = match config.transport {
             Transport::Auto => shm::Policy::Auto,
             Transport::Tcp => shm::Policy::Never,
@@ -63,7 +63,7 @@ impl Upgrader {
         Ok(Upgrader {
             policy,
             shm_bytes: config.shm_bytes,
-            single_copy: config.shm_single_copy.threshold(world),
+            single_copy: config.shm_single_copy.threshold(crowded),
             #[cfg(feature = "ucx")]
             ucx,
             #[cfg(feature = "ucx")]

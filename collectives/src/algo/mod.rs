@@ -65,7 +65,7 @@ pub struct LinkModel {
     /// frame whole, whoever the partner (UCX's rendezvous over shared
     /// memory).
     pub hd_byte_penalty: f64,
-    /// The largest slice in a job with more ranks than a host has CPUs
+    /// The largest slice in a job where a host has more of its ranks than CPUs
     /// (`usize::MAX`: the configured slice): where a frame's bytes wait in
     /// flight for a rank that shares a core with their sender, smaller
     /// frames may move faster.

@@ -42,7 +42,7 @@ impl Idle {
     /// `cheap`: both links are checked by a memory load (shared memory), so
     /// they are checked after every pause; sockets, whose checks are system
     /// calls that contend with the kernel's delivery into the same socket,
-    /// after 64. `crowded`: the job has more ranks than the host has CPUs,
+    /// after 64. `crowded`: this host has more of the job's ranks than CPUs,
     /// so with cheap checks the rank yields from the first idle check.
     pub(super) fn new(spin: Duration, timeout: Duration, cheap: bool, crowded: bool) -> Idle {
         Idle {

@@ -98,7 +98,7 @@ pub(crate) struct Job<'a> {
     pub timeout: Duration,
     /// How long to busy-poll before sleeping in `poll`.
     pub spin: Duration,
-    /// The job has more ranks than this host has CPUs ([`crate::config::crowded`]).
+    /// This host has more of the job's ranks than CPUs ([`crate::config::crowded_hosts`]).
     pub crowded: bool,
     /// Frames of this step and later may go by single copy where the link
     /// offers it ([`Outgoing::set_single_copy`](oxccl_transport::Outgoing::set_single_copy));
