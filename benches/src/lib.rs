@@ -176,8 +176,26 @@ pub fn main(bench: impl Into<Bench>) -> ExitCode {
         }
     };
     let rank = comm.rank();
+    let var = |name: &str| std::env::var(name).ok();
+    let split = match options::split_group(
+        var("NCCL_TESTS_SPLIT_MASK").as_deref(),
+        var("NCCL_TESTS_SPLIT").as_deref(),
+        rank,
+    ) {
+        Ok(s) => s,
+        Err(e) => {
+            if rank == 0 {
+                eprintln!("{program}: {e}");
+            }
+            return ExitCode::from(2);
+        }
+    };
     let mut stdout = std::io::stdout().lock();
-    match run(&mut comm, bench, &opts, &mut stdout) {
+    let result = match split {
+        None => run(&mut comm, bench, &opts, &mut stdout),
+        Some(group) => split_and_run(&mut comm, group, bench, &opts, &mut stdout),
+    };
+    match result {
         Ok(s) if s.wrong == 0 => ExitCode::SUCCESS,
         Ok(s) => {
             if rank == 0 {
@@ -209,7 +227,46 @@ pub fn run(
     opts: &Options,
     out: &mut dyn Write,
 ) -> Result<Summary, BenchError> {
-    let bench = bench.into();
+    run_in(comm, None, bench.into(), opts, out)
+}
+
+/// Runs the benchmark in groups, as nccl-tests does under
+/// `NCCL_TESTS_SPLIT` (or `_MASK`): `job` is split into communicators of
+/// the ranks with the same `group` (ordered by their rank in `job`), which
+/// must all be of one size; every group runs every call at the same time
+/// (each timed loop starts after a barrier of the whole job), the times
+/// are combined over every rank of every group (`-a`), wrong elements
+/// counted over all, and the job's rank 0 writes the table.
+pub fn split_and_run(
+    job: &mut Communicator,
+    group: u32,
+    bench: impl Into<Bench>,
+    opts: &Options,
+    out: &mut dyn Write,
+) -> Result<Summary, BenchError> {
+    let mut comm = job
+        .split(Some(group), job.rank() as i64)?
+        .ok_or_else(|| oxccl::Error::Internal("split gave no communicator to a group".into()))?;
+    let mut sizes = vec![0u64; job.world()];
+    job.all_gather(&[comm.world() as u64], &mut sizes)?;
+    if sizes.iter().any(|&s| s != sizes[0]) {
+        return Err(BenchError::Usage(format!(
+            "the split makes groups of different sizes ({sizes:?} ranks, by rank): every group \
+             must have as many ranks"
+        )));
+    }
+    run_in(&mut comm, Some((job, group)), bench.into(), opts, out)
+}
+
+/// [`run`] in a group of a split job, when `split` gives the job and this
+/// rank's group.
+fn run_in(
+    comm: &mut Communicator,
+    mut split: Option<(&mut Communicator, u32)>,
+    bench: Bench,
+    opts: &Options,
+    out: &mut dyn Write,
+) -> Result<Summary, BenchError> {
     let kind = bench.kind();
     let (world, rank) = (comm.world(), comm.rank());
     if bench.rooted() && opts.root >= world {
@@ -234,12 +291,16 @@ pub fn run(
         .ok()
         .and_then(|l| l.local_rank);
     let make = oxccl_tools::devices::buffer_factory(&opts.device, comm.config(), local_rank)?;
-    let ranks = gather_rank_info(comm)?;
+    let ranks = match &mut split {
+        Some((job, group)) => gather_rank_info(job, *group)?,
+        None => gather_rank_info(comm, 0)?,
+    };
+    let mut across = split.map(|(job, _)| job);
     let io = |source| BenchError::Io {
         what: "the table".into(),
         source,
     };
-    let print = rank == 0;
+    let print = across.as_ref().map_or(rank, |j| j.rank()) == 0;
     if print {
         out.write_all(report::header(opts, &ranks).as_bytes())
             .and_then(|_| out.flush())
@@ -266,7 +327,16 @@ pub fn run(
     for &dtype in &opts.dtypes {
         for &op in &ops {
             for &size in &sizes {
-                let row = run_row(comm, bench, opts, dtype, op, size, make.as_ref())?;
+                let row = run_row(
+                    comm,
+                    across.as_deref_mut(),
+                    bench,
+                    opts,
+                    dtype,
+                    op,
+                    size,
+                    make.as_ref(),
+                )?;
                 wrong += [row.out_of_place, row.in_place]
                     .iter()
                     .flatten()
@@ -293,9 +363,13 @@ pub fn run(
     Ok(Summary { rows, wrong })
 }
 
-/// Every rank's pid and host, in rank order.
-fn gather_rank_info(comm: &mut Communicator) -> Result<Vec<RankInfo>, BenchError> {
-    let mine = RankInfo::here().encode();
+/// Every rank's pid, host and group, in rank order.
+fn gather_rank_info(comm: &mut Communicator, group: u32) -> Result<Vec<RankInfo>, BenchError> {
+    let mine = RankInfo {
+        group,
+        ..RankInfo::here()
+    }
+    .encode();
     let mut all = vec![0u8; mine.len() * comm.world()];
     comm.all_gather(&mine[..], &mut all)?;
     Ok(all
@@ -304,9 +378,12 @@ fn gather_rank_info(comm: &mut Communicator) -> Result<Vec<RankInfo>, BenchError
         .collect())
 }
 
-/// Times one size of one dtype and op, out of place and in place.
+/// Times one size of one dtype and op, out of place and in place; `across`:
+/// the job that `comm`'s group was split from.
+#[allow(clippy::too_many_arguments)]
 fn run_row(
     comm: &mut Communicator,
+    mut across: Option<&mut Communicator>,
     bench: Bench,
     opts: &Options,
     dtype: DType,
@@ -337,7 +414,16 @@ fn run_row(
     };
     let input = pattern::input(&d, world, rank);
     let mut measure = |in_place: bool| -> Result<Measure, BenchError> {
-        let (time_us, wrong) = time_and_check(comm, bench, d, opts, &input, in_place, make)?;
+        let (time_us, wrong) = time_and_check(
+            comm,
+            across.as_deref_mut(),
+            bench,
+            d,
+            opts,
+            &input,
+            in_place,
+            make,
+        )?;
         let mut m = Measure::new(kind, world, bytes, time_us, wrong);
         if bench == Bench::HyperCube {
             // nccl-tests' hypercube: algbw counts the (n-1)/n of the
@@ -377,9 +463,12 @@ const POISON: u8 = 0xA5;
 /// Runs `d` `-w` times untimed and `-n` times timed (after a barrier, the loop
 /// timed as a whole), combines the ranks' times per `-a`, then (with `-c 1`)
 /// runs it once more on fresh buffers and counts wrong elements over all ranks.
+/// With `across` (the job `comm`'s group was split from), the barrier, the
+/// times and the count are the whole job's.
 #[allow(clippy::too_many_arguments)]
 fn time_and_check(
     comm: &mut Communicator,
+    mut across: Option<&mut Communicator>,
     bench: Bench,
     d: Descriptor,
     opts: &Options,
@@ -447,13 +536,17 @@ fn time_and_check(
     for _ in 0..opts.warmup {
         call(comm, &mut output, &mut dev)?;
     }
-    comm.barrier()?;
+    across.as_deref_mut().unwrap_or(comm).barrier()?;
     let start = Instant::now();
     for _ in 0..opts.iters {
         call(comm, &mut output, &mut dev)?;
     }
     let local_us = start.elapsed().as_secs_f64() * 1e6 / opts.iters as f64;
-    let time_us = combine_times(comm, opts.average, local_us)?;
+    let time_us = combine_times(
+        across.as_deref_mut().unwrap_or(comm),
+        opts.average,
+        local_us,
+    )?;
     if !opts.check {
         return Ok((time_us, None));
     }
@@ -474,7 +567,9 @@ fn time_and_check(
     }
     let mine = pattern::count_wrong(&d, world, rank, result) as u64;
     let mut total = [mine];
-    comm.all_reduce_in_place(&mut total, ReduceOp::Sum)?;
+    across
+        .unwrap_or(comm)
+        .all_reduce_in_place(&mut total, ReduceOp::Sum)?;
     Ok((time_us, Some(total[0])))
 }
 
@@ -635,6 +730,95 @@ mod tests {
         .into_iter()
         .map(|r| r.unwrap())
         .collect()
+    }
+
+    /// Split as `NCCL_TESTS_SPLIT=MOD 2` makes it: two groups of two run
+    /// every call at once, their results checked and counted over the job,
+    /// the job's rank 0 alone printing; groups of different sizes are
+    /// refused on every rank.
+    #[test]
+    fn split_groups_run_at_once_and_report_once() {
+        let o = opts(&[
+            "-b", "1K", "-e", "64K", "-f", "64", "-n", "2", "-w", "1", "-d", "int32",
+        ]);
+        for (bench, kind) in [
+            (Bench::from(Kind::AllReduce), "all_reduce"),
+            (Bench::from(Kind::AllToAll), "alltoall"),
+            (Bench::from(Kind::SendRecv), "sendrecv"),
+        ] {
+            let out = run_in_process(4, Config::default(), |comm| {
+                let group = options::split_group(None, Some("MOD 2"), comm.rank())
+                    .unwrap()
+                    .unwrap();
+                let mut out = Vec::new();
+                let s = split_and_run(comm, group, bench, &o, &mut out).unwrap();
+                (s, String::from_utf8_lossy(&out).into_owned())
+            })
+            .unwrap();
+            for (r, (s, table)) in out.iter().enumerate() {
+                assert_eq!(s.wrong, 0, "{kind} rank {r}");
+                assert_eq!(s.rows.len(), 2, "{kind} rank {r}");
+                assert_eq!(table.is_empty(), r != 0, "{kind} rank {r}");
+            }
+            let table = &out[0].1;
+            assert!(table.contains("#  Rank  1 Group  1 "), "{kind}: {table}");
+            assert!(table.contains("#  Rank  2 Group  0 "), "{kind}: {table}");
+            assert!(
+                table.contains("Out of bounds values : 0 OK"),
+                "{kind}: {table}"
+            );
+            assert!(
+                table.lines().any(|l| l.trim_start().starts_with("65536 ")),
+                "{kind}: {table}"
+            );
+        }
+        // Wrong elements are counted over the job: 3 on each of 4 ranks,
+        // out of place and in place.
+        let o = opts(&[
+            "-b",
+            "4K",
+            "-e",
+            "4K",
+            "-n",
+            "1",
+            "-w",
+            "0",
+            "--debug-corrupt",
+            "3",
+        ]);
+        let wrong = run_in_process(4, Config::default(), |comm| {
+            let mut out = Vec::new();
+            split_and_run(
+                comm,
+                (comm.rank() / 2) as u32,
+                Kind::AllReduce,
+                &o,
+                &mut out,
+            )
+            .unwrap()
+            .wrong
+        })
+        .unwrap();
+        assert_eq!(wrong, [24; 4]);
+        let refused = run_in_process(3, Config::default(), |comm| {
+            let mut out = Vec::new();
+            split_and_run(
+                comm,
+                (comm.rank() % 2) as u32,
+                Kind::AllReduce,
+                &o,
+                &mut out,
+            )
+            .unwrap_err()
+            .to_string()
+        })
+        .unwrap();
+        for e in refused {
+            assert!(
+                e.contains("groups of different sizes ([2, 1, 2] ranks"),
+                "{e}"
+            );
+        }
     }
 
     #[test]

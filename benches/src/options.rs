@@ -265,10 +265,89 @@ pub fn sizes(min: usize, max: usize, factor: usize, step: usize) -> Result<Vec<u
     Ok(out)
 }
 
+/// The group this rank runs in when nccl-tests' variables split the job
+/// into communicators that run the benchmark at the same time:
+/// `NCCL_TESTS_SPLIT_MASK` (hexadecimal, as nccl-tests reads it: the group
+/// is `rank & mask`) or `NCCL_TESTS_SPLIT` (`AND m`, `OR m`, `MOD n`, `DIV
+/// n`, or `&m`, `|m`, `%n`, `/n`; operands decimal or `0x` hexadecimal;
+/// `NONE`). `None`: one group, the whole job.
+pub fn split_group(
+    mask: Option<&str>,
+    split: Option<&str>,
+    rank: usize,
+) -> Result<Option<u32>, String> {
+    let number = |what: &str, v: &str, radix16: bool| -> Result<u64, String> {
+        let t = v.trim();
+        let (digits, radix) = match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+            Some(h) => (h, 16),
+            None if radix16 => (t, 16),
+            None => (t, 10),
+        };
+        u64::from_str_radix(digits, radix).map_err(|_| format!("{what}: '{v}' is not a number"))
+    };
+    let rank = rank as u64;
+    let group = if let Some(m) = mask {
+        rank & number("NCCL_TESTS_SPLIT_MASK", m, true)?
+    } else if let Some(s) = split {
+        let t = s.trim();
+        if t.eq_ignore_ascii_case("none") || t.is_empty() {
+            return Ok(None);
+        }
+        let (op, arg) = match t.find(|c: char| c.is_ascii_digit()) {
+            Some(i) => t.split_at(i),
+            None => (t, ""),
+        };
+        let n = number("NCCL_TESTS_SPLIT", arg, false)?;
+        match op.trim().to_ascii_uppercase().as_str() {
+            "AND" | "&" => rank & n,
+            "OR" | "|" => rank | n,
+            "MOD" | "%" if n > 0 => rank % n,
+            "DIV" | "/" if n > 0 => rank / n,
+            "MOD" | "%" | "DIV" | "/" => {
+                return Err(format!("NCCL_TESTS_SPLIT: '{s}' divides by zero"));
+            }
+            _ => {
+                return Err(format!(
+                    "NCCL_TESTS_SPLIT: '{s}' is not AND, OR, MOD or DIV and a number (nor NONE)"
+                ));
+            }
+        }
+    } else {
+        return Ok(None);
+    };
+    u32::try_from(group)
+        .map(Some)
+        .map_err(|_| format!("the split puts rank {rank} in group {group}, beyond 2^32"))
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    #[test]
+    fn split_groups_as_nccl_tests_reads_them() {
+        let g = |mask: Option<&str>, split: Option<&str>, rank| split_group(mask, split, rank);
+        assert_eq!(g(None, None, 5), Ok(None));
+        // The mask is hexadecimal with or without 0x.
+        assert_eq!(g(Some("0x1"), None, 5), Ok(Some(1)));
+        assert_eq!(g(Some("10"), None, 19), Ok(Some(16)));
+        assert_eq!(g(Some("7"), Some("MOD 2"), 13), Ok(Some(5)));
+        assert_eq!(g(None, Some("MOD 2"), 5), Ok(Some(1)));
+        assert_eq!(g(None, Some("%4"), 6), Ok(Some(2)));
+        assert_eq!(g(None, Some("DIV 2"), 5), Ok(Some(2)));
+        assert_eq!(g(None, Some("/ 0x2"), 5), Ok(Some(2)));
+        assert_eq!(g(None, Some("and 6"), 7), Ok(Some(6)));
+        assert_eq!(g(None, Some("OR 1"), 4), Ok(Some(5)));
+        assert_eq!(g(None, Some("NONE"), 4), Ok(None));
+        for bad in ["MOD 0", "XOR 1", "MOD", "MOD x"] {
+            assert!(g(None, Some(bad), 1).is_err(), "{bad}");
+        }
+        assert!(
+            g(Some("zz"), None, 1)
+                .unwrap_err()
+                .contains("NCCL_TESTS_SPLIT_MASK")
+        );
+    }
 
     fn parse(args: &[&str]) -> Result<Options, String> {
         Options::parse_from(std::iter::once("all_reduce_perf").chain(args.iter().copied()))

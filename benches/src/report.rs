@@ -177,6 +177,8 @@ pub struct RankInfo {
     pub pid: u32,
     /// Host name.
     pub host: String,
+    /// The group of the split it runs in (`NCCL_TESTS_SPLIT`; 0 unsplit).
+    pub group: u32,
 }
 
 /// Bytes of one rank's record in the exchange that builds the header.
@@ -194,30 +196,37 @@ impl RankInfo {
         RankInfo {
             pid: std::process::id(),
             host,
+            group: 0,
         }
     }
 
-    /// A fixed-size record: the pid, then the host name (truncated, zero-padded).
+    /// A fixed-size record: the pid, the group, then the host name
+    /// (truncated, zero-padded).
     pub fn encode(&self) -> [u8; RANK_INFO_LEN] {
         let mut b = [0u8; RANK_INFO_LEN];
         b[..4].copy_from_slice(&self.pid.to_le_bytes());
+        b[4..8].copy_from_slice(&self.group.to_le_bytes());
         let host = self.host.as_bytes();
-        let n = host.len().min(RANK_INFO_LEN - 4);
-        b[4..4 + n].copy_from_slice(&host[..n]);
+        let n = host.len().min(RANK_INFO_LEN - 8);
+        b[8..8 + n].copy_from_slice(&host[..n]);
         b
     }
 
     /// Reads a record written by [`encode`](Self::encode).
     pub fn decode(b: &[u8]) -> RankInfo {
-        let mut pid = [0u8; 4];
-        if let Some(p) = b.get(..4) {
-            pid.copy_from_slice(p);
-        }
-        let host = b.get(4..).unwrap_or_default();
+        let word = |at: usize| {
+            let mut w = [0u8; 4];
+            if let Some(p) = b.get(at..at + 4) {
+                w.copy_from_slice(p);
+            }
+            u32::from_le_bytes(w)
+        };
+        let host = b.get(8..).unwrap_or_default();
         let end = host.iter().position(|&c| c == 0).unwrap_or(host.len());
         RankInfo {
-            pid: u32::from_le_bytes(pid),
+            pid: word(0),
             host: String::from_utf8_lossy(&host[..end]).into_owned(),
+            group: word(4),
         }
     }
 }
@@ -236,8 +245,8 @@ pub fn header(opts: &Options, ranks: &[RankInfo]) -> String {
     s.push_str("#\n# Using devices\n");
     for (r, info) in ranks.iter().enumerate() {
         s.push_str(&format!(
-            "#  Rank {r:2} Group  0 Pid {:6} on {:>10} device {r:2} [{}] oxccl\n",
-            info.pid, info.host, opts.device
+            "#  Rank {r:2} Group {:2} Pid {:6} on {:>10} device {r:2} [{}] oxccl\n",
+            info.group, info.pid, info.host, opts.device
         ));
     }
     s.push_str("#\n");
@@ -421,17 +430,19 @@ mod tests {
             RankInfo {
                 pid: 1234,
                 host: "node".into(),
+                group: 0,
             },
             RankInfo {
                 pid: 1235,
                 host: "node".into(),
+                group: 1,
             },
         ];
         let h = header(&opts, &ranks);
         assert!(h.starts_with(
             "# nThread 1 nGpus 1 minBytes 8 maxBytes 1048576 step: 8(factor) warmup iters: 1 iters: 3 agg iters: 1 validation: 1 graph: 0\n"
         ));
-        assert!(h.contains("#  Rank  1 Group  0 Pid   1235 on       node device  1 [cpu] oxccl\n"));
+        assert!(h.contains("#  Rank  1 Group  1 Pid   1235 on       node device  1 [cpu] oxccl\n"));
         let titles = h.lines().find(|l| l.contains("redop")).unwrap();
         let row = format_row(&Row {
             size: 8,
@@ -460,10 +471,11 @@ mod tests {
         let i = RankInfo {
             pid: 77,
             host: "h".repeat(100),
+            group: 3,
         };
         let d = RankInfo::decode(&i.encode());
-        assert_eq!(d.pid, 77);
-        assert_eq!(d.host.len(), RANK_INFO_LEN - 4);
+        assert_eq!((d.pid, d.group), (77, 3));
+        assert_eq!(d.host.len(), RANK_INFO_LEN - 8);
         assert_eq!(RankInfo::decode(&[]).pid, 0);
     }
 
