@@ -663,7 +663,6 @@ fn connect(
             &config,
             deadline,
         )?;
-
         let next = (rank + 1) % world;
         let prev = (rank + world - 1) % world;
         let addr_of = |peer: usize| -> Result<SocketAddr> {
@@ -829,18 +828,22 @@ fn agree(
     let store_err = |source| Error::Store { rank, source };
     let key = |what: &str| format!("{PREFIX}/{job:x}/settings/{what}");
     let mine = config.agreed();
-    let host = crate::config::host_line();
+    // The first line tells rank 0 this rank's host and its CPUs.
+    let host = crate::config::host_key();
+    let host_line = format!("{host} {}", crate::config::host_cpus());
     store
         .set(
             &key(&rank.to_string()),
-            format!("{host}\n{mine}").as_bytes(),
+            format!("{host_line}\n{mine}").as_bytes(),
         )
         .map_err(store_err)?;
     // Whether this rank's host is in the list rank 0 published.
     let crowded_here = |list: &[u8]| {
-        let key = host.rsplit_once(' ').map_or(host.as_str(), |(k, _)| k);
         let list = String::from_utf8_lossy(list);
-        let Some(line) = list.lines().find(|l| l.split(' ').next() == Some(key)) else {
+        let Some(line) = list
+            .lines()
+            .find(|l| l.split(' ').next() == Some(host.as_str()))
+        else {
             return false;
         };
         let mut counts = line.split(' ').skip(1);
@@ -880,7 +883,7 @@ fn agree(
     }
     let mut missing = Vec::new();
     let mut verdict: Option<(String, String)> = None;
-    let mut hosts = vec![host.clone()];
+    let mut hosts = vec![host_line.clone()];
     for r in 1..world {
         // Once one rank is missing the deadline has passed: ask the rest once.
         let theirs = if missing.is_empty() {

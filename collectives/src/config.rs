@@ -956,11 +956,10 @@ fn crowded_on(ranks: usize, cpus: usize) -> bool {
     ranks > cpus
 }
 
-/// What a rank tells rank 0 of its host when it registers: which CPUs it
-/// shares with other ranks (the kernel's boot id, which containers and
-/// network namespaces of one machine share; the host name where there is
-/// none) and how many the host has online, as `<key> <cpus>`.
-pub(crate) fn host_line() -> String {
+/// Which CPUs this rank shares with other ranks, as rank 0 counts them: the
+/// kernel's boot id, which containers and network namespaces of one machine
+/// share (the host name where there is none); no whitespace.
+pub(crate) fn host_key() -> String {
     let read = |f: &str| {
         std::fs::read_to_string(f)
             .ok()
@@ -971,19 +970,18 @@ pub(crate) fn host_line() -> String {
             })
             .filter(|s| !s.is_empty())
     };
-    let key = read("/proc/sys/kernel/random/boot_id")
+    read("/proc/sys/kernel/random/boot_id")
         .or_else(|| read("/proc/sys/kernel/hostname"))
-        .unwrap_or_else(|| "unknown-host".into());
-    format!("{key} {}", host_cpus())
+        .unwrap_or_else(|| "unknown-host".into())
 }
 
-/// Of the hosts the ranks registered ([`host_line`], one line a rank),
+/// Of the hosts the ranks registered (`<host key> <CPUs>`, one line a rank),
 /// those with more of the job's ranks than CPUs, as (key, ranks, CPUs). A
 /// line that does not parse counts for no host.
 pub(crate) fn crowded_hosts<'a>(
     lines: impl IntoIterator<Item = &'a str>,
 ) -> Vec<(&'a str, usize, usize)> {
-    let mut hosts: Vec<(&str, usize, usize)> = Vec::new();
+    let mut hosts: std::collections::HashMap<&str, (usize, usize)> = Default::default();
     for line in lines {
         let Some((key, cpus)) = line.rsplit_once(' ') else {
             continue;
@@ -991,14 +989,12 @@ pub(crate) fn crowded_hosts<'a>(
         let Ok(cpus) = cpus.parse::<usize>() else {
             continue;
         };
-        match hosts.iter_mut().find(|h| h.0 == key) {
-            Some(h) => h.1 += 1,
-            None => hosts.push((key, 1, cpus)),
-        }
+        hosts.entry(key).or_insert((0, cpus)).0 += 1;
     }
     hosts
         .into_iter()
-        .filter(|&(_, ranks, cpus)| crowded_on(ranks, cpus))
+        .filter(|&(_, (ranks, cpus))| crowded_on(ranks, cpus))
+        .map(|(key, (ranks, cpus))| (key, ranks, cpus))
         .collect()
 }
 
@@ -1786,13 +1782,11 @@ mod tests {
         assert!(crowded_hosts(["a x", "a", "", "a 0x1"]).is_empty());
         assert_eq!(crowded_hosts(["a b 1", "a b 1"]), [("a b", 2, 1)]);
         assert_eq!(crowded_hosts(["h 2", "h 2", "h 2"]), [("h", 3, 2)]);
-        let here = host_line();
-        let (key, cpus) = here.rsplit_once(' ').unwrap();
+        let key = host_key();
         assert!(
             !key.is_empty() && !key.contains(char::is_whitespace),
-            "{here}"
+            "{key}"
         );
-        assert_eq!(cpus.parse::<usize>().unwrap(), host_cpus());
     }
 
     /// Settings built in code are checked like the environment's.
